@@ -1,0 +1,26 @@
+# `make demo` and `make test` each create .venv on first use and install the pinned `ci` set (pyproject.toml).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.qsparse-installed
+
+.PHONY: demo test test-gpu bench-kernels clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[ci]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/demo.py
+
+# pytest exits 5 when it collects nothing; make treats that as failure, as it should.
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -m gpu tests
+
+clean:
+	rm -rf $(VENV) qs-dump .pytest_cache

@@ -1,0 +1,199 @@
+"""Typed, versioned configuration of the ``quantsparse`` backend.
+
+Modelled on torchao's ``AOBaseConfig`` dataclasses: every config is a frozen dataclass with a ``version``,
+validated in ``__post_init__``, so a bad value fails at ``torch.compile`` time with a message that names the
+field, the value and the fix — never halfway through a forward.
+
+    torch.compile(model, backend="quantsparse",
+                  options={"quant": {"group_size": 64}, "sparsity": {"density": 0.2}, "report": True})
+
+``QuantSparseConfig.from_options`` turns the ``options`` dict of ``torch.compile`` into a config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+__all__ = [
+    "ACT_FORMATS",
+    "ConfigError",
+    "QuantConfig",
+    "SparsityConfig",
+    "QuantSparseConfig",
+]
+
+# Per-token dynamic activation formats of qsparse::w4a8_linear (see ops/quantization.py for the math):
+#   fp8_e4m3   signed e4m3, scale = amax / 448 (Hopper tensor cores)
+#   int8       signed int8, scale = amax / 127 (portable)
+#   uint8_msfp unsigned int8 with a per-token zero at the row minimum (MSFP: for (near) non-negative inputs
+#              such as GELU/SiLU outputs, all 256 codes cover [min, max] instead of half of them unused)
+ACT_FORMATS = ("fp8_e4m3", "int8", "uint8_msfp")
+SCALE_DTYPES = ("bfloat16", "float16", "float32")
+PATTERNS = ("local3d",)
+
+
+class ConfigError(ValueError):
+    """A backend option or config field has a bad value. The message names the field and the fix."""
+
+
+def _fail(owner: str, name: str, value: Any, why: str) -> None:
+    raise ConfigError(f"qsparse_compiler.config: {owner}.{name}={value!r} {why}")
+
+
+def _build(cls: type, owner: str, value: Any) -> Any:
+    """Accept an instance of ``cls``, a mapping of its fields, or None (defaults)."""
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, Mapping):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ConfigError(
+                f"qsparse_compiler.config: unknown {owner} option(s) {unknown}; valid: {sorted(known)}"
+            )
+        return cls(**value)
+    raise ConfigError(
+        f"qsparse_compiler.config: {owner} must be a {cls.__name__} or a dict of its fields, got {type(value).__name__}"
+    )
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """W4A8 linears: signed int4 weights (symmetric, per output channel and K-group), 8-bit activations.
+
+    enabled        rewrite block linears into ``qsparse::w4a8_linear``.
+    group_size     weights share a scale per ``group_size`` consecutive input features; 0 = one scale per
+                   output channel (per-channel). Must be 0 or a positive even number.
+    act_format     per-token dynamic activation format, one of ``ACT_FORMATS``.
+    scale_dtype    storage dtype of the weight scales (bf16 keeps the block weights >= 3.7x smaller than bf16).
+    site_pattern   regex on the module FQN of a linear: which linears are "inside the transformer blocks".
+                   Default: a child of a top-level ModuleList (``blocks.3.attn1.to_q``,
+                   ``single_transformer_blocks.0.proj_mlp``); embedders, refiners and the head stay bf16.
+    """
+
+    enabled: bool = True
+    group_size: int = 128
+    act_format: str = "fp8_e4m3"
+    scale_dtype: str = "bfloat16"
+    site_pattern: str = r"^[A-Za-z_]\w*\.\d+\."
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            _fail("QuantConfig", "enabled", self.enabled, "must be True or False")
+        if not isinstance(self.group_size, int) or self.group_size < 0 or self.group_size % 2:
+            _fail("QuantConfig", "group_size", self.group_size,
+                  "must be 0 (per channel) or a positive even int such as 64 or 128")
+        if self.act_format not in ACT_FORMATS:
+            _fail("QuantConfig", "act_format", self.act_format, f"must be one of {ACT_FORMATS}")
+        if self.scale_dtype not in SCALE_DTYPES:
+            _fail("QuantConfig", "scale_dtype", self.scale_dtype, f"must be one of {SCALE_DTYPES}")
+        _check_regex("QuantConfig", "site_pattern", self.site_pattern)
+        if self.version != 1:
+            _fail("QuantConfig", "version", self.version, "is not supported by this release (knows version 1)")
+
+
+@dataclass(frozen=True)
+class SparsityConfig:
+    """Block-sparse video self-attention.
+
+    enabled     rewrite video self-attention (and the video part of joint text+video attention) into
+                ``qsparse::sparse_attention``.
+    density     fraction of (query block, key block) pairs computed in the video x video region, in (0, 1].
+                Text rows and columns of joint attention are always dense.
+    block_q     query block size in tokens (the kernel's tile); block_kv likewise for keys.
+    pattern     static pattern used when no plan says otherwise; ``local3d`` keeps, for every query block,
+                the key blocks nearest to it in the (frame, height, width) token grid.
+    """
+
+    enabled: bool = True
+    density: float = 0.15
+    block_q: int = 128
+    block_kv: int = 128
+    pattern: str = "local3d"
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            _fail("SparsityConfig", "enabled", self.enabled, "must be True or False")
+        if not isinstance(self.density, (int, float)) or not (0.0 < float(self.density) <= 1.0) or math.isnan(self.density):
+            _fail("SparsityConfig", "density", self.density, "must be a number in (0, 1], e.g. 0.15")
+        for name in ("block_q", "block_kv"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 16 or value & (value - 1):
+                _fail("SparsityConfig", name, value, "must be a power of two >= 16 (the kernel tile), e.g. 128")
+        if self.pattern not in PATTERNS:
+            _fail("SparsityConfig", "pattern", self.pattern, f"must be one of {PATTERNS}")
+        if self.version != 1:
+            _fail("SparsityConfig", "version", self.version, "is not supported by this release (knows version 1)")
+
+
+@dataclass(frozen=True)
+class QuantSparseConfig:
+    """Everything the backend needs; built from ``torch.compile(..., options=...)``.
+
+    plan        directory of a calibrated Plan (plan.json + plan.safetensors); None = defaults
+                (round-to-nearest weights, the static pattern of ``sparsity``), and the report says so.
+    dump_dir    directory that receives the FX graph before/after each pass and the report as JSON.
+    report      True prints the rewrite report table after each compile; False keeps quiet.
+    inductor    config patches handed to Inductor's ``compile_fx`` (e.g. {"triton.cudagraphs": True}).
+    """
+
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    plan: str | None = None
+    dump_dir: str | None = None
+    report: bool = False
+    inductor: Mapping[str, Any] = field(default_factory=dict)
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.quant, QuantConfig):
+            _fail("QuantSparseConfig", "quant", self.quant, "must be a QuantConfig (use from_options for dicts)")
+        if not isinstance(self.sparsity, SparsityConfig):
+            _fail("QuantSparseConfig", "sparsity", self.sparsity, "must be a SparsityConfig")
+        for name in ("plan", "dump_dir"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, Path)):
+                _fail("QuantSparseConfig", name, value, "must be a path (str or pathlib.Path) or None")
+        if self.plan is not None and not Path(self.plan).is_dir():
+            _fail("QuantSparseConfig", "plan", self.plan,
+                  "is not a directory; pass the folder written by `qsparse calibrate --out DIR`")
+        if not isinstance(self.report, bool):
+            _fail("QuantSparseConfig", "report", self.report, "must be True or False")
+        if not isinstance(self.inductor, Mapping):
+            _fail("QuantSparseConfig", "inductor", self.inductor, "must be a dict of Inductor config patches")
+        if self.version != 1:
+            _fail("QuantSparseConfig", "version", self.version, "is not supported by this release (knows version 1)")
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | None) -> "QuantSparseConfig":
+        """Validate the ``options`` dict given to ``torch.compile(..., backend="quantsparse")``."""
+        options = dict(options or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ConfigError(
+                f"qsparse_compiler.config: unknown backend option(s) {unknown}; valid options: {sorted(known)}"
+            )
+        options["quant"] = _build(QuantConfig, "quant", options.get("quant"))
+        options["sparsity"] = _build(SparsityConfig, "sparsity", options.get("sparsity"))
+        for name in ("plan", "dump_dir"):
+            if isinstance(options.get(name), Path):
+                options[name] = str(options[name])
+        return cls(**options)
+
+
+def _check_regex(owner: str, name: str, pattern: str) -> None:
+    import re
+
+    try:
+        re.compile(pattern)
+    except (re.error, TypeError) as exc:
+        _fail(owner, name, pattern, f"is not a valid regular expression ({exc})")

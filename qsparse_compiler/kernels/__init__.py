@@ -1,0 +1,1 @@
+"""Pure Triton kernels (one per file). Nothing here imports the rest of qsparse_compiler."""

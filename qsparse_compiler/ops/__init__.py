@@ -1,0 +1,17 @@
+"""``qsparse::`` custom ops: schema, fake impl, plain-torch reference (CPU), CUDA dispatch to kernels/.
+
+Importing this package registers the ops with torch.library.
+"""
+
+from .sparse_attention import sparse_attention, sparse_attention_reference
+from .video_layout import build_video_layout, video_block_layout
+from .w4a8_linear import w4a8_linear, w4a8_linear_reference
+
+__all__ = [
+    "sparse_attention",
+    "sparse_attention_reference",
+    "video_block_layout",
+    "build_video_layout",
+    "w4a8_linear",
+    "w4a8_linear_reference",
+]

@@ -1,0 +1,99 @@
+"""``qsparse::sparse_attention`` — attention restricted to the tiles of a block layout.
+
+Schema (what the passes emit, and what every backend kernel must implement):
+
+    sparse_attention(q: (B, H, Sq, D), k: (B, H, Skv, D), v: (B, H, Skv, D),
+                     kv_num_blocks: int32 [B|1, H|1, QB], kv_indices: int32 [B|1, H|1, QB, KVB],
+                     block_q: int, block_kv: int, scale: float,
+                     key_padding_mask: bool (B|1, 1, 1, Skv) or None) -> (out (B, H, Sq, D) dtype of q,
+                                                                          lse (B, H, Sq) fp32)
+
+``kv_num_blocks``/``kv_indices`` are a ``sparsity.BlockSparseLayout``. ``key_padding_mask`` (True = the key takes
+part) is SDPA's boolean mask in its key-padding form, as HunyuanVideo passes it for padded text. ``lse`` is the
+natural-log log-sum-exp of the scaled scores over the attended keys; rows that attend nothing (an empty
+layout row, or every key masked) give out = 0 and lse = -inf.
+
+The default implementation is the fp32 plain-torch reference (it materializes the Sq x Skv mask: for tests and
+small shapes). A CUDA kernel registers itself with ``register_cuda_impl``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from ..sparsity.layout import BlockSparseLayout
+
+__all__ = ["sparse_attention", "sparse_attention_reference", "register_cuda_impl"]
+
+
+def sparse_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_num_blocks: torch.Tensor,
+    kv_indices: torch.Tensor,
+    block_q: int,
+    block_kv: int,
+    scale: float,
+    key_padding_mask: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    layout = BlockSparseLayout(kv_num_blocks, kv_indices, block_q, block_kv, q.shape[2], k.shape[2])
+    mask = layout.to_token_mask().to(q.device)
+    if key_padding_mask is not None:
+        mask = mask & key_padding_mask.to(torch.bool)
+    scores = (q.to(torch.float32) @ k.to(torch.float32).transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    finite_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    probs = torch.where(mask, torch.exp(scores - finite_lse.unsqueeze(-1)), torch.zeros_like(scores))
+    out = probs @ v.to(torch.float32)
+    return out.to(q.dtype), lse
+
+
+_CudaImpl = Callable[..., Optional[tuple[torch.Tensor, torch.Tensor]]]
+_cuda_impl: list[_CudaImpl] = []
+
+
+def register_cuda_impl(fn: _CudaImpl) -> None:
+    _cuda_impl[:] = [fn]
+
+
+@torch.library.custom_op("qsparse::sparse_attention", mutates_args=())
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_num_blocks: torch.Tensor,
+    kv_indices: torch.Tensor,
+    block_q: int,
+    block_kv: int,
+    scale: float,
+    key_padding_mask: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _check(q, k, v, kv_num_blocks, kv_indices, block_q, block_kv)
+    if q.is_cuda and _cuda_impl:
+        result = _cuda_impl[0](q, k, v, kv_num_blocks, kv_indices, block_q, block_kv, scale, key_padding_mask)
+        if result is not None:
+            return result
+    return sparse_attention_reference(q, k, v, kv_num_blocks, kv_indices, block_q, block_kv, scale, key_padding_mask)
+
+
+@sparse_attention.register_fake
+def _(q, k, v, kv_num_blocks, kv_indices, block_q, block_kv, scale, key_padding_mask):
+    _check(q, k, v, kv_num_blocks, kv_indices, block_q, block_kv)
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+def _check(q, k, v, kv_num_blocks, kv_indices, block_q, block_kv) -> None:
+    if q.ndim != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(
+            f"qsparse::sparse_attention: q, k, v must be (B, H, S, D) with matching B, H, D; got q={tuple(q.shape)}, "
+            f"k={tuple(k.shape)}, v={tuple(v.shape)}"
+        )
+    if kv_num_blocks.ndim != 3 or kv_indices.ndim != 4:
+        raise ValueError(
+            f"qsparse::sparse_attention: layout must be kv_num_blocks [B, H, QB] and kv_indices [B, H, QB, KVB]; "
+            f"got {tuple(kv_num_blocks.shape)} and {tuple(kv_indices.shape)}"
+        )
