@@ -83,7 +83,7 @@ def sparse_attention(
 @sparse_attention.register_fake
 def _(q, k, v, kv_num_blocks, kv_indices, block_q, block_kv, scale, key_padding_mask):
     _check(q, k, v, kv_num_blocks, kv_indices, block_q, block_kv)
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 def _check(q, k, v, kv_num_blocks, kv_indices, block_q, block_kv) -> None:

@@ -1,0 +1,17 @@
+"""Graph passes over the Dynamo FX graph, run in this order by ``pass_manager.run_passes``.
+
+One pass per file; see README.md in this folder for the invariants every pass keeps.
+"""
+
+from .find_sites import FindSites
+from .pass_manager import GraphPass, PassContext, run_passes
+from .quantize_linears import QuantizeLinears
+from .sparsify_attention import SparsifyAttention
+
+
+def default_passes() -> list[GraphPass]:
+    """The pipeline: analysis first, then the rewrites (each reads ``ctx.analysis`` written by ``find_sites``)."""
+    return [FindSites(), QuantizeLinears(), SparsifyAttention()]
+
+
+__all__ = ["default_passes", "run_passes", "PassContext", "GraphPass", "FindSites", "QuantizeLinears", "SparsifyAttention"]

@@ -1,0 +1,109 @@
+"""The ``quantsparse`` torch.compile backend: Dynamo FX graph -> our passes -> Inductor.
+
+    torch.compile(model, backend="quantsparse", options={"sparsity": {"density": 0.15}, "report": True})
+
+The backend is registered through the ``torch_dynamo_backends`` entry point (pyproject.toml), so it works
+without importing this package first. Each graph Dynamo hands over (one per compile or recompile) gets:
+1. the passes of ``passes.default_passes()`` (find sites -> W4A8 linears -> sparse attention),
+2. a rewrite report (``reports()``; printed with ``report=True``; saved as JSON with ``dump_dir``),
+3. Inductor's ``compile_fx`` (``mode`` and ``options["inductor"]`` become its config patches),
+4. a thin runtime wrapper that appends the packed int4 weights of the quantized linears to the inputs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import warnings
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.fx as fx
+
+from .config import QuantSparseConfig
+from .passes import PassContext, default_passes, run_passes
+from .passes.pass_manager import PackedWeightSlot
+from .passes.report import RewriteReport
+from .runtime.weights import PackedWeightStore, default_store
+
+__all__ = ["quantsparse", "reports", "clear_reports"]
+
+log = logging.getLogger(__name__)
+_graph_counter = itertools.count()
+_reports: list[RewriteReport] = []
+
+
+def reports() -> list[RewriteReport]:
+    """Rewrite reports of every graph compiled in this process, oldest first."""
+    return list(_reports)
+
+
+def clear_reports() -> None:
+    _reports.clear()
+
+
+def _inductor_patches(mode: str | None, extra: Mapping[str, Any]) -> dict[str, Any]:
+    patches: dict[str, Any] = {}
+    if mode and mode != "default":
+        from torch._inductor import list_mode_options
+
+        patches.update(list_mode_options(mode))
+    patches.update(extra)
+    return patches
+
+
+class _WithPackedWeights:
+    """Calls the Inductor-compiled graph with the packed weights of each quantized linear appended."""
+
+    def __init__(self, compiled: Callable, slots: Sequence[PackedWeightSlot], store: PackedWeightStore) -> None:
+        self.compiled = compiled
+        self.slots = list(slots)
+        self.store = store
+
+    def __call__(self, *args: Any) -> Any:
+        full = list(args)
+        for slot in self.slots:
+            packed = self.store.get(args[slot.param_index], slot.group_size, slot.scale_dtype)
+            full += [packed.qweight, packed.scale]
+        return self.compiled(*full)
+
+
+def quantsparse(
+    gm: fx.GraphModule,
+    example_inputs: list[Any],
+    options: Mapping[str, Any] | None = None,
+    mode: str | None = None,
+) -> Callable:
+    """Dynamo backend entry point (``torch.compile(..., backend="quantsparse", options=..., mode=...)``)."""
+    from torch._inductor.compile_fx import compile_fx
+
+    from . import ops  # noqa: F401  registers the qsparse:: ops
+
+    config = QuantSparseConfig.from_options(options)
+    report = RewriteReport(graph_index=next(_graph_counter))
+    plan = None
+    if config.plan is not None:
+        from .plan import load_plan
+
+        plan = load_plan(config.plan)
+        report.notes.append(f"plan: {config.plan}")
+    else:
+        report.notes.append(
+            "no plan: round-to-nearest int4 weights and the static "
+            f"'{config.sparsity.pattern}' pattern at density {config.sparsity.density:g} (defaults)"
+        )
+    ctx = PassContext(config=config, example_inputs=list(example_inputs), report=report, plan=plan)
+    gm = run_passes(gm, ctx, default_passes())
+    _reports.append(report)
+    if config.report:
+        report.print_table()
+    if any(site.reason.startswith("autograd") for site in report.kept()):
+        warnings.warn("qsparse_compiler: graph traced with autograd enabled; nothing was rewritten. "
+                      "Run inference under torch.no_grad().", stacklevel=2)
+    log.info(report.summary())
+    compiled = compile_fx(
+        gm, [*example_inputs, *ctx.extra_example_inputs], config_patches=_inductor_patches(mode, config.inductor)
+    )
+    if not ctx.packed_weight_slots:
+        return compiled
+    return _WithPackedWeights(compiled, ctx.packed_weight_slots, default_store)

@@ -1,0 +1,99 @@
+"""Runs an explicit, ordered list of graph passes over a Dynamo FX graph.
+
+A pass is a plain object with a ``name`` and ``__call__(gm, ctx) -> int`` (how many rewrites it made). The
+manager lints and recompiles the graph after each pass, dumps it (``dump_dir``) before the first and after
+every pass as readable code, and keeps a counter per rewrite in ``torch._dynamo.utils.counters["qsparse"]``
+(the Inductor convention; tests assert on it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+import torch
+import torch.fx as fx
+from torch._dynamo.utils import counters
+
+from ..config import QuantSparseConfig
+from .report import RewriteReport
+
+__all__ = ["GraphPass", "PassContext", "PackedWeightSlot", "run_passes", "count_rewrite"]
+
+
+def count_rewrite(ctx: "PassContext", name: str) -> None:
+    counters["qsparse"][name] += 1
+    ctx.report.counters[name] = ctx.report.counters.get(name, 0) + 1
+
+
+@dataclass(frozen=True)
+class PackedWeightSlot:
+    """Two graph inputs (qweight, scale) the runtime appends for the parameter at ``param_index``."""
+
+    param_index: int
+    fqn: str
+    group_size: int
+    scale_dtype: str
+
+
+@dataclass
+class PassContext:
+    config: QuantSparseConfig
+    example_inputs: list[Any]
+    report: RewriteReport
+    plan: Any = None  # plan.Plan when the backend was given one
+    packed_weight_slots: list[PackedWeightSlot] = field(default_factory=list)
+    extra_example_inputs: list[torch.Tensor] = field(default_factory=list)
+    analysis: dict[str, Any] = field(default_factory=dict)  # results of analysis passes, by pass name
+
+
+class GraphPass(Protocol):
+    name: str
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> int: ...
+
+
+def _dump(gm: fx.GraphModule, folder: Path | None, stem: str) -> None:
+    if folder is None:
+        return
+    code = gm.print_readable(print_output=False, include_stride=False, include_device=True)
+    (folder / f"{stem}.py").write_text(code)
+
+
+def private_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of Dynamo's graph module to rewrite: Dynamo keeps reading its own graph's placeholders after the
+    backend returns, so the original must stay as it was. Keeps what AOT autograd reads off a Dynamo graph."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    output = graph.graph_copy(gm.graph, env)
+    graph.output(output)
+    copy = fx.GraphModule(gm, graph)
+    copy.meta = dict(gm.meta)
+    for attribute in ("_param_name_to_source",):
+        if hasattr(gm, attribute):
+            setattr(copy, attribute, getattr(gm, attribute))
+    for old, new in env.items():
+        if hasattr(old, "_dynamo_source"):
+            new._dynamo_source = old._dynamo_source
+    return copy
+
+
+def run_passes(gm: fx.GraphModule, ctx: PassContext, passes: Sequence[GraphPass]) -> fx.GraphModule:
+    """Run ``passes`` in order on a private copy of ``gm``; returns the rewritten copy."""
+    gm = private_copy(gm)
+    folder = None
+    if ctx.config.dump_dir:
+        folder = Path(ctx.config.dump_dir) / f"graph_{ctx.report.graph_index:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+    _dump(gm, folder, "00_dynamo_input")
+    for position, graph_pass in enumerate(passes, start=1):
+        changed = graph_pass(gm, ctx)
+        if changed:
+            gm.graph.eliminate_dead_code()
+        gm.graph.lint()
+        gm.recompile()
+        _dump(gm, folder, f"{position:02d}_after_{graph_pass.name}")
+    if folder is not None:
+        ctx.report.save(folder / "report.json")
+    return gm

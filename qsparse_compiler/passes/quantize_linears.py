@@ -1,0 +1,109 @@
+"""Rewrite block linears into ``qsparse::w4a8_linear``.
+
+    pattern:      y = linear(x, W, b)                         W a parameter placeholder, x (..., tokens, K)
+    replacement:  y = qsparse.w4a8_linear(x, Wq, Ws, b, G, act_format)
+
+``Wq``/``Ws`` (packed int4 codes and scales) become new graph inputs; the backend's runtime wrapper supplies them per
+call from the packed-weight store (see runtime/weights.py for why they are not constants). Checks, each reported
+when it fails: the linear is inside a transformer block (``QuantConfig.site_pattern``), its weight is a parameter,
+its input has a token dimension (the conditioning/modulation linears of a block see one row per sample: sensitive,
+and too small to matter for speed), dtypes are bf16/fp16/fp32, K divides into groups, no autograd is needed.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.fx as fx
+
+from ..ops.quantization import effective_group_size
+from ..runtime.weights import default_store
+from .find_sites import LinearSite
+from .graph_utils import fake_value, node_arg, placeholder_index, source_fqn
+from .pass_manager import PackedWeightSlot, PassContext, count_rewrite
+from .rewrite_utils import add_placeholder, autograd_reason, call_op_like
+
+__all__ = ["QuantizeLinears"]
+
+_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+class QuantizeLinears:
+    name = "quantize_linears"
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> int:
+        cfg = ctx.config.quant
+        in_blocks = re.compile(cfg.site_pattern)
+        positions = placeholder_index(gm)
+        grad_reason = autograd_reason(ctx.example_inputs)
+        quantized_params: dict[fx.Node, int] = {}
+        rewrites = 0
+        for site in ctx.analysis["linears"]:
+            reason = self._check(site, ctx, in_blocks, grad_reason)
+            if reason:
+                ctx.report.add(site.fqn, "linear", "kept", reason)
+                count_rewrite(ctx, "kept_linear")
+                continue
+            param = ctx.example_inputs[positions[site.weight]]
+            packed = default_store.get(param, cfg.group_size, cfg.scale_dtype)
+            slot = PackedWeightSlot(positions[site.weight], site.fqn, cfg.group_size, cfg.scale_dtype)
+            qweight = add_placeholder(gm, f"qsparse_qweight_{len(ctx.packed_weight_slots)}", packed.qweight)
+            scale = add_placeholder(gm, f"qsparse_wscale_{len(ctx.packed_weight_slots)}", packed.scale)
+            ctx.packed_weight_slots.append(slot)
+            ctx.extra_example_inputs += [packed.qweight, packed.scale]
+            x, bias = node_arg(site.node, 0, "input"), node_arg(site.node, 2, "bias")
+            call_op_like(
+                gm, site.node, torch.ops.qsparse.w4a8_linear.default,
+                (x, qweight, scale, bias, cfg.group_size, cfg.act_format),
+            )
+            quantized_params[site.weight] = packed.nbytes
+            n, k = packed.shape
+            ctx.report.add(site.fqn, "linear", "w4a8_linear", "", shape=f"{k}->{n}",
+                           group=packed.group_size, act=cfg.act_format)
+            count_rewrite(ctx, "w4a8_linear")
+            rewrites += 1
+        self._account_weight_bytes(gm, ctx, in_blocks, quantized_params)
+        return rewrites
+
+    @staticmethod
+    def _check(site: LinearSite, ctx: PassContext, in_blocks: re.Pattern, grad_reason: str) -> str:
+        cfg = ctx.config.quant
+        if not cfg.enabled:
+            return "quantization disabled (quant.enabled=False)"
+        if not in_blocks.search(site.fqn):
+            return "outside the transformer blocks (QuantConfig.site_pattern)"
+        if site.weight is None:
+            return "weight is computed in the graph, not a parameter"
+        if grad_reason:
+            return grad_reason
+        x, weight = fake_value(node_arg(site.node, 0, "input")), fake_value(site.weight)
+        if weight is None or weight.ndim != 2:
+            return "weight is not a 2-D (out_features, in_features) tensor"
+        if x.ndim < 3:
+            return f"conditioning linear (input {tuple(x.shape)} has no token dimension): kept in its dtype"
+        if x.dtype not in _FLOAT_DTYPES or weight.dtype not in _FLOAT_DTYPES:
+            return f"dtype {x.dtype}/{weight.dtype} not supported (bf16, fp16, fp32)"
+        k = weight.shape[1]
+        group = effective_group_size(k, cfg.group_size)
+        if k % group or k % 2:
+            return f"in_features={k} is not a multiple of group_size={cfg.group_size} (use a divisor of K or 0)"
+        return ""
+
+    @staticmethod
+    def _account_weight_bytes(gm, ctx: PassContext, in_blocks: re.Pattern, quantized: dict[fx.Node, int]) -> None:
+        """Bytes of every parameter inside the blocks, as bf16 and as stored by qsparse."""
+        bf16 = ours = 0
+        for node in gm.graph.nodes:
+            if node.op != "placeholder" or node.meta.get("qsparse_extra"):
+                continue
+            fqn, value = source_fqn(node), fake_value(node)
+            if not fqn or not isinstance(value, torch.Tensor) or not value.is_floating_point():
+                continue
+            if not in_blocks.search(fqn):
+                continue
+            as_bf16 = value.numel() * 2
+            bf16 += as_bf16
+            ours += quantized.get(node, as_bf16)
+        if bf16:
+            ctx.report.weight_bytes = {"bf16": bf16, "qsparse": ours}

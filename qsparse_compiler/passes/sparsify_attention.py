@@ -1,0 +1,115 @@
+"""Rewrite video self-attention (and the video part of joint attention) into ``qsparse::sparse_attention``.
+
+    pattern:      o = sdpa(q, k, v, attn_mask=None | key padding, dropout_p=0, is_causal=False, scale=s)
+    replacement:  n, idx = qsparse.video_block_layout(q, frames, height, width, video_start, pattern, density, BQ, BKV)
+                  o, lse = qsparse.sparse_attention(q, k, v, n, idx, BQ, BKV, s, attn_mask)
+
+Only sites that ``find_sites`` classified as ``self_attention`` or ``joint_attention`` are candidates. Checks, each
+reported when it fails: sparsity enabled, no autograd, no dropout, not causal, no GQA, the mask (if any) is a boolean
+key-padding mask (B|1, 1, 1, S), float dtype, and the sequence spans more than one query block.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+import torch.fx as fx
+
+from .find_sites import AttentionSite
+from .graph_utils import fake_value, node_arg
+from .pass_manager import PassContext, count_rewrite
+from .rewrite_utils import autograd_reason, call_op
+
+__all__ = ["SparsifyAttention"]
+
+_SPARSIFIABLE = ("self_attention", "joint_attention")
+
+
+def _is_key_padding_mask(mask, batch) -> bool:
+    return (
+        mask.dtype == torch.bool
+        and mask.ndim == 4
+        and mask.shape[1] == 1
+        and mask.shape[2] == 1
+        and (mask.shape[0] == 1 or mask.shape[0] == batch)
+    )
+
+
+class SparsifyAttention:
+    name = "sparsify_attention"
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> int:
+        cfg = ctx.config.sparsity
+        grid = ctx.analysis["grid"]
+        grad_reason = autograd_reason(ctx.example_inputs)
+        grid_values = None
+        rewrites = 0
+        for site in ctx.analysis["attentions"]:
+            reason = site.why if site.kind not in _SPARSIFIABLE else self._check(site, ctx, grad_reason)
+            if reason:
+                ctx.report.add(site.fqn, site.kind, "kept", reason)
+                count_rewrite(ctx, "kept_attention")
+                continue
+            node = site.node
+            q, k, v = (node_arg(node, i, name) for i, name in enumerate(("query", "key", "value")))
+            mask = node_arg(node, 3, "attn_mask")
+            head_dim = fake_value(q).shape[-1]
+            scale = node_arg(node, 6, "scale")
+            scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+            if grid_values is None:
+                # Emitted once, before the first attention, and shared by every site.
+                with gm.graph.inserting_before(node):
+                    grid_values = grid.emit(gm.graph)
+            layout = call_op(
+                gm, node, torch.ops.qsparse.video_block_layout.default,
+                (q, *grid_values, site.video_start, cfg.pattern, float(cfg.density), cfg.block_q, cfg.block_kv),
+                node,
+            )
+            kv_num_blocks = call_op(gm, node, operator.getitem, (layout, 0), node)
+            kv_indices = call_op(gm, node, operator.getitem, (layout, 1), node)
+            result = call_op(
+                gm, node, torch.ops.qsparse.sparse_attention.default,
+                (q, k, v, kv_num_blocks, kv_indices, cfg.block_q, cfg.block_kv, scale, mask), node,
+            )
+            out = call_op(gm, node, operator.getitem, (result, 0), node)
+            node.replace_all_uses_with(out)
+            gm.graph.erase_node(node)
+            ctx.report.add(
+                site.fqn, site.kind, "sparse_attention",
+                f"{cfg.pattern} @ density {cfg.density:g} of the video x video tiles"
+                + ("; text rows/cols dense" if site.kind == "joint_attention" else ""),
+                seq_len=str(site.seq_len), video_start=str(site.video_start),
+            )
+            count_rewrite(ctx, "sparse_attention")
+            rewrites += 1
+        return rewrites
+
+    @staticmethod
+    def _check(site: AttentionSite, ctx: PassContext, grad_reason: str) -> str:
+        cfg = ctx.config.sparsity
+        node = site.node
+        if not cfg.enabled:
+            return "sparsity disabled (sparsity.enabled=False)"
+        if grad_reason:
+            return grad_reason
+        q, k = fake_value(node_arg(node, 0, "query")), fake_value(node_arg(node, 1, "key"))
+        dropout = node_arg(node, 4, "dropout_p", 0.0)
+        if not isinstance(dropout, (int, float)) or dropout != 0.0:
+            return f"dropout_p={dropout} (training-style attention)"
+        if node_arg(node, 5, "is_causal", False) is not False:
+            return "causal attention"
+        if node_arg(node, 7, "enable_gqa", False) or q.shape[1] != k.shape[1]:
+            return f"grouped-query attention (q heads {q.shape[1]}, kv heads {k.shape[1]})"
+        if q.ndim != 4:
+            return f"q has shape {tuple(q.shape)}, expected (B, H, S, D)"
+        mask = fake_value(node_arg(node, 3, "attn_mask"))
+        if mask is not None and not _is_key_padding_mask(mask, q.shape[0]):
+            return f"attention mask {tuple(mask.shape)} {mask.dtype} is not a boolean key-padding mask (B, 1, 1, S)"
+        if q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            return f"dtype {q.dtype} not supported"
+        seq_len = q.shape[2]
+        if isinstance(seq_len, int) and seq_len <= cfg.block_q:
+            return f"S={seq_len} fits in one query block (block_q={cfg.block_q}): nothing to skip"
+        return ""

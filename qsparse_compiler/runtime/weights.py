@@ -1,0 +1,77 @@
+"""Packed int4 weights, owned by the runtime and keyed by the parameter they come from.
+
+The compiled graph does not bake packed weights in as constants: with regional compilation (one graph reused by
+every transformer block) each call brings its own block's parameters, so the runtime looks the packed form up per
+parameter. Packing happens once per parameter (and again only if the parameter is modified in place: its version
+counter moves), never per call; a plan can seed the store with calibrated weights.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from ..ops.quantization import PackedInt4Weight, effective_group_size, quantize_weight_int4
+
+__all__ = ["PackedWeightStore", "default_store"]
+
+
+@dataclass
+class _Entry:
+    ref: weakref.ref
+    version: int
+    group_size: int
+    scale_dtype: str
+    packed: PackedInt4Weight
+
+
+class PackedWeightStore:
+    def __init__(self) -> None:
+        self._entries: dict[int, _Entry] = {}
+        self._lock = threading.Lock()
+
+    def seed(self, param: torch.Tensor, packed: PackedInt4Weight, scale_dtype: str) -> None:
+        """Use ``packed`` (e.g. calibrated weights from a plan) for ``param`` instead of round-to-nearest."""
+        self._put(param, packed, scale_dtype)
+
+    def get(self, param: torch.Tensor, group_size: int, scale_dtype: str) -> PackedInt4Weight:
+        entry = self._entries.get(id(param))
+        if (
+            entry is not None
+            and entry.ref() is param
+            and entry.version == param._version
+            and entry.scale_dtype == scale_dtype
+            and entry.group_size == effective_group_size(param.shape[1], group_size)
+        ):
+            return entry.packed
+        packed = quantize_weight_int4(param, group_size, scale_dtype)
+        self._put(param, packed, scale_dtype)
+        return packed
+
+    def _put(self, param: torch.Tensor, packed: PackedInt4Weight, scale_dtype: str) -> None:
+        key = id(param)
+        with self._lock:
+            self._entries[key] = _Entry(
+                weakref.ref(param, self._forget(key)), param._version, packed.group_size, scale_dtype, packed
+            )
+
+    def _forget(self, key: int):
+        def drop(_ref: weakref.ref) -> None:
+            with self._lock:
+                entry = self._entries.get(key)
+                if entry is not None and entry.ref() is None:
+                    del self._entries[key]
+
+        return drop
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def nbytes(self) -> int:
+        return sum(entry.packed.nbytes for entry in self._entries.values())
+
+
+default_store = PackedWeightStore()

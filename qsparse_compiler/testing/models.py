@@ -1,0 +1,105 @@
+"""Tiny diffusers video DiTs with random weights, and matching inputs: the CPU test bench of the passes.
+
+Sizes are chosen so every block linear is quantizable with group_size=32 (K multiple of 32) and the video sequence
+spans several 16-token blocks, so sparsity has something to skip.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["TinyModel", "tiny_wan", "tiny_hunyuan", "tiny_cogvideox", "TINY_MODELS", "TEST_OPTIONS"]
+
+# Options that make tiny models exercise every rewrite: small groups and blocks.
+TEST_OPTIONS: dict[str, Any] = {
+    "quant": {"group_size": 32},
+    "sparsity": {"density": 0.5, "block_q": 16, "block_kv": 16},
+}
+
+
+@dataclass
+class TinyModel:
+    name: str
+    model: torch.nn.Module
+    make_inputs: Callable[..., dict[str, torch.Tensor]]  # make_inputs(frames=..., batch=...) -> forward kwargs
+    block_linears: int  # linears with a token dimension inside the blocks (expected w4a8 rewrites)
+    video_attentions: int  # self/joint attentions over video tokens (expected sparse rewrites)
+
+
+def tiny_wan(num_layers: int = 2, dtype: torch.dtype = torch.float32) -> TinyModel:
+    from diffusers import WanTransformer3DModel
+
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4,
+        text_dim=32, freq_dim=32, ffn_dim=128, num_layers=num_layers, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=64,
+    ).eval().to(dtype)
+
+    def make_inputs(frames: int = 3, batch: int = 1, height: int = 16, width: int = 16) -> dict[str, torch.Tensor]:
+        return {
+            "hidden_states": torch.randn(batch, 4, frames, height, width, dtype=dtype),
+            "encoder_hidden_states": torch.randn(batch, 8, 32, dtype=dtype),
+            "timestep": torch.tensor([500] * batch),
+            "return_dict": False,
+        }
+
+    # per block: attn1 q,k,v,o + attn2 q,k,v,o + ffn up/down
+    return TinyModel("wan", model, make_inputs, block_linears=10 * num_layers, video_attentions=num_layers)
+
+
+def tiny_hunyuan(dtype: torch.dtype = torch.float32) -> TinyModel:
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    model = HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=32, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, mlp_ratio=2.0, patch_size=2, patch_size_t=1, qk_norm="rms_norm",
+        guidance_embeds=True, text_embed_dim=32, pooled_projection_dim=16, rope_axes_dim=(8, 12, 12),
+    ).eval().to(dtype)
+
+    def make_inputs(frames: int = 3, batch: int = 1, height: int = 16, width: int = 16) -> dict[str, torch.Tensor]:
+        mask = torch.ones(batch, 8, dtype=dtype)
+        mask[:, 6:] = 0  # padded text: HunyuanVideo turns this into a key-padding mask
+        return {
+            "hidden_states": torch.randn(batch, 4, frames, height, width, dtype=dtype),
+            "timestep": torch.tensor([500] * batch),
+            "encoder_hidden_states": torch.randn(batch, 8, 32, dtype=dtype),
+            "encoder_attention_mask": mask,
+            "pooled_projections": torch.randn(batch, 16, dtype=dtype),
+            "guidance": torch.tensor([3.0] * batch, dtype=dtype),
+            "return_dict": False,
+        }
+
+    # dual-stream block: to_q,k,v, add_q,k,v, to_out, to_add_out, ff x2, ff_context x2 = 12
+    # single-stream block: to_q,k,v, proj_mlp, proj_out = 5
+    return TinyModel("hunyuan", model, make_inputs, block_linears=17, video_attentions=2)
+
+
+def tiny_cogvideox(num_layers: int = 2, dtype: torch.dtype = torch.float32) -> TinyModel:
+    from diffusers import CogVideoXTransformer3DModel
+
+    model = CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4, time_embed_dim=32,
+        text_embed_dim=32, num_layers=num_layers, sample_width=16, sample_height=16, sample_frames=9, patch_size=2,
+        temporal_compression_ratio=4, max_text_seq_length=8, use_rotary_positional_embeddings=False,
+    ).eval().to(dtype)
+
+    def make_inputs(frames: int = 3, batch: int = 1, height: int = 16, width: int = 16) -> dict[str, torch.Tensor]:
+        return {
+            "hidden_states": torch.randn(batch, frames, 4, height, width, dtype=dtype),
+            "encoder_hidden_states": torch.randn(batch, 8, 32, dtype=dtype),
+            "timestep": torch.tensor([500] * batch),
+            "return_dict": False,
+        }
+
+    # per block: q, k, v, o + ff up/down
+    return TinyModel("cogvideox", model, make_inputs, block_linears=6 * num_layers, video_attentions=num_layers)
+
+
+TINY_MODELS: dict[str, Callable[[], TinyModel]] = {
+    "wan": tiny_wan,
+    "hunyuan": tiny_hunyuan,
+    "cogvideox": tiny_cogvideox,
+}
