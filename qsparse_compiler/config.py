@@ -81,7 +81,7 @@ class QuantConfig:
     group_size: int = 128
     act_format: str = "fp8_e4m3"
     scale_dtype: str = "bfloat16"
-    site_pattern: str = r"^[A-Za-z_]\w*\.\d+\."
+    site_pattern: str = r"^[A-Za-z_]\w*\.\d+(\.|$)"
     version: int = 1
 
     def __post_init__(self) -> None:

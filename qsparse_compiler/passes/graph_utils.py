@@ -61,7 +61,8 @@ def source_fqn(placeholder: fx.Node) -> str | None:
     source = getattr(grapharg, "source", None)
     if source is None:
         return None
-    return normalize_path(source.name() if callable(getattr(source, "name", None)) else str(source))
+    name = source.name  # a property in torch >= 2.13, a method before
+    return normalize_path(name() if callable(name) else name)
 
 
 def fake_value(node: Any) -> Any:

@@ -90,10 +90,12 @@ class BlockSparseLayout:
 
     def to_dense(self) -> torch.Tensor:
         """bool [B, H, QB, KVB]: True where a tile is computed."""
-        dense = torch.zeros(self.shape, dtype=torch.bool, device=self.kv_indices.device)
-        index = torch.where(self._valid_slots(), self.kv_indices.long(), 0)
-        dense.scatter_(-1, index, self._valid_slots())
-        return dense
+        b, h, qb, kvb = self.shape
+        # Padding slots scatter into a spare last column, which is then dropped.
+        dense = torch.zeros(b, h, qb, kvb + 1, dtype=torch.bool, device=self.kv_indices.device)
+        index = torch.where(self._valid_slots(), self.kv_indices.long(), kvb)
+        dense.scatter_(-1, index, True)
+        return dense[..., :kvb]
 
     def to_token_mask(self) -> torch.Tensor:
         """bool [B, H, q_len, kv_len]: the equivalent dense attention mask (for tests and references)."""

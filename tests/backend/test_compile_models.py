@@ -1,0 +1,90 @@
+"""End to end on CPU: torch.compile(backend="quantsparse", fullgraph=True) on the three diffusers architectures."""
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from qsparse_compiler.backend import clear_reports, reports
+from qsparse_compiler.testing.metrics import relative_error
+from qsparse_compiler.testing.models import TEST_OPTIONS, tiny_cogvideox, tiny_hunyuan, tiny_wan
+
+pytestmark = pytest.mark.slow
+
+FACTORIES = {
+    "wan": lambda: tiny_wan(num_layers=1),
+    "hunyuan": tiny_hunyuan,
+    "cogvideox": lambda: tiny_cogvideox(num_layers=1),
+}
+
+EXACT_OPTIONS = {"quant": {"enabled": False}, "sparsity": {"density": 1.0, "block_q": 16, "block_kv": 16}}
+
+
+def _compile_and_run(tiny, options, inputs):
+    torch._dynamo.reset()
+    counters.clear()
+    clear_reports()
+    compiled = torch.compile(tiny.model, backend="quantsparse", options=options, fullgraph=True)
+    with torch.no_grad():
+        return compiled(**inputs)[0]
+
+
+@pytest.mark.parametrize("arch", sorted(FACTORIES))
+def test_defaults_rewrite_every_site_with_bounded_error(arch):
+    tiny = FACTORIES[arch]()
+    inputs = tiny.make_inputs()
+    with torch.no_grad():
+        expected = tiny.model(**inputs)[0]
+    actual = _compile_and_run(tiny, TEST_OPTIONS, inputs)
+
+    assert counters["qsparse"]["w4a8_linear"] == tiny.block_linears
+    assert counters["qsparse"]["sparse_attention"] == tiny.video_attentions
+    (report,) = reports()
+    assert len(report.rewritten("w4a8_linear")) == tiny.block_linears
+    assert report.compression is not None and report.compression > 2.5
+    # Every kept site says why.
+    assert all(site.reason for site in report.kept())
+    # W4A8 (group 32) + 50% tiles: a visible but bounded error, and the output stays finite.
+    error = relative_error(actual, expected)
+    assert torch.isfinite(actual).all()
+    assert 1e-4 < error < 0.15, error
+
+
+@pytest.mark.parametrize("arch", sorted(FACTORIES))
+def test_no_quantization_full_density_matches_eager(arch):
+    tiny = FACTORIES[arch]()
+    inputs = tiny.make_inputs()
+    with torch.no_grad():
+        expected = tiny.model(**inputs)[0]
+    actual = _compile_and_run(tiny, EXACT_OPTIONS, inputs)
+    # The attention still goes through qsparse::sparse_attention, with every tile listed.
+    assert counters["qsparse"]["sparse_attention"] == tiny.video_attentions
+    assert counters["qsparse"]["w4a8_linear"] == 0
+    assert relative_error(actual, expected) < 1e-4
+
+
+def test_frame_count_change_recompiles_and_stays_correct():
+    tiny = tiny_wan(num_layers=1)
+    torch._dynamo.reset()
+    clear_reports()
+    compiled = torch.compile(tiny.model, backend="quantsparse", options=EXACT_OPTIONS, fullgraph=True)
+    with torch.no_grad():
+        for frames in (3, 5, 2):
+            inputs = tiny.make_inputs(frames=frames)
+            assert relative_error(compiled(**inputs)[0], tiny.model(**inputs)[0]) < 1e-4
+    # One static graph, then one graph with a dynamic frame count that serves every later shape.
+    assert len(reports()) == 2
+    assert all(report.counters.get("sparse_attention") == 1 for report in reports())
+
+
+def test_dump_dir_and_report(tmp_path):
+    tiny = tiny_wan(num_layers=1)
+    inputs = tiny.make_inputs()
+    _compile_and_run(tiny, {**TEST_OPTIONS, "dump_dir": str(tmp_path), "report": True}, inputs)
+    (folder,) = list(tmp_path.iterdir())
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == [
+        "00_dynamo_input.py", "01_after_find_sites.py", "02_after_quantize_linears.py",
+        "03_after_sparsify_attention.py", "report.json",
+    ]
+    assert "qsparse.w4a8_linear" in (folder / "02_after_quantize_linears.py").read_text()
+    assert "qsparse.sparse_attention" in (folder / "03_after_sparsify_attention.py").read_text()

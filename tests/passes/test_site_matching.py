@@ -1,0 +1,173 @@
+"""Pattern matching without Inductor: which sites the passes rewrite, and which they must leave alone (and why)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch._dynamo.utils import counters
+
+from qsparse_compiler.config import QuantSparseConfig
+from qsparse_compiler.passes import PassContext, default_passes, run_passes
+from qsparse_compiler.passes.report import RewriteReport
+from qsparse_compiler.testing.capture import capture_dynamo_graph
+from qsparse_compiler.testing.models import TEST_OPTIONS, tiny_cogvideox, tiny_hunyuan, tiny_wan
+
+
+def rewrite(model, inputs, options=TEST_OPTIONS):
+    counters.clear()
+    with torch.no_grad():
+        gm, example_inputs = capture_dynamo_graph(model, inputs)
+        ctx = PassContext(QuantSparseConfig.from_options(options), example_inputs, RewriteReport(0))
+        gm = run_passes(gm, ctx, default_passes())
+    return gm, {site.fqn: site for site in ctx.report.sites}, ctx
+
+
+class ToyAttention(nn.Module):
+    def __init__(self, dim=64, heads=2, variant="plain"):
+        super().__init__()
+        self.heads, self.variant = heads, variant
+        kv_dim = dim // 2 if variant == "gqa" else dim
+        self.to_q, self.to_k, self.to_v = nn.Linear(dim, dim), nn.Linear(dim, kv_dim), nn.Linear(dim, kv_dim)
+        self.to_out = nn.Linear(dim, dim)
+        self.gate = nn.Parameter(torch.ones(dim, dim))
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q = self.to_q(x).unflatten(-1, (self.heads, -1)).transpose(1, 2)
+        k = self.to_k(x).unflatten(-1, (-1, q.shape[-1])).transpose(1, 2)
+        v = self.to_v(x).unflatten(-1, (-1, q.shape[-1])).transpose(1, 2)
+        if self.variant == "dense_mask":
+            mask = torch.ones(b, self.heads, s, s, dtype=torch.bool, device=x.device).tril()
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        elif self.variant == "dropout":
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.1)
+        elif self.variant == "causal":
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif self.variant == "gqa":
+            out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
+        out = self.to_out(out.transpose(1, 2).flatten(2))
+        # A linear whose weight is computed in the graph: must stay as it is.
+        return F.linear(out, self.gate * 0.5)
+
+
+class ToyVideoDiT(nn.Module):
+    """Conv3d patchify (grid = conv output), a ModuleList of blocks, a head: the shape of Wan, minus the rest."""
+
+    def __init__(self, variant="plain", dim=64):
+        super().__init__()
+        self.patch = nn.Conv3d(4, dim, (1, 2, 2), stride=(1, 2, 2))
+        self.blocks = nn.ModuleList([ToyAttention(dim, variant=variant)])
+        self.head = nn.Linear(dim, 4)
+
+    def forward(self, x):
+        h = self.patch(x).flatten(2).transpose(1, 2)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.head(h)
+
+
+def toy_inputs():
+    return {"x": torch.randn(1, 4, 3, 16, 16)}
+
+
+def test_plain_video_attention_and_block_linears_are_rewritten():
+    _, sites, _ = rewrite(ToyVideoDiT(), toy_inputs())
+    assert sites["blocks.0"].action == "sparse_attention"
+    assert sites["blocks.0"].kind == "self_attention"
+    for name in ("to_q", "to_k", "to_v", "to_out"):
+        assert sites[f"blocks.0.{name}"].action == "w4a8_linear"
+    assert counters["qsparse"]["w4a8_linear"] == 4
+
+
+@pytest.mark.parametrize(
+    "variant, reason",
+    [
+        ("dense_mask", "not a boolean key-padding mask"),
+        ("dropout", "dropout_p=0.1"),
+        ("causal", "causal attention"),
+        ("gqa", "grouped-query attention"),
+    ],
+)
+def test_attention_variants_are_left_alone_with_a_reason(variant, reason):
+    model = ToyVideoDiT(variant)
+    inputs = toy_inputs()
+    options = {**TEST_OPTIONS, "quant": {"enabled": False}}
+    gm, sites, ctx = rewrite(model, inputs, options)
+    assert sites["blocks.0"].action == "kept"
+    assert reason in sites["blocks.0"].reason
+    assert counters["qsparse"]["sparse_attention"] == 0
+    # The rewritten graph still computes exactly what eager does.
+    with torch.no_grad():
+        torch.manual_seed(0)
+        actual = gm(*ctx.example_inputs)[0]
+        torch.manual_seed(0)
+        assert torch.allclose(actual, model(**inputs))
+
+
+def test_linears_outside_blocks_or_with_computed_weights_are_kept():
+    _, sites, ctx = rewrite(ToyVideoDiT(), toy_inputs())
+    assert sites["head"].action == "kept" and "outside the transformer blocks" in sites["head"].reason
+    computed = [s for s in ctx.report.sites if s.kind == "linear" and "computed in the graph" in s.reason]
+    assert len(computed) == 1
+
+
+def test_k_not_multiple_of_group_is_kept():
+    _, sites, _ = rewrite(ToyVideoDiT(dim=48), toy_inputs(), {**TEST_OPTIONS, "quant": {"group_size": 32}})
+    assert sites["blocks.0.to_q"].action == "kept"
+    assert "not a multiple of group_size=32" in sites["blocks.0.to_q"].reason
+
+
+def test_wan_cross_attention_and_head_are_not_rewritten():
+    tiny = tiny_wan(num_layers=1)
+    _, sites, ctx = rewrite(tiny.model, tiny.make_inputs())
+    assert sites["blocks.0.attn1"].kind == "self_attention" and sites["blocks.0.attn1"].action == "sparse_attention"
+    assert sites["blocks.0.attn2"].kind == "cross_attention" and sites["blocks.0.attn2"].action == "kept"
+    assert sites["proj_out"].action == "kept"
+    assert sites["condition_embedder.time_proj"].action == "kept"
+    grid = ctx.analysis["grid"]
+    assert (grid.frames, grid.height, grid.width) == (3, 8, 8)
+
+
+def test_hunyuan_joint_attention_conditioning_and_refiner():
+    tiny = tiny_hunyuan()
+    _, sites, _ = rewrite(tiny.model, tiny.make_inputs())
+    double, single = sites["transformer_blocks.0.attn"], sites["single_transformer_blocks.0.attn"]
+    assert double.kind == single.kind == "joint_attention"
+    assert double.action == single.action == "sparse_attention"
+    assert double.details["video_start"] == "0"  # video first, then text
+    refiner = sites["context_embedder.token_refiner.refiner_blocks.0.attn"]
+    assert refiner.kind == "text_attention" and refiner.action == "kept"
+    modulation = sites["transformer_blocks.0.norm1.linear"]
+    assert modulation.action == "kept" and "conditioning linear" in modulation.reason
+
+
+def test_cogvideox_text_first_joint_attention():
+    tiny = tiny_cogvideox(num_layers=1)
+    _, sites, ctx = rewrite(tiny.model, tiny.make_inputs())
+    attention = sites["transformer_blocks.0.attn1"]
+    assert attention.kind == "joint_attention" and attention.action == "sparse_attention"
+    assert attention.details["video_start"] == "8"  # 8 text tokens come first
+    grid = ctx.analysis["grid"]
+    assert (grid.frames, grid.height, grid.width) == (3, 8, 8)
+
+
+def test_plain_mlp_is_untouched_and_reported():
+    model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64))
+    _, sites, ctx = rewrite(model, {"input": torch.randn(2, 5, 64)})
+    assert all(site.action == "kept" for site in sites.values()) and len(sites) == 2
+    assert any("no video token grid" in note for note in ctx.report.notes)
+
+
+def test_training_graph_is_left_alone():
+    model = ToyVideoDiT().train()
+    counters.clear()
+    gm, example_inputs = capture_dynamo_graph(model, toy_inputs())
+    ctx = PassContext(QuantSparseConfig.from_options(TEST_OPTIONS), example_inputs, RewriteReport(0))
+    run_passes(gm, ctx, default_passes())
+    assert counters["qsparse"]["w4a8_linear"] == 0 and counters["qsparse"]["sparse_attention"] == 0
+    reasons = {s.fqn: s.reason for s in ctx.report.sites if s.fqn.startswith("blocks.0.to_")}
+    assert len(reasons) == 4 and all("autograd" in reason for reason in reasons.values())
+    attention = [s for s in ctx.report.sites if s.kind == "self_attention"]
+    assert "autograd" in attention[0].reason
