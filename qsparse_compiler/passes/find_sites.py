@@ -65,7 +65,11 @@ class VideoGrid:
 
         def dim(node: fx.Node, index: int) -> Any:
             value = fake_value(node).shape[index]
-            return value if isinstance(value, int) else graph.call_function(torch.ops.aten.sym_size.int, (node, index))
+            if isinstance(value, int):
+                return value
+            size = graph.call_function(torch.ops.aten.sym_size.int, (node, index))
+            size.meta["example_value"] = value
+            return size
 
         height, width = dim(self.conv, -2), dim(self.conv, -1)
         if self.batch_source is None:
@@ -73,6 +77,7 @@ class VideoGrid:
         frames = self.frames
         if not isinstance(frames, int):
             frames = graph.call_function(operator.floordiv, (dim(self.conv, 0), dim(self.batch_source, 0)))
+            frames.meta["example_value"] = self.frames
         return frames, height, width
 
 
