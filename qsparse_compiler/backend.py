@@ -68,6 +68,30 @@ class _WithPackedWeights:
         return self.compiled(*full)
 
 
+def _load_checked_plan(path: str, gm: fx.GraphModule):
+    """Load a plan and check it against the graph's parameters before any compile work."""
+    from .passes.graph_utils import fake_value, source_fqn
+    from .plan import PlanError, load_plan
+
+    plan = load_plan(path)
+    shapes = {}
+    modules = set()
+    for node in gm.graph.nodes:
+        fqn = source_fqn(node) if node.op == "placeholder" else None
+        if fqn and isinstance(fake_value(node), torch.Tensor):
+            shapes[fqn] = list(fake_value(node).shape)
+            modules.add(fqn.rsplit(".", 1)[0])
+    plan.fingerprint.check_shapes(shapes)
+    sites = set(plan.linears) | set(plan.attentions)
+    if sites and not sites & (modules | {fqn.rsplit(".", 1)[0] for fqn in modules}):
+        example = sorted(sites)[0]
+        raise PlanError(
+            f"qsparse_compiler.plan: none of the plan's {len(sites)} sites (e.g. {example}) is in this graph; the plan "
+            "belongs to another model, or this graph is a region compiled on its own (use qs.optimize)"
+        )
+    return plan
+
+
 def quantsparse(
     gm: fx.GraphModule,
     example_inputs: list[Any],
@@ -83,9 +107,7 @@ def quantsparse(
     report = RewriteReport(graph_index=next(_graph_counter))
     plan = None
     if config.plan is not None:
-        from .plan import load_plan
-
-        plan = load_plan(config.plan)
+        plan = _load_checked_plan(config.plan, gm)
         report.notes.append(f"plan: {config.plan}")
     else:
         report.notes.append(

@@ -33,7 +33,6 @@ __all__ = [
 #              such as GELU/SiLU outputs, all 256 codes cover [min, max] instead of half of them unused)
 ACT_FORMATS = ("fp8_e4m3", "int8", "uint8_msfp")
 SCALE_DTYPES = ("bfloat16", "float16", "float32")
-PATTERNS = ("local3d",)
 
 
 class ConfigError(ValueError):
@@ -108,8 +107,8 @@ class SparsityConfig:
     density     fraction of (query block, key block) pairs computed in the video x video region, in (0, 1].
                 Text rows and columns of joint attention are always dense.
     block_q     query block size in tokens (the kernel's tile); block_kv likewise for keys.
-    pattern     static pattern used when no plan says otherwise; ``local3d`` keeps, for every query block,
-                the key blocks nearest to it in the (frame, height, width) token grid.
+    pattern     static pattern spec used when no plan says otherwise (see ops/video_layout.py): ``local3d`` keeps,
+                for every query block, the key blocks nearest to it in the (frame, height, width) token grid.
     """
 
     enabled: bool = True
@@ -128,8 +127,12 @@ class SparsityConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 16 or value & (value - 1):
                 _fail("SparsityConfig", name, value, "must be a power of two >= 16 (the kernel tile), e.g. 128")
-        if self.pattern not in PATTERNS:
-            _fail("SparsityConfig", "pattern", self.pattern, f"must be one of {PATTERNS}")
+        from .ops.video_layout import PATTERNS, parse_pattern_spec
+
+        try:
+            parse_pattern_spec(self.pattern, self.density)
+        except (ValueError, AttributeError):
+            _fail("SparsityConfig", "pattern", self.pattern, f"must be a pattern spec of {sorted(PATTERNS)}")
         if self.version != 1:
             _fail("SparsityConfig", "version", self.version, "is not supported by this release (knows version 1)")
 

@@ -23,7 +23,7 @@ def test_defaults_and_dict_options():
         ({"sparsity": {"density": 0.0}}, r"SparsityConfig.density=0.0 must be a number in \(0, 1\]"),
         ({"sparsity": {"density": 1.5}}, "SparsityConfig.density=1.5"),
         ({"sparsity": {"block_q": 100}}, "SparsityConfig.block_q=100 must be a power of two"),
-        ({"sparsity": {"pattern": "random"}}, "SparsityConfig.pattern='random' must be one of"),
+        ({"sparsity": {"pattern": "random"}}, "SparsityConfig.pattern='random' must be a pattern spec of"),
         ({"plan": "/nonexistent/plan"}, "is not a directory; pass the folder written by `qsparse calibrate"),
         ({"report": "yes"}, "QuantSparseConfig.report='yes' must be True or False"),
         ({"quant": 3}, "quant must be a QuantConfig or a dict"),

@@ -1,12 +1,16 @@
 """``qsparse::video_block_layout`` — the block layout of a video attention, built for the grid it runs on.
 
     video_block_layout(q: (B, H, S, D), frames, height, width, video_start: SymInt, pattern: str,
-                       density: float, block_q: int, block_kv: int) -> (kv_num_blocks int32 [1, 1, QB],
-                                                                        kv_indices int32 [1, 1, QB, KVB])
+                       density: float, block_q: int, block_kv: int) -> (kv_num_blocks int32 [1, H|1, QB],
+                                                                        kv_indices int32 [1, H|1, QB, KVB])
 
-``q`` is read for its sequence length and device only. The layout depends on the token grid, which changes with
-frame count and resolution (and is symbolic under dynamic shapes), so it is built at run time — once per grid:
-results are cached on the host and per device, and each call returns a copy (op outputs must not alias).
+``q`` is read for its sequence length and device only. ``pattern`` is a spec: ``name[:density]`` for every head, or
+one such entry per head separated by ``;`` (then the layout has H = number of entries); an entry without a density
+uses ``density``. Names are the keys of ``PATTERNS`` (``dense`` computes every tile).
+
+The layout depends on the token grid, which changes with frame count and resolution (and is symbolic under dynamic
+shapes), so it is built at run time — once per grid: results are cached on the host and per device, and each call
+returns a copy (op outputs must not alias).
 """
 
 from __future__ import annotations
@@ -18,9 +22,30 @@ import torch
 from ..sparsity.layout import BlockSparseLayout, num_blocks
 from ..sparsity.patterns import TokenGrid, local_3d
 
-__all__ = ["video_block_layout", "build_video_layout"]
+__all__ = ["video_block_layout", "build_video_layout", "parse_pattern_spec", "PATTERNS"]
 
-_PATTERNS = {"local3d": local_3d}
+
+def _dense(grid: TokenGrid, block_q: int, block_kv: int, density: float) -> torch.Tensor:
+    return torch.ones(num_blocks(grid.seq_len, block_q), num_blocks(grid.seq_len, block_kv), dtype=torch.bool)
+
+
+PATTERNS = {"local3d": local_3d, "dense": _dense}
+
+
+def parse_pattern_spec(spec: str, density: float) -> list[tuple[str, float]]:
+    """``"local3d:0.15;dense"`` -> [("local3d", 0.15), ("dense", density)]; errors name the bad entry."""
+    entries = []
+    for entry in spec.split(";"):
+        name, _, value = entry.strip().partition(":")
+        if name not in PATTERNS:
+            raise ValueError(
+                f"qsparse::video_block_layout: unknown pattern {name!r} in spec {spec!r}; known: {sorted(PATTERNS)}"
+            )
+        try:
+            entries.append((name, float(value) if value else float(density)))
+        except ValueError:
+            raise ValueError(f"qsparse::video_block_layout: bad density {value!r} in spec {spec!r}") from None
+    return entries
 
 
 @lru_cache(maxsize=64)
@@ -35,13 +60,10 @@ def _cached_layout(key: tuple, device: torch.device) -> BlockSparseLayout:
 
 
 def build_video_layout(grid: TokenGrid, pattern: str, density: float, block_q: int, block_kv: int) -> BlockSparseLayout:
-    """One head's layout of ``pattern`` on ``grid`` as [1, 1, QB, KVB]."""
-    try:
-        make = _PATTERNS[pattern]
-    except KeyError:
-        raise ValueError(f"qsparse::video_block_layout: unknown pattern {pattern!r}; known: {sorted(_PATTERNS)}") from None
-    bitmap = make(grid, block_q, block_kv, density)
-    return BlockSparseLayout.from_bitmap(bitmap[None, None], block_q, block_kv, grid.seq_len, grid.seq_len)
+    """The layout of a pattern spec on ``grid`` as [1, H, QB, KVB] (H = 1 for a single entry)."""
+    bitmaps = [PATTERNS[name](grid, block_q, block_kv, d) for name, d in parse_pattern_spec(pattern, density)]
+    bitmap = torch.stack(bitmaps)[None]
+    return BlockSparseLayout.from_bitmap(bitmap, block_q, block_kv, grid.seq_len, grid.seq_len)
 
 
 @torch.library.custom_op("qsparse::video_block_layout", mutates_args=())
@@ -65,7 +87,8 @@ def video_block_layout(
 def _(q, frames, height, width, video_start, pattern, density, block_q, block_kv):
     seq_len = q.shape[2]
     qb, kvb = num_blocks(seq_len, block_q), num_blocks(seq_len, block_kv)
+    heads = len(parse_pattern_spec(pattern, density))
     return (
-        q.new_empty((1, 1, qb), dtype=torch.int32),
-        q.new_empty((1, 1, qb, kvb), dtype=torch.int32),
+        q.new_empty((1, heads, qb), dtype=torch.int32),
+        q.new_empty((1, heads, qb, kvb), dtype=torch.int32),
     )

@@ -46,8 +46,15 @@ class QuantizeLinears:
                 count_rewrite(ctx, "kept_linear")
                 continue
             param = ctx.example_inputs[positions[site.weight]]
-            packed = default_store.get(param, cfg.group_size, cfg.scale_dtype)
-            slot = PackedWeightSlot(positions[site.weight], site.fqn, cfg.group_size, cfg.scale_dtype)
+            group_size, act_format, scale_dtype = cfg.group_size, cfg.act_format, cfg.scale_dtype
+            if ctx.plan is not None:
+                entry = ctx.plan.linears[site.fqn]
+                group_size, act_format, scale_dtype = entry.group_size, entry.act_format, entry.scale_dtype
+                calibrated = ctx.plan.packed_weight(site.fqn)
+                if calibrated is not None:
+                    default_store.seed(param, calibrated, scale_dtype)
+            packed = default_store.get(param, group_size, scale_dtype)
+            slot = PackedWeightSlot(positions[site.weight], site.fqn, group_size, scale_dtype)
             qweight = add_placeholder(gm, f"qsparse_qweight_{len(ctx.packed_weight_slots)}", packed.qweight)
             scale = add_placeholder(gm, f"qsparse_wscale_{len(ctx.packed_weight_slots)}", packed.scale)
             ctx.packed_weight_slots.append(slot)
@@ -55,12 +62,12 @@ class QuantizeLinears:
             x, bias = node_arg(site.node, 0, "input"), node_arg(site.node, 2, "bias")
             call_op_like(
                 gm, site.node, torch.ops.qsparse.w4a8_linear.default,
-                (x, qweight, scale, bias, cfg.group_size, cfg.act_format),
+                (x, qweight, scale, bias, group_size, act_format),
             )
             quantized_params[site.weight] = packed.nbytes
             n, k = packed.shape
             ctx.report.add(site.fqn, "linear", "w4a8_linear", "", shape=f"{k}->{n}",
-                           group=packed.group_size, act=cfg.act_format)
+                           group=packed.group_size, act=act_format)
             count_rewrite(ctx, "w4a8_linear")
             rewrites += 1
         self._account_weight_bytes(gm, ctx, in_blocks, quantized_params)
@@ -75,6 +82,8 @@ class QuantizeLinears:
             return "outside the transformer blocks (QuantConfig.site_pattern)"
         if site.weight is None:
             return "weight is computed in the graph, not a parameter"
+        if ctx.plan is not None and site.fqn not in ctx.plan.linears:
+            return "the plan keeps this linear in its dtype"
         if grad_reason:
             return grad_reason
         x, weight = fake_value(node_arg(site.node, 0, "input")), fake_value(site.weight)
@@ -85,9 +94,10 @@ class QuantizeLinears:
         if x.dtype not in _FLOAT_DTYPES or weight.dtype not in _FLOAT_DTYPES:
             return f"dtype {x.dtype}/{weight.dtype} not supported (bf16, fp16, fp32)"
         k = weight.shape[1]
-        group = effective_group_size(k, cfg.group_size)
+        group_size = ctx.plan.linears[site.fqn].group_size if ctx.plan is not None else cfg.group_size
+        group = effective_group_size(k, group_size)
         if k % group or k % 2:
-            return f"in_features={k} is not a multiple of group_size={cfg.group_size} (use a divisor of K or 0)"
+            return f"in_features={k} is not a multiple of group_size={group_size} (use a divisor of K or 0)"
         return ""
 
     @staticmethod

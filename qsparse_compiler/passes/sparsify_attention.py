@@ -58,27 +58,31 @@ class SparsifyAttention:
             head_dim = fake_value(q).shape[-1]
             scale = node_arg(node, 6, "scale")
             scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+            pattern, density, block_q, block_kv = cfg.pattern, float(cfg.density), cfg.block_q, cfg.block_kv
+            if ctx.plan is not None:
+                entry = ctx.plan.attentions[site.fqn]
+                pattern, block_q, block_kv = entry.pattern_spec, entry.block_q, entry.block_kv
             if grid_values is None:
                 # Emitted once, before the first attention, and shared by every site.
                 with gm.graph.inserting_before(node):
                     grid_values = grid.emit(gm.graph)
             layout = call_op(
                 gm, node, torch.ops.qsparse.video_block_layout.default,
-                (q, *grid_values, site.video_start, cfg.pattern, float(cfg.density), cfg.block_q, cfg.block_kv),
+                (q, *grid_values, site.video_start, pattern, density, block_q, block_kv),
                 node,
             )
             kv_num_blocks = call_op(gm, node, operator.getitem, (layout, 0), node)
             kv_indices = call_op(gm, node, operator.getitem, (layout, 1), node)
             result = call_op(
                 gm, node, torch.ops.qsparse.sparse_attention.default,
-                (q, k, v, kv_num_blocks, kv_indices, cfg.block_q, cfg.block_kv, scale, mask), node,
+                (q, k, v, kv_num_blocks, kv_indices, block_q, block_kv, scale, mask), node,
             )
             out = call_op(gm, node, operator.getitem, (result, 0), node)
             node.replace_all_uses_with(out)
             gm.graph.erase_node(node)
             ctx.report.add(
                 site.fqn, site.kind, "sparse_attention",
-                f"{cfg.pattern} @ density {cfg.density:g} of the video x video tiles"
+                f"{pattern} @ density {density:g} of the video x video tiles"
                 + ("; text rows/cols dense" if site.kind == "joint_attention" else ""),
                 seq_len=str(site.seq_len), video_start=str(site.video_start),
             )
@@ -94,6 +98,8 @@ class SparsifyAttention:
             return "sparsity disabled (sparsity.enabled=False)"
         if grad_reason:
             return grad_reason
+        if ctx.plan is not None and site.fqn not in ctx.plan.attentions:
+            return "the plan keeps this attention dense"
         q, k = fake_value(node_arg(node, 0, "query")), fake_value(node_arg(node, 1, "key"))
         dropout = node_arg(node, 4, "dropout_p", 0.0)
         if not isinstance(dropout, (int, float)) or dropout != 0.0:
@@ -110,6 +116,11 @@ class SparsifyAttention:
         if q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
             return f"dtype {q.dtype} not supported"
         seq_len = q.shape[2]
-        if isinstance(seq_len, int) and seq_len <= cfg.block_q:
-            return f"S={seq_len} fits in one query block (block_q={cfg.block_q}): nothing to skip"
+        block_q = ctx.plan.attentions[site.fqn].block_q if ctx.plan is not None else cfg.block_q
+        if isinstance(seq_len, int) and seq_len <= block_q:
+            return f"S={seq_len} fits in one query block (block_q={block_q}): nothing to skip"
+        if ctx.plan is not None:
+            heads = len(ctx.plan.attentions[site.fqn].head_patterns)
+            if heads not in (1, q.shape[1]):
+                return f"the plan lists {heads} head patterns for {q.shape[1]} heads"
         return ""

@@ -7,6 +7,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from ..passes.pass_manager import private_copy
+
 __all__ = ["capture_dynamo_graph"]
 
 
@@ -15,7 +17,8 @@ def capture_dynamo_graph(model: torch.nn.Module, inputs: dict[str, Any]) -> tupl
     captured: list[tuple[fx.GraphModule, list[Any]]] = []
 
     def backend(gm: fx.GraphModule, example_inputs: list[Any]):
-        captured.append((gm, list(example_inputs)))
+        # Dynamo strips placeholder metadata (e.g. the parameter sources) once its backend returns: keep a copy.
+        captured.append((private_copy(gm), list(example_inputs)))
         return gm.forward
 
     torch._dynamo.reset()

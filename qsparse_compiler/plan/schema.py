@@ -1,0 +1,167 @@
+"""The Plan: what calibration decided for each site of one model, versioned and checked before any compute.
+
+On disk a plan is a directory:
+
+    plan.json          {"schema_version": 1, "fingerprint": {...}, "linears": {FQN: {...}}, "attentions": {FQN: {...}},
+                        "metadata": {...}}
+    plan.safetensors   tensors keyed "<linear FQN>.qweight" / "<linear FQN>.scale" (calibrated int4 weights), and any
+                       other per-site tensor a later schema adds. safetensors never unpickles.
+
+A site listed in ``linears`` is quantized with its settings (and its calibrated weights when the tensors are there);
+a block linear not listed stays in its dtype. A site listed in ``attentions`` uses its per-head patterns; an attention
+not listed stays dense. Everything is keyed by module FQN, as ``named_modules()`` spells it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from ..config import ACT_FORMATS, SCALE_DTYPES
+
+__all__ = ["PLAN_SCHEMA_VERSION", "PlanError", "ModelFingerprint", "LinearPlan", "AttentionPlan", "Plan"]
+
+PLAN_SCHEMA_VERSION = 1
+
+
+class PlanError(ValueError):
+    """A plan cannot be used: missing or corrupt files, another model, a newer schema, missing tensors."""
+
+
+def _config_dict(model: torch.nn.Module) -> dict[str, Any]:
+    config = getattr(model, "config", None)
+    if config is None:
+        return {}
+    items = dict(config) if not isinstance(config, dict) else config
+    return {k: v for k, v in sorted(items.items()) if not k.startswith("_")}
+
+
+@dataclass(frozen=True)
+class ModelFingerprint:
+    """What a plan was made for: the model class, a hash of its config, and every parameter's shape."""
+
+    model_class: str
+    config_hash: str
+    parameter_shapes: dict[str, list[int]]
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> "ModelFingerprint":
+        config = json.dumps(_config_dict(model), sort_keys=True, default=str)
+        return cls(
+            model_class=f"{type(model).__module__}.{type(model).__qualname__}",
+            config_hash=hashlib.sha256(config.encode()).hexdigest()[:16],
+            parameter_shapes={name: list(p.shape) for name, p in model.named_parameters()},
+        )
+
+    def check(self, other: "ModelFingerprint") -> None:
+        """Raise PlanError naming the first difference between the plan's model (self) and ``other``."""
+        if self.model_class != other.model_class:
+            raise PlanError(
+                f"qsparse_compiler.plan: plan was made for {self.model_class}, not {other.model_class}; "
+                "calibrate a plan for this model (`qsparse calibrate`)"
+            )
+        if self.config_hash != other.config_hash:
+            raise PlanError(
+                f"qsparse_compiler.plan: plan was made for another {self.model_class} config "
+                f"(config hash {self.config_hash} vs {other.config_hash}); calibrate a plan for this config"
+            )
+        self.check_shapes(other.parameter_shapes)
+
+    def check_shapes(self, shapes: dict[str, list[int]]) -> None:
+        for name, shape in shapes.items():
+            expected = self.parameter_shapes.get(name)
+            if expected is not None and list(expected) != list(shape):
+                raise PlanError(
+                    f"qsparse_compiler.plan: parameter {name} has shape {list(shape)} but the plan expects {expected}; "
+                    "the plan belongs to another model"
+                )
+
+
+@dataclass(frozen=True)
+class LinearPlan:
+    group_size: int = 128
+    act_format: str = "fp8_e4m3"
+    scale_dtype: str = "bfloat16"
+
+    def __post_init__(self) -> None:
+        if self.act_format not in ACT_FORMATS or self.scale_dtype not in SCALE_DTYPES or self.group_size < 0:
+            raise PlanError(f"qsparse_compiler.plan: invalid linear entry {self}")
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """Per-head sparse patterns of one attention site (``head_patterns[h]`` is a pattern spec, e.g. ``local3d:0.15``)."""
+
+    head_patterns: list[str]
+    block_q: int = 128
+    block_kv: int = 128
+    cache: dict[str, Any] = field(default_factory=dict)  # residual-cache settings (schedule, order, rank)
+
+    @property
+    def pattern_spec(self) -> str:
+        """The spec string of ``qsparse::video_block_layout``: one entry for all heads or one per head."""
+        unique = set(self.head_patterns)
+        return self.head_patterns[0] if len(unique) == 1 else ";".join(self.head_patterns)
+
+
+@dataclass
+class Plan:
+    fingerprint: ModelFingerprint
+    linears: dict[str, LinearPlan] = field(default_factory=dict)
+    attentions: dict[str, AttentionPlan] = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    schema_version: int = PLAN_SCHEMA_VERSION
+
+    def packed_weight(self, fqn: str):
+        """Calibrated int4 weights of a linear, or None when the plan leaves it to round-to-nearest."""
+        from ..ops.quantization import PackedInt4Weight, effective_group_size
+
+        qweight, scale = self.tensors.get(f"{fqn}.qweight"), self.tensors.get(f"{fqn}.scale")
+        if qweight is None or scale is None:
+            return None
+        group = effective_group_size(qweight.shape[1] * 2, self.linears[fqn].group_size)
+        return PackedInt4Weight(qweight, scale, group)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version,
+            "fingerprint": asdict(self.fingerprint),
+            "linears": {fqn: asdict(entry) for fqn, entry in sorted(self.linears.items())},
+            "attentions": {fqn: asdict(entry) for fqn, entry in sorted(self.attentions.items())},
+            "metadata": self.metadata,
+            "tensors": sorted(self.tensors),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], tensors: dict[str, torch.Tensor]) -> "Plan":
+        version = data.get("schema_version")
+        if not isinstance(version, int):
+            raise PlanError("qsparse_compiler.plan: plan.json has no integer schema_version; the file is not a plan")
+        if version > PLAN_SCHEMA_VERSION:
+            raise PlanError(
+                f"qsparse_compiler.plan: plan schema version {version} is newer than this release supports "
+                f"({PLAN_SCHEMA_VERSION}); upgrade qsparse_compiler"
+            )
+        try:
+            plan = cls(
+                fingerprint=ModelFingerprint(**data["fingerprint"]),
+                linears={fqn: LinearPlan(**entry) for fqn, entry in data.get("linears", {}).items()},
+                attentions={fqn: AttentionPlan(**entry) for fqn, entry in data.get("attentions", {}).items()},
+                tensors=tensors,
+                metadata=dict(data.get("metadata", {})),
+                schema_version=version,
+            )
+        except (KeyError, TypeError) as exc:
+            raise PlanError(f"qsparse_compiler.plan: plan.json does not follow schema {version}: {exc}") from None
+        missing = sorted(set(data.get("tensors", [])) - set(tensors))
+        if missing:
+            raise PlanError(
+                f"qsparse_compiler.plan: plan.safetensors lacks {len(missing)} tensor(s) listed in plan.json, e.g. "
+                f"{missing[:3]}; the plan is incomplete - re-run calibration"
+            )
+        return plan
