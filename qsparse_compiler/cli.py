@@ -1,0 +1,87 @@
+"""The ``qsparse`` command line (typer + rich)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="qsparse_compiler: W4A8 + block-sparse attention for video diffusion transformers.",
+                  no_args_is_help=True, add_completion=False)
+console = Console()
+
+TINY = ("wan-tiny", "hunyuan-tiny", "cogvideox-tiny")
+
+
+def _load_model(model: str):
+    """A built-in tiny model of one of the three supported architectures, with example inputs."""
+    from .testing.models import TINY_MODELS
+
+    if model not in TINY:
+        raise typer.BadParameter(f"{model!r} is not one of {TINY}; compile your own model from Python (README)")
+    tiny = TINY_MODELS[model.removesuffix("-tiny")]()
+    return tiny.model, tiny.make_inputs()
+
+
+@app.command("compile")
+def compile_command(
+    model: str = typer.Argument(..., help=f"one of {', '.join(TINY)}"),
+    options: str = typer.Option("{}", help='backend options as JSON, e.g. \'{"sparsity": {"density": 0.2}}\''),
+    dump_dir: Optional[Path] = typer.Option(None, help="write the FX graph before/after each pass and the report"),
+) -> None:
+    """Compile a model with backend="quantsparse", run it once, print the rewrite report."""
+    import torch
+
+    from .backend import reports
+    from .testing.metrics import relative_error
+
+    parsed = json.loads(options)
+    parsed["report"] = True
+    if dump_dir is not None:
+        parsed["dump_dir"] = str(dump_dir)
+    module, inputs = _load_model(model)
+    with torch.no_grad():
+        expected = module(**inputs)[0]
+        actual = torch.compile(module, backend="quantsparse", options=parsed, fullgraph=True)(**inputs)[0]
+    console.print(f"output vs eager: relative error {relative_error(actual, expected):.4g}")
+    if reports() and reports()[-1].compression:
+        console.print(f"block weights {reports()[-1].compression:.2f}x smaller than bf16")
+
+
+@app.command("inspect")
+def inspect_command(plan: Path = typer.Argument(..., help="a plan directory (plan.json + plan.safetensors)")) -> None:
+    """Print a plan readably: model, schema, per-site settings."""
+    from .plan import load_plan
+
+    loaded = load_plan(plan)
+    fp = loaded.fingerprint
+    console.print(f"[bold]plan[/bold] {plan}  schema v{loaded.schema_version}")
+    console.print(f"model {fp.model_class}  config hash {fp.config_hash}  {len(fp.parameter_shapes)} parameters")
+    if loaded.metadata:
+        console.print("metadata: " + ", ".join(f"{k}={v}" for k, v in loaded.metadata.items() if not isinstance(v, dict)))
+    linears = Table(title=f"linears ({len(loaded.linears)})")
+    for column in ("FQN", "group", "activations", "scales", "calibrated weights"):
+        linears.add_column(column)
+    for fqn, entry in loaded.linears.items():
+        calibrated = "yes" if loaded.packed_weight(fqn) is not None else "round-to-nearest"
+        linears.add_row(fqn, str(entry.group_size or "per-channel"), entry.act_format, entry.scale_dtype, calibrated)
+    console.print(linears)
+    attentions = Table(title=f"attentions ({len(loaded.attentions)})")
+    for column in ("FQN", "head patterns", "blocks", "residual cache"):
+        attentions.add_column(column)
+    for fqn, entry in loaded.attentions.items():
+        cache = ", ".join(f"{k}={v}" for k, v in entry.cache.items()) or "-"
+        attentions.add_row(fqn, entry.pattern_spec, f"{entry.block_q}x{entry.block_kv}", cache)
+    console.print(attentions)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
