@@ -22,9 +22,10 @@ import torch.fx as fx
 
 from .config import QuantSparseConfig
 from .passes import PassContext, default_passes, run_passes
-from .passes.pass_manager import PackedWeightSlot
+from .passes.graph_utils import fake_value
 from .passes.report import RewriteReport
-from .runtime.weights import PackedWeightStore, default_store
+from .runtime.residual_cache import ResidualCacheRuntime, default_runtime
+from .runtime.weights import default_store
 
 __all__ = ["quantsparse", "reports", "clear_reports"]
 
@@ -52,25 +53,63 @@ def _inductor_patches(mode: str | None, extra: Mapping[str, Any]) -> dict[str, A
     return patches
 
 
-class _WithPackedWeights:
-    """Calls the Inductor-compiled graph with the packed weights of each quantized linear appended."""
+class _RuntimeInputs:
+    """Calls the Inductor-compiled graph with the inputs the passes added, appended in placeholder order: the packed
+    weights of each quantized linear, then the residual-cache state (and refresh flag) of each cached site."""
 
-    def __init__(self, compiled: Callable, slots: Sequence[PackedWeightSlot], store: PackedWeightStore) -> None:
+    _FLAGS = (torch.tensor(False), torch.tensor(True))
+
+    def __init__(self, compiled: Callable, ctx: PassContext, runtime: ResidualCacheRuntime,
+                 input_fakes: Sequence[Any]) -> None:
         self.compiled = compiled
-        self.slots = list(slots)
-        self.store = store
+        self.weight_slots = list(ctx.packed_weight_slots)
+        self.cache_slots = list(ctx.cache_slots)
+        self.runtime = runtime
+        self.store = default_store
+        # Symbolic sizes (dynamic shapes) are bound per call from the runtime arguments.
+        self.symbolic = [(i, fake) for i, fake in enumerate(input_fakes) if _has_symbols(fake)]
 
     def __call__(self, *args: Any) -> Any:
         full = list(args)
-        for slot in self.slots:
+        for slot in self.weight_slots:
             packed = self.store.get(args[slot.param_index], slot.group_size, slot.scale_dtype)
             full += [packed.qweight, packed.scale]
+        if self.cache_slots:
+            env = _bind_symbols(self.symbolic, args)
+            for slot in self.cache_slots:
+                shape = tuple(_evaluate(dim, env) for dim in slot.shape)
+                state, refresh = self.runtime.acquire(slot.fqn, slot.schedule, shape, slot.dtype, slot.device)
+                full += state
+                if slot.schedule.mode == "auto":
+                    full.append(self._FLAGS[refresh])
         return self.compiled(*full)
+
+
+def _has_symbols(value: Any) -> bool:
+    if isinstance(value, torch.SymInt):
+        return True
+    return isinstance(value, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in value.shape)
+
+
+def _bind_symbols(symbolic: Sequence[tuple[int, Any]], args: Sequence[Any]) -> dict[Any, int]:
+    env: dict[Any, int] = {}
+    for index, fake in symbolic:
+        if isinstance(fake, torch.SymInt):
+            env[fake.node.expr] = int(args[index])
+            continue
+        for dim, size in zip(fake.shape, args[index].shape):
+            if isinstance(dim, torch.SymInt) and dim.node.expr.is_Symbol:
+                env[dim.node.expr] = int(size)
+    return env
+
+
+def _evaluate(dim: Any, env: dict[Any, int]) -> int:
+    return dim if isinstance(dim, int) else int(dim.node.expr.xreplace(env))
 
 
 def _load_checked_plan(path: str, gm: fx.GraphModule):
     """Load a plan and check it against the graph's parameters before any compile work."""
-    from .passes.graph_utils import fake_value, source_fqn
+    from .passes.graph_utils import source_fqn
     from .plan import PlanError, load_plan
 
     plan = load_plan(path)
@@ -123,9 +162,10 @@ def quantsparse(
         warnings.warn("qsparse_compiler: graph traced with autograd enabled; nothing was rewritten. "
                       "Run inference under torch.no_grad().", stacklevel=2)
     log.info(report.summary())
+    input_fakes = [fake_value(n) for n in gm.graph.nodes if n.op == "placeholder"][: len(example_inputs)]
     compiled = compile_fx(
         gm, [*example_inputs, *ctx.extra_example_inputs], config_patches=_inductor_patches(mode, config.inductor)
     )
-    if not ctx.packed_weight_slots:
+    if not ctx.packed_weight_slots and not ctx.cache_slots:
         return compiled
-    return _WithPackedWeights(compiled, ctx.packed_weight_slots, default_store)
+    return _RuntimeInputs(compiled, ctx, config.runtime or default_runtime, input_fakes)

@@ -20,9 +20,11 @@ from typing import Any, Mapping
 
 __all__ = [
     "ACT_FORMATS",
+    "CACHE_MODES",
     "ConfigError",
     "QuantConfig",
     "SparsityConfig",
+    "CacheConfig",
     "QuantSparseConfig",
 ]
 
@@ -33,6 +35,11 @@ __all__ = [
 #              such as GELU/SiLU outputs, all 256 codes cover [min, max] instead of half of them unused)
 ACT_FORMATS = ("fp8_e4m3", "int8", "uint8_msfp")
 SCALE_DTYPES = ("bfloat16", "float16", "float32")
+# How the residual-cache node of a compiled graph decides between refresh and reuse:
+#   auto     per call, from the runtime's step schedule (host-side; one graph serves every step)
+#   refresh  always refresh (a graph for refresh steps)      } qs.optimize compiles these two variants so CUDA graphs
+#   reuse    always reuse   (a graph for reuse steps)        } can capture each path
+CACHE_MODES = ("auto", "refresh", "reuse")
 
 
 class ConfigError(ValueError):
@@ -138,6 +145,52 @@ class SparsityConfig:
 
 
 @dataclass(frozen=True)
+class CacheConfig:
+    """Residual cache (SSAR) around each sparsified attention; see runtime/residual_cache.py.
+
+    enabled        insert residual-cache nodes (a plan can enable it per site through AttentionPlan.cache).
+    refresh_first  the first k denoising steps refresh (dense + sparse attention, store R = O_dense - O_sparse).
+    refresh_every  afterwards every step that is a multiple of n refreshes; 0 = never again.
+    order          1: reuse R; 2: R + (steps since refresh) * dR, dR the per-step change between two refreshes.
+    rank           0: store R per head in full; r > 0: a rank-r factorization (truncated SVD) per head.
+    max_branches   calls of one site within one step (2 = conditional + unconditional CFG passes).
+    mode           see CACHE_MODES.
+    """
+
+    enabled: bool = False
+    refresh_first: int = 2
+    refresh_every: int = 5
+    order: int = 2
+    rank: int = 0
+    max_branches: int = 2
+    mode: str = "auto"
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            _fail("CacheConfig", "enabled", self.enabled, "must be True or False")
+        if not isinstance(self.refresh_first, int) or self.refresh_first < 1:
+            _fail("CacheConfig", "refresh_first", self.refresh_first, "must be an int >= 1 (step 0 always refreshes)")
+        if not isinstance(self.refresh_every, int) or self.refresh_every < 0:
+            _fail("CacheConfig", "refresh_every", self.refresh_every, "must be an int >= 0 (0 = only the first steps)")
+        if self.order not in (1, 2):
+            _fail("CacheConfig", "order", self.order, "must be 1 or 2")
+        if self.order == 2 and self.refresh_first < 2 and self.refresh_every == 0:
+            _fail("CacheConfig", "order", self.order, "needs two refreshes to form dR: refresh_first >= 2")
+        if not isinstance(self.rank, int) or self.rank < 0:
+            _fail("CacheConfig", "rank", self.rank, "must be 0 (full) or a positive int")
+        if not isinstance(self.max_branches, int) or self.max_branches < 1:
+            _fail("CacheConfig", "max_branches", self.max_branches, "must be an int >= 1")
+        if self.mode not in CACHE_MODES:
+            _fail("CacheConfig", "mode", self.mode, f"must be one of {CACHE_MODES}")
+        if self.version != 1:
+            _fail("CacheConfig", "version", self.version, "is not supported by this release (knows version 1)")
+
+    def is_refresh_step(self, step: int) -> bool:
+        return step < self.refresh_first or (self.refresh_every > 0 and step % self.refresh_every == 0)
+
+
+@dataclass(frozen=True)
 class QuantSparseConfig:
     """Everything the backend needs; built from ``torch.compile(..., options=...)``.
 
@@ -146,17 +199,23 @@ class QuantSparseConfig:
     dump_dir    directory that receives the FX graph before/after each pass and the report as JSON.
     report      True prints the rewrite report table after each compile; False keeps quiet.
     inductor    config patches handed to Inductor's ``compile_fx`` (e.g. {"triton.cudagraphs": True}).
+    runtime     the ``runtime.ResidualCacheRuntime`` that owns this model's residual caches and step counter
+                (``qs.optimize`` makes one per model); None = the process-wide default runtime.
     """
 
     quant: QuantConfig = field(default_factory=QuantConfig)
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     plan: str | None = None
     dump_dir: str | None = None
     report: bool = False
     inductor: Mapping[str, Any] = field(default_factory=dict)
+    runtime: Any = None
     version: int = 1
 
     def __post_init__(self) -> None:
+        if not isinstance(self.cache, CacheConfig):
+            _fail("QuantSparseConfig", "cache", self.cache, "must be a CacheConfig")
         if not isinstance(self.quant, QuantConfig):
             _fail("QuantSparseConfig", "quant", self.quant, "must be a QuantConfig (use from_options for dicts)")
         if not isinstance(self.sparsity, SparsityConfig):
@@ -187,6 +246,7 @@ class QuantSparseConfig:
             )
         options["quant"] = _build(QuantConfig, "quant", options.get("quant"))
         options["sparsity"] = _build(SparsityConfig, "sparsity", options.get("sparsity"))
+        options["cache"] = _build(CacheConfig, "cache", options.get("cache"))
         for name in ("plan", "dump_dir"):
             if isinstance(options.get(name), Path):
                 options[name] = str(options[name])

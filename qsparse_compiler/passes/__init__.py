@@ -4,6 +4,7 @@ One pass per file; see README.md in this folder for the invariants every pass ke
 """
 
 from .find_sites import FindSites
+from .insert_residual_cache import InsertResidualCache
 from .pass_manager import GraphPass, PassContext, run_passes
 from .quantize_linears import QuantizeLinears
 from .sparsify_attention import SparsifyAttention
@@ -11,7 +12,7 @@ from .sparsify_attention import SparsifyAttention
 
 def default_passes() -> list[GraphPass]:
     """The pipeline: analysis first, then the rewrites (each reads ``ctx.analysis`` written by ``find_sites``)."""
-    return [FindSites(), QuantizeLinears(), SparsifyAttention()]
+    return [FindSites(), QuantizeLinears(), SparsifyAttention(), InsertResidualCache()]
 
 
-__all__ = ["default_passes", "run_passes", "PassContext", "GraphPass", "FindSites", "QuantizeLinears", "SparsifyAttention"]
+__all__ = ["default_passes", "run_passes", "PassContext", "GraphPass", "FindSites", "QuantizeLinears", "SparsifyAttention", "InsertResidualCache"]

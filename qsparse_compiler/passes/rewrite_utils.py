@@ -9,7 +9,7 @@ import torch.fx as fx
 
 from .graph_utils import fake_value
 
-__all__ = ["add_placeholder", "call_op", "call_op_like", "autograd_reason"]
+__all__ = ["add_placeholder", "graph_fake_mode", "call_op", "call_op_like", "autograd_reason"]
 
 
 def _fake_mode(gm: fx.GraphModule, near: Sequence[Any] = ()):
@@ -25,13 +25,22 @@ def _fake_mode(gm: fx.GraphModule, near: Sequence[Any] = ()):
     return None
 
 
+def graph_fake_mode(gm: fx.GraphModule):
+    """Dynamo's fake mode of this graph (None for a graph without fake values)."""
+    return _fake_mode(gm)
+
+
 def add_placeholder(gm: fx.GraphModule, name: str, example: torch.Tensor) -> fx.Node:
-    """Append a graph input after the existing ones (the runtime passes it last)."""
+    """Append a graph input after the existing ones (the runtime passes it last). ``example`` may be a real tensor
+    (static shape) or a fake tensor of the graph's fake mode (e.g. with the graph's symbolic sizes)."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     with gm.graph.inserting_after(placeholders[-1]):
         node = gm.graph.placeholder(name)
     mode = _fake_mode(gm)
-    node.meta["example_value"] = mode.from_tensor(example, static_shapes=True) if mode else example
+    if isinstance(example, torch._subclasses.FakeTensor) or mode is None:
+        node.meta["example_value"] = example
+    else:
+        node.meta["example_value"] = mode.from_tensor(example, static_shapes=True)
     node.meta["qsparse_extra"] = True
     # AOT autograd expects every placeholder of a Dynamo graph to carry a source (None: not from user code), and
     # reads "static" inputs from tensor_dict: packed weights live as long as their parameter, so CUDA graphs
@@ -41,8 +50,8 @@ def add_placeholder(gm: fx.GraphModule, name: str, example: torch.Tensor) -> fx.
     return node
 
 
-def _fake_args(args: Sequence[Any]) -> list[Any]:
-    return [fake_value(a) if isinstance(a, fx.Node) else a for a in args]
+def _fake_args(args: Sequence[Any]) -> Any:
+    return fx.node.map_aggregate(args, lambda a: fake_value(a) if isinstance(a, fx.Node) else a)
 
 
 def call_op(gm: fx.GraphModule, before: fx.Node, op: Any, args: tuple, meta_from: fx.Node) -> fx.Node:
@@ -52,7 +61,7 @@ def call_op(gm: fx.GraphModule, before: fx.Node, op: Any, args: tuple, meta_from
     for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
         if key in meta_from.meta:
             node.meta[key] = meta_from.meta[key]
-    mode = _fake_mode(gm, args)
+    mode = _fake_mode(gm, [a for a in args if isinstance(a, fx.Node)])
     if mode is not None:
         with mode:
             node.meta["example_value"] = op(*_fake_args(args))

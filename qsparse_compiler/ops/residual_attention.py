@@ -1,0 +1,90 @@
+"""``qsparse::residual_attention`` — put back what sparse attention drops (SSAR, second-order reparameterization).
+
+    residual_attention(o_sparse (B, H, S, D), q, k, v, key_padding_mask or None, scale: float,
+                       state: list[Tensor] (mutated), refresh: bool CPU scalar tensor or None, cache_mode: int,
+                       order: int) -> (B, H, S, D)
+
+``state`` holds the cache of one site and one CFG branch (allocated and owned by runtime/residual_cache.py):
+    full rank  [residual (B,H,S,D), delta (B,H,S,D), steps (1,) fp32]
+    rank r     [residual_u (B,H,S,r), residual_v (B,H,r,D), delta_u, delta_v, steps (1,) fp32]
+``steps`` counts the steps since the last refresh, on the device (no host sync, CUDA-graph safe), and is -1 before
+the first refresh of a new generation.
+
+A refresh step computes dense attention, R = O_dense - O_sparse, and for order 2 the per-step change
+dR = (R - R_prev) / (steps + 1) between two refreshes; it stores R (and dR) and returns O_dense. A reuse step returns
+O_sparse + R + steps * dR (order 1: O_sparse + R). ``cache_mode`` 1 always refreshes, 2 always reuses, 0 follows the
+``refresh`` flag that the runtime supplies per call (a host-side branch: no device read).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["residual_attention", "MODE_AUTO", "MODE_REFRESH", "MODE_REUSE"]
+
+MODE_AUTO, MODE_REFRESH, MODE_REUSE = 0, 1, 2
+
+
+def _low_rank(residual: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-r factors per (batch, head) of a (B, H, S, D) tensor: (U * sigma) (B,H,S,r) and V^T (B,H,r,D)."""
+    u, sigma, vh = torch.linalg.svd(residual.to(torch.float32), full_matrices=False)
+    return u[..., :rank] * sigma[..., None, :rank], vh[..., :rank, :]
+
+
+def _expand(state: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R, dR) in full from the stored state."""
+    if len(state) == 3:
+        return state[0].to(torch.float32), state[1].to(torch.float32)
+    return state[0].float() @ state[1].float(), state[2].float() @ state[3].float()
+
+
+def _store(state: list[torch.Tensor], residual: torch.Tensor, delta: torch.Tensor) -> None:
+    if len(state) == 3:
+        state[0].copy_(residual)
+        state[1].copy_(delta)
+        return
+    rank = state[0].shape[-1]
+    for target, source in zip(state[:4], (*_low_rank(residual, rank), *_low_rank(delta, rank))):
+        target.copy_(source)
+
+
+@torch.library.custom_op("qsparse::residual_attention", mutates_args=("state",))
+def residual_attention(
+    o_sparse: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: Optional[torch.Tensor],
+    scale: float,
+    state: list[torch.Tensor],
+    refresh: Optional[torch.Tensor],
+    cache_mode: int,
+    order: int,
+) -> torch.Tensor:
+    steps = state[-1]
+    do_refresh = cache_mode == MODE_REFRESH or (cache_mode == MODE_AUTO and refresh is not None and bool(refresh))
+    if do_refresh:
+        dense = F.scaled_dot_product_attention(q, k, v, attn_mask=key_padding_mask, scale=scale)
+        new_residual = dense.to(torch.float32) - o_sparse.to(torch.float32)
+        previous, _ = _expand(state)
+        if order == 2:
+            # steps = -1 before the first refresh: no previous residual, dR starts at 0.
+            have_previous = (steps >= 0).to(torch.float32)
+            delta = have_previous * (new_residual - previous) / (steps.clamp_min(0) + 1)
+        else:
+            delta = torch.zeros_like(new_residual)
+        _store(state, new_residual, delta)
+        steps.zero_()
+        return dense.to(o_sparse.dtype).contiguous()
+    steps.add_(1)
+    residual, delta = _expand(state)
+    estimate = residual + steps * delta if order == 2 else residual
+    return (o_sparse.to(torch.float32) + estimate).to(o_sparse.dtype)
+
+
+@residual_attention.register_fake
+def _(o_sparse, q, k, v, key_padding_mask, scale, state, refresh, cache_mode, order):
+    return o_sparse.new_empty(o_sparse.shape)

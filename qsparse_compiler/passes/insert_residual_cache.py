@@ -1,0 +1,105 @@
+"""Insert a residual-cache node after each sparsified attention (SSAR).
+
+    pattern:      o, lse = qsparse.sparse_attention(q, k, v, layout..., scale, mask);  uses of o
+    replacement:  o_hat = qsparse.residual_attention(o, q, k, v, mask, scale, [state...], refresh, mode, order)
+                  uses of o -> o_hat
+
+The cache state (``[R, dR, steps]`` or its rank-r factors) and, in ``auto`` mode, the refresh flag become graph inputs
+that the backend's runtime wrapper takes from the model's ``ResidualCacheRuntime`` on every call (per site and CFG
+branch; allocated on first use, reallocated when the shape changes). The op declares the mutation of its state.
+Sites are enabled by ``CacheConfig.enabled`` (every sparsified site, one schedule) or per site by the plan
+(``AttentionPlan.cache``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from ..config import CacheConfig
+from ..ops.residual_attention import MODE_AUTO, MODE_REFRESH, MODE_REUSE
+from .graph_utils import fake_value, module_fqn
+from .pass_manager import PassContext, count_rewrite
+from .rewrite_utils import add_placeholder, call_op, graph_fake_mode
+
+__all__ = ["InsertResidualCache", "CacheSlot"]
+
+_MODES = {"auto": MODE_AUTO, "refresh": MODE_REFRESH, "reuse": MODE_REUSE}
+
+
+@dataclass(frozen=True)
+class CacheSlot:
+    """Graph inputs the runtime appends for one cached site: its state tensors, then (auto mode) the refresh flag."""
+
+    fqn: str
+    schedule: CacheConfig
+    shape: tuple[Any, ...]  # (B, H, S, D), ints or SymInts of the graph
+    dtype: torch.dtype
+    device: torch.device
+    num_state: int
+
+
+def _site_schedule(ctx: PassContext, fqn: str) -> CacheConfig | None:
+    if ctx.plan is not None:
+        entry = ctx.plan.attentions.get(fqn)
+        if entry is None or not entry.cache:
+            return None
+        return dataclasses.replace(ctx.config.cache, enabled=True, **entry.cache)
+    return ctx.config.cache if ctx.config.cache.enabled else None
+
+
+class InsertResidualCache:
+    name = "insert_residual_cache"
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> int:
+        rewrites = 0
+        sparse_nodes = [n for n in gm.graph.nodes if n.target is torch.ops.qsparse.sparse_attention.default]
+        for node in sparse_nodes:
+            fqn = module_fqn(node) or node.name
+            schedule = _site_schedule(ctx, fqn)
+            if schedule is None:
+                continue
+            (out,) = [u for u in node.users if u.target is operator.getitem and u.args[1] == 0]
+            q, k, v = node.args[:3]
+            scale, mask = node.args[7], node.args[8]
+            value = fake_value(out)
+            examples = _state_examples(gm, tuple(value.shape), schedule.rank, value.dtype, value.device)
+            index = len(ctx.cache_slots)
+            state = [add_placeholder(gm, f"qsparse_cache_{index}_{i}", t) for i, t in enumerate(examples)]
+            ctx.extra_example_inputs += examples
+            refresh = None
+            if schedule.mode == "auto":
+                flag = torch.tensor(True)
+                refresh = add_placeholder(gm, f"qsparse_cache_{index}_refresh", flag)
+                ctx.extra_example_inputs.append(flag)
+            ctx.cache_slots.append(CacheSlot(fqn, schedule, tuple(value.shape), value.dtype, value.device, len(state)))
+            users = list(out.users)
+            with gm.graph.inserting_after(out):
+                cached = call_op(
+                    gm, users[0] if users else out.next, torch.ops.qsparse.residual_attention.default,
+                    (out, q, k, v, mask, scale, state, refresh, _MODES[schedule.mode], schedule.order), node,
+                )
+            for user in users:
+                user.replace_input_with(out, cached)
+            ctx.report.add(
+                fqn, "residual_cache", "residual_attention",
+                f"order {schedule.order}, refresh first {schedule.refresh_first} then every {schedule.refresh_every}, "
+                f"rank {schedule.rank or 'full'}, mode {schedule.mode}",
+            )
+            count_rewrite(ctx, "residual_attention")
+            rewrites += 1
+        return rewrites
+
+
+def _state_examples(gm, shape: tuple[Any, ...], rank: int, dtype: torch.dtype, device) -> list[torch.Tensor]:
+    """Fake tensors (the graph's fake mode, its symbolic sizes) shaped like the state the runtime will pass."""
+    from ..runtime.residual_cache import state_layout
+
+    with graph_fake_mode(gm):
+        state = [torch.empty(s, dtype=dtype, device=device) for s in state_layout(shape, rank)[:-1]]
+        return state + [torch.empty(1, dtype=torch.float32, device=device)]

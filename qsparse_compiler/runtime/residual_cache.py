@@ -1,0 +1,158 @@
+"""Residual-cache state and the denoising-step clock (SSAR runtime).
+
+One ``ResidualCacheRuntime`` belongs to one compiled model (``qs.optimize`` makes one; plain ``torch.compile`` users
+pass ``options={"runtime": rt}`` or share the process-wide ``default_runtime``). It keeps, per attention site (module
+FQN) and per branch (the n-th call of that site within one step: conditional / unconditional CFG passes), the
+buffers of ``qsparse::residual_attention`` and the host-side facts the schedule needs. The device never reports
+back: which step refreshes is decided on the host from the step counter, so the hot path has no sync.
+
+Step tracking:
+- a diffusers pipeline: ``qs.optimize(pipe, ...)`` resets at the start of every ``pipe(...)`` call and advances after
+  every ``pipe.scheduler.step``;
+- a bare model in a loop: ``with runtime.generation(): for ...: runtime.step(); model(...)`` (or ``runtime.reset()``
+  and ``runtime.step(i)`` by hand).
+
+A change of batch size, resolution or dtype at a site drops that site's buffers and starts it over (a refresh), and
+the report counts it; it never reuses a residual of another shape.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from ..config import CacheConfig
+
+__all__ = ["ResidualCacheRuntime", "default_runtime", "CacheError", "state_layout"]
+
+
+class CacheError(RuntimeError):
+    """The residual cache was used in a way that would give wrong results; the message says how to fix it."""
+
+
+@dataclass
+class _Branch:
+    state: list[torch.Tensor]
+    refreshed_at: int | None = None  # step of the last refresh (host-side), None = empty
+
+
+@dataclass
+class _Site:
+    schedule: CacheConfig
+    branches: dict[int, _Branch] = field(default_factory=dict)
+    calls_this_step: int = 0
+    refreshes: int = 0
+    reuses: int = 0
+    resets: int = 0
+
+
+class ResidualCacheRuntime:
+    def __init__(self) -> None:
+        self._sites: dict[str, _Site] = {}
+        self._step = 0
+        self._lock = threading.Lock()
+
+    # -- the clock ---------------------------------------------------------------------------------------------
+    @property
+    def current_step(self) -> int:
+        return self._step
+
+    def reset(self) -> None:
+        """Start a new generation: step 0, every cache empty (buffers are kept for reuse, marked empty)."""
+        with self._lock:
+            self._step = 0
+            for site in self._sites.values():
+                site.calls_this_step = 0
+                for branch in site.branches.values():
+                    branch.refreshed_at = None
+                    branch.state[-1].fill_(-1.0)
+
+    def step(self, index: int | None = None) -> int:
+        """Advance to the next denoising step (or to ``index``)."""
+        with self._lock:
+            self._step = self._step + 1 if index is None else int(index)
+            for site in self._sites.values():
+                site.calls_this_step = 0
+            return self._step
+
+    @contextlib.contextmanager
+    def generation(self) -> Iterator["ResidualCacheRuntime"]:
+        """``with rt.generation(): for i in range(n): rt.step(i); model(...)`` - resets before and after."""
+        self.reset()
+        try:
+            yield self
+        finally:
+            self.reset()
+
+    # -- called by the backend's runtime wrapper, once per site per graph call ----------------------------------
+    def acquire(
+        self, fqn: str, schedule: CacheConfig, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> tuple[list[torch.Tensor], bool]:
+        """The state buffers of this call's branch, and whether this call refreshes."""
+        with self._lock:
+            site = self._sites.setdefault(fqn, _Site(schedule))
+            branch_index = site.calls_this_step
+            site.calls_this_step += 1
+            if branch_index >= schedule.max_branches:
+                raise CacheError(
+                    f"qsparse_compiler.runtime: attention {fqn} ran {branch_index + 1} times in step {self._step} "
+                    f"(max_branches={schedule.max_branches}); advance the step between denoising steps "
+                    "(qs.optimize(pipe) does it, or call runtime.step() in your loop), or raise cache.max_branches"
+                )
+            branch = site.branches.get(branch_index)
+            layout = state_layout(shape, schedule.rank)
+            if branch is None or [tuple(t.shape) for t in branch.state] != layout or branch.state[0].dtype != dtype \
+                    or branch.state[0].device != device:
+                if branch is not None:
+                    site.resets += 1
+                state = [torch.zeros(s, dtype=dtype, device=device) for s in layout[:-1]]
+                state.append(torch.full((1,), -1.0, dtype=torch.float32, device=device))
+                branch = site.branches[branch_index] = _Branch(state)
+            refresh = branch.refreshed_at is None or schedule.is_refresh_step(self._step)
+            if refresh:
+                branch.refreshed_at = self._step
+                site.refreshes += 1
+            else:
+                site.reuses += 1
+            return branch.state, refresh
+
+    def will_refresh(self, fqn: str, schedule: CacheConfig) -> bool:
+        """Whether the next call of ``fqn`` would refresh (used to pick a refresh or reuse graph)."""
+        site = self._sites.get(fqn)
+        if site is None:
+            return True
+        branch = site.branches.get(site.calls_this_step)
+        return branch is None or branch.refreshed_at is None or schedule.is_refresh_step(self._step)
+
+    # -- reporting -------------------------------------------------------------------------------------------------
+    def memory_report(self) -> dict[str, dict[str, int]]:
+        """Bytes of cache per site (all branches), refresh/reuse counts, and the total."""
+        report: dict[str, dict[str, int]] = {}
+        for fqn, site in sorted(self._sites.items()):
+            nbytes = sum(t.numel() * t.element_size() for b in site.branches.values() for t in b.state)
+            report[fqn] = {"bytes": nbytes, "branches": len(site.branches), "refreshes": site.refreshes,
+                           "reuses": site.reuses, "resets": site.resets}
+        report["total"] = {key: sum(entry[key] for entry in report.values())
+                           for key in ("bytes", "branches", "refreshes", "reuses", "resets")}
+        return report
+
+    def clear(self) -> None:
+        """Free every buffer."""
+        with self._lock:
+            self._sites.clear()
+            self._step = 0
+
+
+def state_layout(shape: tuple, rank: int) -> list[tuple]:
+    """Shapes of a site's state for an output of ``shape`` (B, H, S, D): full rank, or rank-r factors."""
+    b, h, s, d = shape
+    if rank == 0 or rank > d:
+        return [(b, h, s, d), (b, h, s, d), (1,)]
+    return [(b, h, s, rank), (b, h, rank, d), (b, h, s, rank), (b, h, rank, d), (1,)]
+
+
+default_runtime = ResidualCacheRuntime()

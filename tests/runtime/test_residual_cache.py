@@ -1,0 +1,165 @@
+"""SSAR residual cache: formulas, schedule, branches, resets; and in a compiled model without per-step recompiles."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qsparse_compiler.ops  # noqa: F401
+from qsparse_compiler.backend import clear_reports, reports
+from qsparse_compiler.config import CacheConfig
+from qsparse_compiler.ops.residual_attention import MODE_AUTO
+from qsparse_compiler.ops.video_layout import build_video_layout
+from qsparse_compiler.runtime.residual_cache import CacheError, ResidualCacheRuntime
+from qsparse_compiler.sparsity.patterns import TokenGrid
+from qsparse_compiler.testing.metrics import relative_error
+from qsparse_compiler.testing.models import tiny_wan
+
+SHAPE = (1, 2, 48, 16)
+LAYOUT = build_video_layout(TokenGrid(3, 4, 4, 48), "local3d", 0.34, 16, 16)
+
+
+def attention_step(runtime, schedule, q, k, v, fqn="blocks.0.attn1"):
+    """What a compiled graph does at one site: sparse attention, then the residual-cache node."""
+    o_sparse, _ = torch.ops.qsparse.sparse_attention(q, k, v, LAYOUT.kv_num_blocks, LAYOUT.kv_indices, 16, 16, 0.25, None)
+    state, refresh = runtime.acquire(fqn, schedule, tuple(o_sparse.shape), o_sparse.dtype, o_sparse.device)
+    out = torch.ops.qsparse.residual_attention(o_sparse, q, k, v, None, 0.25, state, torch.tensor(refresh),
+                                               MODE_AUTO, schedule.order)
+    return out, o_sparse, refresh
+
+
+def sequence(steps, seed=0):
+    """Slowly drifting q, k, v over denoising steps (what makes the residual stable)."""
+    g = torch.Generator().manual_seed(seed)
+    base = [torch.randn(SHAPE, generator=g, dtype=torch.float64) for _ in range(3)]
+    drift = [torch.randn(SHAPE, generator=g, dtype=torch.float64) for _ in range(3)]
+    return [[(b + 0.05 * t * d).float() for b, d in zip(base, drift)] for t in range(steps)]
+
+
+def dense(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, scale=0.25)
+
+
+def test_refresh_every_step_equals_dense_attention():
+    runtime, schedule = ResidualCacheRuntime(), CacheConfig(enabled=True, refresh_first=1, refresh_every=1, order=2)
+    for step, (q, k, v) in enumerate(sequence(4)):
+        runtime.step(step)
+        out, _, refresh = attention_step(runtime, schedule, q, k, v)
+        assert refresh
+        assert torch.allclose(out, dense(q, k, v), atol=1e-6)
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_order_one_and_two_follow_their_formulas(order):
+    runtime = ResidualCacheRuntime()
+    schedule = CacheConfig(enabled=True, refresh_first=2, refresh_every=4, order=order)
+    residuals = {}
+    for step, (q, k, v) in enumerate(sequence(9)):
+        runtime.step(step)
+        out, o_sparse, refresh = attention_step(runtime, schedule, q, k, v)
+        assert refresh == (step in (0, 1, 4, 8))
+        if refresh:
+            residuals[step] = dense(q, k, v) - o_sparse
+            expected = dense(q, k, v)
+        else:
+            last = max(s for s in residuals if s < step)
+            previous = max((s for s in residuals if s < last), default=None)
+            estimate = residuals[last]
+            if order == 2 and previous is not None:
+                estimate = estimate + (step - last) * (residuals[last] - residuals[previous]) / (last - previous)
+            expected = o_sparse + estimate
+        assert torch.allclose(out, expected, atol=1e-5), step
+
+
+def test_low_rank_with_full_rank_equals_full_storage():
+    outputs = {}
+    for rank in (0, SHAPE[-1]):
+        runtime = ResidualCacheRuntime()
+        schedule = CacheConfig(enabled=True, refresh_first=2, refresh_every=0, order=2, rank=rank)
+        outputs[rank] = []
+        for step, (q, k, v) in enumerate(sequence(5)):
+            runtime.step(step)
+            outputs[rank].append(attention_step(runtime, schedule, q, k, v)[0])
+    for full, factored in zip(outputs[0], outputs[SHAPE[-1]]):
+        assert torch.allclose(full, factored, atol=1e-4)
+
+
+def test_low_rank_cuts_memory_and_reports_it():
+    runtime = ResidualCacheRuntime()
+    q, k, v = sequence(1)[0]
+    attention_step(runtime, CacheConfig(enabled=True, rank=2), q, k, v, fqn="a")
+    attention_step(runtime, CacheConfig(enabled=True, rank=0), q, k, v, fqn="b")
+    report = runtime.memory_report()
+    assert report["a"]["bytes"] < report["b"]["bytes"] / 3
+    assert report["total"]["bytes"] == report["a"]["bytes"] + report["b"]["bytes"]
+    assert report["total"]["refreshes"] == 2
+
+
+def test_cfg_branches_are_kept_apart():
+    schedule = CacheConfig(enabled=True, refresh_first=1, refresh_every=0, order=1)
+    cond, uncond = sequence(4, seed=1), sequence(4, seed=2)
+    shared = ResidualCacheRuntime()
+    alone = {name: ResidualCacheRuntime() for name in ("cond", "uncond")}
+    for step in range(4):
+        shared.step(step)
+        for runtime in alone.values():
+            runtime.step(step)
+        both = [attention_step(shared, schedule, *cond[step])[0], attention_step(shared, schedule, *uncond[step])[0]]
+        assert torch.equal(both[0], attention_step(alone["cond"], schedule, *cond[step])[0])
+        assert torch.equal(both[1], attention_step(alone["uncond"], schedule, *uncond[step])[0])
+
+
+def test_a_third_call_in_one_step_is_an_error_not_a_wrong_residual():
+    runtime, schedule = ResidualCacheRuntime(), CacheConfig(enabled=True, max_branches=2)
+    q, k, v = sequence(1)[0]
+    attention_step(runtime, schedule, q, k, v)
+    attention_step(runtime, schedule, q, k, v)
+    with pytest.raises(CacheError, match="ran 3 times in step 0"):
+        attention_step(runtime, schedule, q, k, v)
+
+
+def test_reset_starts_a_new_generation_and_shape_change_restarts_the_site():
+    runtime, schedule = ResidualCacheRuntime(), CacheConfig(enabled=True, refresh_first=1, refresh_every=0, order=1)
+    steps = sequence(3)
+    first = []
+    with runtime.generation():
+        for i, (q, k, v) in enumerate(steps):
+            runtime.step(i)
+            first.append(attention_step(runtime, schedule, q, k, v)[0])
+    with runtime.generation():
+        for i, (q, k, v) in enumerate(steps):
+            runtime.step(i)
+            out, _, refresh = attention_step(runtime, schedule, q, k, v)
+            assert refresh == (i == 0) and torch.equal(out, first[i])
+    runtime.step(5)
+    q, k, v = (torch.cat([t, t]) for t in steps[0])  # batch 2 now: the cache restarts instead of crashing
+    out, _, refresh = attention_step(runtime, schedule, q, k, v)
+    assert refresh and runtime.memory_report()["blocks.0.attn1"]["resets"] == 1
+
+
+def test_compiled_model_runs_a_generation_without_per_step_recompiles():
+    tiny = tiny_wan(num_layers=1)
+    runtime = ResidualCacheRuntime()
+    options = {
+        "quant": {"enabled": False},
+        "sparsity": {"density": 0.34, "block_q": 16, "block_kv": 16},
+        "cache": {"enabled": True, "refresh_first": 2, "refresh_every": 3, "order": 2},
+        "runtime": runtime,
+    }
+    torch._dynamo.reset()
+    clear_reports()
+    compiled = torch.compile(tiny.model, backend="quantsparse", options=options, fullgraph=True)
+    inputs = tiny.make_inputs()
+    with torch.no_grad(), runtime.generation():
+        for step in range(7):
+            runtime.step(step)
+            out = compiled(**inputs)[0]
+            if CacheConfig(**options["cache"]).is_refresh_step(step):
+                # A refresh step computes dense attention: the model's eager output.
+                assert relative_error(out, tiny.model(**inputs)[0]) < 1e-5
+            else:
+                # Same inputs every step: the stored residual is exact (order 2 adds a zero change).
+                assert relative_error(out, tiny.model(**inputs)[0]) < 1e-5
+    assert len(reports()) == 1
+    assert reports()[0].counters["residual_attention"] == 1
+    totals = runtime.memory_report()["total"]
+    assert totals["refreshes"] == 4 and totals["reuses"] == 3
