@@ -1,6 +1,26 @@
-"""qsparse_compiler: a torch.compile backend for video diffusion transformers (W4A8 + block-sparse attention)."""
+"""qsparse_compiler: a torch.compile backend for video diffusion transformers (W4A8 + block-sparse attention).
 
-from .config import QuantConfig, QuantSparseConfig, SparsityConfig
+Public API: ``optimize`` (compile a pipeline's transformer and drive its residual cache), ``load_plan``/``save_plan``,
+the configs, and ``runtime`` (``ResidualCacheRuntime`` for bare models in a loop). The backend itself is reached with
+``torch.compile(model, backend="quantsparse", options=...)``.
+"""
 
-__all__ = ["QuantConfig", "QuantSparseConfig", "SparsityConfig"]
+from . import runtime
+from .config import CacheConfig, QuantConfig, QuantSparseConfig, SparsityConfig
+from .plan import load_plan, save_plan
+from .runtime.pipeline import optimize, runtime_of
+from .runtime.residual_cache import ResidualCacheRuntime
+
+__all__ = [
+    "CacheConfig",
+    "QuantConfig",
+    "QuantSparseConfig",
+    "SparsityConfig",
+    "ResidualCacheRuntime",
+    "load_plan",
+    "optimize",
+    "runtime",
+    "runtime_of",
+    "save_plan",
+]
 __version__ = "0.1.0"
