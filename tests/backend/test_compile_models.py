@@ -84,7 +84,7 @@ def test_dump_dir_and_report(tmp_path):
     names = sorted(p.name for p in folder.iterdir())
     assert names == [
         "00_dynamo_input.py", "01_after_find_sites.py", "02_after_quantize_linears.py",
-        "03_after_sparsify_attention.py", "report.json",
+        "03_after_sparsify_attention.py", "04_after_insert_residual_cache.py", "report.json",
     ]
     assert "qsparse.w4a8_linear" in (folder / "02_after_quantize_linears.py").read_text()
     assert "qsparse.sparse_attention" in (folder / "03_after_sparsify_attention.py").read_text()

@@ -1,0 +1,251 @@
+"""End-to-end forward time of a video DiT: eager, Inductor, torchao fp8, FlexAttention 15% + fp8, and qsparse.
+
+Workload W (BASELINES.md): diffusers WanTransformer3DModel with the Wan2.1-1.3B config, random bf16 weights, eval,
+no_grad; hidden_states (1, 16, 21, 60, 104) = 480p x 81 frames = 32,760 video tokens; encoder_hidden_states
+(1, 512, 4096); timestep [500]. One transformer forward, median of triton.testing.do_bench.
+
+    python benchmarks/bench_e2e.py --workload wan-1.3b-480p --rows eager,inductor,fp8,flex-fp8,qsparse --out r.json
+    python benchmarks/bench_e2e.py --workload reference --device cpu --rows eager,qsparse   # CPU smoke test
+
+Every row builds its own model copy from the same seed (a compile mutates its module), compiles it, checks its
+output against eager (relative error), and reports ms, speedup vs Inductor, compile seconds, peak memory and the
+block weights' bytes. ``qsparse`` is timed for a refresh step and a reuse step of the residual cache and averaged
+over a 50-step schedule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+WAN_1_3B = dict(
+    patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+    text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
+)
+WORKLOADS: dict[str, dict[str, Any]] = {
+    "wan-1.3b-480p": dict(config=WAN_1_3B, latents=(1, 16, 21, 60, 104), text=(1, 512, 4096)),
+    "wan-1.3b-720p": dict(config=WAN_1_3B, latents=(1, 16, 21, 90, 160), text=(1, 512, 4096)),
+    # A small config that runs anywhere (the CPU smoke test of this benchmark).
+    "reference": dict(
+        config=dict(WAN_1_3B, num_attention_heads=4, attention_head_dim=32, text_dim=64, freq_dim=64, ffn_dim=512,
+                    num_layers=2, rope_max_seq_len=128),
+        latents=(1, 16, 5, 32, 32), text=(1, 16, 64),
+    ),
+}
+SCHEDULE_STEPS = 50
+
+
+@dataclass
+class Row:
+    system: str
+    ms: float
+    compile_s: float
+    peak_gib: float
+    rel_error_vs_eager: float
+    block_weight_bytes: int | None = None
+    note: str = ""
+    speedup_vs_inductor: float | None = None
+
+
+def build(workload: dict[str, Any], device: str, dtype: torch.dtype):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = WanTransformer3DModel(**workload["config"]).eval().to(dtype)
+    generator = torch.Generator(device).manual_seed(1)
+    inputs = dict(
+        hidden_states=torch.randn(workload["latents"], device=device, dtype=dtype, generator=generator),
+        encoder_hidden_states=torch.randn(workload["text"], device=device, dtype=dtype, generator=generator),
+        timestep=torch.tensor([500], device=device),
+        return_dict=False,
+    )
+    return model, inputs
+
+
+def block_linear_filter(module: torch.nn.Module, fqn: str) -> bool:
+    return isinstance(module, torch.nn.Linear) and fqn.startswith("blocks.")
+
+
+def time_ms(fn: Callable[[], Any], device: str) -> float:
+    if device == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=300, rep=1500, return_mode="median"))
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    total = 0
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if name.startswith("blocks."):
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def flex_block_masks(model, inputs, density: float):
+    """FlexAttention BlockMask from a random 128x128 block bitmap with the diagonal kept (as in BASELINES.md)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    latents = inputs["hidden_states"].shape
+    tokens = latents[2] * (latents[3] // 2) * (latents[4] // 2)
+    blocks = math.ceil(tokens / 128)
+    generator = torch.Generator().manual_seed(2)
+    bitmap = torch.rand(1, 1, blocks, blocks, generator=generator) < density
+    bitmap |= torch.eye(blocks, dtype=torch.bool)
+    counts = bitmap.sum(-1, dtype=torch.int32)
+    indices = torch.argsort((~bitmap).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    device = inputs["hidden_states"].device
+    return BlockMask.from_kv_blocks(counts.to(device), indices.to(device), BLOCK_SIZE=128, seq_lengths=(tokens, tokens))
+
+
+class _FlexSelfAttention:
+    """Wan attn1 processor that runs diffusers' flex backend with a fixed block mask."""
+
+    def __init__(self, processor: Any, block_mask: Any) -> None:
+        self.processor, self.block_mask = processor, block_mask
+        self.processor._attention_backend = "flex"
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None, **kw):
+        return self.processor(attn, hidden_states, encoder_hidden_states, self.block_mask, rotary_emb, **kw)
+
+
+def run_row(name: str, workload: dict[str, Any], device: str, dtype: torch.dtype, eager_out: torch.Tensor | None,
+            density: float) -> list[Row]:
+    model, inputs = build(workload, device, dtype)
+    note = ""
+    if name in ("fp8", "flex-fp8"):
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+        quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=block_linear_filter)
+    if name == "flex-fp8":
+        mask = flex_block_masks(model, inputs, density)
+        for block in model.blocks:
+            block.attn1.set_processor(_FlexSelfAttention(block.attn1.processor, mask))
+        note = f"random {density:.0%} 128x128 blocks + diagonal"
+    runtime = None
+    if name == "qsparse":
+        import qsparse_compiler as qs
+
+        runtime = qs.ResidualCacheRuntime()
+        options = {"sparsity": {"density": density}, "cache": {"enabled": True, "refresh_first": 2,
+                                                               "refresh_every": 5, "order": 2}, "runtime": runtime}
+        fn_model = torch.compile(model, backend="quantsparse", options=options, fullgraph=True)
+    elif name == "eager":
+        fn_model = model
+    else:
+        model.compile_repeated_blocks(fullgraph=True)
+        fn_model = model
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    with torch.no_grad():
+        if runtime is not None:
+            runtime.step(0)
+        out = fn_model(**inputs)[0]
+    compile_s = time.perf_counter() - start
+    error = 0.0 if eager_out is None else float((out.float() - eager_out.float()).norm() / eager_out.float().norm())
+    rows = []
+
+    def measure(system: str, before: Callable[[], Any] | None) -> Row:
+        def call():
+            if before is not None:
+                before()
+            return fn_model(**inputs)
+
+        with torch.no_grad():
+            ms = time_ms(call, device)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
+        return Row(system, ms, compile_s if name != "eager" else 0.0, peak, error, note=note)
+
+    if runtime is None:
+        rows.append(measure(name, None))
+    else:
+        from qsparse_compiler.backend import reports
+
+        report = reports()[-1]
+        refresh = measure("qsparse (refresh step)", lambda: runtime.step(0))
+        reuse = measure("qsparse (reuse step)", lambda: runtime.step(7))
+        schedule = runtime_schedule_counts(SCHEDULE_STEPS)
+        average = (schedule[0] * refresh.ms + schedule[1] * reuse.ms) / SCHEDULE_STEPS
+        for row in (refresh, reuse):
+            row.block_weight_bytes = report.weight_bytes.get("qsparse")
+        rows += [refresh, reuse, Row(f"qsparse ({SCHEDULE_STEPS}-step average)", average, compile_s,
+                                     max(refresh.peak_gib, reuse.peak_gib), error, report.weight_bytes.get("qsparse"),
+                                     f"{schedule[0]} refresh + {schedule[1]} reuse steps")]
+    if name != "qsparse":
+        for row in rows:
+            row.block_weight_bytes = weight_bytes(model)
+    del model, fn_model
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def runtime_schedule_counts(steps: int) -> tuple[int, int]:
+    from qsparse_compiler.config import CacheConfig
+
+    schedule = CacheConfig(enabled=True, refresh_first=2, refresh_every=5, order=2)
+    refresh = sum(schedule.is_refresh_step(i) for i in range(steps))
+    return refresh, steps - refresh
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workload", default="wan-1.3b-480p", choices=sorted(WORKLOADS))
+    parser.add_argument("--rows", default="eager,inductor,fp8,flex-fp8,qsparse")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--density", type=float, default=0.15)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/e2e.json"))
+    args = parser.parse_args()
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    workload = WORKLOADS[args.workload]
+    eager_model, inputs = build(workload, args.device, dtype)
+    with torch.no_grad():
+        eager_out = eager_model(**inputs)[0]
+    del eager_model
+    gc.collect()
+    rows: list[Row] = []
+    for name in args.rows.split(","):
+        try:
+            rows += run_row(name, workload, args.device, dtype, eager_out, args.density)
+        except Exception as exc:  # a failing baseline is recorded, not hidden
+            rows.append(Row(name, float("nan"), 0.0, 0.0, float("nan"), note=f"failed: {type(exc).__name__}: {exc}"[:300]))
+        torch._dynamo.reset()
+        print(rows[-1], flush=True)
+    inductor = next((r.ms for r in rows if r.system == "inductor"), None)
+    for row in rows:
+        row.speedup_vs_inductor = inductor / row.ms if inductor and row.ms == row.ms else None
+    meta = {
+        "workload": args.workload, "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "torch": torch.__version__, "density": args.density, "date": time.strftime("%Y-%m-%d"),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2))
+    print(f"\n{meta}")
+    print("| system | ms/forward | vs Inductor | compile s | peak GiB | block weights MiB | rel. error vs eager | note |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        mib = f"{r.block_weight_bytes / 2**20:.0f}" if r.block_weight_bytes else "-"
+        speed = f"{r.speedup_vs_inductor:.2f}x" if r.speedup_vs_inductor else "-"
+        print(f"| {r.system} | {r.ms:.1f} | {speed} | {r.compile_s:.0f} | {r.peak_gib:.1f} | {mib} | "
+              f"{r.rel_error_vs_eager:.3g} | {r.note} |")
+
+
+if __name__ == "__main__":
+    main()
