@@ -3,7 +3,8 @@
 Metrics (all torch, device-agnostic; cross-checked against torchmetrics on the GPU machine, see tests):
 - ``psnr(a, b)``: per video, over all its pixels, channels and frames; ``inf`` for identical videos.
 - ``ssim(a, b)``: per video, the mean of 2D SSIM over frames and channels with torchmetrics' defaults (Gaussian
-  window 11, sigma 1.5, K1 = 0.01, K2 = 0.03, only windows that fit inside the frame).
+  window 11, sigma 1.5, K1 = 0.01, K2 = 0.03, reflection padding at the borders; ``border="valid"`` for
+  scikit-image's convention).
 - ``sqnr_db(ref, test)``: 10 log10(|ref|^2 / |ref - test|^2), ``inf`` when equal.
 - ``layer_sqnr(dense, variant, inputs)``: SQNR of every transformer block's output (forward hooks), dense vs
   variant run on the same model inputs (errors accumulate through depth, as in a real forward).
@@ -85,29 +86,44 @@ def ssim(
     sigma: float = 1.5,
     k1: float = 0.01,
     k2: float = 0.03,
+    border: str = "reflect",
 ) -> torch.Tensor:
     """float64 [N]: mean SSIM of each video (or image) of ``b`` against ``a``, per frame and channel with a Gaussian
-    window, averaged over the windows that fit inside the frame ("valid"), channels and frames. Frames smaller than
-    the window use the largest odd window that fits. Identical inputs give exactly 1."""
+    window, averaged over pixels, channels and frames. Identical inputs give exactly 1.
+
+    border="reflect" (default) pads each frame by reflection and averages over every pixel, as torchmetrics 1.x's
+    ``structural_similarity_index_measure`` does; border="valid" averages only the windows that fit inside the frame,
+    as scikit-image's ``structural_similarity(gaussian_weights=True, use_sample_covariance=False)`` does.
+    Frames smaller than the window use the largest odd window that fits.
+    """
     _check_pair("ssim", a, b)
+    if border not in ("reflect", "valid"):
+        raise ValueError(f"{_where('ssim')}: border={border!r} must be 'reflect' (torchmetrics) or 'valid' (scikit-image)")
     if a.ndim == 4:
         a, b = a.unsqueeze(2), b.unsqueeze(2)
     n, c, t, h, w = a.shape
     size = min(window, h - (1 - h % 2), w - (1 - w % 2))
+    if border == "reflect":
+        size = min(size, 2 * (h - 1) + 1, 2 * (w - 1) + 1)  # reflection padding needs pad < frame size
     if size < 1:
         raise ValueError(f"{_where('ssim')}: frames of {h}x{w} are too small for SSIM")
     g = _gaussian_window(size, sigma, a.device)
     # Every (video, channel, frame) as one single-channel image; the window is separable: rows then columns.
     x = a.double().reshape(n * c * t, 1, h, w)
     y = b.double().reshape(n * c * t, 1, h, w)
+    if border == "reflect":
+        pad = (size - 1) // 2
+        x = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+        y = F.pad(y, (pad, pad, pad, pad), mode="reflect")
 
     def blur(z: torch.Tensor) -> torch.Tensor:
         z = F.conv2d(z, g.view(1, 1, size, 1))
         return F.conv2d(z, g.view(1, 1, 1, size))
 
     mu_x, mu_y = blur(x), blur(y)
-    sxx = blur(x * x) - mu_x**2
-    syy = blur(y * y) - mu_y**2
+    # Variances are clamped at 0: E[x^2] - E[x]^2 can round to a tiny negative value on flat regions.
+    sxx = (blur(x * x) - mu_x**2).clamp_min(0.0)
+    syy = (blur(y * y) - mu_y**2).clamp_min(0.0)
     sxy = blur(x * y) - mu_x * mu_y
     c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
     s = ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (sxx + syy + c2))
