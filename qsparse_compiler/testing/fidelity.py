@@ -481,6 +481,9 @@ def evaluate(
     result = EvalResult(settings=settings, dense_seconds=dense_seconds, prompts=gen.describe(scenes))
     first_videos = [dense_videos[:1]]
     for name, make in variants.items():
+        # Compiled variants of one model class share Dynamo's per-code-object cache and its recompile limit (past
+        # it, a model silently runs uncompiled); each variant is finished before the next, so start each afresh.
+        torch._dynamo.reset()
         variant = make(model_factory())
         videos, seconds = run(variant)
         try:

@@ -166,7 +166,13 @@ def load_reference_model(
 
     assets = Path(assets_dir or ASSETS_DIR)
     meta = load_reference_metadata(assets)
-    model = build_reference_model(meta["model"])
+    # Build on the meta device (no random init: 0.02 s instead of 0.7 s on a CPU), then fill in the weights.
+    with torch.device("meta"):
+        model = build_reference_model(meta["model"])
+    model.to_empty(device="cpu")
+    # The RoPE tables are non-persistent buffers (not in the state dict): rebuild that module for real.
+    cfg = meta["model"]
+    model.rope = type(model.rope)(cfg["attention_head_dim"], tuple(cfg["patch_size"]), cfg["rope_max_seq_len"])
     state = load_file(str(assets / WEIGHTS_NAME))
     missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     if missing or unexpected:
