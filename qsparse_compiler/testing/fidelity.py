@@ -223,8 +223,8 @@ def attention_recall(
     B and H equal or 1 (broadcast). ``scale`` defaults to 1/sqrt(D), as in SDPA.
     Returns float32 [B, H]: the mean over queries of the kept mass per query row (1.0 = lossless), or with
     ``per_query_block`` float32 [B, H, QB]: the mean within each query block.
-    Works one chunk of query blocks at a time so that the fp32 probabilities in flight stay under
-    ``max_chunk_bytes`` (at least one query block per chunk).
+    Works one chunk of query blocks at a time so that one chunk's fp32 probabilities take at most
+    ``max_chunk_bytes`` (at least one query block per chunk; the peak is about three times that).
     """
     if q.ndim != 4 or k.ndim != 4 or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
         raise ValueError(
@@ -330,6 +330,7 @@ class VariantResult:
     ssim: list[float]
     layer_sqnr_db: dict[str, float]
     seconds: float
+    notes: list[str] = field(default_factory=list)
     psnr_mean: float = 0.0
     psnr_min: float = 0.0
     ssim_mean: float = 0.0
@@ -392,7 +393,8 @@ class EvalResult:
                 f"{f(r.layer_sqnr_db.get('output', math.nan), '.2f')} | {f(min(blocks) if blocks else math.nan, '.2f')} | "
                 f"{r.seconds:.2f} |"
             )
-        return "\n".join(lines) + "\n"
+        notes = [f"- {name}: {note}" for name, r in self.variants.items() for note in r.notes]
+        return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
 def _sync(device: torch.device) -> None:
@@ -486,15 +488,17 @@ def evaluate(
         torch._dynamo.reset()
         variant = make(model_factory())
         videos, seconds = run(variant)
+        notes = []
         try:
             sq = layer_sqnr(dense, variant, sqnr_inputs)
         except (ValueError, RuntimeError) as err:  # a variant without block structure still gets video metrics
-            sq = {"error": str(err)}  # type: ignore[dict-item]
+            sq, notes = {}, [f"no per-block SQNR: {err}"]
         result.variants[name] = VariantResult(
             psnr_db=[float(x) for x in psnr(dense_videos, videos)],
             ssim=[float(x) for x in ssim(dense_videos, videos)],
-            layer_sqnr_db={k: v for k, v in sq.items() if isinstance(v, float)},
+            layer_sqnr_db=sq,
             seconds=seconds,
+            notes=notes,
         )
         first_videos.append(videos[:1])
         del variant

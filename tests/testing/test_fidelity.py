@@ -206,5 +206,28 @@ def test_evaluate_writes_reports(tmp_path):
     assert written["variants"]["identity"]["psnr_mean"] == "inf" and written["settings"]["seeds"] == [0, 1]
     table = (tmp_path / "results.md").read_text()
     assert "| perturbed |" in table and "| identity | inf |" in table
+    assert pert.notes == []
     for name in ("psnr.png", "layer_sqnr.png", "videos.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_evaluate_variant_without_blocks_gets_a_note():
+    class Wrapper(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args, **kwargs):
+            return self.inner(*args, **kwargs)
+
+    data = SyntheticVideoConfig(frames=2, height=8, width=8)
+    result = evaluate(
+        {"wrapped": Wrapper},
+        model_factory=lambda: build_reference_model(TINY_MODEL_CONFIG, seed=0).eval(),
+        seeds=[0],
+        num_steps=1,
+        data=data,
+    )
+    r = result.variants["wrapped"]
+    assert r.psnr_mean == math.inf and r.layer_sqnr_db == {} and "no per-block SQNR" in r.notes[0]
+    assert "- wrapped: no per-block SQNR" in result.markdown()
