@@ -45,6 +45,7 @@ __all__ = [
     "evaluate",
     "layer_sqnr",
     "psnr",
+    "random_wan_inputs",
     "sqnr_db",
     "ssim",
 ]
@@ -181,6 +182,32 @@ def record_block_outputs(model: nn.Module) -> Iterator[dict[str, list[torch.Tens
     finally:
         for h in handles:
             h.remove()
+
+
+def random_wan_inputs(
+    model: nn.Module,
+    *,
+    frames: int,
+    height: int,
+    width: int,
+    text_len: int = 512,
+    batch: int = 1,
+    sigma: float = 0.5,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
+    """Keyword inputs for a diffusers Wan transformer (any size, e.g. random-weight Wan2.1-1.3B for
+    ``layer_sqnr``): standard-normal latents [batch, in_channels, frames, height, width] and text tokens
+    [batch, text_len, text_dim] from CPU generators seeded ``seed`` / ``seed + 1``, timestep 1000 * sigma."""
+    cfg = _unwrap(model).config
+    latents = torch.randn(batch, cfg.in_channels, frames, height, width, generator=torch.Generator().manual_seed(seed))
+    text = torch.randn(batch, text_len, cfg.text_dim, generator=torch.Generator().manual_seed(seed + 1))
+    return {
+        "hidden_states": latents.to(device, dtype),
+        "timestep": torch.full((batch,), 1000.0 * sigma, device=device),
+        "encoder_hidden_states": text.to(device, dtype),
+    }
 
 
 @torch.no_grad()

@@ -13,6 +13,7 @@ from qsparse_compiler.testing.fidelity import (
     evaluate,
     layer_sqnr,
     psnr,
+    random_wan_inputs,
     sqnr_db,
     ssim,
 )
@@ -112,6 +113,15 @@ def test_layer_sqnr_locates_the_perturbed_block():
     assert 20.0 < result["blocks.1"] < math.inf and math.isfinite(result["output"])
     same = layer_sqnr(dense, copy.deepcopy(dense), _tiny_inputs())
     assert all(v == math.inf for v in same.values())
+
+
+def test_random_wan_inputs_fit_the_model():
+    model = build_reference_model(TINY_MODEL_CONFIG, seed=0).eval()
+    inputs = random_wan_inputs(model, frames=2, height=8, width=8, text_len=5, batch=2, seed=3)
+    assert inputs["hidden_states"].shape == (2, 3, 2, 8, 8) and inputs["encoder_hidden_states"].shape == (2, 5, 64)
+    assert torch.equal(inputs["hidden_states"], random_wan_inputs(model, frames=2, height=8, width=8, text_len=5, batch=2, seed=3)["hidden_states"])
+    with torch.no_grad():
+        assert model(**inputs, return_dict=False)[0].shape == (2, 3, 2, 8, 8)
 
 
 def test_layer_sqnr_hooks_see_a_compiled_variant():
