@@ -5,7 +5,7 @@ Metrics (all torch, device-agnostic; cross-checked against torchmetrics on the G
 - ``ssim(a, b)``: per video, the mean of 2D SSIM over frames and channels with torchmetrics' defaults (Gaussian
   window 11, sigma 1.5, K1 = 0.01, K2 = 0.03, reflection padding at the borders; ``border="valid"`` for
   scikit-image's convention).
-- ``sqnr_db(ref, test)``: 10 log10(|ref|^2 / |ref - test|^2), ``inf`` when equal.
+- ``sqnr_db(test, ref)`` (from testing/metrics.py): 10 log10(|ref|^2 / |ref - test|^2), ``inf`` when equal.
 - ``layer_sqnr(dense, variant, inputs)``: SQNR of every transformer block's output (forward hooks), dense vs
   variant run on the same model inputs (errors accumulate through depth, as in a real forward).
 - ``attention_recall(q, k, layout)``: the share of dense softmax probability mass inside the tiles a
@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..sparsity.layout import BlockSparseLayout
+from .metrics import sqnr_db
 
 __all__ = [
     "EvalResult",
@@ -73,74 +74,20 @@ def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> torch.Ten
     return 10.0 * torch.log10(data_range**2 / mse)  # mse == 0 -> +inf
 
 
-def _gaussian_window(size: int, sigma: float, device: torch.device) -> torch.Tensor:
-    x = torch.arange(size, dtype=torch.float64, device=device) - (size - 1) / 2
-    g = torch.exp(-(x**2) / (2 * sigma**2))
-    return g / g.sum()
+def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
+    """float64 [N]: SSIM of each video (or image) of ``b`` against ``a`` - torchmetrics'
+    ``structural_similarity_index_measure`` (Gaussian window 11, sigma 1.5) per frame, averaged over frames.
+    Identical inputs give 1."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
 
-
-def ssim(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    data_range: float = 2.0,
-    window: int = 11,
-    sigma: float = 1.5,
-    k1: float = 0.01,
-    k2: float = 0.03,
-    border: str = "reflect",
-) -> torch.Tensor:
-    """float64 [N]: mean SSIM of each video (or image) of ``b`` against ``a``, per frame and channel with a Gaussian
-    window, averaged over pixels, channels and frames. Identical inputs give exactly 1.
-
-    border="reflect" (default) pads each frame by reflection and averages over every pixel, as torchmetrics 1.x's
-    ``structural_similarity_index_measure`` does; border="valid" averages only the windows that fit inside the frame,
-    as scikit-image's ``structural_similarity(gaussian_weights=True, use_sample_covariance=False)`` does.
-    Frames smaller than the window use the largest odd window that fits.
-    """
     _check_pair("ssim", a, b)
-    if border not in ("reflect", "valid"):
-        raise ValueError(f"{_where('ssim')}: border={border!r} must be 'reflect' (torchmetrics) or 'valid' (scikit-image)")
     if a.ndim == 4:
         a, b = a.unsqueeze(2), b.unsqueeze(2)
     n, c, t, h, w = a.shape
-    size = min(window, h - (1 - h % 2), w - (1 - w % 2))
-    if border == "reflect":
-        size = min(size, 2 * (h - 1) + 1, 2 * (w - 1) + 1)  # reflection padding needs pad < frame size
-    if size < 1:
-        raise ValueError(f"{_where('ssim')}: frames of {h}x{w} are too small for SSIM")
-    g = _gaussian_window(size, sigma, a.device)
-    # Every (video, channel, frame) as one single-channel image; the window is separable: rows then columns.
-    x = a.double().reshape(n * c * t, 1, h, w)
-    y = b.double().reshape(n * c * t, 1, h, w)
-    if border == "reflect":
-        pad = (size - 1) // 2
-        x = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-        y = F.pad(y, (pad, pad, pad, pad), mode="reflect")
-
-    def blur(z: torch.Tensor) -> torch.Tensor:
-        z = F.conv2d(z, g.view(1, 1, size, 1))
-        return F.conv2d(z, g.view(1, 1, 1, size))
-
-    mu_x, mu_y = blur(x), blur(y)
-    # Variances are clamped at 0: E[x^2] - E[x]^2 can round to a tiny negative value on flat regions.
-    sxx = (blur(x * x) - mu_x**2).clamp_min(0.0)
-    syy = (blur(y * y) - mu_y**2).clamp_min(0.0)
-    sxy = blur(x * y) - mu_x * mu_y
-    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
-    s = ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (sxx + syy + c2))
-    return s.reshape(n, -1).mean(1)
-
-
-def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
-    """Signal-to-quantisation-noise ratio in dB of ``test`` against ``reference`` (inf when they are equal)."""
-    if reference.shape != test.shape:
-        raise ValueError(f"{_where('sqnr_db')}: shapes differ, {tuple(reference.shape)} vs {tuple(test.shape)}")
-    ref = reference.double()
-    noise = (ref - test.double()).pow(2).sum()
-    signal = ref.pow(2).sum()
-    if float(noise) == 0.0:
-        return math.inf
-    return float(10.0 * torch.log10(signal / noise))
+    frames_a = a.transpose(1, 2).reshape(n * t, c, h, w).double()
+    frames_b = b.transpose(1, 2).reshape(n * t, c, h, w).double()
+    per_frame = structural_similarity_index_measure(frames_b, frames_a, data_range=data_range, reduction="none")
+    return per_frame.reshape(n, t).mean(1)
 
 
 # ---------------------------------------------------------------------------------------------------- layers
@@ -229,8 +176,8 @@ def layer_sqnr(dense: nn.Module, variant: nn.Module, inputs: Mapping[str, Any]) 
                 "times in the variant; the variant must keep the block structure (and hooks must not be dropped by "
                 "its compilation)"
             )
-        results[name] = sqnr_db(torch.cat([t.flatten() for t in d_list]), torch.cat([t.flatten() for t in v_list]))
-    results["output"] = sqnr_db(d_out, v_out)
+        results[name] = sqnr_db(torch.cat([t.flatten() for t in v_list]), torch.cat([t.flatten() for t in d_list]))
+    results["output"] = sqnr_db(v_out, d_out)
     return results
 
 

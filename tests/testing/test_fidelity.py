@@ -42,25 +42,19 @@ def test_gaussian_noise_gives_expected_psnr(sigma):
     assert got.shape == (2,) and torch.allclose(got, torch.full((2,), expected, dtype=torch.float64), atol=0.1)
 
 
-def test_ssim_falls_with_noise_and_handles_images_and_small_frames():
+def test_ssim_falls_with_noise_and_handles_images():
     v = _videos()
     gen = torch.Generator().manual_seed(0)
     values = [float(ssim(v, (v + s * torch.randn(v.shape, generator=gen)).clamp(-1, 1)).mean()) for s in (0.02, 0.1, 0.4)]
     assert 1.0 > values[0] > values[1] > values[2] > 0.0
     img = v[:, :, 0]
     assert torch.allclose(ssim(img, img), torch.ones(2, dtype=torch.float64))
-    tiny = torch.rand(1, 3, 2, 5, 6) * 2 - 1  # frames smaller than the 11-pixel window
-    assert float(ssim(tiny, tiny)) == pytest.approx(1.0)
-    assert float(ssim(tiny, tiny, border="valid")) == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="border"):
-        ssim(tiny, tiny, border="same")
 
 
 def test_ssim_of_constant_frames_matches_closed_form():
     # Constant frames have zero variance, so SSIM is the luminance term alone: (2ab + C1) / (a^2 + b^2 + C1).
     a, b = torch.full((1, 1, 1, 16, 16), 0.2), torch.full((1, 1, 1, 16, 16), -0.3)
     c1 = (0.01 * 2.0) ** 2
-    assert float(ssim(a, b, border="valid")) == pytest.approx((2 * 0.2 * -0.3 + c1) / (0.2**2 + 0.3**2 + c1), rel=1e-6)
     assert float(ssim(a, b)) == pytest.approx((2 * 0.2 * -0.3 + c1) / (0.2**2 + 0.3**2 + c1), rel=1e-6)  # inputs are float32
 
 
@@ -71,9 +65,9 @@ def test_metrics_reject_mismatched_shapes():
         ssim(torch.zeros(3, 8, 8), torch.zeros(3, 8, 8))
 
 
-def test_metrics_match_torchmetrics_when_installed():
-    # torchmetrics is not a project dependency; it is on the GPU machine (1.9.0), where this runs.
-    tm = pytest.importorskip("torchmetrics.functional")
+def test_video_metrics_are_torchmetrics_per_frame():
+    import torchmetrics.functional as tm
+
     v = _videos()
     noisy = (v + 0.1 * torch.randn(v.shape, generator=torch.Generator().manual_seed(2))).clamp(-1, 1)
     frames = lambda x: x.permute(0, 2, 1, 3, 4).flatten(0, 1)  # noqa: E731  [N*T, C, H, W]
@@ -88,8 +82,8 @@ def test_sqnr_db_known_ratio():
     ref = torch.randn(10_000, generator=torch.Generator().manual_seed(0))
     noise = torch.randn(10_000, generator=torch.Generator().manual_seed(1))
     noise = noise * (ref.norm() / noise.norm()) * 0.01  # noise power = signal power / 10^4 exactly
-    assert sqnr_db(ref, ref + noise) == pytest.approx(40.0, abs=1e-4)
-    assert sqnr_db(ref, ref.clone()) == math.inf
+    assert sqnr_db(ref + noise, ref) == pytest.approx(40.0, abs=1e-4)
+    assert sqnr_db(ref.clone(), ref) == math.inf
 
 
 # ---------------------------------------------------------------- per-layer SQNR
