@@ -1,10 +1,9 @@
 """Fidelity of a compressed model against the dense one: video metrics, per-layer SQNR, attention recall, harness.
 
-Metrics (all torch, device-agnostic; cross-checked against torchmetrics on the GPU machine, see tests):
-- ``psnr(a, b)``: per video, over all its pixels, channels and frames; ``inf`` for identical videos.
-- ``ssim(a, b)``: per video, the mean of 2D SSIM over frames and channels with torchmetrics' defaults (Gaussian
-  window 11, sigma 1.5, K1 = 0.01, K2 = 0.03, reflection padding at the borders; ``border="valid"`` for
-  scikit-image's convention).
+Metrics (all torch, device-agnostic):
+- ``psnr(a, b)``: per video, over all its pixels, channels and frames; ``inf`` for identical videos (checked against
+  torchmetrics' PSNR in the tests).
+- ``ssim(a, b)``: per video, the mean over frames of torchmetrics' SSIM (Gaussian window 11, sigma 1.5).
 - ``sqnr_db(test, ref)`` (from testing/metrics.py): 10 log10(|ref|^2 / |ref - test|^2), ``inf`` when equal.
 - ``layer_sqnr(dense, variant, inputs)``: SQNR of every transformer block's output (forward hooks), dense vs
   variant run on the same model inputs (errors accumulate through depth, as in a real forward).
