@@ -52,6 +52,30 @@ def compile_command(
         console.print(f"block weights {reports()[-1].compression:.2f}x smaller than bf16")
 
 
+@app.command("eval")
+def eval_command(
+    out: Path = typer.Option(Path("fidelity"), help="where results.json, results.md and the plots go"),
+    variants: str = typer.Option("w4a8,sparse,naive,ssar1,ssar2,lowrank", help="ablation rows (testing/ablation.py)"),
+    plan: Optional[Path] = typer.Option(None, help="a calibrated plan for the msad / SSAR rows"),
+    density: float = typer.Option(0.15, help="attention density of the sparse rows without a plan"),
+    seeds: str = typer.Option("0,1,2,3", help="one video per seed"),
+    steps: Optional[int] = typer.Option(None, help="sampling steps (default: the reference model's)"),
+    device: str = typer.Option("cuda", help="cuda or cpu (cpu is slow: 16,384 tokens per video)"),
+) -> None:
+    """Dense vs compressed variants of the reference video DiT over whole sampling runs: PSNR, SSIM, layer SQNR."""
+    import torch
+
+    from .testing.ablation import ablation_variants
+    from .testing.fidelity import evaluate
+
+    chosen = ablation_variants(density, str(plan) if plan else None, tuple(v for v in variants.split(",") if v))
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    with torch.no_grad():
+        result = evaluate(chosen, out_dir=out, device=device, dtype=dtype,
+                          seeds=[int(s) for s in seeds.split(",")], num_steps=steps)
+    console.print(result.markdown())
+
+
 @app.command("inspect")
 def inspect_command(plan: Path = typer.Argument(..., help="a plan directory (plan.json + plan.safetensors)")) -> None:
     """Print a plan readably: model, schema, per-site settings."""
