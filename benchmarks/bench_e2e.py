@@ -150,14 +150,21 @@ def run_row(name: str, workload: dict[str, Any], device: str, dtype: torch.dtype
     else:
         model.compile_repeated_blocks(fullgraph=True)
         fn_model = model
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     with torch.no_grad():
         if runtime is not None:
             runtime.step(0)
         out = fn_model(**inputs)[0]
     compile_s = time.perf_counter() - start
+    note_parts = [note] if note else []
+    if runtime is not None:
+        freed = qs.release_dense_weights(fn_model)
+        note_parts.append(f"released {freed / 2**30:.2f} GiB of bf16 block weights")
+    note = "; ".join(note_parts)
+    if device == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     error = 0.0 if eager_out is None else float((out.float() - eager_out.float()).norm() / eager_out.float().norm())
     rows = []
 
@@ -186,7 +193,7 @@ def run_row(name: str, workload: dict[str, Any], device: str, dtype: torch.dtype
             row.block_weight_bytes = report.weight_bytes.get("qsparse")
         rows += [refresh, reuse, Row(f"qsparse ({SCHEDULE_STEPS}-step average)", average, compile_s,
                                      max(refresh.peak_gib, reuse.peak_gib), error, report.weight_bytes.get("qsparse"),
-                                     f"{schedule[0]} refresh + {schedule[1]} reuse steps")]
+                                     f"{schedule[0]} refresh + {schedule[1]} reuse steps; {note}")]
     if name != "qsparse":
         for row in rows:
             row.block_weight_bytes = weight_bytes(model)

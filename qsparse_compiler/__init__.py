@@ -8,7 +8,7 @@ the configs, and ``runtime`` (``ResidualCacheRuntime`` for bare models in a loop
 from . import runtime
 from .config import CacheConfig, QuantConfig, QuantSparseConfig, SparsityConfig
 from .plan import load_plan, save_plan
-from .runtime.pipeline import optimize, runtime_of
+from .runtime.pipeline import optimize, release_dense_weights, runtime_of
 from .runtime.residual_cache import ResidualCacheRuntime
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "ResidualCacheRuntime",
     "load_plan",
     "optimize",
+    "release_dense_weights",
     "runtime",
     "runtime_of",
     "save_plan",

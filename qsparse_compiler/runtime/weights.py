@@ -26,6 +26,7 @@ class _Entry:
     group_size: int
     scale_dtype: str
     packed: PackedInt4Weight
+    released: bool = False  # the dense parameter's storage was freed: it can never be re-packed
 
 
 class PackedWeightStore:
@@ -47,6 +48,12 @@ class PackedWeightStore:
             and entry.group_size == effective_group_size(param.shape[1], group_size)
         ):
             return entry.packed
+        if entry is not None and entry.released and entry.ref() is param:
+            raise RuntimeError(
+                f"qsparse_compiler.runtime: a linear weight {tuple(param.shape)} was released with "
+                "release_dense_weights() and cannot be re-packed (it changed, or another format was asked for); "
+                "reload the model"
+            )
         packed = quantize_weight_int4(param, group_size, scale_dtype)
         self._put(param, packed, scale_dtype)
         return packed
@@ -66,6 +73,24 @@ class PackedWeightStore:
                     del self._entries[key]
 
         return drop
+
+    def release_dense(self, model: torch.nn.Module) -> int:
+        """Free the storage of every parameter of ``model`` that has a packed copy; returns the bytes freed.
+
+        The tensors keep their shape, dtype and device (Dynamo's guards and the compiled graphs still see the same
+        parameters), but their data is gone: only compiled graphs that use the packed weights may run afterwards.
+        """
+        freed = 0
+        with self._lock:
+            for param in model.parameters():
+                entry = self._entries.get(id(param))
+                if entry is None or entry.ref() is not param or entry.released:
+                    continue
+                storage = param.untyped_storage()
+                freed += storage.nbytes()
+                storage.resize_(0)
+                entry.released = True
+        return freed
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -110,3 +110,16 @@ def test_weights_modified_in_place_are_repacked():
         after, expected = compiled(**inputs)[0], tiny.model(**inputs)[0]
     assert relative_error(after, before) > 1e-3
     assert relative_error(after, expected) < 0.15
+
+
+def test_release_dense_weights_keeps_the_compiled_model_running():
+    tiny, compiled = compile_tiny(TEST_OPTIONS, fullgraph=True)
+    inputs = tiny.make_inputs()
+    with torch.no_grad():
+        before = compiled(**inputs)[0]
+        freed = qs.release_dense_weights(compiled)
+        after = compiled(**inputs)[0]
+    weight = tiny.model.blocks[0].ffn.net[0].proj.weight
+    assert freed == sum(4 * p.numel() for n, p in tiny.model.named_parameters() if p.untyped_storage().nbytes() == 0)
+    assert freed > 0 and weight.untyped_storage().nbytes() == 0 and weight.shape == (128, 64)
+    assert torch.equal(before, after)
