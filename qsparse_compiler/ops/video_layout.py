@@ -16,11 +16,12 @@ from functools import lru_cache
 import torch
 
 from ..sparsity.layout import BlockSparseLayout, num_blocks
-from ..sparsity.patterns import TokenGrid, local_3d
+from ..sparsity.patterns import TokenGrid, local_3d, multi_diagonal, skip, vertical_stripe
 
 __all__ = ["video_block_layout", "build_video_layout"]
 
-_PATTERNS = {"local3d": local_3d}
+# Static patterns by spec string (sparsity/patterns.py documents each): pattern(grid, block_q, block_kv, density).
+_PATTERNS = {"local3d": local_3d, "multidiag": multi_diagonal, "stripe": vertical_stripe, "skip": skip}
 
 
 @lru_cache(maxsize=64)
