@@ -78,6 +78,7 @@ def _block_sparse_attention_fwd(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     UPCAST_DOT: tl.constexpr = False,  # interpreter only: its bf16 tl.dot is wrong (Triton 3.9), fp32 is right
+    WARP_SPECIALIZE: tl.constexpr = False,  # producer/consumer warps for the key loop where Triton supports it
 ):
     tl.static_assert(LAYOUT_BLOCK_Q % BLOCK_M == 0, "a kernel query tile must lie inside one layout query block")
     tl.static_assert(LAYOUT_BLOCK_KV % BLOCK_N == 0, "a kernel key tile must lie inside one layout key block")
@@ -106,7 +107,7 @@ def _block_sparse_attention_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(s - m_i)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    for j in range(0, num_listed * SUB):
+    for j in tl.range(0, num_listed * SUB, warp_specialize=WARP_SPECIALIZE):
         block = tl.load(idx_row + j // SUB)
         start_n = block * LAYOUT_BLOCK_KV + (j % SUB) * BLOCK_N
         cols = start_n + offs_n
@@ -272,7 +273,8 @@ def block_sparse_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q over k/v restricted to the layout's tiles; returns (out, lse). See the module docstring.
 
-    ``config``: pin a launch configuration ``{"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}`` instead of
+    ``config``: pin a launch configuration ``{"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}`` (optionally
+    ``"WARP_SPECIALIZE"``) instead of
     autotuning (on CPU/interpreter a fixed valid config is always used).
     """
     reason = unsupported_reason(q, k, v, kv_num_blocks, kv_indices, block_q, block_kv, key_padding_mask)
@@ -332,6 +334,7 @@ def block_sparse_attention(
         num_warps=config.get("num_warps", 4),
         num_stages=config.get("num_stages", 2),
         UPCAST_DOT=not q.is_cuda,
+        WARP_SPECIALIZE=config.get("WARP_SPECIALIZE", False),
         **meta,
     )
     return out, lse
