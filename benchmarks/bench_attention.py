@@ -174,15 +174,18 @@ def run_sweep(rec: Recorder, densities):
     b, h, d = cfg["b"], cfg["h"], cfg["d"]
     s = math.prod(cfg["grid"])
     q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    variants = [(128, 128, 8, 2), (128, 128, 8, 3), (128, 128, 4, 2), (128, 64, 4, 3), (128, 64, 8, 3),
-                (128, 64, 8, 4), (128, 64, 4, 4), (128, 32, 4, 4), (64, 64, 4, 3), (64, 128, 4, 2), (64, 64, 4, 4),
-                (128, 128, 4, 2, True), (128, 128, 8, 2, True), (128, 64, 4, 3, True), (128, 128, 4, 3, True)]
+    # (BLOCK_M, BLOCK_N, warps, stages, warp-specialize, TMA)
+    variants = [(128, 128, 8, 2, 0, 0), (128, 128, 8, 3, 0, 0), (128, 128, 4, 2, 0, 0), (128, 64, 4, 3, 0, 0),
+                (128, 64, 8, 3, 0, 0), (128, 64, 8, 4, 0, 0), (128, 64, 4, 4, 0, 0), (64, 64, 4, 3, 0, 0),
+                (64, 128, 4, 2, 0, 0), (128, 128, 8, 2, 0, 1), (128, 128, 8, 3, 0, 1), (128, 64, 8, 3, 0, 1),
+                (128, 64, 4, 3, 0, 1), (128, 128, 4, 2, 1, 0), (128, 128, 8, 2, 1, 0), (128, 64, 4, 3, 1, 1),
+                (128, 128, 8, 3, 1, 1)]
     for density in densities:
         bitmap = random_layout(b, h, s, density, "cuda")
         kv_num, kv_idx = bitmap_to_blocks(bitmap)
         ref = None
-        for bm, bn, w, st, *ws in variants:
-            c = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, WARP_SPECIALIZE=bool(ws and ws[0]))
+        for bm, bn, w, st, ws, tma in variants:
+            c = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, WARP_SPECIALIZE=bool(ws), USE_TMA=bool(tma))
             try:
                 fn = lambda: block_sparse_attention(q, k, v, kv_num, kv_idx, BLOCK, BLOCK, d**-0.5, config=c)  # noqa
                 out = fn()
@@ -226,10 +229,11 @@ def write_markdown(data: dict, path: Path) -> None:
         lines.append("")
     if data["sweep"]:
         lines += ["## Launch-config sweep (1x12x32,760x128, random layout)", "",
-                  "| density | BLOCK_M | BLOCK_N | warps | stages | warp-specialized | ms |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| density | BLOCK_M | BLOCK_N | warps | stages | warp-specialized | TMA | ms |",
+                  "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['density']} | {r['BLOCK_M']} | {r['BLOCK_N']} | {r['num_warps']} | {r['num_stages']} | "
-                  f"{r.get('WARP_SPECIALIZE', False)} | {r.get('ms', float('nan')):.3f} |" for r in data["sweep"]]
+                  f"{r.get('WARP_SPECIALIZE', False)} | {r.get('USE_TMA', False)} | {r.get('ms', float('nan')):.3f} |"
+                  for r in data["sweep"]]
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -40,6 +40,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 __all__ = ["block_sparse_attention", "unsupported_reason", "CONFIGS", "keep_config", "SUPPORTED_HEAD_DIMS"]
 
@@ -60,6 +61,7 @@ def _round_to_bf16_grid(x):
 @triton.jit
 def _block_sparse_attention_fwd(
     Q, K, V, Out, Lse, KvNum, KvIdx, Mask,
+    K_desc, V_desc,  # TMA descriptors of K and V, block [1, 1, BLOCK_N, HEAD_DIM] (read only when USE_TMA)
     qk_scale_log2,  # softmax scale * log2(e)
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
@@ -79,6 +81,7 @@ def _block_sparse_attention_fwd(
     BLOCK_N: tl.constexpr,
     UPCAST_DOT: tl.constexpr = False,  # interpreter only: its bf16 tl.dot is wrong (Triton 3.9), fp32 is right
     WARP_SPECIALIZE: tl.constexpr = False,  # producer/consumer warps for the key loop where Triton supports it
+    USE_TMA: tl.constexpr = False,  # K/V tiles through the tensor-memory accelerator (zero-filled past Skv)
 ):
     tl.static_assert(LAYOUT_BLOCK_Q % BLOCK_M == 0, "a kernel query tile must lie inside one layout query block")
     tl.static_assert(LAYOUT_BLOCK_KV % BLOCK_N == 0, "a kernel key tile must lie inside one layout key block")
@@ -100,8 +103,9 @@ def _block_sparse_attention_fwd(
     offs_d = tl.arange(0, HEAD_DIM)
     q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
     q = tl.load(q_ptrs, mask=offs_m[:, None] < SEQ_Q, other=0.0)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+    if not USE_TMA:
+        k_base = K + b * stride_kb + h * stride_kh
+        v_base = V + b * stride_vb + h * stride_vh
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max, log2 units
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(s - m_i)
@@ -113,7 +117,9 @@ def _block_sparse_attention_fwd(
         cols = start_n + offs_n
         in_bounds = cols < SEQ_KV
         # K is read transposed ([D, BLOCK_N]) so the dot is a plain (M, D) x (D, N).
-        if EVEN_KV:
+        if USE_TMA:
+            k = tl.trans(K_desc.load([b, h, start_n, 0]).reshape(BLOCK_N, HEAD_DIM))
+        elif EVEN_KV:
             k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None])
         else:
             k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=in_bounds[None, :], other=0.0)
@@ -132,7 +138,9 @@ def _block_sparse_attention_fwd(
         p = tl.math.exp2(qk * qk_scale_log2 - m_sub[:, None])
         alpha = tl.math.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if EVEN_KV:
+        if USE_TMA:
+            v = V_desc.load([b, h, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+        elif EVEN_KV:
             v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :])
         else:
             v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=in_bounds[:, None], other=0.0)
@@ -158,8 +166,16 @@ def _block_sparse_attention_fwd(
 
 # ---- tuning data --------------------------------------------------------------------------------------------------
 
+
+def _size_descriptors(nargs) -> None:
+    """Autotune pre-hook: the TMA block is [1, 1, BLOCK_N, HEAD_DIM] of the config being run."""
+    block = [1, 1, nargs["BLOCK_N"], nargs["HEAD_DIM"]]
+    nargs["K_desc"].block_shape = block
+    nargs["V_desc"].block_shape = block
+
+
 CONFIGS: list[triton.Config] = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=_size_descriptors)
     for bm, bn, w, s in [
         (128, 128, 8, 2),
         (128, 128, 8, 3),
@@ -274,7 +290,7 @@ def block_sparse_attention(
     """Attention of q over k/v restricted to the layout's tiles; returns (out, lse). See the module docstring.
 
     ``config``: pin a launch configuration ``{"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}`` (optionally
-    ``"WARP_SPECIALIZE"``) instead of
+    ``"WARP_SPECIALIZE"``, ``"USE_TMA"``) instead of
     autotuning (on CPU/interpreter a fixed valid config is always used).
     """
     reason = unsupported_reason(q, k, v, kv_num_blocks, kv_indices, block_q, block_kv, key_padding_mask)
@@ -295,8 +311,16 @@ def block_sparse_attention(
         mask_args = (mask, _bcast_stride(mask, 0), mask.stride(3))
     else:
         mask_args = (kv_num_blocks, 0, 0)  # never read (HAS_MASK=False); any tensor fills the slot
+    if config is None and not q.is_cuda:
+        config = default_config(d, block_q, block_kv)
+    # Host-side TMA descriptors (plain Python objects: no device work). Under autotuning the pre-hook resizes their
+    # block to the config being run.
+    bn = config["BLOCK_N"] if config is not None else 64
+    k_desc = TensorDescriptor(k, list(k.shape), list(k.stride()), [1, 1, bn, d])
+    v_desc = TensorDescriptor(v, list(v.shape), list(v.stride()), [1, 1, bn, d])
     args = (
         q, k, v, out, lse, kv_num_blocks, kv_indices, mask_args[0],
+        k_desc, v_desc,
         float(scale) * _LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -323,9 +347,7 @@ def block_sparse_attention(
         # 128 is a multiple of every config's BLOCK_N.
         _autotuned[grid](*args, EVEN_KV=skv % 128 == 0, **meta)
         return out, lse
-    if config is None:
-        config = default_config(d, block_q, block_kv)
-    bm, bn = config["BLOCK_M"], config["BLOCK_N"]
+    bm = config["BLOCK_M"]
     _block_sparse_attention_fwd[grid(config)](
         *args,
         EVEN_KV=skv % bn == 0,
@@ -335,6 +357,7 @@ def block_sparse_attention(
         num_stages=config.get("num_stages", 2),
         UPCAST_DOT=not q.is_cuda,
         WARP_SPECIALIZE=config.get("WARP_SPECIALIZE", False),
+        USE_TMA=config.get("USE_TMA", False),
         **meta,
     )
     return out, lse

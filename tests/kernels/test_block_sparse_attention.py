@@ -98,6 +98,15 @@ def test_head_dim_128_and_kernel_tiles_smaller_than_layout_blocks():
     _check_against_references(q, k, v, layout, 1 / math.sqrt(d), config={"BLOCK_M": 32, "BLOCK_N": 32})
 
 
+@pytest.mark.parametrize("tma", [False, True])
+def test_tma_and_pointer_paths_agree_on_tails(tma):
+    b, h, s, d = 1, 2, 83, 64
+    q, k, v = _qkv(b, h, s, s, d, torch.bfloat16)
+    layout = _random_layout(b, h, s, s, 32, 32, density=0.6, empty_rows=0.2)
+    cfg = {"BLOCK_M": 32, "BLOCK_N": 16, "USE_TMA": tma}  # two TMA tiles per key block; the last one past Skv
+    _check_against_references(q, k, v, layout, 1 / math.sqrt(d), config=cfg)
+
+
 def test_non_contiguous_bshd_views_need_no_copy():
     b, s, h, d = 1, 48, 2, 64
     base = [torch.randn(b, s, h, d).to(DEVICE, torch.bfloat16) for _ in range(3)]
@@ -158,8 +167,9 @@ def test_gpu_every_config_is_correct():
     q, k, v = _qkv(b, h, s, s, d, torch.bfloat16)
     layout = _random_layout(b, h, s, s, 128, 128, density=0.4, empty_rows=0.1)
     for c in CONFIGS:
-        cfg = {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
-        _check_against_references(q, k, v, layout, 1 / math.sqrt(d), config=cfg)
+        for tma in (False, True):
+            cfg = {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages, "USE_TMA": tma}
+            _check_against_references(q, k, v, layout, 1 / math.sqrt(d), config=cfg)
 
 
 @pytest.mark.gpu
