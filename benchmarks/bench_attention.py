@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if "--smoke" in sys.argv:
+    os.environ["TRITON_INTERPRET"] = "1"  # must be set before triton.jit decorates the kernels (import time)
 
 from qsparse_compiler.kernels.block_sparse_attention import CONFIGS, block_sparse_attention  # noqa: E402
 from qsparse_compiler.sparsity.layout import bitmap_to_blocks, num_blocks  # noqa: E402
@@ -41,10 +43,18 @@ SHAPES = {
     "wan1.3b-720p": dict(b=1, h=12, grid=(21, 45, 80), d=128),
     "14b-480p": dict(b=1, h=40, grid=(21, 30, 52), d=128),
 }
+SMOKE_SHAPE = dict(b=1, h=2, grid=(3, 7, 13), d=16)  # 273 tokens: tails in 128-token blocks
 BLOCK = 128
 
 
+SMOKE = False  # --smoke: tiny shapes on CPU under TRITON_INTERPRET=1, to check this script before a GPU run
+
+
 def bench(fn, warmup=25, rep=100) -> float:
+    if SMOKE:
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
     import triton.testing
 
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
@@ -108,7 +118,7 @@ def run_shape(name, cfg, densities, patterns, rec: Recorder, flex_fn, with_flex=
     b, h, d = cfg["b"], cfg["h"], cfg["d"]
     frames, height, width = cfg["grid"]
     s = frames * height * width
-    dev = "cuda"
+    dev = "cpu" if SMOKE else "cuda"
     scale = 1 / math.sqrt(d)
     q, k, v = (torch.randn(b, h, s, d, device=dev, dtype=torch.bfloat16) for _ in range(3))
     shape = f"{b}x{h}x{s}x{d}"
@@ -116,7 +126,7 @@ def run_shape(name, cfg, densities, patterns, rec: Recorder, flex_fn, with_flex=
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     def sdpa():
-        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        with sdpa_kernel([SDPBackend.MATH if SMOKE else SDPBackend.FLASH_ATTENTION]):
             return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
     sdpa_out = sdpa()
@@ -170,10 +180,11 @@ def run_shape(name, cfg, densities, patterns, rec: Recorder, flex_fn, with_flex=
 
 
 def run_sweep(rec: Recorder, densities):
-    cfg = SHAPES["wan1.3b-480p"]
+    cfg = SMOKE_SHAPE if SMOKE else SHAPES["wan1.3b-480p"]
     b, h, d = cfg["b"], cfg["h"], cfg["d"]
     s = math.prod(cfg["grid"])
-    q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    dev = "cpu" if SMOKE else "cuda"
+    q, k, v = (torch.randn(b, h, s, d, device=dev, dtype=torch.bfloat16) for _ in range(3))
     # (BLOCK_M, BLOCK_N, warps, stages, warp-specialize, TMA)
     variants = [(128, 128, 8, 2, 0, 0), (128, 128, 8, 3, 0, 0), (128, 128, 4, 2, 0, 0), (128, 64, 4, 3, 0, 0),
                 (128, 64, 8, 3, 0, 0), (128, 64, 8, 4, 0, 0), (128, 64, 4, 4, 0, 0), (64, 64, 4, 3, 0, 0),
@@ -181,13 +192,15 @@ def run_sweep(rec: Recorder, densities):
                 (128, 64, 4, 3, 0, 1), (128, 128, 4, 2, 1, 0), (128, 128, 8, 2, 1, 0), (128, 64, 4, 3, 1, 1),
                 (128, 128, 8, 3, 1, 1)]
     for density in densities:
-        bitmap = random_layout(b, h, s, density, "cuda")
+        bitmap = random_layout(b, h, s, density, dev)
         kv_num, kv_idx = bitmap_to_blocks(bitmap)
         ref = None
         for bm, bn, w, st, ws, tma in variants:
             c = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, WARP_SPECIALIZE=bool(ws), USE_TMA=bool(tma))
             try:
-                fn = lambda: block_sparse_attention(q, k, v, kv_num, kv_idx, BLOCK, BLOCK, d**-0.5, config=c)  # noqa
+                if SMOKE and (c["BLOCK_M"] > 32 or c["BLOCK_N"] > 32 or c["WARP_SPECIALIZE"]):
+                    c = dict(c, BLOCK_M=32, BLOCK_N=32, WARP_SPECIALIZE=False)  # keep the interpreter quick
+                fn = lambda: block_sparse_attention(q, k, v, kv_num, kv_idx, BLOCK, BLOCK, d**-0.5, config=c)[0]  # noqa
                 out = fn()
                 ref = out if ref is None else ref
                 t = bench(fn)
@@ -245,14 +258,21 @@ def main() -> None:
     parser.add_argument("--patterns", nargs="*", default=["random", "local3d"])
     parser.add_argument("--sweep", action="store_true", help="launch-config sweep instead of the comparison")
     parser.add_argument("--no-flex", action="store_true")
+    parser.add_argument("--smoke", action="store_true", help="tiny CPU run under TRITON_INTERPRET=1 (checks the script)")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_attention: needs a CUDA GPU (run it on the device machine)")
+    global SMOKE
+    SMOKE = args.smoke
+    if SMOKE:
+        SHAPES.clear()
+        SHAPES["smoke"] = SMOKE_SHAPE
+        args.shapes = ["smoke"]
+    elif not torch.cuda.is_available():
+        raise SystemExit("bench_attention: needs a CUDA GPU (run it on the device machine), or pass --smoke")
     import triton
 
     meta = dict(
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        gpu=torch.cuda.get_device_name(),
+        gpu="cpu (smoke)" if SMOKE else torch.cuda.get_device_name(),
         torch=torch.__version__,
         triton=triton.__version__,
         python=platform.python_version(),
@@ -265,7 +285,7 @@ def main() -> None:
     else:
         from torch.nn.attention.flex_attention import flex_attention
 
-        flex_fn = torch.compile(flex_attention, dynamic=False)
+        flex_fn = flex_attention if SMOKE else torch.compile(flex_attention, dynamic=False)
         for name in args.shapes:
             run_shape(name, SHAPES[name], args.densities, args.patterns, rec, flex_fn, not args.no_flex)
             torch.cuda.empty_cache()

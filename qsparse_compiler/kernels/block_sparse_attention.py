@@ -204,11 +204,8 @@ def keep_config(config: triton.Config, head_dim: int, block_q: int, block_kv: in
 
 
 def _prune(configs, named_args, **kwargs):
-    kept = [
-        c
-        for c in configs
-        if keep_config(c, named_args["HEAD_DIM"], named_args["LAYOUT_BLOCK_Q"], named_args["LAYOUT_BLOCK_KV"])
-    ]
+    args = {**named_args, **kwargs}  # constexprs passed by keyword arrive in kwargs
+    kept = [c for c in configs if keep_config(c, args["HEAD_DIM"], args["LAYOUT_BLOCK_Q"], args["LAYOUT_BLOCK_KV"])]
     return kept or configs[-1:]
 
 
