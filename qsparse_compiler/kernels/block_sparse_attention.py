@@ -82,7 +82,10 @@ def _block_sparse_attention_fwd(
     UPCAST_DOT: tl.constexpr = False,  # interpreter only: its bf16 tl.dot is wrong (Triton 3.9), fp32 is right
     WARP_SPECIALIZE: tl.constexpr = False,  # producer/consumer warps for the key loop where Triton supports it
     USE_TMA: tl.constexpr = False,  # K/V tiles through the tensor-memory accelerator (zero-filled past Skv)
+    TAIL_BRANCH: tl.constexpr = False,  # mask key tails under a scalar branch (see the loop)
+    TMA_OK: tl.constexpr = False,  # K_desc/V_desc are real descriptors (an autotune key: prunes TMA configs)
 ):
+    tl.static_assert(TMA_OK or not USE_TMA, "USE_TMA needs TMA descriptors of K and V")
     tl.static_assert(LAYOUT_BLOCK_Q % BLOCK_M == 0, "a kernel query tile must lie inside one layout query block")
     tl.static_assert(LAYOUT_BLOCK_KV % BLOCK_N == 0, "a kernel key tile must lie inside one layout key block")
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and HEAD_DIM >= 16, "tl.dot needs every dim >= 16")
@@ -131,7 +134,13 @@ def _block_sparse_attention_fwd(
             attend = tl.load(Mask + b * stride_mb + cols * stride_mn, mask=in_bounds, other=0) != 0
             qk += tl.where(attend, 0.0, float("-inf"))[None, :]
         elif not EVEN_KV:
-            qk += tl.where(in_bounds, 0.0, float("-inf"))[None, :]
+            if TAIL_BRANCH:
+                # Only the sequence's last key block has a tail: branch on a scalar instead of adding a bias to
+                # every score of every tile.
+                if start_n + BLOCK_N > SEQ_KV:
+                    qk += tl.where(in_bounds, 0.0, float("-inf"))[None, :]
+            else:
+                qk += tl.where(in_bounds, 0.0, float("-inf"))[None, :]
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale_log2)
         # A row that has seen only masked keys keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -170,24 +179,43 @@ def _block_sparse_attention_fwd(
 def _size_descriptors(nargs) -> None:
     """Autotune pre-hook: the TMA block is [1, 1, BLOCK_N, HEAD_DIM] of the config being run."""
     block = [1, 1, nargs["BLOCK_N"], nargs["HEAD_DIM"]]
-    nargs["K_desc"].block_shape = block
-    nargs["V_desc"].block_shape = block
+    for name in ("K_desc", "V_desc"):
+        if isinstance(nargs[name], TensorDescriptor):  # else TMA configs were pruned (unaligned tensors)
+            nargs[name].block_shape = block
 
 
+def _config(bm: int, bn: int, warps: int, stages: int, tma: bool = False, tail_branch: bool = False) -> triton.Config:
+    return triton.Config(
+        {"BLOCK_M": bm, "BLOCK_N": bn, "USE_TMA": tma, "TAIL_BRANCH": tail_branch},
+        num_warps=warps,
+        num_stages=stages,
+        pre_hook=_size_descriptors,
+    )
+
+
+# Measured on the H100 (2026-11-25, torch 2.11, triton 3.6; 1x12x32,760x128, 128x128 layout blocks, random layout,
+# ms at 15% / 100% density): TMA 128x64 4 warps 3 stages 2.00 / 13.7; TMA 128x128 8w 2s 2.18 / 15.4; pointer
+# loads 128x64 4w 3s 2.28 / 14.9; 128x128 8w 3s 2.23 / 15.7; 128x64 8w 2.47 / 18.6; 128x128 4w 5.3 / 36 (spills);
+# warp specialization does not compile for this loop on Hopper with triton 3.6. The autotuner picks among these.
 CONFIGS: list[triton.Config] = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=_size_descriptors)
-    for bm, bn, w, s in [
-        (128, 128, 8, 2),
-        (128, 128, 8, 3),
-        (128, 64, 4, 3),
-        (128, 64, 8, 3),
-        (128, 64, 8, 4),
-        (64, 64, 4, 3),
-        (64, 32, 4, 2),
-        (32, 32, 4, 2),
-        (16, 16, 4, 1),  # tiny layout blocks (tests, interpreter)
-    ]
+    _config(128, 64, 4, 3, tma=True),
+    _config(128, 64, 4, 3, tma=True, tail_branch=True),
+    _config(128, 64, 4, 4, tma=True),
+    _config(128, 128, 8, 2, tma=True),
+    _config(128, 64, 4, 3),
+    _config(128, 128, 8, 3),
+    _config(64, 64, 4, 3, tma=True),
+    _config(64, 64, 4, 3),
+    _config(64, 32, 4, 2),
+    _config(32, 32, 4, 2),
+    _config(16, 16, 4, 1),  # tiny layout blocks (tests, interpreter)
 ]
+
+
+def _tma_ok(t: torch.Tensor) -> bool:
+    """The TMA unit needs a 16-byte aligned base and 16-byte multiples for every stride but the last."""
+    size = t.element_size()
+    return t.data_ptr() % 16 == 0 and all((st * size) % 16 == 0 for st in t.stride()[:-1]) and t.stride(-1) == 1
 
 
 def keep_config(config: triton.Config, head_dim: int, block_q: int, block_kv: int) -> bool:
@@ -206,12 +234,14 @@ def keep_config(config: triton.Config, head_dim: int, block_q: int, block_kv: in
 def _prune(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}  # constexprs passed by keyword arrive in kwargs
     kept = [c for c in configs if keep_config(c, args["HEAD_DIM"], args["LAYOUT_BLOCK_Q"], args["LAYOUT_BLOCK_KV"])]
-    return kept or configs[-1:]
+    if not args["TMA_OK"]:
+        kept = [c for c in kept if not c.kwargs["USE_TMA"]]
+    return kept or [_config(16, 16, 4, 1)]
 
 
 _autotuned = triton.autotune(
     configs=CONFIGS,
-    key=["HEAD_DIM", "LAYOUT_BLOCK_Q", "LAYOUT_BLOCK_KV", "HAS_MASK", "EVEN_KV"],
+    key=["HEAD_DIM", "LAYOUT_BLOCK_Q", "LAYOUT_BLOCK_KV", "HAS_MASK", "EVEN_KV", "TMA_OK"],
     prune_configs_by={"early_config_prune": _prune},
 )(_block_sparse_attention_fwd)
 
@@ -287,7 +317,7 @@ def block_sparse_attention(
     """Attention of q over k/v restricted to the layout's tiles; returns (out, lse). See the module docstring.
 
     ``config``: pin a launch configuration ``{"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}`` (optionally
-    ``"WARP_SPECIALIZE"``, ``"USE_TMA"``) instead of
+    ``"WARP_SPECIALIZE"``, ``"USE_TMA"``, ``"TAIL_BRANCH"``) instead of
     autotuning (on CPU/interpreter a fixed valid config is always used).
     """
     reason = unsupported_reason(q, k, v, kv_num_blocks, kv_indices, block_q, block_kv, key_padding_mask)
@@ -313,8 +343,17 @@ def block_sparse_attention(
     # Host-side TMA descriptors (plain Python objects: no device work). Under autotuning the pre-hook resizes their
     # block to the config being run.
     bn = config["BLOCK_N"] if config is not None else 64
-    k_desc = TensorDescriptor(k, list(k.shape), list(k.stride()), [1, 1, bn, d])
-    v_desc = TensorDescriptor(v, list(v.shape), list(v.stride()), [1, 1, bn, d])
+    tma_ok = _tma_ok(k) and _tma_ok(v)
+    if tma_ok:
+        k_desc = TensorDescriptor(k, list(k.shape), list(k.stride()), [1, 1, bn, d])
+        v_desc = TensorDescriptor(v, list(v.shape), list(v.stride()), [1, 1, bn, d])
+    else:  # the slots get plain tensors; TMA configs are pruned / refused
+        if config is not None and config.get("USE_TMA"):
+            raise ValueError(
+                "qsparse_compiler.kernels.block_sparse_attention: config USE_TMA=True needs k and v with a 16-byte "
+                f"aligned base and strides; got strides {k.stride()} / {v.stride()}: pass a config without USE_TMA"
+            )
+        k_desc, v_desc = k, v
     args = (
         q, k, v, out, lse, kv_num_blocks, kv_indices, mask_args[0],
         k_desc, v_desc,
@@ -334,6 +373,7 @@ def block_sparse_attention(
         LAYOUT_BLOCK_Q=block_q,
         LAYOUT_BLOCK_KV=block_kv,
         HAS_MASK=key_padding_mask is not None,
+        TMA_OK=tma_ok,
     )
 
     def grid(m):
@@ -355,6 +395,7 @@ def block_sparse_attention(
         UPCAST_DOT=not q.is_cuda,
         WARP_SPECIALIZE=config.get("WARP_SPECIALIZE", False),
         USE_TMA=config.get("USE_TMA", False),
+        TAIL_BRANCH=config.get("TAIL_BRANCH", False),
         **meta,
     )
     return out, lse
@@ -365,5 +406,4 @@ def default_config(head_dim: int, block_q: int, block_kv: int) -> dict:
     for c in CONFIGS:
         if keep_config(c, head_dim, block_q, block_kv):
             return {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
-    bm, bn = min(block_q, 128), min(block_kv, 64)
-    return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": 4, "num_stages": 2}
+    return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}

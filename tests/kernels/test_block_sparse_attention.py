@@ -98,13 +98,25 @@ def test_head_dim_128_and_kernel_tiles_smaller_than_layout_blocks():
     _check_against_references(q, k, v, layout, 1 / math.sqrt(d), config={"BLOCK_M": 32, "BLOCK_N": 32})
 
 
-@pytest.mark.parametrize("tma", [False, True])
-def test_tma_and_pointer_paths_agree_on_tails(tma):
+@pytest.mark.parametrize("tma, tail_branch", [(False, False), (True, False), (True, True), (False, True)])
+def test_tma_pointer_and_tail_branch_paths_on_tails(tma, tail_branch):
     b, h, s, d = 1, 2, 83, 64
     q, k, v = _qkv(b, h, s, s, d, torch.bfloat16)
     layout = _random_layout(b, h, s, s, 32, 32, density=0.6, empty_rows=0.2)
-    cfg = {"BLOCK_M": 32, "BLOCK_N": 16, "USE_TMA": tma}  # two TMA tiles per key block; the last one past Skv
+    # Two kernel tiles per key block; in the last block one is partly and one wholly past Skv.
+    cfg = {"BLOCK_M": 32, "BLOCK_N": 16, "USE_TMA": tma, "TAIL_BRANCH": tail_branch}
     _check_against_references(q, k, v, layout, 1 / math.sqrt(d), config=cfg)
+
+
+def test_unaligned_tensors_fall_back_from_tma():
+    b, h, s, d = 1, 1, 40, 16
+    storage = torch.randn(3, b * h * s * d + 1).to(DEVICE, torch.bfloat16)
+    q, k, v = (row[1:].view(b, h, s, d) for row in storage)  # base 2 bytes past alignment: no TMA possible
+    layout = _random_layout(b, h, s, s, 16, 16, density=0.7)
+    _check_against_references(q, k, v, layout, 0.25)
+    with pytest.raises(ValueError, match="USE_TMA"):
+        block_sparse_attention(q, k, v, layout.kv_num_blocks.to(DEVICE), layout.kv_indices.to(DEVICE), 16, 16, 0.25,
+                               config={"BLOCK_M": 16, "BLOCK_N": 16, "USE_TMA": True})
 
 
 def test_non_contiguous_bshd_views_need_no_copy():
@@ -166,10 +178,9 @@ def test_gpu_every_config_is_correct():
     b, h, s, d = 1, 2, 1000, 128
     q, k, v = _qkv(b, h, s, s, d, torch.bfloat16)
     layout = _random_layout(b, h, s, s, 128, 128, density=0.4, empty_rows=0.1)
-    for c in CONFIGS:
-        for tma in (False, True):
-            cfg = {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages, "USE_TMA": tma}
-            _check_against_references(q, k, v, layout, 1 / math.sqrt(d), config=cfg)
+    for c in CONFIGS:  # TMA and pointer-load configs alike, tail branch included
+        cfg = {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+        _check_against_references(q, k, v, layout, 1 / math.sqrt(d), config=cfg)
 
 
 @pytest.mark.gpu
