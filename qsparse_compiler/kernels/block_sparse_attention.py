@@ -83,6 +83,7 @@ def _block_sparse_attention_fwd(
     WARP_SPECIALIZE: tl.constexpr = False,  # producer/consumer warps for the key loop where Triton supports it
     USE_TMA: tl.constexpr = False,  # K/V tiles through the tensor-memory accelerator (zero-filled past Skv)
     TAIL_BRANCH: tl.constexpr = False,  # mask key tails under a scalar branch (see the loop)
+    LAZY_RESCALE: tl.constexpr = False,  # rescale acc only when a row max grew by > 2^8 (see the loop)
     TMA_OK: tl.constexpr = False,  # K_desc/V_desc are real descriptors (an autotune key: prunes TMA configs)
 ):
     tl.static_assert(TMA_OK or not USE_TMA, "USE_TMA needs TMA descriptors of K and V")
@@ -142,25 +143,40 @@ def _block_sparse_attention_fwd(
             else:
                 qk += tl.where(in_bounds, 0.0, float("-inf"))[None, :]
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale_log2)
-        # A row that has seen only masked keys keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk * qk_scale_log2 - m_sub[:, None])
-        alpha = tl.math.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        if LAZY_RESCALE:
+            # FlashAttention-4's trick: keep the stale running max (and skip rescaling acc, a [BLOCK_M, D] multiply)
+            # unless some row's max grew by more than 2^8; p = exp2(s - m_stale) <= 256 stays exact enough in
+            # fp32/bf16, and acc and l share the stale max, so out = acc / l is unchanged.
+            # Rows with m_i = -inf: growth is huge if they now see a key, -inf (no growth) if they still see none.
+            growth = m_new - tl.maximum(m_i, -1.0e30)
+            if tl.max(growth, 0) > 8.0:
+                alpha = tl.math.exp2(m_i - tl.where(m_new == float("-inf"), 0.0, m_new))
+                acc = acc * alpha[:, None]
+                l_i = l_i * alpha
+                m_i = m_new
+            m_sub = tl.where(m_i == float("-inf"), 0.0, m_i)
+            p = tl.math.exp2(qk * qk_scale_log2 - m_sub[:, None])
+            l_i = l_i + tl.sum(p, 1)
+        else:
+            # A row that has seen only masked keys keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(qk * qk_scale_log2 - m_sub[:, None])
+            alpha = tl.math.exp2(m_i - m_sub)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            m_i = m_new
         if USE_TMA:
             v = V_desc.load([b, h, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
         elif EVEN_KV:
             v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :])
         else:
             v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=in_bounds[:, None], other=0.0)
-        acc = acc * alpha[:, None]
         if UPCAST_DOT:
             if v.dtype == tl.bfloat16:
                 p = _round_to_bf16_grid(p)
             acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc)
         else:
             acc = tl.dot(p.to(v.dtype), v, acc)
-        m_i = m_new
 
     attended = l_i > 0.0
     out = acc / tl.where(attended, l_i, 1.0)[:, None]  # empty rows: acc = 0, so out = 0
@@ -184,9 +200,11 @@ def _size_descriptors(nargs) -> None:
             nargs[name].block_shape = block
 
 
-def _config(bm: int, bn: int, warps: int, stages: int, tma: bool = False, tail_branch: bool = False) -> triton.Config:
+def _config(
+    bm: int, bn: int, warps: int, stages: int, tma: bool = False, tail_branch: bool = False, lazy: bool = False
+) -> triton.Config:
     return triton.Config(
-        {"BLOCK_M": bm, "BLOCK_N": bn, "USE_TMA": tma, "TAIL_BRANCH": tail_branch},
+        {"BLOCK_M": bm, "BLOCK_N": bn, "USE_TMA": tma, "TAIL_BRANCH": tail_branch, "LAZY_RESCALE": lazy},
         num_warps=warps,
         num_stages=stages,
         pre_hook=_size_descriptors,
@@ -200,8 +218,12 @@ def _config(bm: int, bn: int, warps: int, stages: int, tma: bool = False, tail_b
 CONFIGS: list[triton.Config] = [
     _config(128, 64, 4, 3, tma=True),
     _config(128, 64, 4, 3, tma=True, tail_branch=True),
+    _config(128, 64, 4, 3, tma=True, lazy=True),
+    _config(128, 64, 4, 3, tma=True, tail_branch=True, lazy=True),
     _config(128, 64, 4, 4, tma=True),
+    _config(128, 64, 4, 2, tma=True),
     _config(128, 128, 8, 2, tma=True),
+    _config(128, 128, 4, 3, tma=True),  # D <= 64 only (keep_config): fits the registers there
     _config(128, 64, 4, 3),
     _config(128, 128, 8, 3),
     _config(64, 64, 4, 3, tma=True),
@@ -220,13 +242,13 @@ def _tma_ok(t: torch.Tensor) -> bool:
 
 def keep_config(config: triton.Config, head_dim: int, block_q: int, block_kv: int) -> bool:
     """A config fits when its tiles nest inside the layout's blocks; prefer the largest query tile that does
-    (BLOCK_M=128 on 128-token blocks) and keep 128x128 tiles with 8 warps only for D <= 128 (registers)."""
+    (BLOCK_M=128 on 128-token blocks); 128x128 tiles with 4 warps only for D <= 64 (registers)."""
     bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
     if block_q % bm or block_kv % bn:
         return False
     if bm != min(block_q, 128):
         return False
-    if bn == 128 and config.num_warps < 8:
+    if bn == 128 and config.num_warps < 8 and head_dim > 64:  # 128x128 fp32 scores + acc spill with 4 warps
         return False
     return head_dim <= 128
 
@@ -317,7 +339,7 @@ def block_sparse_attention(
     """Attention of q over k/v restricted to the layout's tiles; returns (out, lse). See the module docstring.
 
     ``config``: pin a launch configuration ``{"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}`` (optionally
-    ``"WARP_SPECIALIZE"``, ``"USE_TMA"``, ``"TAIL_BRANCH"``) instead of
+    ``"WARP_SPECIALIZE"``, ``"USE_TMA"``, ``"TAIL_BRANCH"``, ``"LAZY_RESCALE"``) instead of
     autotuning (on CPU/interpreter a fixed valid config is always used).
     """
     reason = unsupported_reason(q, k, v, kv_num_blocks, kv_indices, block_q, block_kv, key_padding_mask)
@@ -396,6 +418,7 @@ def block_sparse_attention(
         WARP_SPECIALIZE=config.get("WARP_SPECIALIZE", False),
         USE_TMA=config.get("USE_TMA", False),
         TAIL_BRANCH=config.get("TAIL_BRANCH", False),
+        LAZY_RESCALE=config.get("LAZY_RESCALE", False),
         **meta,
     )
     return out, lse

@@ -19,6 +19,7 @@ compiled graph every step. The counts are Python ints computed from shapes.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from typing import Optional
 
 import torch
@@ -85,21 +86,31 @@ def dynamic_topk_blocks(
             f"qsparse_compiler.sparsity.dynamic_topk_blocks: scores {tuple(scores.shape)} do not match "
             f"QB={qb}, KVB={kvb} for q_len={q_len}, kv_len={kv_len}, blocks {block_q}x{block_kv}"
         )
-    diag = diagonal_tiles(q_len, kv_len, block_q, block_kv).to(scores.device)
+    # The diagonal is built on the scores' device (no copy from the host); its counts come from the host's copy,
+    # so no value is read back from the device.
+    diag = diagonal_tiles(q_len, kv_len, block_q, block_kv, device=scores.device)
+    diag_per_row, diag_total = _diagonal_counts(q_len, kv_len, block_q, block_kv)
     # Probabilities lie in [0, 1]: adding 2 ranks every diagonal tile above every other tile.
     ranked = scores + 2.0 * diag
     b, h = scores.shape[:2]
     if mode == "row":
-        keep = min(kvb, max(int(diag.sum(-1).max()), math.floor(density * kvb)))
+        keep = min(kvb, max(diag_per_row, math.floor(density * kvb)))
         chosen = ranked.topk(keep, dim=-1, sorted=False).indices.sort(dim=-1).values.to(torch.int32)
         kv_indices = torch.zeros((b, h, qb, kvb), dtype=torch.int32, device=scores.device)
         kv_indices[..., :keep] = chosen
         kv_num_blocks = torch.full((b, h, qb), keep, dtype=torch.int32, device=scores.device)
         return kv_num_blocks, kv_indices
-    keep = min(qb * kvb, max(int(diag.sum()), math.floor(density * qb * kvb)))
+    keep = min(qb * kvb, max(diag_total, math.floor(density * qb * kvb)))
     chosen = ranked.flatten(2).topk(keep, dim=-1, sorted=False).indices
     bitmap = torch.zeros((b, h, qb * kvb), dtype=torch.bool, device=scores.device).scatter_(-1, chosen, True)
     return bitmap_to_blocks(bitmap.view(b, h, qb, kvb))
+
+
+@lru_cache(maxsize=64)
+def _diagonal_counts(q_len: int, kv_len: int, block_q: int, block_kv: int) -> tuple[int, int]:
+    """(most diagonal tiles in one row, all diagonal tiles), computed on the host once per geometry."""
+    diag = diagonal_tiles(q_len, kv_len, block_q, block_kv)
+    return int(diag.sum(-1).max()), int(diag.sum())
 
 
 def dynamic_topk_layout(

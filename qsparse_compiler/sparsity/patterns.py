@@ -79,16 +79,17 @@ def _check_density(where: str, density: float) -> None:
         raise ValueError(f"qsparse_compiler.sparsity.{where}: density={density} must be in (0, 1]")
 
 
-def _block_ranges(length: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    first = torch.arange(num_blocks(length, block)) * block
+def _block_ranges(length: int, block: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    first = torch.arange(num_blocks(length, block), device=device) * block
     return first, torch.clamp(first + block, max=length) - 1
 
 
-def diagonal_tiles(q_len: int, kv_len: int, block_q: int, block_kv: int) -> torch.Tensor:
+def diagonal_tiles(q_len: int, kv_len: int, block_q: int, block_kv: int, device=None) -> torch.Tensor:
     """bool [QB, KVB]: tiles whose key block overlaps the query block's own token range (the diagonal; with
-    block_q > block_kv a query block has several). Assumes queries and keys index the same sequence."""
-    q_first, q_last = _block_ranges(q_len, block_q)
-    kv_first, kv_last = _block_ranges(kv_len, block_kv)
+    block_q > block_kv a query block has several). Assumes queries and keys index the same sequence. Built on
+    ``device`` from ``arange`` (no host-to-device copy, so it can be captured in a CUDA graph)."""
+    q_first, q_last = _block_ranges(q_len, block_q, device)
+    kv_first, kv_last = _block_ranges(kv_len, block_kv, device)
     return (kv_first[None, :] <= q_last[:, None]) & (kv_last[None, :] >= q_first[:, None])
 
 

@@ -98,14 +98,22 @@ def test_head_dim_128_and_kernel_tiles_smaller_than_layout_blocks():
     _check_against_references(q, k, v, layout, 1 / math.sqrt(d), config={"BLOCK_M": 32, "BLOCK_N": 32})
 
 
-@pytest.mark.parametrize("tma, tail_branch", [(False, False), (True, False), (True, True), (False, True)])
-def test_tma_pointer_and_tail_branch_paths_on_tails(tma, tail_branch):
-    b, h, s, d = 1, 2, 83, 64
+@pytest.mark.parametrize(
+    "tma, tail_branch, lazy", [(False, False, False), (True, False, False), (True, True, False), (False, True, True),
+                               (True, True, True)]
+)
+def test_tma_pointer_tail_branch_and_lazy_rescale_paths(tma, tail_branch, lazy):
+    b, h, s, d = 2, 2, 83, 64
     q, k, v = _qkv(b, h, s, s, d, torch.bfloat16)
+    # Growing score scales along the keys make row maxima jump by more than 2^8 mid-row (exercises the rescale).
+    k = k * torch.linspace(0.2, 6.0, s, device=DEVICE).to(k.dtype)[:, None]
     layout = _random_layout(b, h, s, s, 32, 32, density=0.6, empty_rows=0.2)
+    key_padding_mask = torch.rand(b, 1, 1, s, device=DEVICE) < 0.8
+    key_padding_mask[0, ..., :40] = False  # rows whose first listed blocks are all masked
     # Two kernel tiles per key block; in the last block one is partly and one wholly past Skv.
-    cfg = {"BLOCK_M": 32, "BLOCK_N": 16, "USE_TMA": tma, "TAIL_BRANCH": tail_branch}
+    cfg = {"BLOCK_M": 32, "BLOCK_N": 16, "USE_TMA": tma, "TAIL_BRANCH": tail_branch, "LAZY_RESCALE": lazy}
     _check_against_references(q, k, v, layout, 1 / math.sqrt(d), config=cfg)
+    _check_against_references(q, k, v, layout, 1 / math.sqrt(d), key_padding_mask, config=cfg)
 
 
 def test_unaligned_tensors_fall_back_from_tma():
