@@ -274,10 +274,11 @@ def write_markdown(data: dict, path: Path) -> None:
         lines.append("")
     if data["sweep"]:
         lines += ["## Launch-config sweep (1x12x32,760x128, random layout)", "",
-                  "| density | BLOCK_M | BLOCK_N | warps | stages | TMA | tail branch | ms |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| density | BLOCK_M | BLOCK_N | warps | stages | TMA | tail branch | lazy rescale | ms |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['density']} | {r['BLOCK_M']} | {r['BLOCK_N']} | {r['num_warps']} | {r['num_stages']} | "
-                  f"{r.get('USE_TMA', False)} | {r.get('TAIL_BRANCH', False)} | {r.get('ms', float('nan')):.3f} |"
+                  f"{r.get('USE_TMA', False)} | {r.get('TAIL_BRANCH', False)} | {r.get('LAZY_RESCALE', False)} | "
+                  f"{r.get('ms', float('nan')):.3f} |"
                   for r in data["sweep"]]
     path.write_text("\n".join(lines) + "\n")
 
