@@ -319,10 +319,15 @@ def main() -> None:
     else:
         from torch.nn.attention.flex_attention import flex_attention
 
-        flex_fn = flex_attention if SMOKE else torch.compile(flex_attention, dynamic=False)
         for name in args.shapes:
+            # A fresh compiled Flex per shape: past Dynamo's recompile limit (8; each shape and each BlockMask form
+            # recompiles) Flex silently runs its eager path, which materializes S x S (it tried 160 GiB at
+            # 1x40x32,760 in the 2026-11-25 run).
+            torch._dynamo.reset()
+            flex_fn = flex_attention if SMOKE else torch.compile(flex_attention, dynamic=False)
             run_shape(name, SHAPES[name], args.densities, args.patterns, rec, flex_fn, not args.no_flex)
-            torch.cuda.empty_cache()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     write_markdown(rec.data, args.out.with_suffix(".md"))
     print(f"done in {time.time() - start:.0f} s; wrote {args.out} and {args.out.with_suffix('.md')}")
 

@@ -130,3 +130,15 @@ def test_gpu_dynamic_layout_and_attention_capture_in_a_cuda_graph():
         assert torch.equal(num, ref_num) and torch.equal(idx, ref_idx)
         ref_out, _ = sparse_attention_reference(q, k, v, num, idx, 128, 128, d**-0.5)
         torch.testing.assert_close(out, ref_out, atol=2e-2, rtol=2e-2)
+
+
+def test_pool_blocks_on_strided_views_with_tails():
+    from qsparse_compiler.kernels.block_scores import pool_blocks
+
+    base = torch.randn(2, 70, 3, 16)  # (B, S, H, D) storage
+    x = base.transpose(1, 2)  # (B, H, S, D) view, not contiguous
+    pooled = pool_blocks(x, 32)  # blocks of 32, 32 and a 6-token tail
+    assert pooled.shape == (2, 3, 3, 16) and pooled.dtype == torch.float32
+    torch.testing.assert_close(pooled[:, :, 1], x[:, :, 32:64].mean(2))
+    torch.testing.assert_close(pooled[:, :, 2], x[:, :, 64:].mean(2))
+    assert pool_blocks(x[:, :, :64], 32).shape[2] == 2 and pool_blocks(x[:, :, :5], 32).shape[2] == 1
