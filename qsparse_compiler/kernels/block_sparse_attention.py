@@ -212,19 +212,17 @@ def _config(
 
 
 # Measured on the H100 (2026-11-25, torch 2.11, triton 3.6; 1x12x32,760x128, 128x128 layout blocks, random layout,
-# ms at 15% / 100% density): TMA 128x64 4 warps 3 stages 2.00 / 13.7; TMA 128x128 8w 2s 2.18 / 15.4; pointer
-# loads 128x64 4w 3s 2.28 / 14.9; 128x128 8w 3s 2.23 / 15.7; 128x64 8w 2.47 / 18.6; 128x128 4w 5.3 / 36 (spills);
-# warp specialization does not compile for this loop on Hopper with triton 3.6. The autotuner picks among these.
+# ms at 15% / 100% density; benchmarks/results/sparse_attention_NOTES.md): TMA 128x64, 4 warps, 3 stages 1.96 / 12.8;
+# 2 stages 2.00 / 12.8; 4 stages 2.02 / 13.2; TMA 128x128 8 warps 2.13 / 15.1; pointer loads 128x64 4 warps 2.26 /
+# 15.5; 128x128 8 warps 2.25 / 16.1; 128x64 8 warps 2.47 / 18.6; 128x128 4 warps 5.3 / 36 (spills). TAIL_BRANCH
+# (2.24 / 14.4) and LAZY_RESCALE (2.05 / 12.9) lost and stay out of the list (each candidate costs autotune time
+# at the first call); warp specialization does not compile for this loop with 4 warps on Hopper (triton 3.6).
 CONFIGS: list[triton.Config] = [
     _config(128, 64, 4, 3, tma=True),
-    _config(128, 64, 4, 3, tma=True, tail_branch=True),
-    _config(128, 64, 4, 3, tma=True, lazy=True),
-    _config(128, 64, 4, 3, tma=True, tail_branch=True, lazy=True),
-    _config(128, 64, 4, 4, tma=True),
     _config(128, 64, 4, 2, tma=True),
     _config(128, 128, 8, 2, tma=True),
     _config(128, 128, 4, 3, tma=True),  # D <= 64 only (keep_config): fits the registers there
-    _config(128, 64, 4, 3),
+    _config(128, 64, 4, 3),  # pointer loads: where TMA is impossible (unaligned tensors)
     _config(128, 128, 8, 3),
     _config(64, 64, 4, 3, tma=True),
     _config(64, 64, 4, 3),
@@ -256,8 +254,9 @@ def keep_config(config: triton.Config, head_dim: int, block_q: int, block_kv: in
 def _prune(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}  # constexprs passed by keyword arrive in kwargs
     kept = [c for c in configs if keep_config(c, args["HEAD_DIM"], args["LAYOUT_BLOCK_Q"], args["LAYOUT_BLOCK_KV"])]
-    if not args["TMA_OK"]:
-        kept = [c for c in kept if not c.kwargs["USE_TMA"]]
+    # TMA loads beat pointer loads in every measured config (see CONFIGS): tune among them when TMA is possible.
+    with_tma = [c for c in kept if c.kwargs["USE_TMA"]]
+    kept = with_tma if args["TMA_OK"] and with_tma else [c for c in kept if not c.kwargs["USE_TMA"]]
     return kept or [_config(16, 16, 4, 1)]
 
 
