@@ -145,14 +145,16 @@ def test_non_contiguous_bshd_views_need_no_copy():
     density=st.sampled_from([0.0, 0.1, 0.5, 1.0]),
     blocks=st.sampled_from([(16, 16), (32, 16), (16, 32), (32, 32)]),
     broadcast_heads=st.booleans(),
+    variant=st.sampled_from([None, {"USE_TMA": True}, {"LAZY_RESCALE": True}, {"TAIL_BRANCH": True}]),
     seed=st.integers(0, 2**16),
 )
-def test_fuzz_against_masked_attention(sq, skv, heads, batch, density, blocks, broadcast_heads, seed):
+def test_fuzz_against_masked_attention(sq, skv, heads, batch, density, blocks, broadcast_heads, variant, seed):
     gen = torch.Generator().manual_seed(seed)
     d = 16
     q, k, v = _qkv(batch, heads, sq, skv, d, torch.bfloat16, gen)
     layout = _random_layout(batch, 1 if broadcast_heads else heads, sq, skv, *blocks, density, 0.2, gen)
-    _check_against_references(q, k, v, layout, 1 / math.sqrt(d))
+    config = None if variant is None else {"BLOCK_M": 16, "BLOCK_N": 16, **variant}
+    _check_against_references(q, k, v, layout, 1 / math.sqrt(d), config=config)
 
 
 def test_unsupported_inputs_are_named():
