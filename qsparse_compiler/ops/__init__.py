@@ -4,6 +4,7 @@ Importing this package registers the ops with torch.library.
 """
 
 from .sparse_attention import sparse_attention, sparse_attention_reference
+from . import sparse_attention_cuda  # noqa: F401  (registers the Triton kernel for CUDA tensors)
 from .video_layout import build_video_layout, video_block_layout
 from .w4a8_linear import w4a8_linear, w4a8_linear_reference
 

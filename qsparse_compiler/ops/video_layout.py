@@ -20,7 +20,7 @@ from functools import lru_cache
 import torch
 
 from ..sparsity.layout import BlockSparseLayout, num_blocks
-from ..sparsity.patterns import TokenGrid, local_3d
+from ..sparsity.patterns import TokenGrid, local_3d, multi_diagonal, skip, vertical_stripe
 
 __all__ = ["video_block_layout", "build_video_layout", "parse_pattern_spec", "PATTERNS"]
 
@@ -29,7 +29,10 @@ def _dense(grid: TokenGrid, block_q: int, block_kv: int, density: float) -> torc
     return torch.ones(num_blocks(grid.seq_len, block_q), num_blocks(grid.seq_len, block_kv), dtype=torch.bool)
 
 
-PATTERNS = {"local3d": local_3d, "dense": _dense}
+# Static patterns by spec name (sparsity/patterns.py documents each): pattern(grid, block_q, block_kv, density).
+PATTERNS = {
+    "local3d": local_3d, "multidiag": multi_diagonal, "stripe": vertical_stripe, "skip": skip, "dense": _dense,
+}
 
 
 def parse_pattern_spec(spec: str, density: float) -> list[tuple[str, float]]:

@@ -9,6 +9,11 @@ a layout lists, for every (batch, head, query block), which key blocks are compu
 
 A query block with ``kv_num_blocks == 0`` (an *empty row*) attends to nothing: by definition its output is 0 and
 its log-sum-exp is -inf. Tokens past ``q_len``/``kv_len`` in a tail block do not exist and are never attended.
+
+Layouts combine tile by tile: ``a | b`` (union: a tile is computed if either computes it) and ``a & b``
+(intersection); B and H broadcast like tensors. ``to_ascii()``/``show()`` draw a (batch, head) as text for debugging.
+Constructing a layout validates it, which reads values back to the host: build layouts off the hot path (the
+kernels take the raw ``kv_num_blocks``/``kv_indices`` tensors and never validate).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["BlockSparseLayout", "LayoutError", "num_blocks"]
+__all__ = ["BlockSparseLayout", "LayoutError", "num_blocks", "bitmap_to_blocks"]
 
 
 class LayoutError(ValueError):
@@ -26,6 +31,17 @@ class LayoutError(ValueError):
 
 def num_blocks(length: int, block: int) -> int:
     return -(-length // block)
+
+
+def bitmap_to_blocks(bitmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``bool [B, H, QB, KVB]`` tile map -> (kv_num_blocks int32 [B, H, QB], kv_indices int32 [B, H, QB, KVB]).
+
+    Pure tensor code with no host synchronization, so it may run inside a compiled graph or a CUDA graph.
+    """
+    kv_num_blocks = bitmap.sum(dim=-1, dtype=torch.int32)
+    # A stable sort of "not computed" puts the computed key blocks first, in ascending order.
+    kv_indices = torch.argsort((~bitmap).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    return kv_num_blocks.contiguous(), kv_indices.contiguous()
 
 
 @dataclass(frozen=True)
@@ -47,10 +63,8 @@ class BlockSparseLayout:
             raise LayoutError(
                 f"qsparse_compiler.sparsity: bitmap must be bool [B, H, QB, KVB], got {bitmap.dtype} {tuple(bitmap.shape)}"
             )
-        kv_num_blocks = bitmap.sum(dim=-1, dtype=torch.int32)
-        # A stable sort of "not computed" puts the computed key blocks first, in ascending order.
-        kv_indices = torch.argsort((~bitmap).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-        return cls(kv_num_blocks.contiguous(), kv_indices.contiguous(), block_q, block_kv, q_len, kv_len)
+        kv_num_blocks, kv_indices = bitmap_to_blocks(bitmap)
+        return cls(kv_num_blocks, kv_indices, block_q, block_kv, q_len, kv_len)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -91,8 +105,9 @@ class BlockSparseLayout:
     def to_dense(self) -> torch.Tensor:
         """bool [B, H, QB, KVB]: True where a tile is computed."""
         b, h, qb, kvb = self.shape
-        # Padding slots scatter into a spare last column, which is then dropped.
-        dense = torch.zeros(b, h, qb, kvb + 1, dtype=torch.bool, device=self.kv_indices.device)
+        # Padding slots scatter into an extra, discarded column: sending them to a real column (say 0) would race
+        # with a listed block 0 (scatter_ with duplicate indices keeps an arbitrary one of the writes).
+        dense = torch.zeros((b, h, qb, kvb + 1), dtype=torch.bool, device=self.kv_indices.device)
         index = torch.where(self._valid_slots(), self.kv_indices.long(), kvb)
         dense.scatter_(-1, index, True)
         return dense[..., :kvb]
@@ -116,3 +131,86 @@ class BlockSparseLayout:
             f"blocks={self.block_q}x{self.block_kv}, tiles={qb}x{kvb}, density={self.density():.3f}, "
             f"kv blocks per row min/mean/max={int(counts.min())}/{counts.mean():.1f}/{int(counts.max())})"
         )
+
+    # ---- combining layouts -------------------------------------------------------------------------------------
+
+    def _combine(self, other: "BlockSparseLayout", op: str) -> "BlockSparseLayout":
+        if not isinstance(other, BlockSparseLayout):
+            return NotImplemented
+        mine = (self.block_q, self.block_kv, self.q_len, self.kv_len)
+        theirs = (other.block_q, other.block_kv, other.q_len, other.kv_len)
+        if mine != theirs:
+            raise LayoutError(
+                f"qsparse_compiler.sparsity.BlockSparseLayout: cannot {op} layouts of different geometry "
+                f"(block_q, block_kv, q_len, kv_len) {mine} vs {theirs}; rebuild one of them on the other's blocks"
+            )
+        a, b = self.to_dense(), other.to_dense().to(self.kv_indices.device)
+        try:
+            bitmap = (a | b) if op == "union" else (a & b)
+        except RuntimeError as error:
+            raise LayoutError(
+                f"qsparse_compiler.sparsity.BlockSparseLayout: cannot {op} layouts with B, H {self.shape[:2]} and "
+                f"{other.shape[:2]}; B and H must match or be 1"
+            ) from error
+        return BlockSparseLayout.from_bitmap(bitmap.contiguous(), self.block_q, self.block_kv, self.q_len, self.kv_len)
+
+    def union(self, other: "BlockSparseLayout") -> "BlockSparseLayout":
+        """Tiles computed by either layout (B and H broadcast)."""
+        return self._combine(other, "union")
+
+    def intersection(self, other: "BlockSparseLayout") -> "BlockSparseLayout":
+        """Tiles computed by both layouts (B and H broadcast)."""
+        return self._combine(other, "intersect")
+
+    __or__ = union
+    __and__ = intersection
+
+    # ---- debugging views ---------------------------------------------------------------------------------------
+
+    def to_ascii(self, batch: int = 0, head: int = 0, max_size: int = 64) -> str:
+        """Draw the tile map of one (batch, head): rows are query blocks, columns key blocks.
+
+        ``#`` computed, ``.`` skipped. Maps larger than ``max_size`` on a side are shrunk by pooling groups of tiles;
+        a pooled cell shows ``#`` if all its tiles are computed, ``+`` if some are, ``.`` if none.
+        """
+        b, h, qb, kvb = self.shape
+        if not (-b <= batch < b and -h <= head < h):
+            raise IndexError(
+                f"qsparse_compiler.sparsity.BlockSparseLayout.to_ascii: (batch={batch}, head={head}) is outside "
+                f"B={b}, H={h}"
+            )
+        tiles = self.to_dense()[batch, head].cpu().float()
+        row_step, col_step = num_blocks(qb, max_size), num_blocks(kvb, max_size)
+        rows, cols = num_blocks(qb, row_step), num_blocks(kvb, col_step)
+        # Pad to whole groups; padded tiles count as neither computed nor present (weight 0).
+        padded = torch.zeros(rows * row_step, cols * col_step)
+        present = torch.zeros_like(padded)
+        padded[:qb, :kvb] = tiles
+        present[:qb, :kvb] = 1.0
+        share = padded.view(rows, row_step, cols, col_step).sum((1, 3))
+        count = present.view(rows, row_step, cols, col_step).sum((1, 3))
+        lines = [
+            f"{self!r} [batch {batch}, head {head}; one character = {row_step}x{col_step} tiles]"
+        ]
+        for r in range(rows):
+            line = []
+            for c in range(cols):
+                filled = share[r, c].item()
+                line.append("#" if filled == count[r, c].item() and filled > 0 else ("+" if filled > 0 else "."))
+            lines.append("".join(line))
+        return "\n".join(lines)
+
+    def show(self, batch: int = 0, head: int = 0, max_size: int = 64) -> None:
+        """Print ``to_ascii`` (for a REPL or a debugger)."""
+        print(self.to_ascii(batch, head, max_size))
+
+    def plot(self, batch: int = 0, head: int = 0, ax=None):  # pragma: no cover - optional matplotlib view
+        """Image of the tile map of one (batch, head) with matplotlib (imported only here); returns the axes."""
+        import matplotlib.pyplot as plt
+
+        ax = ax if ax is not None else plt.gca()
+        ax.imshow(self.to_dense()[batch, head].cpu().numpy(), cmap="Greys", interpolation="nearest", aspect="auto")
+        ax.set_xlabel(f"key block ({self.block_kv} tokens)")
+        ax.set_ylabel(f"query block ({self.block_q} tokens)")
+        ax.set_title(f"density {self.density():.3f}")
+        return ax

@@ -1,0 +1,47 @@
+"""CUDA implementation of ``qsparse::sparse_attention``: the Triton block-sparse kernel.
+
+Importing this module registers ``sparse_attention_cuda`` with ``register_cuda_impl`` when Triton imports and a
+CUDA device exists. The function returns None for inputs the kernel does not handle (fp32, unusual head dims or
+block sizes), and the op then falls back to its plain-torch reference. Everything here is shape/dtype logic on
+the host: no ``.item()``, no synchronization, so the op can sit in a ``fullgraph=True`` compiled graph and be
+captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .sparse_attention import register_cuda_impl
+
+__all__ = ["sparse_attention_cuda", "REGISTERED"]
+
+try:
+    from ..kernels.block_sparse_attention import block_sparse_attention, unsupported_reason
+except ImportError:  # no triton on this machine: the reference serves every call
+    block_sparse_attention = None  # type: ignore[assignment]
+    unsupported_reason = None  # type: ignore[assignment]
+
+
+def sparse_attention_cuda(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_num_blocks: torch.Tensor,
+    kv_indices: torch.Tensor,
+    block_q: int,
+    block_kv: int,
+    scale: float,
+    key_padding_mask: Optional[torch.Tensor],
+) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    if block_sparse_attention is None or not q.is_cuda:
+        return None
+    if unsupported_reason(q, k, v, kv_num_blocks, kv_indices, block_q, block_kv, key_padding_mask) is not None:
+        return None
+    return block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, block_q, block_kv, scale, key_padding_mask)
+
+
+REGISTERED = block_sparse_attention is not None and torch.cuda.is_available()
+if REGISTERED:
+    register_cuda_impl(sparse_attention_cuda)
