@@ -45,3 +45,16 @@ def sparse_attention_cuda(
 REGISTERED = block_sparse_attention is not None and torch.cuda.is_available()
 if REGISTERED:
     register_cuda_impl(sparse_attention_cuda)
+
+
+def static_unsupported_reason(dtype: torch.dtype, head_dim: int, block_q: int, block_kv: int) -> Optional[str]:
+    """Why the CUDA kernel would refuse attention of this dtype/head dim/tiling, decided before any tensor exists
+    (the passes ask at compile time: an unsupported CUDA site stays on dense SDPA instead of the S x S reference)."""
+    if block_sparse_attention is None:
+        return "no Triton on this machine: the sparse reference would materialize S x S on the GPU"
+    meta = dict(device="meta")
+    q = torch.empty(1, 1, 2 * block_q, head_dim, dtype=dtype, **meta)
+    k = torch.empty(1, 1, 2 * block_kv, head_dim, dtype=dtype, **meta)
+    kv_num_blocks = torch.empty(1, 1, 2, dtype=torch.int32, **meta)
+    kv_indices = torch.empty(1, 1, 2, 2, dtype=torch.int32, **meta)
+    return unsupported_reason(q, k, k, kv_num_blocks, kv_indices, block_q, block_kv, None)

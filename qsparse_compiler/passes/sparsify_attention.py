@@ -117,6 +117,13 @@ class SparsifyAttention:
             return f"dtype {q.dtype} not supported"
         seq_len = q.shape[2]
         block_q = ctx.plan.attentions[site.fqn].block_q if ctx.plan is not None else cfg.block_q
+        block_kv = ctx.plan.attentions[site.fqn].block_kv if ctx.plan is not None else cfg.block_kv
+        if q.is_cuda:
+            from ..ops.sparse_attention_cuda import static_unsupported_reason
+
+            reason = static_unsupported_reason(q.dtype, q.shape[-1], block_q, block_kv)
+            if reason:
+                return f"no CUDA kernel for this site ({reason})"
         if isinstance(seq_len, int) and seq_len <= block_q:
             return f"S={seq_len} fits in one query block (block_q={block_q}): nothing to skip"
         if ctx.plan is not None:
