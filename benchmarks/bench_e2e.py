@@ -227,6 +227,10 @@ def main() -> None:
         eager_out = eager_model(**inputs)[0]
     del eager_model
     gc.collect()
+    meta = {
+        "workload": args.workload, "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "torch": torch.__version__, "density": args.density, "date": time.strftime("%Y-%m-%d"),
+    }
     rows: list[Row] = []
     for name in args.rows.split(","):
         try:
@@ -234,16 +238,15 @@ def main() -> None:
         except Exception as exc:  # a failing baseline is recorded, not hidden
             rows.append(Row(name, float("nan"), 0.0, 0.0, float("nan"), note=f"failed: {type(exc).__name__}: {exc}"[:300]))
         torch._dynamo.reset()
-        print(rows[-1], flush=True)
+        write_results(args.out, meta, rows)  # after every row: a time limit keeps what finished
+
+
+def write_results(out: Path, meta: dict[str, Any], rows: list[Row]) -> None:
     inductor = next((r.ms for r in rows if r.system == "inductor"), None)
     for row in rows:
         row.speedup_vs_inductor = inductor / row.ms if inductor and row.ms == row.ms else None
-    meta = {
-        "workload": args.workload, "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-        "torch": torch.__version__, "density": args.density, "date": time.strftime("%Y-%m-%d"),
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2))
     print(f"\n{meta}")
     print("| system | ms/forward | vs Inductor | compile s | peak GiB | block weights MiB | rel. error vs eager | note |")
     print("|---|---|---|---|---|---|---|---|")
@@ -251,7 +254,7 @@ def main() -> None:
         mib = f"{r.block_weight_bytes / 2**20:.0f}" if r.block_weight_bytes else "-"
         speed = f"{r.speedup_vs_inductor:.2f}x" if r.speedup_vs_inductor else "-"
         print(f"| {r.system} | {r.ms:.1f} | {speed} | {r.compile_s:.0f} | {r.peak_gib:.1f} | {mib} | "
-              f"{r.rel_error_vs_eager:.3g} | {r.note} |")
+              f"{r.rel_error_vs_eager:.3g} | {r.note} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -80,6 +80,12 @@ def residual_attention(
         steps.zero_()
         return dense.to(o_sparse.dtype).contiguous()
     steps.add_(1)
+    if len(state) == 3:
+        # Full rank, the hot path of a reuse step: two passes in the activation dtype, no fp32 temporaries.
+        out = torch.add(o_sparse, state[0].to(o_sparse.dtype))
+        if order == 2:
+            out.addcmul_(state[1].to(o_sparse.dtype), steps.to(o_sparse.dtype))
+        return out
     residual, delta = _expand(state)
     estimate = residual + steps * delta if order == 2 else residual
     return (o_sparse.to(torch.float32) + estimate).to(o_sparse.dtype)
