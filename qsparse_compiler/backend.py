@@ -66,6 +66,9 @@ class _RuntimeInputs:
         self.cache_slots = list(ctx.cache_slots)
         self.runtime = runtime
         self.store = default_store
+        # A regional graph: the block of each call is found from one of its parameters' registered names.
+        self.prefix = ctx.analysis.get("prefix", "")
+        self.anchor = _anchor(ctx) if self.prefix else None
         # Symbolic sizes (dynamic shapes) are bound per call from the runtime arguments.
         self.symbolic = [(i, fake) for i, fake in enumerate(input_fakes) if _has_symbols(fake)]
 
@@ -76,13 +79,40 @@ class _RuntimeInputs:
             full += [packed.qweight, packed.scale]
         if self.cache_slots:
             env = _bind_symbols(self.symbolic, args)
+            prefix = self._call_prefix(args)
             for slot in self.cache_slots:
                 shape = tuple(_evaluate(dim, env) for dim in slot.shape)
-                state, refresh = self.runtime.acquire(slot.fqn, slot.schedule, shape, slot.dtype, slot.device)
+                fqn = prefix + slot.fqn[len(self.prefix):]
+                state, refresh = self.runtime.acquire(fqn, slot.schedule, shape, slot.dtype, slot.device)
                 full += state
                 if slot.schedule.mode == "auto":
                     full.append(self._FLAGS[refresh])
         return self.compiled(*full)
+
+    def _call_prefix(self, args: Sequence[Any]) -> str:
+        if self.anchor is None:
+            return self.prefix
+        from .runtime.context import parameter_name
+
+        index, relative = self.anchor
+        name = parameter_name(args[index])
+        if name is None or not name.endswith(relative):
+            raise RuntimeError(
+                "qsparse_compiler.backend: a regionally compiled block was called with parameters qs.optimize did not "
+                "register; compile the model through qs.optimize(...)"
+            )
+        return name[: -len(relative)]
+
+
+def _anchor(ctx: PassContext) -> tuple[int, str] | None:
+    """(argument index, relative name) of a registered parameter of a regional graph."""
+    from .runtime.context import parameter_name
+
+    for index, value in enumerate(ctx.example_inputs):
+        name = parameter_name(value)
+        if name is not None and name.startswith(ctx.analysis["prefix"]):
+            return index, name[len(ctx.analysis["prefix"]):]
+    return None
 
 
 def _has_symbols(value: Any) -> bool:
@@ -107,28 +137,55 @@ def _evaluate(dim: Any, env: dict[Any, int]) -> int:
     return dim if isinstance(dim, int) else int(dim.node.expr.xreplace(env))
 
 
-def _load_checked_plan(path: str, gm: fx.GraphModule):
+def _load_checked_plan(path: str, gm: fx.GraphModule, example_inputs: Sequence[Any]):
     """Load a plan and check it against the graph's parameters before any compile work."""
+    from .passes.find_sites import _fqn_prefix
     from .passes.graph_utils import source_fqn
     from .plan import PlanError, load_plan
 
     plan = load_plan(path)
+    prefix = _fqn_prefix(gm, list(example_inputs))
     shapes = {}
     modules = set()
     for node in gm.graph.nodes:
         fqn = source_fqn(node) if node.op == "placeholder" else None
         if fqn and isinstance(fake_value(node), torch.Tensor):
-            shapes[fqn] = list(fake_value(node).shape)
-            modules.add(fqn.rsplit(".", 1)[0])
+            shapes[prefix + fqn] = list(fake_value(node).shape)
+            modules.add((prefix + fqn).rsplit(".", 1)[0])
     plan.fingerprint.check_shapes(shapes)
     sites = set(plan.linears) | set(plan.attentions)
     if sites and not sites & (modules | {fqn.rsplit(".", 1)[0] for fqn in modules}):
         example = sorted(sites)[0]
         raise PlanError(
             f"qsparse_compiler.plan: none of the plan's {len(sites)} sites (e.g. {example}) is in this graph; the plan "
-            "belongs to another model, or this graph is a region compiled on its own (use qs.optimize)"
+            "belongs to another model, or this graph is a block compiled on its own without qs.optimize"
         )
+    if prefix:
+        _check_uniform_across_blocks(plan, prefix)
     return plan
+
+
+def _check_uniform_across_blocks(plan: Any, prefix: str) -> None:
+    """A regional graph serves every block of its family: the plan must say the same for each of them (calibrated
+    weights may differ: they are looked up per parameter)."""
+    import dataclasses
+    import re
+
+    from .plan import PlanError
+
+    family = re.compile(re.escape(prefix.rsplit(".", 2)[0]) + r"\.\d+\.")
+    seen: dict[str, tuple[str, Any]] = {}
+    for fqn, entry in [*plan.linears.items(), *plan.attentions.items()]:
+        match = family.match(fqn)
+        if match is None:
+            continue
+        relative, value = fqn[match.end():], dataclasses.asdict(entry)
+        if relative in seen and seen[relative][1] != value:
+            raise PlanError(
+                f"qsparse_compiler.plan: the plan treats {seen[relative][0]} and {fqn} differently, but regional "
+                "compilation shares one graph between them; use qs.optimize(..., regional=False)"
+            )
+        seen.setdefault(relative, (fqn, value))
 
 
 def quantsparse(
@@ -146,7 +203,7 @@ def quantsparse(
     report = RewriteReport(graph_index=next(_graph_counter))
     plan = None
     if config.plan is not None:
-        plan = _load_checked_plan(config.plan, gm)
+        plan = _load_checked_plan(config.plan, gm, example_inputs)
         report.notes.append(f"plan: {config.plan}")
     else:
         report.notes.append(

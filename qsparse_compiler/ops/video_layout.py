@@ -6,7 +6,8 @@
 
 ``q`` is read for its sequence length and device only. ``pattern`` is a spec: ``name[:density]`` for every head, or
 one such entry per head separated by ``;`` (then the layout has H = number of entries); an entry without a density
-uses ``density``. Names are the keys of ``PATTERNS`` (``dense`` computes every tile).
+uses ``density``. Names are the keys of ``PATTERNS`` (``dense`` computes every tile). ``frames = height = width = 0``
+means "the grid of the current forward" (runtime/context.py), for blocks compiled on their own.
 
 The layout depends on the token grid, which changes with frame count and resolution (and is symbolic under dynamic
 shapes), so it is built at run time — once per grid: results are cached on the host and per device, and each call
@@ -81,6 +82,18 @@ def video_block_layout(
     block_q: int,
     block_kv: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    if frames == 0:
+        # A regionally compiled block: the grid of the current forward comes from the runtime context.
+        from ..runtime.context import current_video_grid
+
+        grid = current_video_grid()
+        if grid is None:
+            raise RuntimeError(
+                "qsparse::video_block_layout: this block was compiled without its video grid and none is set for "
+                "this forward; compile through qs.optimize(...), or wrap the call in "
+                "qsparse_compiler.runtime.context.video_grid((frames, height, width))"
+            )
+        frames, height, width = grid
     key = (pattern, float(density), block_q, block_kv, frames, height, width, q.shape[2], video_start)
     layout = _cached_layout(key, q.device)
     return layout.kv_num_blocks.clone(), layout.kv_indices.clone()

@@ -53,7 +53,7 @@ class VideoGrid:
     frames: Any
     height: Any
     width: Any
-    conv: fx.Node
+    conv: fx.Node | None  # None: the grid comes from the runtime context (a block compiled on its own)
     batch_source: fx.Node | None  # Conv2d case: the 5-D latents whose batch divides the conv batch
 
     @property
@@ -61,7 +61,10 @@ class VideoGrid:
         return self.frames * self.height * self.width
 
     def emit(self, graph: fx.Graph) -> tuple[Any, Any, Any]:
-        """Graph values for (frames, height, width): python ints when static, size nodes when symbolic."""
+        """Graph values for (frames, height, width): python ints when static, size nodes when symbolic, and
+        (0, 0, 0) - "the current forward's grid" - for a grid that comes from the runtime context."""
+        if self.conv is None:
+            return 0, 0, 0
 
         def dim(node: fx.Node, index: int) -> Any:
             value = fake_value(node).shape[index]
@@ -165,13 +168,40 @@ def _video_start(q: fx.Node, seq_len: Any, video_len: Any, scope: str) -> Any:
     return None
 
 
+def _fqn_prefix(gm: fx.GraphModule, example_inputs: list[Any]) -> str:
+    """"blocks.3." when this graph is one block compiled on its own (its parameters' names, as qs.optimize registered
+    them, extend the graph's own relative names); "" for a whole model."""
+    from ..runtime.context import parameter_name
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, value in zip(placeholders, example_inputs):
+        relative, absolute = source_fqn(node), parameter_name(value)
+        if relative and absolute and absolute != relative and absolute.endswith("." + relative):
+            return absolute[: -len(relative)]
+    return ""
+
+
+def _context_grid() -> VideoGrid | None:
+    from ..runtime.context import current_video_grid
+
+    grid = current_video_grid()
+    return None if grid is None else VideoGrid(*grid, conv=None, batch_source=None)
+
+
 class FindSites:
     """Annotates ``ctx.analysis["sites"]`` with a LinearSite / AttentionSite per node, and the video grid."""
 
     name = "find_sites"
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> int:
-        grid = _find_grid(gm)
+        prefix = _fqn_prefix(gm, ctx.example_inputs)
+        ctx.analysis["prefix"] = prefix
+        grid = _find_grid(gm) or (_context_grid() if prefix else None)
+        if prefix:
+            ctx.report.notes.append(
+                f"regional graph: compiled for {prefix.rstrip('.')} and shared by every block of the same structure "
+                "(packed weights and residual caches are looked up per call)"
+            )
         linears: list[LinearSite] = []
         attentions: list[AttentionSite] = []
         for node in gm.graph.nodes:
@@ -182,10 +212,10 @@ class FindSites:
                 placeholder = weight if isinstance(weight, fx.Node) and weight.op == "placeholder" else None
                 fqn = source_fqn(placeholder) if placeholder is not None else None
                 fqn = re.sub(r"\.weight$", "", fqn) if fqn else (module_fqn(node) or node.name)
-                linears.append(LinearSite(node, fqn, placeholder))
+                linears.append(LinearSite(node, prefix + fqn, placeholder))
                 count_rewrite(ctx, "found_linear")
             elif node.target in SDPA_TARGETS:
-                attentions.append(self._classify(node, grid))
+                attentions.append(self._classify(node, grid, prefix))
                 count_rewrite(ctx, "found_attention")
         ctx.analysis["grid"] = grid
         ctx.analysis["linears"] = linears
@@ -195,12 +225,13 @@ class FindSites:
         return 0
 
     @staticmethod
-    def _classify(node: fx.Node, grid: VideoGrid | None) -> AttentionSite:
-        fqn = module_fqn(node) or node.name
+    def _classify(node: fx.Node, grid: VideoGrid | None, prefix: str) -> AttentionSite:
+        relative = module_fqn(node) or node.name
+        fqn = prefix + relative
         q, k = node_arg(node, 0, "query"), node_arg(node, 1, "key")
         q_val, k_val = fake_value(q), fake_value(k)
         seq_len = q_val.shape[-2]
-        scope = _parent(fqn)
+        scope = _parent(relative)
         if not same_size(seq_len, k_val.shape[-2]) or _projection_inputs(q, scope) != _projection_inputs(k, scope):
             return AttentionSite(node, fqn, "cross_attention", seq_len, why="keys come from another sequence")
         if grid is None:

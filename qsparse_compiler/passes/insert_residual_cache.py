@@ -60,7 +60,7 @@ class InsertResidualCache:
         rewrites = 0
         sparse_nodes = [n for n in gm.graph.nodes if n.target is torch.ops.qsparse.sparse_attention.default]
         for node in sparse_nodes:
-            fqn = module_fqn(node) or node.name
+            fqn = ctx.analysis.get("prefix", "") + (module_fqn(node) or node.name)
             schedule = _site_schedule(ctx, fqn)
             if schedule is None:
                 continue

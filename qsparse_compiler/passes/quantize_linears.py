@@ -110,6 +110,7 @@ class QuantizeLinears:
             fqn, value = source_fqn(node), fake_value(node)
             if not fqn or not isinstance(value, torch.Tensor) or not value.is_floating_point():
                 continue
+            fqn = ctx.analysis.get("prefix", "") + fqn
             if not in_blocks.search(fqn):
                 continue
             as_bf16 = value.numel() * 2

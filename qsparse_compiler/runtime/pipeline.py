@@ -3,7 +3,10 @@
     pipe = qs.optimize(pipe, plan="wan-plan/")      # or qs.optimize(pipe) for defaults
     video = pipe(prompt, num_inference_steps=50).frames
 
-The transformer gets its own ``ResidualCacheRuntime``. Step tracking hooks the pipeline's scheduler: every
+The transformer gets its own ``ResidualCacheRuntime``. With ``regional=True`` (the default when the plan allows it)
+each repeated transformer block is compiled on its own, as diffusers' ``compile_repeated_blocks`` does: one graph
+serves all blocks of a structure, so compiling takes seconds instead of minutes; the token grid of each forward and
+the name of each block reach the shared graph through runtime/context.py. Step tracking hooks the pipeline's scheduler: every
 ``scheduler.set_timesteps`` (called once at the start of each generation) resets the caches, every
 ``scheduler.step`` advances the step. A transformer called several times in one step (CFG: conditional and
 unconditional passes) keeps one residual per call position.
@@ -16,6 +19,7 @@ from typing import Any, Mapping
 
 import torch
 
+from .context import register_parameters, video_grid
 from .residual_cache import ResidualCacheRuntime
 
 __all__ = ["optimize", "runtime_of", "release_dense_weights"]
@@ -42,6 +46,66 @@ def release_dense_weights(pipe_or_model: Any) -> int:
     transformer = getattr(pipe_or_model, "transformer", pipe_or_model)
     module = getattr(transformer, "_orig_mod", transformer)
     return default_store.release_dense(module)
+
+
+def latent_grid(transformer: torch.nn.Module, hidden_states: torch.Tensor) -> tuple[int, int, int]:
+    """Token grid (frames, height, width) after patchify, for Wan / HunyuanVideo (B, C, F, H, W) and CogVideoX
+    (B, F, C, H, W) latents."""
+    config = transformer.config
+    patch = config.patch_size
+    if isinstance(patch, (tuple, list)):  # Wan: (t, h, w)
+        pt, ph, pw = patch
+        frames, height, width = hidden_states.shape[2:]
+    else:
+        pt, ph, pw = getattr(config, "patch_size_t", None) or 1, patch, patch
+        if type(transformer).__name__.startswith("CogVideoX"):
+            frames, height, width = hidden_states.shape[1], hidden_states.shape[3], hidden_states.shape[4]
+        else:
+            frames, height, width = hidden_states.shape[2:]
+    return frames // pt, height // ph, width // pw
+
+
+def _repeated_blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's repeated blocks: what diffusers declares in ``_repeated_blocks``, else the members of its top-level
+    ModuleLists (CogVideoX declares none)."""
+    names = set(getattr(transformer, "_repeated_blocks", ()) or ())
+    if names:
+        return [module for module in transformer.modules() if type(module).__name__ in names]
+    lists = [child for child in transformer.children() if isinstance(child, torch.nn.ModuleList) and len(child) > 1]
+    return [block for blocks in lists for block in blocks]
+
+
+def _install_grid_hooks(transformer: torch.nn.Module) -> None:
+    """Set the token grid of each forward for the blocks compiled on their own (runtime/context.py)."""
+    entered: list = []
+
+    def before(module, args, kwargs):
+        latents = kwargs.get("hidden_states", args[0] if args else None)
+        context = video_grid(latent_grid(module, latents))
+        context.__enter__()
+        entered.append(context)
+
+    def after(module, args, output):
+        if entered:
+            entered.pop().__exit__(None, None, None)
+
+    transformer.register_forward_pre_hook(before, with_kwargs=True)
+    transformer.register_forward_hook(after, always_call=True)
+
+
+def _plan_is_uniform(plan: str, transformer: torch.nn.Module) -> bool:
+    from ..backend import _check_uniform_across_blocks
+    from ..plan import PlanError, load_plan
+
+    loaded = load_plan(plan)
+    for name, module in transformer.named_modules():
+        if module in _repeated_blocks(transformer):
+            try:
+                _check_uniform_across_blocks(loaded, name + ".")
+            except PlanError:
+                return False
+            return True
+    return True
 
 
 def _hook_scheduler(scheduler: Any, runtime: ResidualCacheRuntime) -> None:
@@ -73,6 +137,7 @@ def optimize(
     cache: bool | Mapping[str, Any] = True,
     mode: str | None = None,
     fullgraph: bool = True,
+    regional: bool | None = None,
 ) -> Any:
     """Compile ``pipe.transformer`` (or a bare transformer) with backend="quantsparse"; returns what it was given.
 
@@ -80,6 +145,8 @@ def optimize(
     options   more backend options (see config.QuantSparseConfig).
     cache     True: residual cache with the default schedule (a plan's per-site settings win); a dict: CacheConfig
               fields; False: no residual cache.
+    regional  compile each repeated block on its own (fast compiles); None = when the model has repeated blocks
+              and the plan (if any) treats them alike.
     """
     transformer = getattr(pipe_or_model, "transformer", pipe_or_model)
     if not isinstance(transformer, torch.nn.Module):
@@ -97,7 +164,23 @@ def optimize(
         backend_options["plan"] = str(plan)
     if cache:
         backend_options["cache"] = {"enabled": True, **(cache if isinstance(cache, Mapping) else {})}
-    compiled = torch.compile(transformer, backend="quantsparse", options=backend_options, mode=mode, fullgraph=fullgraph)
+    blocks = _repeated_blocks(transformer)
+    if regional is None:
+        regional = bool(blocks) and (plan is None or _plan_is_uniform(str(plan), transformer))
+    if regional:
+        if not blocks:
+            raise ValueError(
+                f"qsparse_compiler.optimize: {type(transformer).__name__} declares no repeated blocks "
+                "(_repeated_blocks); use regional=False"
+            )
+        register_parameters(transformer)
+        _install_grid_hooks(transformer)
+        for block in blocks:
+            block.compile(backend="quantsparse", options=backend_options, mode=mode, fullgraph=fullgraph)
+        compiled = transformer
+    else:
+        compiled = torch.compile(transformer, backend="quantsparse", options=backend_options, mode=mode,
+                                 fullgraph=fullgraph)
     setattr(compiled, _RUNTIME_ATTR, runtime)
     if transformer is pipe_or_model:
         return compiled

@@ -79,7 +79,7 @@ def test_backend_follows_the_plan(tmp_path):
         gm, example_inputs = capture_dynamo_graph(tiny.model, tiny.make_inputs())
     from qsparse_compiler.backend import _load_checked_plan
 
-    plan = _load_checked_plan(str(tmp_path), gm)
+    plan = _load_checked_plan(str(tmp_path), gm, example_inputs)
     ctx = PassContext(QuantSparseConfig.from_options({"plan": str(tmp_path)}), example_inputs, RewriteReport(0), plan=plan)
     with torch.no_grad():
         gm = run_passes(gm, ctx, default_passes())
@@ -103,6 +103,6 @@ def test_plan_for_another_model_is_rejected_at_compile(tmp_path):
 
     mlp = torch.nn.Sequential(torch.nn.Linear(8, 8))
     with torch.no_grad():
-        mlp_gm, _ = capture_dynamo_graph(mlp, {"input": torch.randn(2, 8)})
+        mlp_gm, mlp_inputs = capture_dynamo_graph(mlp, {"input": torch.randn(2, 8)})
     with pytest.raises(PlanError, match="none of the plan's 3 sites"):
-        _load_checked_plan(str(tmp_path), mlp_gm)
+        _load_checked_plan(str(tmp_path), mlp_gm, mlp_inputs)
