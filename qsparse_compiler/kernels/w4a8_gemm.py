@@ -1,0 +1,348 @@
+"""W4A8 GEMM (Triton): out = (a * a_scale) @ (int4 weight * group scale)^T + bias, 8-bit tensor-core MMA.
+
+Operands (the storage format of ``qsparse_compiler.ops.quantization``):
+    a        (M, K)     fp8 e4m3 or int8 activation codes, K contiguous       (kernels/act_quant.py)
+    a_scale  (M,)       fp32 per-token scales
+    qweight  (N, K//2)  uint8: q[n, 2j] in the low nibble, q[n, 2j+1] in the high nibble of qweight[n, j]
+    wscale   (N, K//G)  bf16/fp16/fp32 group scales; G = K for per-channel weights
+    bias     (N,)       optional
+    out      (M, N)     bf16/fp16 (the dtype of the layer's input)
+
+Per K-step (BK columns; BK divides G, so one step never straddles two groups):
+    load a tile (BM, BK) and a packed tile (BN, BK//2); unpack the nibbles in registers into the MMA dtype;
+    part = dot(a, w^T)  (fp8 x fp8 -> fp32, or int8 x int8 -> int32: both exact on tensor cores)
+    acc += part * wscale[:, k // G]          (grouped weights; per-channel weights fold the scale into the epilogue)
+Epilogue: acc * a_scale[:, None] (* wscale[None, :] per-channel) + bias, cast, masked store.
+
+Unpacking — the cost that decides whether W4 can beat bf16 (each weight element is unpacked once per M-tile):
+    fp8:  int4 -> e4m3 is a 16-entry table. UNPACK_ASM=True does it four bytes at a time in PTX: the nibbles of a
+          16-bit half ARE four prmt selectors, so two byte-permutes look up the positive and negative tables and a
+          third picks per byte by the sign bit (~2 integer ops per weight). UNPACK_ASM=False is plain Triton
+          (sign-extend, int -> fp16 -> fp8 conversions), which the CPU interpreter can run.
+    int8: the nibble shifted to the top of a byte IS an int8 code times 16 (lo: b << 4, hi: b & 0xF0): one op per
+          weight and no table. The 16 goes into the epilogue scale. |sum| <= 127 * 128 * K < 2**31 for K < 132,000.
+
+Tails: rows and columns past M / N load a valid row (index modulo M / N) and are masked at the store, so loads
+stay unmasked and vectorized. K must be a multiple of BK (the launcher only offers configs that divide G and K).
+
+SWAP_AB=True computes the transposed tile out^T = w @ a^T, so the unpacked weight is the MMA's A operand (Hopper's
+wgmma can read A from registers, while B always comes through shared memory). Which orientation is faster is a
+measurement (benchmarks/bench_linear.py), so it is a config field.
+
+This module imports nothing from qsparse_compiler (kernels/ rule).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterable
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["w4a8_gemm", "GEMM_CONFIGS", "prune_configs", "m_bucket", "select_unpack_asm"]
+
+# e4m3 codes of int4 values, packed as prmt lookup tables (byte i of the 8-byte pair = code of table entry i).
+#   positive table, entries q = 0..7:   00 38 40 44 | 48 4A 4C 4E
+#   negative table, entries q = -8..-1 (index q + 8): D0 CE CC CA | C8 C4 C0 B8
+_UNPACK_FP8_ASM = """
+{
+.reg .b32 pl, ph, nl, nh, idx, sel, pos, neg, r0, r1, w;
+mov.b32 pl, 0x44403800;
+mov.b32 ph, 0x4E4C4A48;
+mov.b32 nl, 0xCACCCED0;
+mov.b32 nh, 0xB8C0C4C8;
+and.b32 idx, $2, 0x7777;
+prmt.b32 pos, pl, ph, idx;
+prmt.b32 neg, nl, nh, idx;
+shr.u32 sel, $2, 1;
+and.b32 sel, sel, 0x4444;
+or.b32 sel, sel, 0x3210;
+prmt.b32 r0, pos, neg, sel;
+shr.u32 w, $2, 16;
+and.b32 idx, w, 0x7777;
+prmt.b32 pos, pl, ph, idx;
+prmt.b32 neg, nl, nh, idx;
+shr.u32 sel, w, 1;
+and.b32 sel, sel, 0x4444;
+or.b32 sel, sel, 0x3210;
+prmt.b32 r1, pos, neg, sel;
+prmt.b32 $0, r0, r1, 0x6420;
+prmt.b32 $1, r0, r1, 0x7531;
+}
+"""
+# Why this is right: a 32-bit register holds 4 packed bytes = 8 nibbles q0..q7 in k order (byte j = q[2j] low,
+# q[2j+1] high). prmt reads its selector from the low 16 bits, one nibble per output byte, and a nibble's bit 3
+# would switch prmt to sign-replicate mode, so the index is masked to 3 bits and bit 3 (the int4 sign) instead
+# chooses between the positive and the negative table (selector i or i+4 in the final prmt). r0 holds the codes
+# of q0..q3, r1 of q4..q7; the last two prmts split them into the low nibbles (q0 q2 q4 q6) and the high
+# nibbles (q1 q3 q5 q7) of the 4 input bytes, so each output element depends only on its own input byte
+# (elementwise, as inline_asm_elementwise with pack=4 requires).
+
+
+@triton.jit
+def _unpack_int4(
+    packed, BN: tl.constexpr, BK: tl.constexpr, A_INT8: tl.constexpr, UNPACK_ASM: tl.constexpr
+):
+    """(BN, BK//2) uint8 -> (BN, BK) weights in the MMA dtype, k order restored by join + reshape."""
+    if A_INT8:
+        lo = (packed << 4).to(tl.int8, bitcast=True)  # q[2j] * 16
+        hi = (packed & 0xF0).to(tl.int8, bitcast=True)  # q[2j+1] * 16
+    elif UNPACK_ASM:
+        lo, hi = tl.inline_asm_elementwise(
+            _UNPACK_FP8_ASM, "=r,=r,r", [packed], dtype=(tl.int8, tl.int8), is_pure=True, pack=4
+        )
+        lo = lo.to(tl.float8e4nv, bitcast=True)
+        hi = hi.to(tl.float8e4nv, bitcast=True)
+    else:
+        as_int = packed.to(tl.int16)
+        lo = (((as_int & 0xF) ^ 8) - 8).to(tl.float16).to(tl.float8e4nv)  # exact: -8..7 are e4m3 values
+        hi = (((as_int >> 4) ^ 8) - 8).to(tl.float16).to(tl.float8e4nv)
+    return tl.join(lo, hi).reshape(BN, BK)
+
+
+@triton.jit
+def _w4a8_gemm_kernel(
+    a_ptr,
+    a_scale_ptr,
+    w_ptr,
+    w_scale_ptr,
+    bias_ptr,
+    c_ptr,
+    M,
+    N,
+    K,
+    M_BUCKET,  # autotune key only: one config per power-of-two token count, not per exact M
+    stride_am,
+    stride_wn,
+    stride_sn,
+    stride_cm,
+    GROUP: tl.constexpr,
+    PER_CHANNEL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    A_INT8: tl.constexpr,
+    UNPACK_ASM: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    SWAP_AB: tl.constexpr,
+):
+    tl.static_assert(BK % 32 == 0, "w4a8_gemm: BK must be a multiple of 32 (8-bit MMA K-width)")
+    tl.static_assert(GROUP % BK == 0, "w4a8_gemm: BK must divide the weight group size")
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BM)
+    grid_n = tl.cdiv(N, BN)
+    # Grouped tile order: GROUP_M consecutive M-tiles walk the N-tiles together, so a band of weights stays in L2.
+    width = GROUP_M * grid_n
+    group_id = pid // width
+    first_m = group_id * GROUP_M
+    rows_in_group = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % rows_in_group
+    pid_n = (pid % width) // rows_in_group
+
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    # Tails read a valid row instead of masking: loads stay unmasked and wide; the store drops those rows.
+    rows = tl.max_contiguous(tl.multiple_of(offs_m % M, BM), BM).to(tl.int64)
+    cols = tl.max_contiguous(tl.multiple_of(offs_n % N, BN), BN).to(tl.int64)
+    offs_k = tl.arange(0, BK)
+    offs_kh = tl.arange(0, BK // 2)
+    a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :]
+    w_ptrs = w_ptr + cols[:, None] * stride_wn + offs_kh[None, :]
+    s_ptrs = w_scale_ptr + cols * stride_sn
+
+    if A_INT8:
+        acc_dtype = tl.int32
+    else:
+        acc_dtype = tl.float32
+    # Per-channel: the tensor cores accumulate over all of K (int32 for int8). Grouped: an fp32 sum of scaled parts.
+    if PER_CHANNEL:
+        total_dtype = acc_dtype
+    else:
+        total_dtype = tl.float32
+    if SWAP_AB:
+        acc = tl.zeros((BN, BM), dtype=total_dtype)
+    else:
+        acc = tl.zeros((BM, BN), dtype=total_dtype)
+    for k in range(0, K, BK):
+        a = tl.load(a_ptrs)
+        b = _unpack_int4(tl.load(w_ptrs), BN, BK, A_INT8, UNPACK_ASM)
+        if PER_CHANNEL:
+            # One scale per output channel: accumulate on the tensor cores, scale once in the epilogue.
+            if SWAP_AB:
+                acc = tl.dot(b, tl.trans(a), acc, out_dtype=acc_dtype)
+            else:
+                acc = tl.dot(a, tl.trans(b), acc, out_dtype=acc_dtype)
+        else:
+            gscale = tl.load(s_ptrs + k // GROUP).to(tl.float32)
+            if SWAP_AB:
+                part = tl.dot(b, tl.trans(a), out_dtype=acc_dtype)
+                acc += part.to(tl.float32) * gscale[:, None]
+            else:
+                part = tl.dot(a, tl.trans(b), out_dtype=acc_dtype)
+                acc += part.to(tl.float32) * gscale[None, :]
+        a_ptrs += BK
+        w_ptrs += BK // 2
+
+    if SWAP_AB:
+        acc = tl.trans(acc)
+    acc = acc.to(tl.float32)
+    a_scale = tl.load(a_scale_ptr + rows)
+    if A_INT8:
+        a_scale = a_scale * 0.0625  # the unpacked int8 weights are q * 16
+    acc = acc * a_scale[:, None]
+    if PER_CHANNEL:
+        acc = acc * tl.load(s_ptrs).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+# ---- autotuning: configs as data, a filter decides which apply to a problem --------------------------------------
+
+
+def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, swap: bool = False, group_m: int = 8) -> triton.Config:
+    return triton.Config(
+        {"BM": bm, "BN": bn, "BK": bk, "GROUP_M": group_m, "SWAP_AB": swap}, num_warps=warps, num_stages=stages
+    )
+
+
+# Large-M (prefill-like) tiles first; 128x256 halves the unpack work per FLOP relative to 128x128 and wgmma
+# likes N = 256. BK = 128 = the default group size: one scale per k-step. Small tiles cover decode-sized M and
+# group sizes of 32/64. The interpreter gets only the small ones (CPU time).
+GEMM_CONFIGS: list[triton.Config] = [
+    _cfg(128, 256, 128, 8, 3),
+    _cfg(128, 256, 64, 8, 4),
+    _cfg(256, 128, 128, 8, 3),
+    _cfg(128, 128, 128, 8, 4),
+    _cfg(128, 128, 128, 4, 4),
+    _cfg(128, 128, 64, 4, 5),
+    _cfg(64, 128, 128, 4, 4),
+    _cfg(128, 256, 128, 8, 3, swap=True),
+    _cfg(128, 128, 128, 4, 4, swap=True),
+    _cfg(64, 64, 64, 4, 4),
+    _cfg(32, 64, 32, 4, 2),
+    _cfg(16, 32, 32, 4, 1),
+]
+
+
+def prune_configs(configs: Iterable[triton.Config], named_args: dict[str, Any], **kwargs: Any) -> list[triton.Config]:
+    """Keep configs whose BK divides the group (and K), whose tiles are not far larger than the problem, and, under
+    the CPU interpreter, only the smallest (each interpreted program costs milliseconds)."""
+    group = named_args["GROUP"] if "GROUP" in named_args else kwargs["GROUP"]
+    m, n = named_args["M"], named_args["N"]
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    kept = []
+    for c in configs:
+        bm, bn, bk = c.kwargs["BM"], c.kwargs["BN"], c.kwargs["BK"]
+        if group % bk:
+            continue
+        if interpret:
+            # One config, so the autotuner does not benchmark interpreted runs.
+            if (bm, bn) == (16, 32):
+                kept.append(c)
+            continue
+        if bm > 2 * max(m, 16) or bn > 2 * n:
+            continue
+        kept.append(c)
+    if not kept:  # the launcher checked that BK=32 divides the group, so the smallest config always fits
+        kept = [c for c in configs if group % c.kwargs["BK"] == 0][-1:]
+    return kept
+
+
+def m_bucket(m: int) -> int:
+    """Power-of-two bucket of the token count: the autotune key, so a new M reuses its bucket's tuned config."""
+    return min(triton.next_power_of_2(max(m, 1)), 1 << 17)
+
+
+_w4a8_gemm_tuned = triton.autotune(
+    configs=GEMM_CONFIGS,
+    key=["M_BUCKET", "N", "K", "GROUP", "PER_CHANNEL", "A_INT8", "UNPACK_ASM"],
+    prune_configs_by={"early_config_prune": prune_configs},
+)(_w4a8_gemm_kernel)
+
+
+def select_unpack_asm() -> bool:
+    """Inline PTX needs a real NVIDIA GPU; the interpreter runs the plain-Triton unpack of the same kernel."""
+    return os.environ.get("TRITON_INTERPRET", "0") != "1" and torch.version.hip is None
+
+
+def w4a8_gemm(
+    a: torch.Tensor,
+    a_scale: torch.Tensor,
+    qweight: torch.Tensor,
+    wscale: torch.Tensor,
+    bias: torch.Tensor | None,
+    group_size: int,
+    out_dtype: torch.dtype,
+    unpack_asm: bool | None = None,
+    config: triton.Config | None = None,
+    compiled_out: list | None = None,
+) -> torch.Tensor:
+    """out (M, N) = (a * a_scale[:, None]) @ dequant(qweight, wscale)^T + bias, in ``out_dtype``.
+
+    ``group_size`` 0 means per-channel. ``config`` pins one triton.Config (benchmarks, tests) instead of autotuning;
+    with it, ``compiled_out`` (a list) receives the compiled kernel (asm, registers, spills) for inspection.
+    Raises ValueError for shapes the kernel cannot do; callers that can fall back should check ``supports`` first.
+    """
+    problem = supports(a, qweight, wscale, group_size, out_dtype)
+    if problem is not None:
+        raise ValueError(f"qsparse_compiler.kernels.w4a8_gemm: {problem}")
+    m, k = a.shape
+    n = qweight.shape[0]
+    group = k if group_size == 0 else group_size
+    out = torch.empty((m, n), device=a.device, dtype=out_dtype)
+    if m == 0:
+        return out
+    if unpack_asm is None:
+        unpack_asm = select_unpack_asm()
+    args = (a, a_scale, qweight, wscale, bias if bias is not None else a_scale, out, m, n, k, m_bucket(m))
+    strides = (a.stride(0), qweight.stride(0), wscale.stride(0), out.stride(0))
+    flags = dict(
+        GROUP=group,
+        PER_CHANNEL=group_size == 0 or group == k,
+        HAS_BIAS=bias is not None,
+        A_INT8=a.dtype == torch.int8,
+        UNPACK_ASM=bool(unpack_asm),
+    )
+    if config is None:
+
+        def grid(meta: dict[str, Any]) -> tuple[int]:
+            return (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)
+
+        _w4a8_gemm_tuned[grid](*args, *strides, **flags)
+    else:
+        kw = dict(config.kwargs)
+        grid_size = triton.cdiv(m, kw["BM"]) * triton.cdiv(n, kw["BN"])
+        compiled = _w4a8_gemm_kernel[(grid_size,)](
+            *args, *strides, **flags, **kw, num_warps=config.num_warps, num_stages=config.num_stages
+        )
+        if compiled_out is not None:
+            compiled_out.append(compiled)
+    return out
+
+
+def supports(
+    a: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor, group_size: int, out_dtype: torch.dtype
+) -> str | None:
+    """None if the kernel handles this problem, else the reason (names the shape and what would work)."""
+    if a.ndim != 2 or a.stride(-1) != 1 or a.dtype not in (torch.float8_e4m3fn, torch.int8):
+        return (
+            f"a must be 2-D (M, K) fp8_e4m3fn/int8 codes with unit K-stride, got {tuple(a.shape)} {a.dtype} "
+            f"strides {tuple(a.stride())}"
+        )
+    m, k = a.shape
+    if qweight.ndim != 2 or qweight.dtype != torch.uint8 or qweight.shape[1] * 2 != k or qweight.stride(-1) != 1:
+        return f"qweight must be (N, K//2)=(N, {k // 2}) uint8 with unit stride, got {tuple(qweight.shape)} {qweight.dtype}"
+    group = k if group_size == 0 else group_size
+    if k % group or group % 32:
+        return f"K={k} and group_size={group_size} need K % G == 0 and G % 32 == 0 (8-bit MMA K-width)"
+    if wscale.shape != (qweight.shape[0], k // group) or wscale.stride(-1) != 1:
+        return f"wscale must be (N, K//G)=({qweight.shape[0]}, {k // group}), got {tuple(wscale.shape)}"
+    if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return f"out_dtype={out_dtype} unsupported; use bf16, fp16 or fp32"
+    return None

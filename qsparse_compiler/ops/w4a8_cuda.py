@@ -1,0 +1,80 @@
+"""CUDA implementation of ``qsparse::w4a8_linear``: Triton activation quantization + Triton W4A8 GEMM.
+
+Registered with ``w4a8_linear.register_cuda_impl`` on import when CUDA and Triton are present. Returns None for
+what the kernels do not cover (the op then runs the plain-torch reference): act_format "uint8_msfp", fp8 on GPUs
+without fp8 tensor cores (compute capability < 8.9), group sizes that are not multiples of 32, K > 32768.
+
+Graph-safe by construction: every decision below reads shapes, dtypes and the device's compute capability (host
+metadata), never tensor data, and nothing synchronizes, so the op runs inside torch.compile(fullgraph=True) and is
+captured by CUDA graphs ("reduce-overhead"). The GEMM autotunes on the first call of each (M-bucket, N, K) - that
+call must come before a CUDA-graph capture, which torch.compile's warm-up run guarantees.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+from .w4a8_linear import register_cuda_impl
+
+__all__ = ["w4a8_linear_cuda", "register"]
+
+_X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _has_fp8_mma(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (8, 9)
+
+
+def w4a8_linear_cuda(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    wscale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    group_size: int,
+    act_format: str,
+) -> Optional[torch.Tensor]:
+    """y = A8(x) @ W4^T + bias via the Triton kernels, or None if this problem is not covered (see module doc).
+
+    Also runs on CPU tensors under TRITON_INTERPRET=1 (that is how the CPU tests exercise this path).
+    """
+    from ..kernels.act_quant import ACT_QUANT_FORMATS, MAX_K, act_quant
+    from ..kernels.w4a8_gemm import supports, w4a8_gemm
+
+    if act_format not in ACT_QUANT_FORMATS or x.dtype not in _X_DTYPES:
+        return None
+    if act_format == "fp8_e4m3" and x.is_cuda and not _has_fp8_mma(x.device.index or 0):
+        return None
+    k = x.shape[-1]
+    if k > MAX_K or qweight.stride(-1) != 1 or wscale.stride(-1) != 1:
+        return None
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    n = qweight.shape[0]
+    # supports() reads only shapes/dtypes; check with an empty stand-in before any kernel launch.
+    code_dtype = torch.float8_e4m3fn if act_format == "fp8_e4m3" else torch.int8
+    probe = torch.empty((0, k), dtype=code_dtype, device=x.device)
+    if supports(probe, qweight, wscale, group_size, x.dtype) is not None:
+        return None
+    codes, scale = act_quant(x2, act_format)
+    out = w4a8_gemm(codes, scale, qweight, wscale, bias, group_size, x.dtype)
+    return out.reshape(*x.shape[:-1], n)
+
+
+def register() -> bool:
+    """Install the CUDA implementation if CUDA and Triton are usable; returns whether it did."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    register_cuda_impl(w4a8_linear_cuda)
+    return True
+
+
+register()

@@ -1,0 +1,124 @@
+"""kernels/w4a8_gemm.py vs the exact math of the quantized operands.
+
+The reference of a GEMM on given codes is exact: dequantize both operands in float64 and multiply. The kernel's
+products are exact too (8-bit x 4-bit codes on tensor cores), so with an fp32 output it must agree to fp32
+accumulation error; with a bf16 output its error vs the float64 result must stay within 2x the error of the torch
+implementation of the same math (ops/w4a8_linear.w4a8_linear_reference) - the flash-attention rule.
+
+CPU: TRITON_INTERPRET=1 runs the same kernel source; fp8 tl.dot works in the interpreter, inline PTX does not, so the
+CPU runs take the plain-Triton unpack (UNPACK_ASM=False) and the GPU tests compare both unpack paths.
+"""
+
+import pytest
+import torch
+
+from qsparse_compiler.kernels.act_quant import act_quant
+from qsparse_compiler.kernels.w4a8_gemm import GEMM_CONFIGS, supports, w4a8_gemm
+from qsparse_compiler.ops.quantization import dequantize_weight_int4, quantize_weight_int4
+from qsparse_compiler.ops.w4a8_linear import w4a8_linear_reference
+
+
+def sqnr_db(x: torch.Tensor, ref: torch.Tensor) -> float:
+    x, ref = x.double(), ref.double()
+    return float(10 * torch.log10(ref.pow(2).sum() / (x - ref).pow(2).sum().clamp_min(1e-300)))
+
+
+def exact_reference(codes, scale, pw, bias):
+    """float64 result of the quantized operands: what an exact kernel would return before the output cast."""
+    a = codes.double() * scale.double()[:, None]
+    w = dequantize_weight_int4(pw.qweight.cpu(), pw.scale.cpu(), pw.group_size).double().to(codes.device)
+    out = a @ w.t()
+    return out if bias is None else out + bias.double()
+
+
+def run_case(m, n, k, group_size, fmt, dtype, with_bias, device="cpu", unpack_asm=None, config=None):
+    x = (torch.randn(m, k, device=device) * 2).to(dtype)
+    w = torch.randn(n, k, device=device) * k**-0.5
+    bias = (torch.randn(n, device=device) * 0.5).to(dtype) if with_bias else None
+    pw = quantize_weight_int4(w, group_size)
+    codes, scale = act_quant(x, fmt)
+    out = w4a8_gemm(codes, scale, pw.qweight, pw.scale, bias, group_size, dtype, unpack_asm=unpack_asm, config=config)
+    assert out.shape == (m, n) and out.dtype == dtype
+    exact = exact_reference(codes, scale, pw, bias)
+    return x, w, bias, pw, out, exact
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8"])
+@pytest.mark.parametrize(
+    "m,n,k,group_size",
+    [(1, 32, 64, 32), (17, 48, 128, 64), (5, 40, 96, 0), (33, 32, 64, 0)],  # single token, tails in M and N
+)
+def test_fp32_out_is_exact_math_cpu(fmt, m, n, k, group_size):
+    _, _, _, _, out, exact = run_case(m, n, k, group_size, fmt, torch.float32, with_bias=True)
+    rel = (out.double() - exact).norm() / exact.norm()
+    assert rel < 1e-6, f"relative error {rel:.2e} vs the exact quantized math"
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_out_within_2x_of_torch_cpu(fmt, dtype):
+    x, _, bias, pw, out, exact = run_case(19, 64, 128, 32, fmt, dtype, with_bias=True)
+    torch_out = w4a8_linear_reference(x, pw.qweight, pw.scale, bias, 32, fmt)
+    err_kernel = (out.double() - exact).abs().max()
+    err_torch = (torch_out.double() - exact).abs().max()
+    assert err_kernel <= 2 * err_torch + 1e-12, f"kernel error {err_kernel:.3e} > 2x torch error {err_torch:.3e}"
+
+
+def test_no_bias_and_per_channel_cpu():
+    _, _, _, _, out, exact = run_case(9, 32, 64, 0, "fp8_e4m3", torch.float32, with_bias=False)
+    assert sqnr_db(out, exact) > 120
+
+
+def test_supports_rejects_with_reason():
+    codes = torch.zeros(4, 48, dtype=torch.int8)
+    pw = quantize_weight_int4(torch.randn(32, 48), 16)
+    assert "G % 32" in supports(codes, pw.qweight, pw.scale, 16, torch.bfloat16)
+    with pytest.raises(ValueError, match="w4a8_gemm"):
+        w4a8_gemm(codes, torch.ones(4), pw.qweight, pw.scale, None, 16, torch.bfloat16)
+    assert "fp8_e4m3fn/int8" in supports(codes.float(), pw.qweight, pw.scale, 16, torch.bfloat16)
+
+
+def test_configs_are_valid_data():
+    for c in GEMM_CONFIGS:
+        kw = c.kwargs
+        assert kw["BK"] % 32 == 0 and kw["BM"] >= 16 and kw["BN"] >= 16, c
+        assert c.num_stages >= 1 and c.num_warps in (4, 8)
+
+
+# ---- GPU -----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt,unpack_asm", [("fp8_e4m3", True), ("fp8_e4m3", False), ("int8", False)])
+@pytest.mark.parametrize("group_size", [128, 0])
+@pytest.mark.parametrize("m", [1, 7, 333, 4101])
+def test_gpu_vs_quantized_math(fmt, unpack_asm, group_size, m):
+    # A pinned tile keeps the compile count down (autotuning itself is exercised by the op tests and the benchmark).
+    cfg = GEMM_CONFIGS[-3] if m < 64 else GEMM_CONFIGS[3]
+    x, w, bias, pw, out, exact = run_case(m, 640, 1536, group_size, fmt, torch.bfloat16, True, "cuda", unpack_asm, cfg)
+    assert torch.isfinite(out).all()
+    s = sqnr_db(out, exact)
+    assert s >= 40, f"SQNR vs the same quantized math {s:.1f} dB < 40"
+    torch_out = w4a8_linear_reference(x, pw.qweight, pw.scale, bias, group_size, fmt)
+    err_kernel = (out.double() - exact).abs().max()
+    err_torch = (torch_out.double() - exact).abs().max()
+    assert err_kernel <= 2 * err_torch + 1e-6, f"kernel error {err_kernel:.3e} > 2x torch error {err_torch:.3e}"
+    bf16 = torch.nn.functional.linear(x, w.to(x.dtype), bias)
+    print(f"\n[quant SQNR vs bf16] {fmt} g{group_size} m={m}: {sqnr_db(out, bf16):.2f} dB (vs exact {s:.1f} dB)")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("idx", range(len(GEMM_CONFIGS)))
+def test_gpu_every_config(idx):
+    """Each tile config (incl. SWAP_AB) is right, with tails in M and N; fp8 with the PTX unpack, and int8."""
+    cfg = GEMM_CONFIGS[idx]
+    for fmt in ("fp8_e4m3", "int8"):
+        group = 128 if 128 % cfg.kwargs["BK"] == 0 else 0
+        *_, out, exact = run_case(300, 392, 512, group, fmt, torch.bfloat16, True, "cuda", None, cfg)
+        assert sqnr_db(out, exact) >= 40, (fmt, cfg)
+
+
+@pytest.mark.gpu
+def test_gpu_large_m_headline_shape():
+    *_, out, exact = run_case(32760, 8960, 1536, 128, "fp8_e4m3", torch.bfloat16, True, "cuda")
+    assert sqnr_db(out, exact) >= 40
