@@ -5,6 +5,8 @@
 Formats (the math of ``qsparse_compiler.ops.quantization.quantize_activation``, which is the reference):
     fp8_e4m3  QMAX = 448, codes torch.float8_e4m3fn, q = clamp then round-to-nearest-even cast (Hopper MMA)
     int8      QMAX = 127, codes torch.int8,          q = round-half-even then clamp (portable MMA)
+    uint8_msfp (``act_quant_asym``) codes torch.uint8 = round((x - min) / scale), scale = (max - min) / 255, plus the
+              per-row zero (the minimum): for (near) non-negative inputs such as GELU outputs
 
 One program owns ROWS whole rows: the row is loaded into registers once, reduced to its amax and written back as
 codes, so the activation is read exactly once and the codes written once (the memory-bound floor: 3 bytes moved
@@ -26,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["act_quant", "ACT_QUANT_FORMATS", "MAX_K"]
+__all__ = ["act_quant", "act_quant_asym", "ACT_QUANT_FORMATS", "MAX_K"]
 
 ACT_QUANT_FORMATS = ("fp8_e4m3", "int8")
 _QMAX = {"fp8_e4m3": 448.0, "int8": 127.0}
@@ -57,12 +59,14 @@ def _act_quant_kernel(
     x_ptr,
     q_ptr,
     s_ptr,
+    z_ptr,
     M,
     K,
     stride_xm,
     stride_qm,
     QMAX: tl.constexpr,
     IS_FP8: tl.constexpr,
+    ASYM: tl.constexpr,
     EPS: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -77,10 +81,22 @@ def _act_quant_kernel(
     # 64-bit row offsets: M * K exceeds 2**31 at 10^5 tokens x 13,824 features.
     x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
     x = x.to(tl.float32)
-    amax = tl.max(tl.abs(x), axis=1)
-    scale = tl.maximum(amax, EPS) / QMAX
-    v = x / scale[:, None]
-    if IS_FP8:
+    if ASYM:
+        # MSFP: codes 0..QMAX span [row min, row max]; masked lanes must not win the min/max.
+        low = tl.min(tl.where(mask, x, float("inf")), axis=1)
+        high = tl.max(tl.where(mask, x, float("-inf")), axis=1)
+        scale = tl.maximum(high - low, EPS) / QMAX
+        v = (x - low[:, None]) / scale[:, None]
+        tl.store(z_ptr + rows, low, mask=row_ok)
+    else:
+        amax = tl.max(tl.abs(x), axis=1)
+        scale = tl.maximum(amax, EPS) / QMAX
+        v = x / scale[:, None]
+    if ASYM:
+        v = (v + 12582912.0) - 12582912.0
+        v = tl.minimum(tl.maximum(v, 0.0), QMAX)
+        codes = v.to(tl.uint8)
+    elif IS_FP8:
         v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
         codes = _round_to_e4m3_grid(v).to(tl.float8e4nv)  # exact cast: v is on the e4m3 grid already
     else:
@@ -133,15 +149,41 @@ def act_quant(
         x,
         codes,
         scale,
+        scale,  # no zero point in symmetric formats
         m,
         k,
         x.stride(0),
         codes.stride(0),
         QMAX=_QMAX[act_format],
         IS_FP8=act_format == "fp8_e4m3",
+        ASYM=False,
         EPS=_AMAX_EPS,
         ROWS=rows,
         BLOCK_K=block_k,
         num_warps=num_warps,
     )
     return codes, scale
+
+
+def act_quant_asym(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The "uint8_msfp" format: codes (M, K) uint8 = round((x - low) / scale), scale = (max - min) / 255 and
+    zero = low = the row minimum (both fp32 (M,)), so x ~= codes * scale + zero. Same one-pass kernel."""
+    if x.ndim != 2 or x.stride(-1) != 1 or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(
+            f"qsparse_compiler.kernels.act_quant: need a 2-D (M, K) bf16/fp16/fp32 tensor with unit K-stride, got "
+            f"{tuple(x.shape)} {x.dtype} strides {tuple(x.stride())}; reshape(-1, K) and .contiguous() first"
+        )
+    m, k = x.shape
+    if k > MAX_K:
+        raise ValueError(f"qsparse_compiler.kernels.act_quant: K={k} > {MAX_K} does not fit one row tile; split K")
+    codes = torch.empty((m, k), device=x.device, dtype=torch.uint8)
+    scale = torch.empty((m,), device=x.device, dtype=torch.float32)
+    zero = torch.empty((m,), device=x.device, dtype=torch.float32)
+    if m == 0:
+        return codes, scale, zero
+    block_k, rows, num_warps = _launch_shape(k)
+    _act_quant_kernel[(triton.cdiv(m, rows),)](
+        x, codes, scale, zero, m, k, x.stride(0), codes.stride(0),
+        QMAX=255.0, IS_FP8=False, ASYM=True, EPS=_AMAX_EPS, ROWS=rows, BLOCK_K=block_k, num_warps=num_warps,
+    )
+    return codes, scale, zero

@@ -7,6 +7,8 @@ Operands (the storage format of ``qsparse_compiler.ops.quantization``):
     wscale   (N, K//G)  bf16/fp16/fp32 group scales; G = K for per-channel weights
     bias     (N,)       optional
     out      (M, N)     bf16/fp16 (the dtype of the layer's input)
+    MSFP (uint8 activation codes c with a per-token zero z: x ~= c * s + z) runs on the int8 MMA as c - 128 plus a
+    rank-1 epilogue term (z + 128 s)[m] * wsum[n], wsum = row sums of the dequantized weight (a weight constant).
 
 Per K-step (BK columns; BK divides G, so one step never straddles two groups):
     load a tile (BM, BK) and a packed tile (BN, BK//2); unpack the nibbles in registers into the MMA dtype;
@@ -109,6 +111,8 @@ def _w4a8_gemm_kernel(
     w_ptr,
     w_scale_ptr,
     bias_ptr,
+    a_zero_ptr,
+    wsum_ptr,
     c_ptr,
     M,
     N,
@@ -121,6 +125,7 @@ def _w4a8_gemm_kernel(
     GROUP: tl.constexpr,
     PER_CHANNEL: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_ZERO: tl.constexpr,
     A_INT8: tl.constexpr,
     UNPACK_ASM: tl.constexpr,
     BM: tl.constexpr,
@@ -168,6 +173,8 @@ def _w4a8_gemm_kernel(
         acc = tl.zeros((BM, BN), dtype=total_dtype)
     for k in range(0, K, BK):
         a = tl.load(a_ptrs)
+        if HAS_ZERO:
+            a = (a ^ 0x80).to(tl.int8, bitcast=True)  # uint8 code c -> c - 128; the 128 moves to the zero point
         b = _unpack_int4(tl.load(w_ptrs), BN, BK, A_INT8, UNPACK_ASM)
         if PER_CHANNEL:
             # One scale per output channel: accumulate on the tensor cores, scale once in the epilogue.
@@ -190,11 +197,16 @@ def _w4a8_gemm_kernel(
         acc = tl.trans(acc)
     acc = acc.to(tl.float32)
     a_scale = tl.load(a_scale_ptr + rows)
+    if HAS_ZERO:
+        # x ~= c * s + z = (c - 128) * s + (z + 128 s): the shifted zero times the weight's row sums (rank-1 term)
+        zero = tl.load(a_zero_ptr + rows) + 128.0 * a_scale
     if A_INT8:
         a_scale = a_scale * 0.0625  # the unpacked int8 weights are q * 16
     acc = acc * a_scale[:, None]
     if PER_CHANNEL:
         acc = acc * tl.load(s_ptrs).to(tl.float32)[None, :]
+    if HAS_ZERO:
+        acc += zero[:, None] * tl.load(wsum_ptr + cols)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
     c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
@@ -261,7 +273,7 @@ def m_bucket(m: int) -> int:
 
 _w4a8_gemm_tuned = triton.autotune(
     configs=GEMM_CONFIGS,
-    key=["M_BUCKET", "N", "K", "GROUP", "PER_CHANNEL", "A_INT8", "UNPACK_ASM"],
+    key=["M_BUCKET", "N", "K", "GROUP", "PER_CHANNEL", "A_INT8", "HAS_ZERO", "UNPACK_ASM"],
     prune_configs_by={"early_config_prune": prune_configs},
 )(_w4a8_gemm_kernel)
 
@@ -282,6 +294,8 @@ def w4a8_gemm(
     unpack_asm: bool | None = None,
     config: triton.Config | None = None,
     compiled_out: list | None = None,
+    a_zero: torch.Tensor | None = None,
+    wsum: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """out (M, N) = (a * a_scale[:, None]) @ dequant(qweight, wscale)^T + bias, in ``out_dtype``.
 
@@ -300,13 +314,21 @@ def w4a8_gemm(
         return out
     if unpack_asm is None:
         unpack_asm = select_unpack_asm()
-    args = (a, a_scale, qweight, wscale, bias if bias is not None else a_scale, out, m, n, k, m_bucket(m))
+    has_zero = a.dtype == torch.uint8
+    if has_zero and (a_zero is None or wsum is None):
+        raise ValueError(
+            "qsparse_compiler.kernels.w4a8_gemm: uint8 (MSFP) activations need a_zero (M,) and wsum (N,) = the "
+            "row sums of the dequantized weight"
+        )
+    zero_args = (a_zero, wsum) if has_zero else (a_scale, a_scale)
+    args = (a, a_scale, qweight, wscale, bias if bias is not None else a_scale, *zero_args, out, m, n, k, m_bucket(m))
     strides = (a.stride(0), qweight.stride(0), wscale.stride(0), out.stride(0))
     flags = dict(
         GROUP=group,
         PER_CHANNEL=group_size == 0 or group == k,
         HAS_BIAS=bias is not None,
-        A_INT8=a.dtype == torch.int8,
+        HAS_ZERO=has_zero,
+        A_INT8=a.dtype in (torch.int8, torch.uint8),
         UNPACK_ASM=bool(unpack_asm),
     )
     if config is None:
@@ -330,9 +352,9 @@ def supports(
     a: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor, group_size: int, out_dtype: torch.dtype
 ) -> str | None:
     """None if the kernel handles this problem, else the reason (names the shape and what would work)."""
-    if a.ndim != 2 or a.stride(-1) != 1 or a.dtype not in (torch.float8_e4m3fn, torch.int8):
+    if a.ndim != 2 or a.stride(-1) != 1 or a.dtype not in (torch.float8_e4m3fn, torch.int8, torch.uint8):
         return (
-            f"a must be 2-D (M, K) fp8_e4m3fn/int8 codes with unit K-stride, got {tuple(a.shape)} {a.dtype} "
+            f"a must be 2-D (M, K) fp8_e4m3fn/int8/uint8 codes with unit K-stride, got {tuple(a.shape)} {a.dtype} "
             f"strides {tuple(a.stride())}"
         )
     m, k = a.shape

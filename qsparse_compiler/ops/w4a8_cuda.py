@@ -1,8 +1,11 @@
 """CUDA implementation of ``qsparse::w4a8_linear``: Triton activation quantization + Triton W4A8 GEMM.
 
 Registered with ``w4a8_linear.register_cuda_impl`` on import when CUDA and Triton are present. Returns None for
-what the kernels do not cover (the op then runs the plain-torch reference): act_format "uint8_msfp", fp8 on GPUs
+what the kernels do not cover (the op then runs the plain-torch reference): fp8 on GPUs
 without fp8 tensor cores (compute capability < 8.9), group sizes that are not multiples of 32, K > 32768.
+"uint8_msfp" (asymmetric per-token uint8) runs on the int8 MMA with a rank-1 zero-point correction; its weight
+row sums are computed per call here (one pass over the packed weight), because the op's schema carries no place
+for them - a plan could store them next to the scales.
 
 Graph-safe by construction: every decision below reads shapes, dtypes and the device's compute capability (host
 metadata), never tensor data, and nothing synchronizes, so the op runs inside torch.compile(fullgraph=True) and is
@@ -17,9 +20,10 @@ from typing import Optional
 
 import torch
 
+from .quantization import effective_group_size, unpack_int4
 from .w4a8_linear import register_cuda_impl
 
-__all__ = ["w4a8_linear_cuda", "register"]
+__all__ = ["w4a8_linear_cuda", "register", "weight_row_sums"]
 
 _X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -27,6 +31,15 @@ _X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 @functools.lru_cache(maxsize=None)
 def _has_fp8_mma(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index) >= (8, 9)
+
+
+def weight_row_sums(qweight: torch.Tensor, wscale: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(N,) fp32 sums over K of the dequantized weight: sum_g scale[n, g] * sum_{k in g} q[n, k] (exact integers)."""
+    n = qweight.shape[0]
+    k = qweight.shape[1] * 2
+    group = effective_group_size(k, group_size)
+    code_sums = unpack_int4(qweight).reshape(n, k // group, group).sum(dim=-1, dtype=torch.int32)
+    return (code_sums.to(torch.float32) * wscale.to(torch.float32)).sum(dim=-1)
 
 
 def w4a8_linear_cuda(
@@ -41,10 +54,10 @@ def w4a8_linear_cuda(
 
     Also runs on CPU tensors under TRITON_INTERPRET=1 (that is how the CPU tests exercise this path).
     """
-    from ..kernels.act_quant import ACT_QUANT_FORMATS, MAX_K, act_quant
+    from ..kernels.act_quant import ACT_QUANT_FORMATS, MAX_K, act_quant, act_quant_asym
     from ..kernels.w4a8_gemm import supports, w4a8_gemm
 
-    if act_format not in ACT_QUANT_FORMATS or x.dtype not in _X_DTYPES:
+    if act_format not in (*ACT_QUANT_FORMATS, "uint8_msfp") or x.dtype not in _X_DTYPES:
         return None
     if act_format == "fp8_e4m3" and x.is_cuda and not _has_fp8_mma(x.device.index or 0):
         return None
@@ -56,12 +69,17 @@ def w4a8_linear_cuda(
         x2 = x2.contiguous()
     n = qweight.shape[0]
     # supports() reads only shapes/dtypes; check with an empty stand-in before any kernel launch.
-    code_dtype = torch.float8_e4m3fn if act_format == "fp8_e4m3" else torch.int8
+    code_dtype = {"fp8_e4m3": torch.float8_e4m3fn, "int8": torch.int8, "uint8_msfp": torch.uint8}[act_format]
     probe = torch.empty((0, k), dtype=code_dtype, device=x.device)
     if supports(probe, qweight, wscale, group_size, x.dtype) is not None:
         return None
-    codes, scale = act_quant(x2, act_format)
-    out = w4a8_gemm(codes, scale, qweight, wscale, bias, group_size, x.dtype)
+    if act_format == "uint8_msfp":
+        codes, scale, zero = act_quant_asym(x2)
+        wsum = weight_row_sums(qweight, wscale, group_size)
+        out = w4a8_gemm(codes, scale, qweight, wscale, bias, group_size, x.dtype, a_zero=zero, wsum=wsum)
+    else:
+        codes, scale = act_quant(x2, act_format)
+        out = w4a8_gemm(codes, scale, qweight, wscale, bias, group_size, x.dtype)
     return out.reshape(*x.shape[:-1], n)
 
 

@@ -93,3 +93,28 @@ def test_matches_reference_gpu(fmt, m, k):
     x[0, 7] = 40.0  # an outlier, as in DiT activations
     # GPU division may round differently from torch's in rare cases: one step allowed, and almost all exact.
     _check(x, fmt, min_exact=0.999)
+
+
+def _check_asym(x: torch.Tensor, min_exact: float = 1.0) -> None:
+    from qsparse_compiler.kernels.act_quant import act_quant_asym
+
+    codes, scale, zero = act_quant_asym(x)
+    ref_codes, ref_scale, ref_zero = quantize_activation(x, "uint8_msfp")
+    assert codes.dtype == torch.uint8
+    torch.testing.assert_close(zero, ref_zero[:, 0], rtol=0, atol=0)
+    torch.testing.assert_close(scale, ref_scale[:, 0], rtol=0, atol=0)
+    steps = _code_steps(codes, ref_codes)
+    assert int(steps.max()) <= 1
+    assert float((steps == 0).float().mean()) >= min_exact
+
+
+@pytest.mark.parametrize("m,k", [(1, 32), (9, 200)])
+def test_msfp_matches_reference_cpu(m, k):
+    x = torch.nn.functional.gelu(torch.randn(m, k) * 2).to(torch.bfloat16)  # near non-negative, as after GELU
+    _check_asym(x)
+
+
+@pytest.mark.gpu
+def test_msfp_matches_reference_gpu():
+    x = torch.nn.functional.gelu(torch.randn(1031, 8960, device="cuda") * 2).to(torch.bfloat16)
+    _check_asym(x, min_exact=0.999)

@@ -75,7 +75,7 @@ def test_supports_rejects_with_reason():
     assert "G % 32" in supports(codes, pw.qweight, pw.scale, 16, torch.bfloat16)
     with pytest.raises(ValueError, match="w4a8_gemm"):
         w4a8_gemm(codes, torch.ones(4), pw.qweight, pw.scale, None, 16, torch.bfloat16)
-    assert "fp8_e4m3fn/int8" in supports(codes.float(), pw.qweight, pw.scale, 16, torch.bfloat16)
+    assert "fp8_e4m3fn/int8/uint8" in supports(codes.float(), pw.qweight, pw.scale, 16, torch.bfloat16)
 
 
 def test_configs_are_valid_data():

@@ -27,7 +27,7 @@ def make(shape, n, group_size, device="cpu", dtype=torch.float32, with_bias=True
     return x, pw, bias
 
 
-@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8"])
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8", "uint8_msfp"])
 @pytest.mark.parametrize("shape,group_size", [((2, 5, 64), 32), ((1, 1, 96), 0), ((3, 64), 64)])
 def test_cuda_path_matches_reference_cpu(fmt, shape, group_size):
     x, pw, bias = make(shape, 48, group_size)
@@ -48,7 +48,7 @@ def test_non_contiguous_input_cpu():
 
 def test_unsupported_returns_none_cpu():
     x, pw, bias = make((3, 64), 32, 32)
-    assert w4a8_linear_cuda(x, pw.qweight, pw.scale, bias, 32, "uint8_msfp") is None
+    assert w4a8_linear_cuda(x, pw.qweight, pw.scale, bias, 32, "nf8") is None
     x16, pw16, _ = make((3, 64), 32, 16)  # group 16 < the 32-wide 8-bit MMA step
     assert w4a8_linear_cuda(x16, pw16.qweight, pw16.scale, None, 16, "int8") is None
     assert w4a8_linear_cuda(x.to(torch.float64), pw.qweight, pw.scale, None, 32, "int8") is None
@@ -74,12 +74,23 @@ def test_op_uses_kernel_gpu(fmt, lead):
     assert sqnr_db(out, ref) >= 40
 
 
+def test_weight_row_sums_cpu():
+    from qsparse_compiler.ops.quantization import dequantize_weight_int4
+
+    for g in (32, 0):
+        _, pw, _ = make((1, 128), 24, g)
+        ref = dequantize_weight_int4(pw.qweight, pw.scale, g).sum(-1)
+        torch.testing.assert_close(w4a8_cuda.weight_row_sums(pw.qweight, pw.scale, g), ref, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.gpu
-def test_op_msfp_falls_back_gpu():
-    x, pw, bias = make((5, 256), 64, 128, "cuda", torch.bfloat16)
-    out = torch.ops.qsparse.w4a8_linear(x, pw.qweight, pw.scale, bias, 128, "uint8_msfp")
-    ref = w4a8_linear_reference(x, pw.qweight, pw.scale, bias, 128, "uint8_msfp")
-    assert torch.equal(out, ref)
+@pytest.mark.parametrize("group_size", [128, 0])
+def test_op_msfp_gpu(group_size):
+    x, pw, bias = make((5, 1536), 640, group_size, "cuda", torch.bfloat16)
+    x = torch.nn.functional.gelu(x * 2)  # MSFP's use case: near non-negative
+    out = torch.ops.qsparse.w4a8_linear(x, pw.qweight, pw.scale, bias, group_size, "uint8_msfp")
+    ref = w4a8_linear_reference(x, pw.qweight, pw.scale, bias, group_size, "uint8_msfp")
+    assert sqnr_db(out, ref) >= 40
 
 
 class _TwoLinears(torch.nn.Module):
