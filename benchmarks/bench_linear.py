@@ -90,13 +90,13 @@ def inspect_compiled(k) -> dict:
     return info
 
 
-def ours_fn(x, pw, bias, group_size, act_format):
+def ours_fn(x, pw, bias, group_size, act_format, chunk=0):
     from qsparse_compiler.kernels.act_quant import act_quant
     from qsparse_compiler.kernels.w4a8_gemm import w4a8_gemm
 
     def run():
-        codes, scale = act_quant(x, act_format)
-        return w4a8_gemm(codes, scale, pw.qweight, pw.scale, bias, group_size, x.dtype)
+        codes, scale = act_quant(x, act_format, chunk=chunk)
+        return w4a8_gemm(codes, scale, pw.qweight, pw.scale, bias, group_size, x.dtype, a_chunk=chunk)
 
     return run
 
@@ -116,7 +116,7 @@ def torchao_linear(w, bias, config):
 def run_sweep(x, w, bias, results, out_dir):
     """Every config x unpack variant on the headline shape, GEMM only, plus compiler facts per config."""
     from qsparse_compiler.kernels.act_quant import act_quant
-    from qsparse_compiler.kernels.w4a8_gemm import GEMM_CONFIGS, w4a8_gemm
+    from qsparse_compiler.kernels.w4a8_gemm import GEMM_CONFIGS, SPLIT_CHUNK, w4a8_gemm
     from qsparse_compiler.ops.quantization import quantize_weight_int4
 
     m, k = x.shape
@@ -124,37 +124,56 @@ def run_sweep(x, w, bias, results, out_dir):
     flops = 2.0 * m * n * k
     rows = []
     best = {}
-    for group_size in (128, 0):
-        pw = quantize_weight_int4(w, group_size)
-        for fmt, asm in (("fp8_e4m3", True), ("int8", False), ("fp8_e4m3", False)):
-            codes, scale = act_quant(x, fmt)
-            for cfg in GEMM_CONFIGS:
-                kw = cfg.kwargs
-                if kw["BM"] < 64 or (group_size and group_size % kw["BK"]):
-                    continue
-                if fmt == "fp8_e4m3" and not asm and not (kw["BM"] == 128 and kw["BN"] in (128, 256) and kw["BK"] == 128 and not kw["SWAP_AB"]):
-                    continue  # the plain-Triton unpack: two configs are enough to show its cost
-                if group_size == 0 and kw["BK"] != 128:
-                    continue
-                name = f"{fmt}{'-asm' if asm else ''} g{group_size} BM{kw['BM']} BN{kw['BN']} BK{kw['BK']} w{cfg.num_warps} s{cfg.num_stages}{' swap' if kw['SWAP_AB'] else ''}"
-                row = {"variant": name, "act_format": fmt, "unpack_asm": asm, "group_size": group_size, **kw,
-                       "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-                try:
-                    comp = []
-                    out = w4a8_gemm(codes, scale, pw.qweight, pw.scale, bias, group_size, x.dtype, unpack_asm=asm,
-                                    config=cfg, compiled_out=comp)
-                    ms = bench_ms(lambda: w4a8_gemm(codes, scale, pw.qweight, pw.scale, bias, group_size, x.dtype,
-                                                    unpack_asm=asm, config=cfg))
-                    info = inspect_compiled(comp[0])
-                    sass = info.pop("_sass", None)
-                    row.update(ms=ms, tflops=flops / ms / 1e9, **info)
-                    key = (fmt, asm, group_size)
-                    if key not in best or ms < best[key][0]:
-                        best[key] = (ms, comp[0], sass, name)
-                except Exception as e:
-                    row.update(error=f"{type(e).__name__}: {str(e)[:400]}")
-                rows.append(row)
-                print(f"  sweep {name:60s} {row.get('ms', float('nan')):8.3f} ms  regs={row.get('n_regs')} spills={row.get('n_spills')} wgmma={row.get('wgmma_ptx')} {row.get('wgmma_types', '')} {row.get('error', '')}", flush=True)
+    # (act format, PTX unpack, group, A_SPLIT layout, which configs)
+    plan = [
+        ("fp8_e4m3", True, 128, False, "all"), ("fp8_e4m3", True, 128, True, "all"),
+        ("int8", False, 128, False, "all"), ("int8", False, 128, True, "all"),
+        ("fp8_e4m3", False, 128, False, "two"),
+        ("fp8_e4m3", True, 0, False, "two"), ("fp8_e4m3", True, 0, True, "two"),
+        ("int8", False, 0, False, "two"), ("int8", False, 0, True, "two"),
+    ]
+    pws = {g: quantize_weight_int4(w, g) for g in (128, 0)}
+    codes_cache = {}
+    for fmt, asm, group_size, split, which in plan:
+        pw = pws[group_size]
+        chunk = SPLIT_CHUNK if split else 0
+        if (fmt, chunk) not in codes_cache:
+            codes_cache[(fmt, chunk)] = act_quant(x, fmt, chunk=chunk)
+        codes, scale = codes_cache[(fmt, chunk)]
+        for cfg in GEMM_CONFIGS:
+            kw = cfg.kwargs
+            if kw["BM"] < 64 or (group_size and group_size % kw["BK"]) or (split and kw["BK"] != SPLIT_CHUNK):
+                continue
+            if which == "two" and not (kw["BM"] == 128 and kw["BK"] == 128 and not kw["SWAP_AB"]
+                                       and (kw["BN"], cfg.num_warps) in ((256, 8), (128, 8))):
+                continue
+            if group_size == 0 and kw["BK"] != 128:
+                continue
+            name = (f"{fmt}{'-asm' if asm else ''}{'-split' if split else ''} g{group_size} BM{kw['BM']} BN{kw['BN']} "
+                    f"BK{kw['BK']} w{cfg.num_warps} s{cfg.num_stages}{' swap' if kw['SWAP_AB'] else ''}")
+            row = {"variant": name, "act_format": fmt, "unpack_asm": asm, "group_size": group_size, "a_split": split,
+                   **kw, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+
+            def call(comp=None):
+                return w4a8_gemm(codes, scale, pw.qweight, pw.scale, bias, group_size, x.dtype, unpack_asm=asm,
+                                 config=cfg, compiled_out=comp, a_chunk=chunk)
+
+            try:
+                comp = []
+                call(comp)
+                ms = bench_ms(call)
+                info = inspect_compiled(comp[0])
+                sass = info.pop("_sass", None)
+                row.update(ms=ms, tflops=flops / ms / 1e9, **info)
+                key = (fmt, asm, group_size)
+                if key not in best or ms < best[key][0]:
+                    best[key] = (ms, comp[0], sass, name)
+            except Exception as e:
+                row.update(error=f"{type(e).__name__}: {str(e)[:400]}")
+            rows.append(row)
+            print(f"  sweep {name:66s} {row.get('ms', float('nan')):8.3f} ms  regs={row.get('n_regs')} "
+                  f"spills={row.get('n_spills')} smem={row.get('shared_bytes')} wgmma={row.get('wgmma_ptx')} "
+                  f"{row.get('wgmma_types', '')} ldl/stl={row.get('ldl_stl_sass')} {row.get('error', '')}", flush=True)
     results["sweep"] = rows
     results["sweep_best"] = {f"{k[0]}{'-asm' if k[1] else ''} g{k[2]}": v[3] + f" {v[0]:.3f} ms" for k, v in best.items()}
     if out_dir is not None:
@@ -224,8 +243,10 @@ def run_shape(name, k, n, m, results, with_torchao=True, with_int4=True, sweep=F
     for group_size in (128, 0):
         pw = quantize_weight_int4(w, group_size)
         for fmt in ("fp8_e4m3", "int8"):
-            add(f"ours {fmt} g{group_size} (quant+gemm)", ours_fn(x, pw, bias, group_size, fmt),
-                note=f"weights {pw.nbytes / 2**20:.1f} MiB vs bf16 {w.numel() * 2 / 2**20:.1f} MiB")
+            for chunk in (0, 128):
+                add(f"ours {fmt} g{group_size}{' split' if chunk else ''} (quant+gemm)",
+                    ours_fn(x, pw, bias, group_size, fmt, chunk),
+                    note=f"weights {pw.nbytes / 2**20:.1f} MiB vs bf16 {w.numel() * 2 / 2**20:.1f} MiB")
     # MSFP (item 5): is an asymmetric per-token uint8 format free? Inputs after GELU (near non-negative).
     from qsparse_compiler.kernels.act_quant import act_quant_asym
     from qsparse_compiler.kernels.w4a8_gemm import w4a8_gemm

@@ -67,6 +67,7 @@ def _act_quant_kernel(
     QMAX: tl.constexpr,
     IS_FP8: tl.constexpr,
     ASYM: tl.constexpr,
+    CHUNK: tl.constexpr,
     EPS: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -103,6 +104,12 @@ def _act_quant_kernel(
         v = (v + 12582912.0) - 12582912.0  # round half to even (see module docstring)
         v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
         codes = v.to(tl.int8)
+    if CHUNK > 0:
+        # [even k | odd k] within each CHUNK of columns: the layout w4a8_gemm's A_SPLIT path reads (K % CHUNK == 0,
+        # so the masked tail is whole chunks and the mask needs no permutation).
+        tl.static_assert(BLOCK_K % CHUNK == 0, "act_quant: BLOCK_K must be a multiple of CHUNK")
+        codes = codes.reshape(ROWS, BLOCK_K // CHUNK, CHUNK // 2, 2)
+        codes = tl.permute(codes, (0, 1, 3, 2)).reshape(ROWS, BLOCK_K)
     tl.store(q_ptr + rows.to(tl.int64)[:, None] * stride_qm + cols[None, :], codes, mask=mask)
     tl.store(s_ptr + rows, scale, mask=row_ok)
 
@@ -117,9 +124,16 @@ def _launch_shape(k: int) -> tuple[int, int, int]:
 
 
 def act_quant(
-    x: torch.Tensor, act_format: str, out: torch.Tensor | None = None, scale_out: torch.Tensor | None = None
+    x: torch.Tensor,
+    act_format: str,
+    out: torch.Tensor | None = None,
+    scale_out: torch.Tensor | None = None,
+    chunk: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize a 2-D activation (M, K) per row: returns codes (M, K) and fp32 scales (M,).
+
+    ``chunk`` > 0 stores each row's codes as [even k | odd k] per ``chunk`` columns (K % chunk == 0): the layout
+    the W4A8 GEMM pairs with the low / high weight nibbles (``w4a8_gemm(..., a_chunk=chunk)``).
 
     ``x`` must have a contiguous last dimension (any row stride); bf16, fp16 and fp32 inputs are accepted.
     ``out`` / ``scale_out`` may be given to write into preallocated buffers.
@@ -137,6 +151,8 @@ def act_quant(
     m, k = x.shape
     if k > MAX_K:
         raise ValueError(f"qsparse_compiler.kernels.act_quant: K={k} > {MAX_K} does not fit one row tile; split K")
+    if chunk and (k % chunk or chunk % 2 or chunk & (chunk - 1)):
+        raise ValueError(f"qsparse_compiler.kernels.act_quant: chunk={chunk} must be a power of two dividing K={k}")
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"qsparse_compiler.kernels.act_quant: x.dtype={x.dtype}; expected bf16, fp16 or fp32")
     codes = out if out is not None else torch.empty((m, k), device=x.device, dtype=_CODE_DTYPE[act_format])
@@ -157,6 +173,7 @@ def act_quant(
         QMAX=_QMAX[act_format],
         IS_FP8=act_format == "fp8_e4m3",
         ASYM=False,
+        CHUNK=chunk,
         EPS=_AMAX_EPS,
         ROWS=rows,
         BLOCK_K=block_k,
@@ -184,6 +201,6 @@ def act_quant_asym(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     block_k, rows, num_warps = _launch_shape(k)
     _act_quant_kernel[(triton.cdiv(m, rows),)](
         x, codes, scale, zero, m, k, x.stride(0), codes.stride(0),
-        QMAX=255.0, IS_FP8=False, ASYM=True, EPS=_AMAX_EPS, ROWS=rows, BLOCK_K=block_k, num_warps=num_warps,
+        QMAX=255.0, IS_FP8=False, ASYM=True, CHUNK=0, EPS=_AMAX_EPS, ROWS=rows, BLOCK_K=block_k, num_warps=num_warps,
     )
     return codes, scale, zero

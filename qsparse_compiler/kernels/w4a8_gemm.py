@@ -84,10 +84,8 @@ prmt.b32 $1, r0, r1, 0x7531;
 
 
 @triton.jit
-def _unpack_int4(
-    packed, BN: tl.constexpr, BK: tl.constexpr, A_INT8: tl.constexpr, UNPACK_ASM: tl.constexpr
-):
-    """(BN, BK//2) uint8 -> (BN, BK) weights in the MMA dtype, k order restored by join + reshape."""
+def _unpack_pair(packed, A_INT8: tl.constexpr, UNPACK_ASM: tl.constexpr):
+    """(BN, BK//2) uint8 -> (lo, hi), each (BN, BK//2) in the MMA dtype: lo[:, j] = q[2j], hi[:, j] = q[2j+1]."""
     if A_INT8:
         lo = (packed << 4).to(tl.int8, bitcast=True)  # q[2j] * 16
         hi = (packed & 0xF0).to(tl.int8, bitcast=True)  # q[2j+1] * 16
@@ -101,7 +99,24 @@ def _unpack_int4(
         as_int = packed.to(tl.int16)
         lo = (((as_int & 0xF) ^ 8) - 8).to(tl.float16).to(tl.float8e4nv)  # exact: -8..7 are e4m3 values
         hi = (((as_int >> 4) ^ 8) - 8).to(tl.float16).to(tl.float8e4nv)
-    return tl.join(lo, hi).reshape(BN, BK)
+    return lo, hi
+
+
+@triton.jit
+def _load_a(ptrs, HAS_ZERO: tl.constexpr):
+    a = tl.load(ptrs)
+    if HAS_ZERO:
+        a = (a ^ 0x80).to(tl.int8, bitcast=True)  # uint8 code c -> c - 128; the 128 moves to the zero point
+    return a
+
+
+@triton.jit
+def _mma(a, b, acc, SWAP_AB: tl.constexpr, out_dtype: tl.constexpr):
+    """a (BM, k) @ b (BN, k)^T, or its transpose (BN, BM) with the weight as the MMA's A operand."""
+    if SWAP_AB:
+        return tl.dot(b, tl.trans(a), acc, out_dtype=out_dtype)
+    else:
+        return tl.dot(a, tl.trans(b), acc, out_dtype=out_dtype)
 
 
 @triton.jit
@@ -133,6 +148,7 @@ def _w4a8_gemm_kernel(
     BK: tl.constexpr,
     GROUP_M: tl.constexpr,
     SWAP_AB: tl.constexpr,
+    A_SPLIT: tl.constexpr,
 ):
     tl.static_assert(BK % 32 == 0, "w4a8_gemm: BK must be a multiple of 32 (8-bit MMA K-width)")
     tl.static_assert(GROUP % BK == 0, "w4a8_gemm: BK must divide the weight group size")
@@ -152,9 +168,13 @@ def _w4a8_gemm_kernel(
     # Tails read a valid row instead of masking: loads stay unmasked and wide; the store drops those rows.
     rows = tl.max_contiguous(tl.multiple_of(offs_m % M, BM), BM).to(tl.int64)
     cols = tl.max_contiguous(tl.multiple_of(offs_n % N, BN), BN).to(tl.int64)
-    offs_k = tl.arange(0, BK)
     offs_kh = tl.arange(0, BK // 2)
-    a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :]
+    if A_SPLIT:
+        # Activation codes stored [even k | odd k] per BK chunk (act_quant(..., chunk=BK)): two half-tiles pair with
+        # the low / high nibbles directly, so the weight needs no join into k order.
+        a_ptrs = a_ptr + rows[:, None] * stride_am + offs_kh[None, :]
+    else:
+        a_ptrs = a_ptr + rows[:, None] * stride_am + tl.arange(0, BK)[None, :]
     w_ptrs = w_ptr + cols[:, None] * stride_wn + offs_kh[None, :]
     s_ptrs = w_scale_ptr + cols * stride_sn
 
@@ -172,23 +192,29 @@ def _w4a8_gemm_kernel(
     else:
         acc = tl.zeros((BM, BN), dtype=total_dtype)
     for k in range(0, K, BK):
-        a = tl.load(a_ptrs)
-        if HAS_ZERO:
-            a = (a ^ 0x80).to(tl.int8, bitcast=True)  # uint8 code c -> c - 128; the 128 moves to the zero point
-        b = _unpack_int4(tl.load(w_ptrs), BN, BK, A_INT8, UNPACK_ASM)
-        if PER_CHANNEL:
-            # One scale per output channel: accumulate on the tensor cores, scale once in the epilogue.
-            if SWAP_AB:
-                acc = tl.dot(b, tl.trans(a), acc, out_dtype=acc_dtype)
+        lo, hi = _unpack_pair(tl.load(w_ptrs), A_INT8, UNPACK_ASM)
+        if A_SPLIT:
+            a_lo = _load_a(a_ptrs, HAS_ZERO)
+            a_hi = _load_a(a_ptrs + BK // 2, HAS_ZERO)
+            if PER_CHANNEL:
+                # One scale per output channel: accumulate on the tensor cores, scale once in the epilogue.
+                acc = _mma(a_lo, lo, acc, SWAP_AB, acc_dtype)
+                acc = _mma(a_hi, hi, acc, SWAP_AB, acc_dtype)
             else:
-                acc = tl.dot(a, tl.trans(b), acc, out_dtype=acc_dtype)
+                part = _mma(a_lo, lo, None, SWAP_AB, acc_dtype)
+                part = _mma(a_hi, hi, part, SWAP_AB, acc_dtype)
         else:
+            a = _load_a(a_ptrs, HAS_ZERO)
+            b = tl.join(lo, hi).reshape(BN, BK)  # k order: the joined axis is register-local, the reshape is free
+            if PER_CHANNEL:
+                acc = _mma(a, b, acc, SWAP_AB, acc_dtype)
+            else:
+                part = _mma(a, b, None, SWAP_AB, acc_dtype)
+        if not PER_CHANNEL:
             gscale = tl.load(s_ptrs + k // GROUP).to(tl.float32)
             if SWAP_AB:
-                part = tl.dot(b, tl.trans(a), out_dtype=acc_dtype)
                 acc += part.to(tl.float32) * gscale[:, None]
             else:
-                part = tl.dot(a, tl.trans(b), out_dtype=acc_dtype)
                 acc += part.to(tl.float32) * gscale[None, :]
         a_ptrs += BK
         w_ptrs += BK // 2
@@ -239,6 +265,7 @@ GEMM_CONFIGS: list[triton.Config] = [
     _cfg(64, 64, 64, 4, 4),
     _cfg(32, 64, 32, 4, 2),
     _cfg(16, 32, 32, 4, 1),
+    _cfg(16, 32, 128, 4, 1),
 ]
 
 
@@ -246,24 +273,28 @@ def prune_configs(configs: Iterable[triton.Config], named_args: dict[str, Any], 
     """Keep configs whose BK divides the group (and K), whose tiles are not far larger than the problem, and, under
     the CPU interpreter, only the smallest (each interpreted program costs milliseconds)."""
     group = named_args["GROUP"] if "GROUP" in named_args else kwargs["GROUP"]
+    a_split = named_args.get("A_SPLIT", kwargs.get("A_SPLIT", False))
     m, n = named_args["M"], named_args["N"]
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
     kept = []
     for c in configs:
         bm, bn, bk = c.kwargs["BM"], c.kwargs["BN"], c.kwargs["BK"]
-        if group % bk:
+        if group % bk or (a_split and bk != SPLIT_CHUNK):
             continue
         if interpret:
             # One config, so the autotuner does not benchmark interpreted runs.
-            if (bm, bn) == (16, 32):
+            if (bm, bn) == (16, 32) and not kept:
                 kept.append(c)
             continue
         if bm > 2 * max(m, 16) or bn > 2 * n:
             continue
         kept.append(c)
-    if not kept:  # the launcher checked that BK=32 divides the group, so the smallest config always fits
-        kept = [c for c in configs if group % c.kwargs["BK"] == 0][-1:]
+    if not kept:  # the launcher checked that BK=32 (or the split chunk) divides the group, so one always fits
+        kept = [c for c in configs if group % c.kwargs["BK"] == 0 and (not a_split or c.kwargs["BK"] == SPLIT_CHUNK)][-1:]
     return kept
+
+
+SPLIT_CHUNK = 128  # the BK of the A_SPLIT layout: act_quant(..., chunk=SPLIT_CHUNK) writes codes for it
 
 
 def m_bucket(m: int) -> int:
@@ -273,7 +304,7 @@ def m_bucket(m: int) -> int:
 
 _w4a8_gemm_tuned = triton.autotune(
     configs=GEMM_CONFIGS,
-    key=["M_BUCKET", "N", "K", "GROUP", "PER_CHANNEL", "A_INT8", "HAS_ZERO", "UNPACK_ASM"],
+    key=["M_BUCKET", "N", "K", "GROUP", "PER_CHANNEL", "A_INT8", "HAS_ZERO", "UNPACK_ASM", "A_SPLIT"],
     prune_configs_by={"early_config_prune": prune_configs},
 )(_w4a8_gemm_kernel)
 
@@ -296,14 +327,17 @@ def w4a8_gemm(
     compiled_out: list | None = None,
     a_zero: torch.Tensor | None = None,
     wsum: torch.Tensor | None = None,
+    a_chunk: int = 0,
 ) -> torch.Tensor:
     """out (M, N) = (a * a_scale[:, None]) @ dequant(qweight, wscale)^T + bias, in ``out_dtype``.
 
     ``group_size`` 0 means per-channel. ``config`` pins one triton.Config (benchmarks, tests) instead of autotuning;
     with it, ``compiled_out`` (a list) receives the compiled kernel (asm, registers, spills) for inspection.
+    ``a_chunk`` = SPLIT_CHUNK says the codes were written by ``act_quant(..., chunk=SPLIT_CHUNK)`` ([even k | odd k]
+    per chunk): the kernel then pairs half-tiles of codes with the low / high nibbles and skips the weight's join.
     Raises ValueError for shapes the kernel cannot do; callers that can fall back should check ``supports`` first.
     """
-    problem = supports(a, qweight, wscale, group_size, out_dtype)
+    problem = supports(a, qweight, wscale, group_size, out_dtype, a_chunk)
     if problem is not None:
         raise ValueError(f"qsparse_compiler.kernels.w4a8_gemm: {problem}")
     m, k = a.shape
@@ -330,6 +364,7 @@ def w4a8_gemm(
         HAS_ZERO=has_zero,
         A_INT8=a.dtype in (torch.int8, torch.uint8),
         UNPACK_ASM=bool(unpack_asm),
+        A_SPLIT=a_chunk != 0,
     )
     if config is None:
 
@@ -349,7 +384,12 @@ def w4a8_gemm(
 
 
 def supports(
-    a: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor, group_size: int, out_dtype: torch.dtype
+    a: torch.Tensor,
+    qweight: torch.Tensor,
+    wscale: torch.Tensor,
+    group_size: int,
+    out_dtype: torch.dtype,
+    a_chunk: int = 0,
 ) -> str | None:
     """None if the kernel handles this problem, else the reason (names the shape and what would work)."""
     if a.ndim != 2 or a.stride(-1) != 1 or a.dtype not in (torch.float8_e4m3fn, torch.int8, torch.uint8):
@@ -365,6 +405,8 @@ def supports(
         return f"K={k} and group_size={group_size} need K % G == 0 and G % 32 == 0 (8-bit MMA K-width)"
     if wscale.shape != (qweight.shape[0], k // group) or wscale.stride(-1) != 1:
         return f"wscale must be (N, K//G)=({qweight.shape[0]}, {k // group}), got {tuple(wscale.shape)}"
+    if a_chunk not in (0, SPLIT_CHUNK) or (a_chunk and group % a_chunk):
+        return f"a_chunk={a_chunk} must be 0 or {SPLIT_CHUNK} and divide the group size {group}"
     if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return f"out_dtype={out_dtype} unsupported; use bf16, fp16 or fp32"
     return None

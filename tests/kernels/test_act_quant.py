@@ -118,3 +118,13 @@ def test_msfp_matches_reference_cpu(m, k):
 def test_msfp_matches_reference_gpu():
     x = torch.nn.functional.gelu(torch.randn(1031, 8960, device="cuda") * 2).to(torch.bfloat16)
     _check_asym(x, min_exact=0.999)
+
+
+def test_chunked_layout_cpu():
+    x = torch.randn(3, 256)
+    codes, _ = act_quant(x, "int8")
+    split, _ = act_quant(x, "int8", chunk=64)
+    perm = torch.arange(256).reshape(4, 32, 2).transpose(1, 2).reshape(256)
+    assert torch.equal(split, codes[:, perm])
+    with pytest.raises(ValueError, match="chunk"):
+        act_quant(x[:, :96].contiguous(), "int8", chunk=64)

@@ -94,7 +94,9 @@ def test_configs_are_valid_data():
 @pytest.mark.parametrize("m", [1, 7, 333, 4101])
 def test_gpu_vs_quantized_math(fmt, unpack_asm, group_size, m):
     # A pinned tile keeps the compile count down (autotuning itself is exercised by the op tests and the benchmark).
-    cfg = GEMM_CONFIGS[-3] if m < 64 else GEMM_CONFIGS[3]
+    from qsparse_compiler.kernels.w4a8_gemm import _cfg
+
+    cfg = _cfg(64, 64, 64, 4, 4) if m < 64 else _cfg(128, 128, 128, 8, 4)
     x, w, bias, pw, out, exact = run_case(m, 640, 1536, group_size, fmt, torch.bfloat16, True, "cuda", unpack_asm, cfg)
     assert torch.isfinite(out).all()
     s = sqnr_db(out, exact)
@@ -121,4 +123,53 @@ def test_gpu_every_config(idx):
 @pytest.mark.gpu
 def test_gpu_large_m_headline_shape():
     *_, out, exact = run_case(32760, 8960, 1536, 128, "fp8_e4m3", torch.bfloat16, True, "cuda")
+    assert sqnr_db(out, exact) >= 40
+
+
+def run_split_case(m, n, k, group_size, fmt, device="cpu", config=None, dtype=torch.float32):
+    """The A_SPLIT layout: codes written [even k | odd k] per 128 columns, paired with the nibbles in the kernel."""
+    from qsparse_compiler.kernels.w4a8_gemm import SPLIT_CHUNK
+
+    x = (torch.randn(m, k, device=device) * 2).to(dtype)
+    pw = quantize_weight_int4(torch.randn(n, k, device=device) * k**-0.5, group_size)
+    bias = torch.randn(n, device=device).to(dtype)
+    codes, scale = act_quant(x, fmt)
+    split_codes, split_scale = act_quant(x, fmt, chunk=SPLIT_CHUNK)
+    assert torch.equal(split_scale, scale)
+    perm = torch.arange(k).reshape(k // SPLIT_CHUNK, SPLIT_CHUNK // 2, 2).transpose(1, 2).reshape(k)
+    assert torch.equal(split_codes.view(torch.uint8), codes.view(torch.uint8)[:, perm.to(device)])
+    out = w4a8_gemm(split_codes, scale, pw.qweight, pw.scale, bias, group_size, dtype, config=config,
+                    a_chunk=SPLIT_CHUNK)
+    return out, exact_reference(codes, scale, pw, bias)
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8"])
+@pytest.mark.parametrize("group_size", [128, 0])
+def test_split_layout_cpu(fmt, group_size):
+    out, exact = run_split_case(5, 40, 256, group_size, fmt)
+    assert sqnr_db(out, exact) > 120
+
+
+@pytest.mark.parametrize("a_chunk", [0, 128])
+def test_swap_ab_cpu(a_chunk):
+    """SWAP_AB computes the transposed tile; same numbers (pinned config, since the interpreter autotunes to one)."""
+    from qsparse_compiler.kernels.w4a8_gemm import _cfg
+
+    cfg = _cfg(32, 32, 128, 4, 1, swap=True)
+    if a_chunk:
+        out, exact = run_split_case(9, 48, 256, 128, "int8", config=cfg)
+    else:
+        *_, out, exact = run_case(9, 48, 256, 128, "fp8_e4m3", torch.float32, True, config=cfg)
+    assert sqnr_db(out, exact) > 120
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8"])
+@pytest.mark.parametrize("swap", [False, True])
+@pytest.mark.parametrize("m", [1, 333, 4101])
+def test_gpu_split_layout(fmt, swap, m):
+    from qsparse_compiler.kernels.w4a8_gemm import _cfg
+
+    cfg = _cfg(64 if m < 64 else 128, 128, 128, 4, 3, swap=swap)
+    out, exact = run_split_case(m, 640, 1536, 128, fmt, "cuda", cfg, torch.bfloat16)
     assert sqnr_db(out, exact) >= 40
