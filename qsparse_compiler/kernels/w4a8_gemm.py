@@ -48,7 +48,8 @@ __all__ = ["w4a8_gemm", "GEMM_CONFIGS", "prune_configs", "m_bucket", "select_unp
 # e4m3 codes of int4 values, packed as prmt lookup tables (byte i of the 8-byte pair = code of table entry i).
 #   positive table, entries q = 0..7:   00 38 40 44 | 48 4A 4C 4E
 #   negative table, entries q = -8..-1 (index q + 8): D0 CE CC CA | C8 C4 C0 B8
-_UNPACK_FP8_ASM = """
+_UNPACK_FP8_ASM = tl.constexpr(
+    """
 {
 .reg .b32 pl, ph, nl, nh, idx, sel, pos, neg, r0, r1, w;
 mov.b32 pl, 0x44403800;
@@ -74,6 +75,7 @@ prmt.b32 $0, r0, r1, 0x6420;
 prmt.b32 $1, r0, r1, 0x7531;
 }
 """
+)
 # Why this is right: a 32-bit register holds 4 packed bytes = 8 nibbles q0..q7 in k order (byte j = q[2j] low,
 # q[2j+1] high). prmt reads its selector from the low 16 bits, one nibble per output byte, and a nibble's bit 3
 # would switch prmt to sign-replicate mode, so the index is masked to 3 bits and bit 3 (the int4 sign) instead
@@ -108,6 +110,22 @@ def _load_a(ptrs, HAS_ZERO: tl.constexpr):
     if HAS_ZERO:
         a = (a ^ 0x80).to(tl.int8, bitcast=True)  # uint8 code c -> c - 128; the 128 moves to the zero point
     return a
+
+
+@triton.jit
+def _scale_add(acc, part, gscale, A_INT8: tl.constexpr, SWAP_AB: tl.constexpr, BK: tl.constexpr):
+    """acc + part * group scale (per output channel)."""
+    if A_INT8:
+        # int32 -> fp32 by the exponent trick (IADD + FADD at full rate) instead of I2F, which runs at 1/4 rate and
+        # made the int8 path conversion-bound. Exact for |part| < 2**22: |a| <= 128, |16 q| <= 128, BK <= 256 terms.
+        tl.static_assert(BK <= 256, "w4a8_gemm: the int32->fp32 trick needs BK <= 256")
+        partf = (part + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+    else:
+        partf = part
+    if SWAP_AB:
+        return acc + partf * gscale[:, None]
+    else:
+        return acc + partf * gscale[None, :]
 
 
 @triton.jit
@@ -212,10 +230,7 @@ def _w4a8_gemm_kernel(
                 part = _mma(a, b, None, SWAP_AB, acc_dtype)
         if not PER_CHANNEL:
             gscale = tl.load(s_ptrs + k // GROUP).to(tl.float32)
-            if SWAP_AB:
-                acc += part.to(tl.float32) * gscale[:, None]
-            else:
-                acc += part.to(tl.float32) * gscale[None, :]
+            acc = _scale_add(acc, part, gscale, A_INT8, SWAP_AB, BK)
         a_ptrs += BK
         w_ptrs += BK // 2
 
@@ -249,19 +264,22 @@ def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, swap: bool = False,
     )
 
 
-# Large-M (prefill-like) tiles first; 128x256 halves the unpack work per FLOP relative to 128x128 and wgmma
-# likes N = 256. BK = 128 = the default group size: one scale per k-step. Small tiles cover decode-sized M and
-# group sizes of 32/64. The interpreter gets only the small ones (CPU time).
+# Measured on the H100 (benchmarks/bench_linear.py --sweep): 128x256x64, 256x128 (non-swapped) and 4-warp 128x128
+# tiles spilled and ran 1.5-2x slower, so they are gone. BK = 128 = the default group size: one scale per k-step.
+# The interpreter gets only the 16x32 tiles (CPU time).
 GEMM_CONFIGS: list[triton.Config] = [
+    # SWAP_AB: the weight tile is wgmma's A operand, loaded from shared memory straight into the register layout
+    # of the MMA and unpacked there (with A_SPLIT no join, no shared-memory round trip for the weights).
+    _cfg(128, 128, 128, 8, 4, swap=True),
+    _cfg(128, 128, 128, 8, 3, swap=True),
+    _cfg(64, 128, 128, 8, 4, swap=True),
+    _cfg(256, 128, 128, 8, 3, swap=True),
+    # Activation tile as wgmma's A; the unpacked weights go through shared memory.
     _cfg(128, 256, 128, 8, 3),
-    _cfg(128, 256, 64, 8, 4),
-    _cfg(256, 128, 128, 8, 3),
     _cfg(128, 128, 128, 8, 4),
-    _cfg(128, 128, 128, 4, 4),
-    _cfg(128, 128, 64, 4, 5),
     _cfg(64, 128, 128, 4, 4),
-    _cfg(128, 256, 128, 8, 3, swap=True),
-    _cfg(128, 128, 128, 4, 4, swap=True),
+    _cfg(128, 128, 64, 8, 4),
+    # Small M (decode-like) and group sizes 32 / 64.
     _cfg(64, 64, 64, 4, 4),
     _cfg(32, 64, 32, 4, 2),
     _cfg(16, 32, 32, 4, 1),
@@ -274,6 +292,7 @@ def prune_configs(configs: Iterable[triton.Config], named_args: dict[str, Any], 
     the CPU interpreter, only the smallest (each interpreted program costs milliseconds)."""
     group = named_args["GROUP"] if "GROUP" in named_args else kwargs["GROUP"]
     a_split = named_args.get("A_SPLIT", kwargs.get("A_SPLIT", False))
+    per_channel = named_args.get("PER_CHANNEL", kwargs.get("PER_CHANNEL", False))
     m, n = named_args["M"], named_args["N"]
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
     kept = []
@@ -288,6 +307,8 @@ def prune_configs(configs: Iterable[triton.Config], named_args: dict[str, Any], 
             continue
         if bm > 2 * max(m, 16) or bn > 2 * n:
             continue
+        if c.kwargs["SWAP_AB"] and not per_channel and bm * bn > 128 * 128:
+            continue  # grouped scaling keeps a second (BN, BM) accumulator: these tiles spill
         kept.append(c)
     if not kept:  # the launcher checked that BK=32 (or the split chunk) divides the group, so one always fits
         kept = [c for c in configs if group % c.kwargs["BK"] == 0 and (not a_split or c.kwargs["BK"] == SPLIT_CHUNK)][-1:]

@@ -55,7 +55,7 @@ def w4a8_linear_cuda(
     Also runs on CPU tensors under TRITON_INTERPRET=1 (that is how the CPU tests exercise this path).
     """
     from ..kernels.act_quant import ACT_QUANT_FORMATS, MAX_K, act_quant, act_quant_asym
-    from ..kernels.w4a8_gemm import supports, w4a8_gemm
+    from ..kernels.w4a8_gemm import SPLIT_CHUNK, supports, w4a8_gemm
 
     if act_format not in (*ACT_QUANT_FORMATS, "uint8_msfp") or x.dtype not in _X_DTYPES:
         return None
@@ -73,13 +73,17 @@ def w4a8_linear_cuda(
     probe = torch.empty((0, k), dtype=code_dtype, device=x.device)
     if supports(probe, qweight, wscale, group_size, x.dtype) is not None:
         return None
+    # The split code layout lets the GEMM pair half-tiles of codes with the weight nibbles (no join, weights stay in
+    # registers); it needs whole 128-column chunks inside every weight group.
+    group = k if group_size == 0 else group_size
+    chunk = SPLIT_CHUNK if group % SPLIT_CHUNK == 0 else 0
     if act_format == "uint8_msfp":
         codes, scale, zero = act_quant_asym(x2)
         wsum = weight_row_sums(qweight, wscale, group_size)
         out = w4a8_gemm(codes, scale, qweight, wscale, bias, group_size, x.dtype, a_zero=zero, wsum=wsum)
     else:
-        codes, scale = act_quant(x2, act_format)
-        out = w4a8_gemm(codes, scale, qweight, wscale, bias, group_size, x.dtype)
+        codes, scale = act_quant(x2, act_format, chunk=chunk)
+        out = w4a8_gemm(codes, scale, qweight, wscale, bias, group_size, x.dtype, a_chunk=chunk)
     return out.reshape(*x.shape[:-1], n)
 
 
