@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-SHAPES = [  # (name, K, N)
-    ("wan1.3b qkvo 1536->1536", 1536, 1536),
+SHAPES = [  # (name, K, N); the headline shape first, so a cut-short run still has it
     ("wan1.3b ffn_up 1536->8960", 1536, 8960),
+    ("wan1.3b qkvo 1536->1536", 1536, 1536),
     ("wan1.3b ffn_down 8960->1536", 8960, 1536),
     ("14b qkvo 5120->5120", 5120, 5120),
     ("14b ffn_up 5120->13824", 5120, 13824),
@@ -90,11 +90,16 @@ def inspect_compiled(k) -> dict:
     return info
 
 
-def ours_fn(x, pw, bias, group_size, act_format, chunk=0):
+def ours_fn(x, pw, bias, group_size, act_format, chunk=0, pre_unpack=False):
     from qsparse_compiler.kernels.act_quant import act_quant
+    from qsparse_compiler.kernels.int4_unpack import unpack_int4_to_mma
     from qsparse_compiler.kernels.w4a8_gemm import w4a8_gemm
 
     def run():
+        if pre_unpack:  # the per-call weight unpack is part of the measured time
+            codes, scale = act_quant(x, act_format)
+            w8 = unpack_int4_to_mma(pw.qweight, act_format)
+            return w4a8_gemm(codes, scale, pw.qweight, pw.scale, bias, group_size, x.dtype, w_unpacked=w8)
         codes, scale = act_quant(x, act_format, chunk=chunk)
         return w4a8_gemm(codes, scale, pw.qweight, pw.scale, bias, group_size, x.dtype, a_chunk=chunk)
 
@@ -192,7 +197,7 @@ def run_sweep(x, w, bias, results, out_dir):
                 (out_dir / "w4a8_best_int8.sass").write_text(sass)
 
 
-def run_shape(name, k, n, m, results, with_torchao=True, with_int4=True, sweep=False, out_dir=None):
+def run_shape(name, k, n, m, results, with_torchao=True, with_int4=True, sweep=False, out_dir=None, msfp=True):
     from qsparse_compiler.kernels.act_quant import act_quant
     from qsparse_compiler.ops.quantization import quantize_weight_int4
 
@@ -250,6 +255,18 @@ def run_shape(name, k, n, m, results, with_torchao=True, with_int4=True, sweep=F
                 add(f"ours {fmt} g{group_size}{' split' if chunk else ''} (quant+gemm)",
                     ours_fn(x, pw, bias, group_size, fmt, chunk),
                     note=f"weights {pw.nbytes / 2**20:.1f} MiB vs bf16 {w.numel() * 2 / 2**20:.1f} MiB")
+            add(f"ours {fmt} g{group_size} pre-unpacked (quant+unpack+gemm)",
+                ours_fn(x, pw, bias, group_size, fmt, pre_unpack=True))
+    from qsparse_compiler.kernels.int4_unpack import unpack_int4_to_mma
+
+    for fmt in ("fp8_e4m3", "int8"):
+        add(f"int4 -> {fmt} weight unpack only", lambda fmt=fmt: unpack_int4_to_mma(pw.qweight, fmt), compare=False,
+            note="TFLOP/s column meaningless")
+    if not msfp:
+        for fmt in ("fp8_e4m3", "int8"):
+            add(f"act_quant {fmt} only", lambda fmt=fmt: act_quant(x, fmt)[0], note="TFLOP/s column meaningless", compare=False)
+        results["rows"].extend(rows)
+        return x, w, bias
     # MSFP (item 5): is an asymmetric per-token uint8 format free? Inputs after GELU (near non-negative).
     from qsparse_compiler.kernels.act_quant import act_quant_asym
     from qsparse_compiler.kernels.w4a8_gemm import w4a8_gemm
@@ -303,6 +320,7 @@ def main() -> None:
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--no-torchao", action="store_true")
     p.add_argument("--no-int4", action="store_true")
+    p.add_argument("--int4-shapes", choices=("all", "headline"), default="all")
     p.add_argument("--m", type=int, default=M_TOKENS)
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -324,10 +342,13 @@ def main() -> None:
     shapes = SHAPES if args.shapes == "all" else [HEADLINE]
     for name, k, n in shapes:
         sweep = args.sweep and (name, k, n) == HEADLINE
-        x, w, bias = run_shape(name, k, n, args.m, results, not args.no_torchao, not args.no_int4, sweep, out.parent)
+        int4 = not args.no_int4 and (args.int4_shapes == "all" or (name, k, n) == HEADLINE)
+        msfp = (name, k, n) == HEADLINE or "ffn_down" in name and k == 8960
+        x, w, bias = run_shape(name, k, n, args.m, results, not args.no_torchao, int4, sweep, out.parent, msfp)
         del x, w, bias
         torch.cuda.empty_cache()
         out.write_text(json.dumps(results, indent=1, default=str))  # partial results survive a timeout
+        write_markdown(results, out.with_suffix(".md"))
     out.write_text(json.dumps(results, indent=1, default=str))
     write_markdown(results, out.with_suffix(".md"))
     print(f"wrote {out} and {out.with_suffix('.md')}")

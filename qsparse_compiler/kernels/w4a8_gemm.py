@@ -167,6 +167,7 @@ def _w4a8_gemm_kernel(
     GROUP_M: tl.constexpr,
     SWAP_AB: tl.constexpr,
     A_SPLIT: tl.constexpr,
+    W_UNPACKED: tl.constexpr,
 ):
     tl.static_assert(BK % 32 == 0, "w4a8_gemm: BK must be a multiple of 32 (8-bit MMA K-width)")
     tl.static_assert(GROUP % BK == 0, "w4a8_gemm: BK must divide the weight group size")
@@ -187,13 +188,19 @@ def _w4a8_gemm_kernel(
     rows = tl.max_contiguous(tl.multiple_of(offs_m % M, BM), BM).to(tl.int64)
     cols = tl.max_contiguous(tl.multiple_of(offs_n % N, BN), BN).to(tl.int64)
     offs_kh = tl.arange(0, BK // 2)
+    if W_UNPACKED:
+        tl.static_assert(not A_SPLIT, "w4a8_gemm: pre-unpacked weights are in k order; use natural-order codes")
     if A_SPLIT:
         # Activation codes stored [even k | odd k] per BK chunk (act_quant(..., chunk=BK)): two half-tiles pair with
         # the low / high nibbles directly, so the weight needs no join into k order.
         a_ptrs = a_ptr + rows[:, None] * stride_am + offs_kh[None, :]
     else:
         a_ptrs = a_ptr + rows[:, None] * stride_am + tl.arange(0, BK)[None, :]
-    w_ptrs = w_ptr + cols[:, None] * stride_wn + offs_kh[None, :]
+    if W_UNPACKED:
+        # (N, K) 8-bit weights from kernels/int4_unpack.py: streamed through pipelined shared memory like A.
+        w_ptrs = w_ptr + cols[:, None] * stride_wn + tl.arange(0, BK)[None, :]
+    else:
+        w_ptrs = w_ptr + cols[:, None] * stride_wn + offs_kh[None, :]
     s_ptrs = w_scale_ptr + cols * stride_sn
 
     if A_INT8:
@@ -210,7 +217,8 @@ def _w4a8_gemm_kernel(
     else:
         acc = tl.zeros((BM, BN), dtype=total_dtype)
     for k in range(0, K, BK):
-        lo, hi = _unpack_pair(tl.load(w_ptrs), A_INT8, UNPACK_ASM)
+        if not W_UNPACKED:  # (constexpr branches: names bound in the taken one only are fine)
+            lo, hi = _unpack_pair(tl.load(w_ptrs), A_INT8, UNPACK_ASM)
         if A_SPLIT:
             a_lo = _load_a(a_ptrs, HAS_ZERO)
             a_hi = _load_a(a_ptrs + BK // 2, HAS_ZERO)
@@ -223,7 +231,10 @@ def _w4a8_gemm_kernel(
                 part = _mma(a_hi, hi, part, SWAP_AB, acc_dtype)
         else:
             a = _load_a(a_ptrs, HAS_ZERO)
-            b = tl.join(lo, hi).reshape(BN, BK)  # k order: the joined axis is register-local, the reshape is free
+            if W_UNPACKED:
+                b = tl.load(w_ptrs)
+            else:
+                b = tl.join(lo, hi).reshape(BN, BK)  # k order: the joined axis is register-local, reshape is free
             if PER_CHANNEL:
                 acc = _mma(a, b, acc, SWAP_AB, acc_dtype)
             else:
@@ -232,7 +243,10 @@ def _w4a8_gemm_kernel(
             gscale = tl.load(s_ptrs + k // GROUP).to(tl.float32)
             acc = _scale_add(acc, part, gscale, A_INT8, SWAP_AB, BK)
         a_ptrs += BK
-        w_ptrs += BK // 2
+        if W_UNPACKED:
+            w_ptrs += BK
+        else:
+            w_ptrs += BK // 2
 
     if SWAP_AB:
         acc = tl.trans(acc)
@@ -279,6 +293,10 @@ GEMM_CONFIGS: list[triton.Config] = [
     _cfg(128, 128, 128, 8, 4),
     _cfg(64, 128, 128, 4, 4),
     _cfg(128, 128, 64, 8, 4),
+    # Only with pre-unpacked weights (register-unpacking variants of these spilled on the H100).
+    _cfg(256, 128, 128, 8, 3),
+    _cfg(128, 256, 64, 8, 4),
+    _cfg(128, 128, 64, 8, 5),
     # Small M (decode-like) and group sizes 32 / 64.
     _cfg(64, 64, 64, 4, 4),
     _cfg(32, 64, 32, 4, 2),
@@ -287,12 +305,21 @@ GEMM_CONFIGS: list[triton.Config] = [
 ]
 
 
+def _tile_key(c: triton.Config) -> tuple:
+    kw = c.kwargs
+    return (kw["BM"], kw["BN"], kw["BK"], c.num_warps, c.num_stages, kw["SWAP_AB"])
+
+
+_PRE_UNPACKED_ONLY = {(256, 128, 128, 8, 3, False), (128, 256, 64, 8, 4, False), (128, 128, 64, 8, 5, False)}
+
+
 def prune_configs(configs: Iterable[triton.Config], named_args: dict[str, Any], **kwargs: Any) -> list[triton.Config]:
     """Keep configs whose BK divides the group (and K), whose tiles are not far larger than the problem, and, under
     the CPU interpreter, only the smallest (each interpreted program costs milliseconds)."""
     group = named_args["GROUP"] if "GROUP" in named_args else kwargs["GROUP"]
     a_split = named_args.get("A_SPLIT", kwargs.get("A_SPLIT", False))
     per_channel = named_args.get("PER_CHANNEL", kwargs.get("PER_CHANNEL", False))
+    w_unpacked = named_args.get("W_UNPACKED", kwargs.get("W_UNPACKED", False))
     m, n = named_args["M"], named_args["N"]
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
     kept = []
@@ -305,8 +332,12 @@ def prune_configs(configs: Iterable[triton.Config], named_args: dict[str, Any], 
             if (bm, bn) == (16, 32) and not kept:
                 kept.append(c)
             continue
-        if bm > 2 * max(m, 16) or bn > 2 * n:
+        if bm > 2 * max(m, 16) or bn > 2 * n or (m >= 1024 and bm * bn < 64 * 128):
             continue
+        if not w_unpacked and _tile_key(c) in _PRE_UNPACKED_ONLY:
+            continue
+        if w_unpacked and c.kwargs["SWAP_AB"]:
+            continue  # both operands come from shared memory: the swap buys nothing
         if c.kwargs["SWAP_AB"] and not per_channel and bm * bn > 128 * 128:
             continue  # grouped scaling keeps a second (BN, BM) accumulator: these tiles spill
         kept.append(c)
@@ -325,7 +356,7 @@ def m_bucket(m: int) -> int:
 
 _w4a8_gemm_tuned = triton.autotune(
     configs=GEMM_CONFIGS,
-    key=["M_BUCKET", "N", "K", "GROUP", "PER_CHANNEL", "A_INT8", "HAS_ZERO", "UNPACK_ASM", "A_SPLIT"],
+    key=["M_BUCKET", "N", "K", "GROUP", "PER_CHANNEL", "A_INT8", "HAS_ZERO", "UNPACK_ASM", "A_SPLIT", "W_UNPACKED"],
     prune_configs_by={"early_config_prune": prune_configs},
 )(_w4a8_gemm_kernel)
 
@@ -349,6 +380,7 @@ def w4a8_gemm(
     a_zero: torch.Tensor | None = None,
     wsum: torch.Tensor | None = None,
     a_chunk: int = 0,
+    w_unpacked: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """out (M, N) = (a * a_scale[:, None]) @ dequant(qweight, wscale)^T + bias, in ``out_dtype``.
 
@@ -356,6 +388,8 @@ def w4a8_gemm(
     with it, ``compiled_out`` (a list) receives the compiled kernel (asm, registers, spills) for inspection.
     ``a_chunk`` = SPLIT_CHUNK says the codes were written by ``act_quant(..., chunk=SPLIT_CHUNK)`` ([even k | odd k]
     per chunk): the kernel then pairs half-tiles of codes with the low / high nibbles and skips the weight's join.
+    ``w_unpacked`` = ``int4_unpack.unpack_int4_to_mma(qweight, fmt)`` switches to the pre-unpacked mode: both
+    operands stream through pipelined shared memory (qweight then only supplies the shape).
     Raises ValueError for shapes the kernel cannot do; callers that can fall back should check ``supports`` first.
     """
     problem = supports(a, qweight, wscale, group_size, out_dtype, a_chunk)
@@ -376,8 +410,16 @@ def w4a8_gemm(
             "row sums of the dequantized weight"
         )
     zero_args = (a_zero, wsum) if has_zero else (a_scale, a_scale)
-    args = (a, a_scale, qweight, wscale, bias if bias is not None else a_scale, *zero_args, out, m, n, k, m_bucket(m))
-    strides = (a.stride(0), qweight.stride(0), wscale.stride(0), out.stride(0))
+    if w_unpacked is not None:
+        want = torch.int8 if a.dtype in (torch.int8, torch.uint8) else torch.float8_e4m3fn
+        if w_unpacked.shape != (n, k) or w_unpacked.dtype != want or not w_unpacked.is_contiguous() or a_chunk:
+            raise ValueError(
+                f"qsparse_compiler.kernels.w4a8_gemm: w_unpacked must be a contiguous ({n}, {k}) {want} tensor from "
+                f"unpack_int4_to_mma and a_chunk must be 0, got {tuple(w_unpacked.shape)} {w_unpacked.dtype}"
+            )
+    w_arg = qweight if w_unpacked is None else w_unpacked
+    args = (a, a_scale, w_arg, wscale, bias if bias is not None else a_scale, *zero_args, out, m, n, k, m_bucket(m))
+    strides = (a.stride(0), w_arg.stride(0), wscale.stride(0), out.stride(0))
     flags = dict(
         GROUP=group,
         PER_CHANNEL=group_size == 0 or group == k,
@@ -386,6 +428,7 @@ def w4a8_gemm(
         A_INT8=a.dtype in (torch.int8, torch.uint8),
         UNPACK_ASM=bool(unpack_asm),
         A_SPLIT=a_chunk != 0,
+        W_UNPACKED=w_unpacked is not None,
     )
     if config is None:
 

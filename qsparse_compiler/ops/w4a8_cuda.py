@@ -27,6 +27,11 @@ __all__ = ["w4a8_linear_cuda", "register", "weight_row_sums"]
 
 _X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
+# At or above this many tokens the weight is first unpacked to an 8-bit scratch (kernels/int4_unpack.py, ~10 us)
+# and the GEMM streams both operands through pipelined shared memory; below it the GEMM unpacks the int4 tile in
+# registers (no scratch, better for small M). Measured: benchmarks/results/w4a8_linear.md.
+PRE_UNPACK_MIN_TOKENS = 2048
+
 
 @functools.lru_cache(maxsize=None)
 def _has_fp8_mma(device_index: int) -> bool:
@@ -55,6 +60,7 @@ def w4a8_linear_cuda(
     Also runs on CPU tensors under TRITON_INTERPRET=1 (that is how the CPU tests exercise this path).
     """
     from ..kernels.act_quant import ACT_QUANT_FORMATS, MAX_K, act_quant, act_quant_asym
+    from ..kernels.int4_unpack import unpack_int4_to_mma
     from ..kernels.w4a8_gemm import SPLIT_CHUNK, supports, w4a8_gemm
 
     if act_format not in (*ACT_QUANT_FORMATS, "uint8_msfp") or x.dtype not in _X_DTYPES:
@@ -81,6 +87,10 @@ def w4a8_linear_cuda(
         codes, scale, zero = act_quant_asym(x2)
         wsum = weight_row_sums(qweight, wscale, group_size)
         out = w4a8_gemm(codes, scale, qweight, wscale, bias, group_size, x.dtype, a_zero=zero, wsum=wsum)
+    elif x2.shape[0] >= PRE_UNPACK_MIN_TOKENS and qweight.is_contiguous():
+        codes, scale = act_quant(x2, act_format)
+        w8 = unpack_int4_to_mma(qweight, act_format)
+        out = w4a8_gemm(codes, scale, qweight, wscale, bias, group_size, x.dtype, w_unpacked=w8)
     else:
         codes, scale = act_quant(x2, act_format, chunk=chunk)
         out = w4a8_gemm(codes, scale, qweight, wscale, bias, group_size, x.dtype, a_chunk=chunk)

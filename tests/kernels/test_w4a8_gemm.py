@@ -176,3 +176,38 @@ def test_gpu_split_layout(fmt, swap, m):
     cfg = _cfg(64 if m < 64 else 128, 128, 128, 4, 3, swap=swap)
     out, exact = run_split_case(m, 640, 1536, 128, fmt, "cuda", cfg, torch.bfloat16)
     assert sqnr_db(out, exact) >= 40
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8"])
+@pytest.mark.parametrize("group_size", [64, 0])
+def test_pre_unpacked_weights_cpu(fmt, group_size):
+    """kernels/int4_unpack.py + the GEMM's W_UNPACKED mode compute the same exact math."""
+    from qsparse_compiler.kernels.int4_unpack import unpack_int4_to_mma
+    from qsparse_compiler.ops.quantization import unpack_int4
+
+    x = torch.randn(11, 128) * 2
+    pw = quantize_weight_int4(torch.randn(40, 128) * 0.1, group_size)
+    w8 = unpack_int4_to_mma(pw.qweight, fmt)
+    q = unpack_int4(pw.qweight).float()
+    assert torch.equal(w8.float(), q * 16 if fmt == "int8" else q)
+    codes, scale = act_quant(x, fmt)
+    out = w4a8_gemm(codes, scale, pw.qweight, pw.scale, None, group_size, torch.float32, w_unpacked=w8)
+    assert sqnr_db(out, exact_reference(codes, scale, pw, None)) > 120
+    with pytest.raises(ValueError, match="w_unpacked"):
+        w4a8_gemm(codes, scale, pw.qweight, pw.scale, None, group_size, torch.float32, w_unpacked=w8[:, :64])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8"])
+@pytest.mark.parametrize("group_size", [128, 0])
+@pytest.mark.parametrize("m", [1, 333, 4101])
+def test_gpu_pre_unpacked(fmt, group_size, m):
+    from qsparse_compiler.kernels.int4_unpack import unpack_int4_to_mma
+
+    x = (torch.randn(m, 1536, device="cuda") * 2).to(torch.bfloat16)
+    pw = quantize_weight_int4(torch.randn(640, 1536, device="cuda") * 0.03, group_size)
+    bias = torch.randn(640, device="cuda").to(torch.bfloat16)
+    codes, scale = act_quant(x, fmt)
+    out = w4a8_gemm(codes, scale, pw.qweight, pw.scale, bias, group_size, torch.bfloat16,
+                    w_unpacked=unpack_int4_to_mma(pw.qweight, fmt))
+    assert sqnr_db(out, exact_reference(codes, scale, pw, bias)) >= 40

@@ -46,6 +46,15 @@ def test_non_contiguous_input_cpu():
     assert sqnr_db(out, ref) > 100
 
 
+def test_pre_unpacked_path_cpu(monkeypatch):
+    monkeypatch.setattr(w4a8_cuda, "PRE_UNPACK_MIN_TOKENS", 4)
+    for fmt in ("fp8_e4m3", "int8"):
+        x, pw, bias = make((2, 3, 128), 32, 64)
+        out = w4a8_linear_cuda(x, pw.qweight, pw.scale, bias, 64, fmt)
+        ref = w4a8_linear_reference(x, pw.qweight, pw.scale, bias, 64, fmt)
+        assert sqnr_db(out, ref) > 100
+
+
 def test_unsupported_returns_none_cpu():
     x, pw, bias = make((3, 64), 32, 32)
     assert w4a8_linear_cuda(x, pw.qweight, pw.scale, bias, 32, "nf8") is None
@@ -113,13 +122,14 @@ class _TwoLinears(torch.nn.Module):
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 @pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8"])
-def test_compiled_fullgraph_gpu(mode, fmt):
+@pytest.mark.parametrize("tokens", [77, 1100])  # 2 x 1100 >= PRE_UNPACK_MIN_TOKENS: the pre-unpacked path
+def test_compiled_fullgraph_gpu(mode, fmt, tokens):
     torch._dynamo.reset()
     model = _TwoLinears(256, 512, fmt)
     compiled = torch.compile(model, fullgraph=True, mode=mode, dynamic=False)
     with torch.no_grad():
         for step in range(4):  # warm-up, record, then replays (reduce-overhead) on fresh inputs each time
-            x = torch.randn(2, 77, 256, device="cuda", dtype=torch.bfloat16)
+            x = torch.randn(2, tokens, 256, device="cuda", dtype=torch.bfloat16)
             out = compiled(x).clone()
             ref = model(x)
             assert sqnr_db(out, ref) >= 40, f"step {step}"
