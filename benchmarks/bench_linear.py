@@ -90,7 +90,7 @@ def inspect_compiled(k) -> dict:
     return info
 
 
-def ours_fn(x, pw, bias, group_size, act_format, chunk=0, pre_unpack=False):
+def ours_fn(x, pw, bias, group_size, act_format, chunk=0, pre_unpack=False, rescale=None):
     from qsparse_compiler.kernels.act_quant import act_quant
     from qsparse_compiler.kernels.int4_unpack import unpack_int4_to_mma
     from qsparse_compiler.kernels.w4a8_gemm import w4a8_gemm
@@ -99,9 +99,11 @@ def ours_fn(x, pw, bias, group_size, act_format, chunk=0, pre_unpack=False):
         if pre_unpack:  # the per-call weight unpack is part of the measured time
             codes, scale = act_quant(x, act_format)
             w8 = unpack_int4_to_mma(pw.qweight, act_format)
-            return w4a8_gemm(codes, scale, pw.qweight, pw.scale, bias, group_size, x.dtype, w_unpacked=w8)
+            return w4a8_gemm(codes, scale, pw.qweight, pw.scale, bias, group_size, x.dtype, w_unpacked=w8,
+                             rescale=rescale)
         codes, scale = act_quant(x, act_format, chunk=chunk)
-        return w4a8_gemm(codes, scale, pw.qweight, pw.scale, bias, group_size, x.dtype, a_chunk=chunk)
+        return w4a8_gemm(codes, scale, pw.qweight, pw.scale, bias, group_size, x.dtype, a_chunk=chunk,
+                         rescale=rescale)
 
     return run
 
@@ -257,6 +259,11 @@ def run_shape(name, k, n, m, results, with_torchao=True, with_int4=True, sweep=F
                     note=f"weights {pw.nbytes / 2**20:.1f} MiB vs bf16 {w.numel() * 2 / 2**20:.1f} MiB")
             add(f"ours {fmt} g{group_size} pre-unpacked (quant+unpack+gemm)",
                 ours_fn(x, pw, bias, group_size, fmt, pre_unpack=True))
+            if fmt == "fp8_e4m3" and group_size and msfp:  # the grouped-fp8 accumulator choice, on two shapes
+                add(f"ours {fmt} g{group_size} split, two accumulators (rescale=False)",
+                    ours_fn(x, pw, bias, group_size, fmt, 128, rescale=False))
+                add(f"ours {fmt} g{group_size} pre-unpacked, two accumulators (rescale=False)",
+                    ours_fn(x, pw, bias, group_size, fmt, pre_unpack=True, rescale=False))
     from qsparse_compiler.kernels.int4_unpack import unpack_int4_to_mma
 
     for fmt in ("fp8_e4m3", "int8"):

@@ -168,6 +168,7 @@ def _w4a8_gemm_kernel(
     SWAP_AB: tl.constexpr,
     A_SPLIT: tl.constexpr,
     W_UNPACKED: tl.constexpr,
+    RESCALE: tl.constexpr,
 ):
     tl.static_assert(BK % 32 == 0, "w4a8_gemm: BK must be a multiple of 32 (8-bit MMA K-width)")
     tl.static_assert(GROUP % BK == 0, "w4a8_gemm: BK must divide the weight group size")
@@ -207,7 +208,11 @@ def _w4a8_gemm_kernel(
         acc_dtype = tl.int32
     else:
         acc_dtype = tl.float32
-    # Per-channel: the tensor cores accumulate over all of K (int32 for int8). Grouped: an fp32 sum of scaled parts.
+    # Per-channel: the tensor cores accumulate over all of K (int32 for int8). Grouped: an fp32 sum of scaled parts,
+    # or (RESCALE, fp8 only) one accumulator kept in units of the current group's scale: before group g's MMA it is
+    # multiplied by s[g-1] / s[g], and the epilogue multiplies by the last group's scale. That saves the second
+    # (BM, BN) accumulator (registers -> occupancy) at one multiply per element and group.
+    tl.static_assert(not (RESCALE and (A_INT8 or PER_CHANNEL)), "w4a8_gemm: RESCALE is for grouped fp8 only")
     if PER_CHANNEL:
         total_dtype = acc_dtype
     else:
@@ -216,13 +221,22 @@ def _w4a8_gemm_kernel(
         acc = tl.zeros((BN, BM), dtype=total_dtype)
     else:
         acc = tl.zeros((BM, BN), dtype=total_dtype)
+    s_prev = tl.load(s_ptrs).to(tl.float32)
     for k in range(0, K, BK):
+        if RESCALE:
+            s_cur = tl.load(s_ptrs + k // GROUP).to(tl.float32)
+            ratio = s_prev / s_cur
+            if SWAP_AB:
+                acc = acc * ratio[:, None]
+            else:
+                acc = acc * ratio[None, :]
+            s_prev = s_cur
         if not W_UNPACKED:  # (constexpr branches: names bound in the taken one only are fine)
             lo, hi = _unpack_pair(tl.load(w_ptrs), A_INT8, UNPACK_ASM)
         if A_SPLIT:
             a_lo = _load_a(a_ptrs, HAS_ZERO)
             a_hi = _load_a(a_ptrs + BK // 2, HAS_ZERO)
-            if PER_CHANNEL:
+            if PER_CHANNEL or RESCALE:
                 # One scale per output channel: accumulate on the tensor cores, scale once in the epilogue.
                 acc = _mma(a_lo, lo, acc, SWAP_AB, acc_dtype)
                 acc = _mma(a_hi, hi, acc, SWAP_AB, acc_dtype)
@@ -235,11 +249,11 @@ def _w4a8_gemm_kernel(
                 b = tl.load(w_ptrs)
             else:
                 b = tl.join(lo, hi).reshape(BN, BK)  # k order: the joined axis is register-local, reshape is free
-            if PER_CHANNEL:
+            if PER_CHANNEL or RESCALE:
                 acc = _mma(a, b, acc, SWAP_AB, acc_dtype)
             else:
                 part = _mma(a, b, None, SWAP_AB, acc_dtype)
-        if not PER_CHANNEL:
+        if not (PER_CHANNEL or RESCALE):
             gscale = tl.load(s_ptrs + k // GROUP).to(tl.float32)
             acc = _scale_add(acc, part, gscale, A_INT8, SWAP_AB, BK)
         a_ptrs += BK
@@ -258,8 +272,8 @@ def _w4a8_gemm_kernel(
     if A_INT8:
         a_scale = a_scale * 0.0625  # the unpacked int8 weights are q * 16
     acc = acc * a_scale[:, None]
-    if PER_CHANNEL:
-        acc = acc * tl.load(s_ptrs).to(tl.float32)[None, :]
+    if PER_CHANNEL or RESCALE:
+        acc = acc * s_prev[None, :]  # per-channel: the only scale; RESCALE: the last group's
     if HAS_ZERO:
         acc += zero[:, None] * tl.load(wsum_ptr + cols)[None, :]
     if HAS_BIAS:
@@ -319,6 +333,7 @@ def prune_configs(configs: Iterable[triton.Config], named_args: dict[str, Any], 
     group = named_args["GROUP"] if "GROUP" in named_args else kwargs["GROUP"]
     a_split = named_args.get("A_SPLIT", kwargs.get("A_SPLIT", False))
     per_channel = named_args.get("PER_CHANNEL", kwargs.get("PER_CHANNEL", False))
+    per_channel = per_channel or named_args.get("RESCALE", kwargs.get("RESCALE", False))  # one accumulator too
     w_unpacked = named_args.get("W_UNPACKED", kwargs.get("W_UNPACKED", False))
     m, n = named_args["M"], named_args["N"]
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -356,7 +371,7 @@ def m_bucket(m: int) -> int:
 
 _w4a8_gemm_tuned = triton.autotune(
     configs=GEMM_CONFIGS,
-    key=["M_BUCKET", "N", "K", "GROUP", "PER_CHANNEL", "A_INT8", "HAS_ZERO", "UNPACK_ASM", "A_SPLIT", "W_UNPACKED"],
+    key=["M_BUCKET", "N", "K", "GROUP", "PER_CHANNEL", "A_INT8", "HAS_ZERO", "UNPACK_ASM", "A_SPLIT", "W_UNPACKED", "RESCALE"],
     prune_configs_by={"early_config_prune": prune_configs},
 )(_w4a8_gemm_kernel)
 
@@ -381,6 +396,7 @@ def w4a8_gemm(
     wsum: torch.Tensor | None = None,
     a_chunk: int = 0,
     w_unpacked: torch.Tensor | None = None,
+    rescale: bool | None = None,
 ) -> torch.Tensor:
     """out (M, N) = (a * a_scale[:, None]) @ dequant(qweight, wscale)^T + bias, in ``out_dtype``.
 
@@ -390,6 +406,7 @@ def w4a8_gemm(
     per chunk): the kernel then pairs half-tiles of codes with the low / high nibbles and skips the weight's join.
     ``w_unpacked`` = ``int4_unpack.unpack_int4_to_mma(qweight, fmt)`` switches to the pre-unpacked mode: both
     operands stream through pipelined shared memory (qweight then only supplies the shape).
+    ``rescale`` (grouped fp8 only; default on) keeps one rescaled accumulator instead of a per-group partial.
     Raises ValueError for shapes the kernel cannot do; callers that can fall back should check ``supports`` first.
     """
     problem = supports(a, qweight, wscale, group_size, out_dtype, a_chunk)
@@ -401,6 +418,11 @@ def w4a8_gemm(
     out = torch.empty((m, n), device=a.device, dtype=out_dtype)
     if m == 0:
         return out
+    per_channel = group_size == 0 or group == k
+    if rescale is None:
+        rescale = a.dtype == torch.float8_e4m3fn and not per_channel
+    if rescale and (a.dtype != torch.float8_e4m3fn or per_channel):
+        raise ValueError("qsparse_compiler.kernels.w4a8_gemm: rescale=True needs fp8 codes and grouped weights")
     if unpack_asm is None:
         unpack_asm = select_unpack_asm()
     has_zero = a.dtype == torch.uint8
@@ -422,13 +444,14 @@ def w4a8_gemm(
     strides = (a.stride(0), w_arg.stride(0), wscale.stride(0), out.stride(0))
     flags = dict(
         GROUP=group,
-        PER_CHANNEL=group_size == 0 or group == k,
+        PER_CHANNEL=per_channel,
         HAS_BIAS=bias is not None,
         HAS_ZERO=has_zero,
         A_INT8=a.dtype in (torch.int8, torch.uint8),
         UNPACK_ASM=bool(unpack_asm),
         A_SPLIT=a_chunk != 0,
         W_UNPACKED=w_unpacked is not None,
+        RESCALE=bool(rescale),
     )
     if config is None:
 

@@ -211,3 +211,43 @@ def test_gpu_pre_unpacked(fmt, group_size, m):
     out = w4a8_gemm(codes, scale, pw.qweight, pw.scale, bias, group_size, torch.bfloat16,
                     w_unpacked=unpack_int4_to_mma(pw.qweight, fmt))
     assert sqnr_db(out, exact_reference(codes, scale, pw, bias)) >= 40
+
+
+@pytest.mark.parametrize("rescale", [False, True])
+@pytest.mark.parametrize("pre_unpacked", [False, True])
+def test_fp8_rescaled_accumulator_cpu(rescale, pre_unpacked):
+    """Grouped fp8: one accumulator rescaled by s[g-1]/s[g] per group == the sum of scaled partials."""
+    from qsparse_compiler.kernels.int4_unpack import unpack_int4_to_mma
+
+    x = torch.randn(7, 256) * 2
+    w = torch.randn(40, 256) * 0.1
+    w[3, 64:128] = 0  # an all-zero group: a tiny scale, ratios of ~1e11 and back
+    w[5, :32] *= 100  # and a group with a large scale
+    pw = quantize_weight_int4(w, 32)
+    codes, scale = act_quant(x, "fp8_e4m3")
+    w8 = unpack_int4_to_mma(pw.qweight, "fp8_e4m3") if pre_unpacked else None
+    out = w4a8_gemm(codes, scale, pw.qweight, pw.scale, None, 32, torch.float32, rescale=rescale, w_unpacked=w8)
+    assert sqnr_db(out, exact_reference(codes, scale, pw, None)) > 100
+
+
+def test_rescale_rejects_int8_cpu():
+    pw = quantize_weight_int4(torch.randn(32, 64), 32)
+    codes, scale = act_quant(torch.randn(3, 64), "int8")
+    with pytest.raises(ValueError, match="rescale"):
+        w4a8_gemm(codes, scale, pw.qweight, pw.scale, None, 32, torch.float32, rescale=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rescale", [False, True])
+@pytest.mark.parametrize("pre_unpacked", [False, True])
+def test_gpu_fp8_rescale(rescale, pre_unpacked):
+    from qsparse_compiler.kernels.int4_unpack import unpack_int4_to_mma
+
+    x = (torch.randn(4101, 1536, device="cuda") * 2).to(torch.bfloat16)
+    w = torch.randn(640, 1536, device="cuda") * 0.03
+    w[3, 128:256] = 0
+    pw = quantize_weight_int4(w, 128)
+    codes, scale = act_quant(x, "fp8_e4m3")
+    w8 = unpack_int4_to_mma(pw.qweight, "fp8_e4m3") if pre_unpacked else None
+    out = w4a8_gemm(codes, scale, pw.qweight, pw.scale, None, 128, torch.bfloat16, rescale=rescale, w_unpacked=w8)
+    assert sqnr_db(out, exact_reference(codes, scale, pw, None)) >= 40
