@@ -327,6 +327,11 @@ def _tile_key(c: triton.Config) -> tuple:
 _PRE_UNPACKED_ONLY = {(256, 128, 128, 8, 3, False), (128, 256, 64, 8, 4, False), (128, 128, 64, 8, 5, False)}
 
 
+_LARGE_M_PRE_UNPACKED = {
+    (128, 256, 128, 8, 3, False), (256, 128, 128, 8, 3, False), (128, 128, 128, 8, 4, False), (128, 256, 64, 8, 4, False)
+}
+
+
 def prune_configs(configs: Iterable[triton.Config], named_args: dict[str, Any], **kwargs: Any) -> list[triton.Config]:
     """Keep configs whose BK divides the group (and K), whose tiles are not far larger than the problem, and, under
     the CPU interpreter, only the smallest (each interpreted program costs milliseconds)."""
@@ -356,6 +361,12 @@ def prune_configs(configs: Iterable[triton.Config], named_args: dict[str, Any], 
         if c.kwargs["SWAP_AB"] and not per_channel and bm * bn > 128 * 128:
             continue  # grouped scaling keeps a second (BN, BM) accumulator: these tiles spill
         kept.append(c)
+    if m >= 1024 and not interpret:
+        # Large M: only the families that won the H100 sweep (compile time is seconds per config): register
+        # unpacking -> the swapped tiles; pre-unpacked weights -> the large non-swapped tiles.
+        preferred = [c for c in kept if _tile_key(c) in _LARGE_M_PRE_UNPACKED] if w_unpacked else [
+            c for c in kept if c.kwargs["SWAP_AB"]]
+        kept = preferred or kept
     if not kept:  # the launcher checked that BK=32 (or the split chunk) divides the group, so one always fits
         kept = [c for c in configs if group % c.kwargs["BK"] == 0 and (not a_split or c.kwargs["BK"] == SPLIT_CHUNK)][-1:]
     return kept
