@@ -68,6 +68,7 @@ def inspect_compiled(k) -> dict:
         "cvt_e4m3_ptx": len(re.findall(r"cvt\.rn\.satfinite\.e4m3x2", ptx)),
         "ttgir_warp_group_dot": ttgir.count("warp_group_dot"),
         "ttgir_dot_wait": ttgir.count("warp_group_dot_wait"),
+        "ttgir_wait_pendings": re.findall(r"pendings = (\d+)", ttgir),  # 1 in the loop = MMA overlaps the next step
         "ttgir_local_alloc": ttgir.count("local_alloc"),
         "ttgir_async_copy": ttgir.count("async_copy_global_to_local"),
         "ldl_stl_sass": None,
@@ -298,6 +299,42 @@ def run_shape(name, k, n, m, results, with_torchao=True, with_int4=True, sweep=F
     return x, w, bias
 
 
+def run_inspect(m, k, n, results):
+    """What Triton made of the main variants (headline shape, pinned tiles): MMA instructions, waits, resources."""
+    from qsparse_compiler.kernels.act_quant import act_quant
+    from qsparse_compiler.kernels.int4_unpack import unpack_int4_to_mma
+    from qsparse_compiler.kernels.w4a8_gemm import _cfg, w4a8_gemm
+    from qsparse_compiler.ops.quantization import quantize_weight_int4
+
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w = (torch.randn(n, k, device="cuda") * k**-0.5).to(torch.bfloat16)
+    rows = []
+    for name, fmt, g, mode, cfg in [
+        ("fp8 g0 pre-unpacked 128x256x128 s3", "fp8_e4m3", 0, "pre", _cfg(128, 256, 128, 8, 3)),
+        ("fp8 g128 rescale pre-unpacked 128x256x128 s3", "fp8_e4m3", 128, "pre", _cfg(128, 256, 128, 8, 3)),
+        ("fp8 g128 rescale split swap 128x128x128 s4", "fp8_e4m3", 128, "split", _cfg(128, 128, 128, 8, 4, swap=True)),
+        ("int8 g0 pre-unpacked 128x256x128 s3", "int8", 0, "pre", _cfg(128, 256, 128, 8, 3)),
+        ("int8 g128 split swap 128x128x128 s4", "int8", 128, "split", _cfg(128, 128, 128, 8, 4, swap=True)),
+    ]:
+        pw = quantize_weight_int4(w, g)
+        comp = []
+        try:
+            if mode == "pre":
+                codes, scale = act_quant(x, fmt)
+                w4a8_gemm(codes, scale, pw.qweight, pw.scale, None, g, x.dtype, config=cfg, compiled_out=comp,
+                          w_unpacked=unpack_int4_to_mma(pw.qweight, fmt))
+            else:
+                codes, scale = act_quant(x, fmt, chunk=128)
+                w4a8_gemm(codes, scale, pw.qweight, pw.scale, None, g, x.dtype, config=cfg, compiled_out=comp, a_chunk=128)
+            info = inspect_compiled(comp[0])
+            info.pop("_sass", None)
+            rows.append({"variant": name, **info})
+        except Exception as e:
+            rows.append({"variant": name, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+        print("inspect", rows[-1], flush=True)
+    results["inspect"] = rows
+
+
 def write_markdown(results, path: Path) -> None:
     lines = [f"# W4A8 linear benchmark", "", f"{results['env']}", "", f"command: `{results['command']}`", "",
              "| shape | method | ms | TFLOP/s | SQNR vs bf16 (dB) | note |", "|---|---|---|---|---|---|"]
@@ -327,6 +364,7 @@ def main() -> None:
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--no-torchao", action="store_true")
     p.add_argument("--no-int4", action="store_true")
+    p.add_argument("--inspect", action="store_true")
     p.add_argument("--int4-shapes", choices=("all", "headline"), default="all")
     p.add_argument("--m", type=int, default=M_TOKENS)
     args = p.parse_args()
@@ -354,6 +392,8 @@ def main() -> None:
         x, w, bias = run_shape(name, k, n, args.m, results, not args.no_torchao, int4, sweep, out.parent, msfp)
         del x, w, bias
         torch.cuda.empty_cache()
+        if args.inspect and (name, k, n) == HEADLINE:
+            run_inspect(args.m, k, n, results)
         out.write_text(json.dumps(results, indent=1, default=str))  # partial results survive a timeout
         write_markdown(results, out.with_suffix(".md"))
     out.write_text(json.dumps(results, indent=1, default=str))
