@@ -27,10 +27,23 @@ __all__ = ["w4a8_linear_cuda", "register", "weight_row_sums"]
 
 _X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
-# At or above this many tokens the weight is first unpacked to an 8-bit scratch (kernels/int4_unpack.py, ~10 us)
-# and the GEMM streams both operands through pipelined shared memory; below it the GEMM unpacks the int4 tile in
-# registers (no scratch, better for small M). Measured: benchmarks/results/w4a8_linear.md.
+# At or above this many tokens the weight may first be unpacked to an 8-bit scratch (kernels/int4_unpack.py,
+# 6-44 us) so the GEMM streams both operands through pipelined shared memory; below it the GEMM unpacks the int4
+# tile in registers (no scratch, no extra launch).
 PRE_UNPACK_MIN_TOKENS = 2048
+# Which path wins at M = 32,760 on the H100 (benchmarks/results/w4a8_linear.md, 2026-11-25):
+#   per-channel weights: pre-unpacked, every shape and both formats (fp8: the only path where Triton keeps a wgmma
+#                        in flight across k-steps; 0.98 vs 1.34 ms at 1536 -> 8960);
+#   grouped fp8:  pre-unpacked for K <= 5120 (1.35 vs 1.58 ms at K=1536), register unpack above (1.87 vs 2.04 ms at
+#                 K=8960, 7.9 vs 8.1 ms at K=13824);
+#   grouped int8: pre-unpacked only for K <= 1536.
+_PRE_UNPACK_MAX_K_GROUPED = {"fp8_e4m3": 5120, "int8": 1536}
+
+
+def _use_pre_unpack(m: int, k: int, per_channel: bool, act_format: str) -> bool:
+    if m < PRE_UNPACK_MIN_TOKENS:
+        return False
+    return per_channel or k <= _PRE_UNPACK_MAX_K_GROUPED[act_format]
 
 
 @functools.lru_cache(maxsize=None)
@@ -87,7 +100,7 @@ def w4a8_linear_cuda(
         codes, scale, zero = act_quant_asym(x2)
         wsum = weight_row_sums(qweight, wscale, group_size)
         out = w4a8_gemm(codes, scale, qweight, wscale, bias, group_size, x.dtype, a_zero=zero, wsum=wsum)
-    elif x2.shape[0] >= PRE_UNPACK_MIN_TOKENS and qweight.is_contiguous():
+    elif _use_pre_unpack(x2.shape[0], k, group == k, act_format) and qweight.is_contiguous():
         codes, scale = act_quant(x2, act_format)
         w8 = unpack_int4_to_mma(qweight, act_format)
         out = w4a8_gemm(codes, scale, qweight, wscale, bias, group_size, x.dtype, w_unpacked=w8)
