@@ -25,11 +25,19 @@ Unpacking — the cost that decides whether W4 can beat bf16 (each weight elemen
           weight and no table. The 16 goes into the epilogue scale. |sum| <= 127 * 128 * K < 2**31 for K < 132,000.
 
 Tails: rows and columns past M / N load a valid row (index modulo M / N) and are masked at the store, so loads
-stay unmasked and vectorized. K must be a multiple of BK (the launcher only offers configs that divide G and K).
+stay unmasked and vectorized along K. K must be a multiple of BK (the launcher only offers configs that divide G
+and K).
 
-SWAP_AB=True computes the transposed tile out^T = w @ a^T, so the unpacked weight is the MMA's A operand (Hopper's
-wgmma can read A from registers, while B always comes through shared memory). Which orientation is faster is a
-measurement (benchmarks/bench_linear.py), so it is a config field.
+Modes (constexpr switches; measured on the H100 in benchmarks/results/w4a8_notes.md):
+    SWAP_AB     out^T = w @ a^T: the weight is wgmma's A operand, read from shared memory straight into registers
+                in the MMA layout and unpacked there (B always comes through shared memory).
+    A_SPLIT     activation codes stored [even k | odd k] per 128 columns by act_quant(chunk=128): two half-K MMAs
+                pair them with the low / high nibbles, so the weight needs no join into k order.
+    W_UNPACKED  weights pre-unpacked to an 8-bit (N, K) scratch by kernels/int4_unpack.py: both operands stream
+                through pipelined shared memory; the only mode where Triton keeps an fp8 wgmma in flight across
+                k-steps (the others wait for each MMA: register-made operands, int8 wgmma, group scaling).
+    RESCALE     grouped fp8: one accumulator kept in units of the current group's scale instead of a second
+                per-group partial (frees 64-128 registers per thread: 2 CTAs per SM instead of 1).
 
 This module imports nothing from qsparse_compiler (kernels/ rule).
 """
@@ -185,9 +193,15 @@ def _w4a8_gemm_kernel(
 
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
-    # Tails read a valid row instead of masking: loads stay unmasked and wide; the store drops those rows.
-    rows = tl.max_contiguous(tl.multiple_of(offs_m % M, BM), BM).to(tl.int64)
-    cols = tl.max_contiguous(tl.multiple_of(offs_n % N, BN), BN).to(tl.int64)
+    # Tiles: rows / columns past M / N read a valid row (index modulo M / N), so the K-loop loads stay unmasked
+    # and 16 bytes wide (that width comes from K); the store drops those rows. No contiguity hint on the wrapped
+    # indices: in a tail tile they are not contiguous, and a hint made the per-row vector loads below 16-byte
+    # loads from 4-byte-aligned addresses when M % 4 != 0 ("misaligned address" on the H100 at M = 4101).
+    # Per-row / per-column vectors load from offs_m / offs_n with a mask instead (contiguous by construction).
+    rows = (offs_m % M).to(tl.int64)
+    cols = (offs_n % N).to(tl.int64)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
     offs_kh = tl.arange(0, BK // 2)
     if W_UNPACKED:
         tl.static_assert(not A_SPLIT, "w4a8_gemm: pre-unpacked weights are in k order; use natural-order codes")
@@ -265,21 +279,21 @@ def _w4a8_gemm_kernel(
     if SWAP_AB:
         acc = tl.trans(acc)
     acc = acc.to(tl.float32)
-    a_scale = tl.load(a_scale_ptr + rows)
+    a_scale = tl.load(a_scale_ptr + offs_m, mask=m_ok, other=0.0)
     if HAS_ZERO:
         # x ~= c * s + z = (c - 128) * s + (z + 128 s): the shifted zero times the weight's row sums (rank-1 term)
-        zero = tl.load(a_zero_ptr + rows) + 128.0 * a_scale
+        zero = tl.load(a_zero_ptr + offs_m, mask=m_ok, other=0.0) + 128.0 * a_scale
     if A_INT8:
         a_scale = a_scale * 0.0625  # the unpacked int8 weights are q * 16
     acc = acc * a_scale[:, None]
     if PER_CHANNEL or RESCALE:
         acc = acc * s_prev[None, :]  # per-channel: the only scale; RESCALE: the last group's
     if HAS_ZERO:
-        acc += zero[:, None] * tl.load(wsum_ptr + cols)[None, :]
+        acc += zero[:, None] * tl.load(wsum_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    mask = m_ok[:, None] & n_ok[None, :]
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
@@ -361,7 +375,9 @@ def prune_configs(configs: Iterable[triton.Config], named_args: dict[str, Any], 
             continue  # both operands come from shared memory: the swap buys nothing
         if c.kwargs["SWAP_AB"] and not a_split and not a_int8:
             # fp8 + joined (k-order) weights as the register operand: a run on the H100 (Triton 3.6, M=4101, two
-            # accumulators) died with "misaligned address"; the split layout is the tested fp8 swap path.
+            # accumulators) died with "misaligned address". The likely cause (a false contiguity hint on wrapped
+            # row indices) is fixed above, but this combination has not run on a GPU since; the split layout is
+            # the tested fp8 swap path.
             continue
         if c.kwargs["SWAP_AB"] and not per_channel and bm * bn > 128 * 128:
             continue  # grouped scaling keeps a second (BN, BM) accumulator: these tiles spill
@@ -477,6 +493,12 @@ def w4a8_gemm(
         _w4a8_gemm_tuned[grid](*args, *strides, **flags)
     else:
         kw = dict(config.kwargs)
+        if kw["SWAP_AB"] and not a_chunk and a.dtype == torch.float8_e4m3fn:
+            raise ValueError(
+                "qsparse_compiler.kernels.w4a8_gemm: a SWAP_AB tile with fp8 codes needs the split code layout "
+                "(act_quant(..., chunk=SPLIT_CHUNK) and a_chunk=SPLIT_CHUNK); the joined-weight variant faulted "
+                "(misaligned address) on the H100 with Triton 3.6 and is not re-verified"
+            )
         grid_size = triton.cdiv(m, kw["BM"]) * triton.cdiv(n, kw["BN"])
         compiled = _w4a8_gemm_kernel[(grid_size,)](
             *args, *strides, **flags, **kw, num_warps=config.num_warps, num_stages=config.num_stages
