@@ -260,3 +260,52 @@ def test_gpu_fp8_rescale(rescale, pre_unpacked):
     w8 = unpack_int4_to_mma(pw.qweight, "fp8_e4m3") if pre_unpacked else None
     out = w4a8_gemm(codes, scale, pw.qweight, pw.scale, None, 128, torch.bfloat16, rescale=rescale, w_unpacked=w8)
     assert sqnr_db(out, exact_reference(codes, scale, pw, None)) >= 40
+
+
+def _prmt(a: int, b: int, c: int) -> int:
+    """PTX prmt.b32 (default mode): output byte i = byte (c >> 4i) & 7 of {b, a}; selector bit 3 = replicate sign."""
+    src = [(a >> (8 * i)) & 0xFF for i in range(4)] + [(b >> (8 * i)) & 0xFF for i in range(4)]
+    out = 0
+    for i in range(4):
+        sel = (c >> (4 * i)) & 0xF
+        byte = src[sel & 7]
+        if sel & 8:
+            byte = 0xFF if byte & 0x80 else 0
+        out |= byte << (8 * i)
+    return out
+
+
+def test_unpack_ptx_program_cpu():
+    """The inline-PTX int4 -> e4m3 unpack (GPU only) run through a prmt/and/shr/or emulator on every byte value:
+    the CPU interpreter cannot execute inline asm, so this checks its table constants and selector logic."""
+    import re
+
+    from qsparse_compiler.kernels.w4a8_gemm import _UNPACK_FP8_ASM
+
+    program = str(_UNPACK_FP8_ASM.value if hasattr(_UNPACK_FP8_ASM, "value") else _UNPACK_FP8_ASM)
+
+    def run(word: int) -> tuple[int, int]:
+        regs = {"$2": word}
+        val = lambda t: int(t, 16) if t.startswith("0x") else int(t) if t.isdigit() else regs[t]  # noqa: E731
+        for line in program.splitlines():
+            m = re.match(r"\s*(mov|and|or|shr|prmt)\.\w+(?:\.\w+)?\s+([^;]+);", line)
+            if not m:
+                continue
+            op, args = m.group(1), [t.strip() for t in m.group(2).split(",")]
+            x = [val(t) for t in args[1:]]
+            regs[args[0]] = {
+                "mov": lambda: x[0], "and": lambda: x[0] & x[1], "or": lambda: x[0] | x[1],
+                "shr": lambda: x[0] >> x[1], "prmt": lambda: _prmt(*x),
+            }[op]() & 0xFFFFFFFF
+        return regs["$0"], regs["$1"]
+
+    codes = torch.arange(256, dtype=torch.int64)
+    lo_q = ((codes & 0xF) ^ 8) - 8
+    hi_q = ((codes >> 4) ^ 8) - 8
+    for start in range(0, 256, 4):
+        word = sum(int(codes[start + j]) << (8 * j) for j in range(4))
+        lo, hi = run(word)
+        got_lo = torch.tensor([(lo >> (8 * j)) & 0xFF for j in range(4)], dtype=torch.uint8).view(torch.float8_e4m3fn)
+        got_hi = torch.tensor([(hi >> (8 * j)) & 0xFF for j in range(4)], dtype=torch.uint8).view(torch.float8_e4m3fn)
+        assert torch.equal(got_lo.float(), lo_q[start:start + 4].float()), start
+        assert torch.equal(got_hi.float(), hi_q[start:start + 4].float()), start
