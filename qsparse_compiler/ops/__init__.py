@@ -7,6 +7,7 @@ from .sparse_attention import sparse_attention, sparse_attention_reference
 from . import sparse_attention_cuda  # noqa: F401  (registers the Triton kernel for CUDA tensors)
 from .video_layout import build_video_layout, video_block_layout
 from .w4a8_linear import w4a8_linear, w4a8_linear_reference
+from . import w4a8_cuda  # noqa: F401  (registers the Triton kernels as the op's CUDA implementation)
 
 __all__ = [
     "sparse_attention",

@@ -1,0 +1,206 @@
+"""Per-token dynamic 8-bit activation quantization, one pass over the activation (Triton).
+
+    codes[m, k] = q(x[m, k] / scale[m])        scale[m] = max(amax_k |x[m, k]|, 1e-12) / QMAX   (fp32)
+
+Formats (the math of ``qsparse_compiler.ops.quantization.quantize_activation``, which is the reference):
+    fp8_e4m3  QMAX = 448, codes torch.float8_e4m3fn, q = clamp then round-to-nearest-even cast (Hopper MMA)
+    int8      QMAX = 127, codes torch.int8,          q = round-half-even then clamp (portable MMA)
+    uint8_msfp (``act_quant_asym``) codes torch.uint8 = round((x - min) / scale), scale = (max - min) / 255, plus the
+              per-row zero (the minimum): for (near) non-negative inputs such as GELU outputs
+
+One program owns ROWS whole rows: the row is loaded into registers once, reduced to its amax and written back as
+codes, so the activation is read exactly once and the codes written once (the memory-bound floor: 3 bytes moved
+per element for a bf16 input). The whole-row tile is BLOCK_K = next_pow2(K) wide (masked past K), which fits the
+register file up to K = 16384 with 16 warps (64 fp32 values per thread).
+
+Rounding: fp8 codes are rounded to the e4m3 grid in fp32 before the (then exact) cast, see
+``_round_to_e4m3_grid``. fp32 division (not a multiply by the reciprocal) so a code equals the reference's except where the
+GPU's division rounds differently, i.e. at most one code step apart. int8 rounds half to even with the
+"add and subtract 1.5 * 2**23" trick: exact for |v| < 2**22 (|v| <= 127 here), needs no libdevice (which the
+interpreter cannot run) and compiles to two FADDs (Triton does not reassociate floating-point adds).
+
+This module imports nothing from qsparse_compiler (kernels/ rule).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["act_quant", "act_quant_asym", "ACT_QUANT_FORMATS", "MAX_K"]
+
+ACT_QUANT_FORMATS = ("fp8_e4m3", "int8")
+_QMAX = {"fp8_e4m3": 448.0, "int8": 127.0}
+_CODE_DTYPE = {"fp8_e4m3": torch.float8_e4m3fn, "int8": torch.int8}
+_AMAX_EPS = 1e-12  # same as ops/quantization.py: a row of zeros gets a tiny scale, not a division by zero
+MAX_K = 32768  # whole row in registers; beyond this the tile would spill (no DiT has K > 13,824)
+
+
+@triton.jit
+def _round_to_e4m3_grid(v):
+    """Round fp32 |v| <= 448 to the nearest e4m3 value, ties to even, staying in fp32.
+
+    Why not just cast: the GPU's cvt.rn does this in hardware, but Triton's CPU interpreter truncates mantissas
+    without carrying into the exponent (124.5 -> 64), so the same source would be wrong on CPU. Rounding first
+    makes the cast exact everywhere; on the GPU it is a few integer ops in a memory-bound kernel.
+    Normal range (|v| >= 2**-6): keep 3 mantissa bits of the fp32 pattern with round-half-even (the carry may
+    bump the exponent, which is right). Subnormal range: multiples of 2**-9, via the add-and-subtract trick.
+    """
+    bits = v.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000
+    normal = bits.to(tl.float32, bitcast=True)
+    subnormal = (v + 24576.0) - 24576.0  # 1.5 * 2**14: ulp of the sum is 2**-9
+    return tl.where(tl.abs(v) < 0.015625, subnormal, normal)
+
+
+@triton.jit
+def _act_quant_kernel(
+    x_ptr,
+    q_ptr,
+    s_ptr,
+    z_ptr,
+    M,
+    K,
+    stride_xm,
+    stride_qm,
+    QMAX: tl.constexpr,
+    IS_FP8: tl.constexpr,
+    ASYM: tl.constexpr,
+    CHUNK: tl.constexpr,
+    EPS: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    tl.static_assert(BLOCK_K >= 16, "act_quant: BLOCK_K must be >= 16")
+    tl.static_assert((BLOCK_K & (BLOCK_K - 1)) == 0, "act_quant: BLOCK_K must be a power of two")
+    pid = tl.program_id(0)
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_K)
+    row_ok = rows < M
+    mask = row_ok[:, None] & (cols < K)[None, :]
+    # 64-bit row offsets: M * K exceeds 2**31 at 10^5 tokens x 13,824 features.
+    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
+    x = x.to(tl.float32)
+    if ASYM:
+        # MSFP: codes 0..QMAX span [row min, row max]; masked lanes must not win the min/max.
+        low = tl.min(tl.where(mask, x, float("inf")), axis=1)
+        high = tl.max(tl.where(mask, x, float("-inf")), axis=1)
+        scale = tl.maximum(high - low, EPS) / QMAX
+        v = (x - low[:, None]) / scale[:, None]
+        tl.store(z_ptr + rows, low, mask=row_ok)
+    else:
+        amax = tl.max(tl.abs(x), axis=1)
+        scale = tl.maximum(amax, EPS) / QMAX
+        v = x / scale[:, None]
+    if ASYM:
+        v = (v + 12582912.0) - 12582912.0
+        v = tl.minimum(tl.maximum(v, 0.0), QMAX)
+        codes = v.to(tl.uint8)
+    elif IS_FP8:
+        v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
+        codes = _round_to_e4m3_grid(v).to(tl.float8e4nv)  # exact cast: v is on the e4m3 grid already
+    else:
+        v = (v + 12582912.0) - 12582912.0  # round half to even (see module docstring)
+        v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
+        codes = v.to(tl.int8)
+    if CHUNK > 0:
+        # [even k | odd k] within each CHUNK of columns: the layout w4a8_gemm's A_SPLIT path reads (K % CHUNK == 0,
+        # so the masked tail is whole chunks and the mask needs no permutation).
+        tl.static_assert(BLOCK_K % CHUNK == 0, "act_quant: BLOCK_K must be a multiple of CHUNK")
+        codes = codes.reshape(ROWS, BLOCK_K // CHUNK, CHUNK // 2, 2)
+        codes = tl.permute(codes, (0, 1, 3, 2)).reshape(ROWS, BLOCK_K)
+    tl.store(q_ptr + rows.to(tl.int64)[:, None] * stride_qm + cols[None, :], codes, mask=mask)
+    tl.store(s_ptr + rows, scale, mask=row_ok)
+
+
+def _launch_shape(k: int) -> tuple[int, int, int]:
+    """(BLOCK_K, ROWS, num_warps): about 8K elements per program; more warps for long rows so each thread
+    holds <= 64 values (no spills) and the loads stay 16 bytes wide."""
+    block_k = max(16, triton.next_power_of_2(k))
+    rows = max(1, min(64, 8192 // block_k))
+    num_warps = 4 if block_k * rows <= 4096 else 8 if block_k * rows <= 8192 else 16
+    return block_k, rows, num_warps
+
+
+def act_quant(
+    x: torch.Tensor,
+    act_format: str,
+    out: torch.Tensor | None = None,
+    scale_out: torch.Tensor | None = None,
+    chunk: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a 2-D activation (M, K) per row: returns codes (M, K) and fp32 scales (M,).
+
+    ``chunk`` > 0 stores each row's codes as [even k | odd k] per ``chunk`` columns (K % chunk == 0): the layout
+    the W4A8 GEMM pairs with the low / high weight nibbles (``w4a8_gemm(..., a_chunk=chunk)``).
+
+    ``x`` must have a contiguous last dimension (any row stride); bf16, fp16 and fp32 inputs are accepted.
+    ``out`` / ``scale_out`` may be given to write into preallocated buffers.
+    """
+    if act_format not in _QMAX:
+        raise ValueError(
+            f"qsparse_compiler.kernels.act_quant: act_format={act_format!r} is not supported; "
+            f"use one of {ACT_QUANT_FORMATS} (uint8_msfp has no kernel: use the reference op)"
+        )
+    if x.ndim != 2 or x.stride(-1) != 1:
+        raise ValueError(
+            f"qsparse_compiler.kernels.act_quant: need a 2-D (M, K) tensor with unit stride along K, got shape "
+            f"{tuple(x.shape)} strides {tuple(x.stride())}; reshape(-1, K) and .contiguous() first"
+        )
+    m, k = x.shape
+    if k > MAX_K:
+        raise ValueError(f"qsparse_compiler.kernels.act_quant: K={k} > {MAX_K} does not fit one row tile; split K")
+    if chunk and (k % chunk or chunk % 2 or chunk & (chunk - 1)):
+        raise ValueError(f"qsparse_compiler.kernels.act_quant: chunk={chunk} must be a power of two dividing K={k}")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"qsparse_compiler.kernels.act_quant: x.dtype={x.dtype}; expected bf16, fp16 or fp32")
+    codes = out if out is not None else torch.empty((m, k), device=x.device, dtype=_CODE_DTYPE[act_format])
+    scale = scale_out if scale_out is not None else torch.empty((m,), device=x.device, dtype=torch.float32)
+    if m == 0:
+        return codes, scale
+    block_k, rows, num_warps = _launch_shape(k)
+    grid = (triton.cdiv(m, rows),)
+    _act_quant_kernel[grid](
+        x,
+        codes,
+        scale,
+        scale,  # no zero point in symmetric formats
+        m,
+        k,
+        x.stride(0),
+        codes.stride(0),
+        QMAX=_QMAX[act_format],
+        IS_FP8=act_format == "fp8_e4m3",
+        ASYM=False,
+        CHUNK=chunk,
+        EPS=_AMAX_EPS,
+        ROWS=rows,
+        BLOCK_K=block_k,
+        num_warps=num_warps,
+    )
+    return codes, scale
+
+
+def act_quant_asym(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The "uint8_msfp" format: codes (M, K) uint8 = round((x - low) / scale), scale = (max - min) / 255 and
+    zero = low = the row minimum (both fp32 (M,)), so x ~= codes * scale + zero. Same one-pass kernel."""
+    if x.ndim != 2 or x.stride(-1) != 1 or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(
+            f"qsparse_compiler.kernels.act_quant: need a 2-D (M, K) bf16/fp16/fp32 tensor with unit K-stride, got "
+            f"{tuple(x.shape)} {x.dtype} strides {tuple(x.stride())}; reshape(-1, K) and .contiguous() first"
+        )
+    m, k = x.shape
+    if k > MAX_K:
+        raise ValueError(f"qsparse_compiler.kernels.act_quant: K={k} > {MAX_K} does not fit one row tile; split K")
+    codes = torch.empty((m, k), device=x.device, dtype=torch.uint8)
+    scale = torch.empty((m,), device=x.device, dtype=torch.float32)
+    zero = torch.empty((m,), device=x.device, dtype=torch.float32)
+    if m == 0:
+        return codes, scale, zero
+    block_k, rows, num_warps = _launch_shape(k)
+    _act_quant_kernel[(triton.cdiv(m, rows),)](
+        x, codes, scale, zero, m, k, x.stride(0), codes.stride(0),
+        QMAX=255.0, IS_FP8=False, ASYM=True, CHUNK=0, EPS=_AMAX_EPS, ROWS=rows, BLOCK_K=block_k, num_warps=num_warps,
+    )
+    return codes, scale, zero

@@ -1,0 +1,125 @@
+"""CUDA implementation of ``qsparse::w4a8_linear``: Triton activation quantization + Triton W4A8 GEMM.
+
+Registered with ``w4a8_linear.register_cuda_impl`` on import when CUDA and Triton are present. Returns None for
+what the kernels do not cover (the op then runs the plain-torch reference): fp8 on GPUs
+without fp8 tensor cores (compute capability < 8.9), group sizes that are not multiples of 32, K > 32768.
+"uint8_msfp" (asymmetric per-token uint8) runs on the int8 MMA with a rank-1 zero-point correction; its weight
+row sums are computed per call here (one pass over the packed weight), because the op's schema carries no place
+for them - a plan could store them next to the scales.
+
+Graph-safe by construction: every decision below reads shapes, dtypes and the device's compute capability (host
+metadata), never tensor data, and nothing synchronizes, so the op runs inside torch.compile(fullgraph=True) and is
+captured by CUDA graphs ("reduce-overhead"). The GEMM autotunes on the first call of each (M-bucket, N, K) - that
+call must come before a CUDA-graph capture, which torch.compile's warm-up run guarantees.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+from .quantization import effective_group_size, unpack_int4
+from .w4a8_linear import register_cuda_impl
+
+__all__ = ["w4a8_linear_cuda", "register", "weight_row_sums"]
+
+_X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+# At or above this many tokens the weight may first be unpacked to an 8-bit scratch (kernels/int4_unpack.py,
+# 6-44 us) so the GEMM streams both operands through pipelined shared memory; below it the GEMM unpacks the int4
+# tile in registers (no scratch, no extra launch).
+PRE_UNPACK_MIN_TOKENS = 2048
+# Which path wins at M = 32,760 on the H100 (benchmarks/results/w4a8_linear.md, 2026-11-25):
+#   per-channel weights: pre-unpacked, every shape and both formats (fp8: the only path where Triton keeps a wgmma
+#                        in flight across k-steps; 0.98 vs 1.34 ms at 1536 -> 8960);
+#   grouped fp8:  pre-unpacked for K <= 5120 (1.35 vs 1.58 ms at K=1536), register unpack above (1.87 vs 2.04 ms at
+#                 K=8960, 7.9 vs 8.1 ms at K=13824);
+#   grouped int8: pre-unpacked only for K <= 1536.
+_PRE_UNPACK_MAX_K_GROUPED = {"fp8_e4m3": 5120, "int8": 1536}
+
+
+def _use_pre_unpack(m: int, k: int, per_channel: bool, act_format: str) -> bool:
+    if m < PRE_UNPACK_MIN_TOKENS:
+        return False
+    return per_channel or k <= _PRE_UNPACK_MAX_K_GROUPED[act_format]
+
+
+@functools.lru_cache(maxsize=None)
+def _has_fp8_mma(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (8, 9)
+
+
+def weight_row_sums(qweight: torch.Tensor, wscale: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(N,) fp32 sums over K of the dequantized weight: sum_g scale[n, g] * sum_{k in g} q[n, k] (exact integers)."""
+    n = qweight.shape[0]
+    k = qweight.shape[1] * 2
+    group = effective_group_size(k, group_size)
+    code_sums = unpack_int4(qweight).reshape(n, k // group, group).sum(dim=-1, dtype=torch.int32)
+    return (code_sums.to(torch.float32) * wscale.to(torch.float32)).sum(dim=-1)
+
+
+def w4a8_linear_cuda(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    wscale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    group_size: int,
+    act_format: str,
+) -> Optional[torch.Tensor]:
+    """y = A8(x) @ W4^T + bias via the Triton kernels, or None if this problem is not covered (see module doc).
+
+    Also runs on CPU tensors under TRITON_INTERPRET=1 (that is how the CPU tests exercise this path).
+    """
+    from ..kernels.act_quant import ACT_QUANT_FORMATS, MAX_K, act_quant, act_quant_asym
+    from ..kernels.int4_unpack import unpack_int4_to_mma
+    from ..kernels.w4a8_gemm import SPLIT_CHUNK, supports, w4a8_gemm
+
+    if act_format not in (*ACT_QUANT_FORMATS, "uint8_msfp") or x.dtype not in _X_DTYPES:
+        return None
+    if act_format == "fp8_e4m3" and x.is_cuda and not _has_fp8_mma(x.device.index or 0):
+        return None
+    k = x.shape[-1]
+    if k > MAX_K or qweight.stride(-1) != 1 or wscale.stride(-1) != 1:
+        return None
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    n = qweight.shape[0]
+    # supports() reads only shapes/dtypes; check with an empty stand-in before any kernel launch.
+    code_dtype = {"fp8_e4m3": torch.float8_e4m3fn, "int8": torch.int8, "uint8_msfp": torch.uint8}[act_format]
+    probe = torch.empty((0, k), dtype=code_dtype, device=x.device)
+    if supports(probe, qweight, wscale, group_size, x.dtype) is not None:
+        return None
+    # The split code layout lets the GEMM pair half-tiles of codes with the weight nibbles (no join, weights stay in
+    # registers); it needs whole 128-column chunks inside every weight group.
+    group = k if group_size == 0 else group_size
+    chunk = SPLIT_CHUNK if group % SPLIT_CHUNK == 0 else 0
+    if act_format == "uint8_msfp":
+        codes, scale, zero = act_quant_asym(x2)
+        wsum = weight_row_sums(qweight, wscale, group_size)
+        out = w4a8_gemm(codes, scale, qweight, wscale, bias, group_size, x.dtype, a_zero=zero, wsum=wsum)
+    elif _use_pre_unpack(x2.shape[0], k, group == k, act_format) and qweight.is_contiguous():
+        codes, scale = act_quant(x2, act_format)
+        w8 = unpack_int4_to_mma(qweight, act_format)
+        out = w4a8_gemm(codes, scale, qweight, wscale, bias, group_size, x.dtype, w_unpacked=w8)
+    else:
+        codes, scale = act_quant(x2, act_format, chunk=chunk)
+        out = w4a8_gemm(codes, scale, qweight, wscale, bias, group_size, x.dtype, a_chunk=chunk)
+    return out.reshape(*x.shape[:-1], n)
+
+
+def register() -> bool:
+    """Install the CUDA implementation if CUDA and Triton are usable; returns whether it did."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    register_cuda_impl(w4a8_linear_cuda)
+    return True
+
+
+register()

@@ -1,0 +1,130 @@
+"""kernels/act_quant.py vs ops/quantization.quantize_activation (the reference).
+
+CPU: the same kernel source under TRITON_INTERPRET=1 (set by tests/conftest.py) at tiny shapes.
+GPU (@gpu): DiT-sized rows; codes must equal the reference's or sit one code step away.
+"""
+
+import pytest
+import torch
+
+from qsparse_compiler.kernels.act_quant import act_quant
+from qsparse_compiler.ops.quantization import quantize_activation
+
+FORMATS = ("fp8_e4m3", "int8")
+
+
+def _code_steps(codes: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Distance in code steps between two code tensors of the same format (fp8: neighbours on the e4m3 grid)."""
+    if codes.dtype == torch.float8_e4m3fn:
+        # e4m3 bit patterns are sign-magnitude and monotone in the magnitude: map to a signed integer line.
+        def line(c):
+            bits = c.view(torch.uint8).to(torch.int32)
+            mag = bits & 0x7F
+            return torch.where(bits >= 0x80, -mag, mag)
+
+        return (line(codes) - line(ref)).abs()
+    return (codes.to(torch.int32) - ref.to(torch.int32)).abs()
+
+
+def _check(x: torch.Tensor, fmt: str, min_exact: float = 1.0) -> None:
+    codes, scale = act_quant(x, fmt)
+    ref_codes, ref_scale, zero = quantize_activation(x, fmt)
+    assert zero is None
+    assert codes.dtype == ref_codes.dtype and codes.shape == x.shape and scale.shape == (x.shape[0],)
+    torch.testing.assert_close(scale, ref_scale[:, 0], rtol=0, atol=0)
+    steps = _code_steps(codes, ref_codes)
+    assert int(steps.max()) <= 1, f"{fmt}: a code is {int(steps.max())} steps from the reference"
+    exact = float((steps == 0).float().mean())
+    assert exact >= min_exact, f"{fmt}: only {exact:.5f} of the codes equal the reference"
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("m,k", [(1, 32), (7, 96), (33, 200)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_matches_reference_cpu(fmt, m, k, dtype):
+    x = (torch.randn(m, k) * 3).to(dtype)
+    _check(x, fmt)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_edge_rows_cpu(fmt):
+    """A zero row (eps scale, zero codes), an outlier row, ties at half a step, tiny values (fp8 subnormals)."""
+    x = torch.randn(6, 64)
+    x[0] = 0
+    x[1, 5] = 1e4
+    x[2] = torch.arange(64) * 0.5 - 16  # many exact .5 ties for int8 after scaling by 127/amax
+    x[3] = x[3] * 1e-5
+    x[3, 0] = 1.0  # everything else lands in the e4m3 subnormal range
+    x[4] = -x[4].abs()
+    _check(x, fmt)
+    codes, scale = act_quant(x, fmt)
+    assert torch.all(codes[0].float() == 0) and scale[0] > 0
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_strided_rows_and_preallocated_cpu(fmt):
+    big = torch.randn(5, 80)
+    x = big[:, :64]  # row stride 80, unit K-stride
+    out = torch.empty((5, 64), dtype=torch.float8_e4m3fn if fmt == "fp8_e4m3" else torch.int8)
+    scale = torch.empty(5)
+    codes, s = act_quant(x, fmt, out=out, scale_out=scale)
+    assert codes is out and s is scale
+    _check(x.contiguous(), fmt)
+    assert torch.equal(codes.view(torch.uint8), act_quant(x.contiguous(), fmt)[0].view(torch.uint8))
+
+
+def test_errors_name_the_fix():
+    with pytest.raises(ValueError, match="uint8_msfp"):
+        act_quant(torch.randn(2, 32), "uint8_msfp")
+    with pytest.raises(ValueError, match="reshape"):
+        act_quant(torch.randn(2, 3, 32), "int8")
+
+
+def test_empty_rows():
+    codes, scale = act_quant(torch.randn(0, 32), "int8")
+    assert codes.shape == (0, 32) and scale.shape == (0,)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("m,k", [(1, 1536), (4097, 1536), (513, 8960), (129, 13824), (3, 5120)])
+def test_matches_reference_gpu(fmt, m, k):
+    x = (torch.randn(m, k, device="cuda") * 2).to(torch.bfloat16)
+    x[0, 7] = 40.0  # an outlier, as in DiT activations
+    # GPU division may round differently from torch's in rare cases: one step allowed, and almost all exact.
+    _check(x, fmt, min_exact=0.999)
+
+
+def _check_asym(x: torch.Tensor, min_exact: float = 1.0) -> None:
+    from qsparse_compiler.kernels.act_quant import act_quant_asym
+
+    codes, scale, zero = act_quant_asym(x)
+    ref_codes, ref_scale, ref_zero = quantize_activation(x, "uint8_msfp")
+    assert codes.dtype == torch.uint8
+    torch.testing.assert_close(zero, ref_zero[:, 0], rtol=0, atol=0)
+    torch.testing.assert_close(scale, ref_scale[:, 0], rtol=0, atol=0)
+    steps = _code_steps(codes, ref_codes)
+    assert int(steps.max()) <= 1
+    assert float((steps == 0).float().mean()) >= min_exact
+
+
+@pytest.mark.parametrize("m,k", [(1, 32), (9, 200)])
+def test_msfp_matches_reference_cpu(m, k):
+    x = torch.nn.functional.gelu(torch.randn(m, k) * 2).to(torch.bfloat16)  # near non-negative, as after GELU
+    _check_asym(x)
+
+
+@pytest.mark.gpu
+def test_msfp_matches_reference_gpu():
+    x = torch.nn.functional.gelu(torch.randn(1031, 8960, device="cuda") * 2).to(torch.bfloat16)
+    _check_asym(x, min_exact=0.999)
+
+
+def test_chunked_layout_cpu():
+    x = torch.randn(3, 256)
+    codes, _ = act_quant(x, "int8")
+    split, _ = act_quant(x, "int8", chunk=64)
+    perm = torch.arange(256).reshape(4, 32, 2).transpose(1, 2).reshape(256)
+    assert torch.equal(split, codes[:, perm])
+    with pytest.raises(ValueError, match="chunk"):
+        act_quant(x[:, :96].contiguous(), "int8", chunk=64)

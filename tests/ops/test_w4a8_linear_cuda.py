@@ -1,0 +1,136 @@
+"""The CUDA path of qsparse::w4a8_linear (ops/w4a8_cuda.py): glue (reshape, act quant, GEMM, fallbacks) and graphs.
+
+CPU: ``w4a8_linear_cuda`` runs on CPU tensors under TRITON_INTERPRET=1 (same kernels, plain-Triton unpack).
+GPU: the registered op, eager and under torch.compile(fullgraph=True), including mode="reduce-overhead" (CUDA graphs).
+"""
+
+import pytest
+import torch
+
+import qsparse_compiler.ops  # noqa: F401  (registers qsparse:: ops and, with CUDA, the kernel path)
+from qsparse_compiler.ops import w4a8_cuda
+from qsparse_compiler.ops.quantization import quantize_weight_int4
+from qsparse_compiler.ops.w4a8_cuda import w4a8_linear_cuda
+from qsparse_compiler.ops.w4a8_linear import _cuda_impl, w4a8_linear_reference
+
+
+def sqnr_db(x, ref):
+    x, ref = x.double(), ref.double()
+    return float(10 * torch.log10(ref.pow(2).sum() / (x - ref).pow(2).sum().clamp_min(1e-300)))
+
+
+def make(shape, n, group_size, device="cpu", dtype=torch.float32, with_bias=True):
+    k = shape[-1]
+    x = torch.randn(*shape, device=device).to(dtype)
+    pw = quantize_weight_int4(torch.randn(n, k, device=device) * k**-0.5, group_size)
+    bias = torch.randn(n, device=device).to(dtype) if with_bias else None
+    return x, pw, bias
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8", "uint8_msfp"])
+@pytest.mark.parametrize("shape,group_size", [((2, 5, 64), 32), ((1, 1, 96), 0), ((3, 64), 64)])
+def test_cuda_path_matches_reference_cpu(fmt, shape, group_size):
+    x, pw, bias = make(shape, 48, group_size)
+    out = w4a8_linear_cuda(x, pw.qweight, pw.scale, bias, group_size, fmt)
+    ref = w4a8_linear_reference(x, pw.qweight, pw.scale, bias, group_size, fmt)
+    assert out is not None and out.shape == (*shape[:-1], 48) and out.dtype == x.dtype
+    assert sqnr_db(out, ref) > 100  # fp32 output: same quantized math up to accumulation order
+
+
+def test_non_contiguous_input_cpu():
+    x, pw, bias = make((4, 128), 32, 32)
+    xt = x[:, ::2]  # K-stride 2: the glue must make it contiguous
+    pw2 = quantize_weight_int4(torch.randn(32, 64), 32)
+    out = w4a8_linear_cuda(xt, pw2.qweight, pw2.scale, None, 32, "int8")
+    ref = w4a8_linear_reference(xt, pw2.qweight, pw2.scale, None, 32, "int8")
+    assert sqnr_db(out, ref) > 100
+
+
+def test_pre_unpacked_path_cpu(monkeypatch):
+    monkeypatch.setattr(w4a8_cuda, "PRE_UNPACK_MIN_TOKENS", 4)
+    for fmt in ("fp8_e4m3", "int8"):
+        x, pw, bias = make((2, 3, 128), 32, 64)
+        out = w4a8_linear_cuda(x, pw.qweight, pw.scale, bias, 64, fmt)
+        ref = w4a8_linear_reference(x, pw.qweight, pw.scale, bias, 64, fmt)
+        assert sqnr_db(out, ref) > 100
+
+
+def test_unsupported_returns_none_cpu():
+    x, pw, bias = make((3, 64), 32, 32)
+    assert w4a8_linear_cuda(x, pw.qweight, pw.scale, bias, 32, "nf8") is None
+    x16, pw16, _ = make((3, 64), 32, 16)  # group 16 < the 32-wide 8-bit MMA step
+    assert w4a8_linear_cuda(x16, pw16.qweight, pw16.scale, None, 16, "int8") is None
+    assert w4a8_linear_cuda(x.to(torch.float64), pw.qweight, pw.scale, None, 32, "int8") is None
+
+
+def test_registration_follows_cuda():
+    assert w4a8_cuda.register() == torch.cuda.is_available()
+    assert (w4a8_linear_cuda in _cuda_impl) == torch.cuda.is_available()
+
+
+# ---- GPU -----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8"])
+@pytest.mark.parametrize("lead", [(1, 1), (1, 7), (2, 2049)])  # single token, odd M, larger M
+def test_op_uses_kernel_gpu(fmt, lead):
+    x, pw, bias = make((*lead, 1536), 1536, 128, "cuda", torch.bfloat16)
+    out = torch.ops.qsparse.w4a8_linear(x, pw.qweight, pw.scale, bias, 128, fmt)
+    direct = w4a8_linear_cuda(x, pw.qweight, pw.scale, bias, 128, fmt)
+    assert torch.equal(out, direct)  # the op dispatched to the kernel
+    ref = w4a8_linear_reference(x, pw.qweight, pw.scale, bias, 128, fmt)
+    assert sqnr_db(out, ref) >= 40
+
+
+def test_weight_row_sums_cpu():
+    from qsparse_compiler.ops.quantization import dequantize_weight_int4
+
+    for g in (32, 0):
+        _, pw, _ = make((1, 128), 24, g)
+        ref = dequantize_weight_int4(pw.qweight, pw.scale, g).sum(-1)
+        torch.testing.assert_close(w4a8_cuda.weight_row_sums(pw.qweight, pw.scale, g), ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group_size", [128, 0])
+def test_op_msfp_gpu(group_size):
+    x, pw, bias = make((5, 1536), 640, group_size, "cuda", torch.bfloat16)
+    x = torch.nn.functional.gelu(x * 2)  # MSFP's use case: near non-negative
+    out = torch.ops.qsparse.w4a8_linear(x, pw.qweight, pw.scale, bias, group_size, "uint8_msfp")
+    ref = w4a8_linear_reference(x, pw.qweight, pw.scale, bias, group_size, "uint8_msfp")
+    assert sqnr_db(out, ref) >= 40
+
+
+class _TwoLinears(torch.nn.Module):
+    def __init__(self, k, hidden, fmt):
+        super().__init__()
+        self.fmt = fmt
+        a = quantize_weight_int4(torch.randn(hidden, k, device="cuda") * k**-0.5, 128)
+        b = quantize_weight_int4(torch.randn(k, hidden, device="cuda") * hidden**-0.5, 0)
+        self.register_buffer("qa", a.qweight)
+        self.register_buffer("sa", a.scale)
+        self.register_buffer("qb", b.qweight)
+        self.register_buffer("sb", b.scale)
+        self.register_buffer("bias", torch.randn(hidden, device="cuda", dtype=torch.bfloat16))
+
+    def forward(self, x):
+        h = torch.nn.functional.gelu(torch.ops.qsparse.w4a8_linear(x, self.qa, self.sa, self.bias, 128, self.fmt))
+        return torch.ops.qsparse.w4a8_linear(h, self.qb, self.sb, None, 0, self.fmt) + x
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8"])
+@pytest.mark.parametrize("tokens", [77, 1100])  # 2 x 1100 >= PRE_UNPACK_MIN_TOKENS: the pre-unpacked path
+def test_compiled_fullgraph_gpu(mode, fmt, tokens):
+    torch._dynamo.reset()
+    model = _TwoLinears(256, 512, fmt)
+    compiled = torch.compile(model, fullgraph=True, mode=mode, dynamic=False)
+    with torch.no_grad():
+        for step in range(4):  # warm-up, record, then replays (reduce-overhead) on fresh inputs each time
+            x = torch.randn(2, tokens, 256, device="cuda", dtype=torch.bfloat16)
+            out = compiled(x).clone()
+            ref = model(x)
+            assert sqnr_db(out, ref) >= 40, f"step {step}"
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
