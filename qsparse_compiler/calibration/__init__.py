@@ -1,0 +1,27 @@
+"""Calibration: dense model + samples -> Plan (statistics, salient selection, pattern search, MSAD, SSAR settings).
+
+    from qsparse_compiler.calibration import calibrate, CalibrationConfig
+    plan = calibrate(transformer, samples, CalibrationConfig(density_budget=0.15), out="wan-plan/")
+
+One concern per module: config (CalibrationConfig), hooks (what the dense model does, by module FQN), attention_maps
+(chunk-wise pooled maps), statistics, salient (S²Q selection), search (Sparse-vDiT pattern search + cost model),
+fake_quant (differentiable W4A8), msad (block-wise distillation), ssar (residual-cache settings), checkpoint
+(resumable stages), calibrate (the driver).
+"""
+
+from .calibrate import calibrate, calibrate_cli_main, linear_plans, load_samples, save_samples
+from .config import CalibrationConfig, CalibrationError
+from .search import CostModel, SearchResult, search_patterns
+
+__all__ = [
+    "calibrate",
+    "calibrate_cli_main",
+    "CalibrationConfig",
+    "CalibrationError",
+    "CostModel",
+    "SearchResult",
+    "search_patterns",
+    "linear_plans",
+    "load_samples",
+    "save_samples",
+]

@@ -1,0 +1,321 @@
+"""MSAD (multi-scale salient attention distillation), one transformer block at a time.
+
+For block b (memory-bounded: only this block's inputs, for the selected samples, are held):
+1. inputs: run the dense model on each sample until block b starts and keep the block's arguments (the forward is
+   cut there). This costs about L/2 forwards per sample for L blocks and needs no knowledge of how an architecture
+   threads its blocks (Wan, HunyuanVideo's dual + single stream lists, CogVideoX's joint blocks all work).
+2. teacher: the dense block (the model's own dtype) on those inputs: its output, and for each of its video
+   attentions the attention map average-pooled to at most ``global_pool_blocks`` blocks per side and the attention
+   each token receives.
+3. student: an fp32 copy of the block whose listed linears are ``FakeQuantLinear`` (W4 with trainable per-group
+   scales initialised by round-to-nearest, A8 per-token in the site's format) and whose video attentions use the
+   searched sparse pattern (masked attention with the layout's token mask, the reference math of the sparse op).
+4. loss = ||out_s - out_t||^2 / ||out_t||^2
+        + lambda_global * ||pool(A_s) - pool(A_t)||^2 / ||pool(A_t)||^2                          (global structure)
+        + lambda_local  * sum_j w_j ||out_s[j] - out_t[j]||^2 / mean_j ||out_t[j]||^2              (salient tokens)
+   where j runs over the top ``salient_token_fraction`` tokens by attention received in the teacher and w_j is that
+   attention, normalised (S²Q's sparse token distillation). Adam on the log scales for ``msad_steps`` steps.
+5. the learned scales (rounded to their storage dtype) and the codes they give are packed for the plan; if training
+   did not lower the loss below round-to-nearest's, round-to-nearest is kept (and the result says so).
+
+Timestep-aware LoRA (MSFP's TALoRA) is not part of this release: only the weight scales are trained.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from ..ops.quantization import PackedInt4Weight
+from ..ops.video_layout import build_video_layout
+from ..plan.schema import LinearPlan
+from ..sparsity.patterns import TokenGrid
+from .attention_maps import TileMask, attention_received, masked_attention, pool_probabilities, pooled_attention_mass
+from .config import CalibrationConfig, CalibrationError
+from .fake_quant import FakeQuantLinear
+from .hooks import AttentionCall, AttentionInterceptor, video_grid_of
+from .samples import run_model
+
+__all__ = ["BlockResult", "capture_block_inputs", "distill_block", "msad_loss", "SparsePatternAttention"]
+
+
+@dataclass
+class BlockResult:
+    block: str
+    loss_rtn: float
+    loss_msad: float
+    kept: str  # "msad" or "rtn"
+    steps: int
+    terms_rtn: dict[str, float]
+    terms_msad: dict[str, float]
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, tuple):
+        return tuple(_map_tensors(v, fn) for v in value)
+    if isinstance(value, list):
+        return [_map_tensors(v, fn) for v in value]
+    if isinstance(value, dict):
+        return {k: _map_tensors(v, fn) for k, v in value.items()}
+    return value
+
+
+def _to_float32(value: Any) -> Any:
+    return _map_tensors(value, lambda t: t.to(torch.float32) if t.is_floating_point() else t)
+
+
+def _first_tensor(output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise CalibrationError(f"qsparse_compiler.calibration.msad: a block returned {type(output).__name__}, expected a tensor or a tuple starting with one")
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: torch.nn.Module, block: torch.nn.Module, samples: Sequence[Mapping[str, Any]], ids: Sequence[int]
+) -> list[tuple[tuple, dict]]:
+    """The (args, kwargs) ``block`` is called with on each sample, from the dense model (forward cut at the block)."""
+    captured: list[tuple[tuple, dict]] = []
+
+    def hook(_module, args, kwargs):
+        captured.append((_map_tensors(args, torch.Tensor.detach), _map_tensors(kwargs, torch.Tensor.detach)))
+        raise _StopForward
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for index in ids:
+            try:
+                run_model(model, samples[index])
+            except _StopForward:
+                continue
+            raise CalibrationError(
+                "qsparse_compiler.calibration.msad: the model finished a forward without calling the block being "
+                f"distilled (sample {index}); is it one of the model's transformer blocks?"
+            )
+    finally:
+        handle.remove()
+    return captured
+
+
+class SparsePatternAttention:
+    """Attention handler of the student: the plan's per-head pattern as a token mask (cached per grid)."""
+
+    def __init__(self, specs: Mapping[str, str], block_q: int, block_kv: int, record: bool, pool_blocks: int) -> None:
+        self.specs = dict(specs)
+        self.block_q, self.block_kv = block_q, block_kv
+        self.record = record
+        self.pool_blocks = pool_blocks
+        self.maps: dict[str, torch.Tensor] = {}
+        self._tiles: dict[tuple[str, TokenGrid], TileMask] = {}
+
+    def tile_mask(self, fqn: str, grid: TokenGrid) -> TileMask:
+        key = (self.specs[fqn], grid)
+        if key not in self._tiles:
+            layout = build_video_layout(grid, self.specs[fqn], 1.0, self.block_q, self.block_kv)
+            self._tiles[key] = TileMask(layout.to_dense()[0], self.block_q, self.block_kv)
+        return self._tiles[key]
+
+    def __call__(self, call: AttentionCall) -> torch.Tensor | None:
+        if call.fqn not in self.specs:
+            return None
+        seq_len = call.q.shape[2]
+        mask = self.tile_mask(call.fqn, call.grid).rows(0, seq_len, seq_len).to(call.q.device)
+        out, probs = masked_attention(call.q, call.k, call.v, mask, call.scale, call.key_padding_mask)
+        if self.record:
+            self.maps[call.fqn] = _normalised_pool(probs, self.pool_blocks)
+        return out.to(call.q.dtype)
+
+
+def _pool_block(seq_len: int, pool_blocks: int) -> int:
+    return max(1, math.ceil(seq_len / pool_blocks))
+
+
+def _normalised_pool(probs: torch.Tensor, pool_blocks: int) -> torch.Tensor:
+    """Average-pooled attention map [B, H, P, P]: tile mass / queries in the tile's rows (rows sum to 1)."""
+    block = _pool_block(probs.shape[2], pool_blocks)
+    pooled = pool_probabilities(probs, block, _pool_block(probs.shape[3], pool_blocks))
+    return pooled / _row_counts(probs.shape[2], block, probs.device)
+
+
+def _row_counts(seq_len: int, block: int, device: torch.device) -> torch.Tensor:
+    starts = torch.arange(0, seq_len, block, device=device)
+    return (torch.clamp(starts + block, max=seq_len) - starts).to(torch.float32).view(1, 1, -1, 1)
+
+
+@dataclass
+class _Target:
+    out: torch.Tensor
+    maps: dict[str, torch.Tensor]
+    weights: torch.Tensor | None  # [B, S_out] salient token weights (zero outside the top-k), or None
+
+
+def _teacher_targets(
+    block: torch.nn.Module, inputs: tuple[tuple, dict], grid: tuple[int, int, int], prefix: str,
+    patterns: SparsePatternAttention, config: CalibrationConfig, model_for_grid: torch.nn.Module,
+) -> _Target:
+    """Dense output, the teacher's attention on the student's tiles (pooled), attention received per token.
+
+    The global target is the teacher's softmax restricted to the tiles the student computes: the mass a pattern
+    drops cannot be recovered by any weight scale, and against the dense map it would be a constant offset that
+    drowns the other terms; on the kept tiles the term measures the attention shift that quantization causes.
+    """
+    maps: dict[str, torch.Tensor] = {}
+    received: list[tuple[torch.Tensor, TokenGrid]] = []
+
+    def observe(call: AttentionCall) -> None:
+        if call.fqn not in patterns.specs:
+            return None
+        block_q = _pool_block(call.q.shape[2], config.global_pool_blocks)
+        block_kv = _pool_block(call.k.shape[2], config.global_pool_blocks)
+        mass = pooled_attention_mass(call.q, call.k, block_q, block_kv, call.scale, call.key_padding_mask,
+                                     config.attention_chunk_elements, patterns.tile_mask(call.fqn, call.grid))
+        maps[call.fqn] = mass / _row_counts(call.q.shape[2], block_q, mass.device)
+        got = attention_received(call.q, call.k, call.scale, call.key_padding_mask, config.attention_chunk_elements)
+        received.append((got.mean(1), call.grid))  # [B, Skv], averaged over heads
+        return None
+
+    with torch.no_grad(), AttentionInterceptor(block, observe, prefix=prefix, grid=grid, model_for_grid=model_for_grid):
+        out = _first_tensor(block(*inputs[0], **inputs[1])).to(torch.float32)
+    return _Target(out, maps, _salient_weights(out, received, config.salient_token_fraction))
+
+
+def _salient_weights(out: torch.Tensor, received: list[tuple[torch.Tensor, TokenGrid]], fraction: float) -> torch.Tensor | None:
+    """Top tokens of the block output by attention received (video part of the attention), weights summing to 1."""
+    if out.ndim != 3:
+        return None
+    total = None
+    for got, grid in received:
+        video = got[:, grid.video_start : grid.video_end]
+        if video.shape[1] != out.shape[1]:
+            continue  # the output's tokens are not the attention's video tokens (layout unknown): no local term
+        total = video if total is None else total + video
+    if total is None:
+        return None
+    keep = max(1, math.ceil(fraction * total.shape[1]))
+    top = total.topk(keep, dim=1)
+    weights = torch.zeros_like(total)
+    weights.scatter_(1, top.indices, top.values.clamp_min(0))
+    return weights / weights.sum(1, keepdim=True).clamp_min(1e-30)
+
+
+def msad_loss(
+    out_s: torch.Tensor, target: _Target, maps_s: Mapping[str, torch.Tensor], config: CalibrationConfig
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The MSAD loss of one sample and its terms (see the module docstring)."""
+    t = target.out
+    output = (out_s - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-30)
+    total = output
+    terms = {"output": float(output.detach())}
+    if config.lambda_global and target.maps:
+        parts = [(maps_s[f] - m).pow(2).sum() / m.pow(2).sum().clamp_min(1e-30) for f, m in target.maps.items() if f in maps_s]
+        if parts:
+            global_term = torch.stack(parts).mean()
+            total = total + config.lambda_global * global_term
+            terms["global"] = float(global_term.detach())
+    if config.lambda_local and target.weights is not None:
+        per_token = (out_s - t).pow(2).sum(-1)  # [B, S]
+        scale = t.pow(2).sum(-1).mean(1, keepdim=True).clamp_min(1e-30)  # mean token energy per sample
+        local = (target.weights * per_token / scale).sum(1).mean()
+        total = total + config.lambda_local * local
+        terms["local"] = float(local.detach())
+    terms["total"] = float(total.detach())
+    return total, terms
+
+
+def distill_block(
+    model: torch.nn.Module,
+    block_fqn: str,
+    block: torch.nn.Module,
+    samples: Sequence[Mapping[str, Any]],
+    ids: Sequence[int],
+    linears: Mapping[str, LinearPlan],
+    attention_specs: Mapping[str, str],
+    config: CalibrationConfig,
+    block_q: int,
+    block_kv: int,
+) -> tuple[dict[str, PackedInt4Weight], BlockResult]:
+    """Distill one block; returns the packed weights of its listed linears (full FQNs) and the losses."""
+    prefix = block_fqn + "."
+    local_linears = {fqn[len(prefix):]: plan for fqn, plan in linears.items() if fqn.startswith(prefix)}
+    sites = [fqn for fqn in attention_specs if fqn.startswith(prefix)]
+    inputs = capture_block_inputs(model, block, samples, ids)
+    grids = [video_grid_of(model, samples[i]["hidden_states"]) for i in ids]
+    attention = SparsePatternAttention({f: attention_specs[f] for f in sites}, block_q, block_kv,
+                                       record=bool(config.lambda_global), pool_blocks=config.global_pool_blocks)
+    targets = [
+        _teacher_targets(block, inp, grid, block_fqn, attention, config, model) for inp, grid in zip(inputs, grids)
+    ]
+    for index, target in zip(ids, targets):
+        if not bool(torch.isfinite(target.out).all()):
+            raise CalibrationError(f"qsparse_compiler.calibration.msad: the dense output of {block_fqn} holds NaN/inf on sample {index}")
+
+    student = copy.deepcopy(block).to(torch.float32)
+    fake: dict[str, FakeQuantLinear] = {}
+    for name, plan in local_linears.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = student.get_submodule(parent_name) if parent_name else student
+        fake[name] = FakeQuantLinear(getattr(parent, child), plan.group_size, plan.act_format, plan.scale_dtype)
+        setattr(parent, child, fake[name])
+    for p in student.parameters():
+        p.requires_grad_(False)
+    scales = [m.log_scale for m in fake.values()]
+    for s in scales:
+        s.requires_grad_(True)
+    student_inputs = [_to_float32(inp) for inp in inputs]
+
+    def run_student(j: int) -> tuple[torch.Tensor, dict[str, float]]:
+        attention.maps.clear()
+        with AttentionInterceptor(student, attention, prefix=block_fqn, grid=grids[j], model_for_grid=model):
+            out = _first_tensor(student(*student_inputs[j][0], **student_inputs[j][1])).to(torch.float32)
+        loss, terms = msad_loss(out, targets[j], attention.maps, config)
+        if not math.isfinite(terms["total"]):
+            raise CalibrationError(
+                f"qsparse_compiler.calibration.msad: the distillation loss of {block_fqn} is {terms['total']} on sample "
+                f"{ids[j]} (terms {terms}); lower msad_lr or check the block's activations"
+            )
+        return loss, terms
+
+    def evaluate() -> tuple[float, dict[str, float]]:
+        with torch.no_grad():
+            all_terms = [run_student(j)[1] for j in range(len(ids))]
+        mean = {k: sum(t.get(k, 0.0) for t in all_terms) / len(all_terms) for k in all_terms[0]}
+        return mean["total"], mean
+
+    loss_rtn, terms_rtn = evaluate()
+    initial = [s.detach().clone() for s in scales]
+    steps = config.msad_steps if scales else 0
+    if steps:
+        generator = torch.Generator().manual_seed(config.seed)
+        optimizer = torch.optim.Adam(scales, lr=config.msad_lr)
+        order: list[int] = []
+        with torch.enable_grad():  # calibrate() may be called under no_grad
+            for _ in range(steps):
+                if not order:
+                    order = torch.randperm(len(ids), generator=generator).tolist()
+                optimizer.zero_grad(set_to_none=True)
+                loss, _ = run_student(order.pop())
+                loss.backward()
+                optimizer.step()
+    loss_msad, terms_msad = evaluate() if steps else (loss_rtn, terms_rtn)
+    kept = "msad"
+    if loss_msad > loss_rtn:
+        # Training made it worse (too high a learning rate, too few samples): keep round-to-nearest.
+        with torch.no_grad():
+            for s, s0 in zip(scales, initial):
+                s.copy_(s0)
+        kept = "rtn"
+    packed = {prefix + name: module.packed() for name, module in fake.items()}
+    result = BlockResult(block_fqn, loss_rtn, loss_msad, kept, steps, terms_rtn, terms_msad)
+    return packed, result
