@@ -6,10 +6,10 @@
 One concern per module: config (CalibrationConfig), hooks (what the dense model does, by module FQN), attention_maps
 (chunk-wise pooled maps), statistics, salient (S²Q selection), search (Sparse-vDiT pattern search + cost model),
 fake_quant (differentiable W4A8), msad (block-wise distillation), ssar (residual-cache settings), checkpoint
-(resumable stages), calibrate (the driver).
+(resumable stages), calibrate (the driver: calibrate, samples files, the CLI entry).
 """
 
-from .calibrate import calibrate, calibrate_cli_main, linear_plans, load_samples, save_samples
+from .driver import calibrate, calibrate_cli_main, linear_plans, load_samples, save_samples
 from .config import CalibrationConfig, CalibrationError
 from .search import CostModel, SearchResult, search_patterns
 

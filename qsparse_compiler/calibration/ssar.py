@@ -12,6 +12,8 @@ Choice: the runtime schedule is "refresh the first k steps, then every n-th"; be
 n <= ``ssar_max_every`` is replayed on the measured residuals; it is admissible when the worst relative prediction
 error ||R_hat - R|| / ||R|| over the reuse steps stays within ``ssar_tolerance``. Among admissible schedules the one
 with the fewest refreshes over a nominal run of 1000 / ``ssar_step_size`` steps wins (ties: lower error, then order 1).
+An interval counts only if the measured trajectory contains one whole reuse interval after the first k steps
+(k + n - 1 < ``ssar_steps``): a schedule the measurement cannot see fail is not admissible.
 Rank: the smallest r whose truncated SVD keeps ``ssar_rank_energy`` of R's energy for every head and step; r >= D / 2
 is stored as 0 (the full residual: low rank would not save memory).
 
@@ -136,6 +138,8 @@ def choose_ssar(trajectories: Sequence[Sequence[torch.Tensor]], config: Calibrat
     best: tuple[tuple, SSARChoice] | None = None
     for k in range(config.ssar_refresh_first, max(config.ssar_refresh_first, length - 1) + 1):
         for n in range(1, config.ssar_max_every + 1):
+            if n > 1 and k + n - 1 > length - 1:
+                continue  # the measured steps would not show a full reuse interval: unverified, not admissible
             for order in (1, 2):
                 error = max(replay_error(steps, k, n, order) for steps in trajectories)
                 if error > config.ssar_tolerance:

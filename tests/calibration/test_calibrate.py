@@ -1,0 +1,129 @@
+"""calibrate() end to end on a tiny Wan (CPU): plan round trip, resume, clear errors, and the plan compiles."""
+
+import json
+
+import pytest
+import torch
+
+from qsparse_compiler.calibration import CalibrationError, calibrate, driver, load_samples, save_samples
+from qsparse_compiler.ops.video_layout import parse_pattern_spec
+from qsparse_compiler.plan import load_plan
+
+from ._tiny import tiny_config, wan_and_samples
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    torch.set_num_threads(1)
+    tiny, samples = wan_and_samples(num_layers=2, count=4)
+    out = tmp_path_factory.mktemp("plan")
+    plan = calibrate(tiny.model, samples, tiny_config(), out=out)
+    return tiny, samples, out, plan
+
+
+def test_plan_lists_every_site_and_round_trips(calibrated):
+    tiny, _, out, plan = calibrated
+    assert len(plan.linears) == tiny.block_linears == 20
+    assert set(plan.attentions) == {"blocks.0.attn1", "blocks.1.attn1"}
+    for entry in plan.attentions.values():
+        assert len(entry.head_patterns) == 2 and entry.block_q == 16
+        parse_pattern_spec(entry.pattern_spec, 0.15)  # a spec the layout op accepts
+        assert set(entry.cache) in (set(), {"refresh_first", "refresh_every", "order", "rank"})
+    for fqn in plan.linears:
+        assert plan.packed_weight(fqn) is not None
+    info = plan.metadata["calibration"]
+    assert info["search"]["total_density"] <= 0.5 and info["search"]["budget_met"]
+    assert plan.metadata["cost_model"]["kind"] == "flop_proxy"
+    assert set(info["selection"]) >= {"salient", "uniform", "selected"} and len(info["selection"]["selected"]) == 2
+    assert all(block["loss_msad"] <= block["loss_rtn"] for block in info["msad"])
+
+    loaded = load_plan(out)
+    assert loaded.linears == plan.linears and loaded.attentions == plan.attentions
+    assert loaded.fingerprint == plan.fingerprint and loaded.metadata == plan.metadata
+    assert sorted(loaded.tensors) == sorted(plan.tensors)
+    for name, tensor in plan.tensors.items():
+        assert torch.equal(loaded.tensors[name], tensor)
+
+
+def test_resume_skips_finished_stages(calibrated, monkeypatch):
+    tiny, samples, out, plan = calibrated
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a finished stage ran again")
+
+    for name in ("score_samples", "collect_statistics", "search_patterns", "measure_residuals", "distill_block"):
+        monkeypatch.setattr(driver, name, must_not_run)
+    again = calibrate(tiny.model, samples, tiny_config(), out=out)
+    assert set(again.metadata["calibration"]["stages"].values()) == {"resumed"}
+    assert again.attentions == plan.attentions
+    for name, tensor in plan.tensors.items():
+        assert torch.equal(again.tensors[name], tensor)
+
+
+def test_resume_recomputes_what_a_changed_setting_or_a_missing_block_invalidates(calibrated, tmp_path):
+    tiny, samples, out, _ = calibrated
+    import shutil
+
+    copy = tmp_path / "plan"
+    shutil.copytree(out, copy)
+    (copy / "calibration" / "msad" / "blocks.1.json").unlink()  # as if interrupted during block 1
+    plan = calibrate(tiny.model, samples, tiny_config(), out=copy)
+    stages = plan.metadata["calibration"]["stages"]
+    assert stages["msad/blocks.0"] == "resumed" and stages["msad/blocks.1"] == "computed"
+    assert stages["search"] == "resumed"
+    plan = calibrate(tiny.model, samples, tiny_config(density_budget=0.3), out=copy)
+    stages = plan.metadata["calibration"]["stages"]
+    assert stages["statistics"] == "resumed"
+    assert stages["search"] == stages["ssar"] == stages["msad/blocks.0"] == "computed"
+    assert plan.metadata["calibration"]["search"]["total_density"] <= 0.3
+
+
+def test_nan_input_names_the_sample_and_the_input():
+    tiny, samples = wan_and_samples(count=3)
+    samples[1]["hidden_states"][0, 0, 0, 0, 0] = float("nan")
+    with pytest.raises(CalibrationError, match=r"sample 1 input 'hidden_states'.*NaN"):
+        calibrate(tiny.model, samples, tiny_config())
+
+
+def test_nan_activation_names_the_module_and_the_sample():
+    tiny, samples = wan_and_samples(count=3)
+    original_forward = tiny.model.blocks[0].attn1.to_out[0].forward
+
+    def overflow(x):
+        return original_forward(x) * float("inf")  # an fp16-style overflow inside the block
+
+    tiny.model.blocks[0].attn1.to_out[0].forward = overflow
+    with pytest.raises(CalibrationError, match=r"blocks\.0\.attn2\.to_q .*sample \d"):
+        calibrate(tiny.model, samples, tiny_config(selection="uniform"))
+
+
+def test_uniform_selection_needs_no_scoring_and_samples_file_round_trip(tmp_path):
+    tiny, samples = wan_and_samples(count=3)
+    path = save_samples(samples, tmp_path / "samples.safetensors")
+    loaded = load_samples(path)
+    assert [sorted(s) for s in loaded] == [sorted(s) for s in samples]
+    assert loaded[2]["return_dict"] is False and torch.equal(loaded[1]["hidden_states"], samples[1]["hidden_states"])
+    plan = calibrate(tiny.model, loaded, tiny_config(selection="uniform", msad_steps=0))
+    selection = plan.metadata["calibration"]["selection"]
+    assert selection["selected"] == [0, 2] and selection["method"] == "uniform"
+
+
+@pytest.mark.slow
+def test_calibrated_plan_compiles_and_stays_close_to_dense(calibrated):
+    from torch._dynamo.utils import counters
+
+    from qsparse_compiler.testing.metrics import relative_error
+
+    tiny, _, out, plan = calibrated
+    inputs = tiny.make_inputs(frames=3)
+    with torch.no_grad():
+        dense = tiny.model(**inputs)[0]
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(tiny.model, backend="quantsparse", options={"plan": str(out)})
+        actual = compiled(**inputs)[0]
+    assert counters["qsparse"]["w4a8_linear"] == 20
+    assert counters["qsparse"]["sparse_attention"] == 2
+    assert torch.isfinite(actual).all()
+    error = relative_error(actual, dense)
+    assert 1e-4 < error < 0.05, error
