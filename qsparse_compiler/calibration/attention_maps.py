@@ -17,7 +17,7 @@ import torch
 from ..sparsity.layout import num_blocks
 from ..sparsity.patterns import TokenGrid
 
-__all__ = ["TileMask", "pooled_attention_mass", "attention_received", "pool_probabilities", "masked_attention", "video_block_flags", "video_tile_mask", "query_chunk_rows"]
+__all__ = ["TileMask", "pooled_attention_mass", "attention_received", "pool_probabilities", "masked_attention", "sparse_attention_chunked", "video_block_flags", "video_tile_mask", "query_chunk_rows"]
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,54 @@ def masked_attention(
     scores = (q.to(torch.float32) @ k.to(torch.float32).transpose(-1, -2)) * scale
     probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0)
     return probs @ v.to(torch.float32), probs
+
+
+def sparse_attention_chunked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    tiles: TileMask,
+    scale: float,
+    key_padding_mask: torch.Tensor | None = None,
+    max_elements: int = 1 << 24,
+    pool: tuple[int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention on a layout's tiles, query chunk by query chunk: (out fp32 [B, H, Sq, D], tile mass of its softmax
+    pooled to ``pool`` = (block_q, block_kv) [B, H, QB, KVB], or None).
+
+    Memory-bounded in training too: with autograd on, each chunk runs under activation checkpointing, so the backward
+    recomputes the chunk's probabilities instead of keeping S x S of them. Same math as ``masked_attention``.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    batch, heads, q_len, _ = q.shape
+    step = tiles.block_q if pool is None else math.lcm(tiles.block_q, pool[0])
+    rows = query_chunk_rows(batch * heads, k.shape[2], step, max_elements)
+    kf, vf = k.to(torch.float32), v.to(torch.float32)
+
+    def chunk(qc: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, start: int):
+        scores = (qc.to(torch.float32) @ kf.transpose(-1, -2)) * scale
+        mask = tiles.rows(start, qc.shape[2], kf.shape[2]).to(scores.device)
+        if key_padding_mask is not None:
+            mask = mask & key_padding_mask.to(torch.bool)
+        probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0)
+        pooled = pool_probabilities(probs, *pool) if pool is not None else probs.new_zeros(())
+        return probs @ vf, pooled
+
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    outs, pooled = [], []
+    for start in range(0, q_len, rows):
+        qc = q[:, :, start : start + rows]
+        if needs_grad:
+            out, mass = checkpoint(chunk, qc, kf, vf, start, use_reentrant=False)
+        else:
+            out, mass = chunk(qc, kf, vf, start)
+        outs.append(out)
+        pooled.append(mass)
+    out = torch.cat(outs, dim=2)
+    if pool is None:
+        return out, None
+    return out, torch.cat(pooled, dim=2)[:, :, : num_blocks(q_len, pool[0])]
 
 
 def attention_received(

@@ -9,7 +9,8 @@ For block b (memory-bounded: only this block's inputs, for the selected samples,
    each token receives.
 3. student: an fp32 copy of the block whose listed linears are ``FakeQuantLinear`` (W4 with trainable per-group
    scales initialised by round-to-nearest, A8 per-token in the site's format) and whose video attentions use the
-   searched sparse pattern (masked attention with the layout's token mask, the reference math of the sparse op).
+   searched sparse pattern (the reference math of the sparse op, computed query chunk by query chunk with
+   activation checkpointing, so training never holds S x S probabilities).
 4. loss = ||out_s - out_t||^2 / ||out_t||^2
         + lambda_global * ||pool(A_s) - pool(A_t)||^2 / ||pool(A_t)||^2                          (global structure)
         + lambda_local  * sum_j w_j ||out_s[j] - out_t[j]||^2 / mean_j ||out_t[j]||^2              (salient tokens)
@@ -34,7 +35,7 @@ from ..ops.quantization import PackedInt4Weight
 from ..ops.video_layout import build_video_layout
 from ..plan.schema import LinearPlan
 from ..sparsity.patterns import TokenGrid
-from .attention_maps import TileMask, attention_received, masked_attention, pool_probabilities, pooled_attention_mass
+from .attention_maps import TileMask, attention_received, pooled_attention_mass, sparse_attention_chunked
 from .config import CalibrationConfig, CalibrationError
 from .fake_quant import FakeQuantLinear
 from .hooks import AttentionCall, AttentionInterceptor, video_grid_of
@@ -110,10 +111,15 @@ def capture_block_inputs(
 
 
 class SparsePatternAttention:
-    """Attention handler of the student: the plan's per-head pattern as a token mask (cached per grid)."""
+    """Attention handler of the student: the plan's per-head patterns on their tiles (layouts cached per grid),
+    chunk-wise (sparse_attention_chunked), recording the average-pooled map for the global term when asked."""
 
-    def __init__(self, specs: Mapping[str, str], block_q: int, block_kv: int, record: bool, pool_blocks: int) -> None:
+    def __init__(
+        self, specs: Mapping[str, str], block_q: int, block_kv: int, record: bool, pool_blocks: int,
+        max_elements: int = 1 << 24,
+    ) -> None:
         self.specs = dict(specs)
+        self.max_elements = max_elements
         self.block_q, self.block_kv = block_q, block_kv
         self.record = record
         self.pool_blocks = pool_blocks
@@ -130,23 +136,18 @@ class SparsePatternAttention:
     def __call__(self, call: AttentionCall) -> torch.Tensor | None:
         if call.fqn not in self.specs:
             return None
-        seq_len = call.q.shape[2]
-        mask = self.tile_mask(call.fqn, call.grid).rows(0, seq_len, seq_len).to(call.q.device)
-        out, probs = masked_attention(call.q, call.k, call.v, mask, call.scale, call.key_padding_mask)
-        if self.record:
-            self.maps[call.fqn] = _normalised_pool(probs, self.pool_blocks)
+        tiles = self.tile_mask(call.fqn, call.grid)
+        q_len, kv_len = call.q.shape[2], call.k.shape[2]
+        pool = (_pool_block(q_len, self.pool_blocks), _pool_block(kv_len, self.pool_blocks)) if self.record else None
+        out, mass = sparse_attention_chunked(call.q, call.k, call.v, tiles, call.scale, call.key_padding_mask,
+                                             self.max_elements, pool)
+        if mass is not None:
+            self.maps[call.fqn] = mass / _row_counts(q_len, pool[0], mass.device)
         return out.to(call.q.dtype)
 
 
 def _pool_block(seq_len: int, pool_blocks: int) -> int:
     return max(1, math.ceil(seq_len / pool_blocks))
-
-
-def _normalised_pool(probs: torch.Tensor, pool_blocks: int) -> torch.Tensor:
-    """Average-pooled attention map [B, H, P, P]: tile mass / queries in the tile's rows (rows sum to 1)."""
-    block = _pool_block(probs.shape[2], pool_blocks)
-    pooled = pool_probabilities(probs, block, _pool_block(probs.shape[3], pool_blocks))
-    return pooled / _row_counts(probs.shape[2], block, probs.device)
 
 
 def _row_counts(seq_len: int, block: int, device: torch.device) -> torch.Tensor:
@@ -253,7 +254,8 @@ def distill_block(
     inputs = capture_block_inputs(model, block, samples, ids)
     grids = [video_grid_of(model, samples[i]["hidden_states"]) for i in ids]
     attention = SparsePatternAttention({f: attention_specs[f] for f in sites}, block_q, block_kv,
-                                       record=bool(config.lambda_global), pool_blocks=config.global_pool_blocks)
+                                       record=bool(config.lambda_global), pool_blocks=config.global_pool_blocks,
+                                       max_elements=config.attention_chunk_elements)
     targets = [
         _teacher_targets(block, inp, grid, block_fqn, attention, config, model) for inp, grid in zip(inputs, grids)
     ]

@@ -29,7 +29,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .attention_maps import masked_attention
+from .attention_maps import sparse_attention_chunked
 from .config import CalibrationConfig, CalibrationError
 from .hooks import AttentionCall, AttentionInterceptor
 from .msad import SparsePatternAttention
@@ -72,9 +72,8 @@ def measure_residuals(
         if call.fqn not in specs:
             return None
         dense = call.dense()
-        seq_len = call.q.shape[2]
-        mask = patterns.tile_mask(call.fqn, call.grid).rows(0, seq_len, seq_len).to(call.q.device)
-        sparse, _ = masked_attention(call.q, call.k, call.v, mask, call.scale, call.key_padding_mask)
+        sparse, _ = sparse_attention_chunked(call.q, call.k, call.v, patterns.tile_mask(call.fqn, call.grid), call.scale,
+                                             call.key_padding_mask, config.attention_chunk_elements)
         current.setdefault(call.fqn, []).append((dense.to(torch.float32) - sparse).cpu())
         return dense  # the trajectory follows the dense model
 

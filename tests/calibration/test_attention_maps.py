@@ -10,6 +10,7 @@ from qsparse_compiler.calibration.attention_maps import (
     pool_probabilities,
     pooled_attention_mass,
     query_chunk_rows,
+    sparse_attention_chunked,
     video_tile_mask,
 )
 from qsparse_compiler.sparsity.patterns import TokenGrid
@@ -81,3 +82,23 @@ def test_video_tiles_exclude_text_blocks():
     grid = TokenGrid(2, 4, 4, seq_len=48, video_start=16)  # 16 text tokens first (CogVideoX order)
     tiles = video_tile_mask(grid, 16, 16)
     assert tiles.tolist() == [[False, False, False], [False, True, True], [False, True, True]]
+
+
+@pytest.mark.parametrize("max_elements", [1024, 1 << 20])
+def test_chunked_sparse_attention_matches_masked_attention_values_pools_and_gradients(max_elements):
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 40, 8, requires_grad=True) for _ in range(3))
+    bitmap = torch.rand(2, 3, 3) < 0.5
+    bitmap[:, torch.arange(3), torch.arange(3)] = True
+    tiles = TileMask(bitmap, 16, 16)
+    padding = torch.ones(1, 1, 1, 40, dtype=torch.bool)
+    padding[..., 38:] = False
+    out, pooled = sparse_attention_chunked(q, k, v, tiles, 0.5, padding, max_elements, pool=(8, 8))
+    ref_out, ref_probs = masked_attention(q, k, v, tiles.rows(0, 40, 40), 0.5, padding)
+    ref_pooled = pool_probabilities(ref_probs, 8, 8)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pooled, ref_pooled, atol=1e-5, rtol=1e-5)
+    grads = torch.autograd.grad((out.square().sum() + pooled.square().sum()), (q, k, v))
+    ref_grads = torch.autograd.grad((ref_out.square().sum() + ref_pooled.square().sum()), (q, k, v))
+    for got, expected in zip(grads, ref_grads):
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
