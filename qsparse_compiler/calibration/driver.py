@@ -31,6 +31,7 @@ from ..plan.schema import AttentionPlan, LinearPlan, ModelFingerprint, Plan
 from .checkpoint import StageStore, stage_key
 from .config import CalibrationConfig, CalibrationError
 from .hooks import transformer_blocks
+from .progress import track
 from .msad import distill_block
 from .salient import score_samples, select_samples, selection_report, SampleScore
 from .samples import check_samples, samples_digest, timestep_of
@@ -55,7 +56,8 @@ _MSAD_FIELDS = ("group_size", "act_format", "scale_dtype", "msfp", "msfp_max_neg
 
 def _transformer(model_or_pipeline: Any) -> torch.nn.Module:
     if isinstance(model_or_pipeline, torch.nn.Module):
-        return model_or_pipeline
+        # A torch.compile'd module wraps the original: calibrate the original, whose FQNs the passes see.
+        return getattr(model_or_pipeline, "_orig_mod", model_or_pipeline)
     transformer = getattr(model_or_pipeline, "transformer", None)
     if isinstance(transformer, torch.nn.Module):
         return transformer
@@ -126,7 +128,6 @@ def calibrate(
     seconds: dict[str, float] = {}
     was_training = model.training
     model.eval()
-    torch.manual_seed(config.seed)
     try:
         # 1. salient data selection
         key = stage_key("selection", base_key, config.stage_hash(*_SELECTION_FIELDS))
@@ -194,8 +195,11 @@ def calibrate(
         results = []
         start = time.perf_counter()
         blocks = transformer_blocks(model, config.site_pattern)
-        for block_fqn, block in blocks:
+        for block_fqn, block in track(blocks, "MSAD blocks", config.progress):
             name = f"msad/{block_fqn}"
+            if not any(fqn.startswith(block_fqn + ".") for fqn in linears):
+                stages[name] = "skipped: no quantized linear in this block"
+                continue
             block_key = stage_key(msad_key, block_fqn)
             record = store.load(name, block_key)
             if record is None:

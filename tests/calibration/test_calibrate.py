@@ -163,3 +163,25 @@ def test_compiled_plan_computes_what_the_eager_simulation_computes(calibrated):
         compiled = torch.compile(tiny.model, backend="quantsparse", options={"plan": str(out)})(**inputs)[0]
     # Same ops, same tensors: only Inductor's fusion of the surrounding float math differs.
     assert relative_error(compiled, simulated) < 1e-4
+
+
+def test_cli_entry_reads_samples_and_config_files_and_prints_a_summary(tmp_path, capsys):
+    tiny, samples = wan_and_samples(count=3)
+    samples_path = save_samples(samples, tmp_path / "samples.safetensors")
+    config_path = tmp_path / "config.json"
+    config_path.write_text(json.dumps(tiny_config(msad_steps=2, cost_table={0.25: 0.5, 1.0: 1.5}).to_json()))
+    plan = driver.calibrate_cli_main(tiny.model, samples_path, tmp_path / "plan", config_path)
+    printed = capsys.readouterr().out
+    assert "blocks.0.attn1" in printed and "W4A8 linears" in printed
+    assert load_plan(tmp_path / "plan").metadata["cost_model"] == {
+        "kind": "measured", "unit": "ms", "table": {"0.25": 0.5, "1.0": 1.5}
+    }
+    assert plan.attentions["blocks.0.attn1"].block_q == 16
+
+
+def test_samples_must_be_a_list_of_forward_kwargs():
+    tiny, samples = wan_and_samples(count=1)
+    with pytest.raises(CalibrationError, match="non-empty list"):
+        calibrate(tiny.model, samples[0], tiny_config())
+    with pytest.raises(CalibrationError, match="sample 0 has no 'timestep'"):
+        calibrate(tiny.model, [{"hidden_states": samples[0]["hidden_states"]}], tiny_config())
