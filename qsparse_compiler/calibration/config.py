@@ -75,6 +75,12 @@ class CalibrationConfig:
     global_pool_blocks    the global term pools attention maps to at most this many blocks per side.
     salient_token_fraction  share of tokens (by attention received) the local term looks at.
 
+    Timestep-aware LoRA (MSFP's TALoRA, lora.py), trained after the scales, with the scales frozen (so the plan's
+    weights stay right for a runtime that does not apply the LoRA):
+    lora_rank             rank of each correction; 0 = off (the default: the backend does not apply LoRA yet).
+    lora_bucket_edges     ascending timestep edges; len + 1 LoRA pairs per linear.
+    lora_steps, lora_lr   Adam steps and learning rate per block.
+
     SSAR (residual cache) settings per attention layer:
     ssar_samples          how many of the selected samples start a measured trajectory (highest timesteps first).
     ssar_steps            length of the flow-matching Euler trajectory the residual is measured on (>= 3 for order 2).
@@ -114,6 +120,11 @@ class CalibrationConfig:
     lambda_local: float = 1.0
     global_pool_blocks: int = 8
     salient_token_fraction: float = 0.05
+
+    lora_rank: int = 0
+    lora_bucket_edges: tuple[float, ...] = (250.0, 500.0, 750.0)
+    lora_steps: int = 100
+    lora_lr: float = 1e-3
 
     ssar_samples: int = 2
     ssar_steps: int = 6
@@ -167,11 +178,15 @@ class CalibrationConfig:
             _fail("msfp_max_negative_share", self.msfp_max_negative_share, "must be in [0, 1], e.g. 0.1")
         if self.selection not in SELECTIONS:
             _fail("selection", self.selection, f"must be one of {SELECTIONS}")
-        for name in ("num_samples", "msad_steps", "seed"):
+        if not isinstance(self.lora_bucket_edges, tuple) or any(
+            not isinstance(e, (int, float)) or math.isnan(e) for e in self.lora_bucket_edges
+        ) or list(self.lora_bucket_edges) != sorted(set(self.lora_bucket_edges)):
+            _fail("lora_bucket_edges", self.lora_bucket_edges, "must be a tuple of strictly ascending timesteps, e.g. (250.0, 500.0, 750.0)")
+        for name in ("num_samples", "msad_steps", "seed", "lora_rank", "lora_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 _fail(name, value, "must be an int >= 0")
-        for name in ("salient_dt", "ssar_step_size", "msad_lr"):
+        for name in ("salient_dt", "ssar_step_size", "msad_lr", "lora_lr"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value > 0:
                 _fail(name, value, "must be a positive number")
@@ -208,7 +223,7 @@ class CalibrationConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(f"qsparse_compiler.calibration: unknown CalibrationConfig field(s) {unknown}; valid: {sorted(known)}")
-        for name in ("candidate_patterns", "candidate_densities"):
+        for name in ("candidate_patterns", "candidate_densities", "lora_bucket_edges"):
             if isinstance(values.get(name), list):
                 values[name] = tuple(values[name])
         if isinstance(values.get("cost_table"), Mapping):

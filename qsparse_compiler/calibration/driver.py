@@ -51,7 +51,8 @@ _SEARCH_FIELDS = ("density_budget", "recall_bound", "candidate_patterns", "candi
 _SSAR_FIELDS = ("ssar_samples", "ssar_steps", "ssar_step_size", "ssar_tolerance", "ssar_max_every",
                 "ssar_refresh_first", "ssar_rank_energy")
 _MSAD_FIELDS = ("group_size", "act_format", "scale_dtype", "msfp", "msfp_max_negative_share", "msad_steps", "msad_lr",
-                "lambda_global", "lambda_local", "global_pool_blocks", "salient_token_fraction", "seed")
+                "lambda_global", "lambda_local", "global_pool_blocks", "salient_token_fraction", "seed", "lora_rank",
+                "lora_bucket_edges", "lora_steps", "lora_lr")
 
 
 def _transformer(model_or_pipeline: Any) -> torch.nn.Module:
@@ -192,6 +193,7 @@ def calibrate(
         msad_key = stage_key("msad", search_key, config.stage_hash(*_MSAD_FIELDS),
                              {fqn: asdict(p) for fqn, p in sorted(linears.items())})
         packed: dict[str, PackedInt4Weight] = {}
+        lora_tensors: dict[str, torch.Tensor] = {}
         results = []
         start = time.perf_counter()
         blocks = transformer_blocks(model, config.site_pattern)
@@ -203,10 +205,10 @@ def calibrate(
             block_key = stage_key(msad_key, block_fqn)
             record = store.load(name, block_key)
             if record is None:
-                block_packed, result = distill_block(
+                block_packed, block_lora, result = distill_block(
                     model, block_fqn, block, candidates, ids, linears, specs, config, config.block_q, config.block_kv
                 )
-                tensors = {}
+                tensors = dict(block_lora)
                 for fqn, weight in block_packed.items():
                     tensors[f"{fqn}.qweight"], tensors[f"{fqn}.scale"] = weight.qweight, weight.scale
                 store.save(name, block_key, asdict(result), tensors)
@@ -218,15 +220,17 @@ def calibrate(
                     fqn: PackedInt4Weight(tensors[f"{fqn}.qweight"], tensors[f"{fqn}.scale"], data_group)
                     for fqn, data_group in _groups(tensors, linears)
                 }
+                block_lora = {k: v for k, v in tensors.items() if k.endswith((".lora_a", ".lora_b"))}
                 stages[name] = "resumed"
                 results.append(data)
+            lora_tensors.update(block_lora)
             packed.update(block_packed)
         seconds["msad"] = time.perf_counter() - start
     finally:
         model.train(was_training)
 
-    plan = _build_plan(model, fingerprint, config, linears, linear_notes, packed, search, ssar, report, results,
-                       stages, seconds)
+    plan = _build_plan(model, fingerprint, config, linears, linear_notes, packed, lora_tensors, search, ssar, report,
+                       results, stages, seconds)
     if folder is not None:
         save_plan(plan, folder)
     return plan
@@ -257,8 +261,8 @@ def _select(model: torch.nn.Module, candidates: list[dict[str, Any]], config: Ca
     return report
 
 
-def _build_plan(model, fingerprint, config, linears, linear_notes, packed, search, ssar, report, results, stages,
-                seconds) -> Plan:
+def _build_plan(model, fingerprint, config, linears, linear_notes, packed, lora_tensors, search, ssar, report, results,
+                stages, seconds) -> Plan:
     attentions = {}
     for fqn, choices in search.heads.items():
         cache = dict(ssar.get(fqn, {}).get("cache", {}))
@@ -268,6 +272,7 @@ def _build_plan(model, fingerprint, config, linears, linear_notes, packed, searc
         weight = packed.get(fqn)
         if weight is not None:
             tensors[f"{fqn}.qweight"], tensors[f"{fqn}.scale"] = weight.qweight, weight.scale
+    tensors.update(lora_tensors)
     metadata = {
         "producer": "qsparse_compiler.calibration",
         "cost_model": search.cost_model,
@@ -280,9 +285,17 @@ def _build_plan(model, fingerprint, config, linears, linear_notes, packed, searc
             "ssar": ssar,
             "msad": results,
             "linears": linear_notes,
-            "not_implemented": ["timestep-aware LoRA (MSFP TALoRA): only weight scales are trained"],
         },
     }
+    if lora_tensors:
+        metadata["lora"] = {
+            "kind": "timestep_aware",
+            "rank": config.lora_rank,
+            "bucket_edges": list(config.lora_bucket_edges),
+            "tensors": "<fqn>.lora_a [buckets, rank, K], <fqn>.lora_b [buckets, N, rank], bf16",
+            "math": "y = w4a8(x) + (x @ lora_a[bucket(t)].T) @ lora_b[bucket(t)].T; bucket(t) = #edges <= t",
+            "applied_by": "qsparse_compiler.calibration.simulate.plan_applied; the backend does not apply it yet",
+        }
     return Plan(fingerprint=fingerprint, linears=linears, attentions=attentions, tensors=tensors,
                 metadata=json.loads(json.dumps(metadata, default=str)))
 

@@ -84,6 +84,7 @@ class FakeQuantLinear(torch.nn.Module):
             )
         # log-parametrised: Adam steps are relative changes and the scale stays positive.
         self.log_scale = torch.nn.Parameter(packed.scale.to(torch.float32).clamp_min(_EPS).log())
+        self.lora: torch.nn.Module | None = None  # a TimestepLoRA once attached (lora.py), added in full precision
 
     def scale(self) -> torch.Tensor:
         s = self.log_scale.exp()
@@ -103,6 +104,8 @@ class FakeQuantLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.nn.functional.linear(fake_quant_activation(x, self.act_format), self.dequantized_weight(), self.bias)
+        if self.lora is not None:
+            out = out + self.lora(x)
         return out.to(x.dtype)
 
     @torch.no_grad()

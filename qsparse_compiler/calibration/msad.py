@@ -19,7 +19,8 @@ For block b (memory-bounded: only this block's inputs, for the selected samples,
 5. the learned scales (rounded to their storage dtype) and the codes they give are packed for the plan; if training
    did not lower the loss below round-to-nearest's, round-to-nearest is kept (and the result says so).
 
-Timestep-aware LoRA (MSFP's TALoRA) is not part of this release: only the weight scales are trained.
+6. optional (``lora_rank`` > 0): timestep-aware LoRA (MSFP's TALoRA, lora.py) trained on the same loss with the
+   scales frozen, kept if it lowers the loss.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from .attention_maps import TileMask, attention_received, pooled_attention_mass,
 from .config import CalibrationConfig, CalibrationError
 from .fake_quant import FakeQuantLinear
 from .hooks import AttentionCall, AttentionInterceptor, video_grid_of
+from .lora import TimestepLoRA, TimestepState
 from .samples import run_model
 
 __all__ = ["BlockResult", "capture_block_inputs", "distill_block", "msad_loss", "SparsePatternAttention"]
@@ -53,6 +55,8 @@ class BlockResult:
     steps: int
     terms_rtn: dict[str, float]
     terms_msad: dict[str, float]
+    loss_lora: float | None = None  # after the timestep-aware LoRA stage (None: not run)
+    kept_lora: bool = False
 
 
 class _StopForward(Exception):
@@ -246,8 +250,9 @@ def distill_block(
     config: CalibrationConfig,
     block_q: int,
     block_kv: int,
-) -> tuple[dict[str, PackedInt4Weight], BlockResult]:
-    """Distill one block; returns the packed weights of its listed linears (full FQNs) and the losses."""
+) -> tuple[dict[str, PackedInt4Weight], dict[str, torch.Tensor], BlockResult]:
+    """Distill one block; returns the packed weights of its listed linears (full FQNs), the timestep-aware LoRA
+    tensors (``<fqn>.lora_a``/``.lora_b``, empty unless ``lora_rank`` > 0) and the losses."""
     prefix = block_fqn + "."
     local_linears = {fqn[len(prefix):]: plan for fqn, plan in linears.items() if fqn.startswith(prefix)}
     sites = [fqn for fqn in attention_specs if fqn.startswith(prefix)]
@@ -276,9 +281,12 @@ def distill_block(
     for s in scales:
         s.requires_grad_(True)
     student_inputs = [_to_float32(inp) for inp in inputs]
+    state = TimestepState(config.lora_bucket_edges)
+    timesteps = [samples[i]["timestep"] for i in ids]
 
     def run_student(j: int) -> tuple[torch.Tensor, dict[str, float]]:
         attention.maps.clear()
+        state.set(timesteps[j])  # the bucket of the timestep-aware LoRA (when attached)
         with AttentionInterceptor(student, attention, prefix=block_fqn, grid=grids[j], model_for_grid=model):
             out = _first_tensor(student(*student_inputs[j][0], **student_inputs[j][1])).to(torch.float32)
         loss, terms = msad_loss(out, targets[j], attention.maps, config)
@@ -295,12 +303,9 @@ def distill_block(
         mean = {k: sum(t.get(k, 0.0) for t in all_terms) / len(all_terms) for k in all_terms[0]}
         return mean["total"], mean
 
-    loss_rtn, terms_rtn = evaluate()
-    initial = [s.detach().clone() for s in scales]
-    steps = config.msad_steps if scales else 0
-    if steps:
-        generator = torch.Generator().manual_seed(config.seed)
-        optimizer = torch.optim.Adam(scales, lr=config.msad_lr)
+    def train(params: list[torch.nn.Parameter], steps: int, lr: float, seed: int) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        optimizer = torch.optim.Adam(params, lr=lr)
         order: list[int] = []
         with torch.enable_grad():  # calibrate() may be called under no_grad
             for _ in range(steps):
@@ -310,6 +315,12 @@ def distill_block(
                 loss, _ = run_student(order.pop())
                 loss.backward()
                 optimizer.step()
+
+    loss_rtn, terms_rtn = evaluate()
+    initial = [s.detach().clone() for s in scales]
+    steps = config.msad_steps if scales else 0
+    if steps:
+        train(scales, steps, config.msad_lr, config.seed)
     loss_msad, terms_msad = evaluate() if steps else (loss_rtn, terms_rtn)
     kept = "msad"
     if loss_msad > loss_rtn:
@@ -320,4 +331,32 @@ def distill_block(
         kept = "rtn"
     packed = {prefix + name: module.packed() for name, module in fake.items()}
     result = BlockResult(block_fqn, loss_rtn, loss_msad, kept, steps, terms_rtn, terms_msad)
-    return packed, result
+    lora_tensors: dict[str, torch.Tensor] = {}
+    if config.lora_rank and fake and config.lora_steps:
+        lora_tensors = _train_lora(fake, prefix, state, train, evaluate, min(loss_msad, loss_rtn), result, config)
+    return packed, lora_tensors, result
+
+
+def _train_lora(fake, prefix, state, train, evaluate, loss_before, result: BlockResult, config) -> dict[str, torch.Tensor]:
+    """Second stage: scales frozen, one LoRA pair per timestep bucket per linear, trained on the same loss. Kept only
+    if it lowers the loss (evaluated with the bf16 values the plan stores)."""
+    generator = torch.Generator().manual_seed(config.seed + 1)
+    for module in fake.values():
+        module.log_scale.requires_grad_(False)
+        out_features, in_features = module.weight.shape
+        module.lora = TimestepLoRA(in_features, out_features, config.lora_rank, state, generator).to(module.weight.device)
+    params = [p for module in fake.values() for p in module.lora.parameters()]
+    train(params, config.lora_steps, config.lora_lr, config.seed + 1)
+    with torch.no_grad():
+        for p in params:
+            p.copy_(p.to(torch.bfloat16).to(torch.float32))  # what the plan stores
+    loss_lora, _ = evaluate()
+    result.loss_lora = loss_lora
+    result.kept_lora = loss_lora < loss_before
+    tensors: dict[str, torch.Tensor] = {}
+    for name, module in fake.items():
+        if result.kept_lora:
+            tensors[f"{prefix}{name}.lora_a"] = module.lora.a.detach().to(torch.bfloat16).contiguous()
+            tensors[f"{prefix}{name}.lora_b"] = module.lora.b.detach().to(torch.bfloat16).contiguous()
+        module.lora = None
+    return tensors

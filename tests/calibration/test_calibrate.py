@@ -185,3 +185,22 @@ def test_samples_must_be_a_list_of_forward_kwargs():
         calibrate(tiny.model, samples[0], tiny_config())
     with pytest.raises(CalibrationError, match="sample 0 has no 'timestep'"):
         calibrate(tiny.model, [{"hidden_states": samples[0]["hidden_states"]}], tiny_config())
+
+
+def test_timestep_aware_lora_lands_in_the_plan_and_the_simulation_applies_it(tmp_path):
+    from qsparse_compiler.calibration.simulate import plan_applied
+
+    tiny, samples = wan_and_samples(count=3)
+    plan = calibrate(tiny.model, samples, tiny_config(num_samples=0, lora_rank=2, lora_steps=20, lora_lr=1e-2),
+                     out=tmp_path)
+    loaded = load_plan(tmp_path)
+    assert loaded.metadata["lora"]["rank"] == 2 and loaded.metadata["lora"]["bucket_edges"] == [250.0, 500.0, 750.0]
+    lora_names = [name for name in loaded.tensors if name.endswith(".lora_a")]
+    assert len(lora_names) == len(plan.linears) == 10
+    inputs = samples[0]
+    with torch.no_grad():
+        with plan_applied(tiny.model, loaded):
+            with_lora = tiny.model(**inputs)[0]
+        with plan_applied(tiny.model, loaded, lora=False):
+            without = tiny.model(**inputs)[0]
+    assert not torch.equal(with_lora, without)
