@@ -32,6 +32,7 @@ __all__ = [
     "block_linear_names",
     "transformer_blocks",
     "is_attention_module",
+    "iter_floating",
 ]
 
 _ORIGINAL_SDPA = F.scaled_dot_product_attention

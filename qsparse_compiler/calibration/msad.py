@@ -4,21 +4,22 @@ For block b (memory-bounded: only this block's inputs, for the selected samples,
 1. inputs: run the dense model on each sample until block b starts and keep the block's arguments (the forward is
    cut there). This costs about L/2 forwards per sample for L blocks and needs no knowledge of how an architecture
    threads its blocks (Wan, HunyuanVideo's dual + single stream lists, CogVideoX's joint blocks all work).
-2. teacher: the dense block (the model's own dtype) on those inputs: its output, and for each of its video
-   attentions the attention map average-pooled to at most ``global_pool_blocks`` blocks per side and the attention
-   each token receives.
+2. teacher: the dense block (the model's own dtype) on those inputs: its output, the attention each token
+   receives, and for each of its video attentions its attention map on the tiles the student computes (softmax
+   restricted to the searched pattern), average-pooled to at most ``global_pool_blocks`` blocks per side. (Against
+   the dense map, the mass a pattern drops would be a constant offset no weight scale can move, drowning the other
+   terms; on the kept tiles the term measures the attention shift that quantization causes.)
 3. student: an fp32 copy of the block whose listed linears are ``FakeQuantLinear`` (W4 with trainable per-group
    scales initialised by round-to-nearest, A8 per-token in the site's format) and whose video attentions use the
    searched sparse pattern (the reference math of the sparse op, computed query chunk by query chunk with
    activation checkpointing, so training never holds S x S probabilities).
 4. loss = ||out_s - out_t||^2 / ||out_t||^2
-        + lambda_global * ||pool(A_s) - pool(A_t)||^2 / ||pool(A_t)||^2                          (global structure)
+        + lambda_global * ||pool(A_s) - pool(A_t|tiles)||^2 / ||pool(A_t|tiles)||^2              (global structure)
         + lambda_local  * sum_j w_j ||out_s[j] - out_t[j]||^2 / mean_j ||out_t[j]||^2              (salient tokens)
    where j runs over the top ``salient_token_fraction`` tokens by attention received in the teacher and w_j is that
    attention, normalised (S²Q's sparse token distillation). Adam on the log scales for ``msad_steps`` steps.
 5. the learned scales (rounded to their storage dtype) and the codes they give are packed for the plan; if training
    did not lower the loss below round-to-nearest's, round-to-nearest is kept (and the result says so).
-
 6. optional (``lora_rank`` > 0): timestep-aware LoRA (MSFP's TALoRA, lora.py) trained on the same loss with the
    scales frozen, kept if it lowers the loss.
 """
@@ -33,17 +34,17 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from ..ops.quantization import PackedInt4Weight
-from ..ops.video_layout import build_video_layout
 from ..plan.schema import LinearPlan
 from ..sparsity.patterns import TokenGrid
-from .attention_maps import TileMask, attention_received, pooled_attention_mass, sparse_attention_chunked
+from .attention_maps import attention_received, pooled_attention_mass
 from .config import CalibrationConfig, CalibrationError
 from .fake_quant import FakeQuantLinear
 from .hooks import AttentionCall, AttentionInterceptor, video_grid_of
 from .lora import TimestepLoRA, TimestepState
+from .pattern_attention import SparsePatternAttention, pool_block, row_counts
 from .samples import run_model
 
-__all__ = ["BlockResult", "capture_block_inputs", "distill_block", "msad_loss", "SparsePatternAttention"]
+__all__ = ["BlockResult", "capture_block_inputs", "distill_block", "msad_loss"]
 
 
 @dataclass
@@ -114,51 +115,6 @@ def capture_block_inputs(
     return captured
 
 
-class SparsePatternAttention:
-    """Attention handler of the student: the plan's per-head patterns on their tiles (layouts cached per grid),
-    chunk-wise (sparse_attention_chunked), recording the average-pooled map for the global term when asked."""
-
-    def __init__(
-        self, specs: Mapping[str, str], block_q: int, block_kv: int, record: bool, pool_blocks: int,
-        max_elements: int = 1 << 24,
-    ) -> None:
-        self.specs = dict(specs)
-        self.max_elements = max_elements
-        self.block_q, self.block_kv = block_q, block_kv
-        self.record = record
-        self.pool_blocks = pool_blocks
-        self.maps: dict[str, torch.Tensor] = {}
-        self._tiles: dict[tuple[str, TokenGrid], TileMask] = {}
-
-    def tile_mask(self, fqn: str, grid: TokenGrid) -> TileMask:
-        key = (self.specs[fqn], grid)
-        if key not in self._tiles:
-            layout = build_video_layout(grid, self.specs[fqn], 1.0, self.block_q, self.block_kv)
-            self._tiles[key] = TileMask(layout.to_dense()[0], self.block_q, self.block_kv)
-        return self._tiles[key]
-
-    def __call__(self, call: AttentionCall) -> torch.Tensor | None:
-        if call.fqn not in self.specs:
-            return None
-        tiles = self.tile_mask(call.fqn, call.grid)
-        q_len, kv_len = call.q.shape[2], call.k.shape[2]
-        pool = (_pool_block(q_len, self.pool_blocks), _pool_block(kv_len, self.pool_blocks)) if self.record else None
-        out, mass = sparse_attention_chunked(call.q, call.k, call.v, tiles, call.scale, call.key_padding_mask,
-                                             self.max_elements, pool)
-        if mass is not None:
-            self.maps[call.fqn] = mass / _row_counts(q_len, pool[0], mass.device)
-        return out.to(call.q.dtype)
-
-
-def _pool_block(seq_len: int, pool_blocks: int) -> int:
-    return max(1, math.ceil(seq_len / pool_blocks))
-
-
-def _row_counts(seq_len: int, block: int, device: torch.device) -> torch.Tensor:
-    starts = torch.arange(0, seq_len, block, device=device)
-    return (torch.clamp(starts + block, max=seq_len) - starts).to(torch.float32).view(1, 1, -1, 1)
-
-
 @dataclass
 class _Target:
     out: torch.Tensor
@@ -182,11 +138,11 @@ def _teacher_targets(
     def observe(call: AttentionCall) -> None:
         if call.fqn not in patterns.specs:
             return None
-        block_q = _pool_block(call.q.shape[2], config.global_pool_blocks)
-        block_kv = _pool_block(call.k.shape[2], config.global_pool_blocks)
+        block_q = pool_block(call.q.shape[2], config.global_pool_blocks)
+        block_kv = pool_block(call.k.shape[2], config.global_pool_blocks)
         mass = pooled_attention_mass(call.q, call.k, block_q, block_kv, call.scale, call.key_padding_mask,
                                      config.attention_chunk_elements, patterns.tile_mask(call.fqn, call.grid))
-        maps[call.fqn] = mass / _row_counts(call.q.shape[2], block_q, mass.device)
+        maps[call.fqn] = mass / row_counts(call.q.shape[2], block_q, mass.device)
         got = attention_received(call.q, call.k, call.scale, call.key_padding_mask, config.attention_chunk_elements)
         received.append((got.mean(1), call.grid))  # [B, Skv], averaged over heads
         return None

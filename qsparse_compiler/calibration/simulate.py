@@ -21,7 +21,7 @@ from ..plan.schema import Plan, PlanError
 from .fake_quant import swap_linears
 from .hooks import AttentionInterceptor
 from .lora import TimestepState, lora_delta, timestep_hook
-from .msad import SparsePatternAttention
+from .pattern_attention import SparsePatternAttention
 
 __all__ = ["PlanLinear", "plan_applied"]
 

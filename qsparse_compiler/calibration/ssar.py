@@ -32,7 +32,7 @@ import torch
 from .attention_maps import sparse_attention_chunked
 from .config import CalibrationConfig, CalibrationError
 from .hooks import AttentionCall, AttentionInterceptor
-from .msad import SparsePatternAttention
+from .pattern_attention import SparsePatternAttention
 from .progress import track
 from .samples import run_model
 
