@@ -33,6 +33,7 @@ from .config import CalibrationConfig, CalibrationError
 from .hooks import transformer_blocks
 from .progress import track
 from .msad import distill_block
+from .pipeline import collect_pipeline_samples
 from .salient import score_samples, select_samples, selection_report, SampleScore
 from .samples import check_samples, samples_digest, timestep_of
 from .search import SearchResult, search_patterns
@@ -108,16 +109,29 @@ def calibrate(
     config: CalibrationConfig | Mapping[str, Any] | None = None,
     out: str | Path | None = None,
     resume: bool = True,
+    pipeline_kwargs: Mapping[str, Any] | None = None,
 ) -> Plan:
     """Calibrate a plan for a diffusers video transformer (or a pipeline's ``.transformer``).
 
     ``samples``: a list of dicts of the transformer's forward kwargs (hidden_states, encoder_hidden_states,
-    timestep, ...), the candidate (prompt, timestep) pairs. ``out``: the plan directory (also holds the stage
-    checkpoints); None keeps everything in memory. ``resume``: reuse finished stages from ``out``.
+    timestep, ...), the candidate (prompt, timestep) pairs; or, with a pipeline, a list of prompts: the pipeline
+    runs on each (``pipeline_kwargs``: its call arguments, e.g. num_inference_steps, height, width, num_frames, plus
+    ``every``: record every n-th step, default 5) and its transformer's inputs are recorded (pipeline.py).
+    ``out``: the plan directory (also holds the stage checkpoints); None keeps everything in memory.
+    ``resume``: reuse finished stages from ``out``.
     Returns the Plan, saved to ``out`` when given. Raises CalibrationError naming the module and sample on NaN/inf.
     """
     config = config if isinstance(config, CalibrationConfig) else CalibrationConfig.from_dict(config)
     model = _transformer(model_or_pipeline)
+    if isinstance(samples, (list, tuple)) and samples and all(isinstance(s, str) for s in samples):
+        # Prompts: run the pipeline and record the transformer's inputs at every `every`-th step.
+        if model is model_or_pipeline:
+            raise CalibrationError(
+                "qsparse_compiler.calibration: prompts need a diffusers pipeline (with `.transformer`) to sample from; "
+                "with a bare transformer pass samples (dicts of its forward kwargs)"
+            )
+        options = dict(pipeline_kwargs or {})
+        samples = collect_pipeline_samples(model_or_pipeline, list(samples), every=options.pop("every", 5), **options)
     candidates = check_samples(samples)
     device = next(model.parameters()).device
     candidates = _to_device(candidates, device)
