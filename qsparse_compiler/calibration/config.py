@@ -88,6 +88,7 @@ class CalibrationConfig:
     ssar_tolerance        relative residual prediction error that a reuse step may reach before a refresh.
     ssar_max_every        longest refresh interval considered.
     ssar_refresh_first    the least number of leading steps that always refresh.
+    ssar_max_tokens       residuals are measured on at most this many evenly spaced tokens (host memory bound).
     ssar_rank_energy      low-rank option: smallest rank keeping this share of the residual's energy (per head);
                           a rank >= head_dim / 2 is stored as 0 (full residual: low rank would not save memory).
 
@@ -132,6 +133,7 @@ class CalibrationConfig:
     ssar_tolerance: float = 0.1
     ssar_max_every: int = 5
     ssar_refresh_first: int = 1
+    ssar_max_tokens: int = 1024
     ssar_rank_energy: float = 0.99
 
     seed: int = 0
@@ -202,7 +204,7 @@ class CalibrationConfig:
             _fail("ssar_steps", self.ssar_steps, "must be an int >= 2 (>= 3 to judge order 2)")
         if not _is_fraction(self.ssar_tolerance):
             _fail("ssar_tolerance", self.ssar_tolerance, "must be in (0, 1], e.g. 0.1")
-        for name in ("ssar_samples", "ssar_max_every", "ssar_refresh_first"):
+        for name in ("ssar_samples", "ssar_max_every", "ssar_refresh_first", "ssar_max_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 _fail(name, value, "must be an int >= 1")

@@ -18,7 +18,8 @@ Rank: the smallest r whose truncated SVD keeps ``ssar_rank_energy`` of R's energ
 is stored as 0 (the full residual: low rank would not save memory).
 
 Stored in ``AttentionPlan.cache`` as {"refresh_first": k, "refresh_every": n, "order": 1|2, "rank": r}.
-Memory: the residuals of every searched layer for every measured step (B x H x S x D fp32 each) — calibration sizes.
+Memory: the residuals of every searched layer for every measured step, on the host, each B x H x T x D fp32 with
+T = min(S, ``ssar_max_tokens``) evenly spaced tokens (30 layers x 6 steps x 12 heads x 1024 tokens x 128: 1.1 GB).
 """
 
 from __future__ import annotations
@@ -63,9 +64,11 @@ def measure_residuals(
     block_kv: int,
     config: CalibrationConfig,
 ) -> dict[str, list[list[torch.Tensor]]]:
-    """R per layer, per trajectory, per step: {fqn: [[R_0, R_1, ...], ...]} (fp32, B x H x S x D)."""
-    patterns = SparsePatternAttention(specs, block_q, block_kv, record=False, pool_blocks=1)
+    """R per layer, per trajectory, per step: {fqn: [[R_0, R_1, ...], ...]} (fp32 on the host, B x H x T x D)."""
     residuals: dict[str, list[list[torch.Tensor]]] = {fqn: [] for fqn in specs}
+    # Layers whose heads are all dense have no residual by construction (measuring it would only see float noise).
+    specs = {fqn: spec for fqn, spec in specs.items() if not _all_dense(spec)}
+    patterns = SparsePatternAttention(specs, block_q, block_kv, record=False, pool_blocks=1)
     current: dict[str, list[torch.Tensor]] = {}
 
     def observe(call: AttentionCall) -> torch.Tensor | None:
@@ -74,7 +77,13 @@ def measure_residuals(
         dense = call.dense()
         sparse, _ = sparse_attention_chunked(call.q, call.k, call.v, patterns.tile_mask(call.fqn, call.grid), call.scale,
                                              call.key_padding_mask, config.attention_chunk_elements)
-        current.setdefault(call.fqn, []).append((dense.to(torch.float32) - sparse).cpu())
+        residual = dense.to(torch.float32) - sparse
+        seq_len = residual.shape[2]
+        if seq_len > config.ssar_max_tokens:
+            # Evenly spaced tokens (all frames, all of the frame): the drift statistics need a sample, not all S.
+            keep = torch.linspace(0, seq_len - 1, config.ssar_max_tokens, device=residual.device).round().long()
+            residual = residual.index_select(2, keep)
+        current.setdefault(call.fqn, []).append(residual.cpu())
         return dense  # the trajectory follows the dense model
 
     with AttentionInterceptor(model, observe):
@@ -95,6 +104,12 @@ def measure_residuals(
                 if current.get(fqn):
                     residuals[fqn].append(current[fqn])
     return residuals
+
+
+def _all_dense(spec: str) -> bool:
+    from ..ops.video_layout import parse_pattern_spec
+
+    return all(name == "dense" for name, _ in parse_pattern_spec(spec, 1.0))
 
 
 def _relative(error: torch.Tensor, reference: torch.Tensor) -> float:
@@ -157,7 +172,7 @@ def ssar_settings(residuals: Mapping[str, Sequence[Sequence[torch.Tensor]]], con
     """{fqn: {"cache": {...}, "max_error": e, "refreshes_nominal": m}}; layers without a residual get no cache."""
     out: dict[str, dict[str, Any]] = {}
     for fqn, trajectories in residuals.items():
-        if not trajectories or all(float(r.abs().max()) == 0.0 for steps in trajectories for r in steps):
+        if not trajectories:
             out[fqn] = {"cache": {}, "why": "no residual: every head computes every tile"}
             continue
         choice = choose_ssar(trajectories, config)

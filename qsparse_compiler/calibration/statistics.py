@@ -150,7 +150,7 @@ def collect_statistics(
         mass = pooled_attention_mass(
             call.q, call.k, config.block_q, config.block_kv, call.scale, call.key_padding_mask,
             config.attention_chunk_elements,
-        ).sum(0).to(torch.float64)
+        ).sum(0).to("cpu", torch.float64)  # small ([H, QB, KVB]); the search reads it on the host
         entry = stats.attentions.get(call.fqn)
         if entry is None or entry.grid != call.grid:
             if entry is not None:

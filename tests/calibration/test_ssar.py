@@ -49,7 +49,23 @@ def test_rank_is_the_energy_rank_and_zero_when_not_worth_it():
 
 
 def test_settings_per_layer_and_no_cache_for_dense_layers():
-    settings = ssar_settings({"blocks.0.attn1": [_trajectory("constant")], "blocks.1.attn1": [[torch.zeros(1, 2, 8, 4)] * 3]},
-                             CONFIG)
+    settings = ssar_settings({"blocks.0.attn1": [_trajectory("constant")], "blocks.1.attn1": []}, CONFIG)
     assert set(settings["blocks.0.attn1"]["cache"]) == {"refresh_first", "refresh_every", "order", "rank"}
     assert settings["blocks.1.attn1"]["cache"] == {}
+
+
+def test_residuals_are_measured_along_a_trajectory_on_a_token_sample():
+    from qsparse_compiler.calibration.ssar import measure_residuals
+
+    from ._tiny import tiny_config, wan_and_samples
+
+    tiny, samples = wan_and_samples(num_layers=2, count=2)
+    config = tiny_config(ssar_steps=3, ssar_max_tokens=64)
+    specs = {"blocks.0.attn1": "local3d:0.2", "blocks.1.attn1": "dense"}
+    residuals = measure_residuals(tiny.model, samples, [1], specs, 16, 16, config)
+    (steps,) = residuals["blocks.0.attn1"]
+    assert len(steps) == 3 and steps[0].shape == (1, 2, 64, 32)  # 192 tokens sampled down to 64
+    assert all(r.abs().max() > 0 for r in steps)  # local3d drops mass: a residual
+    assert not torch.equal(steps[0], steps[1])  # the latents move along the trajectory
+    assert residuals["blocks.1.attn1"] == []  # all heads dense: no residual, nothing measured
+    assert ssar_settings(residuals, config)["blocks.1.attn1"]["cache"] == {}
