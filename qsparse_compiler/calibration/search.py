@@ -31,6 +31,7 @@ import torch
 
 from ..ops.video_layout import PATTERNS
 from ..sparsity.patterns import TokenGrid
+from ..sparsity.layout import num_blocks
 from .attention_maps import video_tile_mask
 from .config import CalibrationConfig
 from .statistics import AttentionStats
@@ -75,10 +76,15 @@ class CostModel:
 @dataclass(frozen=True)
 class Candidate:
     spec: str  # entry of a pattern spec: "name:density" or a bare name
-    bitmap: torch.Tensor  # bool [QB, KVB]
-    tiles: int  # video x video tiles kept
-    density: float
+    bitmaps: tuple[torch.Tensor, ...]  # bool [QB, KVB] per calibration grid
+    tiles: int  # video x video tiles kept, summed over the grids
+    density: float  # tiles / all video x video tiles of the grids
     cost: float
+
+    @property
+    def bitmap(self) -> torch.Tensor:
+        """The tile bitmap on the first grid (the only one when calibrating at one video size)."""
+        return self.bitmaps[0]
 
 
 @dataclass
@@ -129,77 +135,101 @@ def _format_density(density: float) -> str:
     return f"{density:.6g}"
 
 
+def _bitmaps_of(
+    name: str, grid: TokenGrid, block_q: int, block_kv: int, densities: Sequence[float], notes: list[str]
+) -> list[tuple[float, torch.Tensor]] | None:
+    """(density, bitmap) for each density, or None (noted) if the pattern fails on this grid."""
+    expected = (num_blocks(grid.seq_len, block_q), num_blocks(grid.seq_len, block_kv))
+    out = []
+    for density in sorted(densities):
+        try:
+            bitmap = PATTERNS[name](grid, block_q, block_kv, float(density))
+        except Exception as exc:  # a registered pattern that cannot serve this grid is left out, not fatal
+            notes.append(f"pattern {name}:{density:g} failed on grid {grid}: {exc}")
+            return None
+        if not isinstance(bitmap, torch.Tensor) or bitmap.dtype != torch.bool or tuple(bitmap.shape) != expected:
+            notes.append(f"pattern {name} returned {getattr(bitmap, 'shape', type(bitmap))} on grid {grid}, expected bool {expected}")
+            return None
+        out.append((float(density), bitmap))
+    return out
+
+
 def build_candidates(
-    grid: TokenGrid,
+    grids: TokenGrid | Sequence[TokenGrid],
     block_q: int,
     block_kv: int,
     names: Sequence[str] | None,
     densities: Sequence[float],
     cost_model: CostModel,
 ) -> tuple[list[Candidate], list[str]]:
-    """Every distinct tile bitmap the registry yields for ``grid``; a pattern that fails on it is noted and left out."""
+    """Every distinct set of tile bitmaps the registry yields on ``grids`` (the video sizes calibrated on); a
+    pattern that fails on one of them is noted and left out. Candidates whose bitmaps equal an earlier one's on
+    every grid are merged into the earlier one."""
+    grids = [grids] if isinstance(grids, TokenGrid) else list(grids)
     chosen = list(PATTERNS) if names is None else list(names)
     for always in ("dense", "skip"):
         if always in PATTERNS and always not in chosen:
             chosen.append(always)
-    video = video_tile_mask(grid, block_q, block_kv)
-    video_tiles = int(video.sum())
+    videos = [video_tile_mask(grid, block_q, block_kv) for grid in grids]
+    video_tiles = sum(int(video.sum()) for video in videos)
     candidates: list[Candidate] = []
     notes: list[str] = []
     for name in chosen:
-        bitmaps = []
-        for density in sorted(densities):
-            try:
-                bitmap = PATTERNS[name](grid, block_q, block_kv, float(density))
-            except Exception as exc:  # a registered pattern that cannot serve this grid is skipped, not fatal
-                notes.append(f"pattern {name}:{density:g} failed on grid {grid}: {exc}")
-                continue
-            expected = (video.shape[0], video.shape[1])
-            if not isinstance(bitmap, torch.Tensor) or bitmap.dtype != torch.bool or tuple(bitmap.shape) != expected:
-                notes.append(f"pattern {name} returned {getattr(bitmap, 'shape', type(bitmap))}, expected bool {expected}")
-                continue
-            bitmaps.append((float(density), bitmap))
-        if not bitmaps:
+        per_grid = [_bitmaps_of(name, grid, block_q, block_kv, densities, notes) for grid in grids]
+        if any(entry is None for entry in per_grid):
             continue
-        ignores_density = all(torch.equal(bitmaps[0][1], b) for _, b in bitmaps[1:])
-        for density, bitmap in bitmaps:
-            if any(torch.equal(bitmap, c.bitmap) for c in candidates):
+        ignores_density = all(torch.equal(entry[0][1], b) for entry in per_grid for _, b in entry[1:])
+        for index, (density, _) in enumerate(per_grid[0]):
+            bitmaps = tuple(entry[index][1] for entry in per_grid)
+            if any(all(torch.equal(a, b) for a, b in zip(bitmaps, c.bitmaps)) for c in candidates):
                 continue  # same tiles as a candidate already listed (e.g. a density that rounds to the same count)
-            tiles = int((bitmap & video).sum())
+            tiles = sum(int((bitmap & video).sum()) for bitmap, video in zip(bitmaps, videos))
             spec = name if ignores_density else f"{name}:{_format_density(density)}"
             share = tiles / max(video_tiles, 1)
-            candidates.append(Candidate(spec, bitmap, tiles, share, cost_model.cost(share, tiles)))
+            candidates.append(Candidate(spec, bitmaps, tiles, share, cost_model.cost(share, tiles)))
     if not any(c.spec == "dense" for c in candidates):
-        full = torch.ones_like(video)
+        full = tuple(torch.ones_like(video) for video in videos)
         candidates.append(Candidate("dense", full, video_tiles, 1.0, cost_model.cost(1.0, video_tiles)))
     return candidates, notes
 
 
 def search_patterns(
-    attentions: Mapping[str, AttentionStats], config: CalibrationConfig, cost_model: CostModel | None = None
+    attentions: Mapping[str, AttentionStats | Sequence[AttentionStats]],
+    config: CalibrationConfig,
+    cost_model: CostModel | None = None,
 ) -> SearchResult:
-    """Choose a pattern per (site, head); see the module docstring."""
+    """Choose a pattern per (site, head); see the module docstring. A site calibrated on several video grids has
+    one ``AttentionStats`` per grid: a candidate's recall is the call-weighted mean over the grids and its tiles
+    the sum."""
     cost_model = cost_model or CostModel(config.cost_table)
-    candidate_cache: dict[TokenGrid, tuple[list[Candidate], list[str]]] = {}
+    candidate_cache: dict[tuple[TokenGrid, ...], list[Candidate]] = {}
     # Per head: (fqn, head, candidates, recalls)
     heads: list[tuple[str, int, list[Candidate], list[float]]] = []
     notes: list[str] = []
     total_video_tiles = 0
-    for fqn, stats in attentions.items():
-        if stats.grid not in candidate_cache:
-            candidate_cache[stats.grid] = build_candidates(
-                stats.grid, config.block_q, config.block_kv, config.candidate_patterns, config.candidate_densities,
-                cost_model,
+    for fqn, entry in attentions.items():
+        per_grid = [entry] if isinstance(entry, AttentionStats) else list(entry)
+        grids = tuple(stats.grid for stats in per_grid)
+        if grids not in candidate_cache:
+            candidate_cache[grids], more = build_candidates(
+                grids, config.block_q, config.block_kv, config.candidate_patterns, config.candidate_densities, cost_model
             )
-            notes += candidate_cache[stats.grid][1]
-        candidates = candidate_cache[stats.grid][0]
-        video = video_tile_mask(stats.grid, config.block_q, config.block_kv)
-        total_video_tiles += int(video.sum()) * stats.heads
-        mass = stats.mass.to(torch.float64) * video
-        for head in range(stats.heads):
-            total = float(mass[head].sum())
-            recalls = [float((mass[head] * c.bitmap).sum()) / total if total > 0 else 1.0 for c in candidates]
-            heads.append((fqn, head, candidates, recalls))
+            notes += more
+        candidates = candidate_cache[grids]
+        head_count = per_grid[0].heads
+        calls = sum(stats.calls for stats in per_grid)
+        weights = [stats.calls / calls if calls else 1.0 / len(per_grid) for stats in per_grid]
+        recalls = torch.zeros(head_count, len(candidates), dtype=torch.float64)
+        for g, stats in enumerate(per_grid):
+            video = video_tile_mask(stats.grid, config.block_q, config.block_kv)
+            total_video_tiles += int(video.sum()) * stats.heads
+            mass = stats.mass.to(torch.float64) * video  # [H, QB, KVB] on the video x video tiles
+            totals = mass.sum((1, 2))
+            kept = torch.stack([(mass * c.bitmaps[g]).sum((1, 2)) for c in candidates], dim=1)  # [H, C]
+            share = torch.where(totals[:, None] > 0, kept / totals.clamp_min(1e-300)[:, None], torch.ones_like(kept))
+            recalls += share * weights[g]
+        for head in range(head_count):
+            heads.append((fqn, head, candidates, recalls[head].tolist()))
 
     # 1. the cheapest candidate meeting the recall bound (dense always does).
     current: list[int] = []
@@ -271,7 +301,10 @@ def search_patterns(
         total_density=total_density,
         budget_met=total_density <= config.density_budget + 1e-9,
         cost_model=cost_model.to_json(),
-        candidates={str(grid): [f"{c.spec} (density {c.density:.3f})" for c in cands] for grid, (cands, _) in candidate_cache.items()},
+        candidates={
+            " + ".join(str(grid) for grid in grids): [f"{c.spec} (density {c.density:.3f})" for c in cands]
+            for grids, cands in candidate_cache.items()
+        },
         notes=notes,
     )
 

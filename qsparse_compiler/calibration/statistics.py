@@ -1,7 +1,7 @@
 """Statistics of the dense model on the calibration samples: what the search and the quantizer decide from.
 
-- per video attention site (module FQN, e.g. ``blocks.0.attn1``): the block-pooled attention mass [H, QB, KVB],
-  summed over samples and batch (attention_maps.pooled_attention_mass, chunk-wise), and the token grid it ran on;
+- per video attention site (module FQN, e.g. ``blocks.0.attn1``) and video grid it ran on: the block-pooled
+  attention mass [H, QB, KVB], summed over samples and batch (attention_maps.pooled_attention_mass, chunk-wise);
 - per block linear (``named_modules()`` FQN): per-token amax (mean and max over tokens), min, max, the fraction of
   non-negative input values (MSFP's criterion) and whether the input has a token dimension (conditioning linears
   with one row per sample stay in their dtype, as in the quantize pass).
@@ -75,18 +75,20 @@ class CalibrationStats:
     block_q: int
     block_kv: int
     linears: dict[str, LinearStats] = field(default_factory=dict)
-    attentions: dict[str, AttentionStats] = field(default_factory=dict)
+    attentions: dict[str, list[AttentionStats]] = field(default_factory=dict)  # one entry per video grid seen
 
     # -- checkpoint record (json + tensors; see checkpoint.py) -------------------------------------------------------
     def to_record(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        tensors = {f"{fqn}.mass": s.mass.contiguous() for fqn, s in self.attentions.items()}
+        tensors = {
+            f"{fqn}.mass.{i}": s.mass.contiguous() for fqn, entries in self.attentions.items() for i, s in enumerate(entries)
+        }
         data = {
             "block_q": self.block_q,
             "block_kv": self.block_kv,
             "linears": {fqn: _finite_json(asdict(s)) for fqn, s in self.linears.items()},
             "attentions": {
-                fqn: {"grid": asdict(s.grid), "heads": s.heads, "head_dim": s.head_dim, "calls": s.calls}
-                for fqn, s in self.attentions.items()
+                fqn: [{"grid": asdict(s.grid), "heads": s.heads, "head_dim": s.head_dim, "calls": s.calls} for s in entries]
+                for fqn, entries in self.attentions.items()
             },
         }
         return data, tensors
@@ -96,10 +98,11 @@ class CalibrationStats:
         stats = cls(data["block_q"], data["block_kv"])
         for fqn, entry in data["linears"].items():
             stats.linears[fqn] = LinearStats(**{k: (float(v) if v in ("inf", "-inf") else v) for k, v in entry.items()})
-        for fqn, entry in data["attentions"].items():
-            stats.attentions[fqn] = AttentionStats(
-                TokenGrid(**entry["grid"]), entry["heads"], entry["head_dim"], tensors[f"{fqn}.mass"], entry["calls"]
-            )
+        for fqn, entries in data["attentions"].items():
+            stats.attentions[fqn] = [
+                AttentionStats(TokenGrid(**e["grid"]), e["heads"], e["head_dim"], tensors[f"{fqn}.mass.{i}"], e["calls"])
+                for i, e in enumerate(entries)
+            ]
         return stats
 
 
@@ -151,14 +154,11 @@ def collect_statistics(
             call.q, call.k, config.block_q, config.block_kv, call.scale, call.key_padding_mask,
             config.attention_chunk_elements,
         ).sum(0).to("cpu", torch.float64)  # small ([H, QB, KVB]); the search reads it on the host
-        entry = stats.attentions.get(call.fqn)
-        if entry is None or entry.grid != call.grid:
-            if entry is not None:
-                raise CalibrationError(
-                    f"qsparse_compiler.calibration: attention {call.fqn} ran on grid {call.grid} on sample "
-                    f"{current['sample']} but on {entry.grid} before; calibrate with one video size per run"
-                )
-            entry = stats.attentions[call.fqn] = AttentionStats(call.grid, call.q.shape[1], call.q.shape[3], torch.zeros_like(mass))
+        entries = stats.attentions.setdefault(call.fqn, [])
+        entry = next((e for e in entries if e.grid == call.grid), None)
+        if entry is None:  # a new video size: its own map (tile grids of different sizes do not add up)
+            entry = AttentionStats(call.grid, call.q.shape[1], call.q.shape[3], torch.zeros_like(mass))
+            entries.append(entry)
         entry.mass += mass
         entry.calls += 1
         return None

@@ -204,3 +204,14 @@ def test_timestep_aware_lora_lands_in_the_plan_and_the_simulation_applies_it(tmp
         with plan_applied(tiny.model, loaded, lora=False):
             without = tiny.model(**inputs)[0]
     assert not torch.equal(with_lora, without)
+
+
+def test_samples_of_several_video_sizes_calibrate_together():
+    tiny, samples = wan_and_samples(count=2)
+    longer = tiny.make_inputs(frames=5)
+    longer["timestep"] = torch.tensor([300])
+    plan = calibrate(tiny.model, [*samples, longer], tiny_config(num_samples=0, msad_steps=5))
+    candidates = plan.metadata["calibration"]["search"]["candidates"]
+    (grids,) = candidates
+    assert "frames=3" in grids and "frames=5" in grids
+    assert plan.metadata["calibration"]["search"]["budget_met"]

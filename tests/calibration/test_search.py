@@ -125,3 +125,17 @@ def test_equal_cost_prefers_higher_recall():
     result = search_patterns({"blocks.0.attn1": _stats(_diagonal_mass(1))},
                              _config(recall_bound=0.5, density_budget=1.0, cost_table={0.01: 1.0, 1.0: 1.0}))
     assert result.head_patterns("blocks.0.attn1") == ["dense"]
+
+
+def test_several_video_sizes_are_searched_together():
+    small, large = TokenGrid(2, 4, 8, seq_len=64), GRID  # 4 x 4 and 8 x 8 tiles
+    diagonal_small = torch.full((1, 4, 4), 0.01)
+    diagonal_small[:, torch.arange(4), torch.arange(4)] = 1.0
+    sites = {"blocks.0.attn1": [AttentionStats(small, 1, 32, diagonal_small.double(), calls=1),
+                                AttentionStats(large, 1, 32, _diagonal_mass(1).double(), calls=3)]}
+    result = search_patterns(sites, _config(recall_bound=0.8, density_budget=1.0))
+    (choice,) = result.heads["blocks.0.attn1"]
+    assert choice.spec == "local3d:0.05"
+    assert choice.tiles == 4 + 8 and choice.density == pytest.approx(12 / (16 + 64))  # summed over both grids
+    (grids,) = result.candidates
+    assert str(small) in grids and str(large) in grids
