@@ -18,6 +18,8 @@ For head h of a site, candidate c:
    budget holds (or no head can go lower; the result says so).
 3. Discrete steps overshoot the budget: the tiles left are spent on the upgrades with the most recall gained per
    tile added that still fit.
+A site calibrated on several video sizes has a map per grid: a candidate's recall is the call-weighted mean over the
+grids and its tiles (and density) the sum over them.
 Heads of one layer that end on the same pattern share a spec entry, and the kernel runs all heads of a layer in one
 launch (the per-head spec string lists them).
 """
@@ -30,8 +32,8 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..ops.video_layout import PATTERNS
-from ..sparsity.patterns import TokenGrid
 from ..sparsity.layout import num_blocks
+from ..sparsity.patterns import TokenGrid
 from .attention_maps import video_tile_mask
 from .config import CalibrationConfig
 from .statistics import AttentionStats
