@@ -107,6 +107,7 @@ class SearchResult:
     cost_model: dict[str, Any]
     candidates: dict[str, list[str]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    recalls: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # {fqn: {spec: recall per head}}
 
     def head_patterns(self, fqn: str) -> list[str]:
         return [choice.spec for choice in self.heads[fqn]]
@@ -119,6 +120,7 @@ class SearchResult:
             "cost_model": self.cost_model,
             "candidates": self.candidates,
             "notes": self.notes,
+            "recalls": self.recalls,
             "heads": {
                 fqn: [{"spec": c.spec, "recall": round(c.recall, 6), "density": round(c.density, 6), "tiles": c.tiles,
                        "reason": c.reason} for c in choices]
@@ -130,7 +132,7 @@ class SearchResult:
     def from_json(cls, data: Mapping[str, Any]) -> "SearchResult":
         heads = {fqn: [HeadChoice(**c) for c in choices] for fqn, choices in data["heads"].items()}
         return cls(heads, data["budget"], data["total_density"], data["budget_met"], data["cost_model"],
-                   data.get("candidates", {}), list(data.get("notes", [])))
+                   data.get("candidates", {}), list(data.get("notes", [])), data.get("recalls", {}))
 
 
 def _format_density(density: float) -> str:
@@ -208,6 +210,7 @@ def search_patterns(
     # Per head: (fqn, head, candidates, recalls)
     heads: list[tuple[str, int, list[Candidate], list[float]]] = []
     notes: list[str] = []
+    recall_table: dict[str, dict[str, list[float]]] = {}
     total_video_tiles = 0
     for fqn, entry in attentions.items():
         per_grid = [entry] if isinstance(entry, AttentionStats) else list(entry)
@@ -232,6 +235,7 @@ def search_patterns(
             recalls += share * weights[g]
         for head in range(head_count):
             heads.append((fqn, head, candidates, recalls[head].tolist()))
+        recall_table[fqn] = {c.spec: [round(float(r), 6) for r in recalls[:, i]] for i, c in enumerate(candidates)}
 
     # 1. the cheapest candidate meeting the recall bound (dense always does).
     current: list[int] = []
@@ -308,5 +312,6 @@ def search_patterns(
             for grids, cands in candidate_cache.items()
         },
         notes=notes,
+        recalls=recall_table,
     )
 

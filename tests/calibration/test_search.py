@@ -35,6 +35,9 @@ def test_concentrated_heads_take_the_cheapest_pattern_meeting_the_bound():
     assert [c.spec for c in choices] == ["local3d:0.05"] * 2  # the diagonal alone keeps > 80% of the mass
     assert all(c.recall >= 0.8 and c.reason == "bound" for c in choices)
     assert result.budget_met and result.total_density == pytest.approx(8 / 64)
+    # the recall of every candidate for every head is kept (plan metadata), dense keeps everything
+    table = result.recalls["blocks.0.attn1"]
+    assert table["dense"] == [1.0, 1.0] and table["local3d:0.05"] == [round(choices[0].recall, 6)] * 2
 
 
 def test_uniform_heads_need_dense_under_a_high_bound_then_the_budget_forces_them_down():
