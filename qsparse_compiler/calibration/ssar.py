@@ -96,7 +96,11 @@ def measure_residuals(
             for _ in range(config.ssar_steps):
                 v = run_model(model, {**sample, "hidden_states": x, "timestep": t})
                 if not bool(torch.isfinite(v).all()):
-                    raise CalibrationError(f"qsparse_compiler.calibration.ssar: the model output is not finite on the trajectory of sample {index}")
+                    raise CalibrationError(
+                        f"qsparse_compiler.calibration.ssar: the model output {tuple(v.shape)} is not finite at timestep "
+                        f"{float(t.float().mean()):g} of the trajectory from sample {index}; lower ssar_step_size or "
+                        "ssar_steps, or start from another sample"
+                    )
                 t_next = (t - config.ssar_step_size).clamp_min(0.0)
                 x = (x.to(torch.float32) + (t_next - t).view(-1, *([1] * (x.ndim - 1))) / 1000.0 * v.to(torch.float32)).to(x.dtype)
                 t = t_next
