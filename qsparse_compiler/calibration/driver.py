@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -170,6 +171,13 @@ def calibrate(
             stats = CalibrationStats.from_record(*record)
             stages["statistics"] = "resumed"
         seconds["statistics"] = time.perf_counter() - start
+        if not stats.attentions:
+            warnings.warn(
+                "qsparse_compiler.calibration: no video self-attention was seen (every attention stays dense in the "
+                "plan). Calibration sees attention through torch's scaled_dot_product_attention: use diffusers' native "
+                "attention backend while calibrating (model.set_attention_backend('native')).",
+                stacklevel=2,
+            )
 
         # 3. pattern search (the registry's names are part of the key: a new pattern is searched)
         key = stage_key("search", key, config.stage_hash(*_SEARCH_FIELDS), sorted(PATTERNS))

@@ -215,3 +215,14 @@ def test_samples_of_several_video_sizes_calibrate_together():
     (grids,) = candidates
     assert "frames=3" in grids and "frames=5" in grids
     assert plan.metadata["calibration"]["search"]["budget_met"]
+
+
+def test_a_model_whose_attention_is_not_seen_warns_and_stays_dense(monkeypatch):
+    from qsparse_compiler.calibration import hooks
+
+    tiny, samples = wan_and_samples(count=2)
+    # As with a non-native attention backend: the interceptor never learns the video grid, so it sees no attention.
+    monkeypatch.setattr(hooks.AttentionInterceptor, "_video_call", lambda self, *args: None)
+    with pytest.warns(UserWarning, match="no video self-attention was seen"):
+        plan = calibrate(tiny.model, samples, tiny_config(num_samples=0, msad_steps=0))
+    assert plan.attentions == {} and len(plan.linears) == 10
