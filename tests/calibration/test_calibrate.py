@@ -221,7 +221,7 @@ def test_a_model_whose_attention_is_not_seen_warns_and_stays_dense(monkeypatch):
     from qsparse_compiler.calibration import hooks
 
     tiny, samples = wan_and_samples(count=2)
-    # As with a non-native attention backend: the interceptor never learns the video grid, so it sees no attention.
+    # As with a non-native attention backend: no SDPA call reaches the interceptor as a video attention.
     monkeypatch.setattr(hooks.AttentionInterceptor, "_video_call", lambda self, *args: None)
     with pytest.warns(UserWarning, match="no video self-attention was seen"):
         plan = calibrate(tiny.model, samples, tiny_config(num_samples=0, msad_steps=0))
