@@ -14,10 +14,12 @@ from ._tiny import tiny_config, wan_and_samples
 
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory):
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as conftest's per-test fixture, for this module-wide setup
     tiny, samples = wan_and_samples(num_layers=2, count=4)
     out = tmp_path_factory.mktemp("plan")
     plan = calibrate(tiny.model, samples, tiny_config(), out=out)
+    torch.set_num_threads(threads)
     return tiny, samples, out, plan
 
 
