@@ -1,0 +1,387 @@
+"""``calibrate``: dense model + samples -> Plan (plan.json + plan.safetensors), resumable, with progress.
+
+Stages (each checkpointed in ``<out>/calibration/``, see checkpoint.py; ``resume=True`` skips finished ones):
+
+    selection    salient data selection over the candidate samples (salient.py)
+    statistics   pooled attention maps and activation ranges of the dense model on the kept samples (statistics.py)
+    search       per layer/head sparse pattern under the density budget (search.py)
+    ssar         residual-cache schedule, order and rank per attention layer (ssar.py)
+    msad/<blk>   W4 weights of each transformer block, distilled block by block (msad.py)
+
+then the plan: every block linear with a token dimension (``LinearPlan``: group size, activation format — MSFP's
+``uint8_msfp`` for (almost) non-negative inputs — and its distilled int4 weights as tensors
+``<fqn>.qweight``/``<fqn>.scale``), every video attention (``AttentionPlan``: per-head patterns, tile, cache), and
+``metadata`` with the cost model, the search, the selection and the distillation losses.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from ..ops.quantization import PackedInt4Weight
+from ..ops.video_layout import PATTERNS
+from ..plan.io import save_plan
+from ..plan.schema import AttentionPlan, LinearPlan, ModelFingerprint, Plan
+from .checkpoint import StageStore, stage_key
+from .config import CalibrationConfig, CalibrationError
+from .hooks import transformer_blocks
+from .progress import track
+from .msad import distill_block
+from .pipeline import collect_pipeline_samples
+from .salient import score_samples, select_samples, selection_report, SampleScore
+from .samples import check_samples, samples_digest, timestep_of
+from .search import SearchResult, search_patterns
+from .ssar import measure_residuals, ssar_settings
+from .statistics import CalibrationStats, LinearStats, collect_statistics
+
+__all__ = ["calibrate", "calibrate_cli_main", "linear_plans", "load_samples", "save_samples"]
+
+CHECKPOINT_DIR = "calibration"
+
+# The config fields each stage reads: a change in one of them recomputes that stage and every later one.
+_SELECTION_FIELDS = ("selection", "num_samples", "salient_dt", "group_size", "act_format", "scale_dtype",
+                     "site_pattern", "seed")
+_STATISTICS_FIELDS = ("block_q", "block_kv", "attention_chunk_elements", "site_pattern")
+_SEARCH_FIELDS = ("density_budget", "recall_bound", "candidate_patterns", "candidate_densities", "cost_table")
+_SSAR_FIELDS = ("ssar_samples", "ssar_steps", "ssar_step_size", "ssar_tolerance", "ssar_max_every",
+                "ssar_refresh_first", "ssar_max_tokens", "ssar_rank_energy")
+_MSAD_FIELDS = ("group_size", "act_format", "scale_dtype", "msfp", "msfp_max_negative_share", "msad_steps", "msad_lr",
+                "lambda_global", "lambda_local", "global_pool_blocks", "salient_token_fraction", "seed", "lora_rank",
+                "lora_bucket_edges", "lora_steps", "lora_lr")
+
+
+def _transformer(model_or_pipeline: Any) -> torch.nn.Module:
+    if isinstance(model_or_pipeline, torch.nn.Module):
+        # A torch.compile'd module wraps the original: calibrate the original, whose FQNs the passes see.
+        return getattr(model_or_pipeline, "_orig_mod", model_or_pipeline)
+    transformer = getattr(model_or_pipeline, "transformer", None)
+    if isinstance(transformer, torch.nn.Module):
+        return transformer
+    raise CalibrationError(
+        "qsparse_compiler.calibration: expected a video transformer (nn.Module) or a diffusers pipeline with a "
+        f"`.transformer`; got {type(model_or_pipeline).__name__}"
+    )
+
+
+def _to_device(samples: list[dict[str, Any]], device: torch.device) -> list[dict[str, Any]]:
+    return [{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in s.items()} for s in samples]
+
+
+def linear_plans(stats: Mapping[str, LinearStats], config: CalibrationConfig) -> tuple[dict[str, LinearPlan], dict[str, Any]]:
+    """Which block linears are quantized and how, from their activation statistics; and why, per site."""
+    plans: dict[str, LinearPlan] = {}
+    notes: dict[str, Any] = {}
+    for fqn, s in stats.items():
+        if not s.has_tokens or s.tokens == 0:
+            notes[fqn] = {"kept": "conditioning linear (no token dimension) or never called: stays in its dtype"}
+            continue
+        k = s.in_features
+        if k % 2:
+            notes[fqn] = {"kept": f"in_features={k} is odd: int4 packs two codes per byte"}
+            continue
+        group = config.group_size if config.group_size and k % config.group_size == 0 else 0
+        span = s.max - s.min
+        negative_share = max(0.0, -s.min) / span if span > 0 else 0.0
+        act = "uint8_msfp" if config.msfp and negative_share <= config.msfp_max_negative_share else config.act_format
+        plans[fqn] = LinearPlan(group, act, config.scale_dtype)
+        notes[fqn] = {
+            "group_size": group,
+            "act_format": act,
+            "negative_share": round(negative_share, 6),
+            "nonneg_fraction": round(s.nonneg_fraction, 6),
+            "amax_mean": s.amax_mean,
+            "amax_max": s.amax_max,
+        }
+        if group != config.group_size:
+            notes[fqn]["why_group"] = f"group_size {config.group_size} does not divide K={k}: per-channel scales"
+    return plans, notes
+
+
+def calibrate(
+    model_or_pipeline: Any,
+    samples: Sequence[Mapping[str, Any]],
+    config: CalibrationConfig | Mapping[str, Any] | None = None,
+    out: str | Path | None = None,
+    resume: bool = True,
+    pipeline_kwargs: Mapping[str, Any] | None = None,
+) -> Plan:
+    """Calibrate a plan for a diffusers video transformer (or a pipeline's ``.transformer``).
+
+    ``samples``: a list of dicts of the transformer's forward kwargs (hidden_states, encoder_hidden_states,
+    timestep, ...), the candidate (prompt, timestep) pairs; or, with a pipeline, a list of prompts: the pipeline
+    runs on each (``pipeline_kwargs``: its call arguments, e.g. num_inference_steps, height, width, num_frames, plus
+    ``every``: record every n-th step, default 5) and its transformer's inputs are recorded (pipeline.py).
+    ``out``: the plan directory (also holds the stage checkpoints); None keeps everything in memory.
+    ``resume``: reuse finished stages from ``out``.
+    Returns the Plan, saved to ``out`` when given. Raises CalibrationError naming the module and sample on NaN/inf.
+    """
+    config = config if isinstance(config, CalibrationConfig) else CalibrationConfig.from_dict(config)
+    model = _transformer(model_or_pipeline)
+    if isinstance(samples, (list, tuple)) and samples and all(isinstance(s, str) for s in samples):
+        # Prompts: run the pipeline and record the transformer's inputs at every `every`-th step.
+        if model is model_or_pipeline:
+            raise CalibrationError(
+                "qsparse_compiler.calibration: prompts need a diffusers pipeline (with `.transformer`) to sample from; "
+                "with a bare transformer pass samples (dicts of its forward kwargs)"
+            )
+        options = dict(pipeline_kwargs or {})
+        samples = collect_pipeline_samples(model_or_pipeline, list(samples), every=options.pop("every", 5), **options)
+    candidates = check_samples(samples)
+    device = next(model.parameters()).device
+    candidates = _to_device(candidates, device)
+    folder = Path(out) if out is not None else None
+    store = StageStore(folder / CHECKPOINT_DIR if folder is not None else None, resume)
+    fingerprint = ModelFingerprint.of(model)
+    base_key = stage_key(asdict(fingerprint), samples_digest(candidates))
+    stages: dict[str, str] = {}
+    seconds: dict[str, float] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        # 1. salient data selection
+        key = stage_key("selection", base_key, config.stage_hash(*_SELECTION_FIELDS))
+        record = store.load("selection", key)
+        start = time.perf_counter()
+        if record is None:
+            report = _select(model, candidates, config)
+            store.save("selection", key, report)
+            stages["selection"] = "computed"
+        else:
+            report, _ = record
+            stages["selection"] = "resumed"
+        seconds["selection"] = time.perf_counter() - start
+        ids = report["selected"]
+
+        # 2. statistics
+        key = stage_key("statistics", key, config.stage_hash(*_STATISTICS_FIELDS))
+        record = store.load("statistics", key)
+        start = time.perf_counter()
+        if record is None:
+            stats = collect_statistics(model, candidates, config, ids)
+            store.save("statistics", key, *stats.to_record())
+            stages["statistics"] = "computed"
+        else:
+            stats = CalibrationStats.from_record(*record)
+            stages["statistics"] = "resumed"
+        seconds["statistics"] = time.perf_counter() - start
+        if not stats.attentions:
+            warnings.warn(
+                "qsparse_compiler.calibration: no video self-attention was seen (every attention stays dense in the "
+                "plan). Calibration sees attention through torch's scaled_dot_product_attention: use diffusers' native "
+                "attention backend while calibrating (model.set_attention_backend('native')).",
+                stacklevel=2,
+            )
+
+        # 3. pattern search (the registry's names are part of the key: a new pattern is searched)
+        key = stage_key("search", key, config.stage_hash(*_SEARCH_FIELDS), sorted(PATTERNS))
+        record = store.load("search", key)
+        start = time.perf_counter()
+        if record is None:
+            search = search_patterns(stats.attentions, config)
+            store.save("search", key, search.to_json())
+            stages["search"] = "computed"
+        else:
+            search = SearchResult.from_json(record[0])
+            stages["search"] = "resumed"
+        seconds["search"] = time.perf_counter() - start
+        specs = {fqn: _spec(search.head_patterns(fqn)) for fqn in search.heads}
+        search_key = key
+
+        # 4. SSAR settings
+        key = stage_key("ssar", search_key, config.stage_hash(*_SSAR_FIELDS))
+        record = store.load("ssar", key)
+        start = time.perf_counter()
+        if record is None:
+            starts = sorted(ids, key=lambda i: -timestep_of(candidates[i]))[: config.ssar_samples]
+            residuals = measure_residuals(model, candidates, starts, specs, config.block_q, config.block_kv, config)
+            ssar = ssar_settings(residuals, config)
+            del residuals
+            store.save("ssar", key, ssar)
+            stages["ssar"] = "computed"
+        else:
+            ssar = record[0]
+            stages["ssar"] = "resumed"
+        seconds["ssar"] = time.perf_counter() - start
+
+        # 5. MSAD, block by block
+        linears, linear_notes = linear_plans(stats.linears, config)
+        msad_key = stage_key("msad", search_key, config.stage_hash(*_MSAD_FIELDS),
+                             {fqn: asdict(p) for fqn, p in sorted(linears.items())})
+        packed: dict[str, PackedInt4Weight] = {}
+        lora_tensors: dict[str, torch.Tensor] = {}
+        results = []
+        start = time.perf_counter()
+        blocks = transformer_blocks(model, config.site_pattern)
+        for block_fqn, block in track(blocks, "MSAD blocks", config.progress):
+            name = f"msad/{block_fqn}"
+            if not any(fqn.startswith(block_fqn + ".") for fqn in linears):
+                stages[name] = "skipped: no quantized linear in this block"
+                continue
+            block_key = stage_key(msad_key, block_fqn)
+            record = store.load(name, block_key)
+            if record is None:
+                block_packed, block_lora, result = distill_block(
+                    model, block_fqn, block, candidates, ids, linears, specs, config, config.block_q, config.block_kv
+                )
+                tensors = dict(block_lora)
+                for fqn, weight in block_packed.items():
+                    tensors[f"{fqn}.qweight"], tensors[f"{fqn}.scale"] = weight.qweight, weight.scale
+                store.save(name, block_key, asdict(result), tensors)
+                stages[name] = "computed"
+                results.append(asdict(result))
+            else:
+                data, tensors = record
+                block_packed = {
+                    fqn: PackedInt4Weight(tensors[f"{fqn}.qweight"], tensors[f"{fqn}.scale"], data_group)
+                    for fqn, data_group in _groups(tensors, linears)
+                }
+                block_lora = {k: v for k, v in tensors.items() if k.endswith((".lora_a", ".lora_b"))}
+                stages[name] = "resumed"
+                results.append(data)
+            lora_tensors.update(block_lora)
+            packed.update(block_packed)
+        seconds["msad"] = time.perf_counter() - start
+    finally:
+        model.train(was_training)
+
+    plan = _build_plan(model, fingerprint, config, linears, linear_notes, packed, lora_tensors, search, ssar, report,
+                       results, stages, seconds)
+    if folder is not None:
+        save_plan(plan, folder)
+    return plan
+
+
+def _groups(tensors: Mapping[str, torch.Tensor], linears: Mapping[str, LinearPlan]):
+    for name in tensors:
+        if name.endswith(".qweight"):
+            fqn = name[: -len(".qweight")]
+            k = tensors[name].shape[1] * 2
+            yield fqn, (k if linears[fqn].group_size == 0 else linears[fqn].group_size)
+
+
+def _spec(head_patterns: Sequence[str]) -> str:
+    return head_patterns[0] if len(set(head_patterns)) == 1 else ";".join(head_patterns)
+
+
+def _select(model: torch.nn.Module, candidates: list[dict[str, Any]], config: CalibrationConfig) -> dict[str, Any]:
+    if config.selection == "salient" and 0 < config.num_samples < len(candidates):
+        scores = score_samples(model, candidates, config)
+        report = selection_report(scores, config.num_samples)
+    else:
+        # No model runs needed: uniform (or all) selection only looks at the timesteps.
+        scores = [SampleScore(i, timestep_of(s), float("nan"), float("nan"), float("nan")) for i, s in enumerate(candidates)]
+        report = {"count": config.num_samples, "scores": [{"index": s.index, "timestep": s.timestep} for s in scores]}
+    report["method"] = config.selection
+    report["selected"] = select_samples(scores, config.num_samples, config.selection)
+    return report
+
+
+def _build_plan(model, fingerprint, config, linears, linear_notes, packed, lora_tensors, search, ssar, report, results,
+                stages, seconds) -> Plan:
+    attentions = {}
+    for fqn, choices in search.heads.items():
+        cache = dict(ssar.get(fqn, {}).get("cache", {}))
+        attentions[fqn] = AttentionPlan([c.spec for c in choices], config.block_q, config.block_kv, cache)
+    tensors: dict[str, torch.Tensor] = {}
+    for fqn in linears:
+        weight = packed.get(fqn)
+        if weight is not None:
+            tensors[f"{fqn}.qweight"], tensors[f"{fqn}.scale"] = weight.qweight, weight.scale
+    tensors.update(lora_tensors)
+    metadata = {
+        "producer": "qsparse_compiler.calibration",
+        "cost_model": search.cost_model,
+        "calibration": {
+            "config": config.to_json(),
+            "stages": stages,
+            "seconds": {k: round(v, 3) for k, v in seconds.items()},
+            "selection": report,
+            "search": search.to_json(),
+            "ssar": ssar,
+            "msad": results,
+            "linears": linear_notes,
+        },
+    }
+    if lora_tensors:
+        metadata["lora"] = {
+            "kind": "timestep_aware",
+            "rank": config.lora_rank,
+            "bucket_edges": list(config.lora_bucket_edges),
+            "tensors": "<fqn>.lora_a [buckets, rank, K], <fqn>.lora_b [buckets, N, rank], bf16",
+            "math": "y = w4a8(x) + (x @ lora_a[bucket(t)].T) @ lora_b[bucket(t)].T; bucket(t) = #edges <= t",
+            "applied_by": "qsparse_compiler.calibration.simulate.plan_applied; the backend does not apply it yet",
+        }
+    return Plan(fingerprint=fingerprint, linears=linears, attentions=attentions, tensors=tensors,
+                metadata=json.loads(json.dumps(metadata, default=str)))
+
+
+# -- samples on disk (for the CLI) -------------------------------------------------------------------------------------
+def save_samples(samples: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
+    """Write calibration samples as one safetensors file: tensors "<i>.<kwarg>", other values in its metadata."""
+    from safetensors.torch import save_file
+
+    tensors, extras = {}, {}
+    for index, sample in enumerate(samples):
+        for key, value in sample.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                extras[f"{index}.{key}"] = value
+    path = Path(path)
+    save_file(tensors, str(path), metadata={"count": str(len(samples)), "extras": json.dumps(extras)})
+    return path
+
+
+def load_samples(path: str | Path) -> list[dict[str, Any]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata() or {}
+        if "count" not in meta:
+            raise CalibrationError(f"qsparse_compiler.calibration: {path} is not a samples file written by save_samples")
+        samples: list[dict[str, Any]] = [{} for _ in range(int(meta["count"]))]
+        for name in handle.keys():
+            index, _, key = name.partition(".")
+            samples[int(index)][key] = handle.get_tensor(name)
+    for name, value in json.loads(meta.get("extras", "{}")).items():
+        index, _, key = name.partition(".")
+        samples[int(index)][key] = value
+    return samples
+
+
+def calibrate_cli_main(
+    model: torch.nn.Module,
+    samples_path: str | Path,
+    out: str | Path,
+    config_path: str | Path | None = None,
+    resume: bool = True,
+) -> Plan:
+    """What ``qsparse calibrate`` runs once it has the model: samples file + config JSON -> plan dir, and a summary."""
+    from rich.console import Console
+    from rich.table import Table
+
+    values = json.loads(Path(config_path).read_text()) if config_path else {}
+    config = CalibrationConfig.from_dict(values)
+    plan = calibrate(model, load_samples(samples_path), config, out=out, resume=resume)
+    info = plan.metadata["calibration"]
+    table = Table(title=f"qsparse calibrate -> {out}")
+    for column in ("site", "decision"):
+        table.add_column(column)
+    for fqn, entry in sorted(plan.attentions.items()):
+        table.add_row(fqn, f"{entry.pattern_spec}  cache={entry.cache}")
+    for block in info["msad"]:
+        table.add_row(block["block"], f"MSAD loss {block['loss_rtn']:.4g} (RTN) -> {block['loss_msad']:.4g}, kept {block['kept']}")
+    Console().print(table)
+    search = info["search"]
+    Console().print(
+        f"{len(plan.linears)} W4A8 linears, density {search['total_density']:.3f} (budget {search['budget']:g}), "
+        f"stages: {info['stages']}"
+    )
+    return plan

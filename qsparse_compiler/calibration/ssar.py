@@ -1,0 +1,184 @@
+"""SSAR settings per attention layer, measured: how fast does the sparse residual R = O_dense - O_sparse drift?
+
+Measurement: from a few selected samples, the dense model takes ``ssar_steps`` flow-matching Euler steps
+(x <- x + (sigma' - sigma) * v, sigma = t / 1000, t decreasing by ``ssar_step_size``: the sampler of Wan and
+HunyuanVideo). At every step, each searched attention computes its dense output and its output under the searched
+pattern (the reference math of the sparse op) and R is kept per layer.
+
+Choice: the runtime schedule is "refresh the first k steps, then every n-th"; between refreshes it predicts
+    order 1:  R_hat = R_last
+    order 2:  R_hat = R_last + (steps since refresh) * dR,  dR = (R_last - R_prev) / (steps between the two refreshes)
+(order 2 with a single refresh so far falls back to order 1). Each (k, n, order) with k >= ``ssar_refresh_first`` and
+n <= ``ssar_max_every`` is replayed on the measured residuals; it is admissible when the worst relative prediction
+error ||R_hat - R|| / ||R|| over the reuse steps stays within ``ssar_tolerance``. Among admissible schedules the one
+with the fewest refreshes over a nominal run of 1000 / ``ssar_step_size`` steps wins (ties: lower error, then order 1).
+An interval counts only if the measured trajectory contains one whole reuse interval after the first k steps
+(k + n - 1 < ``ssar_steps``): a schedule the measurement cannot see fail is not admissible.
+Rank: the smallest r whose truncated SVD keeps ``ssar_rank_energy`` of R's energy for every head and step; r >= D / 2
+is stored as 0 (the full residual: low rank would not save memory).
+
+Stored in ``AttentionPlan.cache`` as {"refresh_first": k, "refresh_every": n, "order": 1|2, "rank": r}.
+Memory: the residuals of every searched layer for every measured step, on the host, each B x H x T x D fp32 with
+T = min(S, ``ssar_max_tokens``) evenly spaced tokens (30 layers x 6 steps x 12 heads x 1024 tokens x 128: 1.1 GB).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from .attention_maps import sparse_attention_chunked
+from .config import CalibrationConfig, CalibrationError
+from .hooks import AttentionCall, AttentionInterceptor
+from .pattern_attention import SparsePatternAttention
+from .progress import track
+from .samples import run_model
+
+__all__ = ["SSARChoice", "measure_residuals", "replay_error", "choose_ssar", "ssar_settings"]
+
+
+@dataclass
+class SSARChoice:
+    refresh_first: int
+    refresh_every: int
+    order: int
+    rank: int
+    max_error: float
+    refreshes_nominal: int
+
+    def cache(self) -> dict[str, int]:
+        return {"refresh_first": self.refresh_first, "refresh_every": self.refresh_every, "order": self.order,
+                "rank": self.rank}
+
+
+@torch.no_grad()
+def measure_residuals(
+    model: torch.nn.Module,
+    samples: Sequence[Mapping[str, Any]],
+    ids: Sequence[int],
+    specs: Mapping[str, str],
+    block_q: int,
+    block_kv: int,
+    config: CalibrationConfig,
+) -> dict[str, list[list[torch.Tensor]]]:
+    """R per layer, per trajectory, per step: {fqn: [[R_0, R_1, ...], ...]} (fp32 on the host, B x H x T x D)."""
+    residuals: dict[str, list[list[torch.Tensor]]] = {fqn: [] for fqn in specs}
+    # Layers whose heads are all dense have no residual by construction (measuring it would only see float noise).
+    specs = {fqn: spec for fqn, spec in specs.items() if not _all_dense(spec)}
+    patterns = SparsePatternAttention(specs, block_q, block_kv, record=False, pool_blocks=1)
+    current: dict[str, list[torch.Tensor]] = {}
+
+    def observe(call: AttentionCall) -> torch.Tensor | None:
+        if call.fqn not in specs:
+            return None
+        dense = call.dense()
+        sparse, _ = sparse_attention_chunked(call.q, call.k, call.v, patterns.tile_mask(call.fqn, call.grid), call.scale,
+                                             call.key_padding_mask, config.attention_chunk_elements)
+        residual = dense.to(torch.float32) - sparse
+        seq_len = residual.shape[2]
+        if seq_len > config.ssar_max_tokens:
+            # Evenly spaced tokens (all frames, all of the frame): the drift statistics need a sample, not all S.
+            keep = torch.linspace(0, seq_len - 1, config.ssar_max_tokens, device=residual.device).round().long()
+            residual = residual.index_select(2, keep)
+        current.setdefault(call.fqn, []).append(residual.cpu())
+        return dense  # the trajectory follows the dense model
+
+    with AttentionInterceptor(model, observe):
+        for index in track(list(ids), "residual drift", config.progress):
+            sample = dict(samples[index])
+            current.clear()
+            t = sample["timestep"]
+            t = t.to(torch.float32) if isinstance(t, torch.Tensor) else torch.tensor([float(t)])
+            x = sample["hidden_states"]
+            for _ in range(config.ssar_steps):
+                v = run_model(model, {**sample, "hidden_states": x, "timestep": t})
+                if not bool(torch.isfinite(v).all()):
+                    raise CalibrationError(
+                        f"qsparse_compiler.calibration.ssar: the model output {tuple(v.shape)} is not finite at timestep "
+                        f"{float(t.float().mean()):g} of the trajectory from sample {index}; lower ssar_step_size or "
+                        "ssar_steps, or start from another sample"
+                    )
+                t_next = (t - config.ssar_step_size).clamp_min(0.0)
+                x = (x.to(torch.float32) + (t_next - t).view(-1, *([1] * (x.ndim - 1))) / 1000.0 * v.to(torch.float32)).to(x.dtype)
+                t = t_next
+            for fqn in specs:
+                if current.get(fqn):
+                    residuals[fqn].append(current[fqn])
+    return residuals
+
+
+def _all_dense(spec: str) -> bool:
+    from ..ops.video_layout import parse_pattern_spec
+
+    return all(name == "dense" for name, _ in parse_pattern_spec(spec, 1.0))
+
+
+def _relative(error: torch.Tensor, reference: torch.Tensor) -> float:
+    ref = float(reference.norm())
+    return float(error.norm()) / ref if ref > 0 else 0.0
+
+
+def replay_error(steps: Sequence[torch.Tensor], refresh_first: int, refresh_every: int, order: int) -> float:
+    """Worst relative error of the predicted residual over the reuse steps of one measured trajectory."""
+    worst = 0.0
+    last: tuple[int, torch.Tensor] | None = None
+    prev: tuple[int, torch.Tensor] | None = None
+    for step, r in enumerate(steps):
+        if step < refresh_first or (step - refresh_first) % refresh_every == 0 or last is None:
+            prev, last = last, (step, r)
+            continue
+        predicted = last[1]
+        if order == 2 and prev is not None:
+            slope = (last[1] - prev[1]) / (last[0] - prev[0])
+            predicted = last[1] + (step - last[0]) * slope
+        worst = max(worst, _relative(predicted - r, r))
+    return worst
+
+
+def _rank(trajectories: Sequence[Sequence[torch.Tensor]], energy: float) -> int:
+    needed = 0
+    head_dim = trajectories[0][0].shape[-1]
+    for steps in trajectories:
+        for r in steps:
+            values = torch.linalg.svdvals(r.reshape(-1, *r.shape[-2:]).to(torch.float64)).pow(2)  # [B*H, D]
+            share = values.cumsum(-1) / values.sum(-1, keepdim=True).clamp_min(1e-300)
+            per_head = (share < energy - 1e-12).sum(-1) + 1
+            needed = max(needed, int(per_head.max()))
+    return 0 if 2 * needed >= head_dim else needed
+
+
+def choose_ssar(trajectories: Sequence[Sequence[torch.Tensor]], config: CalibrationConfig) -> SSARChoice:
+    nominal = max(1, round(1000.0 / config.ssar_step_size))
+    length = min(len(steps) for steps in trajectories)
+    best: tuple[tuple, SSARChoice] | None = None
+    for k in range(config.ssar_refresh_first, max(config.ssar_refresh_first, length - 1) + 1):
+        for n in range(1, config.ssar_max_every + 1):
+            if n > 1 and k + n - 1 > length - 1:
+                continue  # the measured steps would not show a full reuse interval: unverified, not admissible
+            for order in (1, 2):
+                error = max(replay_error(steps, k, n, order) for steps in trajectories)
+                if error > config.ssar_tolerance:
+                    continue
+                refreshes = min(k, nominal) + math.ceil(max(nominal - k, 0) / n)
+                key = (refreshes, error, order)
+                if best is None or key < best[0]:
+                    best = (key, SSARChoice(k, n, order, 0, error, refreshes))
+    assert best is not None  # n = 1 refreshes every step: error 0, always admissible
+    choice = best[1]
+    choice.rank = _rank(trajectories, config.ssar_rank_energy)
+    return choice
+
+
+def ssar_settings(residuals: Mapping[str, Sequence[Sequence[torch.Tensor]]], config: CalibrationConfig) -> dict[str, dict[str, Any]]:
+    """{fqn: {"cache": {...}, "max_error": e, "refreshes_nominal": m}}; layers without a residual get no cache."""
+    out: dict[str, dict[str, Any]] = {}
+    for fqn, trajectories in residuals.items():
+        if not trajectories:
+            out[fqn] = {"cache": {}, "why": "no residual: every head computes every tile"}
+            continue
+        choice = choose_ssar(trajectories, config)
+        out[fqn] = {"cache": choice.cache(), **{k: v for k, v in asdict(choice).items() if k in ("max_error", "refreshes_nominal")}}
+    return out

@@ -1,0 +1,230 @@
+"""calibrate() end to end on a tiny Wan (CPU): plan round trip, resume, clear errors, and the plan compiles."""
+
+import json
+
+import pytest
+import torch
+
+from qsparse_compiler.calibration import CalibrationError, calibrate, driver, load_samples, save_samples
+from qsparse_compiler.ops.video_layout import parse_pattern_spec
+from qsparse_compiler.plan import load_plan
+
+from ._tiny import tiny_config, wan_and_samples
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as conftest's per-test fixture, for this module-wide setup
+    tiny, samples = wan_and_samples(num_layers=2, count=4)
+    out = tmp_path_factory.mktemp("plan")
+    plan = calibrate(tiny.model, samples, tiny_config(), out=out)
+    torch.set_num_threads(threads)
+    return tiny, samples, out, plan
+
+
+def test_plan_lists_every_site_and_round_trips(calibrated):
+    tiny, _, out, plan = calibrated
+    assert len(plan.linears) == tiny.block_linears == 20
+    assert set(plan.attentions) == {"blocks.0.attn1", "blocks.1.attn1"}
+    for entry in plan.attentions.values():
+        assert len(entry.head_patterns) == 2 and entry.block_q == 16
+        parse_pattern_spec(entry.pattern_spec, 0.15)  # a spec the layout op accepts
+        assert set(entry.cache) in (set(), {"refresh_first", "refresh_every", "order", "rank"})
+    for fqn in plan.linears:
+        assert plan.packed_weight(fqn) is not None
+    info = plan.metadata["calibration"]
+    assert info["search"]["total_density"] <= 0.5 and info["search"]["budget_met"]
+    assert plan.metadata["cost_model"]["kind"] == "flop_proxy"
+    assert set(info["selection"]) >= {"salient", "uniform", "selected"} and len(info["selection"]["selected"]) == 2
+    assert all(block["loss_msad"] <= block["loss_rtn"] for block in info["msad"])
+
+    loaded = load_plan(out)
+    assert loaded.linears == plan.linears and loaded.attentions == plan.attentions
+    assert loaded.fingerprint == plan.fingerprint and loaded.metadata == plan.metadata
+    assert sorted(loaded.tensors) == sorted(plan.tensors)
+    for name, tensor in plan.tensors.items():
+        assert torch.equal(loaded.tensors[name], tensor)
+
+
+def test_resume_skips_finished_stages(calibrated, monkeypatch):
+    tiny, samples, out, plan = calibrated
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a finished stage ran again")
+
+    for name in ("score_samples", "collect_statistics", "search_patterns", "measure_residuals", "distill_block"):
+        monkeypatch.setattr(driver, name, must_not_run)
+    again = calibrate(tiny.model, samples, tiny_config(), out=out)
+    assert set(again.metadata["calibration"]["stages"].values()) == {"resumed"}
+    assert again.attentions == plan.attentions
+    for name, tensor in plan.tensors.items():
+        assert torch.equal(again.tensors[name], tensor)
+
+
+def test_resume_recomputes_what_a_changed_setting_or_a_missing_block_invalidates(calibrated, tmp_path):
+    tiny, samples, out, _ = calibrated
+    import shutil
+
+    copy = tmp_path / "plan"
+    shutil.copytree(out, copy)
+    (copy / "calibration" / "msad" / "blocks.1.json").unlink()  # as if interrupted during block 1
+    plan = calibrate(tiny.model, samples, tiny_config(), out=copy)
+    stages = plan.metadata["calibration"]["stages"]
+    assert stages["msad/blocks.0"] == "resumed" and stages["msad/blocks.1"] == "computed"
+    assert stages["search"] == "resumed"
+    plan = calibrate(tiny.model, samples, tiny_config(density_budget=0.3), out=copy)
+    stages = plan.metadata["calibration"]["stages"]
+    assert stages["statistics"] == "resumed"
+    assert stages["search"] == stages["ssar"] == stages["msad/blocks.0"] == "computed"
+    assert plan.metadata["calibration"]["search"]["total_density"] <= 0.3
+
+
+def test_nan_input_names_the_sample_and_the_input():
+    tiny, samples = wan_and_samples(count=3)
+    samples[1]["hidden_states"][0, 0, 0, 0, 0] = float("nan")
+    with pytest.raises(CalibrationError, match=r"sample 1 input 'hidden_states'.*NaN"):
+        calibrate(tiny.model, samples, tiny_config())
+
+
+def test_nan_activation_names_the_module_and_the_sample():
+    tiny, samples = wan_and_samples(count=3)
+    original_forward = tiny.model.blocks[0].attn1.to_out[0].forward
+
+    def overflow(x):
+        return original_forward(x) * float("inf")  # an fp16-style overflow inside the block
+
+    tiny.model.blocks[0].attn1.to_out[0].forward = overflow
+    with pytest.raises(CalibrationError, match=r"blocks\.0\.attn2\.to_q .*sample \d"):
+        calibrate(tiny.model, samples, tiny_config(selection="uniform"))
+
+
+def test_uniform_selection_needs_no_scoring_and_samples_file_round_trip(tmp_path):
+    tiny, samples = wan_and_samples(count=3)
+    path = save_samples(samples, tmp_path / "samples.safetensors")
+    loaded = load_samples(path)
+    assert [sorted(s) for s in loaded] == [sorted(s) for s in samples]
+    assert loaded[2]["return_dict"] is False and torch.equal(loaded[1]["hidden_states"], samples[1]["hidden_states"])
+    plan = calibrate(tiny.model, loaded, tiny_config(selection="uniform", msad_steps=0))
+    selection = plan.metadata["calibration"]["selection"]
+    assert selection["selected"] == [0, 2] and selection["method"] == "uniform"
+
+
+@pytest.mark.slow
+def test_calibrated_plan_compiles_and_stays_close_to_dense(calibrated):
+    from torch._dynamo.utils import counters
+
+    from qsparse_compiler.testing.metrics import relative_error
+
+    tiny, _, out, plan = calibrated
+    inputs = tiny.make_inputs(frames=3)
+    with torch.no_grad():
+        dense = tiny.model(**inputs)[0]
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(tiny.model, backend="quantsparse", options={"plan": str(out)})
+        actual = compiled(**inputs)[0]
+    assert counters["qsparse"]["w4a8_linear"] == 20
+    assert counters["qsparse"]["sparse_attention"] == 2
+    assert torch.isfinite(actual).all()
+    error = relative_error(actual, dense)
+    assert 1e-4 < error < 0.05, error
+
+
+def test_distilled_weights_beat_round_to_nearest_on_held_out_inputs(calibrated):
+    import dataclasses
+
+    from qsparse_compiler.calibration.simulate import plan_applied
+    from qsparse_compiler.testing.metrics import relative_error
+
+    tiny, _, _, plan = calibrated
+    rtn = dataclasses.replace(plan, tensors={})  # same sites and patterns, round-to-nearest weights
+    torch.manual_seed(123)
+    held_out = [tiny.make_inputs(frames=3) for _ in range(3)]
+    errors = {"msad": 0.0, "rtn": 0.0}
+    with torch.no_grad():
+        for inputs in held_out:
+            dense = tiny.model(**inputs)[0]
+            for name, candidate in (("msad", plan), ("rtn", rtn)):
+                with plan_applied(tiny.model, candidate):
+                    errors[name] += relative_error(tiny.model(**inputs)[0], dense)
+    assert errors["msad"] < errors["rtn"], errors
+
+
+@pytest.mark.slow
+def test_compiled_plan_computes_what_the_eager_simulation_computes(calibrated):
+    from qsparse_compiler.calibration.simulate import plan_applied
+    from qsparse_compiler.testing.metrics import relative_error
+
+    tiny, _, out, plan = calibrated
+    inputs = tiny.make_inputs(frames=3)
+    with torch.no_grad():
+        with plan_applied(tiny.model, plan):
+            simulated = tiny.model(**inputs)[0]
+        torch._dynamo.reset()
+        compiled = torch.compile(tiny.model, backend="quantsparse", options={"plan": str(out)})(**inputs)[0]
+    # Same ops, same tensors: only Inductor's fusion of the surrounding float math differs.
+    assert relative_error(compiled, simulated) < 1e-4
+
+
+def test_cli_entry_reads_samples_and_config_files_and_prints_a_summary(tmp_path, capsys):
+    tiny, samples = wan_and_samples(count=3)
+    samples_path = save_samples(samples, tmp_path / "samples.safetensors")
+    config_path = tmp_path / "config.json"
+    config_path.write_text(json.dumps(tiny_config(msad_steps=2, cost_table={0.25: 0.5, 1.0: 1.5}).to_json()))
+    plan = driver.calibrate_cli_main(tiny.model, samples_path, tmp_path / "plan", config_path)
+    printed = capsys.readouterr().out
+    assert "blocks.0.attn1" in printed and "W4A8 linears" in printed
+    assert load_plan(tmp_path / "plan").metadata["cost_model"] == {
+        "kind": "measured", "unit": "ms", "table": {"0.25": 0.5, "1.0": 1.5}
+    }
+    assert plan.attentions["blocks.0.attn1"].block_q == 16
+
+
+def test_samples_must_be_a_list_of_forward_kwargs():
+    tiny, samples = wan_and_samples(count=1)
+    with pytest.raises(CalibrationError, match="non-empty list"):
+        calibrate(tiny.model, samples[0], tiny_config())
+    with pytest.raises(CalibrationError, match="sample 0 has no 'timestep'"):
+        calibrate(tiny.model, [{"hidden_states": samples[0]["hidden_states"]}], tiny_config())
+
+
+def test_timestep_aware_lora_lands_in_the_plan_and_the_simulation_applies_it(tmp_path):
+    from qsparse_compiler.calibration.simulate import plan_applied
+
+    tiny, samples = wan_and_samples(count=3)
+    plan = calibrate(tiny.model, samples, tiny_config(num_samples=0, lora_rank=2, lora_steps=20, lora_lr=1e-2),
+                     out=tmp_path)
+    loaded = load_plan(tmp_path)
+    assert loaded.metadata["lora"]["rank"] == 2 and loaded.metadata["lora"]["bucket_edges"] == [250.0, 500.0, 750.0]
+    lora_names = [name for name in loaded.tensors if name.endswith(".lora_a")]
+    assert len(lora_names) == len(plan.linears) == 10
+    inputs = samples[0]
+    with torch.no_grad():
+        with plan_applied(tiny.model, loaded):
+            with_lora = tiny.model(**inputs)[0]
+        with plan_applied(tiny.model, loaded, lora=False):
+            without = tiny.model(**inputs)[0]
+    assert not torch.equal(with_lora, without)
+
+
+def test_samples_of_several_video_sizes_calibrate_together():
+    tiny, samples = wan_and_samples(count=2)
+    longer = tiny.make_inputs(frames=5)
+    longer["timestep"] = torch.tensor([300])
+    plan = calibrate(tiny.model, [*samples, longer], tiny_config(num_samples=0, msad_steps=5))
+    candidates = plan.metadata["calibration"]["search"]["candidates"]
+    (grids,) = candidates
+    assert "frames=3" in grids and "frames=5" in grids
+    assert plan.metadata["calibration"]["search"]["budget_met"]
+
+
+def test_a_model_whose_attention_is_not_seen_warns_and_stays_dense(monkeypatch):
+    from qsparse_compiler.calibration import hooks
+
+    tiny, samples = wan_and_samples(count=2)
+    # As with a non-native attention backend: no SDPA call reaches the interceptor as a video attention.
+    monkeypatch.setattr(hooks.AttentionInterceptor, "_video_call", lambda self, *args: None)
+    with pytest.warns(UserWarning, match="no video self-attention was seen"):
+        plan = calibrate(tiny.model, samples, tiny_config(num_samples=0, msad_steps=0))
+    assert plan.attentions == {} and len(plan.linears) == 10

@@ -1,0 +1,38 @@
+"""Calibration names sites as the passes do: the linears and video attentions a plan lists are exactly the ones the
+backend rewrites (module FQNs from the Dynamo graph), on all three architectures."""
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from qsparse_compiler.calibration.driver import linear_plans
+from qsparse_compiler.calibration.statistics import collect_statistics
+from qsparse_compiler.config import QuantSparseConfig
+from qsparse_compiler.passes import PassContext, default_passes, run_passes
+from qsparse_compiler.passes.report import RewriteReport
+from qsparse_compiler.testing.capture import capture_dynamo_graph
+from qsparse_compiler.testing.models import TEST_OPTIONS, tiny_cogvideox, tiny_hunyuan, tiny_wan
+
+from ._tiny import tiny_config
+
+FACTORIES = {"wan": lambda: tiny_wan(num_layers=1), "hunyuan": tiny_hunyuan, "cogvideox": lambda: tiny_cogvideox(num_layers=1)}
+
+
+@pytest.mark.parametrize("arch", sorted(FACTORIES))
+def test_calibration_sites_are_the_rewritten_sites(arch):
+    tiny = FACTORIES[arch]()
+    inputs = tiny.make_inputs()
+    stats = collect_statistics(tiny.model, [inputs], tiny_config())
+    linears, _ = linear_plans(stats.linears, tiny_config())
+
+    counters.clear()
+    with torch.no_grad():
+        gm, example_inputs = capture_dynamo_graph(tiny.model, inputs)
+        ctx = PassContext(QuantSparseConfig.from_options(TEST_OPTIONS), example_inputs, RewriteReport(0))
+        run_passes(gm, ctx, default_passes())
+    rewritten = {site.fqn for site in ctx.report.sites if site.action != "kept"}
+    passes_linears = {site.fqn for site in ctx.report.sites if site.action == "w4a8_linear"}
+    passes_attentions = {site.fqn for site in ctx.report.sites if site.action == "sparse_attention"}
+    assert rewritten == passes_linears | passes_attentions
+    assert set(linears) == passes_linears and len(linears) == tiny.block_linears
+    assert set(stats.attentions) == passes_attentions and len(passes_attentions) == tiny.video_attentions
