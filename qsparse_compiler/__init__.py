@@ -1,17 +1,20 @@
 """qsparse_compiler: a torch.compile backend for video diffusion transformers (W4A8 + block-sparse attention).
 
-Public API: ``optimize`` (compile a pipeline's transformer and drive its residual cache), ``load_plan``/``save_plan``,
+Public API: ``calibrate`` (produce a Plan), ``optimize`` (compile a pipeline's transformer and drive its residual cache), ``load_plan``/``save_plan``,
 the configs, and ``runtime`` (``ResidualCacheRuntime`` for bare models in a loop). The backend itself is reached with
 ``torch.compile(model, backend="quantsparse", options=...)``.
 """
 
 from . import runtime
+from .calibration import CalibrationConfig, calibrate
 from .config import CacheConfig, QuantConfig, QuantSparseConfig, SparsityConfig
 from .plan import load_plan, save_plan
 from .runtime.pipeline import optimize, release_dense_weights, runtime_of
 from .runtime.residual_cache import ResidualCacheRuntime
 
 __all__ = [
+    "CalibrationConfig",
+    "calibrate",
     "CacheConfig",
     "QuantConfig",
     "QuantSparseConfig",

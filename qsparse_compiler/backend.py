@@ -69,13 +69,16 @@ class _RuntimeInputs:
         # A regional graph: the block of each call is found from one of its parameters' registered names.
         self.prefix = ctx.analysis.get("prefix", "")
         self.anchor = _anchor(ctx) if self.prefix else None
+        self.plan = ctx.plan
         # Symbolic sizes (dynamic shapes) are bound per call from the runtime arguments.
         self.symbolic = [(i, fake) for i, fake in enumerate(input_fakes) if _has_symbols(fake)]
 
     def __call__(self, *args: Any) -> Any:
         full = list(args)
         for slot in self.weight_slots:
-            packed = self.store.get(args[slot.param_index], slot.group_size, slot.scale_dtype)
+            param = args[slot.param_index]
+            packed = self.store.get(param, slot.group_size, slot.scale_dtype, slot.source,
+                                    calibrated=lambda: self._calibrated(param))
             full += [packed.qweight, packed.scale]
         if self.cache_slots:
             env = _bind_symbols(self.symbolic, args)
@@ -88,6 +91,15 @@ class _RuntimeInputs:
                 if slot.schedule.mode == "auto":
                     full.append(self._FLAGS[refresh])
         return self.compiled(*full)
+
+    def _calibrated(self, param: torch.Tensor):
+        """A plan's calibrated weights for a parameter met at run time (another block of a regional graph)."""
+        from .runtime.context import parameter_name
+
+        name = parameter_name(param)
+        if self.plan is None or name is None:
+            return None
+        return self.plan.packed_weight(name.removesuffix(".weight"))
 
     def _call_prefix(self, args: Sequence[Any]) -> str:
         if self.anchor is None:

@@ -52,6 +52,47 @@ def compile_command(
         console.print(f"block weights {reports()[-1].compression:.2f}x smaller than bf16")
 
 
+@app.command("calibrate")
+def calibrate_command(
+    model: str = typer.Argument(..., help=f"'reference' (the committed reference video DiT) or one of {', '.join(TINY)}"),
+    out: Path = typer.Option(..., help="plan directory to write (plan.json + plan.safetensors)"),
+    samples: Optional[Path] = typer.Option(None, help="calibration inputs (calibration.save_samples); default: "
+                                                      "recorded from a sampling run of the model"),
+    config: Optional[Path] = typer.Option(None, help="CalibrationConfig fields as JSON"),
+    seeds: str = typer.Option("0,1,2,3", help="videos sampled to record inputs when --samples is not given"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    resume: bool = typer.Option(True, help="continue from the checkpoints in --out"),
+) -> None:
+    """Calibrate a Plan: salient samples, per-head pattern search, MSAD distillation, residual-cache settings."""
+    import torch
+
+    from .calibration.driver import calibrate_cli_main
+    from .calibration.pipeline import record_transformer_calls
+    from .calibration.driver import save_samples
+
+    if model == "reference":
+        from .testing.reference_model import load_reference_model, sample_videos
+        from .testing.synthetic_video import SyntheticVideos
+
+        module = load_reference_model(device, torch.float32)
+        if samples is None:
+            videos = SyntheticVideos(device="cpu")
+            chosen = [int(s) for s in seeds.split(",")]
+            prompts = videos.embed(videos.scenes_for_seeds(chosen))
+            with torch.no_grad(), record_transformer_calls(module, every=5) as recorder:
+                sample_videos(module, prompts, chosen, device=device, dtype=torch.float32)
+            samples = out / "samples.safetensors"
+            out.mkdir(parents=True, exist_ok=True)
+            save_samples(recorder.samples, samples)
+    else:
+        module, inputs = _load_model(model)
+        if samples is None:
+            samples = out / "samples.safetensors"
+            out.mkdir(parents=True, exist_ok=True)
+            save_samples([{k: v for k, v in inputs.items() if k != "return_dict"}], samples)
+    calibrate_cli_main(module, samples, out, config, resume=resume)
+
+
 @app.command("eval")
 def eval_command(
     out: Path = typer.Option(Path("fidelity"), help="where results.json, results.md and the plots go"),

@@ -4,7 +4,7 @@ Candidates come from the registry ``ops.video_layout.PATTERNS`` (name -> fn(grid
 bool [QB, KVB]), so a pattern registered there is searched without a change here: each name is tried at every
 ``candidate_densities`` value, and candidates with identical tile bitmaps are merged (a pattern that ignores the
 density, like ``dense`` or ``skip``, becomes one candidate with a bare name). ``dense`` is always a candidate (it
-bounds every head), ``skip`` is when registered.
+bounds every head); ``skip`` is one when the candidate list names it (every registered pattern, by default).
 
 For head h of a site, candidate c:
     recall(h, c)  = sum(mass_h * bitmap_c over video x video tiles) / sum(mass_h over video x video tiles)
@@ -171,9 +171,8 @@ def build_candidates(
     every grid are merged into the earlier one."""
     grids = [grids] if isinstance(grids, TokenGrid) else list(grids)
     chosen = list(PATTERNS) if names is None else list(names)
-    for always in ("dense", "skip"):
-        if always in PATTERNS and always not in chosen:
-            chosen.append(always)
+    if "dense" not in chosen:  # dense bounds every head; skip is only tried when listed (or with names=None)
+        chosen.append("dense")
     videos = [video_tile_mask(grid, block_q, block_kv) for grid in grids]
     video_tiles = sum(int(video.sum()) for video in videos)
     candidates: list[Candidate] = []

@@ -8,7 +8,7 @@ The cache state (``[R, dR, steps]`` or its rank-r factors) and, in ``auto`` mode
 that the backend's runtime wrapper takes from the model's ``ResidualCacheRuntime`` on every call (per site and CFG
 branch; allocated on first use, reallocated when the shape changes). The op declares the mutation of its state.
 Sites are enabled by ``CacheConfig.enabled`` (every sparsified site, one schedule) or per site by the plan
-(``AttentionPlan.cache``).
+(``AttentionPlan.cache``) when a runtime drives the steps (``qs.optimize`` or ``options["runtime"]``).
 """
 
 from __future__ import annotations
@@ -45,6 +45,11 @@ class CacheSlot:
 
 
 def _site_schedule(ctx: PassContext, fqn: str) -> CacheConfig | None:
+    # A plan's cache settings need someone to drive the steps: qs.optimize (which passes a runtime) or an explicit
+    # cache option. A plain torch.compile with a plan runs the plan's sparse attention without a cache.
+    driven = ctx.config.runtime is not None or ctx.config.cache.enabled
+    if ctx.plan is not None and not driven:
+        return None
     if ctx.plan is not None:
         entry = ctx.plan.attentions.get(fqn)
         if entry is None or not entry.cache:

@@ -35,6 +35,7 @@ class PackedWeightSlot:
     fqn: str
     group_size: int
     scale_dtype: str
+    source: str = "rtn"  # where the packed weights come from: round-to-nearest, or a plan's calibrated tensors
 
 
 @dataclass

@@ -47,14 +47,16 @@ class QuantizeLinears:
                 continue
             param = ctx.example_inputs[positions[site.weight]]
             group_size, act_format, scale_dtype = cfg.group_size, cfg.act_format, cfg.scale_dtype
+            source = "rtn"
             if ctx.plan is not None:
                 entry = ctx.plan.linears[site.fqn]
                 group_size, act_format, scale_dtype = entry.group_size, entry.act_format, entry.scale_dtype
                 calibrated = ctx.plan.packed_weight(site.fqn)
                 if calibrated is not None:
-                    default_store.seed(param, calibrated, scale_dtype)
-            packed = default_store.get(param, group_size, scale_dtype)
-            slot = PackedWeightSlot(positions[site.weight], site.fqn, group_size, scale_dtype)
+                    source = ctx.config.plan
+                    default_store.seed(param, calibrated, scale_dtype, source)
+            packed = default_store.get(param, group_size, scale_dtype, source)
+            slot = PackedWeightSlot(positions[site.weight], site.fqn, group_size, scale_dtype, source)
             qweight = add_placeholder(gm, f"qsparse_qweight_{len(ctx.packed_weight_slots)}", packed.qweight)
             scale = add_placeholder(gm, f"qsparse_wscale_{len(ctx.packed_weight_slots)}", packed.scale)
             ctx.packed_weight_slots.append(slot)

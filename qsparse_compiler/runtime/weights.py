@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import weakref
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -26,6 +27,7 @@ class _Entry:
     group_size: int
     scale_dtype: str
     packed: PackedInt4Weight
+    source: str  # "rtn" (round-to-nearest here) or the plan the calibrated weights came from
     released: bool = False  # the dense parameter's storage was freed: it can never be re-packed
 
 
@@ -34,11 +36,21 @@ class PackedWeightStore:
         self._entries: dict[int, _Entry] = {}
         self._lock = threading.Lock()
 
-    def seed(self, param: torch.Tensor, packed: PackedInt4Weight, scale_dtype: str) -> None:
-        """Use ``packed`` (e.g. calibrated weights from a plan) for ``param`` instead of round-to-nearest."""
-        self._put(param, packed, scale_dtype)
+    def seed(self, param: torch.Tensor, packed: PackedInt4Weight, scale_dtype: str, source: str) -> None:
+        """Use ``packed`` (calibrated weights from the plan ``source``) for ``param`` instead of round-to-nearest."""
+        self._put(param, packed, scale_dtype, source)
 
-    def get(self, param: torch.Tensor, group_size: int, scale_dtype: str) -> PackedInt4Weight:
+    def get(
+        self,
+        param: torch.Tensor,
+        group_size: int,
+        scale_dtype: str,
+        source: str = "rtn",
+        calibrated: Callable[[], PackedInt4Weight | None] | None = None,
+    ) -> PackedInt4Weight:
+        """The packed form of ``param`` from ``source``: round-to-nearest is computed (once) when missing; for a
+        plan, ``calibrated()`` supplies its tensors on first use (a regional graph meets each block's parameters
+        only at run time)."""
         entry = self._entries.get(id(param))
         if (
             entry is not None
@@ -46,6 +58,7 @@ class PackedWeightStore:
             and entry.version == param._version
             and entry.scale_dtype == scale_dtype
             and entry.group_size == effective_group_size(param.shape[1], group_size)
+            and entry.source == source
         ):
             return entry.packed
         if entry is not None and entry.released and entry.ref() is param:
@@ -54,15 +67,24 @@ class PackedWeightStore:
                 "release_dense_weights() and cannot be re-packed (it changed, or another format was asked for); "
                 "reload the model"
             )
+        fresh = calibrated() if source != "rtn" and calibrated is not None else None
+        if fresh is not None:
+            self._put(param, fresh, scale_dtype, source)
+            return fresh
+        if source != "rtn":
+            raise RuntimeError(
+                f"qsparse_compiler.runtime: calibrated weights of plan {source} for a {tuple(param.shape)} linear are "
+                "gone (the parameter changed after compiling); recompile with the plan"
+            )
         packed = quantize_weight_int4(param, group_size, scale_dtype)
-        self._put(param, packed, scale_dtype)
+        self._put(param, packed, scale_dtype, source)
         return packed
 
-    def _put(self, param: torch.Tensor, packed: PackedInt4Weight, scale_dtype: str) -> None:
+    def _put(self, param: torch.Tensor, packed: PackedInt4Weight, scale_dtype: str, source: str) -> None:
         key = id(param)
         with self._lock:
             self._entries[key] = _Entry(
-                weakref.ref(param, self._forget(key)), param._version, packed.group_size, scale_dtype, packed
+                weakref.ref(param, self._forget(key)), param._version, packed.group_size, scale_dtype, packed, source
             )
 
     def _forget(self, key: int):

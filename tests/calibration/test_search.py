@@ -15,7 +15,11 @@ GRID = TokenGrid(4, 4, 8, seq_len=128)  # 8 x 8 tiles of 16 tokens
 BLOCK = 16
 
 
+BASIC = ("local3d", "dense")  # the expectations below are about these two; the registry holds more patterns
+
+
 def _config(**kwargs):
+    kwargs.setdefault("candidate_patterns", BASIC)
     return CalibrationConfig(block_q=BLOCK, block_kv=BLOCK, **kwargs)
 
 
@@ -83,7 +87,8 @@ def test_a_pattern_registered_later_is_searched_without_changes(monkeypatch):
     mass[0, :, 0] = 1.0  # head 0: a vertical stripe at key block 0 (an attention sink)
     mass[0, torch.arange(8), torch.arange(8)] = 1.0
     mass[1, torch.arange(8), torch.arange(8)] = 1.0  # head 1: diagonal
-    result = search_patterns({"blocks.0.attn1": _stats(mass)}, _config(recall_bound=0.9, density_budget=1.0))
+    config = _config(recall_bound=0.9, density_budget=1.0, candidate_patterns=(*BASIC, "test_stripe"))
+    result = search_patterns({"blocks.0.attn1": _stats(mass)}, config)
     specs = result.head_patterns("blocks.0.attn1")
     assert specs[0] == "test_stripe"  # density-independent bitmap: one candidate, bare name
     assert specs[1] == "local3d:0.05"
@@ -95,7 +100,8 @@ def test_failing_pattern_is_noted_not_fatal(monkeypatch):
         raise RuntimeError("needs q and k")
 
     monkeypatch.setitem(video_layout.PATTERNS, "test_broken", needs_data)
-    result = search_patterns({"blocks.0.attn1": _stats(_diagonal_mass(1))}, _config(recall_bound=0.8, density_budget=1.0))
+    config = _config(recall_bound=0.8, density_budget=1.0, candidate_patterns=(*BASIC, "test_broken"))
+    result = search_patterns({"blocks.0.attn1": _stats(_diagonal_mass(1))}, config)
     assert any("test_broken" in note for note in result.notes)
     assert result.head_patterns("blocks.0.attn1") == ["local3d:0.05"]
 
@@ -114,7 +120,7 @@ def test_cost_model_table_interpolates_and_is_stored():
 
 
 def test_candidates_are_costed_by_their_measured_density():
-    candidates, _ = build_candidates(GRID, BLOCK, BLOCK, None, (0.05, 0.3), CostModel({0.3: 1.0, 1.0: 2.0}))
+    candidates, _ = build_candidates(GRID, BLOCK, BLOCK, BASIC, (0.05, 0.3), CostModel({0.3: 1.0, 1.0: 2.0}))
     by_spec = {c.spec: c for c in candidates}
     assert set(by_spec) == {"local3d:0.05", "local3d:0.3", "dense"}
     assert by_spec["dense"].cost == pytest.approx(2.0) and by_spec["dense"].density == 1.0

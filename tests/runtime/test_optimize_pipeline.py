@@ -1,5 +1,7 @@
 """qs.optimize on a diffusers-style pipeline: scheduler hooks drive the residual cache through a CFG sampling loop."""
 
+import copy
+
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -28,8 +30,8 @@ class CfgPipeline:
 
 def test_optimize_tracks_steps_and_cfg_branches():
     tiny = tiny_wan(num_layers=1)
+    eager = CfgPipeline(copy.deepcopy(tiny.model))  # optimize compiles the model's blocks in place
     pipe = CfgPipeline(tiny.model)
-    eager = CfgPipeline(tiny.model)
     options = {"quant": {"enabled": False}, "sparsity": {"density": 0.34, "block_q": 16, "block_kv": 16}}
     qs.optimize(pipe, options=options, cache={"refresh_first": 2, "refresh_every": 0, "order": 1})
     runtime = qs.runtime_of(pipe)

@@ -28,7 +28,8 @@ def test_ablation_rows_through_the_backend(tmp_path):
         assert math.isfinite(row.psnr_mean) and 0 < row.ssim_mean < 1
     from qsparse_compiler.backend import reports
 
-    assert reports()[-1].counters["residual_attention"] == 2 and reports()[-1].counters["w4a8_linear"] == 20  # 2 blocks x 10 linears
+    # Regional graphs (qs.optimize): one graph per block structure, 10 linears and one cached attention each.
+    assert any(r.counters.get("residual_attention") == 1 and r.counters.get("w4a8_linear") == 10 for r in reports())
     assert (tmp_path / "results.md").read_text().count("|") > 10
 
 
