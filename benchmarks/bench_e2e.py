@@ -42,6 +42,9 @@ WORKLOADS: dict[str, dict[str, Any]] = {
     ),
 }
 SCHEDULE_STEPS = 50
+# Per-channel int4 weights: the fastest W4A8 kernel path on the H100 (benchmarks/results/w4a8_linear.md).
+QSPARSE_OPTIONS: dict[str, Any] = {"quant": {"group_size": 0}}
+CACHE: dict[str, Any] = {"refresh_first": 2, "refresh_every": 5, "order": 2}
 
 
 @dataclass
@@ -90,10 +93,14 @@ def time_ms(fn: Callable[[], Any], device: str) -> float:
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the blocks' weights as the model stores them: packed int4 where qsparse packed them."""
+    from qsparse_compiler.runtime.weights import default_store
+
     total = 0
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
         if name.startswith("blocks."):
-            total += tensor.numel() * tensor.element_size()
+            packed = default_store.packed_nbytes(tensor)
+            total += packed if packed is not None else tensor.numel() * tensor.element_size()
     return total
 
 
@@ -141,10 +148,10 @@ def run_row(name: str, workload: dict[str, Any], device: str, dtype: torch.dtype
     if name == "qsparse":
         import qsparse_compiler as qs
 
-        runtime = qs.ResidualCacheRuntime()
-        options = {"sparsity": {"density": density}, "cache": {"enabled": True, "refresh_first": 2,
-                                                               "refresh_every": 5, "order": 2}, "runtime": runtime}
-        fn_model = torch.compile(model, backend="quantsparse", options=options, fullgraph=True)
+        options = {**QSPARSE_OPTIONS, "sparsity": {**QSPARSE_OPTIONS.get("sparsity", {}), "density": density}}
+        fn_model = qs.optimize(model, options=options, cache=CACHE, regional=True)
+        runtime = qs.runtime_of(fn_model)
+        note = f"regional compile, options {json.dumps(options)}, cache {json.dumps(CACHE)}"
     elif name == "eager":
         fn_model = model
     else:
@@ -182,21 +189,15 @@ def run_row(name: str, workload: dict[str, Any], device: str, dtype: torch.dtype
     if runtime is None:
         rows.append(measure(name, None))
     else:
-        from qsparse_compiler.backend import reports
-
-        report = reports()[-1]
         refresh = measure("qsparse (refresh step)", lambda: runtime.step(0))
         reuse = measure("qsparse (reuse step)", lambda: runtime.step(7))
         schedule = runtime_schedule_counts(SCHEDULE_STEPS)
         average = (schedule[0] * refresh.ms + schedule[1] * reuse.ms) / SCHEDULE_STEPS
-        for row in (refresh, reuse):
-            row.block_weight_bytes = report.weight_bytes.get("qsparse")
         rows += [refresh, reuse, Row(f"qsparse ({SCHEDULE_STEPS}-step average)", average, compile_s,
-                                     max(refresh.peak_gib, reuse.peak_gib), error, report.weight_bytes.get("qsparse"),
-                                     f"{schedule[0]} refresh + {schedule[1]} reuse steps; {note}")]
-    if name != "qsparse":
-        for row in rows:
-            row.block_weight_bytes = weight_bytes(model)
+                                     max(refresh.peak_gib, reuse.peak_gib), error,
+                                     note=f"{schedule[0]} refresh + {schedule[1]} reuse steps; {note}")]
+    for row in rows:
+        row.block_weight_bytes = weight_bytes(model)
     del model, fn_model
     gc.collect()
     if device == "cuda":
@@ -207,7 +208,7 @@ def run_row(name: str, workload: dict[str, Any], device: str, dtype: torch.dtype
 def runtime_schedule_counts(steps: int) -> tuple[int, int]:
     from qsparse_compiler.config import CacheConfig
 
-    schedule = CacheConfig(enabled=True, refresh_first=2, refresh_every=5, order=2)
+    schedule = CacheConfig(enabled=True, **CACHE)
     refresh = sum(schedule.is_refresh_step(i) for i in range(steps))
     return refresh, steps - refresh
 
@@ -219,7 +220,10 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--density", type=float, default=0.15)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/e2e.json"))
+    parser.add_argument("--qsparse-options", default=json.dumps(QSPARSE_OPTIONS), help="backend options (JSON)")
     args = parser.parse_args()
+    QSPARSE_OPTIONS.clear()
+    QSPARSE_OPTIONS.update(json.loads(args.qsparse_options))
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     workload = WORKLOADS[args.workload]
     eager_model, inputs = build(workload, args.device, dtype)

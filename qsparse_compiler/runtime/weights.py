@@ -114,6 +114,11 @@ class PackedWeightStore:
                 entry.released = True
         return freed
 
+    def packed_nbytes(self, param: torch.Tensor) -> int | None:
+        """Bytes of the packed copy of ``param`` (codes + scales), or None if it has none."""
+        entry = self._entries.get(id(param))
+        return entry.packed.nbytes if entry is not None and entry.ref() is param else None
+
     def __len__(self) -> int:
         return len(self._entries)
 
