@@ -5,7 +5,7 @@ the configs, and ``runtime`` (``ResidualCacheRuntime`` for bare models in a loop
 ``torch.compile(model, backend="quantsparse", options=...)``.
 """
 
-from . import runtime
+from . import backend, runtime  # importing backend registers backend="quantsparse" with Dynamo
 from .calibration import CalibrationConfig, calibrate
 from .config import CacheConfig, QuantConfig, QuantSparseConfig, SparsityConfig
 from .plan import load_plan, save_plan

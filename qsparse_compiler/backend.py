@@ -238,3 +238,19 @@ def quantsparse(
     if not ctx.packed_weight_slots and not ctx.cache_slots:
         return compiled
     return _RuntimeInputs(compiled, ctx, config.runtime or default_runtime, input_fakes)
+
+
+def _register() -> None:
+    """Make backend="quantsparse" resolvable even where the package is importable but not installed (no entry
+    point, e.g. a source checkout on PYTHONPATH): importing qsparse_compiler registers it with Dynamo."""
+    from importlib.metadata import entry_points
+
+    from torch._dynamo.backends.registry import _COMPILER_FNS, register_backend
+
+    if any(entry.name == "quantsparse" for entry in entry_points(group="torch_dynamo_backends")):
+        return  # installed: Dynamo registers it from the entry point on first lookup
+    if "quantsparse" not in _COMPILER_FNS:
+        register_backend(compiler_fn=quantsparse, name="quantsparse")
+
+
+_register()

@@ -23,3 +23,29 @@ def test_backend_works_without_importing_the_package():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "OK 1" in result.stdout
+
+
+def test_importing_the_package_registers_the_backend_without_an_entry_point():
+    """A source checkout on PYTHONPATH has no entry point: the import must register the backend itself."""
+    script = textwrap.dedent(
+        """
+        import importlib.metadata, sys, torch
+        # Hide the installed entry point, as on a machine where the package is only on PYTHONPATH.
+        real = importlib.metadata.entry_points
+
+        def hidden(**kw):
+            found = real(**kw)
+            if kw.get("group") != "torch_dynamo_backends":
+                return found
+            return importlib.metadata.EntryPoints([e for e in found if e.name != "quantsparse"])
+
+        importlib.metadata.entry_points = hidden
+        import qsparse_compiler
+        from torch._dynamo.backends.registry import lookup_backend
+        assert lookup_backend("quantsparse") is qsparse_compiler.backend.quantsparse
+        print("OK")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "OK" in result.stdout
