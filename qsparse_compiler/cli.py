@@ -52,6 +52,17 @@ def compile_command(
         console.print(f"block weights {reports()[-1].compression:.2f}x smaller than bf16")
 
 
+def _reference_data(frames: Optional[int]):
+    """The reference model's video config, with another frame count if asked (shorter videos for CPU runs)."""
+    import dataclasses
+
+    from .testing.reference_model import load_reference_metadata
+    from .testing.synthetic_video import SyntheticVideoConfig
+
+    data = SyntheticVideoConfig.from_dict(load_reference_metadata()["data"])
+    return data if frames is None else dataclasses.replace(data, frames=frames)
+
+
 @app.command("calibrate")
 def calibrate_command(
     model: str = typer.Argument(..., help=f"'reference' (the committed reference video DiT) or one of {', '.join(TINY)}"),
@@ -62,6 +73,8 @@ def calibrate_command(
     seeds: str = typer.Option("0,1,2,3", help="videos sampled to record inputs when --samples is not given"),
     device: str = typer.Option("cpu", help="cpu or cuda"),
     resume: bool = typer.Option(True, help="continue from the checkpoints in --out"),
+    frames: Optional[int] = typer.Option(None, help="frames of the recorded videos (reference model)"),
+    steps: int = typer.Option(30, help="sampling steps of the recorded videos (reference model)"),
 ) -> None:
     """Calibrate a Plan: salient samples, per-head pattern search, MSAD distillation, residual-cache settings."""
     import torch
@@ -76,11 +89,13 @@ def calibrate_command(
 
         module = load_reference_model(device, torch.float32)
         if samples is None:
-            videos = SyntheticVideos(device="cpu")
+            data = _reference_data(frames)
+            videos = SyntheticVideos(data, device="cpu")
             chosen = [int(s) for s in seeds.split(",")]
             prompts = videos.embed(videos.scenes_for_seeds(chosen))
             with torch.no_grad(), record_transformer_calls(module, every=5) as recorder:
-                sample_videos(module, prompts, chosen, device=device, dtype=torch.float32)
+                sample_videos(module, prompts, chosen, frames=data.frames, height=data.height, width=data.width,
+                              channels=data.channels, num_steps=steps, device=device, dtype=torch.float32)
             samples = out / "samples.safetensors"
             out.mkdir(parents=True, exist_ok=True)
             save_samples(recorder.samples, samples)
@@ -102,6 +117,7 @@ def eval_command(
     seeds: str = typer.Option("0,1,2,3", help="one video per seed"),
     steps: Optional[int] = typer.Option(None, help="sampling steps (default: the reference model's)"),
     device: str = typer.Option("cuda", help="cuda or cpu (cpu is slow: 16,384 tokens per video)"),
+    frames: Optional[int] = typer.Option(None, help="video frames (default: the reference model's 16)"),
 ) -> None:
     """Dense vs compressed variants of the reference video DiT over whole sampling runs: PSNR, SSIM, layer SQNR."""
     import torch
@@ -112,7 +128,7 @@ def eval_command(
     chosen = ablation_variants(density, str(plan) if plan else None, tuple(v for v in variants.split(",") if v))
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     with torch.no_grad():
-        result = evaluate(chosen, out_dir=out, device=device, dtype=dtype,
+        result = evaluate(chosen, out_dir=out, device=device, dtype=dtype, data=_reference_data(frames),
                           seeds=[int(s) for s in seeds.split(",")], num_steps=steps)
     console.print(result.markdown())
 
