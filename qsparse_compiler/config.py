@@ -46,8 +46,15 @@ class ConfigError(ValueError):
     """A backend option or config field has a bad value. The message names the field and the fix."""
 
 
-def _fail(owner: str, name: str, value: Any, why: str) -> None:
-    raise ConfigError(f"qsparse_compiler.config: {owner}.{name}={value!r} {why}")
+def _fail(owner: str, name: str, value: Any, why: str, where: str = "qsparse_compiler.config") -> None:
+    raise ConfigError(f"{where}: {owner}.{name}={value!r} {why}")
+
+
+def _check_known_fields(cls: type, owner: str, value: Mapping[str, Any], where: str = "qsparse_compiler.config") -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown {owner} option(s) {unknown}; valid: {sorted(known)}")
 
 
 def _build(cls: type, owner: str, value: Any) -> Any:
@@ -57,12 +64,7 @@ def _build(cls: type, owner: str, value: Any) -> Any:
     if isinstance(value, cls):
         return value
     if isinstance(value, Mapping):
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise ConfigError(
-                f"qsparse_compiler.config: unknown {owner} option(s) {unknown}; valid: {sorted(known)}"
-            )
+        _check_known_fields(cls, owner, value)
         return cls(**value)
     raise ConfigError(
         f"qsparse_compiler.config: {owner} must be a {cls.__name__} or a dict of its fields, got {type(value).__name__}"

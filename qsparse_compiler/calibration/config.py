@@ -25,9 +25,9 @@ class CalibrationError(RuntimeError):
 
 
 def _fail(name: str, value: Any, why: str) -> None:
-    from ..config import ConfigError
+    from ..config import _fail as fail
 
-    raise ConfigError(f"qsparse_compiler.calibration: CalibrationConfig.{name}={value!r} {why}")
+    fail("CalibrationConfig", name, value, why, where="qsparse_compiler.calibration")
 
 
 def _is_fraction(value: Any, *, allow_zero: bool = False) -> bool:
@@ -218,13 +218,10 @@ class CalibrationConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> "CalibrationConfig":
         """Build from a dict (CLI / JSON); unknown keys are an error that lists the valid ones."""
-        from ..config import ConfigError
+        from ..config import _check_known_fields
 
         values = dict(values or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"qsparse_compiler.calibration: unknown CalibrationConfig field(s) {unknown}; valid: {sorted(known)}")
+        _check_known_fields(cls, "CalibrationConfig", values, where="qsparse_compiler.calibration")
         for name in ("candidate_patterns", "candidate_densities", "lora_bucket_edges"):
             if isinstance(values.get(name), list):
                 values[name] = tuple(values[name])

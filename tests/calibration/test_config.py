@@ -43,7 +43,7 @@ def test_json_round_trip_and_unknown_keys():
     config = CalibrationConfig(cost_table={0.1: 0.5, 1.0: 4.0}, candidate_patterns=("local3d",), msad_steps=7)
     data = json.loads(json.dumps(config.to_json()))
     assert CalibrationConfig.from_dict(data) == config
-    with pytest.raises(ConfigError, match="unknown CalibrationConfig field"):
+    with pytest.raises(ConfigError, match="unknown CalibrationConfig option"):
         CalibrationConfig.from_dict({"budget": 0.1})
 
 
