@@ -123,3 +123,32 @@ def test_release_dense_weights_keeps_the_compiled_model_running():
     assert freed == sum(4 * p.numel() for n, p in tiny.model.named_parameters() if p.untyped_storage().nbytes() == 0)
     assert freed > 0 and weight.untyped_storage().nbytes() == 0 and weight.shape == (128, 64)
     assert torch.equal(before, after)
+
+
+def test_saving_and_loading_plans_while_a_compiled_model_runs(tmp_path):
+    import threading
+
+    from qsparse_compiler.plan import LinearPlan, ModelFingerprint, Plan, load_plan, save_plan
+
+    tiny, compiled = compile_tiny(TEST_OPTIONS, fullgraph=True)
+    inputs = tiny.make_inputs()
+    plan = Plan(ModelFingerprint.of(tiny.model), linears={"blocks.0.attn1.to_q": LinearPlan(group_size=32)},
+                tensors={"x": torch.randn(64, 64)})
+    errors: list[BaseException] = []
+
+    def churn() -> None:
+        try:
+            for i in range(20):
+                save_plan(plan, tmp_path / f"plan{i % 2}")
+                assert load_plan(tmp_path / f"plan{i % 2}").linears == plan.linears
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    with torch.no_grad():
+        expected = compiled(**inputs)[0]
+        worker = threading.Thread(target=churn)
+        worker.start()
+        outputs = [compiled(**inputs)[0] for _ in range(3)]
+        worker.join()
+    assert not errors
+    assert all(torch.equal(out, expected) for out in outputs)
