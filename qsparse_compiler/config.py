@@ -157,6 +157,8 @@ class CacheConfig:
     rank           0: store R per head in full; r > 0: a rank-r factorization (truncated SVD) per head.
     max_branches   calls of one site within one step (2 = conditional + unconditional CFG passes).
     mode           see CACHE_MODES.
+    override_plan  True: this schedule applies to every sparsified site even when a plan has per-site settings
+                   (ablations); False: a plan's per-site settings win.
     """
 
     enabled: bool = False
@@ -166,6 +168,7 @@ class CacheConfig:
     rank: int = 0
     max_branches: int = 2
     mode: str = "auto"
+    override_plan: bool = False
     version: int = 1
 
     def __post_init__(self) -> None:

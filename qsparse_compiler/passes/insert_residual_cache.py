@@ -50,7 +50,7 @@ def _site_schedule(ctx: PassContext, fqn: str) -> CacheConfig | None:
     driven = ctx.config.runtime is not None or ctx.config.cache.enabled
     if ctx.plan is not None and not driven:
         return None
-    if ctx.plan is not None:
+    if ctx.plan is not None and not ctx.config.cache.override_plan:
         entry = ctx.plan.attentions.get(fqn)
         if entry is None or not entry.cache:
             return None

@@ -143,8 +143,8 @@ def optimize(
 
     plan      a calibrated plan directory; its fingerprint must match the transformer (checked now, before compiling).
     options   more backend options (see config.QuantSparseConfig).
-    cache     True: residual cache with the default schedule (a plan's per-site settings win); a dict: CacheConfig
-              fields; False: no residual cache.
+    cache     True: residual cache, a plan's per-site settings where it has them, else the default schedule; a dict:
+              CacheConfig fields applied to every sparsified site (over the plan's); False: no residual cache.
     regional  compile each repeated block on its own (fast compiles); None = when the model has repeated blocks
               and the plan (if any) treats them alike.
     """
@@ -163,7 +163,9 @@ def optimize(
         load_plan(plan).fingerprint.check(ModelFingerprint.of(transformer))
         backend_options["plan"] = str(plan)
     if cache:
-        backend_options["cache"] = {"enabled": True, **(cache if isinstance(cache, Mapping) else {})}
+        # An explicit schedule (a dict) applies everywhere; True keeps a plan's per-site settings.
+        explicit = dict(cache, override_plan=True) if isinstance(cache, Mapping) else {}
+        backend_options["cache"] = {"enabled": True, **explicit}
     blocks = _repeated_blocks(transformer)
     if regional is None:
         regional = bool(blocks) and (plan is None or _plan_is_uniform(str(plan), transformer))
