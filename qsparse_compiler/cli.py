@@ -111,7 +111,8 @@ def calibrate_command(
 @app.command("eval")
 def eval_command(
     out: Path = typer.Option(Path("fidelity"), help="where results.json, results.md and the plots go"),
-    variants: str = typer.Option("w4a8,sparse,naive,ssar1,ssar2,lowrank", help="ablation rows (testing/ablation.py)"),
+    variants: str = typer.Option("w4a8,sparse,naive,ssar1,ssar2,lowrank",
+                                 help="ablation rows (testing/ablation.py); msad and ssar_plan need --plan"),
     plan: Optional[Path] = typer.Option(None, help="a calibrated plan for the msad / SSAR rows"),
     density: float = typer.Option(0.15, help="attention density of the sparse rows without a plan"),
     seeds: str = typer.Option("0,1,2,3", help="one video per seed"),

@@ -2,6 +2,7 @@
 one. Used by ``qsparse eval`` and FIDELITY.md.
 
     dense -> w4a8 | sparse | naive (w4a8 + sparse) | + msad (a calibrated plan) | + ssar order 1 / order 2 | + low-rank
+    | + the plan's own SSAR settings
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from torch import nn
 
 __all__ = ["ablation_variants", "ABLATION_ORDER"]
 
-ABLATION_ORDER = ("w4a8", "sparse", "naive", "msad", "ssar1", "ssar2", "lowrank")
+ABLATION_ORDER = ("w4a8", "sparse", "naive", "msad", "ssar1", "ssar2", "lowrank", "ssar_plan")
 
 
 def _compiled(options: dict[str, Any]) -> Callable[[nn.Module], nn.Module]:
@@ -23,7 +24,7 @@ def _compiled(options: dict[str, Any]) -> Callable[[nn.Module], nn.Module]:
     return make
 
 
-def _optimized(options: dict[str, Any], plan: str | None, cache: dict[str, Any]) -> Callable[[nn.Module], nn.Module]:
+def _optimized(options: dict[str, Any], plan: str | None, cache: dict[str, Any] | bool) -> Callable[[nn.Module], nn.Module]:
     def make(model: nn.Module) -> nn.Module:
         from ..runtime.pipeline import optimize
 
@@ -69,12 +70,14 @@ def ablation_variants(
         "ssar1": _optimized(options(sparse if not plan else {}), plan, {**ssar, "order": 1}),
         "ssar2": _optimized(options(sparse if not plan else {}), plan, {**ssar, "order": 2}),
         "lowrank": _optimized(options(sparse if not plan else {}), plan, {**ssar, "order": 2, "rank": rank}),
+        # The plan's own per-layer schedules, orders and ranks (calibration's SSAR settings).
+        "ssar_plan": _optimized(options({}), plan, True) if plan else None,
     }
     for name in names:
         if name not in table:
             raise ValueError(f"qsparse_compiler.testing.ablation: unknown variant {name!r}; known: {list(table)}")
         if table[name] is None:
-            raise ValueError("qsparse_compiler.testing.ablation: 'msad' needs a calibrated plan (--plan DIR)")
+            raise ValueError(f"qsparse_compiler.testing.ablation: {name!r} needs a calibrated plan (--plan DIR)")
         label = name if plan or name in ("w4a8", "sparse", "naive") else f"{name} (RTN weights)"
         variants[label] = table[name]
     return variants
