@@ -132,6 +132,31 @@ def eval_command(
         result = evaluate(chosen, out_dir=out, device=device, dtype=dtype, data=_reference_data(frames),
                           seeds=[int(s) for s in seeds.split(",")], num_steps=steps)
     console.print(result.markdown())
+    recall = _recall_report(plan, density, frames, device, dtype)
+    (out / "recall.json").write_text(json.dumps(recall, indent=2) + "\n")
+    for name, per_site in recall.items():
+        console.print(f"attention recall, {name}: " + ", ".join(
+            f"{site} {min(heads):.2f}-{max(heads):.2f}" for site, heads in per_site.items()))
+
+
+def _recall_report(plan: Optional[Path], density: float, frames: Optional[int], device: str, dtype) -> dict:
+    """Attention recall per head of the static pattern and (with a plan) the plan's patterns, on the dense reference
+    model at seeded random latents (timestep 500)."""
+    from .plan import load_plan
+    from .testing.fidelity import layout_recall, random_wan_inputs
+    from .testing.reference_model import load_reference_model
+
+    model = load_reference_model(device, dtype)
+    data = _reference_data(frames)
+    inputs = random_wan_inputs(model, frames=data.frames, height=data.height, width=data.width,
+                               text_len=8, device=device, dtype=dtype)
+    sites = [f"blocks.{i}.attn1" for i in range(len(model.blocks))]
+    report = {f"local3d @ {density:g}": layout_recall(model, inputs, {s: "local3d" for s in sites}, density)}
+    if plan is not None:
+        loaded = load_plan(plan)
+        specs = {s: loaded.attentions[s].pattern_spec for s in sites if s in loaded.attentions}
+        report["plan"] = layout_recall(model, inputs, specs, density)
+    return report
 
 
 @app.command("inspect")

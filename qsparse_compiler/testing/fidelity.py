@@ -500,3 +500,23 @@ def evaluate(
                                 xlabel="block", ylabel="SQNR dB")
         plots.video_strip(torch.cat(first_videos), out / "videos.png", scale=2 if data.height >= 32 else 4)
     return result
+
+
+@torch.no_grad()
+def layout_recall(
+    model: nn.Module, inputs: Mapping[str, Any], specs: Mapping[str, str], density: float, block: int = 128
+) -> dict[str, list[float]]:
+    """Attention recall per head of the layouts the backend would use: ``specs`` maps a self-attention FQN to a
+    pattern spec (``local3d``, or a plan's per-head ``local3d:0.1;skip;...``); the grid comes from the latents."""
+    from ..ops.video_layout import build_video_layout
+    from ..runtime.pipeline import latent_grid
+    from ..sparsity.patterns import TokenGrid
+
+    captured = capture_attention_qk(model, inputs, list(specs))
+    frames, height, width = latent_grid(_unwrap(model), inputs["hidden_states"])
+    recall = {}
+    for name, (q, k) in captured.items():
+        grid = TokenGrid(frames, height, width, q.shape[2])
+        layout = build_video_layout(grid, specs[name], density, block, block)
+        recall[name] = [float(x) for x in attention_recall(q, k, layout)[0]]
+    return recall
