@@ -38,3 +38,15 @@ def test_unknown_and_planless_rows_are_clear_errors():
         ablation_variants(names=("fast",))
     with pytest.raises(ValueError, match="needs a calibrated plan"):
         ablation_variants(names=("msad",))
+
+
+def test_layout_recall_of_dense_is_one_and_of_sparse_below():
+    from qsparse_compiler.testing.fidelity import layout_recall, random_wan_inputs
+
+    model = build_reference_model(TINY_MODEL_CONFIG, seed=0).eval()
+    inputs = random_wan_inputs(model, frames=4, height=16, width=16, text_len=8)
+    sites = {f"blocks.{i}.attn1": "dense" for i in range(2)}
+    dense = layout_recall(model, inputs, sites, 1.0, block=16)
+    sparse = layout_recall(model, inputs, {s: "local3d" for s in sites}, 0.25, block=16)
+    assert all(abs(x - 1.0) < 1e-5 for heads in dense.values() for x in heads)
+    assert all(0.0 < x < 1.0 for heads in sparse.values() for x in heads)
