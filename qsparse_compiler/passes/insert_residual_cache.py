@@ -62,6 +62,13 @@ class InsertResidualCache:
     name = "insert_residual_cache"
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> int:
+        if ctx.plan is not None and ctx.config.runtime is None and not ctx.config.cache.enabled:
+            cached = [fqn for fqn, entry in ctx.plan.attentions.items() if entry.cache]
+            if cached:
+                ctx.report.notes.append(
+                    f"the plan has residual-cache settings for {len(cached)} attention(s), but nothing drives the "
+                    "denoising steps: no cache nodes (compile through qs.optimize, or pass options['runtime'])"
+                )
         rewrites = 0
         sparse_nodes = [n for n in gm.graph.nodes if n.target is torch.ops.qsparse.sparse_attention.default]
         for node in sparse_nodes:

@@ -163,3 +163,36 @@ def test_compiled_model_runs_a_generation_without_per_step_recompiles():
     assert reports()[0].counters["residual_attention"] == 1
     totals = runtime.memory_report()["total"]
     assert totals["refreshes"] == 4 and totals["reuses"] == 3
+
+
+def test_opcheck_residual_attention():
+    q, k, v = sequence(1)[0]
+    o_sparse = torch.randn(SHAPE)
+    for refresh in (True, False):
+        state = [torch.zeros(SHAPE), torch.zeros(SHAPE), torch.zeros(1)]
+        torch.library.opcheck(torch.ops.qsparse.residual_attention.default,
+                              (o_sparse, q, k, v, None, 0.25, state, torch.tensor(refresh), MODE_AUTO, 2))
+
+
+def test_no_cache_nodes_unless_enabled_and_a_note_when_a_plan_wants_them(tmp_path):
+    from torch._dynamo.utils import counters
+
+    from qsparse_compiler.config import QuantSparseConfig
+    from qsparse_compiler.passes import PassContext, default_passes, run_passes
+    from qsparse_compiler.passes.report import RewriteReport
+    from qsparse_compiler.plan import AttentionPlan, ModelFingerprint, Plan
+    from qsparse_compiler.testing.capture import capture_dynamo_graph
+
+    tiny = tiny_wan(num_layers=1)
+    plan = Plan(ModelFingerprint.of(tiny.model), attentions={
+        "blocks.0.attn1": AttentionPlan(["local3d:0.3"], block_q=16, block_kv=16, cache={"order": 1})})
+    for with_plan in (False, True):
+        counters.clear()
+        with torch.no_grad():
+            gm, example_inputs = capture_dynamo_graph(tiny.model, tiny.make_inputs())
+            options = {"sparsity": {"block_q": 16, "block_kv": 16}, "quant": {"enabled": False}}
+            ctx = PassContext(QuantSparseConfig.from_options(options), example_inputs, RewriteReport(0),
+                              plan=plan if with_plan else None)
+            run_passes(gm, ctx, default_passes())
+        assert counters["qsparse"]["sparse_attention"] == 1 and counters["qsparse"]["residual_attention"] == 0
+        assert any("nothing drives" in note for note in ctx.report.notes) == with_plan
