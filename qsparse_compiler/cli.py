@@ -159,6 +159,42 @@ def _recall_report(plan: Optional[Path], density: float, frames: Optional[int], 
     return report
 
 
+@app.command("bench")
+def bench_command(
+    kernels: bool = typer.Option(True, "--kernels/--no-kernels", help="time the sparse attention kernel per density"),
+    out: Path = typer.Option(Path("kernel_costs.json"), help="the cost table: {density: ms}, for CalibrationConfig"),
+    heads: int = typer.Option(12), seq_len: int = typer.Option(32760), head_dim: int = typer.Option(128),
+    densities: str = typer.Option("0.05,0.1,0.15,0.2,0.3,0.5,1.0"),
+) -> None:
+    """The cost model of the pattern search: block-sparse attention time per density on this GPU (random layouts
+    with the diagonal). Without CUDA there is nothing to time: the search then uses its FLOP proxy."""
+    import torch
+
+    if not kernels:
+        raise typer.BadParameter("only --kernels is available here; end-to-end: benchmarks/bench_e2e.py")
+    if not torch.cuda.is_available():
+        console.print("no CUDA device: nothing to time; calibration uses the FLOP proxy (cost = tiles computed)")
+        raise typer.Exit(1)
+    import triton.testing
+
+    from .sparsity.layout import BlockSparseLayout, num_blocks
+
+    q, k, v = (torch.randn(1, heads, seq_len, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    blocks = num_blocks(seq_len, 128)
+    table = {}
+    for density in (float(d) for d in densities.split(",")):
+        bitmap = torch.rand(1, 1, blocks, blocks, device="cuda") < density
+        bitmap |= torch.eye(blocks, dtype=torch.bool, device="cuda")
+        layout = BlockSparseLayout.from_bitmap(bitmap, 128, 128, seq_len, seq_len)
+        run = lambda: torch.ops.qsparse.sparse_attention(  # noqa: E731
+            q, k, v, layout.kv_num_blocks, layout.kv_indices, 128, 128, head_dim**-0.5, None)
+        table[density] = float(triton.testing.do_bench(run, return_mode="median"))
+        console.print(f"density {density:g}: {table[density]:.3f} ms")
+    out.write_text(json.dumps({"cost_table": table, "device": torch.cuda.get_device_name(),
+                               "shape": [1, heads, seq_len, head_dim]}, indent=2))
+    console.print(f"wrote {out}: pass its cost_table to the calibration config")
+
+
 @app.command("inspect")
 def inspect_command(plan: Path = typer.Argument(..., help="a plan directory (plan.json + plan.safetensors)")) -> None:
     """Print a plan readably: model, schema, per-site settings."""

@@ -49,7 +49,7 @@ class CalibrationConfig:
     candidate_densities   densities each density-parametrised pattern is tried at (patterns that ignore the density
                           are de-duplicated by their tile bitmap).
     block_q, block_kv     the kernel's tile, also the pooling resolution of the statistics.
-    cost_table            measured kernel time per density, {density: ms} (from ``qsparse bench --kernels``); None
+    cost_table            measured kernel time per density, {density: ms} (``qsparse bench --kernels`` on the GPU); None
                           uses a FLOP proxy (tiles computed). Stored in plan.metadata either way.
     attention_chunk_elements  upper bound on the score elements held at once while pooling attention maps (query
                           chunks are sized from it), so S x S is never materialised at large S.
