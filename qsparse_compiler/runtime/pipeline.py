@@ -22,7 +22,7 @@ import torch
 from .context import register_parameters, video_grid
 from .residual_cache import ResidualCacheRuntime
 
-__all__ = ["optimize", "runtime_of", "release_dense_weights"]
+__all__ = ["optimize", "runtime_of", "release_dense_weights", "StepSwitchingModel"]
 
 _RUNTIME_ATTR = "_qsparse_runtime"
 
@@ -33,6 +33,34 @@ def runtime_of(pipe_or_model: Any) -> ResidualCacheRuntime:
     if runtime is None:
         raise ValueError("qsparse_compiler.runtime: this object was not prepared by qs.optimize(...)")
     return runtime
+
+
+def _optimize_for_cuda_graphs(pipe_or_model: Any, transformer: torch.nn.Module, plan: Any,
+                              backend_options: dict[str, Any], cache: Any, runtime: ResidualCacheRuntime,
+                              fullgraph: bool, mode: str = "reduce-overhead") -> Any:
+    from ..config import CacheConfig
+
+    if not isinstance(cache, Mapping):
+        raise ValueError(
+            "qsparse_compiler.optimize: cuda_graphs=True needs one refresh schedule for every site: pass cache={...} "
+            "(e.g. {'refresh_first': 2, 'refresh_every': 5, 'order': 2})"
+        )
+    schedule = CacheConfig(enabled=True, **{k: v for k, v in cache.items() if k != "mode"})
+    graphs = {}
+    for path in ("refresh", "reuse"):
+        options = {**backend_options, "cache": {**backend_options["cache"], "mode": path}}
+        graphs[path] = torch.compile(transformer, backend="quantsparse", options=_with_mode(options, mode),
+                                     fullgraph=fullgraph)
+    switching = StepSwitchingModel(transformer, graphs, runtime, schedule)
+    setattr(switching, _RUNTIME_ATTR, runtime)
+    if transformer is pipe_or_model:
+        return switching
+    pipe_or_model.transformer = switching
+    setattr(pipe_or_model, _RUNTIME_ATTR, runtime)
+    scheduler = getattr(pipe_or_model, "scheduler", None)
+    if scheduler is not None:
+        _hook_scheduler(scheduler, runtime)
+    return pipe_or_model
 
 
 def release_dense_weights(pipe_or_model: Any) -> int:
@@ -108,6 +136,32 @@ def _plan_is_uniform(plan: str, transformer: torch.nn.Module) -> bool:
     return True
 
 
+def _with_mode(options: dict[str, Any], mode: str | None) -> dict[str, Any]:
+    """torch.compile takes either ``mode`` or ``options``: a mode becomes the Inductor patches it stands for."""
+    if not mode or mode == "default":
+        return options
+    from torch._inductor import list_mode_options
+
+    return {**options, "inductor": {**options.get("inductor", {}), **list_mode_options(mode)}}
+
+
+class StepSwitchingModel(torch.nn.Module):
+    """Two compiled graphs of one transformer - the refresh path and the reuse path of the residual cache - and the
+    choice between them per call, on the host, from the runtime's step. Each graph has one fixed path, so CUDA graphs
+    (mode="reduce-overhead") can capture both."""
+
+    def __init__(self, transformer: torch.nn.Module, graphs: Mapping[str, Any], runtime: ResidualCacheRuntime,
+                 schedule: Any) -> None:
+        super().__init__()
+        self.transformer = transformer
+        self._graphs = dict(graphs)
+        self._runtime, self._schedule = runtime, schedule
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        path = "refresh" if self._runtime.needs_refresh(self._schedule) else "reuse"
+        return self._graphs[path](*args, **kwargs)
+
+
 def _hook_scheduler(scheduler: Any, runtime: ResidualCacheRuntime) -> None:
     if getattr(scheduler, _RUNTIME_ATTR, None) is runtime:
         return
@@ -138,6 +192,7 @@ def optimize(
     mode: str | None = None,
     fullgraph: bool = True,
     regional: bool | None = None,
+    cuda_graphs: bool = False,
 ) -> Any:
     """Compile ``pipe.transformer`` (or a bare transformer) with backend="quantsparse"; returns what it was given.
 
@@ -147,6 +202,9 @@ def optimize(
               CacheConfig fields applied to every sparsified site (over the plan's); False: no residual cache.
     regional  compile each repeated block on its own (fast compiles); None = when the model has repeated blocks
               and the plan (if any) treats them alike.
+    cuda_graphs  compile the whole transformer twice with mode="reduce-overhead" - a refresh graph and a reuse
+              graph of the residual cache - and pick one per call (StepSwitchingModel). Needs one schedule for
+              every site: an explicit ``cache`` dict (it overrides a plan's per-site settings).
     """
     transformer = getattr(pipe_or_model, "transformer", pipe_or_model)
     if not isinstance(transformer, torch.nn.Module):
@@ -167,6 +225,9 @@ def optimize(
         explicit = dict(cache, override_plan=True) if isinstance(cache, Mapping) else {}
         backend_options["cache"] = {"enabled": True, **explicit}
     blocks = _repeated_blocks(transformer)
+    if cuda_graphs:
+        return _optimize_for_cuda_graphs(pipe_or_model, transformer, plan, backend_options, cache, runtime, fullgraph,
+                                         mode or "reduce-overhead")
     if regional is None:
         regional = bool(blocks) and (plan is None or _plan_is_uniform(str(plan), transformer))
     if regional:
@@ -178,10 +239,10 @@ def optimize(
         register_parameters(transformer)
         _install_grid_hooks(transformer)
         for block in blocks:
-            block.compile(backend="quantsparse", options=backend_options, mode=mode, fullgraph=fullgraph)
+            block.compile(backend="quantsparse", options=_with_mode(backend_options, mode), fullgraph=fullgraph)
         compiled = transformer
     else:
-        compiled = torch.compile(transformer, backend="quantsparse", options=backend_options, mode=mode,
+        compiled = torch.compile(transformer, backend="quantsparse", options=_with_mode(backend_options, mode),
                                  fullgraph=fullgraph)
     setattr(compiled, _RUNTIME_ATTR, runtime)
     if transformer is pipe_or_model:

@@ -128,6 +128,16 @@ class ResidualCacheRuntime:
         branch = site.branches.get(site.calls_this_step)
         return branch is None or branch.refreshed_at is None or schedule.is_refresh_step(self._step)
 
+    def needs_refresh(self, schedule: CacheConfig) -> bool:
+        """Whether the next call refreshes under one schedule shared by every site (picks the refresh or the reuse
+        graph when each path is its own CUDA graph): the step says so, or a site has no residual yet."""
+        if not self._sites or schedule.is_refresh_step(self._step):
+            return True
+        return any(
+            (branch := site.branches.get(site.calls_this_step)) is None or branch.refreshed_at is None
+            for site in self._sites.values()
+        )
+
     # -- reporting -------------------------------------------------------------------------------------------------
     def memory_report(self) -> dict[str, dict[str, int]]:
         """Bytes of cache per site (all branches), refresh/reuse counts, and the total."""

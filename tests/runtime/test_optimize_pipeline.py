@@ -2,6 +2,8 @@
 
 import copy
 
+import pytest
+
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -50,3 +52,29 @@ def test_optimize_tracks_steps_and_cfg_branches():
     # Refresh steps are dense; reuse steps add back a residual from an earlier step: close to dense, not equal.
     error = (first - expected).norm() / expected.norm()
     assert 0 < error < 0.2
+
+
+def test_cuda_graph_mode_switches_between_a_refresh_and_a_reuse_graph():
+    """qs.optimize(cuda_graphs=True): two graphs with one fixed cache path each, chosen per call on the host; the
+    results equal the single auto-mode graph's (on CPU Inductor runs them without CUDA graphs)."""
+    tiny = tiny_wan(num_layers=1)
+    twin = copy.deepcopy(tiny.model)
+    options = {"quant": {"enabled": False}, "sparsity": {"density": 0.34, "block_q": 16, "block_kv": 16}}
+    cache = {"refresh_first": 2, "refresh_every": 3, "order": 2}
+    switching = qs.optimize(tiny.model, options=options, cache=cache, cuda_graphs=True)
+    auto = qs.optimize(twin, options=options, cache=cache, regional=False)
+    inputs = [tiny.make_inputs() for _ in range(6)]
+    outputs = {}
+    with torch.no_grad():
+        for name, model in (("switching", switching), ("auto", auto)):
+            runtime = qs.runtime_of(model)
+            with runtime.generation():
+                outputs[name] = []
+                for step, step_inputs in enumerate(inputs):
+                    runtime.step(step)
+                    outputs[name].append(model(**step_inputs)[0])
+            assert runtime.memory_report()["total"]["reuses"] == 3  # steps 0, 1, 3 refresh; 2, 4, 5 reuse
+    for a, b in zip(outputs["switching"], outputs["auto"]):
+        assert torch.allclose(a, b, atol=1e-5)
+    with pytest.raises(ValueError, match="needs one refresh schedule"):
+        qs.optimize(tiny_wan(num_layers=1).model, cuda_graphs=True)
