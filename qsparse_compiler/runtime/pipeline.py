@@ -35,9 +35,8 @@ def runtime_of(pipe_or_model: Any) -> ResidualCacheRuntime:
     return runtime
 
 
-def _optimize_for_cuda_graphs(pipe_or_model: Any, transformer: torch.nn.Module, plan: Any,
-                              backend_options: dict[str, Any], cache: Any, runtime: ResidualCacheRuntime,
-                              fullgraph: bool, mode: str = "reduce-overhead") -> Any:
+def _cuda_graph_model(transformer: torch.nn.Module, backend_options: dict[str, Any], cache: Any,
+                      runtime: ResidualCacheRuntime, fullgraph: bool, mode: str) -> "StepSwitchingModel":
     from ..config import CacheConfig
 
     if not isinstance(cache, Mapping):
@@ -51,16 +50,7 @@ def _optimize_for_cuda_graphs(pipe_or_model: Any, transformer: torch.nn.Module, 
         options = {**backend_options, "cache": {**backend_options["cache"], "mode": path}}
         graphs[path] = torch.compile(transformer, backend="quantsparse", options=_with_mode(options, mode),
                                      fullgraph=fullgraph)
-    switching = StepSwitchingModel(transformer, graphs, runtime, schedule)
-    setattr(switching, _RUNTIME_ATTR, runtime)
-    if transformer is pipe_or_model:
-        return switching
-    pipe_or_model.transformer = switching
-    setattr(pipe_or_model, _RUNTIME_ATTR, runtime)
-    scheduler = getattr(pipe_or_model, "scheduler", None)
-    if scheduler is not None:
-        _hook_scheduler(scheduler, runtime)
-    return pipe_or_model
+    return StepSwitchingModel(transformer, graphs, runtime, schedule)
 
 
 def release_dense_weights(pipe_or_model: Any) -> int:
@@ -225,12 +215,11 @@ def optimize(
         explicit = dict(cache, override_plan=True) if isinstance(cache, Mapping) else {}
         backend_options["cache"] = {"enabled": True, **explicit}
     blocks = _repeated_blocks(transformer)
-    if cuda_graphs:
-        return _optimize_for_cuda_graphs(pipe_or_model, transformer, plan, backend_options, cache, runtime, fullgraph,
-                                         mode or "reduce-overhead")
     if regional is None:
-        regional = bool(blocks) and (plan is None or _plan_is_uniform(str(plan), transformer))
-    if regional:
+        regional = not cuda_graphs and bool(blocks) and (plan is None or _plan_is_uniform(str(plan), transformer))
+    if cuda_graphs:
+        compiled = _cuda_graph_model(transformer, backend_options, cache, runtime, fullgraph, mode or "reduce-overhead")
+    elif regional:
         if not blocks:
             raise ValueError(
                 f"qsparse_compiler.optimize: {type(transformer).__name__} declares no repeated blocks "
