@@ -19,6 +19,7 @@ import argparse
 import gc
 import json
 import math
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -57,6 +58,7 @@ class Row:
     block_weight_bytes: int | None = None
     note: str = ""
     speedup_vs_inductor: float | None = None
+    profile: dict[str, float] | None = None  # GPU ms per forward by kernel category (--profile)
 
 
 def build(workload: dict[str, Any], device: str, dtype: torch.dtype):
@@ -132,7 +134,7 @@ class _FlexSelfAttention:
 
 
 def run_row(name: str, workload: dict[str, Any], device: str, dtype: torch.dtype, eager_out: torch.Tensor | None,
-            density: float) -> list[Row]:
+            density: float, profile_dir: Path | None = None) -> list[Row]:
     model, inputs = build(workload, device, dtype)
     note = ""
     if name in ("fp8", "flex-fp8"):
@@ -184,7 +186,14 @@ def run_row(name: str, workload: dict[str, Any], device: str, dtype: torch.dtype
         with torch.no_grad():
             ms = time_ms(call, device)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
-        return Row(system, ms, compile_s if name != "eager" else 0.0, peak, error, note=note)
+        row = Row(system, ms, compile_s if name != "eager" else 0.0, peak, error, note=note)
+        if profile_dir is not None:
+            slug = re.sub(r"[^A-Za-z0-9]+", "_", system).strip("_")
+            try:
+                row.profile = profile_forward(call, device, profile_dir / f"profile_{slug}.txt")
+            except Exception as exc:  # a profiler failure must not lose the timing
+                row.note += f"; profile failed: {type(exc).__name__}: {exc}"[:200]
+        return row
 
     if runtime is None:
         rows.append(measure(name, None))
@@ -205,6 +214,54 @@ def run_row(name: str, workload: dict[str, Any], device: str, dtype: torch.dtype
     return rows
 
 
+# Kernel name -> where the time goes (issue #9's profile). First match wins; names are Triton kernel function names,
+# Inductor's generated kernels (triton_*) and the library kernels of cuBLAS / SDPA.
+KERNEL_CATEGORIES: list[tuple[str, str]] = [
+    ("w4a8 GEMM", r"_w4a8_gemm_kernel"),
+    ("int4 unpack", r"_int4_unpack_kernel"),
+    ("activation quant (standalone)", r"_act_quant_kernel"),
+    ("sparse attention (ours)", r"_block_sparse_attention_fwd"),
+    ("layout build", r"_block_scores_kernel"),
+    ("flex attention", r"flex_attention|triton_tem_fused"),
+    ("dense SDPA (cross attn; self attn on refresh)", r"flash|fmha|cudnn|attention"),
+    ("fp8 / bf16 GEMM (cuBLAS)", r"gemm|nvjet|sm90_xmma|cutlass|scaled_mm"),
+    ("Inductor fused (norms, rope, modulation, quant, cache)", r"^triton_"),
+]
+
+
+def profile_forward(call: Callable[[], Any], device: str, table: Path, repeats: int = 3) -> dict[str, float]:
+    """GPU ms per forward by kernel category, plus the wall time and the idle gap between kernels.
+
+    The profiler's own table (top kernels by GPU time) goes to ``table``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if device != "cuda":
+        return {}
+    with torch.no_grad():
+        call()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            for _ in range(repeats):
+                call()
+            torch.cuda.synchronize()
+            wall_ms = (time.perf_counter() - start) * 1e3 / repeats
+    totals: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        category = next((c for c, pattern in KERNEL_CATEGORIES if re.search(pattern, event.name)), "other kernels")
+        totals[category] = totals.get(category, 0.0) + event.time_range.elapsed_us() / 1e3 / repeats
+    table.parent.mkdir(parents=True, exist_ok=True)
+    table.write_text(prof.key_averages().table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=90))
+    busy = sum(totals.values())
+    totals = {k: round(v, 3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
+    totals["kernels total"] = round(busy, 3)
+    totals["wall (profiled)"] = round(wall_ms, 3)
+    totals["idle / launch gaps"] = round(max(wall_ms - busy, 0.0), 3)
+    return totals
+
+
 def runtime_schedule_counts(steps: int) -> tuple[int, int]:
     from qsparse_compiler.config import CacheConfig
 
@@ -220,6 +277,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--density", type=float, default=0.15)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/e2e.json"))
+    parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                        help="also profile each row: GPU ms per kernel category in the JSON, kernel tables in DIR")
     parser.add_argument("--qsparse-options", default=json.dumps(QSPARSE_OPTIONS), help="backend options (JSON)")
     args = parser.parse_args()
     QSPARSE_OPTIONS.clear()
@@ -238,7 +297,7 @@ def main() -> None:
     rows: list[Row] = []
     for name in args.rows.split(","):
         try:
-            rows += run_row(name, workload, args.device, dtype, eager_out, args.density)
+            rows += run_row(name, workload, args.device, dtype, eager_out, args.density, args.profile)
         except Exception as exc:  # a failing baseline is recorded, not hidden
             rows.append(Row(name, float("nan"), 0.0, 0.0, float("nan"), note=f"failed: {type(exc).__name__}: {exc}"[:300]))
         torch._dynamo.reset()
@@ -259,6 +318,9 @@ def write_results(out: Path, meta: dict[str, Any], rows: list[Row]) -> None:
         speed = f"{r.speedup_vs_inductor:.2f}x" if r.speedup_vs_inductor else "-"
         print(f"| {r.system} | {r.ms:.1f} | {speed} | {r.compile_s:.0f} | {r.peak_gib:.1f} | {mib} | "
               f"{r.rel_error_vs_eager:.3g} | {r.note} |", flush=True)
+    for r in rows:
+        if r.profile:
+            print(f"\nprofile of {r.system} (GPU ms per forward): " + ", ".join(f"{k} {v}" for k, v in r.profile.items()))
 
 
 if __name__ == "__main__":

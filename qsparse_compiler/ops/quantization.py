@@ -27,6 +27,7 @@ __all__ = [
     "unpack_int4",
     "dequantize_weight_int4",
     "quantize_activation",
+    "quantize_activation_symmetric",
     "dequantize_activation",
     "effective_group_size",
 ]
@@ -127,6 +128,20 @@ def quantize_activation(x: torch.Tensor, act_format: str) -> tuple[torch.Tensor,
         codes = torch.round((xf - low) / scale).clamp(0, 255).to(torch.uint8)
         return codes, scale, low
     raise ValueError(f"qsparse_compiler.ops.quantization: unknown act_format {act_format!r}")
+
+
+def quantize_activation_symmetric(x: torch.Tensor, act_format: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, scale) of a symmetric format ("fp8_e4m3" or "int8"): the input of ``qsparse::w4a8_gemm``.
+
+    Plain torch ops on purpose: the quantize_linears pass puts this function into the graph, and Inductor fuses it
+    into the op that produced x (one pass over x writes the 8-bit codes; no separate quantization kernel)."""
+    if act_format not in ("fp8_e4m3", "int8"):
+        raise ValueError(
+            f"qsparse_compiler.ops.quantization: {act_format!r} is not symmetric; quantize_activation_symmetric takes "
+            "'fp8_e4m3' or 'int8' (uint8_msfp needs its zero point: use qsparse::w4a8_linear)"
+        )
+    codes, scale, _ = quantize_activation(x, act_format)
+    return codes, scale
 
 
 def dequantize_activation(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:

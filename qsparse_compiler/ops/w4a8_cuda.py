@@ -1,4 +1,5 @@
-"""CUDA implementation of ``qsparse::w4a8_linear``: Triton activation quantization + Triton W4A8 GEMM.
+"""CUDA implementations of ``qsparse::w4a8_linear`` (Triton activation quantization + Triton W4A8 GEMM) and of
+``qsparse::w4a8_gemm`` (the GEMM alone, for activations quantized in the graph).
 
 Registered with ``w4a8_linear.register_cuda_impl`` on import when CUDA and Triton are present. Returns None for
 what the kernels do not cover (the op then runs the plain-torch reference): fp8 on GPUs
@@ -23,7 +24,7 @@ import torch
 from .quantization import effective_group_size, unpack_int4
 from .w4a8_linear import register_cuda_impl
 
-__all__ = ["w4a8_linear_cuda", "register", "weight_row_sums"]
+__all__ = ["w4a8_linear_cuda", "w4a8_gemm_cuda", "register", "weight_row_sums"]
 
 _X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -60,6 +61,33 @@ def weight_row_sums(qweight: torch.Tensor, wscale: torch.Tensor, group_size: int
     return (code_sums.to(torch.float32) * wscale.to(torch.float32)).sum(dim=-1)
 
 
+_CODE_DTYPE = {"fp8_e4m3": torch.float8_e4m3fn, "int8": torch.int8, "uint8_msfp": torch.uint8}
+
+
+def _kernel_problem(x: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor, group_size: int, act_format: str,
+                    out_dtype: torch.dtype) -> bool:
+    """True if the Triton kernels do not cover this problem (then the op runs its reference)."""
+    from ..kernels.act_quant import ACT_QUANT_FORMATS, MAX_K
+    from ..kernels.w4a8_gemm import supports
+
+    if act_format not in (*ACT_QUANT_FORMATS, "uint8_msfp") or out_dtype not in _X_DTYPES:
+        return True
+    if act_format == "fp8_e4m3" and x.is_cuda and not _has_fp8_mma(x.device.index or 0):
+        return True
+    k = x.shape[-1]
+    if k > MAX_K or qweight.stride(-1) != 1 or wscale.stride(-1) != 1:
+        return True
+    # supports() reads only shapes/dtypes; check with an empty stand-in before any kernel launch.
+    probe = torch.empty((0, k), dtype=_CODE_DTYPE[act_format], device=x.device)
+    return supports(probe, qweight, wscale, group_size, out_dtype) is not None
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(..., K) -> (M, K) with a unit K-stride (the kernels' layout)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
 def w4a8_linear_cuda(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -72,42 +100,60 @@ def w4a8_linear_cuda(
 
     Also runs on CPU tensors under TRITON_INTERPRET=1 (that is how the CPU tests exercise this path).
     """
-    from ..kernels.act_quant import ACT_QUANT_FORMATS, MAX_K, act_quant, act_quant_asym
-    from ..kernels.int4_unpack import unpack_int4_to_mma
-    from ..kernels.w4a8_gemm import SPLIT_CHUNK, supports, w4a8_gemm
+    from ..kernels.act_quant import act_quant, act_quant_asym
+    from ..kernels.w4a8_gemm import SPLIT_CHUNK, w4a8_gemm
 
-    if act_format not in (*ACT_QUANT_FORMATS, "uint8_msfp") or x.dtype not in _X_DTYPES:
+    if x.dtype not in _X_DTYPES or _kernel_problem(x, qweight, wscale, group_size, act_format, x.dtype):
         return None
-    if act_format == "fp8_e4m3" and x.is_cuda and not _has_fp8_mma(x.device.index or 0):
-        return None
-    k = x.shape[-1]
-    if k > MAX_K or qweight.stride(-1) != 1 or wscale.stride(-1) != 1:
-        return None
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    n = qweight.shape[0]
-    # supports() reads only shapes/dtypes; check with an empty stand-in before any kernel launch.
-    code_dtype = {"fp8_e4m3": torch.float8_e4m3fn, "int8": torch.int8, "uint8_msfp": torch.uint8}[act_format]
-    probe = torch.empty((0, k), dtype=code_dtype, device=x.device)
-    if supports(probe, qweight, wscale, group_size, x.dtype) is not None:
-        return None
-    # The split code layout lets the GEMM pair half-tiles of codes with the weight nibbles (no join, weights stay in
-    # registers); it needs whole 128-column chunks inside every weight group.
-    group = k if group_size == 0 else group_size
-    chunk = SPLIT_CHUNK if group % SPLIT_CHUNK == 0 else 0
+    k, n = x.shape[-1], qweight.shape[0]
+    x2 = _rows(x)
     if act_format == "uint8_msfp":
         codes, scale, zero = act_quant_asym(x2)
         wsum = weight_row_sums(qweight, wscale, group_size)
         out = w4a8_gemm(codes, scale, qweight, wscale, bias, group_size, x.dtype, a_zero=zero, wsum=wsum)
-    elif _use_pre_unpack(x2.shape[0], k, group == k, act_format) and qweight.is_contiguous():
-        codes, scale = act_quant(x2, act_format)
+        return out.reshape(*x.shape[:-1], n)
+    pre_unpack = _use_pre_unpack(x2.shape[0], k, group_size in (0, k), act_format) and qweight.is_contiguous()
+    # The split code layout lets the register-unpack GEMM pair half-tiles of codes with the weight nibbles (no join,
+    # weights stay in registers); it needs whole 128-column chunks inside every weight group.
+    group = k if group_size == 0 else group_size
+    chunk = SPLIT_CHUNK if not pre_unpack and group % SPLIT_CHUNK == 0 else 0
+    codes, scale = act_quant(x2, act_format, chunk=chunk)
+    return _gemm(codes, scale, qweight, wscale, bias, group_size, act_format, x.dtype, pre_unpack, chunk).reshape(
+        *x.shape[:-1], n)
+
+
+def w4a8_gemm_cuda(
+    codes: torch.Tensor,
+    act_scale: torch.Tensor,
+    qweight: torch.Tensor,
+    wscale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    group_size: int,
+    out_dtype: torch.dtype,
+) -> Optional[torch.Tensor]:
+    """``qsparse::w4a8_gemm`` (activations quantized in the graph) via the Triton GEMM, or None if not covered.
+
+    The codes come in the natural layout, so the register-unpack path runs without the split layout (the
+    pre-unpacked path, the one per-channel weights take at video token counts, does not use it anyway)."""
+    act_format = {torch.float8_e4m3fn: "fp8_e4m3", torch.int8: "int8"}.get(codes.dtype)
+    if act_format is None or _kernel_problem(codes, qweight, wscale, group_size, act_format, out_dtype):
+        return None
+    k, n = codes.shape[-1], qweight.shape[0]
+    codes2 = _rows(codes)
+    pre_unpack = _use_pre_unpack(codes2.shape[0], k, group_size in (0, k), act_format) and qweight.is_contiguous()
+    scale = act_scale.reshape(-1).contiguous()
+    return _gemm(codes2, scale, qweight, wscale, bias, group_size, act_format, out_dtype, pre_unpack, 0).reshape(
+        *codes.shape[:-1], n)
+
+
+def _gemm(codes, scale, qweight, wscale, bias, group_size, act_format, out_dtype, pre_unpack: bool, chunk: int):
+    from ..kernels.int4_unpack import unpack_int4_to_mma
+    from ..kernels.w4a8_gemm import w4a8_gemm
+
+    if pre_unpack:
         w8 = unpack_int4_to_mma(qweight, act_format)
-        out = w4a8_gemm(codes, scale, qweight, wscale, bias, group_size, x.dtype, w_unpacked=w8)
-    else:
-        codes, scale = act_quant(x2, act_format, chunk=chunk)
-        out = w4a8_gemm(codes, scale, qweight, wscale, bias, group_size, x.dtype, a_chunk=chunk)
-    return out.reshape(*x.shape[:-1], n)
+        return w4a8_gemm(codes, scale, qweight, wscale, bias, group_size, out_dtype, w_unpacked=w8)
+    return w4a8_gemm(codes, scale, qweight, wscale, bias, group_size, out_dtype, a_chunk=chunk)
 
 
 def register() -> bool:
@@ -118,7 +164,8 @@ def register() -> bool:
         import triton  # noqa: F401
     except ImportError:
         return False
-    register_cuda_impl(w4a8_linear_cuda)
+    register_cuda_impl("w4a8_linear", w4a8_linear_cuda)
+    register_cuda_impl("w4a8_gemm", w4a8_gemm_cuda)
     return True
 
 

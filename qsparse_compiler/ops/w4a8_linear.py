@@ -1,9 +1,15 @@
-"""``qsparse::w4a8_linear`` — y = A8(x) @ W4ᵀ + bias.
+"""``qsparse::w4a8_linear`` — y = A8(x) @ W4ᵀ + bias — and its GEMM half ``qsparse::w4a8_gemm``.
 
-Schema (what the passes emit, and what every backend kernel must implement):
+Schemas (what the passes emit, and what every backend kernel must implement):
 
     w4a8_linear(x: (..., K) bf16/fp16/fp32, qweight: (N, K//2) uint8, wscale: (N, K//G),
                 bias: (N,) or None, group_size: int (0 = per channel), act_format: str) -> (..., N), dtype of x
+    w4a8_gemm(codes: (..., K) float8_e4m3fn/int8, act_scale: (..., 1) fp32, qweight, wscale, bias, group_size,
+              out_dtype) -> (..., N) = (codes * act_scale) @ W4ᵀ + bias
+
+``w4a8_gemm`` takes activations already quantized by ``quantization.quantize_activation_symmetric``: the pass emits
+that quantization as ordinary graph ops so Inductor fuses it into whatever produced x (a norm, the modulation, a
+GELU, a residual add) instead of running a separate pass over the activation (``QuantConfig.act_quant_in_graph``).
 
 The default implementation (CPU and any device without a kernel) is the plain-torch reference: quantize x
 per token in ``act_format``, dequantize both operands exactly and multiply in fp32. A CUDA kernel registers
@@ -19,7 +25,18 @@ import torch
 
 from .quantization import dequantize_activation, dequantize_weight_int4, quantize_activation
 
-__all__ = ["w4a8_linear", "w4a8_linear_reference", "register_cuda_impl"]
+__all__ = ["w4a8_linear", "w4a8_linear_reference", "w4a8_gemm", "w4a8_gemm_reference", "register_cuda_impl"]
+
+
+def _dequantized_matmul(
+    x_hat: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor, bias: Optional[torch.Tensor], group_size: int,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    w_hat = dequantize_weight_int4(qweight, wscale, group_size).to(x_hat.device)
+    out = x_hat @ w_hat.t()
+    if bias is not None:
+        out = out + bias.to(torch.float32)
+    return out.to(out_dtype)
 
 
 def w4a8_linear_reference(
@@ -31,21 +48,31 @@ def w4a8_linear_reference(
     act_format: str,
 ) -> torch.Tensor:
     codes, scale, zero = quantize_activation(x, act_format)
-    x_hat = dequantize_activation(codes, scale, zero)
-    w_hat = dequantize_weight_int4(qweight, wscale, group_size).to(x.device)
-    out = x_hat @ w_hat.t()
-    if bias is not None:
-        out = out + bias.to(torch.float32)
-    return out.to(x.dtype)
+    return _dequantized_matmul(dequantize_activation(codes, scale, zero), qweight, wscale, bias, group_size, x.dtype)
+
+
+def w4a8_gemm_reference(
+    codes: torch.Tensor,
+    act_scale: torch.Tensor,
+    qweight: torch.Tensor,
+    wscale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    group_size: int,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    return _dequantized_matmul(dequantize_activation(codes, act_scale, None), qweight, wscale, bias, group_size, out_dtype)
 
 
 # A CUDA implementation returns None for a shape or dtype it does not support.
 _CudaImpl = Callable[..., Optional[torch.Tensor]]
-_cuda_impl: list[_CudaImpl] = []
+_cuda_impls: dict[str, _CudaImpl] = {}
 
 
-def register_cuda_impl(fn: _CudaImpl) -> None:
-    _cuda_impl[:] = [fn]
+def register_cuda_impl(op: str, fn: _CudaImpl) -> None:
+    """Install ``fn`` as the CUDA implementation of ``qsparse::<op>`` ("w4a8_linear" or "w4a8_gemm")."""
+    if op not in ("w4a8_linear", "w4a8_gemm"):
+        raise ValueError(f"qsparse_compiler.ops.w4a8_linear: no op {op!r}; expected 'w4a8_linear' or 'w4a8_gemm'")
+    _cuda_impls[op] = fn
 
 
 @torch.library.custom_op("qsparse::w4a8_linear", mutates_args=())
@@ -57,9 +84,10 @@ def w4a8_linear(
     group_size: int,
     act_format: str,
 ) -> torch.Tensor:
-    _check(x, qweight, wscale, bias, group_size)
-    if x.is_cuda and _cuda_impl:
-        out = _cuda_impl[0](x, qweight, wscale, bias, group_size, act_format)
+    _check("w4a8_linear", x, qweight, wscale, bias, group_size)
+    impl = _cuda_impls.get("w4a8_linear") if x.is_cuda else None
+    if impl is not None:
+        out = impl(x, qweight, wscale, bias, group_size, act_format)
         if out is not None:
             return out
     return w4a8_linear_reference(x, qweight, wscale, bias, group_size, act_format)
@@ -67,17 +95,55 @@ def w4a8_linear(
 
 @w4a8_linear.register_fake
 def _(x, qweight, wscale, bias, group_size, act_format):
-    _check(x, qweight, wscale, bias, group_size)
+    _check("w4a8_linear", x, qweight, wscale, bias, group_size)
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
-def _check(x, qweight, wscale, bias, group_size) -> None:
+_CODE_DTYPES = (torch.float8_e4m3fn, torch.int8)
+
+
+@torch.library.custom_op("qsparse::w4a8_gemm", mutates_args=())
+def w4a8_gemm(
+    codes: torch.Tensor,
+    act_scale: torch.Tensor,
+    qweight: torch.Tensor,
+    wscale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    group_size: int,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    _check_codes(codes, act_scale, qweight, wscale, bias, group_size)
+    impl = _cuda_impls.get("w4a8_gemm") if codes.is_cuda else None
+    if impl is not None:
+        out = impl(codes, act_scale, qweight, wscale, bias, group_size, out_dtype)
+        if out is not None:
+            return out
+    return w4a8_gemm_reference(codes, act_scale, qweight, wscale, bias, group_size, out_dtype)
+
+
+@w4a8_gemm.register_fake
+def _(codes, act_scale, qweight, wscale, bias, group_size, out_dtype):
+    _check_codes(codes, act_scale, qweight, wscale, bias, group_size)
+    return codes.new_empty((*codes.shape[:-1], qweight.shape[0]), dtype=out_dtype)
+
+
+def _check_codes(codes, act_scale, qweight, wscale, bias, group_size) -> None:
+    _check("w4a8_gemm", codes, qweight, wscale, bias, group_size)
+    if codes.dtype not in _CODE_DTYPES or act_scale.dtype != torch.float32 or act_scale.shape != (*codes.shape[:-1], 1):
+        raise ValueError(
+            f"qsparse::w4a8_gemm: codes must be float8_e4m3fn or int8 (got {codes.dtype}, shape {tuple(codes.shape)}) "
+            f"and act_scale fp32 of shape {(*codes.shape[:-1], 1)} (got {act_scale.dtype} {tuple(act_scale.shape)}); "
+            "make them with ops.quantization.quantize_activation_symmetric"
+        )
+
+
+def _check(op: str, x, qweight, wscale, bias, group_size) -> None:
     n, half_k = qweight.shape
     k = x.shape[-1]
     groups = 1 if group_size == 0 else k // group_size
     if k != 2 * half_k or wscale.shape != (n, groups) or (bias is not None and bias.shape != (n,)):
         raise ValueError(
-            "qsparse::w4a8_linear: inconsistent shapes x=(..., %s), qweight=%s, wscale=%s, bias=%s, group_size=%s; "
+            "qsparse::%s: inconsistent shapes x=(..., %s), qweight=%s, wscale=%s, bias=%s, group_size=%s; "
             "qweight must be (N, K//2) and wscale (N, K//group_size)"
-            % (k, tuple(qweight.shape), tuple(wscale.shape), None if bias is None else tuple(bias.shape), group_size)
+            % (op, k, tuple(qweight.shape), tuple(wscale.shape), None if bias is None else tuple(bias.shape), group_size)
         )

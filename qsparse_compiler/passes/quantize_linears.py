@@ -1,7 +1,10 @@
 """Rewrite block linears into ``qsparse::w4a8_linear``.
 
     pattern:      y = linear(x, W, b)                         W a parameter placeholder, x (..., tokens, K)
-    replacement:  y = qsparse.w4a8_linear(x, Wq, Ws, b, G, act_format)
+    replacement:  codes, s = quantize_activation_symmetric(x, act_format)      (plain torch ops: Inductor fuses
+                  y = qsparse.w4a8_gemm(codes, s, Wq, Ws, b, G, x.dtype)         them into x's producer)
+    or, with QuantConfig.act_quant_in_graph=False or act_format "uint8_msfp":
+                  y = qsparse.w4a8_linear(x, Wq, Ws, b, G, act_format)
 
 ``Wq``/``Ws`` (packed int4 codes and scales) become new graph inputs; the backend's runtime wrapper supplies them per
 call from the packed-weight store (see runtime/weights.py for why they are not constants). Checks, each reported
@@ -12,21 +15,23 @@ and too small to matter for speed), dtypes are bf16/fp16/fp32, K divides into gr
 
 from __future__ import annotations
 
+import operator
 import re
 
 import torch
 import torch.fx as fx
 
-from ..ops.quantization import effective_group_size
+from ..ops.quantization import effective_group_size, quantize_activation_symmetric
 from ..runtime.weights import default_store
 from .find_sites import LinearSite
 from .graph_utils import fake_value, node_arg, placeholder_index, source_fqn
 from .pass_manager import PackedWeightSlot, PassContext, count_rewrite
-from .rewrite_utils import add_placeholder, autograd_reason, call_op_like
+from .rewrite_utils import add_placeholder, autograd_reason, call_op, call_op_like
 
 __all__ = ["QuantizeLinears"]
 
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+SYMMETRIC_ACT_FORMATS = ("fp8_e4m3", "int8")
 
 
 class QuantizeLinears:
@@ -62,10 +67,20 @@ class QuantizeLinears:
             ctx.packed_weight_slots.append(slot)
             ctx.extra_example_inputs += [packed.qweight, packed.scale]
             x, bias = node_arg(site.node, 0, "input"), node_arg(site.node, 2, "bias")
-            call_op_like(
-                gm, site.node, torch.ops.qsparse.w4a8_linear.default,
-                (x, qweight, scale, bias, group_size, act_format),
-            )
+            if cfg.act_quant_in_graph and act_format in SYMMETRIC_ACT_FORMATS:
+                quantized = call_op(gm, site.node, quantize_activation_symmetric, (x, act_format), site.node)
+                codes = call_op(gm, site.node, operator.getitem, (quantized, 0), site.node)
+                act_scale = call_op(gm, site.node, operator.getitem, (quantized, 1), site.node)
+                call_op_like(
+                    gm, site.node, torch.ops.qsparse.w4a8_gemm.default,
+                    (codes, act_scale, qweight, scale, bias, group_size, fake_value(x).dtype),
+                )
+                count_rewrite(ctx, "act_quant_in_graph")
+            else:
+                call_op_like(
+                    gm, site.node, torch.ops.qsparse.w4a8_linear.default,
+                    (x, qweight, scale, bias, group_size, act_format),
+                )
             quantized_params[site.weight] = packed.nbytes
             n, k = packed.shape
             ctx.report.add(site.fqn, "linear", "w4a8_linear", "", shape=f"{k}->{n}",

@@ -86,5 +86,23 @@ def test_dump_dir_and_report(tmp_path):
         "00_dynamo_input.py", "01_after_find_sites.py", "02_after_quantize_linears.py",
         "03_after_sparsify_attention.py", "04_after_insert_residual_cache.py", "report.json",
     ]
-    assert "qsparse.w4a8_linear" in (folder / "02_after_quantize_linears.py").read_text()
+    quantized = (folder / "02_after_quantize_linears.py").read_text()
+    # Activation quantization in the graph (for Inductor to fuse) feeding the GEMM op.
+    assert "quantize_activation_symmetric" in quantized and "qsparse.w4a8_gemm" in quantized
     assert "qsparse.sparse_attention" in (folder / "03_after_sparsify_attention.py").read_text()
+
+
+@pytest.mark.parametrize("act_format", ["fp8_e4m3", "int8"])
+def test_activation_quant_in_graph_matches_the_one_op_form(act_format):
+    """The default emits the activation quantization as graph ops (Inductor fuses them into the producer) before
+    qsparse::w4a8_gemm; act_quant_in_graph=False keeps qsparse::w4a8_linear. Both compute the same quantized math."""
+    tiny = tiny_wan(num_layers=1)
+    inputs = tiny.make_inputs()
+    quant = {**TEST_OPTIONS["quant"], "act_format": act_format}
+    fused = _compile_and_run(tiny, {**TEST_OPTIONS, "quant": quant}, inputs)
+    assert counters["qsparse"]["act_quant_in_graph"] == tiny.block_linears
+    one_op = _compile_and_run(tiny, {**TEST_OPTIONS, "quant": {**quant, "act_quant_in_graph": False}}, inputs)
+    assert counters["qsparse"]["act_quant_in_graph"] == 0
+    assert counters["qsparse"]["w4a8_linear"] == tiny.block_linears
+    # Inductor may round a code differently from eager (division vs. fused multiply) - a code step at most.
+    assert relative_error(fused, one_op) < 5e-3, relative_error(fused, one_op)

@@ -12,6 +12,7 @@ from qsparse_compiler.ops.quantization import (
     dequantize_weight_int4,
     pack_int4,
     quantize_activation,
+    quantize_activation_symmetric,
     quantize_weight_int4,
     unpack_int4,
 )
@@ -84,6 +85,33 @@ def test_w4a8_linear_rejects_inconsistent_shapes():
     packed = quantize_weight_int4(torch.randn(32, 64), 32)
     with pytest.raises(ValueError, match="qweight must be"):
         torch.ops.qsparse.w4a8_linear(torch.randn(3, 128), packed.qweight, packed.scale, None, 32, "int8")
+
+
+@pytest.mark.parametrize("act_format", ["fp8_e4m3", "int8"])
+def test_w4a8_gemm_on_graph_codes_equals_w4a8_linear(act_format):
+    x = torch.randn(2, 5, 128, dtype=torch.bfloat16)
+    packed, bias = quantize_weight_int4(torch.randn(96, 128), 0), torch.randn(96)
+    codes, scale = quantize_activation_symmetric(x, act_format)
+    out = torch.ops.qsparse.w4a8_gemm(codes, scale, packed.qweight, packed.scale, bias, 0, torch.bfloat16)
+    one_op = torch.ops.qsparse.w4a8_linear(x, packed.qweight, packed.scale, bias, 0, act_format)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, one_op)
+
+
+def test_w4a8_gemm_rejects_unquantized_input_and_asymmetric_format():
+    packed = quantize_weight_int4(torch.randn(32, 64), 32)
+    x = torch.randn(3, 64)
+    with pytest.raises(ValueError, match="quantize_activation_symmetric"):
+        torch.ops.qsparse.w4a8_gemm(x, torch.ones(3, 1), packed.qweight, packed.scale, None, 32, torch.float32)
+    with pytest.raises(ValueError, match="uint8_msfp needs its zero point"):
+        quantize_activation_symmetric(x, "uint8_msfp")
+
+
+def test_opcheck_w4a8_gemm():
+    packed = quantize_weight_int4(torch.randn(32, 64), 32)
+    codes, scale = quantize_activation_symmetric(torch.randn(3, 4, 64), "int8")
+    torch.library.opcheck(
+        torch.ops.qsparse.w4a8_gemm.default, (codes, scale, packed.qweight, packed.scale, torch.randn(32), 32, torch.float32)
+    )
 
 
 def test_opcheck_w4a8_linear():
