@@ -8,6 +8,9 @@ Formats (the math of ``qsparse_compiler.ops.quantization.quantize_activation``, 
     uint8_msfp (``act_quant_asym``) codes torch.uint8 = round((x - min) / scale), scale = (max - min) / 255, plus the
               per-row zero (the minimum): for (near) non-negative inputs such as GELU outputs
 
+``activation="gelu_tanh"`` applies GELU (tanh form) to x in fp32 right after the load, so a linear fed by a GELU
+(a DiT's FFN down-projection) quantizes the GEMM's pre-activation output directly: the GELU costs no pass of its own.
+
 One program owns ROWS whole rows: the row is loaded into registers once, reduced to its amax and written back as
 codes, so the activation is read exactly once and the codes written once (the memory-bound floor: 3 bytes moved
 per element for a bf16 input). The whole-row tile is BLOCK_K = next_pow2(K) wide (masked past K), which fits the
@@ -28,12 +31,13 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["act_quant", "act_quant_asym", "ACT_QUANT_FORMATS", "MAX_K"]
+__all__ = ["act_quant", "act_quant_asym", "ACT_QUANT_FORMATS", "ACTIVATIONS", "MAX_K"]
 
 ACT_QUANT_FORMATS = ("fp8_e4m3", "int8")
 _QMAX = {"fp8_e4m3": 448.0, "int8": 127.0}
 _CODE_DTYPE = {"fp8_e4m3": torch.float8_e4m3fn, "int8": torch.int8}
 _AMAX_EPS = 1e-12  # same as ops/quantization.py: a row of zeros gets a tiny scale, not a division by zero
+ACTIVATIONS = ("none", "gelu_tanh")  # applied to x before quantization (the kernel's PRE_GELU)
 MAX_K = 32768  # whole row in registers; beyond this the tile would spill (no DiT has K > 13,824)
 
 
@@ -55,6 +59,13 @@ def _round_to_e4m3_grid(v):
 
 
 @triton.jit
+def _gelu_tanh(x):
+    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), with tanh(u) = 2 sigmoid(2u) - 1 (no libdevice)."""
+    u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+    return x * tl.sigmoid(2.0 * u)
+
+
+@triton.jit
 def _act_quant_kernel(
     x_ptr,
     q_ptr,
@@ -71,6 +82,7 @@ def _act_quant_kernel(
     EPS: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PRE_GELU: tl.constexpr = False,
 ):
     tl.static_assert(BLOCK_K >= 16, "act_quant: BLOCK_K must be >= 16")
     tl.static_assert((BLOCK_K & (BLOCK_K - 1)) == 0, "act_quant: BLOCK_K must be a power of two")
@@ -82,6 +94,8 @@ def _act_quant_kernel(
     # 64-bit row offsets: M * K exceeds 2**31 at 10^5 tokens x 13,824 features.
     x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
     x = x.to(tl.float32)
+    if PRE_GELU:
+        x = _gelu_tanh(x)  # gelu(0) = 0: masked lanes stay neutral for the max / min below
     if ASYM:
         # MSFP: codes 0..QMAX span [row min, row max]; masked lanes must not win the min/max.
         low = tl.min(tl.where(mask, x, float("inf")), axis=1)
@@ -129,6 +143,7 @@ def act_quant(
     out: torch.Tensor | None = None,
     scale_out: torch.Tensor | None = None,
     chunk: int = 0,
+    activation: str = "none",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize a 2-D activation (M, K) per row: returns codes (M, K) and fp32 scales (M,).
 
@@ -136,8 +151,10 @@ def act_quant(
     the W4A8 GEMM pairs with the low / high weight nibbles (``w4a8_gemm(..., a_chunk=chunk)``).
 
     ``x`` must have a contiguous last dimension (any row stride); bf16, fp16 and fp32 inputs are accepted.
-    ``out`` / ``scale_out`` may be given to write into preallocated buffers.
+    ``out`` / ``scale_out`` may be given to write into preallocated buffers. ``activation`` (``ACTIVATIONS``) is
+    applied to x first.
     """
+    _check_activation(activation)
     if act_format not in _QMAX:
         raise ValueError(
             f"qsparse_compiler.kernels.act_quant: act_format={act_format!r} is not supported; "
@@ -177,14 +194,21 @@ def act_quant(
         EPS=_AMAX_EPS,
         ROWS=rows,
         BLOCK_K=block_k,
+        PRE_GELU=activation == "gelu_tanh",
         num_warps=num_warps,
     )
     return codes, scale
 
 
-def act_quant_asym(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _check_activation(activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"qsparse_compiler.kernels.act_quant: activation={activation!r}; use one of {ACTIVATIONS}")
+
+
+def act_quant_asym(x: torch.Tensor, activation: str = "none") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The "uint8_msfp" format: codes (M, K) uint8 = round((x - low) / scale), scale = (max - min) / 255 and
     zero = low = the row minimum (both fp32 (M,)), so x ~= codes * scale + zero. Same one-pass kernel."""
+    _check_activation(activation)
     if x.ndim != 2 or x.stride(-1) != 1 or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(
             f"qsparse_compiler.kernels.act_quant: need a 2-D (M, K) bf16/fp16/fp32 tensor with unit K-stride, got "
@@ -201,6 +225,7 @@ def act_quant_asym(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     block_k, rows, num_warps = _launch_shape(k)
     _act_quant_kernel[(triton.cdiv(m, rows),)](
         x, codes, scale, zero, m, k, x.stride(0), codes.stride(0),
-        QMAX=255.0, IS_FP8=False, ASYM=True, CHUNK=0, EPS=_AMAX_EPS, ROWS=rows, BLOCK_K=block_k, num_warps=num_warps,
+        QMAX=255.0, IS_FP8=False, ASYM=True, CHUNK=0, EPS=_AMAX_EPS, ROWS=rows, BLOCK_K=block_k,
+        PRE_GELU=activation == "gelu_tanh", num_warps=num_warps,
     )
     return codes, scale, zero

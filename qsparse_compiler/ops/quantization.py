@@ -28,6 +28,8 @@ __all__ = [
     "dequantize_weight_int4",
     "quantize_activation",
     "quantize_activation_symmetric",
+    "apply_activation",
+    "ACTIVATIONS",
     "dequantize_activation",
     "effective_group_size",
 ]
@@ -109,6 +111,19 @@ def dequantize_weight_int4(qweight: torch.Tensor, scale: torch.Tensor, group_siz
     n, k = codes.shape
     group = effective_group_size(k, group_size)
     return (codes.reshape(n, k // group, group) * scale.to(torch.float32).reshape(n, k // group, 1)).reshape(n, k)
+
+
+ACTIVATIONS = ("none", "gelu_tanh")
+
+
+def apply_activation(x: torch.Tensor, activation: str) -> torch.Tensor:
+    """The elementwise function a W4A8 linear applies to its input before quantizing it, in fp32 ("gelu_tanh":
+    a DiT FFN's GELU folded into the down-projection, see ``qsparse::w4a8_linear``)."""
+    if activation == "none":
+        return x
+    if activation == "gelu_tanh":
+        return torch.nn.functional.gelu(x.to(torch.float32), approximate="tanh")
+    raise ValueError(f"qsparse_compiler.ops.quantization: activation={activation!r}; use one of {ACTIVATIONS}")
 
 
 def quantize_activation(x: torch.Tensor, act_format: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

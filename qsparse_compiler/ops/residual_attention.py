@@ -14,6 +14,9 @@ A refresh step computes dense attention, R = O_dense - O_sparse, and for order 2
 dR = (R - R_prev) / (steps + 1) between two refreshes; it stores R (and dR) and returns O_dense. A reuse step returns
 O_sparse + R + steps * dR (order 1: O_sparse + R). ``cache_mode`` 1 always refreshes, 2 always reuses, 0 follows the
 ``refresh`` flag that the runtime supplies per call (a host-side branch: no device read).
+
+On CUDA a full-rank cache takes one fused pass per step (kernels/residual_cache_step.py); the plain-torch code
+below is the reference it is tested against and serves CPU and low-rank caches.
 """
 
 from __future__ import annotations
@@ -22,6 +25,11 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+try:
+    from ..kernels.residual_cache_step import MAX_HEAD_DIM, residual_cache_step
+except ImportError:  # no triton on this machine: the reference serves every call
+    residual_cache_step = None  # type: ignore[assignment]
 
 __all__ = ["residual_attention", "MODE_AUTO", "MODE_REFRESH", "MODE_REUSE"]
 
@@ -66,6 +74,15 @@ def residual_attention(
 ) -> torch.Tensor:
     steps = state[-1]
     do_refresh = cache_mode == MODE_REFRESH or (cache_mode == MODE_AUTO and refresh is not None and bool(refresh))
+    fused = residual_cache_step is not None and o_sparse.is_cuda and len(state) == 3 and o_sparse.shape[-1] <= MAX_HEAD_DIM
+    if fused:
+        dense = F.scaled_dot_product_attention(q, k, v, attn_mask=key_padding_mask, scale=scale) if do_refresh else None
+        out = residual_cache_step(o_sparse, state[0], state[1], steps, order, dense)
+        if do_refresh:
+            steps.zero_()
+        else:
+            steps.add_(1)
+        return out
     if do_refresh:
         dense = F.scaled_dot_product_attention(q, k, v, attn_mask=key_padding_mask, scale=scale)
         new_residual = dense.to(torch.float32) - o_sparse.to(torch.float32)

@@ -95,8 +95,10 @@ def w4a8_linear_cuda(
     bias: Optional[torch.Tensor],
     group_size: int,
     act_format: str,
+    activation: str = "none",
 ) -> Optional[torch.Tensor]:
-    """y = A8(x) @ W4^T + bias via the Triton kernels, or None if this problem is not covered (see module doc).
+    """y = A8(activation(x)) @ W4^T + bias via the Triton kernels, or None if this problem is not covered (see
+    module doc); the activation runs inside the quantization kernel.
 
     Also runs on CPU tensors under TRITON_INTERPRET=1 (that is how the CPU tests exercise this path).
     """
@@ -108,7 +110,7 @@ def w4a8_linear_cuda(
     k, n = x.shape[-1], qweight.shape[0]
     x2 = _rows(x)
     if act_format == "uint8_msfp":
-        codes, scale, zero = act_quant_asym(x2)
+        codes, scale, zero = act_quant_asym(x2, activation)
         wsum = weight_row_sums(qweight, wscale, group_size)
         out = w4a8_gemm(codes, scale, qweight, wscale, bias, group_size, x.dtype, a_zero=zero, wsum=wsum)
         return out.reshape(*x.shape[:-1], n)
@@ -117,7 +119,7 @@ def w4a8_linear_cuda(
     # weights stay in registers); it needs whole 128-column chunks inside every weight group.
     group = k if group_size == 0 else group_size
     chunk = SPLIT_CHUNK if not pre_unpack and group % SPLIT_CHUNK == 0 else 0
-    codes, scale = act_quant(x2, act_format, chunk=chunk)
+    codes, scale = act_quant(x2, act_format, chunk=chunk, activation=activation)
     return _gemm(codes, scale, qweight, wscale, bias, group_size, act_format, x.dtype, pre_unpack, chunk).reshape(
         *x.shape[:-1], n)
 

@@ -3,7 +3,10 @@
 Schemas (what the passes emit, and what every backend kernel must implement):
 
     w4a8_linear(x: (..., K) bf16/fp16/fp32, qweight: (N, K//2) uint8, wscale: (N, K//G),
-                bias: (N,) or None, group_size: int (0 = per channel), act_format: str) -> (..., N), dtype of x
+                bias: (N,) or None, group_size: int (0 = per channel), act_format: str,
+                activation: str = "none") -> (..., N), dtype of x
+                = A8(activation(x)) @ W4ᵀ + bias; activation "gelu_tanh" folds a preceding GELU into the
+                quantization pass (the FFN down-projection: no separate GELU kernel)
     w4a8_gemm(codes: (..., K) float8_e4m3fn/int8, act_scale: (..., 1) fp32, qweight, wscale, bias, group_size,
               out_dtype) -> (..., N) = (codes * act_scale) @ W4ᵀ + bias
 
@@ -23,7 +26,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .quantization import dequantize_activation, dequantize_weight_int4, quantize_activation
+from .quantization import ACTIVATIONS, apply_activation, dequantize_activation, dequantize_weight_int4, quantize_activation
 
 __all__ = ["w4a8_linear", "w4a8_linear_reference", "w4a8_gemm", "w4a8_gemm_reference", "register_cuda_impl"]
 
@@ -46,8 +49,9 @@ def w4a8_linear_reference(
     bias: Optional[torch.Tensor],
     group_size: int,
     act_format: str,
+    activation: str = "none",
 ) -> torch.Tensor:
-    codes, scale, zero = quantize_activation(x, act_format)
+    codes, scale, zero = quantize_activation(apply_activation(x, activation), act_format)
     return _dequantized_matmul(dequantize_activation(codes, scale, zero), qweight, wscale, bias, group_size, x.dtype)
 
 
@@ -83,19 +87,20 @@ def w4a8_linear(
     bias: Optional[torch.Tensor],
     group_size: int,
     act_format: str,
+    activation: str = "none",
 ) -> torch.Tensor:
-    _check("w4a8_linear", x, qweight, wscale, bias, group_size)
+    _check("w4a8_linear", x, qweight, wscale, bias, group_size, activation)
     impl = _cuda_impls.get("w4a8_linear") if x.is_cuda else None
     if impl is not None:
-        out = impl(x, qweight, wscale, bias, group_size, act_format)
+        out = impl(x, qweight, wscale, bias, group_size, act_format, activation)
         if out is not None:
             return out
-    return w4a8_linear_reference(x, qweight, wscale, bias, group_size, act_format)
+    return w4a8_linear_reference(x, qweight, wscale, bias, group_size, act_format, activation)
 
 
 @w4a8_linear.register_fake
-def _(x, qweight, wscale, bias, group_size, act_format):
-    _check("w4a8_linear", x, qweight, wscale, bias, group_size)
+def _(x, qweight, wscale, bias, group_size, act_format, activation="none"):
+    _check("w4a8_linear", x, qweight, wscale, bias, group_size, activation)
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
@@ -137,7 +142,9 @@ def _check_codes(codes, act_scale, qweight, wscale, bias, group_size) -> None:
         )
 
 
-def _check(op: str, x, qweight, wscale, bias, group_size) -> None:
+def _check(op: str, x, qweight, wscale, bias, group_size, activation: str = "none") -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"qsparse::{op}: activation={activation!r}; use one of {ACTIVATIONS}")
     n, half_k = qweight.shape
     k = x.shape[-1]
     groups = 1 if group_size == 0 else k // group_size

@@ -5,6 +5,10 @@
                   y = qsparse.w4a8_gemm(codes, s, Wq, Ws, b, G, x.dtype)         them into x's producer)
     or, with QuantConfig.act_quant_in_graph=False or act_format "uint8_msfp":
                   y = qsparse.w4a8_linear(x, Wq, Ws, b, G, act_format)
+    and for a linear fed only by a tanh GELU (a DiT FFN's down-projection), x = gelu(h):
+                  y = qsparse.w4a8_linear(h, Wq, Ws, b, G, act_format, "gelu_tanh")
+                  (the quantization kernel applies the GELU as it loads h: on the H100 Inductor's fused
+                  GELU + quantization of a 32,760 x 8,960 activation took 1.1 ms, our one-pass kernel ~0.45 ms)
 
 ``Wq``/``Ws`` (packed int4 codes and scales) become new graph inputs; the backend's runtime wrapper supplies them per
 call from the packed-weight store (see runtime/weights.py for why they are not constants). Checks, each reported
@@ -32,6 +36,36 @@ __all__ = ["QuantizeLinears"]
 
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 SYMMETRIC_ACT_FORMATS = ("fp8_e4m3", "int8")
+
+
+_GELU_TARGETS = {torch._C._nn.gelu, torch.nn.functional.gelu}
+_DROPOUT_TARGETS = {torch.nn.functional.dropout, torch.dropout}
+
+
+def _is_identity_dropout(node: fx.Node) -> bool:
+    """diffusers' FeedForward puts an inference-time dropout (p=0 or training=False) between GELU and the linear."""
+    if node.op != "call_function" or node.target not in _DROPOUT_TARGETS:
+        return False
+    p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+    training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
+    return p == 0 or training is False
+
+
+def _tanh_gelu_feeding(x: fx.Node, linear: fx.Node) -> list[fx.Node]:
+    """[gelu, identity dropouts...] if the linear's input is gelu(h, approximate="tanh") (through inference-time
+    dropouts) and nothing else uses those nodes: the GELU can then move into the linear's quantization. Else []."""
+    chain = []
+    node, user = x, linear
+    while isinstance(node, fx.Node) and list(node.users) == [user]:
+        chain.append(node)
+        if _is_identity_dropout(node):
+            node, user = node_arg(node, 0, "input"), node
+            continue
+        approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
+        if node.op == "call_function" and node.target in _GELU_TARGETS and approximate == "tanh":
+            return chain[::-1]
+        break
+    return []
 
 
 class QuantizeLinears:
@@ -67,7 +101,16 @@ class QuantizeLinears:
             ctx.packed_weight_slots.append(slot)
             ctx.extra_example_inputs += [packed.qweight, packed.scale]
             x, bias = node_arg(site.node, 0, "input"), node_arg(site.node, 2, "bias")
-            if cfg.act_quant_in_graph and act_format in SYMMETRIC_ACT_FORMATS:
+            gelu_chain = _tanh_gelu_feeding(x, site.node)
+            if gelu_chain:
+                call_op_like(
+                    gm, site.node, torch.ops.qsparse.w4a8_linear.default,
+                    (node_arg(gelu_chain[0], 0, "input"), qweight, scale, bias, group_size, act_format, "gelu_tanh"),
+                )
+                for dead in reversed(gelu_chain):
+                    gm.graph.erase_node(dead)
+                count_rewrite(ctx, "gelu_into_act_quant")
+            elif cfg.act_quant_in_graph and act_format in SYMMETRIC_ACT_FORMATS:
                 quantized = call_op(gm, site.node, quantize_activation_symmetric, (x, act_format), site.node)
                 codes = call_op(gm, site.node, operator.getitem, (quantized, 0), site.node)
                 act_scale = call_op(gm, site.node, operator.getitem, (quantized, 1), site.node)

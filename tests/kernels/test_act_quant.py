@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from qsparse_compiler.kernels.act_quant import act_quant
-from qsparse_compiler.ops.quantization import quantize_activation
+from qsparse_compiler.ops.quantization import apply_activation, quantize_activation
 
 FORMATS = ("fp8_e4m3", "int8")
 
@@ -128,3 +128,16 @@ def test_chunked_layout_cpu():
     assert torch.equal(split, codes[:, perm])
     with pytest.raises(ValueError, match="chunk"):
         act_quant(x[:, :96].contiguous(), "int8", chunk=64)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gelu_prologue_quantizes_gelu_of_the_input(fmt):
+    """activation="gelu_tanh": the codes of gelu(x) (the FFN down-projection's input), x read once."""
+    x = torch.randn(19, 96) * 3
+    codes, scale = act_quant(x, fmt, activation="gelu_tanh")
+    ref_codes, ref_scale, _ = quantize_activation(apply_activation(x, "gelu_tanh"), fmt)
+    # tanh via sigmoid vs torch's tanh GELU: a few fp32 ulps apart, so a code may sit one step over.
+    torch.testing.assert_close(scale, ref_scale[:, 0], rtol=1e-5, atol=0)
+    assert int(_code_steps(codes, ref_codes).max()) <= 1
+    with pytest.raises(ValueError, match="activation='relu'"):
+        act_quant(x, fmt, activation="relu")

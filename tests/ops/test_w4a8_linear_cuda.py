@@ -72,6 +72,16 @@ def test_gemm_on_graph_quantized_codes_cpu(monkeypatch, fmt, pre_unpack, group_s
     assert sqnr_db(ref, w4a8_linear_reference(x, pw.qweight, pw.scale, bias, group_size, fmt)) > 100
 
 
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8", "uint8_msfp"])
+def test_gelu_folded_into_the_quantization_cpu(fmt):
+    x, pw, bias = make((2, 3, 128), 32, 64)
+    out = w4a8_linear_cuda(x, pw.qweight, pw.scale, bias, 64, fmt, "gelu_tanh")
+    ref = w4a8_linear_reference(x, pw.qweight, pw.scale, bias, 64, fmt, "gelu_tanh")
+    assert sqnr_db(out, ref) > 40  # a code may differ by a step (tanh via sigmoid in the kernel)
+    unfused = w4a8_linear_reference(torch.nn.functional.gelu(x, approximate="tanh"), pw.qweight, pw.scale, bias, 64, fmt)
+    assert sqnr_db(ref, unfused) > 40
+
+
 def test_unsupported_returns_none_cpu():
     x, pw, bias = make((3, 64), 32, 32)
     assert w4a8_linear_cuda(x, pw.qweight, pw.scale, bias, 32, "nf8") is None

@@ -1,0 +1,94 @@
+"""kernels/residual_cache_step.py vs the SSAR formulas in fp32 (the reference of qsparse::residual_attention).
+
+CPU: the kernel under TRITON_INTERPRET=1 (tests/conftest.py) at tiny shapes, including SDPA's (B, S, H, D) memory
+order for o_sparse / dense and a row count that leaves a partial block. GPU (@gpu): a Wan-sized site through the op,
+fused path vs the plain-torch path.
+"""
+
+import pytest
+import torch
+
+from qsparse_compiler.kernels.residual_cache_step import residual_cache_step
+
+
+def _bshd(b, h, s, d, dtype, device="cpu"):
+    """A (B, H, S, D) tensor stored as (B, S, H, D), the layout SDPA returns."""
+    return torch.randn(b, s, h, d, device=device).to(dtype).transpose(1, 2)
+
+
+def _state(shape, dtype, device="cpu"):
+    return torch.randn(shape, device=device).to(dtype), torch.randn(shape, device=device).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("order", [1, 2])
+def test_reuse_step_is_the_estimate(dtype, order):
+    shape = (2, 3, 37, 16)
+    o = _bshd(*shape, dtype)
+    residual, delta = _state(shape, dtype)
+    steps = torch.tensor([3.0])
+    out = residual_cache_step(o, residual, delta, steps, order)
+    expected = o.float() + residual.float() + (3.0 * delta.float() if order == 2 else 0.0)
+    assert out.is_contiguous() and out.dtype == dtype
+    # fp32 math, one rounding to the output dtype (one bf16 step: the interpreter truncates where the GPU rounds).
+    tolerance = 1e-6 if dtype == torch.float32 else 2**-7
+    torch.testing.assert_close(out.float(), expected, rtol=tolerance, atol=1e-6)
+
+
+@pytest.mark.parametrize("steps_before", [-1.0, 0.0, 4.0])
+@pytest.mark.parametrize("order", [1, 2])
+def test_refresh_step_stores_residual_and_its_change(steps_before, order):
+    shape = (1, 2, 45, 32)
+    o, dense = _bshd(*shape, torch.float32), _bshd(*shape, torch.float32)
+    residual, delta = _state(shape, torch.float32)
+    previous, previous_delta = residual.clone(), delta.clone()
+    out = residual_cache_step(o, residual, delta, torch.tensor([steps_before]), order, dense)
+    new_residual = dense - o
+    torch.testing.assert_close(out, dense, rtol=0, atol=0)
+    torch.testing.assert_close(residual, new_residual, rtol=1e-6, atol=1e-6)
+    if order == 1:
+        assert torch.equal(delta, previous_delta)  # order 1 never reads dR
+    elif steps_before < 0:
+        assert torch.count_nonzero(delta) == 0  # first refresh of a generation: no previous residual
+    else:
+        torch.testing.assert_close(delta, (new_residual - previous) / (steps_before + 1), rtol=1e-5, atol=1e-6)
+
+
+def test_rejects_what_it_cannot_do():
+    shape = (1, 2, 8, 16)
+    o = torch.randn(shape)
+    residual, delta = _state(shape, torch.float32)
+    with pytest.raises(ValueError, match="R, dR contiguous"):
+        residual_cache_step(o, residual.transpose(1, 2).contiguous().transpose(1, 2), delta, torch.zeros(1), 2)
+    with pytest.raises(ValueError, match="shape, device"):
+        residual_cache_step(o, residual[..., :8].contiguous(), delta, torch.zeros(1), 2)
+    with pytest.raises(ValueError, match="order must be 1 or 2"):
+        residual_cache_step(o, residual, delta, torch.zeros(1), 3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("order", [1, 2])
+def test_op_fused_path_matches_reference_path_gpu(order):
+    import qsparse_compiler.ops.residual_attention as module
+
+    shape = (1, 12, 4100, 128)
+    q, k, v = (_bshd(*shape, torch.bfloat16, "cuda") for _ in range(3))
+    results = {}
+    for fused in (True, False):
+        kernel = module.residual_cache_step
+        if not fused:
+            module.residual_cache_step = None
+        try:
+            state = [torch.zeros(shape, dtype=torch.bfloat16, device="cuda") for _ in range(2)]
+            state.append(torch.full((1,), -1.0, device="cuda"))
+            outs = []
+            for step, refresh in enumerate((True, False, False, True, False)):
+                o_sparse = torch.randn(shape, device="cuda", dtype=torch.bfloat16) * 0.1 + step
+                outs.append(torch.ops.qsparse.residual_attention(
+                    o_sparse, q, k, v, None, 0.088, state, torch.tensor(refresh), 0, order))
+            results[fused] = outs
+        finally:
+            module.residual_cache_step = kernel
+    for fused_out, reference_out in zip(results[True], results[False]):
+        # The fused pass rounds once (fp32 math); the reference reuse step rounds twice in bf16.
+        torch.testing.assert_close(fused_out.float(), reference_out.float(), rtol=2e-2, atol=2e-2)
