@@ -219,13 +219,15 @@ def run_row(name: str, workload: dict[str, Any], device: str, dtype: torch.dtype
 KERNEL_CATEGORIES: list[tuple[str, str]] = [
     ("w4a8 GEMM", r"_w4a8_gemm_kernel"),
     ("int4 unpack", r"_int4_unpack_kernel"),
-    ("activation quant (standalone)", r"_act_quant_kernel"),
+    ("activation quant kernel (FFN down: + GELU)", r"_act_quant_kernel"),
     ("sparse attention (ours)", r"_block_sparse_attention_fwd"),
+    ("residual cache step", r"_residual_cache_step_kernel"),
     ("layout build", r"_block_scores_kernel"),
     ("flex attention", r"flex_attention|triton_tem_fused"),
+    # Inductor names its kernels after the ops they fuse ("..._w4a8_gemm_7" is a quantization feeding our GEMM).
+    ("Inductor fused (norms, rope, modulation, act quant, GELU)", r"^triton_"),
     ("dense SDPA (cross attn; self attn on refresh)", r"flash|fmha|cudnn|attention"),
     ("fp8 / bf16 GEMM (cuBLAS)", r"gemm|nvjet|sm90_xmma|cutlass|scaled_mm"),
-    ("Inductor fused (norms, rope, modulation, quant, cache)", r"^triton_"),
 ]
 
 

@@ -42,20 +42,13 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from .rounding import round_to_bf16_grid
+
 __all__ = ["block_sparse_attention", "unsupported_reason", "CONFIGS", "keep_config", "SUPPORTED_HEAD_DIMS"]
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 _SUPPORTED_LAYOUT_BLOCKS = (16, 32, 64, 128, 256)
 _LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _round_to_bf16_grid(x):
-    """fp32 -> fp32 holding the nearest-even bf16 value. Interpreter only: its fp32->bf16 cast truncates (Triton
-    3.9), which would bias probabilities and outputs by up to one bf16 ulp; after this rounding the cast is exact."""
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -173,7 +166,7 @@ def _block_sparse_attention_fwd(
             v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=in_bounds[:, None], other=0.0)
         if UPCAST_DOT:
             if v.dtype == tl.bfloat16:
-                p = _round_to_bf16_grid(p)
+                p = round_to_bf16_grid(p)
             acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc)
         else:
             acc = tl.dot(p.to(v.dtype), v, acc)
@@ -182,7 +175,7 @@ def _block_sparse_attention_fwd(
     out = acc / tl.where(attended, l_i, 1.0)[:, None]  # empty rows: acc = 0, so out = 0
     if UPCAST_DOT:
         if Out.dtype.element_ty == tl.bfloat16:
-            out = _round_to_bf16_grid(out)
+            out = round_to_bf16_grid(out)
     o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=offs_m[:, None] < SEQ_Q)
     lse = tl.where(attended, (m_i + tl.math.log2(tl.where(attended, l_i, 1.0))) * 0.6931471805599453, float("-inf"))

@@ -39,7 +39,7 @@ Modes (constexpr switches; measured on the H100 in benchmarks/results/w4a8_notes
     RESCALE     grouped fp8: one accumulator kept in units of the current group's scale instead of a second
                 per-group partial (frees 64-128 registers per thread: 2 CTAs per SM instead of 1).
 
-This module imports nothing from qsparse_compiler (kernels/ rule).
+This module imports nothing from qsparse_compiler outside kernels/ (kernels/ rule).
 """
 
 from __future__ import annotations
@@ -50,6 +50,8 @@ from typing import Any, Iterable
 import torch
 import triton
 import triton.language as tl
+
+from .rounding import round_to_bf16_grid
 
 __all__ = ["w4a8_gemm", "GEMM_CONFIGS", "prune_configs", "m_bucket", "select_unpack_asm"]
 
@@ -169,6 +171,7 @@ def _w4a8_gemm_kernel(
     HAS_ZERO: tl.constexpr,
     A_INT8: tl.constexpr,
     UNPACK_ASM: tl.constexpr,
+    INTERPRET_ROUND_BF16: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
@@ -294,6 +297,8 @@ def _w4a8_gemm_kernel(
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
     mask = m_ok[:, None] & n_ok[None, :]
+    if INTERPRET_ROUND_BF16:
+        acc = round_to_bf16_grid(acc)  # CPU interpreter only: its bf16 cast truncates (kernels/rounding.py)
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
@@ -481,6 +486,7 @@ def w4a8_gemm(
         HAS_ZERO=has_zero,
         A_INT8=a.dtype in (torch.int8, torch.uint8),
         UNPACK_ASM=bool(unpack_asm),
+        INTERPRET_ROUND_BF16=out_dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1",
         A_SPLIT=a_chunk != 0,
         W_UNPACKED=w_unpacked is not None,
         RESCALE=bool(rescale),
