@@ -11,10 +11,11 @@ Formats (the math of ``qsparse_compiler.ops.quantization.quantize_activation``, 
 ``activation="gelu_tanh"`` applies GELU (tanh form) to x in fp32 right after the load, so a linear fed by a GELU
 (a DiT's FFN down-projection) quantizes the GEMM's pre-activation output directly: the GELU costs no pass of its own.
 
-One program owns ROWS whole rows: the row is loaded into registers once, reduced to its amax and written back as
-codes, so the activation is read exactly once and the codes written once (the memory-bound floor: 3 bytes moved
-per element for a bf16 input). The whole-row tile is BLOCK_K = next_pow2(K) wide (masked past K), which fits the
-register file up to K = 16384 with 16 warps (64 fp32 values per thread).
+One program owns ROWS rows. Up to K = 4096 a row is loaded into registers once, reduced to its amax and written back
+as codes, so the activation is read exactly once and the codes written once (the memory-bound floor: 3 bytes moved
+per element for a bf16 input); the tile is BLOCK_K = next_pow2(K) wide (masked past K). Longer rows (a DiT FFN's
+8,960 or 13,824 features) go in TILE_K-column tiles, twice: statistics first, then codes (the second read mostly
+hits L2) - a whole 16K-wide row per program spilled registers and ran at a third of the memory bandwidth.
 
 Rounding: fp8 codes are rounded to the e4m3 grid in fp32 before the (then exact) cast, see
 ``_round_to_e4m3_grid``. Each element is multiplied by the reciprocal of its row's scale (one IEEE division per row,
@@ -67,6 +68,41 @@ def _gelu_tanh(x):
 
 
 @triton.jit
+def _load_tile(x_ptr, rows, row_ok, cols, K, stride_xm, PRE_GELU: tl.constexpr):
+    mask = row_ok[:, None] & (cols < K)[None, :]
+    # 64-bit row offsets: M * K exceeds 2**31 at 10^5 tokens x 13,824 features.
+    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
+    x = x.to(tl.float32)
+    if PRE_GELU:
+        x = _gelu_tanh(x)  # gelu(0) = 0: masked lanes stay neutral for the max / min below
+    return x, mask
+
+
+@triton.jit
+def _store_codes(q_ptr, rows, cols, mask, stride_qm, x, low, inv_scale, QMAX: tl.constexpr, IS_FP8: tl.constexpr,
+                 ASYM: tl.constexpr, CHUNK: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    if ASYM:
+        v = (x - low[:, None]) * inv_scale[:, None]
+        v = (v + 12582912.0) - 12582912.0
+        v = tl.minimum(tl.maximum(v, 0.0), QMAX)
+        codes = v.to(tl.uint8)
+    elif IS_FP8:
+        v = tl.minimum(tl.maximum(x * inv_scale[:, None], -QMAX), QMAX)
+        codes = _round_to_e4m3_grid(v).to(tl.float8e4nv)  # exact cast: v is on the e4m3 grid already
+    else:
+        v = (x * inv_scale[:, None] + 12582912.0) - 12582912.0  # round half to even (see module docstring)
+        v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
+        codes = v.to(tl.int8)
+    if CHUNK > 0:
+        # [even k | odd k] within each CHUNK of columns: the layout w4a8_gemm's A_SPLIT path reads (K % CHUNK == 0,
+        # so the masked tail is whole chunks and the mask needs no permutation).
+        tl.static_assert(BLOCK_K % CHUNK == 0, "act_quant: BLOCK_K must be a multiple of CHUNK")
+        codes = codes.reshape(ROWS, BLOCK_K // CHUNK, CHUNK // 2, 2)
+        codes = tl.permute(codes, (0, 1, 3, 2)).reshape(ROWS, BLOCK_K)
+    tl.store(q_ptr + rows.to(tl.int64)[:, None] * stride_qm + cols[None, :], codes, mask=mask)
+
+
+@triton.jit
 def _act_quant_kernel(
     x_ptr,
     q_ptr,
@@ -83,6 +119,7 @@ def _act_quant_kernel(
     EPS: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    TILES: tl.constexpr = 1,
     PRE_GELU: tl.constexpr = False,
 ):
     tl.static_assert(BLOCK_K >= 16, "act_quant: BLOCK_K must be >= 16")
@@ -91,51 +128,52 @@ def _act_quant_kernel(
     rows = pid * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_K)
     row_ok = rows < M
-    mask = row_ok[:, None] & (cols < K)[None, :]
-    # 64-bit row offsets: M * K exceeds 2**31 at 10^5 tokens x 13,824 features.
-    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
-    x = x.to(tl.float32)
-    if PRE_GELU:
-        x = _gelu_tanh(x)  # gelu(0) = 0: masked lanes stay neutral for the max / min below
-    if ASYM:
-        # MSFP: codes 0..QMAX span [row min, row max]; masked lanes must not win the min/max.
-        low = tl.min(tl.where(mask, x, float("inf")), axis=1)
+    # Row statistics: TILES == 1 keeps the whole row in registers; longer rows take TILES tiles of BLOCK_K columns
+    # twice (statistics, then codes; the second read comes from L2), which keeps registers low enough that several
+    # programs share an SM instead of one spilling one.
+    if TILES == 1:
+        x, mask = _load_tile(x_ptr, rows, row_ok, cols, K, stride_xm, PRE_GELU)
         high = tl.max(tl.where(mask, x, float("-inf")), axis=1)
+        low = tl.min(tl.where(mask, x, float("inf")), axis=1)
+    else:
+        high = tl.full((ROWS,), float("-inf"), tl.float32)
+        low = tl.full((ROWS,), float("inf"), tl.float32)
+        for t in range(TILES):
+            x_t, mask_t = _load_tile(x_ptr, rows, row_ok, t * BLOCK_K + cols, K, stride_xm, PRE_GELU)
+            high = tl.maximum(high, tl.max(tl.where(mask_t, x_t, float("-inf")), axis=1))
+            low = tl.minimum(low, tl.min(tl.where(mask_t, x_t, float("inf")), axis=1))
+    if ASYM:
+        # MSFP: codes 0..QMAX span [row min, row max].
         scale = tl.maximum(high - low, EPS) / QMAX
-        v = (x - low[:, None]) * (1.0 / scale)[:, None]
         tl.store(z_ptr + rows, low, mask=row_ok)
     else:
-        amax = tl.max(tl.abs(x), axis=1)
-        scale = tl.maximum(amax, EPS) / QMAX
-        v = x * (1.0 / scale)[:, None]
-    if ASYM:
-        v = (v + 12582912.0) - 12582912.0
-        v = tl.minimum(tl.maximum(v, 0.0), QMAX)
-        codes = v.to(tl.uint8)
-    elif IS_FP8:
-        v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
-        codes = _round_to_e4m3_grid(v).to(tl.float8e4nv)  # exact cast: v is on the e4m3 grid already
+        scale = tl.maximum(tl.maximum(high, -low), EPS) / QMAX
+    inv_scale = 1.0 / scale
+    if TILES == 1:
+        _store_codes(q_ptr, rows, cols, mask, stride_qm, x, low, inv_scale, QMAX, IS_FP8, ASYM, CHUNK, ROWS, BLOCK_K)
     else:
-        v = (v + 12582912.0) - 12582912.0  # round half to even (see module docstring)
-        v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
-        codes = v.to(tl.int8)
-    if CHUNK > 0:
-        # [even k | odd k] within each CHUNK of columns: the layout w4a8_gemm's A_SPLIT path reads (K % CHUNK == 0,
-        # so the masked tail is whole chunks and the mask needs no permutation).
-        tl.static_assert(BLOCK_K % CHUNK == 0, "act_quant: BLOCK_K must be a multiple of CHUNK")
-        codes = codes.reshape(ROWS, BLOCK_K // CHUNK, CHUNK // 2, 2)
-        codes = tl.permute(codes, (0, 1, 3, 2)).reshape(ROWS, BLOCK_K)
-    tl.store(q_ptr + rows.to(tl.int64)[:, None] * stride_qm + cols[None, :], codes, mask=mask)
+        for t in range(TILES):
+            x_t, mask_t = _load_tile(x_ptr, rows, row_ok, t * BLOCK_K + cols, K, stride_xm, PRE_GELU)
+            _store_codes(q_ptr, rows, t * BLOCK_K + cols, mask_t, stride_qm, x_t, low, inv_scale, QMAX, IS_FP8, ASYM,
+                         CHUNK, ROWS, BLOCK_K)
     tl.store(s_ptr + rows, scale, mask=row_ok)
 
 
-def _launch_shape(k: int) -> tuple[int, int, int]:
-    """(BLOCK_K, ROWS, num_warps): about 8K elements per program; more warps for long rows so each thread
-    holds <= 64 values (no spills) and the loads stay 16 bytes wide."""
+# Rows longer than this are quantized in tiles of TILE_K columns (two passes over the row) instead of whole.
+WHOLE_ROW_MAX_K = 4096
+TILE_K = 1024
+
+
+def _launch_shape(k: int) -> tuple[int, int, int, int]:
+    """(BLOCK_K, ROWS, num_warps, TILES): about 4-8K elements per program and <= 32-64 values per thread (no spills),
+    loads 16 bytes wide. Measured on the H100 (2026-11-25): the whole-row form at K=8,960 (BLOCK_K=16,384, one row,
+    16 warps) took 0.79 ms with the GELU prologue."""
+    if k > WHOLE_ROW_MAX_K:
+        return TILE_K, 4, 8, triton.cdiv(k, TILE_K)
     block_k = max(16, triton.next_power_of_2(k))
     rows = max(1, min(64, 8192 // block_k))
-    num_warps = 4 if block_k * rows <= 4096 else 8 if block_k * rows <= 8192 else 16
-    return block_k, rows, num_warps
+    num_warps = 4 if block_k * rows <= 4096 else 8
+    return block_k, rows, num_warps, 1
 
 
 def act_quant(
@@ -177,7 +215,7 @@ def act_quant(
     scale = scale_out if scale_out is not None else torch.empty((m,), device=x.device, dtype=torch.float32)
     if m == 0:
         return codes, scale
-    block_k, rows, num_warps = _launch_shape(k)
+    block_k, rows, num_warps, tiles = _launch_shape(k)
     grid = (triton.cdiv(m, rows),)
     _act_quant_kernel[grid](
         x,
@@ -195,6 +233,7 @@ def act_quant(
         EPS=_AMAX_EPS,
         ROWS=rows,
         BLOCK_K=block_k,
+        TILES=tiles,
         PRE_GELU=activation == "gelu_tanh",
         num_warps=num_warps,
     )
@@ -223,10 +262,10 @@ def act_quant_asym(x: torch.Tensor, activation: str = "none") -> tuple[torch.Ten
     zero = torch.empty((m,), device=x.device, dtype=torch.float32)
     if m == 0:
         return codes, scale, zero
-    block_k, rows, num_warps = _launch_shape(k)
+    block_k, rows, num_warps, tiles = _launch_shape(k)
     _act_quant_kernel[(triton.cdiv(m, rows),)](
         x, codes, scale, zero, m, k, x.stride(0), codes.stride(0),
-        QMAX=255.0, IS_FP8=False, ASYM=True, CHUNK=0, EPS=_AMAX_EPS, ROWS=rows, BLOCK_K=block_k,
+        QMAX=255.0, IS_FP8=False, ASYM=True, CHUNK=0, EPS=_AMAX_EPS, ROWS=rows, BLOCK_K=block_k, TILES=tiles,
         PRE_GELU=activation == "gelu_tanh", num_warps=num_warps,
     )
     return codes, scale, zero

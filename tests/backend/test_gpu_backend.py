@@ -11,6 +11,8 @@ from qsparse_compiler.testing.models import tiny_wan
 pytestmark = pytest.mark.gpu
 
 OPTIONS = {"quant": {"group_size": 64}, "sparsity": {"density": 0.34, "block_q": 64, "block_kv": 64}}
+# torch.compile takes mode or options, not both: CUDA graphs come as the Inductor patches of "reduce-overhead".
+CUDA_GRAPHS = {"inductor": torch._inductor.list_mode_options("reduce-overhead")}
 
 
 def cuda_wan(layers=2):
@@ -26,7 +28,8 @@ def test_compiled_model_on_cuda(mode):
     tiny, inputs = cuda_wan()
     torch._dynamo.reset()
     counters.clear()
-    compiled = torch.compile(tiny.model, backend="quantsparse", options=OPTIONS, fullgraph=True, mode=mode)
+    options = {**OPTIONS, **(CUDA_GRAPHS if mode == "reduce-overhead" else {})}
+    compiled = torch.compile(tiny.model, backend="quantsparse", options=options, fullgraph=True)
     with torch.no_grad():
         expected = tiny.model(**inputs)[0]
         for _ in range(3):  # warm-up, record, replay under CUDA graphs
@@ -42,8 +45,8 @@ def test_residual_cache_refresh_and_reuse_graphs_under_cuda_graphs():
     runtime = qs.ResidualCacheRuntime()
     cache = {"enabled": True, "refresh_first": 2, "refresh_every": 0, "order": 2}
     graphs = {
-        mode: torch.compile(tiny.model, backend="quantsparse", fullgraph=True, mode="reduce-overhead",
-                            options={**OPTIONS, "quant": {"enabled": False}, "runtime": runtime,
+        mode: torch.compile(tiny.model, backend="quantsparse", fullgraph=True,
+                            options={**OPTIONS, **CUDA_GRAPHS, "quant": {"enabled": False}, "runtime": runtime,
                                      "cache": {**cache, "mode": mode}})
         for mode in ("refresh", "reuse")
     }

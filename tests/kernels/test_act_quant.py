@@ -143,3 +143,23 @@ def test_gelu_prologue_quantizes_gelu_of_the_input(fmt):
     assert int(_code_steps(codes, ref_codes).max()) <= 1
     with pytest.raises(ValueError, match="activation='relu'"):
         act_quant(x, fmt, activation="relu")
+
+
+@pytest.mark.parametrize("fmt", [*FORMATS, "uint8_msfp"])
+@pytest.mark.parametrize("activation", ["none", "gelu_tanh"])
+def test_tiled_long_rows_equal_whole_rows_cpu(monkeypatch, fmt, activation):
+    """Rows longer than WHOLE_ROW_MAX_K go in TILE_K-wide tiles (two passes); same codes as one whole-row pass."""
+    from qsparse_compiler.kernels import act_quant as module
+
+    x = torch.randn(9, 320) * 2
+    x[3, 300] = 40.0  # the amax in the last tile
+    quantize = (lambda t: module.act_quant_asym(t, activation)) if fmt == "uint8_msfp" else (
+        lambda t: module.act_quant(t, fmt, activation=activation, chunk=64 if fmt == "int8" else 0))
+    whole = quantize(x)
+    monkeypatch.setattr(module, "WHOLE_ROW_MAX_K", 64)
+    monkeypatch.setattr(module, "TILE_K", 128)  # 320 = 2.5 tiles: a masked tail tile
+    assert module._launch_shape(320)[3] == 3
+    tiled = quantize(x)
+    for a, b in zip(whole, tiled):
+        assert torch.equal(a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a,
+                           b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b)
