@@ -25,6 +25,7 @@ __all__ = [
     "QuantConfig",
     "SparsityConfig",
     "CacheConfig",
+    "ParallelConfig",
     "QuantSparseConfig",
 ]
 
@@ -204,6 +205,35 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """The context parallelism a compiled graph runs under: diffusers' Ulysses attention (runtime/parallel.py).
+
+    Under Ulysses each rank holds a shard of the sequence; around every parallel attention an all-to-all turns it
+    into a shard of the heads, so the attention sees every token of the video but H / ulysses_degree heads.
+    (Not diffusers' ``ParallelConfig``: ``qs.optimize(pipe, parallel=ContextParallelConfig(...))`` fills this in.)
+
+    ulysses_degree  ranks that share each attention's heads; 1 = no context parallelism.
+    ulysses_rank    this process's rank in the Ulysses group: its attentions hold heads
+                    [rank * H / degree, (rank + 1) * H / degree) of the model, so a per-head pattern (a plan's
+                    ``head_patterns`` or ``sparsity.pattern``) is sliced to those heads; residual caches are
+                    allocated for the local heads only (they follow the graph's shapes).
+    """
+
+    ulysses_degree: int = 1
+    ulysses_rank: int = 0
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.ulysses_degree, int) or self.ulysses_degree < 1:
+            _fail("ParallelConfig", "ulysses_degree", self.ulysses_degree, "must be an int >= 1 (1 = no parallelism)")
+        if not isinstance(self.ulysses_rank, int) or not 0 <= self.ulysses_rank < self.ulysses_degree:
+            _fail("ParallelConfig", "ulysses_rank", self.ulysses_rank,
+                  f"must be an int in [0, ulysses_degree={self.ulysses_degree}): this rank in the Ulysses group")
+        if self.version != 1:
+            _fail("ParallelConfig", "version", self.version, "is not supported by this release (knows version 1)")
+
+
+@dataclass(frozen=True)
 class QuantSparseConfig:
     """Everything the backend needs; built from ``torch.compile(..., options=...)``.
 
@@ -214,6 +244,8 @@ class QuantSparseConfig:
     inductor    config patches handed to Inductor's ``compile_fx`` (e.g. {"triton.cudagraphs": True}).
     runtime     the ``runtime.ResidualCacheRuntime`` that owns this model's residual caches and step counter
                 (``qs.optimize`` makes one per model); None = the process-wide default runtime.
+    parallel    the ``ParallelConfig`` (Ulysses degree and rank) the graph runs under; ``qs.optimize`` sets it for a
+                transformer with diffusers' context parallelism.
     """
 
     quant: QuantConfig = field(default_factory=QuantConfig)
@@ -224,6 +256,7 @@ class QuantSparseConfig:
     report: bool = False
     inductor: Mapping[str, Any] = field(default_factory=dict)
     runtime: Any = None
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -233,6 +266,8 @@ class QuantSparseConfig:
             _fail("QuantSparseConfig", "quant", self.quant, "must be a QuantConfig (use from_options for dicts)")
         if not isinstance(self.sparsity, SparsityConfig):
             _fail("QuantSparseConfig", "sparsity", self.sparsity, "must be a SparsityConfig")
+        if not isinstance(self.parallel, ParallelConfig):
+            _fail("QuantSparseConfig", "parallel", self.parallel, "must be a ParallelConfig")
         for name in ("plan", "dump_dir"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, (str, Path)):
@@ -260,6 +295,7 @@ class QuantSparseConfig:
         options["quant"] = _build(QuantConfig, "quant", options.get("quant"))
         options["sparsity"] = _build(SparsityConfig, "sparsity", options.get("sparsity"))
         options["cache"] = _build(CacheConfig, "cache", options.get("cache"))
+        options["parallel"] = _build(ParallelConfig, "parallel", options.get("parallel"))
         for name in ("plan", "dump_dir"):
             if isinstance(options.get(name), Path):
                 options[name] = str(options[name])

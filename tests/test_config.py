@@ -27,6 +27,8 @@ def test_defaults_and_dict_options():
         ({"plan": "/nonexistent/plan"}, "is not a directory; pass the folder written by `qsparse calibrate"),
         ({"report": "yes"}, "QuantSparseConfig.report='yes' must be True or False"),
         ({"quant": 3}, "quant must be a QuantConfig or a dict"),
+        ({"parallel": {"ulysses_degree": 0}}, "ParallelConfig.ulysses_degree=0 must be an int >= 1"),
+        ({"parallel": {"ulysses_degree": 2, "ulysses_rank": 2}}, r"ParallelConfig.ulysses_rank=2 must be an int in"),
     ],
 )
 def test_bad_options_fail_with_a_clear_message(options, message):

@@ -31,6 +31,12 @@ CAT_TARGETS = {torch.cat, torch.concat, torch.concatenate}
 # L['self']._modules['blocks']._modules['0']._parameters['weight'];  both mean blocks.0.attn1(.weight).
 _PATH_TOKEN = re.compile(r"\['([^']*)'\]|\[(\d+)\]|\.([A-Za-z_]\w*|\d+)")
 _CONTAINER_WORDS = {"__dict__", "_modules", "_parameters", "_buffers"}
+# A module whose forward a diffusers hook wraps (HookRegistry: e.g. the context-parallel split hook on Wan's first
+# block) is reached again through the wrapper: blocks.0.forward.func.__closure__[0].cell_contents.forward.__self__
+# (inside a compiled model; nested hooks repeat the middle), or L['function_reference'].forward.__self__ (the wrapper
+# is the compiled frame: a block compiled on its own). Both detours stand for the module itself.
+_HOOK_DETOUR = re.compile(r"\.forward(?:\.(?:func|__closure__|cell_contents|forward|\d+))*\.__self__(?=\.|$)")
+_ROOTS = ("self", "fn", "mod", "model", "function_reference")
 
 
 def normalize_path(path: str) -> str:
@@ -40,8 +46,9 @@ def normalize_path(path: str) -> str:
         token = next(group for group in match.groups() if group is not None)
         if token not in _CONTAINER_WORDS:
             parts.append(token)
-    # Drop the root: L['self'] (a compiled module) or L['fn'] (a function's closure).
-    if parts and parts[0] in ("self", "fn", "mod", "model") and path.startswith("L["):
+    parts = _HOOK_DETOUR.sub("", ".".join(parts)).split(".")
+    # Drop the root: L['self'] (a compiled module), L['fn'] (a function's closure), a diffusers hook's wrapper.
+    if parts[0] in _ROOTS and path.startswith("L["):
         parts = parts[1:]
     return ".".join(parts)
 

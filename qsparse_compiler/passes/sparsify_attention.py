@@ -6,7 +6,12 @@
 
 Only sites that ``find_sites`` classified as ``self_attention`` or ``joint_attention`` are candidates. Checks, each
 reported when it fails: sparsity enabled, no autograd, no dropout, not causal, no GQA, the mask (if any) is a boolean
-key-padding mask (B|1, 1, 1, S), float dtype, and the sequence spans more than one query block.
+key-padding mask (B|1, 1, 1, S), float dtype, the sequence spans more than one query block, and the pattern spec has
+one entry or one per head.
+
+Context parallelism (``ctx.config.parallel``, diffusers' Ulysses): the attention of rank r of a Ulysses group of W
+sees every token (q is (B, H/W, S, D) after the all-to-all) and heads [r*H/W, (r+1)*H/W) of the model. A per-head
+spec of H entries (a plan's ``head_patterns``) is sliced to those entries; the grid stays the full video grid.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import operator
 import torch
 import torch.fx as fx
 
+from ..config import ParallelConfig
 from .find_sites import AttentionSite
 from .graph_utils import fake_value, node_arg
 from .pass_manager import PassContext, count_rewrite
@@ -62,6 +68,11 @@ class SparsifyAttention:
             if ctx.plan is not None:
                 entry = ctx.plan.attentions[site.fqn]
                 pattern, block_q, block_kv = entry.pattern_spec, entry.block_q, entry.block_kv
+            pattern, heads_note = _local_pattern(pattern, fake_value(q).shape[1], ctx.config.parallel)
+            if pattern is None:
+                ctx.report.add(site.fqn, site.kind, "kept", heads_note)
+                count_rewrite(ctx, "kept_attention")
+                continue
             if grid_values is None:
                 # Emitted once, before the first attention, and shared by every site.
                 with gm.graph.inserting_before(node):
@@ -83,7 +94,7 @@ class SparsifyAttention:
             ctx.report.add(
                 site.fqn, site.kind, "sparse_attention",
                 f"{pattern} @ density {density:g} of the video x video tiles"
-                + ("; text rows/cols dense" if site.kind == "joint_attention" else ""),
+                + ("; text rows/cols dense" if site.kind == "joint_attention" else "") + heads_note,
                 seq_len=str(site.seq_len), video_start=str(site.video_start),
             )
             count_rewrite(ctx, "sparse_attention")
@@ -126,8 +137,28 @@ class SparsifyAttention:
                 return f"no CUDA kernel for this site ({reason})"
         if isinstance(seq_len, int) and seq_len <= block_q:
             return f"S={seq_len} fits in one query block (block_q={block_q}): nothing to skip"
-        if ctx.plan is not None:
-            heads = len(ctx.plan.attentions[site.fqn].head_patterns)
-            if heads not in (1, q.shape[1]):
-                return f"the plan lists {heads} head patterns for {q.shape[1]} heads"
         return ""
+
+
+def _local_pattern(spec: str, heads: int, parallel: ParallelConfig) -> tuple[str | None, str]:
+    """The pattern spec for the ``heads`` heads this attention holds, and a note for the report; (None, why) when the
+    spec does not fit. One entry serves every head; one entry per head of the model is sliced to this Ulysses rank's
+    heads [rank * heads, (rank + 1) * heads)."""
+    entries = spec.split(";")
+    if len(entries) in (1, heads):
+        return spec, ""
+    degree, rank = parallel.ulysses_degree, parallel.ulysses_rank
+    if degree > 1 and len(entries) == heads * degree:
+        first = rank * heads
+        return ";".join(entries[first:first + heads]), (
+            f"; heads {first}..{first + heads - 1} of {len(entries)} (Ulysses rank {rank} of {degree})"
+        )
+    why = f"the pattern lists {len(entries)} head patterns for {heads} heads"
+    if degree == 1 and len(entries) % heads == 0:
+        why += (
+            f" - if the heads are split across {len(entries) // heads} ranks (diffusers context parallelism), compile "
+            "through qs.optimize(...) or pass options['parallel'] = {'ulysses_degree': ..., 'ulysses_rank': ...}"
+        )
+    elif degree > 1:
+        why += f" (Ulysses degree {degree}: expected {heads * degree} entries, {heads} per rank)"
+    return None, why

@@ -3,7 +3,9 @@
 A transformer block compiled on its own (regional compilation: one graph shared by every block of the same
 structure) sees neither the video latents (so not the token grid) nor which block it is. ``qs.optimize`` supplies both:
 - the token grid of the current forward (a forward pre-hook on the transformer sets it from the latents' shape and
-  the patch size), read by ``qsparse::video_block_layout`` when its grid arguments are 0;
+  the patch size), read by ``qsparse::video_block_layout`` when its grid arguments are 0. It is the full grid even
+  under context parallelism: the hook sees the latents before diffusers splits the sequence, and Ulysses attention
+  attends every token (runtime/parallel.py);
 - the fully qualified name of every parameter (``register_parameters``), from which the backend and its runtime
   wrapper learn which block a graph was compiled for and which block each call runs.
 """

@@ -10,6 +10,9 @@ the name of each block reach the shared graph through runtime/context.py. Step t
 ``scheduler.set_timesteps`` (called once at the start of each generation) resets the caches, every
 ``scheduler.step`` advances the step. A transformer called several times in one step (CFG: conditional and
 unconditional passes) keeps one residual per call position.
+
+With diffusers' context parallelism (``parallel=ContextParallelConfig(ulysses_degree=W)``, or a transformer on which
+``enable_parallelism`` was called) each rank compiles its blocks for its own heads: see runtime/parallel.py.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any, Mapping
 import torch
 
 from .context import register_parameters, video_grid
+from .parallel import prepare_context_parallel
 from .residual_cache import ResidualCacheRuntime
 
 __all__ = ["optimize", "runtime_of", "release_dense_weights", "StepSwitchingModel"]
@@ -183,6 +187,7 @@ def optimize(
     fullgraph: bool = True,
     regional: bool | None = None,
     cuda_graphs: bool = False,
+    parallel: Any = None,
 ) -> Any:
     """Compile ``pipe.transformer`` (or a bare transformer) with backend="quantsparse"; returns what it was given.
 
@@ -195,6 +200,10 @@ def optimize(
     cuda_graphs  compile the whole transformer twice with mode="reduce-overhead" - a refresh graph and a reuse
               graph of the residual cache - and pick one per call (StepSwitchingModel). Needs one schedule for
               every site: an explicit ``cache`` dict (it overrides a plan's per-site settings).
+    parallel  a diffusers ``ContextParallelConfig(ulysses_degree=W)``: enable diffusers' context parallelism on the
+              transformer (``enable_parallelism``; torch.distributed must be initialized) and compile this rank's
+              blocks for its heads. A transformer already running under ``enable_parallelism`` is detected without
+              it. Ring attention is refused (runtime/parallel.py).
     """
     transformer = getattr(pipe_or_model, "transformer", pipe_or_model)
     if not isinstance(transformer, torch.nn.Module):
@@ -217,6 +226,9 @@ def optimize(
     blocks = _repeated_blocks(transformer)
     if regional is None:
         regional = not cuda_graphs and bool(blocks) and (plan is None or _plan_is_uniform(str(plan), transformer))
+    shard = prepare_context_parallel(transformer, parallel)
+    if shard is not None:
+        backend_options["parallel"] = shard
     if cuda_graphs:
         compiled = _cuda_graph_model(transformer, backend_options, cache, runtime, fullgraph, mode or "reduce-overhead")
     elif regional:

@@ -29,11 +29,12 @@ class TinyModel:
     video_attentions: int  # self/joint attentions over video tokens (expected sparse rewrites)
 
 
-def tiny_wan(num_layers: int = 2, dtype: torch.dtype = torch.float32) -> TinyModel:
+def tiny_wan(num_layers: int = 2, dtype: torch.dtype = torch.float32, heads: int = 2) -> TinyModel:
+    """``heads`` splits the same 64 channels into more, smaller heads (4 heads of 16 for per-head tests)."""
     from diffusers import WanTransformer3DModel
 
     model = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4,
+        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=64 // heads, in_channels=4, out_channels=4,
         text_dim=32, freq_dim=32, ffn_dim=128, num_layers=num_layers, cross_attn_norm=True,
         qk_norm="rms_norm_across_heads", rope_max_seq_len=64,
     ).eval().to(dtype)

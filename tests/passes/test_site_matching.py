@@ -8,6 +8,7 @@ from torch._dynamo.utils import counters
 
 from qsparse_compiler.config import QuantSparseConfig
 from qsparse_compiler.passes import PassContext, default_passes, run_passes
+from qsparse_compiler.passes.graph_utils import normalize_path
 from qsparse_compiler.passes.report import RewriteReport
 from qsparse_compiler.testing.capture import capture_dynamo_graph
 from qsparse_compiler.testing.models import TEST_OPTIONS, tiny_cogvideox, tiny_hunyuan, tiny_wan
@@ -128,6 +129,30 @@ def test_wan_cross_attention_and_head_are_not_rewritten():
     assert sites["condition_embedder.time_proj"].action == "kept"
     grid = ctx.analysis["grid"]
     assert (grid.frames, grid.height, grid.width) == (3, 8, 8)
+
+
+def test_per_head_pattern_is_sliced_to_the_heads_of_a_ulysses_rank():
+    """A 2-head graph as rank 1 of 2 sees it in a 4-head model: pattern entries 2 and 3; without the parallel option
+    the 4 entries do not fit 2 heads and the site stays dense with the fix in the reason."""
+    tiny = tiny_wan(num_layers=1)
+    sparsity = {**TEST_OPTIONS["sparsity"], "pattern": "local3d:0.3;dense;skip;multidiag:0.4"}
+    _, sites, _ = rewrite(tiny.model, tiny.make_inputs(), {**TEST_OPTIONS, "sparsity": sparsity,
+                                                           "parallel": {"ulysses_degree": 2, "ulysses_rank": 1}})
+    assert sites["blocks.0.attn1"].action == "sparse_attention"
+    assert sites["blocks.0.attn1"].reason.startswith("skip;multidiag:0.4 @")
+    assert sites["blocks.0.attn1"].reason.endswith("heads 2..3 of 4 (Ulysses rank 1 of 2)")
+    _, sites, _ = rewrite(tiny.model, tiny.make_inputs(), {**TEST_OPTIONS, "sparsity": sparsity})
+    assert sites["blocks.0.attn1"].action == "kept"
+    assert "4 head patterns for 2 heads - if the heads are split across 2 ranks" in sites["blocks.0.attn1"].reason
+
+
+def test_diffusers_hook_detours_name_the_module_itself():
+    # Wan's first block under context parallelism: its forward is wrapped by diffusers' split hook.
+    regional = "L['function_reference'].forward.__self__._modules['attn1']._modules['to_q']._parameters['weight']"
+    assert normalize_path(regional) == "attn1.to_q.weight"
+    wrapper = ".forward.func.__closure__[0].cell_contents"
+    whole = f"L['self']._modules['blocks']._modules['0']{wrapper}{wrapper}.forward.__self__._modules['attn1']"
+    assert normalize_path(whole) == "blocks.0.attn1"
 
 
 def test_hunyuan_joint_attention_conditioning_and_refiner():
