@@ -75,6 +75,8 @@ def test_op_fused_path_matches_reference_path_gpu(order):
 
     shape = (1, 12, 4100, 128)
     q, k, v = (_bshd(*shape, torch.bfloat16, "cuda") for _ in range(3))
+    schedule = (True, False, False, True, False)
+    sparse_outputs = [torch.randn(shape, device="cuda", dtype=torch.bfloat16) * 0.1 + step for step in range(5)]
     results = {}
     for fused in (True, False):
         kernel = module.residual_cache_step
@@ -84,8 +86,7 @@ def test_op_fused_path_matches_reference_path_gpu(order):
             state = [torch.zeros(shape, dtype=torch.bfloat16, device="cuda") for _ in range(2)]
             state.append(torch.full((1,), -1.0, device="cuda"))
             outs = []
-            for step, refresh in enumerate((True, False, False, True, False)):
-                o_sparse = torch.randn(shape, device="cuda", dtype=torch.bfloat16) * 0.1 + step
+            for o_sparse, refresh in zip(sparse_outputs, schedule):
                 outs.append(torch.ops.qsparse.residual_attention(
                     o_sparse, q, k, v, None, 0.088, state, torch.tensor(refresh), 0, order))
             results[fused] = outs
