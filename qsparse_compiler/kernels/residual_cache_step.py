@@ -91,7 +91,8 @@ def residual_cache_step(
     """A reuse step (``dense`` None) or a refresh step (``dense`` = the dense attention output) of one cache.
 
     ``residual`` / ``delta`` (the cache's R and dR, contiguous (B, H, S, D)) are updated in place on a refresh;
-    ``steps`` is only read (the caller zeroes or increments it after). Returns the attention output (contiguous,
+    ``steps`` is only read: on a reuse step it must already count this step (n steps after the refresh: n), on a
+    refresh it holds the steps since the previous refresh (the caller zeroes it afterwards). Returns the attention output (contiguous,
     dtype of ``o_sparse``): the estimate ``o_sparse + R (+ steps * dR)`` or a copy of ``dense``.
     """
     shape = tuple(o_sparse.shape)

@@ -59,6 +59,11 @@ def _store(state: list[torch.Tensor], residual: torch.Tensor, delta: torch.Tenso
         target.copy_(source)
 
 
+def _use_fused_step(o_sparse: torch.Tensor, state: list[torch.Tensor]) -> bool:
+    """The Triton step kernel serves full-rank caches on CUDA (tests also run it on CPU under the interpreter)."""
+    return residual_cache_step is not None and o_sparse.is_cuda and len(state) == 3 and o_sparse.shape[-1] <= MAX_HEAD_DIM
+
+
 @torch.library.custom_op("qsparse::residual_attention", mutates_args=("state",))
 def residual_attention(
     o_sparse: torch.Tensor,
@@ -74,14 +79,13 @@ def residual_attention(
 ) -> torch.Tensor:
     steps = state[-1]
     do_refresh = cache_mode == MODE_REFRESH or (cache_mode == MODE_AUTO and refresh is not None and bool(refresh))
-    fused = residual_cache_step is not None and o_sparse.is_cuda and len(state) == 3 and o_sparse.shape[-1] <= MAX_HEAD_DIM
-    if fused:
-        dense = F.scaled_dot_product_attention(q, k, v, attn_mask=key_padding_mask, scale=scale) if do_refresh else None
-        out = residual_cache_step(o_sparse, state[0], state[1], steps, order, dense)
-        if do_refresh:
-            steps.zero_()
-        else:
-            steps.add_(1)
+    if _use_fused_step(o_sparse, state):
+        if not do_refresh:
+            steps.add_(1)  # a reuse step n steps after the refresh adds n * dR
+            return residual_cache_step(o_sparse, state[0], state[1], steps, order)
+        dense = F.scaled_dot_product_attention(q, k, v, attn_mask=key_padding_mask, scale=scale)
+        out = residual_cache_step(o_sparse, state[0], state[1], steps, order, dense)  # reads the steps before it
+        steps.zero_()
         return out
     if do_refresh:
         dense = F.scaled_dot_product_attention(q, k, v, attn_mask=key_padding_mask, scale=scale)
