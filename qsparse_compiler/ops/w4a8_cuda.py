@@ -66,19 +66,33 @@ _CODE_DTYPE = {"fp8_e4m3": torch.float8_e4m3fn, "int8": torch.int8, "uint8_msfp"
 
 def _kernel_problem(x: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor, group_size: int, act_format: str,
                     out_dtype: torch.dtype) -> bool:
-    """True if the Triton kernels do not cover this problem (then the op runs its reference)."""
+    """True if the Triton kernels do not cover this problem (then the op runs its reference). Decided from shapes,
+    strides and dtypes only, and memoized on them: it runs for every linear of every forward (~20 us uncached)."""
+    return _kernel_problem_cached(
+        x.device, x.shape[-1], tuple(qweight.shape), qweight.dtype, qweight.stride(-1), tuple(wscale.shape),
+        wscale.stride(-1),
+        wscale.dtype, group_size, act_format, out_dtype,
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def _kernel_problem_cached(device: torch.device, k: int, qweight_shape: tuple, qweight_dtype: torch.dtype,
+                           qweight_k_stride: int,
+                           wscale_shape: tuple, wscale_k_stride: int, wscale_dtype: torch.dtype, group_size: int,
+                           act_format: str, out_dtype: torch.dtype) -> bool:
     from ..kernels.act_quant import ACT_QUANT_FORMATS, MAX_K
     from ..kernels.w4a8_gemm import supports
 
     if act_format not in (*ACT_QUANT_FORMATS, "uint8_msfp") or out_dtype not in _X_DTYPES:
         return True
-    if act_format == "fp8_e4m3" and x.is_cuda and not _has_fp8_mma(x.device.index or 0):
+    if act_format == "fp8_e4m3" and device.type == "cuda" and not _has_fp8_mma(device.index or 0):
         return True
-    k = x.shape[-1]
-    if k > MAX_K or qweight.stride(-1) != 1 or wscale.stride(-1) != 1:
+    if k > MAX_K or qweight_k_stride != 1 or wscale_k_stride != 1:
         return True
-    # supports() reads only shapes/dtypes; check with an empty stand-in before any kernel launch.
-    probe = torch.empty((0, k), dtype=_CODE_DTYPE[act_format], device=x.device)
+    # supports() reads only shapes/dtypes; check with empty stand-ins before any kernel launch.
+    probe = torch.empty((0, k), dtype=_CODE_DTYPE[act_format], device="meta")
+    qweight = torch.empty(qweight_shape, dtype=qweight_dtype, device="meta")
+    wscale = torch.empty(wscale_shape, dtype=wscale_dtype, device="meta")
     return supports(probe, qweight, wscale, group_size, out_dtype) is not None
 
 
