@@ -166,10 +166,11 @@ def run_row(name: str, workload: dict[str, Any], device: str, dtype: torch.dtype
     with torch.no_grad():
         if runtime is not None:
             runtime.step(0)
-        out = fn_model(**inputs)[0]
+        # Clones: under CUDA graphs an output lives in the graph's memory pool, which the next replay overwrites.
+        out = fn_model(**inputs)[0].clone()
         if runtime is not None:  # the first reuse step: a second graph where refresh and reuse are compiled apart
             runtime.step(REUSE_STEP)
-            out_reuse = fn_model(**inputs)[0]
+            out_reuse = fn_model(**inputs)[0].clone()
     compile_s = time.perf_counter() - start
     note_parts = [note] if note else []
     if runtime is not None:
