@@ -64,6 +64,8 @@ class _RuntimeInputs:
         self.compiled = compiled
         self.weight_slots = list(ctx.packed_weight_slots)
         self.cache_slots = list(ctx.cache_slots)
+        # Only CUDA needs the layouts built ahead (outside any CUDA-graph memory pool, see ops/video_layout.py).
+        self.layout_slots = [slot for slot in ctx.layout_slots if slot.device.type == "cuda"]
         self.runtime = runtime
         self.store = default_store
         # A regional graph: the block of each call is found from one of its parameters' registered names.
@@ -74,6 +76,7 @@ class _RuntimeInputs:
         self.symbolic = [(i, fake) for i, fake in enumerate(input_fakes) if _has_symbols(fake)]
 
     def __call__(self, *args: Any) -> Any:
+        self._build_layouts()
         full = list(args)
         for slot in self.weight_slots:
             param = args[slot.param_index]
@@ -91,6 +94,17 @@ class _RuntimeInputs:
                 if slot.schedule.mode == "auto":
                     full.append(self._FLAGS[refresh])
         return self.compiled(*full)
+
+    def _build_layouts(self) -> None:
+        from .ops.video_layout import cached_video_layout
+        from .runtime.context import current_video_grid
+
+        for slot in self.layout_slots:
+            grid = slot.grid if slot.grid != (0, 0, 0) else current_video_grid()
+            if grid is None:  # the op itself raises the error that names the fix
+                continue
+            cached_video_layout(slot.seq_len, slot.device, *grid, slot.video_start, slot.pattern, slot.density,
+                                slot.block_q, slot.block_kv)
 
     def _calibrated(self, param: torch.Tensor):
         """A plan's calibrated weights for a parameter met at run time (another block of a regional graph)."""
@@ -235,7 +249,7 @@ def quantsparse(
     compiled = compile_fx(
         gm, [*example_inputs, *ctx.extra_example_inputs], config_patches=_inductor_patches(mode, config.inductor)
     )
-    if not ctx.packed_weight_slots and not ctx.cache_slots:
+    if not ctx.packed_weight_slots and not ctx.cache_slots and not any(s.device.type == "cuda" for s in ctx.layout_slots):
         return compiled
     return _RuntimeInputs(compiled, ctx, config.runtime or default_runtime, input_fakes)
 

@@ -94,9 +94,19 @@ def video_block_layout(
                 "qsparse_compiler.runtime.context.video_grid((frames, height, width))"
             )
         frames, height, width = grid
-    key = (pattern, float(density), block_q, block_kv, frames, height, width, q.shape[2], video_start)
-    layout = _cached_layout(key, q.device)
+    layout = cached_video_layout(q.shape[2], q.device, frames, height, width, video_start, pattern, density, block_q,
+                                 block_kv)
     return layout.kv_num_blocks.clone(), layout.kv_indices.clone()
+
+
+def cached_video_layout(seq_len: int, device: torch.device, frames: int, height: int, width: int, video_start: int,
+                        pattern: str, density: float, block_q: int, block_kv: int) -> BlockSparseLayout:
+    """The layout ``qsparse::video_block_layout`` returns copies of, built once per grid and device.
+
+    The backend's runtime wrapper calls this before a compiled graph runs (backend.py): the cached device tensors
+    then never come into being inside a CUDA-graph memory pool, where a tensor outliving the graph is an error."""
+    key = (pattern, float(density), block_q, block_kv, frames, height, width, seq_len, video_start)
+    return _cached_layout(key, device)
 
 
 @video_block_layout.register_fake

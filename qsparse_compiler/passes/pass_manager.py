@@ -46,6 +46,7 @@ class PassContext:
     plan: Any = None  # plan.Plan when the backend was given one
     packed_weight_slots: list[PackedWeightSlot] = field(default_factory=list)
     cache_slots: list[Any] = field(default_factory=list)  # insert_residual_cache.CacheSlot, in placeholder order
+    layout_slots: list[Any] = field(default_factory=list)  # sparsify_attention.LayoutSlot: layouts to build up front
     extra_example_inputs: list[torch.Tensor] = field(default_factory=list)
     analysis: dict[str, Any] = field(default_factory=dict)  # results of analysis passes, by pass name
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import operator
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -28,7 +29,22 @@ from .graph_utils import fake_value, node_arg
 from .pass_manager import PassContext, count_rewrite
 from .rewrite_utils import autograd_reason, call_op
 
-__all__ = ["SparsifyAttention"]
+__all__ = ["SparsifyAttention", "LayoutSlot"]
+
+
+@dataclass(frozen=True)
+class LayoutSlot:
+    """A layout the graph will ask ``qsparse::video_block_layout`` for, known at compile time except for a grid of
+    (0, 0, 0) (a regional graph: the grid of each forward). The backend builds it before the graph runs."""
+
+    seq_len: int
+    device: torch.device
+    grid: tuple[int, int, int]
+    video_start: int
+    pattern: str
+    density: float
+    block_q: int
+    block_kv: int
 
 _SPARSIFIABLE = ("self_attention", "joint_attention")
 
@@ -82,6 +98,10 @@ class SparsifyAttention:
                 (q, *grid_values, site.video_start, pattern, density, block_q, block_kv),
                 node,
             )
+            seq_len = fake_value(q).shape[2]
+            if all(isinstance(v, int) for v in (*grid_values, seq_len)):
+                ctx.layout_slots.append(LayoutSlot(seq_len, fake_value(q).device, tuple(grid_values),
+                                                   site.video_start, pattern, density, block_q, block_kv))
             kv_num_blocks = call_op(gm, node, operator.getitem, (layout, 0), node)
             kv_indices = call_op(gm, node, operator.getitem, (layout, 1), node)
             result = call_op(

@@ -62,3 +62,24 @@ def test_residual_cache_refresh_and_reuse_graphs_under_cuda_graphs():
         assert relative_error(out, expected) < 2e-2
     report = runtime.memory_report()["total"]
     assert report["refreshes"] == 2 and report["reuses"] == 3
+
+
+def test_optimize_cuda_graphs_with_quantized_linears():
+    """qs.optimize(cuda_graphs=True): the refresh and the reuse graph of a quantized, sparsified model replay under
+    CUDA graphs; nothing the ops cache (layouts) is allocated inside a graph's memory pool."""
+    tiny, inputs = cuda_wan(layers=2)
+    torch._dynamo.reset()
+    cache = {"refresh_first": 1, "refresh_every": 3, "order": 2}
+    model = qs.optimize(tiny.model, options=OPTIONS, cache=cache, cuda_graphs=True)
+    runtime = qs.runtime_of(model)
+    with torch.no_grad():
+        expected = tiny.model(**inputs)[0]
+        outputs = []
+        with runtime.generation():
+            for step in range(6):
+                runtime.step(step)
+                outputs.append(model(**inputs)[0].clone())
+    for out in outputs:
+        assert torch.isfinite(out).all() and relative_error(out, expected) < 0.15
+    report = runtime.memory_report()["total"]
+    assert report["refreshes"] == 2 * 2 and report["reuses"] == 2 * 4  # two cached sites
