@@ -297,7 +297,11 @@ def main() -> None:
     parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
                         help="also profile each row: GPU ms per kernel category in the JSON, kernel tables in DIR")
     parser.add_argument("--qsparse-options", default=json.dumps(QSPARSE_OPTIONS), help="backend options (JSON)")
+    parser.add_argument("--plot", type=Path, metavar="JSON", help="only draw the bar chart of a results JSON")
     args = parser.parse_args()
+    if args.plot is not None:
+        print(f"wrote {plot_results(args.plot)}")
+        return
     QSPARSE_OPTIONS.clear()
     QSPARSE_OPTIONS.update(json.loads(args.qsparse_options))
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
@@ -319,6 +323,18 @@ def main() -> None:
             rows.append(Row(name, float("nan"), 0.0, 0.0, float("nan"), note=f"failed: {type(exc).__name__}: {exc}"[:300]))
         torch._dynamo.reset()
         write_results(args.out, meta, rows)  # after every row: a time limit keeps what finished
+
+
+def plot_results(json_path: Path) -> Path:
+    """Bar chart (ms per forward, lower is better) of the rows of a results JSON, next to it as .png."""
+    from qsparse_compiler.testing.plots import bar_plot
+
+    data = json.loads(json_path.read_text())
+    values = {r["system"]: r["ms"] for r in data["rows"] if r["ms"] == r["ms"]}
+    meta = data["meta"]
+    return bar_plot(values, json_path.with_suffix(".png"), size=(900, 440),
+                    title=f"ms per forward (lower is better): {meta['workload']} on {meta['device']}, "
+                          f"torch {meta['torch']}, {meta['date']}")
 
 
 def write_results(out: Path, meta: dict[str, Any], rows: list[Row]) -> None:
