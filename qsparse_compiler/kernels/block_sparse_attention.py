@@ -311,6 +311,12 @@ def unsupported_reason(
     return None
 
 
+def _even_kv(seq_kv: int, block_n: int, layout_block_kv: int) -> bool:
+    """No key tile the kernel visits reaches past the keys. A listed layout block is visited in BLOCK_N-wide tiles,
+    so a tail layout block has tiles past seq_kv even when seq_kv is a multiple of BLOCK_N (both powers of two)."""
+    return seq_kv % max(block_n, layout_block_kv) == 0
+
+
 def _bcast_stride(t: torch.Tensor, dim: int) -> int:
     return 0 if t.shape[dim] == 1 else t.stride(dim)
 
@@ -396,12 +402,12 @@ def block_sparse_attention(
     if config is None and q.is_cuda:
         # EVEN_KV must hold for every candidate BLOCK_N, and the autotuner picks BLOCK_N after it is fixed:
         # 128 is a multiple of every config's BLOCK_N.
-        _autotuned[grid](*args, EVEN_KV=skv % 128 == 0, **meta)
+        _autotuned[grid](*args, EVEN_KV=_even_kv(skv, 128, block_kv), **meta)
         return out, lse
     bm = config["BLOCK_M"]
     _block_sparse_attention_fwd[grid(config)](
         *args,
-        EVEN_KV=skv % bn == 0,
+        EVEN_KV=_even_kv(skv, bn, block_kv),
         BLOCK_M=bm,
         BLOCK_N=bn,
         num_warps=config.get("num_warps", 4),

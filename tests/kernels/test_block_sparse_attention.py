@@ -98,6 +98,15 @@ def test_head_dim_128_and_kernel_tiles_smaller_than_layout_blocks():
     _check_against_references(q, k, v, layout, 1 / math.sqrt(d), config={"BLOCK_M": 32, "BLOCK_N": 32})
 
 
+def test_keys_a_multiple_of_the_kernel_tile_but_not_of_the_layout_block():
+    """96 keys in 64-token layout blocks with 32-key tiles: the tail block's second tile lies wholly past the keys and
+    must be masked although 96 % 32 == 0 (it was read unmasked - found by the kernel fuzz)."""
+    b, h, s, d = 1, 2, 96, 64
+    q, k, v = _qkv(b, h, s, s, d, torch.bfloat16)
+    layout = _random_layout(b, h, s, s, 32, 64, density=1.0)
+    _check_against_references(q, k, v, layout, 1 / math.sqrt(d), config={"BLOCK_M": 32, "BLOCK_N": 32})
+
+
 @pytest.mark.parametrize(
     "tma, tail_branch, lazy", [(False, False, False), (True, False, False), (True, True, False), (False, True, True),
                                (True, True, True)]
