@@ -11,7 +11,7 @@ from qsparse_compiler.passes import PassContext, default_passes, run_passes
 from qsparse_compiler.passes.graph_utils import normalize_path
 from qsparse_compiler.passes.report import RewriteReport
 from qsparse_compiler.testing.capture import capture_dynamo_graph
-from qsparse_compiler.testing.models import TEST_OPTIONS, tiny_cogvideox, tiny_hunyuan, tiny_wan
+from qsparse_compiler.testing.models import TEST_OPTIONS, ToyVideoDiT, tiny_cogvideox, tiny_hunyuan, tiny_wan
 
 
 def rewrite(model, inputs, options=TEST_OPTIONS):
@@ -21,52 +21,6 @@ def rewrite(model, inputs, options=TEST_OPTIONS):
         ctx = PassContext(QuantSparseConfig.from_options(options), example_inputs, RewriteReport(0))
         gm = run_passes(gm, ctx, default_passes())
     return gm, {site.fqn: site for site in ctx.report.sites}, ctx
-
-
-class ToyAttention(nn.Module):
-    def __init__(self, dim=64, heads=2, variant="plain"):
-        super().__init__()
-        self.heads, self.variant = heads, variant
-        kv_dim = dim // 2 if variant == "gqa" else dim
-        self.to_q, self.to_k, self.to_v = nn.Linear(dim, dim), nn.Linear(dim, kv_dim), nn.Linear(dim, kv_dim)
-        self.to_out = nn.Linear(dim, dim)
-        self.gate = nn.Parameter(torch.ones(dim, dim))
-
-    def forward(self, x):
-        b, s, _ = x.shape
-        q = self.to_q(x).unflatten(-1, (self.heads, -1)).transpose(1, 2)
-        k = self.to_k(x).unflatten(-1, (-1, q.shape[-1])).transpose(1, 2)
-        v = self.to_v(x).unflatten(-1, (-1, q.shape[-1])).transpose(1, 2)
-        if self.variant == "dense_mask":
-            mask = torch.ones(b, self.heads, s, s, dtype=torch.bool, device=x.device).tril()
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        elif self.variant == "dropout":
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.1)
-        elif self.variant == "causal":
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        elif self.variant == "gqa":
-            out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v)
-        out = self.to_out(out.transpose(1, 2).flatten(2))
-        # A linear whose weight is computed in the graph: must stay as it is.
-        return F.linear(out, self.gate * 0.5)
-
-
-class ToyVideoDiT(nn.Module):
-    """Conv3d patchify (grid = conv output), a ModuleList of blocks, a head: the shape of Wan, minus the rest."""
-
-    def __init__(self, variant="plain", dim=64):
-        super().__init__()
-        self.patch = nn.Conv3d(4, dim, (1, 2, 2), stride=(1, 2, 2))
-        self.blocks = nn.ModuleList([ToyAttention(dim, variant=variant)])
-        self.head = nn.Linear(dim, 4)
-
-    def forward(self, x):
-        h = self.patch(x).flatten(2).transpose(1, 2)
-        for block in self.blocks:
-            h = h + block(h)
-        return self.head(h)
 
 
 def toy_inputs():
@@ -88,7 +42,8 @@ def test_plain_video_attention_and_block_linears_are_rewritten():
         ("dense_mask", "not a boolean key-padding mask"),
         ("dropout", "dropout_p=0.1"),
         ("causal", "causal attention"),
-        ("gqa", "grouped-query attention"),
+        ("gqa", "grouped-query attention (q heads 2, kv heads 1)"),
+        ("broadcast_kv", "grouped-query attention (q heads 2, kv heads 1)"),
     ],
 )
 def test_attention_variants_are_left_alone_with_a_reason(variant, reason):
