@@ -133,6 +133,32 @@ def test_cogvideox_text_first_joint_attention():
     assert (grid.frames, grid.height, grid.width) == (3, 8, 8)
 
 
+class InPlaceToyDiT(ToyVideoDiT):
+    """In-place mutations whose results nobody reads, as CogVideoX writes its positional embedding into a slice."""
+
+    def forward(self, x):
+        h = self.patch(x).flatten(2).transpose(1, 2)
+        pos = h.new_zeros(h.shape)
+        pos[:, 8:].copy_(h[:, :-8])
+        torch.relu_(pos)
+        h.mul_(0.5)
+        for block in self.blocks:
+            h = h + block(h + pos)
+        return self.head(h)
+
+
+def test_in_place_mutations_survive_the_rewrite():
+    """Dead-code elimination after a rewrite must keep mutations: FX's default drops `x.copy_(y)` whose result is
+    unused, and the graph then computes something else than the model (CogVideoX at a new frame count did)."""
+    model, inputs = InPlaceToyDiT(), toy_inputs()
+    options = {"quant": {"enabled": False}, "sparsity": {"density": 1.0, "block_q": 16, "block_kv": 16}}
+    gm, sites, ctx = rewrite(model, inputs, options)
+    assert sites["blocks.0"].action == "sparse_attention"  # a rewrite happened, so dead code was eliminated
+    assert all(name in gm.code for name in (".copy_(", "torch.relu_(", ".mul_("))
+    with torch.no_grad():
+        assert torch.allclose(gm(*ctx.example_inputs)[0], model(**inputs), atol=1e-5)
+
+
 def test_plain_mlp_is_untouched_and_reported():
     model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64))
     _, sites, ctx = rewrite(model, {"input": torch.randn(2, 5, 64)})
