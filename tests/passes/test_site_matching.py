@@ -159,6 +159,30 @@ def test_in_place_mutations_survive_the_rewrite():
         assert torch.allclose(gm(*ctx.example_inputs)[0], model(**inputs), atol=1e-5)
 
 
+class TorchAttentionModel(nn.Module):
+    """nn.MultiheadAttention, then an nn.TransformerEncoder (its inference fast path): torch's fused attention."""
+
+    def __init__(self, dim=64):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(dim, 2, batch_first=True)
+        layer = nn.TransformerEncoderLayer(dim, 2, 2 * dim, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+
+    def forward(self, x):
+        y, _ = self.mha(x, x, x, need_weights=False)
+        return self.encoder(y)
+
+
+def test_fused_torch_attention_is_reported_with_a_reason():
+    """torch's fused attention calls hold their projections: not rewritten, but in the report like every site."""
+    _, sites, _ = rewrite(TorchAttentionModel().eval(), {"x": torch.randn(2, 5, 64)})
+    fused = {fqn: site for fqn, site in sites.items() if site.kind == "fused_attention"}
+    assert sorted(fused) == ["encoder.layers.0", "mha"]
+    assert "multi_head_attention_forward" in fused["mha"].reason
+    assert "_transformer_encoder_layer_fwd" in fused["encoder.layers.0"].reason
+    assert all(site.action == "kept" for site in fused.values())
+
+
 def test_plain_mlp_is_untouched_and_reported():
     model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64))
     _, sites, ctx = rewrite(model, {"input": torch.randn(2, 5, 64)})
