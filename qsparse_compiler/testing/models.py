@@ -13,14 +13,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["TinyModel", "tiny_wan", "tiny_hunyuan", "tiny_cogvideox", "TINY_MODELS", "TEST_OPTIONS", "ToyAttention",
-           "ToyVideoDiT", "TOY_ATTENTION_VARIANTS"]
+__all__ = ["TinyModel", "tiny_wan", "tiny_hunyuan", "tiny_cogvideox", "TINY_MODELS", "TEST_OPTIONS", "EXACT_OPTIONS",
+           "ToyAttention", "ToyVideoDiT", "TOY_ATTENTION_VARIANTS"]
 
 # Options that make tiny models exercise every rewrite: small groups and blocks.
 TEST_OPTIONS: dict[str, Any] = {
     "quant": {"group_size": 32},
     "sparsity": {"density": 0.5, "block_q": 16, "block_kv": 16},
 }
+# Options whose rewrite computes what the model does: no quantization, every tile of qsparse::sparse_attention.
+EXACT_OPTIONS: dict[str, Any] = {"quant": {"enabled": False}, "sparsity": {"density": 1.0, "block_q": 16, "block_kv": 16}}
 
 
 @dataclass

@@ -7,10 +7,9 @@ from torch._dynamo.utils import counters
 import qsparse_compiler as qs
 from qsparse_compiler.backend import clear_reports, reports
 from qsparse_compiler.testing.metrics import relative_error
-from qsparse_compiler.testing.models import TEST_OPTIONS, tiny_wan
+from qsparse_compiler.testing.models import EXACT_OPTIONS, TEST_OPTIONS, tiny_wan
 
 pytestmark = pytest.mark.slow
-EXACT = {"quant": {"enabled": False}, "sparsity": {"density": 1.0, "block_q": 16, "block_kv": 16}}
 
 
 def compile_tiny(options, **compile_kwargs):
@@ -45,7 +44,7 @@ def test_nan_inputs_propagate_like_eager():
 
 
 def test_dynamic_true_and_batch_change():
-    tiny, compiled = compile_tiny(EXACT, fullgraph=True, dynamic=True)
+    tiny, compiled = compile_tiny(EXACT_OPTIONS, fullgraph=True, dynamic=True)
     with torch.no_grad():
         for frames, batch in ((3, 1), (4, 2), (2, 1)):
             inputs = tiny.make_inputs(frames=frames, batch=batch)
@@ -57,7 +56,7 @@ def test_dynamic_true_and_batch_change():
 
 def test_resolution_change_with_residual_cache_restarts_the_cache():
     runtime = qs.ResidualCacheRuntime()
-    options = {**EXACT, "cache": {"enabled": True, "refresh_first": 1, "refresh_every": 0, "order": 1},
+    options = {**EXACT_OPTIONS, "cache": {"enabled": True, "refresh_first": 1, "refresh_every": 0, "order": 1},
                "runtime": runtime}
     tiny, compiled = compile_tiny(options, fullgraph=True)
     with torch.no_grad(), runtime.generation():
@@ -72,7 +71,7 @@ def test_resolution_change_with_residual_cache_restarts_the_cache():
 def test_two_compiled_models_keep_separate_caches():
     first, second = tiny_wan(num_layers=1), tiny_wan(num_layers=1)
     torch._dynamo.reset()
-    options = {**EXACT, "sparsity": {"density": 0.34, "block_q": 16, "block_kv": 16}}
+    options = {**EXACT_OPTIONS, "sparsity": {"density": 0.34, "block_q": 16, "block_kv": 16}}
     cache = {"refresh_first": 1, "refresh_every": 0, "order": 1}
     a = qs.optimize(first.model, options=options, cache=cache)
     b = qs.optimize(second.model, options=options, cache=cache)
@@ -91,12 +90,12 @@ def test_two_compiled_models_keep_separate_caches():
 
 
 def test_compiler_reset_and_fresh_compile():
-    tiny, compiled = compile_tiny(EXACT, fullgraph=True)
+    tiny, compiled = compile_tiny(EXACT_OPTIONS, fullgraph=True)
     inputs = tiny.make_inputs()
     with torch.no_grad():
         first = compiled(**inputs)[0]
         torch.compiler.reset()
-        again = torch.compile(tiny.model, backend="quantsparse", options=EXACT, fullgraph=True)(**inputs)[0]
+        again = torch.compile(tiny.model, backend="quantsparse", options=EXACT_OPTIONS, fullgraph=True)(**inputs)[0]
     assert torch.allclose(first, again, atol=1e-6)
     assert len(reports()) == 2
 
