@@ -54,7 +54,8 @@ def test_non_finite_inputs_propagate_like_eager(where, value, options):
     assert torch.equal(torch.isnan(out), torch.isnan(expected)) and torch.equal(torch.isinf(out), torch.isinf(expected))
 
 
-SHAPES = (dict(frames=3), dict(frames=5), dict(frames=3, height=24, width=24), dict(frames=2, batch=2))
+# Each change forces a recompile under automatic dynamic shapes: frames and resolution, then the batch size.
+SHAPES = (dict(frames=3), dict(frames=5, height=24, width=24), dict(frames=2, batch=2))
 
 
 @pytest.fixture(scope="module")
@@ -101,10 +102,10 @@ def test_joint_attention_models_follow_frame_and_resolution_changes(factory):
     clear_reports()
     compiled = torch.compile(tiny.model, backend="quantsparse", options=EXACT_OPTIONS, fullgraph=True)
     with torch.no_grad():
-        for shape in (dict(frames=3), dict(frames=5), dict(frames=3, height=24, width=24)):
+        for shape in (dict(frames=3), dict(frames=5, height=24, width=24), dict(frames=2, height=32, width=16)):
             inputs = tiny.make_inputs(**shape)
             assert relative_error(compiled(**inputs)[0], tiny.model(**inputs)[0]) < 1e-4, shape
-    assert 2 <= len(reports()) <= 3
+    assert len(reports()) == 2  # a static graph, then one with dynamic frames and resolution for every later size
     assert all(report.counters["sparse_attention"] == tiny.video_attentions for report in reports())
 
 
