@@ -72,6 +72,10 @@ class _RuntimeInputs:
         self.prefix = ctx.analysis.get("prefix", "")
         self.anchor = _anchor(ctx) if self.prefix else None
         self.plan = ctx.plan
+        # The residual caches of a model are told apart from another model's of the same FQNs by one of its
+        # parameters: the regional block's anchor, else the graph's first parameter input.
+        self.owner_index = self.anchor[0] if self.anchor else next(
+            (i for i, value in enumerate(ctx.example_inputs) if isinstance(value, torch.nn.Parameter)), None)
         # Symbolic sizes (dynamic shapes) are bound per call from the runtime arguments.
         self.symbolic = [(i, fake) for i, fake in enumerate(input_fakes) if _has_symbols(fake)]
 
@@ -86,10 +90,11 @@ class _RuntimeInputs:
         if self.cache_slots:
             env = _bind_symbols(self.symbolic, args)
             prefix = self._call_prefix(args)
+            owner = None if self.owner_index is None else args[self.owner_index]
             for slot in self.cache_slots:
                 shape = tuple(_evaluate(dim, env) for dim in slot.shape)
                 fqn = prefix + slot.fqn[len(self.prefix):]
-                state, refresh = self.runtime.acquire(fqn, slot.schedule, shape, slot.dtype, slot.device)
+                state, refresh = self.runtime.acquire(fqn, slot.schedule, shape, slot.dtype, slot.device, owner)
                 full += state
                 if slot.schedule.mode == "auto":
                     full.append(self._FLAGS[refresh])

@@ -74,6 +74,17 @@ def _to_device(samples: list[dict[str, Any]], device: torch.device) -> list[dict
     return [{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in s.items()} for s in samples]
 
 
+def _check_parameters(model: torch.nn.Module) -> None:
+    """NaN/inf weights fail here, named, instead of as a NaN model output stages later."""
+    for name, param in model.named_parameters():
+        bad = int((~torch.isfinite(param.detach())).sum())
+        if bad:
+            raise CalibrationError(
+                f"qsparse_compiler.calibration: parameter {name} {tuple(param.shape)} holds {bad} NaN/inf value(s); "
+                "the weights are damaged (or overflowed when cast to a smaller dtype) - reload the checkpoint"
+            )
+
+
 def linear_plans(stats: Mapping[str, LinearStats], config: CalibrationConfig) -> tuple[dict[str, LinearPlan], dict[str, Any]]:
     """Which block linears are quantized and how, from their activation statistics; and why, per site."""
     plans: dict[str, LinearPlan] = {}
@@ -134,6 +145,7 @@ def calibrate(
         options = dict(pipeline_kwargs or {})
         samples = collect_pipeline_samples(model_or_pipeline, list(samples), every=options.pop("every", 5), **options)
     candidates = check_samples(samples)
+    _check_parameters(model)
     device = next(model.parameters()).device
     candidates = _to_device(candidates, device)
     folder = Path(out) if out is not None else None

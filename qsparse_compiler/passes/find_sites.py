@@ -15,6 +15,7 @@ Attention kinds (``AttentionSite.kind``):
 - ``cross_attention``  keys from another sequence (text, image) -> dense
 - ``text_attention``   self-attention without video tokens (HunyuanVideo's token refiner) -> dense
 - ``attention``        self-attention in a graph without a video grid (a ViT, a block compiled on its own) -> dense
+- ``fused_attention``  nn.MultiheadAttention / nn.TransformerEncoderLayer in one call (projections inside) -> kept
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch.fx as fx
 
 from .graph_utils import (
     CAT_TARGETS,
+    FUSED_ATTENTION_TARGETS,
     LINEAR_TARGETS,
     SDPA_TARGETS,
     fake_value,
@@ -216,6 +218,12 @@ class FindSites:
                 count_rewrite(ctx, "found_linear")
             elif node.target in SDPA_TARGETS:
                 attentions.append(self._classify(node, grid, prefix))
+                count_rewrite(ctx, "found_attention")
+            elif node.target in FUSED_ATTENTION_TARGETS:
+                fqn = prefix + (module_fqn(node) or node.name)
+                why = (f"{node.target.__name__}: torch's fused attention (projections and attention in one call), "
+                       "left as is; write the attention with F.scaled_dot_product_attention to have it rewritten")
+                attentions.append(AttentionSite(node, fqn, "fused_attention", None, why=why))
                 count_rewrite(ctx, "found_attention")
         ctx.analysis["grid"] = grid
         ctx.analysis["linears"] = linears

@@ -20,11 +20,18 @@ __all__ = [
     "placeholder_index",
     "LINEAR_TARGETS",
     "SDPA_TARGETS",
+    "FUSED_ATTENTION_TARGETS",
     "CAT_TARGETS",
 ]
 
 LINEAR_TARGETS = {torch.nn.functional.linear, torch._C._nn.linear}
 SDPA_TARGETS = {torch.nn.functional.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
+# Attention inside one call of torch's own modules (nn.MultiheadAttention, nn.TransformerEncoderLayer's fast path):
+# their projections and attention are not separate linear/SDPA nodes in the graph.
+FUSED_ATTENTION_TARGETS = {
+    torch.nn.functional.multi_head_attention_forward, torch._native_multi_head_attention,
+    torch._transformer_encoder_layer_fwd,
+}
 CAT_TARGETS = {torch.cat, torch.concat, torch.concatenate}
 
 # Dynamo writes module paths like  L['self'].__dict__['_modules']['blocks'].0.attn1  or

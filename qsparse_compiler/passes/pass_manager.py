@@ -82,6 +82,19 @@ def private_copy(gm: fx.GraphModule) -> fx.GraphModule:
     return copy
 
 
+def _has_effects(node: fx.Node) -> bool:
+    """FX's purity test, plus what it misses in a Dynamo graph, which is not functional yet: in-place tensor methods
+    and functions (``pos[:, 8:].copy_(embedding)``, ``torch.relu_(x)``) and ``out=`` calls, whose results are often
+    never read. FX's dead-code elimination alone drops them (CogVideoX's positional embedding at a frame count other
+    than its config's) and the rewritten graph computes something else than the model."""
+    if node.is_impure():
+        return True
+    if node.op not in ("call_method", "call_function"):
+        return False
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    return "out" in node.kwargs or (isinstance(name, str) and name.endswith("_") and not name.endswith("__"))
+
+
 def run_passes(gm: fx.GraphModule, ctx: PassContext, passes: Sequence[GraphPass]) -> fx.GraphModule:
     """Run ``passes`` in order on a private copy of ``gm``; returns the rewritten copy."""
     gm = private_copy(gm)
@@ -93,7 +106,7 @@ def run_passes(gm: fx.GraphModule, ctx: PassContext, passes: Sequence[GraphPass]
     for position, graph_pass in enumerate(passes, start=1):
         changed = graph_pass(gm, ctx)
         if changed:
-            gm.graph.eliminate_dead_code()
+            gm.graph.eliminate_dead_code(is_impure_node=_has_effects)
         gm.graph.lint()
         gm.recompile()
         _dump(gm, folder, f"{position:02d}_after_{graph_pass.name}")

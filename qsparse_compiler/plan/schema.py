@@ -101,6 +101,21 @@ class AttentionPlan:
     block_kv: int = 128
     cache: dict[str, Any] = field(default_factory=dict)  # residual-cache settings (schedule, order, rank)
 
+    def __post_init__(self) -> None:
+        from ..ops.video_layout import parse_pattern_spec
+
+        blocks_ok = all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in (self.block_q, self.block_kv))
+        if not isinstance(self.head_patterns, list) or not self.head_patterns or not blocks_ok \
+                or not all(isinstance(p, str) for p in self.head_patterns) or not isinstance(self.cache, dict):
+            raise PlanError(
+                f"qsparse_compiler.plan: invalid attention entry {self}; head_patterns must be a non-empty list of "
+                "pattern specs, block_q/block_kv positive integers, cache a dict"
+            )
+        try:
+            parse_pattern_spec(";".join(self.head_patterns), 1.0)
+        except ValueError as exc:
+            raise PlanError(f"qsparse_compiler.plan: invalid attention entry {self}: {exc}") from None
+
     @property
     def pattern_spec(self) -> str:
         """The spec string of ``qsparse::video_block_layout``: one entry for all heads or one per head."""
@@ -147,6 +162,13 @@ class Plan:
                 f"qsparse_compiler.plan: plan schema version {version} is newer than this release supports "
                 f"({PLAN_SCHEMA_VERSION}); upgrade qsparse_compiler"
             )
+        for key, kind in (("fingerprint", dict), ("linears", dict), ("attentions", dict), ("metadata", dict),
+                          ("tensors", list)):
+            if not isinstance(data.get(key, kind()), kind):
+                raise PlanError(
+                    f"qsparse_compiler.plan: plan.json does not follow schema {version}: '{key}' is a "
+                    f"{type(data[key]).__name__}, not a JSON {'object' if kind is dict else 'array'}; the file is corrupt"
+                )
         try:
             plan = cls(
                 fingerprint=ModelFingerprint(**data["fingerprint"]),
@@ -164,4 +186,39 @@ class Plan:
                 f"qsparse_compiler.plan: plan.safetensors lacks {len(missing)} tensor(s) listed in plan.json, e.g. "
                 f"{missing[:3]}; the plan is incomplete - re-run calibration"
             )
+        plan._check_packed_weights()
         return plan
+
+    def _check_packed_weights(self) -> None:
+        """Each linear's calibrated tensors come in pairs and fit the weight the fingerprint records: (N, K//2) uint8
+        codes and (N, K//group) float scales for an (N, K) weight."""
+        from ..ops.quantization import effective_group_size
+
+        for fqn, entry in self.linears.items():
+            qweight, scale = self.tensors.get(f"{fqn}.qweight"), self.tensors.get(f"{fqn}.scale")
+            if qweight is None and scale is None:
+                continue
+            if qweight is None or scale is None:
+                present, absent = ("qweight", "scale") if scale is None else ("scale", "qweight")
+                raise PlanError(
+                    f"qsparse_compiler.plan: plan.safetensors has {fqn}.{present} but not {fqn}.{absent}; the plan is "
+                    "incomplete - re-run calibration"
+                )
+            weight = self.fingerprint.parameter_shapes.get(f"{fqn}.weight")
+            if weight is None or len(weight) != 2:
+                raise PlanError(
+                    f"qsparse_compiler.plan: the plan holds packed weights for {fqn}, but its model has no 2-D parameter "
+                    f"{fqn}.weight; the plan is corrupt - re-run calibration"
+                )
+            n, k = weight
+            group = effective_group_size(k, entry.group_size)
+            expected = {"qweight": [n, k // 2], "scale": [n, k // max(group, 1)]}
+            for name, tensor in (("qweight", qweight), ("scale", scale)):
+                dtype_ok = tensor.dtype == torch.uint8 if name == "qweight" else tensor.is_floating_point()
+                if list(tensor.shape) != expected[name] or not dtype_ok:
+                    raise PlanError(
+                        f"qsparse_compiler.plan: {fqn}.{name} is {list(tensor.shape)} {tensor.dtype}, but the {n}x{k} "
+                        f"weight with group_size={entry.group_size} needs {expected[name]} "
+                        f"{'uint8' if name == 'qweight' else 'float'}; the plan is corrupt or for another model - "
+                        "re-run calibration"
+                    )

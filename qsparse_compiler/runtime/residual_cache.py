@@ -14,12 +14,18 @@ Step tracking:
 
 A change of batch size, resolution or dtype at a site drops that site's buffers and starts it over (a refresh), and
 the report counts it; it never reuses a residual of another shape.
+
+Sites are keyed by module FQN, and two models of one architecture have the same FQNs: each site remembers (weakly)
+a parameter of the model that uses it, and another live model using the same site before the next ``reset()`` raises
+CacheError instead of reading the first model's residual. A site whose model is gone, or after ``reset()``, passes
+to whichever model calls it next.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -48,6 +54,7 @@ class _Site:
     refreshes: int = 0
     reuses: int = 0
     resets: int = 0
+    owner: weakref.ref | None = None  # a parameter of the model using this site
 
 
 class ResidualCacheRuntime:
@@ -67,9 +74,8 @@ class ResidualCacheRuntime:
             self._step = 0
             for site in self._sites.values():
                 site.calls_this_step = 0
-                for branch in site.branches.values():
-                    branch.refreshed_at = None
-                    branch.state[-1].fill_(-1.0)
+                site.owner = None
+                _empty(site)
 
     def step(self, index: int | None = None) -> int:
         """Advance to the next denoising step (or to ``index``)."""
@@ -90,11 +96,15 @@ class ResidualCacheRuntime:
 
     # -- called by the backend's runtime wrapper, once per site per graph call ----------------------------------
     def acquire(
-        self, fqn: str, schedule: CacheConfig, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+        self, fqn: str, schedule: CacheConfig, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+        owner: torch.Tensor | None = None,
     ) -> tuple[list[torch.Tensor], bool]:
-        """The state buffers of this call's branch, and whether this call refreshes."""
+        """The state buffers of this call's branch, and whether this call refreshes. ``owner``: a parameter of the
+        calling model (the backend passes one), so that two models never share a site's residuals."""
         with self._lock:
             site = self._sites.setdefault(fqn, _Site(schedule))
+            if owner is not None:
+                _claim(site, fqn, owner)
             branch_index = site.calls_this_step
             site.calls_this_step += 1
             if branch_index >= schedule.max_branches:
@@ -155,6 +165,28 @@ class ResidualCacheRuntime:
         with self._lock:
             self._sites.clear()
             self._step = 0
+
+
+def _empty(site: _Site) -> None:
+    """Mark every branch of ``site`` empty: its next call refreshes."""
+    for branch in site.branches.values():
+        branch.refreshed_at = None
+        branch.state[-1].fill_(-1.0)
+
+
+def _claim(site: _Site, fqn: str, owner: torch.Tensor) -> None:
+    current = site.owner() if site.owner is not None else None
+    if current is owner:
+        return
+    if current is not None:
+        raise CacheError(
+            f"qsparse_compiler.runtime: two compiled models use the residual cache of {fqn} in one "
+            "ResidualCacheRuntime (the process-wide default_runtime when the backend options name none), and one "
+            "would read the other's residuals; give each model its own: options={'runtime': "
+            "qs.ResidualCacheRuntime()} or qs.optimize(...), or call runtime.reset() between their generations"
+        )
+    site.owner = weakref.ref(owner)
+    _empty(site)  # residuals left by a model that is gone are not this model's
 
 
 def state_layout(shape: tuple, rank: int) -> list[tuple]:

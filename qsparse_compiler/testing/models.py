@@ -10,14 +10,19 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-__all__ = ["TinyModel", "tiny_wan", "tiny_hunyuan", "tiny_cogvideox", "TINY_MODELS", "TEST_OPTIONS"]
+__all__ = ["TinyModel", "tiny_wan", "tiny_hunyuan", "tiny_cogvideox", "TINY_MODELS", "TEST_OPTIONS", "EXACT_OPTIONS",
+           "ToyAttention", "ToyVideoDiT", "TOY_ATTENTION_VARIANTS"]
 
 # Options that make tiny models exercise every rewrite: small groups and blocks.
 TEST_OPTIONS: dict[str, Any] = {
     "quant": {"group_size": 32},
     "sparsity": {"density": 0.5, "block_q": 16, "block_kv": 16},
 }
+# Options whose rewrite computes what the model does: no quantization, every tile of qsparse::sparse_attention.
+EXACT_OPTIONS: dict[str, Any] = {"quant": {"enabled": False}, "sparsity": {"density": 1.0, "block_q": 16, "block_kv": 16}}
 
 
 @dataclass
@@ -104,3 +109,60 @@ TINY_MODELS: dict[str, Callable[[], TinyModel]] = {
     "hunyuan": tiny_hunyuan,
     "cogvideox": tiny_cogvideox,
 }
+
+
+# Attention variants of ToyAttention the sparse rewrite must leave alone ("plain" is the one it rewrites).
+TOY_ATTENTION_VARIANTS = ("plain", "dense_mask", "dropout", "causal", "gqa", "broadcast_kv")
+
+
+class ToyAttention(nn.Module):
+    """A DiT attention block written out with F.scaled_dot_product_attention, in one of ``TOY_ATTENTION_VARIANTS``:
+    a dense boolean mask, dropout_p=0.1, causal, grouped-query (``enable_gqa`` with half the k/v width) or one k/v
+    head broadcast over the query heads (no ``enable_gqa``). Its last linear has a weight computed in the graph."""
+
+    def __init__(self, dim: int = 64, heads: int = 2, variant: str = "plain") -> None:
+        super().__init__()
+        if variant not in TOY_ATTENTION_VARIANTS:
+            raise ValueError(f"qsparse_compiler.testing.ToyAttention: variant {variant!r} not in {TOY_ATTENTION_VARIANTS}")
+        self.heads, self.variant = heads, variant
+        kv_dim = {"gqa": dim // 2, "broadcast_kv": dim // heads}.get(variant, dim)
+        self.to_q, self.to_k, self.to_v = nn.Linear(dim, dim), nn.Linear(dim, kv_dim), nn.Linear(dim, kv_dim)
+        self.to_out = nn.Linear(dim, dim)
+        self.gate = nn.Parameter(torch.ones(dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.to_q(x).unflatten(-1, (self.heads, -1)).transpose(1, 2)
+        k = self.to_k(x).unflatten(-1, (-1, q.shape[-1])).transpose(1, 2)
+        v = self.to_v(x).unflatten(-1, (-1, q.shape[-1])).transpose(1, 2)
+        if self.variant == "dense_mask":
+            mask = torch.ones(b, self.heads, s, s, dtype=torch.bool, device=x.device).tril()
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        elif self.variant == "dropout":
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.1)
+        elif self.variant == "causal":
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif self.variant == "gqa":
+            out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        else:  # plain, and broadcast_kv: k/v (B, 1, S, D) broadcast over the query heads
+            out = F.scaled_dot_product_attention(q, k, v)
+        out = self.to_out(out.transpose(1, 2).flatten(2))
+        # A linear whose weight is computed in the graph: must stay as it is.
+        return F.linear(out, self.gate * 0.5)
+
+
+class ToyVideoDiT(nn.Module):
+    """Conv3d patchify (grid = conv output), a ModuleList of blocks, a head: the shape of Wan, minus the rest.
+    Inputs: ``{"x": (B, 4, frames, height, width)}``; 4 block linears per block, one video attention."""
+
+    def __init__(self, variant: str = "plain", dim: int = 64) -> None:
+        super().__init__()
+        self.patch = nn.Conv3d(4, dim, (1, 2, 2), stride=(1, 2, 2))
+        self.blocks = nn.ModuleList([ToyAttention(dim, variant=variant)])
+        self.head = nn.Linear(dim, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.patch(x).flatten(2).transpose(1, 2)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.head(h)

@@ -6,7 +6,7 @@ from torch._dynamo.utils import counters
 
 from qsparse_compiler.backend import clear_reports, reports
 from qsparse_compiler.testing.metrics import relative_error
-from qsparse_compiler.testing.models import TEST_OPTIONS, tiny_cogvideox, tiny_hunyuan, tiny_wan
+from qsparse_compiler.testing.models import EXACT_OPTIONS, TEST_OPTIONS, tiny_cogvideox, tiny_hunyuan, tiny_wan
 
 pytestmark = pytest.mark.slow
 
@@ -15,8 +15,6 @@ FACTORIES = {
     "hunyuan": tiny_hunyuan,
     "cogvideox": lambda: tiny_cogvideox(num_layers=1),
 }
-
-EXACT_OPTIONS = {"quant": {"enabled": False}, "sparsity": {"density": 1.0, "block_q": 16, "block_kv": 16}}
 
 
 def _compile_and_run(tiny, options, inputs):

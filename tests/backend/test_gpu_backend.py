@@ -5,6 +5,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import qsparse_compiler as qs
+from qsparse_compiler.backend import clear_reports, reports
 from qsparse_compiler.testing.metrics import relative_error
 from qsparse_compiler.testing.models import tiny_wan
 
@@ -83,3 +84,22 @@ def test_optimize_cuda_graphs_with_quantized_linears():
         assert torch.isfinite(out).all() and relative_error(out, expected) < 0.15
     report = runtime.memory_report()["total"]
     assert report["refreshes"] == 2 * 2 and report["reuses"] == 2 * 4  # two cached sites
+
+
+def test_fp32_model_keeps_its_attention_on_sdpa_and_says_why():
+    """The Triton attention kernel takes bf16/fp16: an fp32 model's video attention stays on SDPA (not the S x S
+    reference op), the report says why, and its linears still run W4A8."""
+    tiny = tiny_wan(num_layers=1)
+    tiny.model.to("cuda")
+    inputs = {k: v.cuda() if torch.is_tensor(v) else v for k, v in tiny.make_inputs(frames=4, height=32, width=32).items()}
+    torch._dynamo.reset()
+    clear_reports()
+    counters.clear()
+    compiled = torch.compile(tiny.model, backend="quantsparse", options=OPTIONS, fullgraph=True)
+    with torch.no_grad():
+        out, expected = compiled(**inputs)[0], tiny.model(**inputs)[0]
+    (report,) = reports()
+    attention = {site.fqn: site for site in report.sites}["blocks.0.attn1"]
+    assert attention.action == "kept" and "no CUDA kernel for this site (dtype" in attention.reason
+    assert counters["qsparse"]["w4a8_linear"] == tiny.block_linears and counters["qsparse"]["sparse_attention"] == 0
+    assert out.dtype == torch.float32 and relative_error(out, expected) < 0.15

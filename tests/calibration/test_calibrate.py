@@ -80,10 +80,20 @@ def test_resume_recomputes_what_a_changed_setting_or_a_missing_block_invalidates
     assert plan.metadata["calibration"]["search"]["total_density"] <= 0.3
 
 
-def test_nan_input_names_the_sample_and_the_input():
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("key", ["hidden_states", "encoder_hidden_states"])
+def test_non_finite_input_names_the_sample_and_the_input(key, value):
     tiny, samples = wan_and_samples(count=3)
-    samples[1]["hidden_states"][0, 0, 0, 0, 0] = float("nan")
-    with pytest.raises(CalibrationError, match=r"sample 1 input 'hidden_states'.*NaN"):
+    samples[1][key].view(-1)[0] = value
+    with pytest.raises(CalibrationError, match=rf"sample 1 input '{key}' .*holds NaN/inf"):
+        calibrate(tiny.model, samples, tiny_config())
+
+
+def test_non_finite_weight_names_the_parameter():
+    tiny, samples = wan_and_samples(count=3)
+    with torch.no_grad():
+        tiny.model.blocks[0].ffn.net[2].weight[0, 0] = float("inf")
+    with pytest.raises(CalibrationError, match=r"parameter blocks\.0\.ffn\.net\.2\.weight \(64, 128\) holds 1 NaN/inf"):
         calibrate(tiny.model, samples, tiny_config())
 
 

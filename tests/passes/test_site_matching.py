@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch._dynamo.utils import counters
 
@@ -11,7 +10,7 @@ from qsparse_compiler.passes import PassContext, default_passes, run_passes
 from qsparse_compiler.passes.graph_utils import normalize_path
 from qsparse_compiler.passes.report import RewriteReport
 from qsparse_compiler.testing.capture import capture_dynamo_graph
-from qsparse_compiler.testing.models import TEST_OPTIONS, tiny_cogvideox, tiny_hunyuan, tiny_wan
+from qsparse_compiler.testing.models import TEST_OPTIONS, ToyVideoDiT, tiny_cogvideox, tiny_hunyuan, tiny_wan
 
 
 def rewrite(model, inputs, options=TEST_OPTIONS):
@@ -21,52 +20,6 @@ def rewrite(model, inputs, options=TEST_OPTIONS):
         ctx = PassContext(QuantSparseConfig.from_options(options), example_inputs, RewriteReport(0))
         gm = run_passes(gm, ctx, default_passes())
     return gm, {site.fqn: site for site in ctx.report.sites}, ctx
-
-
-class ToyAttention(nn.Module):
-    def __init__(self, dim=64, heads=2, variant="plain"):
-        super().__init__()
-        self.heads, self.variant = heads, variant
-        kv_dim = dim // 2 if variant == "gqa" else dim
-        self.to_q, self.to_k, self.to_v = nn.Linear(dim, dim), nn.Linear(dim, kv_dim), nn.Linear(dim, kv_dim)
-        self.to_out = nn.Linear(dim, dim)
-        self.gate = nn.Parameter(torch.ones(dim, dim))
-
-    def forward(self, x):
-        b, s, _ = x.shape
-        q = self.to_q(x).unflatten(-1, (self.heads, -1)).transpose(1, 2)
-        k = self.to_k(x).unflatten(-1, (-1, q.shape[-1])).transpose(1, 2)
-        v = self.to_v(x).unflatten(-1, (-1, q.shape[-1])).transpose(1, 2)
-        if self.variant == "dense_mask":
-            mask = torch.ones(b, self.heads, s, s, dtype=torch.bool, device=x.device).tril()
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        elif self.variant == "dropout":
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.1)
-        elif self.variant == "causal":
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        elif self.variant == "gqa":
-            out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v)
-        out = self.to_out(out.transpose(1, 2).flatten(2))
-        # A linear whose weight is computed in the graph: must stay as it is.
-        return F.linear(out, self.gate * 0.5)
-
-
-class ToyVideoDiT(nn.Module):
-    """Conv3d patchify (grid = conv output), a ModuleList of blocks, a head: the shape of Wan, minus the rest."""
-
-    def __init__(self, variant="plain", dim=64):
-        super().__init__()
-        self.patch = nn.Conv3d(4, dim, (1, 2, 2), stride=(1, 2, 2))
-        self.blocks = nn.ModuleList([ToyAttention(dim, variant=variant)])
-        self.head = nn.Linear(dim, 4)
-
-    def forward(self, x):
-        h = self.patch(x).flatten(2).transpose(1, 2)
-        for block in self.blocks:
-            h = h + block(h)
-        return self.head(h)
 
 
 def toy_inputs():
@@ -88,7 +41,8 @@ def test_plain_video_attention_and_block_linears_are_rewritten():
         ("dense_mask", "not a boolean key-padding mask"),
         ("dropout", "dropout_p=0.1"),
         ("causal", "causal attention"),
-        ("gqa", "grouped-query attention"),
+        ("gqa", "grouped-query attention (q heads 2, kv heads 1)"),
+        ("broadcast_kv", "grouped-query attention (q heads 2, kv heads 1)"),
     ],
 )
 def test_attention_variants_are_left_alone_with_a_reason(variant, reason):
@@ -176,6 +130,56 @@ def test_cogvideox_text_first_joint_attention():
     assert attention.details["video_start"] == "8"  # 8 text tokens come first
     grid = ctx.analysis["grid"]
     assert (grid.frames, grid.height, grid.width) == (3, 8, 8)
+
+
+class InPlaceToyDiT(ToyVideoDiT):
+    """In-place mutations whose results nobody reads, as CogVideoX writes its positional embedding into a slice."""
+
+    def forward(self, x):
+        h = self.patch(x).flatten(2).transpose(1, 2)
+        pos = h.new_zeros(h.shape)
+        pos[:, 8:].copy_(h[:, :-8])
+        torch.relu_(pos)
+        h.mul_(0.5)
+        for block in self.blocks:
+            h = h + block(h + pos)
+        return self.head(h)
+
+
+def test_in_place_mutations_survive_the_rewrite():
+    """Dead-code elimination after a rewrite must keep mutations: FX's default drops `x.copy_(y)` whose result is
+    unused, and the graph then computes something else than the model (CogVideoX at a new frame count did)."""
+    model, inputs = InPlaceToyDiT(), toy_inputs()
+    options = {"quant": {"enabled": False}, "sparsity": {"density": 1.0, "block_q": 16, "block_kv": 16}}
+    gm, sites, ctx = rewrite(model, inputs, options)
+    assert sites["blocks.0"].action == "sparse_attention"  # a rewrite happened, so dead code was eliminated
+    assert all(name in gm.code for name in (".copy_(", "torch.relu_(", ".mul_("))
+    with torch.no_grad():
+        assert torch.allclose(gm(*ctx.example_inputs)[0], model(**inputs), atol=1e-5)
+
+
+class TorchAttentionModel(nn.Module):
+    """nn.MultiheadAttention, then an nn.TransformerEncoder (its inference fast path): torch's fused attention."""
+
+    def __init__(self, dim=64):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(dim, 2, batch_first=True)
+        layer = nn.TransformerEncoderLayer(dim, 2, 2 * dim, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+
+    def forward(self, x):
+        y, _ = self.mha(x, x, x, need_weights=False)
+        return self.encoder(y)
+
+
+def test_fused_torch_attention_is_reported_with_a_reason():
+    """torch's fused attention calls hold their projections: not rewritten, but in the report like every site."""
+    _, sites, _ = rewrite(TorchAttentionModel().eval(), {"x": torch.randn(2, 5, 64)})
+    fused = {fqn: site for fqn, site in sites.items() if site.kind == "fused_attention"}
+    assert sorted(fused) == ["encoder.layers.0", "mha"]
+    assert "multi_head_attention_forward" in fused["mha"].reason
+    assert "_transformer_encoder_layer_fwd" in fused["encoder.layers.0"].reason
+    assert all(site.action == "kept" for site in fused.values())
 
 
 def test_plain_mlp_is_untouched_and_reported():

@@ -56,6 +56,18 @@ def test_fingerprint_mismatch_names_the_difference():
         (lambda d: _edit(d, schema_version=99), "schema version 99 is newer"),
         (lambda d: _edit(d, tensors=["blocks.0.attn1.to_q.qweight", "missing.qweight"]), "lacks 1 tensor"),
         (lambda d: _edit(d, fingerprint={"model_class": "x"}), "does not follow schema"),
+        (lambda d: _truncate(d / "plan.safetensors"), "not a readable safetensors file"),
+        (lambda d: (d / "plan.safetensors").unlink(), "plan.safetensors not found but plan.json lists tensors"),
+        (lambda d: _edit(d, linears=["blocks.0.attn1.to_q"]), "'linears' is a list, not a JSON object"),
+        (lambda d: _edit(d, tensors="blocks.0.attn1.to_q.qweight"), "'tensors' is a str, not a JSON array"),
+        (lambda d: _edit_entry(d, "linears", act_format="fp4"), "invalid linear entry"),
+        (lambda d: _edit_entry(d, "attentions", head_patterns="dense"), "head_patterns must be a non-empty list"),
+        (lambda d: _edit_entry(d, "attentions", head_patterns=["local9d:0.3"]), "unknown pattern 'local9d'"),
+        (lambda d: _edit_entry(d, "attentions", block_q=0), "block_q/block_kv positive integers"),
+        (lambda d: _edit_tensor(d, "qweight", lambda t: t[:, :16]), r"to_q.qweight is \[64, 16\] .* needs \[64, 32\]"),
+        (lambda d: _edit_tensor(d, "qweight", lambda t: t.float()), r"to_q.qweight is \[64, 32\] torch.float32"),
+        (lambda d: _edit_tensor(d, "scale", lambda t: t[:, :1]), r"to_q.scale is \[64, 1\] .* needs \[64, 2\]"),
+        (lambda d: _edit_tensor(d, "scale", None), "has blocks.0.attn1.to_q.qweight but not blocks.0.attn1.to_q.scale"),
     ],
 )
 def test_damaged_plans_are_rejected_before_compute(tmp_path, damage, message):
@@ -69,6 +81,79 @@ def _edit(folder, **changes):
     data = json.loads((folder / "plan.json").read_text())
     data.update(changes)
     (folder / "plan.json").write_text(json.dumps(data))
+
+
+def _edit_entry(folder, section, **changes):
+    """Change the fields of the first entry of plan.json's "linears" or "attentions"."""
+    data = json.loads((folder / "plan.json").read_text())
+    next(iter(data[section].values())).update(changes)
+    (folder / "plan.json").write_text(json.dumps(data))
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _edit_tensor(folder, name, change):
+    """Replace blocks.0.attn1.to_q.<name> in plan.safetensors by change(tensor), or drop it (change=None, and from
+    plan.json's list too, so that only the pairing check can catch it)."""
+    from safetensors.torch import load_file, save_file
+
+    key = f"blocks.0.attn1.to_q.{name}"
+    tensors = load_file(str(folder / "plan.safetensors"))
+    if change is None:
+        del tensors[key]
+        data = json.loads((folder / "plan.json").read_text())
+        _edit(folder, tensors=[t for t in data["tensors"] if t != key])
+    else:
+        tensors[key] = change(tensors[key]).contiguous()
+    save_file(tensors, str(folder / "plan.safetensors"))
+
+
+def test_loading_never_unpickles(tmp_path, monkeypatch):
+    """Plans are JSON + safetensors: loading one, checking it against a model (qs.optimize) or against a graph (the
+    backend) must never reach pickle or torch.load, whether the plan is sound or damaged."""
+    import pickle
+
+    import qsparse_compiler as qs
+    from qsparse_compiler.backend import _load_checked_plan
+
+    tiny = tiny_wan(num_layers=1)
+    save_plan(make_plan(tiny.model), tmp_path / "good")
+    save_plan(make_plan(tiny.model), tmp_path / "bad")
+    _truncate(tmp_path / "bad" / "plan.safetensors")
+    with torch.no_grad():
+        gm, example_inputs = capture_dynamo_graph(tiny.model, tiny.make_inputs())
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a plan was unpickled")
+
+    for module, name in ((pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"), (torch, "load")):
+        monkeypatch.setattr(module, name, refuse)
+    assert load_plan(tmp_path / "good").linears == make_plan(tiny.model).linears
+    _load_checked_plan(str(tmp_path / "good"), gm, example_inputs)
+    qs.optimize(tiny.model, plan=str(tmp_path / "good"))  # loads and checks now; compiles lazily
+    with pytest.raises(PlanError, match="not a readable safetensors file"):
+        load_plan(tmp_path / "bad")
+
+
+def test_no_module_of_the_package_can_unpickle():
+    """The promise of plans and calibration checkpoints, for every module: no pickle-family import, no torch.load."""
+    import ast
+    from pathlib import Path
+
+    import qsparse_compiler
+
+    offenders = []
+    for path in Path(qsparse_compiler.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if any(n.split(".")[0] in ("pickle", "cPickle", "dill", "cloudpickle", "joblib") for n in names):
+                offenders.append(f"{path.name}:{node.lineno} imports {names}")
+            if isinstance(node, ast.Attribute) and node.attr == "load" and getattr(node.value, "id", None) == "torch":
+                offenders.append(f"{path.name}:{node.lineno} calls torch.load")
+    assert not offenders, offenders
 
 
 def test_backend_follows_the_plan(tmp_path):
@@ -96,13 +181,47 @@ def test_backend_follows_the_plan(tmp_path):
 def test_plan_for_another_model_is_rejected_at_compile(tmp_path):
     save_plan(make_plan(tiny_wan(num_layers=1).model), tmp_path)
     other = tiny_wan(num_layers=1)
-    other.model.blocks[0].attn1.to_q = torch.nn.Linear(64, 32)  # a different shape
+    other.model.blocks[0].ffn.net[0].proj = torch.nn.Linear(64, 96)  # a narrower FFN: other parameter shapes
+    other.model.blocks[0].ffn.net[2] = torch.nn.Linear(96, 64)
     with torch.no_grad():
-        gm, _ = capture_dynamo_graph(tiny_wan(num_layers=1).model, tiny_wan(num_layers=1).make_inputs())
+        gm, example_inputs = capture_dynamo_graph(other.model, other.make_inputs())
     from qsparse_compiler.backend import _load_checked_plan
 
+    with pytest.raises(PlanError, match=r"parameter blocks\.0\.ffn\.net\.\S+ has shape \[.*\] but the plan expects"):
+        _load_checked_plan(str(tmp_path), gm, example_inputs)
     mlp = torch.nn.Sequential(torch.nn.Linear(8, 8))
     with torch.no_grad():
         mlp_gm, mlp_inputs = capture_dynamo_graph(mlp, {"input": torch.randn(2, 8)})
     with pytest.raises(PlanError, match="none of the plan's 3 sites"):
         _load_checked_plan(str(tmp_path), mlp_gm, mlp_inputs)
+
+
+def test_plan_for_another_config_or_class_is_refused_by_optimize_before_compiling(tmp_path):
+    import qsparse_compiler as qs
+    from qsparse_compiler.testing.models import tiny_cogvideox
+
+    save_plan(make_plan(tiny_wan(num_layers=1).model), tmp_path)
+    with pytest.raises(PlanError, match="another .*config"):
+        qs.optimize(tiny_wan(num_layers=2).model, plan=str(tmp_path))
+    with pytest.raises(PlanError, match="plan was made for .*WanTransformer3DModel, not .*CogVideoXTransformer3DModel"):
+        qs.optimize(tiny_cogvideox(num_layers=1).model, plan=str(tmp_path))
+
+
+@pytest.mark.slow
+def test_a_bad_plan_stops_torch_compile_before_inductor_runs(tmp_path, monkeypatch):
+    """Plain torch.compile: the plan is checked when the backend gets the graph, before Inductor compiles anything or
+    any op runs; the error Dynamo raises names the plan's problem."""
+    import torch._inductor.compile_fx
+
+    save_plan(make_plan(tiny_wan(num_layers=1).model), tmp_path)
+    _edit_tensor(tmp_path, "qweight", lambda t: t[:, :16])
+    calls = []
+    monkeypatch.setattr(torch._inductor.compile_fx, "compile_fx", lambda *args, **kwargs: calls.append(args))
+    tiny = tiny_wan(num_layers=1)
+    torch._dynamo.reset()
+    compiled = torch.compile(tiny.model, backend="quantsparse", options={"plan": str(tmp_path)}, fullgraph=True)
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match=r"to_q.qweight is \[64, 16\]") as info:
+        with torch.no_grad():
+            compiled(**tiny.make_inputs())
+    assert isinstance(info.value.inner_exception, PlanError)
+    assert not calls

@@ -1,4 +1,7 @@
-"""Never wrong silently: dtypes, NaN propagation, shape changes, dynamic=True, resets, two models side by side."""
+"""Never wrong silently: dtypes, NaN/inf propagation, shape changes (recompiles, dynamic=True), resets, two models
+side by side."""
+
+import re
 
 import pytest
 import torch
@@ -7,10 +10,10 @@ from torch._dynamo.utils import counters
 import qsparse_compiler as qs
 from qsparse_compiler.backend import clear_reports, reports
 from qsparse_compiler.testing.metrics import relative_error
-from qsparse_compiler.testing.models import TEST_OPTIONS, tiny_wan
+from qsparse_compiler.runtime.residual_cache import CacheError
+from qsparse_compiler.testing.models import EXACT_OPTIONS, TEST_OPTIONS, tiny_cogvideox, tiny_hunyuan, tiny_wan
 
 pytestmark = pytest.mark.slow
-EXACT = {"quant": {"enabled": False}, "sparsity": {"density": 1.0, "block_q": 16, "block_kv": 16}}
 
 
 def compile_tiny(options, **compile_kwargs):
@@ -32,20 +35,82 @@ def test_half_precision_models(dtype):
         out, expected = compiled(**inputs)[0], tiny.model(**inputs)[0]
     assert out.dtype == dtype and torch.isfinite(out).all()
     assert counters["qsparse"]["w4a8_linear"] == tiny.block_linears
+    assert counters["qsparse"]["sparse_attention"] == tiny.video_attentions
     assert relative_error(out, expected) < 0.15
 
 
-def test_nan_inputs_propagate_like_eager():
-    tiny, compiled = compile_tiny(TEST_OPTIONS, fullgraph=True)
+@pytest.mark.parametrize("options", [EXACT_OPTIONS, TEST_OPTIONS], ids=["exact", "w4a8-sparse"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("where", ["hidden_states", "encoder_hidden_states"])
+def test_non_finite_inputs_propagate_like_eager(where, value, options):
+    """A NaN/inf in the latents (through the sparse self-attention and the W4A8 linears) or in the text (through the
+    dense cross-attention) comes out where eager puts it: no quantizer or skipped tile turns it into a number."""
+    tiny, compiled = compile_tiny(options, fullgraph=True)
     inputs = tiny.make_inputs()
-    inputs["hidden_states"][0, :, 0, 0, 0] = float("nan")
+    inputs[where].view(-1)[0] = value
     with torch.no_grad():
         out, expected = compiled(**inputs)[0], tiny.model(**inputs)[0]
-    assert torch.isnan(expected).any() and torch.isnan(out).any()
+    assert not torch.isfinite(expected).all()
+    assert torch.equal(torch.isnan(out), torch.isnan(expected)) and torch.equal(torch.isinf(out), torch.isinf(expected))
+
+
+# Each change forces a recompile under automatic dynamic shapes: frames and resolution, then the batch size.
+SHAPES = (dict(frames=3), dict(frames=5, height=24, width=24), dict(frames=2, batch=2))
+
+
+@pytest.fixture(scope="module")
+def fresh_compiles():
+    """Per shape of SHAPES: its inputs and the output of a fresh static compile (quantized, sparse) - what a graph
+    reused or recompiled for a shape change must reproduce."""
+    torch.manual_seed(0)
+    tiny = tiny_wan(num_layers=1)
+    inputs = [tiny.make_inputs(**shape) for shape in SHAPES]
+    outputs = []
+    for example in inputs:
+        torch._dynamo.reset()
+        compiled = torch.compile(tiny.model, backend="quantsparse", options=TEST_OPTIONS, fullgraph=True, dynamic=False)
+        with torch.no_grad():
+            outputs.append(compiled(**example)[0])
+    return tiny, inputs, outputs
+
+
+@pytest.mark.parametrize("dynamic", [None, True], ids=["automatic-dynamic", "dynamic=True"])
+def test_shape_changes_recompile_boundedly_and_match_a_fresh_compile(fresh_compiles, dynamic):
+    """Frame count, resolution and batch size change with W4A8 and 50% tiles: each output equals a fresh compile for
+    that shape (the layout follows the grid, the packed weights are reused), the graphs stay few, and going back to
+    a shape seen before compiles nothing."""
+    tiny, inputs, expected = fresh_compiles
+    torch._dynamo.reset()
+    clear_reports()
+    compiled = torch.compile(tiny.model, backend="quantsparse", options=TEST_OPTIONS, fullgraph=True, dynamic=dynamic)
+    with torch.no_grad():
+        for example, reference in zip(inputs, expected):
+            assert relative_error(compiled(**example)[0], reference) < 1e-5
+        graphs = len(reports())
+        for example, reference in zip(inputs, expected):
+            assert relative_error(compiled(**example)[0], reference) < 1e-5
+    assert graphs == len(reports()) <= len(SHAPES)
+    assert all(r.counters["sparse_attention"] == 1 and r.counters["w4a8_linear"] == 10 for r in reports())
+
+
+@pytest.mark.parametrize("factory", [lambda: tiny_cogvideox(num_layers=1), tiny_hunyuan], ids=["cogvideox", "hunyuan"])
+def test_joint_attention_models_follow_frame_and_resolution_changes(factory):
+    """Text + video in one attention; CogVideoX recomputes its positional embedding (an in-place copy) for any size
+    but its config's. With every tile and no quantization the compiled model must equal eager at each size."""
+    tiny = factory()
+    torch._dynamo.reset()
+    clear_reports()
+    compiled = torch.compile(tiny.model, backend="quantsparse", options=EXACT_OPTIONS, fullgraph=True)
+    with torch.no_grad():
+        for shape in (dict(frames=3), dict(frames=5, height=24, width=24), dict(frames=2, height=32, width=16)):
+            inputs = tiny.make_inputs(**shape)
+            assert relative_error(compiled(**inputs)[0], tiny.model(**inputs)[0]) < 1e-4, shape
+    assert len(reports()) == 2  # a static graph, then one with dynamic frames and resolution for every later size
+    assert all(report.counters["sparse_attention"] == tiny.video_attentions for report in reports())
 
 
 def test_dynamic_true_and_batch_change():
-    tiny, compiled = compile_tiny(EXACT, fullgraph=True, dynamic=True)
+    tiny, compiled = compile_tiny(EXACT_OPTIONS, fullgraph=True, dynamic=True)
     with torch.no_grad():
         for frames, batch in ((3, 1), (4, 2), (2, 1)):
             inputs = tiny.make_inputs(frames=frames, batch=batch)
@@ -57,7 +122,7 @@ def test_dynamic_true_and_batch_change():
 
 def test_resolution_change_with_residual_cache_restarts_the_cache():
     runtime = qs.ResidualCacheRuntime()
-    options = {**EXACT, "cache": {"enabled": True, "refresh_first": 1, "refresh_every": 0, "order": 1},
+    options = {**EXACT_OPTIONS, "cache": {"enabled": True, "refresh_first": 1, "refresh_every": 0, "order": 1},
                "runtime": runtime}
     tiny, compiled = compile_tiny(options, fullgraph=True)
     with torch.no_grad(), runtime.generation():
@@ -72,7 +137,7 @@ def test_resolution_change_with_residual_cache_restarts_the_cache():
 def test_two_compiled_models_keep_separate_caches():
     first, second = tiny_wan(num_layers=1), tiny_wan(num_layers=1)
     torch._dynamo.reset()
-    options = {**EXACT, "sparsity": {"density": 0.34, "block_q": 16, "block_kv": 16}}
+    options = {**EXACT_OPTIONS, "sparsity": {"density": 0.34, "block_q": 16, "block_kv": 16}}
     cache = {"refresh_first": 1, "refresh_every": 0, "order": 1}
     a = qs.optimize(first.model, options=options, cache=cache)
     b = qs.optimize(second.model, options=options, cache=cache)
@@ -90,13 +155,39 @@ def test_two_compiled_models_keep_separate_caches():
     assert qs.runtime_of(a) is not qs.runtime_of(b)
 
 
+def test_two_models_on_one_runtime_are_refused_instead_of_sharing_residuals():
+    """Plain torch.compile with one runtime (the process-wide default when the options name none) for two models of
+    one architecture: same FQNs, so the second model would reuse the first one's residuals. It is an error naming the
+    fix; after runtime.reset() the other model may take the sites over."""
+    runtime = qs.ResidualCacheRuntime()
+    options = {**EXACT_OPTIONS, "sparsity": {"density": 0.34, "block_q": 16, "block_kv": 16}, "runtime": runtime,
+               "cache": {"enabled": True, "refresh_first": 1, "refresh_every": 0, "order": 1}}
+    first, second = tiny_wan(num_layers=1), tiny_wan(num_layers=1)
+    torch._dynamo.reset()
+    a = torch.compile(first.model, backend="quantsparse", options=options, fullgraph=True)
+    b = torch.compile(second.model, backend="quantsparse", options=options, fullgraph=True)
+    inputs = first.make_inputs()
+    with torch.no_grad():
+        runtime.reset()
+        a(**inputs)
+        with pytest.raises(CacheError, match="two compiled models use the residual cache of blocks.0.attn1"):
+            b(**inputs)
+        runtime.reset()
+        refreshed = b(**inputs)[0]
+        runtime.step()
+        reused = b(**inputs)[0]
+        with pytest.raises(CacheError, match=re.escape("options={'runtime': qs.ResidualCacheRuntime()}")):
+            a(**inputs)
+    assert relative_error(reused, refreshed) < 1e-5  # b reused its own residual
+
+
 def test_compiler_reset_and_fresh_compile():
-    tiny, compiled = compile_tiny(EXACT, fullgraph=True)
+    tiny, compiled = compile_tiny(EXACT_OPTIONS, fullgraph=True)
     inputs = tiny.make_inputs()
     with torch.no_grad():
         first = compiled(**inputs)[0]
         torch.compiler.reset()
-        again = torch.compile(tiny.model, backend="quantsparse", options=EXACT, fullgraph=True)(**inputs)[0]
+        again = torch.compile(tiny.model, backend="quantsparse", options=EXACT_OPTIONS, fullgraph=True)(**inputs)[0]
     assert torch.allclose(first, again, atol=1e-6)
     assert len(reports()) == 2
 

@@ -136,6 +136,33 @@ def test_reset_starts_a_new_generation_and_shape_change_restarts_the_site():
     assert refresh and runtime.memory_report()["blocks.0.attn1"]["resets"] == 1
 
 
+def test_a_site_belongs_to_one_model_until_reset_or_until_that_model_is_gone():
+    """Two models of one architecture have the same FQNs: the runtime must not hand one model's residual to the other."""
+    import gc
+
+    runtime, schedule = ResidualCacheRuntime(), CacheConfig(enabled=True, refresh_first=1, refresh_every=0, order=1)
+    first, second = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))  # each model's owner
+
+    def refreshes(owner):
+        return runtime.acquire("blocks.0.attn1", schedule, SHAPE, torch.float32, torch.device("cpu"), owner)[1]
+
+    assert refreshes(first)
+    runtime.step()
+    assert not refreshes(first)  # a reuse of its own residual
+    runtime.step()
+    with pytest.raises(CacheError, match="two compiled models use the residual cache of blocks.0.attn1"):
+        refreshes(second)
+    assert not refreshes(first)  # the refused call took no branch: the first model still reuses its residual
+    runtime.reset()
+    assert refreshes(second)  # a new generation: the site passes to whoever calls first, with a refresh
+    runtime.step()
+    with pytest.raises(CacheError):
+        refreshes(first)
+    del second
+    gc.collect()
+    assert refreshes(first)  # the other model is gone: its residual is dropped, not reused
+
+
 def test_compiled_model_runs_a_generation_without_per_step_recompiles():
     tiny = tiny_wan(num_layers=1)
     runtime = ResidualCacheRuntime()
