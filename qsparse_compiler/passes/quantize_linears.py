@@ -156,7 +156,9 @@ class QuantizeLinears:
         k = weight.shape[1]
         group_size = ctx.plan.linears[site.fqn].group_size if ctx.plan is not None else cfg.group_size
         group = effective_group_size(k, group_size)
-        if k % group or k % 2:
+        if k % 2:
+            return f"in_features={k} is odd: int4 weights pack two input features per byte (kept in its dtype)"
+        if k % group:
             return f"in_features={k} is not a multiple of group_size={group_size} (use a divisor of K or 0)"
         return ""
 

@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qsparse_compiler.kernels.block_sparse_attention import block_sparse_attention, unsupported_reason
@@ -158,10 +158,6 @@ def test_non_contiguous_bshd_views_need_no_copy():
     seed=st.integers(0, 2**16),
 )
 def test_fuzz_against_masked_attention(sq, skv, heads, batch, density, blocks, broadcast_heads, variant, seed):
-    # A known bug, pinned by tests/reliability/test_fuzz_ops.py::test_kernel_key_length_a_multiple_of_the_tile_but_not_
-    # of_the_layout_block (strict xfail): S_kv a multiple of the 16-key tile but not of the layout block. Drop this
-    # assume() with that xfail once the kernel is fixed.
-    assume(not (skv % 16 == 0 and skv % blocks[1]))
     gen = torch.Generator().manual_seed(seed)
     d = 16
     q, k, v = _qkv(batch, heads, sq, skv, d, torch.bfloat16, gen)

@@ -79,7 +79,7 @@ class OddWidthDiT(nn.Module):
                  {"blocks.0.to_q": ("kept", "in_features=48 is not a multiple of group_size=32"),
                   "blocks.0": ("sparse_attention", "")}, True, id="K=48-group32"),
     pytest.param(OddWidthDiT, video(), {**EXACT_OPTIONS, "quant": {"group_size": 0}},
-                 {"blocks.0.0": ("kept", "in_features=33"), "blocks.0.2": ("kept", "in_features=35")}, True,
+                 {"blocks.0.0": ("kept", "in_features=33 is odd"), "blocks.0.2": ("kept", "in_features=35 is odd")}, True,
                  id="odd-K-per-channel"),
     pytest.param(ToyVideoDiT, video(frames=1, size=4), TEST_OPTIONS,
                  {"blocks.0": ("kept", "S=4 fits in one query block (block_q=16): nothing to skip"),

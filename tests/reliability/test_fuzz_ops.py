@@ -134,23 +134,6 @@ def test_sparse_attention_triton_kernel_fuzz_interpreter(seed, batch, heads, seq
                                               dtype, padded, block_sparse_attention))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "kernels/block_sparse_attention.py: EVEN_KV is decided from the kernel's key tile (S_kv % BLOCK_N == 0), but a "
-    "layout key block larger than the tile can still reach past S_kv: its last tiles are loaded without a mask "
-    "(NaN or garbage out; out-of-bounds reads on a GPU). Found by tests/kernels' fuzz (sq=1, skv=16, blocks 16x32). "
-    "Remove this xfail once EVEN_KV follows the layout block."))
-def test_kernel_key_length_a_multiple_of_the_tile_but_not_of_the_layout_block():
-    from qsparse_compiler.kernels.block_sparse_attention import block_sparse_attention
-
-    # 16 keys in one 32-key layout block, 16-query blocks: the interpreter's key tile is 16, the block's 2nd is empty.
-    q, k, v = (torch.randn(1, 1, 16, 16).to(torch.bfloat16) for _ in range(3))
-    layout = BlockSparseLayout.from_bitmap(torch.ones(1, 1, 1, 1, dtype=torch.bool), 16, 32, 16, 16)
-    out, lse = block_sparse_attention(q, k, v, layout.kv_num_blocks, layout.kv_indices, 16, 32, 0.25)
-    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=0.25)
-    same_dtype = F.scaled_dot_product_attention(q, k, v, scale=0.25)
-    _assert_kernel_attention(out, lse, exact, same_dtype, torch.zeros(1, 1, 16, dtype=torch.bool))
-
-
 @CPU
 @given(
     seed=st.integers(0, 2**16), m=st.integers(1, 40), k_groups=st.integers(1, 3), n_blocks=st.integers(1, 3),
