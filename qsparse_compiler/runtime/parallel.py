@@ -25,6 +25,7 @@ and the fix.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
@@ -110,6 +111,9 @@ def _prepare_hooks_for_dynamo(transformer: torch.nn.Module) -> None:
             if metadata.cached_parameter_indices is None:
                 names = list(inspect.signature(metadata._cls.forward).parameters)[1:]  # without self
                 metadata.cached_parameter_indices = {name: index for index, name in enumerate(names)}
-    warn = getattr(context_parallel.logger, "warning_once", None)  # added to Logger by transformers, when imported
-    if warn is not None:
-        torch._dynamo.config.ignore_logging_functions.add(warn)
+    logger = context_parallel.logger
+    if not hasattr(logger, "warning_once"):
+        # diffusers 0.42 calls Logger.warning_once, which only transformers adds to logging.Logger: without
+        # transformers installed the split hook raised AttributeError (eager too). Give its logger one.
+        logger.warning_once = functools.lru_cache(maxsize=None)(logger.warning)
+    torch._dynamo.config.ignore_logging_functions.add(logger.warning_once)
