@@ -75,6 +75,9 @@ def calibrate_command(
     resume: bool = typer.Option(True, help="continue from the checkpoints in --out"),
     frames: Optional[int] = typer.Option(None, help="frames of the recorded videos (reference model)"),
     steps: int = typer.Option(30, help="sampling steps of the recorded videos (reference model)"),
+    every: int = typer.Option(5, min=1, help="record the transformer's inputs at every n-th sampling step, 1 = every "
+                                             "step (reference model); each recorded step, all seeds' videos in one "
+                                             "batch, is one candidate sample of the data selection"),
 ) -> None:
     """Calibrate a Plan: salient samples, per-head pattern search, MSAD distillation, residual-cache settings."""
     import torch
@@ -93,7 +96,7 @@ def calibrate_command(
             videos = SyntheticVideos(data, device="cpu")
             chosen = [int(s) for s in seeds.split(",")]
             prompts = videos.embed(videos.scenes_for_seeds(chosen))
-            with torch.no_grad(), record_transformer_calls(module, every=5) as recorder:
+            with torch.no_grad(), record_transformer_calls(module, every=every) as recorder:
                 sample_videos(module, prompts, chosen, frames=data.frames, height=data.height, width=data.width,
                               channels=data.channels, num_steps=steps, device=device, dtype=torch.float32)
             samples = out / "samples.safetensors"

@@ -24,3 +24,24 @@ def test_bench_kernels_without_cuda_says_so(tmp_path):
 def test_compile_rejects_unknown_models():
     result = CliRunner().invoke(app, ["compile", "resnet"])
     assert result.exit_code != 0 and "is not one of" in result.output
+
+
+def test_calibrate_reference_records_every_nth_step(tmp_path, monkeypatch):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from qsparse_compiler.calibration import driver, load_samples
+    from qsparse_compiler.testing.reference_model import DEFAULT_SHIFT
+
+    recorded = []
+    monkeypatch.setattr(driver, "calibrate_cli_main",
+                        lambda module, samples, out, config, resume: recorded.append(load_samples(samples)))
+    args = ["calibrate", "reference", "--out", str(tmp_path / "plan"), "--frames", "1", "--steps", "4", "--seeds", "0,1"]
+    result = CliRunner().invoke(app, [*args, "--every", "2"])
+    assert result.exit_code == 0, result.output
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=DEFAULT_SHIFT)
+    scheduler.set_timesteps(4)
+    # steps 0 and 2 of 4; each candidate holds both seeds' videos at its step
+    assert [s["timestep"].tolist() for s in recorded[0]] == [[t, t] for t in scheduler.timesteps[::2].tolist()]
+    assert recorded[0][0]["hidden_states"].shape[0] == 2
+    result = CliRunner().invoke(app, [*args, "--every", "0"])
+    assert result.exit_code != 0 and "--every" in result.output and len(recorded) == 1
