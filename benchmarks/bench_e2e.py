@@ -297,6 +297,9 @@ def main() -> None:
     parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
                         help="also profile each row: GPU ms per kernel category in the JSON, kernel tables in DIR")
     parser.add_argument("--qsparse-options", default=json.dumps(QSPARSE_OPTIONS), help="backend options (JSON)")
+    parser.add_argument("--cache", default=json.dumps(CACHE),
+                        help='residual-cache schedule of the qsparse rows (JSON), e.g. \'{"order": 1, "storage": "fp8_e4m3"}\' '
+                             "(fields of qsparse_compiler.config.CacheConfig; the given ones replace the default's)")
     parser.add_argument("--plot", type=Path, metavar="JSON", help="only draw the bar chart of a results JSON")
     args = parser.parse_args()
     if args.plot is not None:
@@ -304,6 +307,7 @@ def main() -> None:
         return
     QSPARSE_OPTIONS.clear()
     QSPARSE_OPTIONS.update(json.loads(args.qsparse_options))
+    CACHE.update(json.loads(args.cache))
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     workload = WORKLOADS[args.workload]
     eager_model, inputs = build(workload, args.device, dtype)

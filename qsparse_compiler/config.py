@@ -21,6 +21,7 @@ from typing import Any, Mapping
 __all__ = [
     "ACT_FORMATS",
     "CACHE_MODES",
+    "CACHE_STORAGES",
     "ConfigError",
     "QuantConfig",
     "SparsityConfig",
@@ -41,6 +42,11 @@ SCALE_DTYPES = ("bfloat16", "float16", "float32")
 #   refresh  always refresh (a graph for refresh steps)      } qs.optimize compiles these two variants so CUDA graphs
 #   reuse    always reuse   (a graph for reuse steps)        } can capture each path
 CACHE_MODES = ("auto", "refresh", "reuse")
+# How a full-rank residual cache stores R and dR (runtime/residual_cache.py state_layout):
+#   model     in the attention's dtype (bf16 for bf16 models)
+#   fp8_e4m3  e4m3 codes + one fp32 scale per (batch, head, token) row: ~half of bf16's bytes. Wan-1.3B at 480p
+#             with order 2 holds 5.6 GiB of bf16 residuals, more than the bf16 model's whole peak (BENCHMARKS.md)
+CACHE_STORAGES = ("model", "fp8_e4m3")
 
 
 class ConfigError(ValueError):
@@ -164,6 +170,7 @@ class CacheConfig:
     refresh_every  afterwards every step that is a multiple of n refreshes; 0 = never again.
     order          1: reuse R; 2: R + (steps since refresh) * dR, dR the per-step change between two refreshes.
     rank           0: store R per head in full; r > 0: a rank-r factorization (truncated SVD) per head.
+    storage        see CACHE_STORAGES (full rank only).
     max_branches   calls of one site within one step (2 = conditional + unconditional CFG passes).
     mode           see CACHE_MODES.
     override_plan  True: this schedule applies to every sparsified site even when a plan has per-site settings
@@ -175,6 +182,7 @@ class CacheConfig:
     refresh_every: int = 5
     order: int = 2
     rank: int = 0
+    storage: str = "model"
     max_branches: int = 2
     mode: str = "auto"
     override_plan: bool = False
@@ -193,6 +201,11 @@ class CacheConfig:
             _fail("CacheConfig", "order", self.order, "needs two refreshes to form dR: refresh_first >= 2")
         if not isinstance(self.rank, int) or self.rank < 0:
             _fail("CacheConfig", "rank", self.rank, "must be 0 (full) or a positive int")
+        if self.storage not in CACHE_STORAGES:
+            _fail("CacheConfig", "storage", self.storage, f"must be one of {CACHE_STORAGES}")
+        if self.storage != "model" and self.rank:
+            _fail("CacheConfig", "storage", self.storage,
+                  f"applies to full-rank caches only (rank={self.rank}); use rank=0 or storage='model'")
         if not isinstance(self.max_branches, int) or self.max_branches < 1:
             _fail("CacheConfig", "max_branches", self.max_branches, "must be an int >= 1")
         if self.mode not in CACHE_MODES:

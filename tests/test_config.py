@@ -27,6 +27,8 @@ def test_defaults_and_dict_options():
         ({"plan": "/nonexistent/plan"}, "is not a directory; pass the folder written by `qsparse calibrate"),
         ({"report": "yes"}, "QuantSparseConfig.report='yes' must be True or False"),
         ({"quant": 3}, "quant must be a QuantConfig or a dict"),
+        ({"cache": {"storage": "int4"}}, r"CacheConfig.storage='int4' must be one of \('model', 'fp8_e4m3'\)"),
+        ({"cache": {"storage": "fp8_e4m3", "rank": 8}}, "applies to full-rank caches only .rank=8.; use rank=0"),
         ({"parallel": {"ulysses_degree": 0}}, "ParallelConfig.ulysses_degree=0 must be an int >= 1"),
         ({"parallel": {"ulysses_degree": 2, "ulysses_rank": 2}}, r"ParallelConfig.ulysses_rank=2 must be an int in"),
     ],

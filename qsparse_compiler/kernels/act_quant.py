@@ -18,13 +18,13 @@ per element for a bf16 input); the tile is BLOCK_K = next_pow2(K) wide (masked p
 hits L2) - a whole 16K-wide row per program spilled registers and ran at a third of the memory bandwidth.
 
 Rounding: fp8 codes are rounded to the e4m3 grid in fp32 before the (then exact) cast, see
-``_round_to_e4m3_grid``. Each element is multiplied by the reciprocal of its row's scale (one IEEE division per row,
+``rounding.round_to_e4m3_grid``. Each element is multiplied by the reciprocal of its row's scale (one IEEE division per row,
 not per element: at DiT sizes the kernel is ALU-bound, not memory-bound, once a GELU runs in it), so v may be one
 fp32 ulp off the reference's x / scale and a code a step away where v sits on a rounding boundary. int8 rounds half to even with the
 "add and subtract 1.5 * 2**23" trick: exact for |v| < 2**22 (|v| <= 127 here), needs no libdevice (which the
 interpreter cannot run) and compiles to two FADDs (Triton does not reassociate floating-point adds).
 
-This module imports nothing from qsparse_compiler (kernels/ rule).
+This module imports nothing from qsparse_compiler outside kernels/ (kernels/ rule).
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from .rounding import round_to_e4m3_grid
 
 __all__ = ["act_quant", "act_quant_asym", "ACT_QUANT_FORMATS", "ACTIVATIONS", "MAX_K"]
 
@@ -41,23 +43,6 @@ _CODE_DTYPE = {"fp8_e4m3": torch.float8_e4m3fn, "int8": torch.int8}
 _AMAX_EPS = 1e-12  # same as ops/quantization.py: a row of zeros gets a tiny scale, not a division by zero
 ACTIVATIONS = ("none", "gelu_tanh")  # applied to x before quantization (the kernel's PRE_GELU)
 MAX_K = 32768  # whole row in registers; beyond this the tile would spill (no DiT has K > 13,824)
-
-
-@triton.jit
-def _round_to_e4m3_grid(v):
-    """Round fp32 |v| <= 448 to the nearest e4m3 value, ties to even, staying in fp32.
-
-    Why not just cast: the GPU's cvt.rn does this in hardware, but Triton's CPU interpreter truncates mantissas
-    without carrying into the exponent (124.5 -> 64), so the same source would be wrong on CPU. Rounding first
-    makes the cast exact everywhere; on the GPU it is a few integer ops in a memory-bound kernel.
-    Normal range (|v| >= 2**-6): keep 3 mantissa bits of the fp32 pattern with round-half-even (the carry may
-    bump the exponent, which is right). Subnormal range: multiples of 2**-9, via the add-and-subtract trick.
-    """
-    bits = v.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000
-    normal = bits.to(tl.float32, bitcast=True)
-    subnormal = (v + 24576.0) - 24576.0  # 1.5 * 2**14: ulp of the sum is 2**-9
-    return tl.where(tl.abs(v) < 0.015625, subnormal, normal)
 
 
 @triton.jit
@@ -88,7 +73,7 @@ def _store_codes(q_ptr, rows, cols, mask, stride_qm, x, low, inv_scale, QMAX: tl
         codes = v.to(tl.uint8)
     elif IS_FP8:
         v = tl.minimum(tl.maximum(x * inv_scale[:, None], -QMAX), QMAX)
-        codes = _round_to_e4m3_grid(v).to(tl.float8e4nv)  # exact cast: v is on the e4m3 grid already
+        codes = round_to_e4m3_grid(v).to(tl.float8e4nv)  # exact cast: v is on the e4m3 grid already
     else:
         v = (x * inv_scale[:, None] + 12582912.0) - 12582912.0  # round half to even (see module docstring)
         v = tl.minimum(tl.maximum(v, -QMAX), QMAX)

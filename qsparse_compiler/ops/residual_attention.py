@@ -6,7 +6,9 @@
 
 ``state`` holds the cache of one site and one CFG branch (allocated and owned by runtime/residual_cache.py):
     full rank  [residual (B,H,S,D), delta (B,H,S,D), steps (1,) fp32]
+    fp8        [residual codes (B,H,S,D) e4m3, residual scales (B,H,S,1) fp32, delta codes, delta scales, steps]
     rank r     [residual_u (B,H,S,r), residual_v (B,H,r,D), delta_u, delta_v, steps (1,) fp32]
+An fp8 value is codes * scale, one scale per (b, h, s) row = the row's amax / 448 (CacheConfig.storage).
 ``steps`` counts the steps since the last refresh, on the device (no host sync, CUDA-graph safe), and is -1 before
 the first refresh of a new generation.
 
@@ -15,8 +17,8 @@ dR = (R - R_prev) / (steps + 1) between two refreshes; it stores R (and dR) and 
 O_sparse + R + steps * dR (order 1: O_sparse + R). ``cache_mode`` 1 always refreshes, 2 always reuses, 0 follows the
 ``refresh`` flag that the runtime supplies per call (a host-side branch: no device read).
 
-On CUDA a full-rank cache takes one fused pass per step (kernels/residual_cache_step.py); the plain-torch code
-below is the reference it is tested against and serves CPU and low-rank caches.
+On CUDA a full-rank cache (bf16/fp16/fp32 or fp8) takes one fused pass per step (kernels/residual_cache_step.py);
+the plain-torch code below is the reference it is tested against and serves CPU and low-rank caches.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from .quantization import dequantize_activation, quantize_activation_symmetric
 
 try:
     from ..kernels.residual_cache_step import MAX_HEAD_DIM, residual_cache_step
@@ -42,10 +46,16 @@ def _low_rank(residual: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Te
     return u[..., :rank] * sigma[..., None, :rank], vh[..., :rank, :]
 
 
+def _is_fp8(state: list[torch.Tensor]) -> bool:
+    return state[0].dtype == torch.float8_e4m3fn
+
+
 def _expand(state: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(R, dR) in full from the stored state."""
+    """(R, dR) in full, fp32, from the stored state."""
     if len(state) == 3:
         return state[0].to(torch.float32), state[1].to(torch.float32)
+    if _is_fp8(state):
+        return dequantize_activation(state[0], state[1], None), dequantize_activation(state[2], state[3], None)
     return state[0].float() @ state[1].float(), state[2].float() @ state[3].float()
 
 
@@ -54,14 +64,20 @@ def _store(state: list[torch.Tensor], residual: torch.Tensor, delta: torch.Tenso
         state[0].copy_(residual)
         state[1].copy_(delta)
         return
-    rank = state[0].shape[-1]
-    for target, source in zip(state[:4], (*_low_rank(residual, rank), *_low_rank(delta, rank))):
+    if _is_fp8(state):
+        # The same per-row e4m3 rounding as the activations of a W4A8 linear (and as the fused kernel).
+        parts = (*quantize_activation_symmetric(residual, "fp8_e4m3"), *quantize_activation_symmetric(delta, "fp8_e4m3"))
+    else:
+        rank = state[0].shape[-1]
+        parts = (*_low_rank(residual, rank), *_low_rank(delta, rank))
+    for target, source in zip(state[:4], parts):
         target.copy_(source)
 
 
 def _use_fused_step(o_sparse: torch.Tensor, state: list[torch.Tensor]) -> bool:
     """The Triton step kernel serves full-rank caches on CUDA (tests also run it on CPU under the interpreter)."""
-    return residual_cache_step is not None and o_sparse.is_cuda and len(state) == 3 and o_sparse.shape[-1] <= MAX_HEAD_DIM
+    full_rank = len(state) == 3 or _is_fp8(state)
+    return residual_cache_step is not None and o_sparse.is_cuda and full_rank and o_sparse.shape[-1] <= MAX_HEAD_DIM
 
 
 @torch.library.custom_op("qsparse::residual_attention", mutates_args=("state",))
@@ -80,11 +96,14 @@ def residual_attention(
     steps = state[-1]
     do_refresh = cache_mode == MODE_REFRESH or (cache_mode == MODE_AUTO and refresh is not None and bool(refresh))
     if _use_fused_step(o_sparse, state):
+        # fp8: codes and their scales; else R and dR with no scales.
+        residual, residual_scale, delta, delta_scale = state[:4] if _is_fp8(state) else (state[0], None, state[1], None)
+        scales = dict(residual_scale=residual_scale, delta_scale=delta_scale)
         if not do_refresh:
             steps.add_(1)  # a reuse step n steps after the refresh adds n * dR
-            return residual_cache_step(o_sparse, state[0], state[1], steps, order)
+            return residual_cache_step(o_sparse, residual, delta, steps, order, **scales)
         dense = F.scaled_dot_product_attention(q, k, v, attn_mask=key_padding_mask, scale=scale)
-        out = residual_cache_step(o_sparse, state[0], state[1], steps, order, dense)  # reads the steps before it
+        out = residual_cache_step(o_sparse, residual, delta, steps, order, dense, **scales)  # reads the steps before it
         steps.zero_()
         return out
     if do_refresh:

@@ -80,7 +80,7 @@ class InsertResidualCache:
             q, k, v = node.args[:3]
             scale, mask = node.args[7], node.args[8]
             value = fake_value(out)
-            examples = _state_examples(gm, tuple(value.shape), schedule.rank, value.dtype, value.device)
+            examples = _state_examples(gm, tuple(value.shape), schedule, value.dtype, value.device)
             index = len(ctx.cache_slots)
             state = [add_placeholder(gm, f"qsparse_cache_{index}_{i}", t) for i, t in enumerate(examples)]
             ctx.extra_example_inputs += examples
@@ -101,17 +101,17 @@ class InsertResidualCache:
             ctx.report.add(
                 fqn, "residual_cache", "residual_attention",
                 f"order {schedule.order}, refresh first {schedule.refresh_first} then every {schedule.refresh_every}, "
-                f"rank {schedule.rank or 'full'}, mode {schedule.mode}",
+                f"rank {schedule.rank or 'full'}, storage {schedule.storage}, mode {schedule.mode}",
             )
             count_rewrite(ctx, "residual_attention")
             rewrites += 1
         return rewrites
 
 
-def _state_examples(gm, shape: tuple[Any, ...], rank: int, dtype: torch.dtype, device) -> list[torch.Tensor]:
+def _state_examples(gm, shape: tuple[Any, ...], schedule: CacheConfig, dtype: torch.dtype,
+                    device) -> list[torch.Tensor]:
     """Fake tensors (the graph's fake mode, its symbolic sizes) shaped like the state the runtime will pass."""
     from ..runtime.residual_cache import state_layout
 
     with graph_fake_mode(gm):
-        state = [torch.empty(s, dtype=dtype, device=device) for s in state_layout(shape, rank)[:-1]]
-        return state + [torch.empty(1, dtype=torch.float32, device=device)]
+        return [torch.empty(s, dtype=d, device=device) for s, d in state_layout(shape, schedule, dtype)]

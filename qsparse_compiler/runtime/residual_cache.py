@@ -114,12 +114,12 @@ class ResidualCacheRuntime:
                     "(qs.optimize(pipe) does it, or call runtime.step() in your loop), or raise cache.max_branches"
                 )
             branch = site.branches.get(branch_index)
-            layout = state_layout(shape, schedule.rank)
-            if branch is None or [tuple(t.shape) for t in branch.state] != layout or branch.state[0].dtype != dtype \
+            layout = state_layout(shape, schedule, dtype)
+            if branch is None or [(tuple(t.shape), t.dtype) for t in branch.state] != layout \
                     or branch.state[0].device != device:
                 if branch is not None:
                     site.resets += 1
-                state = [torch.zeros(s, dtype=dtype, device=device) for s in layout[:-1]]
+                state = [torch.zeros(s, dtype=d, device=device) for s, d in layout[:-1]]
                 state.append(torch.full((1,), -1.0, dtype=torch.float32, device=device))
                 branch = site.branches[branch_index] = _Branch(state)
             refresh = branch.refreshed_at is None or schedule.is_refresh_step(self._step)
@@ -189,12 +189,23 @@ def _claim(site: _Site, fqn: str, owner: torch.Tensor) -> None:
     _empty(site)  # residuals left by a model that is gone are not this model's
 
 
-def state_layout(shape: tuple, rank: int) -> list[tuple]:
-    """Shapes of a site's state for an output of ``shape`` (B, H, S, D): full rank, or rank-r factors."""
+def state_layout(shape: tuple, schedule: CacheConfig, dtype: torch.dtype) -> list[tuple[tuple, torch.dtype]]:
+    """(shape, dtype) of each state tensor of a site whose attention output is ``shape`` (B, H, S, D) in ``dtype``:
+
+        full rank            [R, dR, steps]                                   R, dR (B,H,S,D) in ``dtype``
+        full rank, fp8_e4m3  [R codes, R scales, dR codes, dR scales, steps]  codes (B,H,S,D) e4m3, scales (B,H,S,1) fp32
+        rank r               [R_u (B,H,S,r), R_v (B,H,r,D), dR_u, dR_v, steps] in ``dtype``
+
+    ``steps`` is (1,) fp32 (ops/residual_attention.py). A rank >= D stores in full (no saving to be had)."""
     b, h, s, d = shape
-    if rank == 0 or rank > d:
-        return [(b, h, s, d), (b, h, s, d), (1,)]
-    return [(b, h, s, rank), (b, h, rank, d), (b, h, s, rank), (b, h, rank, d), (1,)]
+    steps = ((1,), torch.float32)
+    if schedule.rank and schedule.rank < d:
+        r = schedule.rank
+        return [((b, h, s, r), dtype), ((b, h, r, d), dtype), ((b, h, s, r), dtype), ((b, h, r, d), dtype), steps]
+    if schedule.storage == "fp8_e4m3":
+        codes, scales = ((b, h, s, d), torch.float8_e4m3fn), ((b, h, s, 1), torch.float32)
+        return [codes, scales, codes, scales, steps]
+    return [((b, h, s, d), dtype), ((b, h, s, d), dtype), steps]
 
 
 default_runtime = ResidualCacheRuntime()

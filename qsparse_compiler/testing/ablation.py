@@ -2,7 +2,7 @@
 one. Used by ``qsparse eval`` and FIDELITY.md.
 
     dense -> w4a8 | sparse | naive (w4a8 + sparse) | + msad (a calibrated plan) | + ssar order 1 / order 2 | + low-rank
-    | + the plan's own SSAR settings
+    | + the plan's own SSAR settings; beside the table: ssar1_fp8 / ssar2_fp8 (the cache stored in fp8)
 """
 
 from __future__ import annotations
@@ -70,6 +70,9 @@ def ablation_variants(
         "ssar1": _optimized(options(sparse if not plan else {}), plan, {**ssar, "order": 1}),
         "ssar2": _optimized(options(sparse if not plan else {}), plan, {**ssar, "order": 2}),
         "lowrank": _optimized(options(sparse if not plan else {}), plan, {**ssar, "order": 2, "rank": rank}),
+        # R (and dR) stored as e4m3 codes + a scale per row: about half of bf16's cache memory.
+        "ssar1_fp8": _optimized(options(sparse if not plan else {}), plan, {**ssar, "order": 1, "storage": "fp8_e4m3"}),
+        "ssar2_fp8": _optimized(options(sparse if not plan else {}), plan, {**ssar, "order": 2, "storage": "fp8_e4m3"}),
         # The plan's own per-layer schedules, orders and ranks (calibration's SSAR settings).
         "ssar_plan": _optimized(options({}), plan, True) if plan else None,
     }

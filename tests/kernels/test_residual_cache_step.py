@@ -8,7 +8,9 @@ fused path vs the plain-torch path.
 import pytest
 import torch
 
+from qsparse_compiler.config import CacheConfig
 from qsparse_compiler.kernels.residual_cache_step import residual_cache_step
+from qsparse_compiler.runtime.residual_cache import state_layout
 
 
 def _bshd(b, h, s, d, dtype, device="cpu"):
@@ -60,13 +62,66 @@ def test_rejects_what_it_cannot_do():
     residual, delta = _state(shape, torch.float32)
     with pytest.raises(ValueError, match="R, dR contiguous"):
         residual_cache_step(o, residual.transpose(1, 2).contiguous().transpose(1, 2), delta, torch.zeros(1), 2)
-    with pytest.raises(ValueError, match="shape, device"):
+    with pytest.raises(ValueError, match="shape and device"):
         residual_cache_step(o, residual[..., :8].contiguous(), delta, torch.zeros(1), 2)
+    codes = residual.to(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="needs both residual_scale and delta_scale"):
+        residual_cache_step(o, codes, codes.clone(), torch.zeros(1), 2, residual_scale=torch.ones(1, 2, 8, 1))
+    with pytest.raises(ValueError, match="float8_e4m3fn codes when scales are given"):
+        residual_cache_step(o, codes, codes.clone(), torch.zeros(1), 2)
+    with pytest.raises(ValueError, match=r"contiguous \(B, H, S, 1\) fp32"):
+        residual_cache_step(o, codes, codes.clone(), torch.zeros(1), 2,
+                            residual_scale=torch.ones(1, 2, 8), delta_scale=torch.ones(1, 2, 8))
     with pytest.raises(ValueError, match="order must be 1 or 2"):
         residual_cache_step(o, residual, delta, torch.zeros(1), 3)
 
 
-def _op_sequence(device: str, fused: bool, order: int, monkeypatch) -> list[torch.Tensor]:
+def _fp8_state(shape, device="cpu"):
+    """Random e4m3 codes of R and dR with positive per-row scales."""
+    codes = [(torch.randn(shape, device=device) * 100).clamp(-448, 448).to(torch.float8_e4m3fn) for _ in range(2)]
+    scales = [torch.rand(shape[:3] + (1,), device=device) * 1e-2 + 1e-4 for _ in range(2)]
+    return codes[0], scales[0], codes[1], scales[1]
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_fp8_reuse_step_dequantizes_each_row(order):
+    shape = (2, 3, 37, 16)
+    o = _bshd(*shape, torch.bfloat16)
+    r_codes, r_scale, d_codes, d_scale = _fp8_state(shape)
+    out = residual_cache_step(o, r_codes, d_codes, torch.tensor([2.0]), order,
+                              residual_scale=r_scale, delta_scale=d_scale)
+    expected = o.float() + r_codes.float() * r_scale + (2.0 * d_codes.float() * d_scale if order == 2 else 0.0)
+    torch.testing.assert_close(out.float(), expected, rtol=2**-7, atol=1e-6)
+
+
+@pytest.mark.parametrize("steps_before", [-1.0, 3.0])
+@pytest.mark.parametrize("order", [1, 2])
+def test_fp8_refresh_step_quantizes_like_the_activations(steps_before, order):
+    """R (and dR) are stored with ops/quantization.py's per-row e4m3 rounding: the same codes and scales."""
+    from qsparse_compiler.ops.quantization import quantize_activation_symmetric
+
+    shape = (1, 2, 45, 32)
+    o, dense = _bshd(*shape, torch.float32), _bshd(*shape, torch.float32)
+    o[0, 1, 7] = dense[0, 1, 7]  # a row with R = 0: a tiny scale, zero codes (no division by zero)
+    r_codes, r_scale, d_codes, d_scale = _fp8_state(shape)
+    previous = r_codes.float() * r_scale
+    out = residual_cache_step(o, r_codes, d_codes, torch.tensor([steps_before]), order, dense,
+                              residual_scale=r_scale, delta_scale=d_scale)
+    torch.testing.assert_close(out, dense, rtol=0, atol=0)
+    new_residual = dense - o
+    want_codes, want_scale = quantize_activation_symmetric(new_residual, "fp8_e4m3")
+    assert torch.equal(r_scale, want_scale)
+    assert torch.equal(r_codes.float(), want_codes.float())
+    assert torch.count_nonzero(r_codes[0, 1, 7].float()) == 0
+    if order == 2:
+        delta = (new_residual - previous) / (steps_before + 1) if steps_before >= 0 else torch.zeros(shape)
+        want_codes, want_scale = quantize_activation_symmetric(delta, "fp8_e4m3")
+        torch.testing.assert_close(d_scale, want_scale, rtol=1e-6, atol=0)
+        # one e4m3 step where the division lands on a rounding boundary; none here in practice
+        torch.testing.assert_close(d_codes.float() * d_scale, want_codes.float() * want_scale, rtol=2**-3, atol=0)
+
+
+def _op_sequence(device: str, fused: bool, order: int, monkeypatch, storage: str = "model") -> list[torch.Tensor]:
     """Five steps (refresh, reuse, reuse, refresh, reuse) of qsparse::residual_attention, through the fused kernel or
     the plain-torch path, on the same inputs."""
     import importlib
@@ -78,27 +133,30 @@ def _op_sequence(device: str, fused: bool, order: int, monkeypatch) -> list[torc
     q, k, v = (torch.randn(shape, device=device, generator=generator).to(torch.bfloat16) for _ in range(3))
     sparse_outputs = [torch.randn(shape, device=device, generator=generator).to(torch.bfloat16) * 0.1 + step
                       for step in range(5)]
-    state = [torch.zeros(shape, dtype=torch.bfloat16, device=device) for _ in range(2)]
+    layout = state_layout(shape, CacheConfig(enabled=True, order=order, storage=storage), torch.bfloat16)
+    state = [torch.zeros(s, dtype=d, device=device) for s, d in layout[:-1]]
     state.append(torch.full((1,), -1.0, device=device))
     return [torch.ops.qsparse.residual_attention(o_sparse, q, k, v, None, 0.088, state, torch.tensor(refresh), 0, order)
             for o_sparse, refresh in zip(sparse_outputs, (True, False, False, True, False))]
 
 
-def _check_op_paths_agree(device: str, order: int, monkeypatch) -> None:
-    fused = _op_sequence(device, True, order, monkeypatch)
-    reference = _op_sequence(device, False, order, monkeypatch)
+def _check_op_paths_agree(device: str, order: int, monkeypatch, storage: str = "model") -> None:
+    fused = _op_sequence(device, True, order, monkeypatch, storage)
+    reference = _op_sequence(device, False, order, monkeypatch, storage)
     for step, (a, b) in enumerate(zip(fused, reference)):
         # The fused pass rounds once (fp32 math); the plain path's reuse step rounds twice in bf16: <= 2 bf16 steps.
         torch.testing.assert_close(a.float(), b.float(), rtol=2**-7, atol=2**-5, msg=lambda m: f"step {step}: {m}")
 
 
+@pytest.mark.parametrize("storage", ["model", "fp8_e4m3"])
 @pytest.mark.parametrize("order", [1, 2])
-def test_op_fused_path_matches_reference_path_cpu(order, monkeypatch):
+def test_op_fused_path_matches_reference_path_cpu(order, storage, monkeypatch):
     """The op's step bookkeeping around the kernel (steps counted before a reuse, read before a refresh zeroes it)."""
-    _check_op_paths_agree("cpu", order, monkeypatch)
+    _check_op_paths_agree("cpu", order, monkeypatch, storage)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("storage", ["model", "fp8_e4m3"])
 @pytest.mark.parametrize("order", [1, 2])
-def test_op_fused_path_matches_reference_path_gpu(order, monkeypatch):
-    _check_op_paths_agree("cuda", order, monkeypatch)
+def test_op_fused_path_matches_reference_path_gpu(order, storage, monkeypatch):
+    _check_op_paths_agree("cuda", order, monkeypatch, storage)
