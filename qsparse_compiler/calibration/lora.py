@@ -10,6 +10,8 @@ B starts at zero (the correction starts as a no-op) and A small and random, as i
 different timesteps (rows get their own bucket). The timestep reaches the linears through a shared
 ``TimestepState``, set from the model's ``timestep`` argument (a forward pre-hook) or by the distillation loop.
 In the plan: tensors ``<fqn>.lora_a`` / ``<fqn>.lora_b`` (bf16) and ``metadata["lora"]`` with the rank and edges.
+The math (``bucket_index``, ``lora_delta``) lives in ops/lora.py, shared with the backend's ``apply_lora`` pass, which
+computes the same correction in the compiled graph.
 """
 
 from __future__ import annotations
@@ -18,17 +20,9 @@ from typing import Any, Sequence
 
 import torch
 
+from ..ops.lora import bucket_index, lora_delta
+
 __all__ = ["TimestepState", "TimestepLoRA", "bucket_index", "lora_delta", "timestep_hook"]
-
-
-def bucket_index(timestep: torch.Tensor | float, edges: Sequence[float]) -> torch.Tensor:
-    """int64 [B]: the bucket of each sample's timestep ([B] or [B, tokens] -> mean over tokens)."""
-    t = torch.as_tensor(timestep, dtype=torch.float32).detach().cpu()
-    if t.ndim == 0:
-        t = t.reshape(1)
-    elif t.ndim > 1:
-        t = t.reshape(t.shape[0], -1).mean(1)
-    return torch.bucketize(t, torch.tensor(list(edges), dtype=torch.float32), right=True)
 
 
 class TimestepState:
@@ -44,21 +38,6 @@ class TimestepState:
 
     def set(self, timestep: torch.Tensor | float) -> None:
         self.buckets = bucket_index(timestep, self.edges)
-
-
-def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor:
-    """(x @ A[bucket]^T) @ B[bucket]^T per batch row, fp32: x (B, ..., K), A [NB, r, K], B [NB, N, r] -> (B, ..., N)."""
-    if buckets.numel() == 1 or x.ndim < 2:
-        index = int(buckets.reshape(-1)[0])
-        return (x.to(torch.float32) @ a[index].to(torch.float32).t()) @ b[index].to(torch.float32).t()
-    if buckets.numel() != x.shape[0]:
-        raise ValueError(
-            f"qsparse_compiler.calibration.lora: {buckets.numel()} timesteps for an input of batch {x.shape[0]} "
-            f"(shape {tuple(x.shape)}); pass one timestep per sample"
-        )
-    index = buckets.to(a.device)
-    low = torch.einsum("b...k,brk->b...r", x.to(torch.float32), a[index].to(torch.float32))
-    return torch.einsum("b...r,bnr->b...n", low, b[index].to(torch.float32))
 
 
 class TimestepLoRA(torch.nn.Module):

@@ -16,11 +16,12 @@ from typing import Iterator
 
 import torch
 
+from ..ops.lora import apply_lora
 from ..ops.quantization import quantize_weight_int4
 from ..plan.schema import Plan, PlanError
 from .fake_quant import swap_linears
 from .hooks import AttentionInterceptor
-from .lora import TimestepState, lora_delta, timestep_hook
+from .lora import TimestepState, timestep_hook
 from .pattern_attention import SparsePatternAttention
 
 __all__ = ["PlanLinear", "plan_applied"]
@@ -50,7 +51,7 @@ class PlanLinear(torch.nn.Module):
                     "qsparse_compiler.calibration.simulate: the plan has timestep-aware LoRA but the model was called "
                     "without a timestep; call it with `timestep=`"
                 )
-            out = (out.to(torch.float32) + lora_delta(x, a, b, state.buckets)).to(out.dtype)
+            out = apply_lora(out, x, a, b, state.buckets)
         return out
 
 
@@ -60,7 +61,7 @@ def plan_applied(
 ) -> Iterator[None]:
     """Context manager: ``model`` computes as the compiled plan would (no residual cache). ``quantize`` /
     ``sparsify`` / ``lora`` False leave that part out (for ablations; ``lora`` matters only for plans with
-    timestep-aware LoRA, which the backend does not apply yet)."""
+    timestep-aware LoRA)."""
     modules = dict(model.named_modules())
     replacements: dict[str, torch.nn.Module] = {}
     lora_meta = plan.metadata.get("lora") if lora else None
