@@ -4,8 +4,10 @@ On disk a plan is a directory:
 
     plan.json          {"schema_version": 1, "fingerprint": {...}, "linears": {FQN: {...}}, "attentions": {FQN: {...}},
                         "metadata": {...}}
-    plan.safetensors   tensors keyed "<linear FQN>.qweight" / "<linear FQN>.scale" (calibrated int4 weights), and any
-                       other per-site tensor a later schema adds. safetensors never unpickles.
+    plan.safetensors   tensors keyed "<linear FQN>.qweight" / "<linear FQN>.scale" (calibrated int4 weights),
+                       "<linear FQN>.lora_a" [buckets, rank, K] / "<linear FQN>.lora_b" [buckets, N, rank]
+                       (timestep-aware LoRA, with metadata["lora"] = {"rank", "bucket_edges", ...}), and any other
+                       per-site tensor a later schema adds. safetensors never unpickles.
 
 A site listed in ``linears`` is quantized with its settings (and its calibrated weights when the tensors are there);
 a block linear not listed stays in its dtype. A site listed in ``attentions`` uses its per-head patterns; an attention
@@ -142,6 +144,19 @@ class Plan:
         group = effective_group_size(qweight.shape[1] * 2, self.linears[fqn].group_size)
         return PackedInt4Weight(qweight, scale, group)
 
+    @property
+    def lora_edges(self) -> tuple[float, ...] | None:
+        """Timestep bucket edges of the plan's timestep-aware LoRA, or None when it has none."""
+        meta = self.metadata.get("lora")
+        if not isinstance(meta, dict) or not any(name.endswith(".lora_a") for name in self.tensors):
+            return None
+        return tuple(float(e) for e in meta["bucket_edges"])
+
+    def lora(self, fqn: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(A [buckets, rank, K], B [buckets, N, rank]) of a linear's timestep-aware LoRA, or None."""
+        a, b = self.tensors.get(f"{fqn}.lora_a"), self.tensors.get(f"{fqn}.lora_b")
+        return None if a is None else (a, b)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "schema_version": self.schema_version,
@@ -187,6 +202,7 @@ class Plan:
                 f"{missing[:3]}; the plan is incomplete - re-run calibration"
             )
         plan._check_packed_weights()
+        plan._check_lora()
         return plan
 
     def _check_packed_weights(self) -> None:
@@ -221,4 +237,49 @@ class Plan:
                         f"weight with group_size={entry.group_size} needs {expected[name]} "
                         f"{'uint8' if name == 'qweight' else 'float'}; the plan is corrupt or for another model - "
                         "re-run calibration"
+                    )
+
+    def _check_lora(self) -> None:
+        """Timestep-aware LoRA tensors come in pairs, belong to a quantized linear, and fit its (N, K) weight and
+        metadata["lora"]: A [len(bucket_edges) + 1, rank, K], B [len(bucket_edges) + 1, N, rank], floating point."""
+        suffixes = (".lora_a", ".lora_b")
+        fqns = sorted({name[: -len(".lora_a")] for name in self.tensors if name.endswith(suffixes)})
+        if not fqns:
+            return
+        meta = self.metadata.get("lora")
+        rank = meta.get("rank") if isinstance(meta, dict) else None
+        edges = meta.get("bucket_edges") if isinstance(meta, dict) else None
+        edges_ok = isinstance(edges, list) and all(
+            isinstance(e, (int, float)) and not isinstance(e, bool) for e in edges) and edges == sorted(set(edges))
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1 or not edges_ok:
+            raise PlanError(
+                f"qsparse_compiler.plan: plan.safetensors holds timestep-aware LoRA tensors (e.g. {fqns[0]}.lora_a) "
+                f"but metadata['lora'] is {meta!r}; it needs an integer 'rank' >= 1 and 'bucket_edges', a list of "
+                "strictly ascending timesteps - the plan is corrupt, re-run calibration"
+            )
+        buckets = len(edges) + 1
+        for fqn in fqns:
+            a, b = self.tensors.get(f"{fqn}.lora_a"), self.tensors.get(f"{fqn}.lora_b")
+            if a is None or b is None:
+                present, absent = ("lora_a", "lora_b") if b is None else ("lora_b", "lora_a")
+                raise PlanError(
+                    f"qsparse_compiler.plan: plan.safetensors has {fqn}.{present} but not {fqn}.{absent}; the plan is "
+                    "incomplete - re-run calibration"
+                )
+            weight = self.fingerprint.parameter_shapes.get(f"{fqn}.weight")
+            if fqn not in self.linears or weight is None or len(weight) != 2:
+                raise PlanError(
+                    f"qsparse_compiler.plan: the plan holds timestep-aware LoRA for {fqn}, which is not a quantized "
+                    f"linear of the plan (not in 'linears', or its model has no 2-D parameter {fqn}.weight); the plan "
+                    "is corrupt - re-run calibration"
+                )
+            n, k = weight
+            expected = {"lora_a": [buckets, rank, k], "lora_b": [buckets, n, rank]}
+            for name, tensor in (("lora_a", a), ("lora_b", b)):
+                if list(tensor.shape) != expected[name] or not tensor.is_floating_point():
+                    raise PlanError(
+                        f"qsparse_compiler.plan: {fqn}.{name} is {list(tensor.shape)} {tensor.dtype}, but the {n}x{k} "
+                        f"weight with metadata['lora'] rank={rank} and {buckets} timestep buckets "
+                        f"(bucket_edges={edges}) needs {expected[name]} float; the plan is corrupt or its metadata "
+                        "does not match its tensors - re-run calibration"
                     )

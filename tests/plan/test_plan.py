@@ -110,6 +110,67 @@ def _edit_tensor(folder, name, change):
     save_file(tensors, str(folder / "plan.safetensors"))
 
 
+def make_lora_plan(model, rank=3, edges=(250.0, 500.0, 750.0)):
+    """make_plan with a timestep-aware LoRA on blocks.0.attn1.to_q (64 -> 64): A [4, 3, 64], B [4, 64, 3]."""
+    plan = make_plan(model)
+    buckets = len(edges) + 1
+    plan.tensors["blocks.0.attn1.to_q.lora_a"] = torch.randn(buckets, rank, 64).bfloat16()
+    plan.tensors["blocks.0.attn1.to_q.lora_b"] = torch.randn(buckets, 64, rank).bfloat16()
+    plan.metadata["lora"] = {"rank": rank, "bucket_edges": list(edges)}
+    return plan
+
+
+def test_lora_round_trips(tmp_path):
+    save_plan(make_lora_plan(tiny_wan(num_layers=1).model), tmp_path)
+    loaded = load_plan(tmp_path)
+    a, b = loaded.lora("blocks.0.attn1.to_q")
+    assert list(a.shape) == [4, 3, 64] and list(b.shape) == [4, 64, 3]
+    assert loaded.lora("blocks.0.ffn.net.0.proj") is None and loaded.lora_edges == (250.0, 500.0, 750.0)
+
+
+def _edit_lora(folder, change):
+    """Apply change(tensors, data) to plan.safetensors' tensors and plan.json's data (both dicts, edited in place)."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(folder / "plan.safetensors"))
+    data = json.loads((folder / "plan.json").read_text())
+    change(tensors, data)
+    data["tensors"] = sorted(tensors)
+    save_file({k: v.clone() for k, v in tensors.items()}, str(folder / "plan.safetensors"))
+    (folder / "plan.json").write_text(json.dumps(data))
+
+
+_Q = "blocks.0.attn1.to_q"
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda t, d: t.update({f"{_Q}.lora_a": t[f"{_Q}.lora_a"][:, :2]}),
+         rf"{_Q}.lora_a is \[4, 2, 64\] torch.bfloat16, but the 64x64 weight with metadata\['lora'\] rank=3 and 4 "
+         r"timestep buckets .* needs \[4, 3, 64\] float"),
+        (lambda t, d: t.update({f"{_Q}.lora_b": t[f"{_Q}.lora_b"][:, :32]}),
+         rf"{_Q}.lora_b is \[4, 32, 3\] .* needs \[4, 64, 3\]"),
+        (lambda t, d: d["metadata"]["lora"].update(bucket_edges=[500.0]),
+         r"lora_a is \[4, 3, 64\] .* 2 timestep buckets .* needs \[2, 3, 64\]"),
+        (lambda t, d: d["metadata"]["lora"].update(rank=2), r"lora_a is \[4, 3, 64\] .* rank=2 .* needs \[4, 2, 64\]"),
+        (lambda t, d: t.update({f"{_Q}.lora_a": t[f"{_Q}.lora_a"].to(torch.int16)}),
+         r"lora_a is \[4, 3, 64\] torch.int16"),
+        (lambda t, d: t.pop(f"{_Q}.lora_b"), rf"has {_Q}.lora_a but not {_Q}.lora_b"),
+        (lambda t, d: d["metadata"].pop("lora"), r"holds timestep-aware LoRA tensors .* metadata\['lora'\] is None"),
+        (lambda t, d: d["metadata"]["lora"].update(bucket_edges=[750.0, 250.0]), r"strictly ascending timesteps"),
+        (lambda t, d: t.update({"blocks.0.attn1.to_k.lora_a": t[f"{_Q}.lora_a"],
+                                "blocks.0.attn1.to_k.lora_b": t[f"{_Q}.lora_b"]}),
+         r"LoRA for blocks.0.attn1.to_k, which is not a quantized linear of the plan"),
+    ],
+)
+def test_lora_that_does_not_fit_is_rejected_at_load(tmp_path, change, message):
+    save_plan(make_lora_plan(tiny_wan(num_layers=1).model), tmp_path)
+    _edit_lora(tmp_path, change)
+    with pytest.raises(PlanError, match=message):
+        load_plan(tmp_path)
+
+
 def test_loading_never_unpickles(tmp_path, monkeypatch):
     """Plans are JSON + safetensors: loading one, checking it against a model (qs.optimize) or against a graph (the
     backend) must never reach pickle or torch.load, whether the plan is sound or damaged."""
