@@ -164,10 +164,13 @@ class QuantizeLinears:
 
     @staticmethod
     def _account_weight_bytes(gm, ctx: PassContext, in_blocks: re.Pattern, quantized: dict[fx.Node, int]) -> None:
-        """Bytes of every parameter inside the blocks, as bf16 and as stored by qsparse."""
+        """Bytes of every parameter inside the blocks, as bf16 and as stored by qsparse. Only parameters: a regional
+        graph's activations (hidden_states, temb, ...) are inputs named inside the block too, with symbolic sizes once
+        the batch or the grid is dynamic."""
         bf16 = ours = 0
-        for node in gm.graph.nodes:
-            if node.op != "placeholder" or node.meta.get("qsparse_extra"):
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder" and not n.meta.get("qsparse_extra")]
+        for node, example in zip(placeholders, ctx.example_inputs):
+            if not isinstance(example, torch.nn.Parameter):
                 continue
             fqn, value = source_fqn(node), fake_value(node)
             if not fqn or not isinstance(value, torch.Tensor) or not value.is_floating_point():

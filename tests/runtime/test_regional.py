@@ -64,3 +64,17 @@ def test_regional_joint_attention_gets_the_grid_from_the_forward():
         assert report.counters["sparse_attention"] == 1
         (site,) = [s for s in report.sites if s.kind == "joint_attention"]
         assert site.fqn.startswith("transformer_blocks.") and site.details["video_start"] == "8"
+
+
+def test_regional_graph_follows_a_batch_change():
+    """A second batch size makes Dynamo recompile the block with a symbolic batch: the activations the block takes
+    as inputs then have symbolic sizes, and the report's block-weight bytes count parameters only."""
+    tiny = tiny_wan(num_layers=1)
+    torch._dynamo.reset()
+    clear_reports()
+    model = qs.optimize(tiny.model, options=TEST_OPTIONS, cache=False, regional=True)
+    with torch.no_grad():
+        for batch in (1, 2):
+            assert model(**tiny.make_inputs(batch=batch))[0].shape[0] == batch
+    weights = sum(p.numel() * 2 for name, p in tiny.model.named_parameters() if name.startswith("blocks.0."))
+    assert [report.weight_bytes["bf16"] for report in reports()] == [weights, weights]
