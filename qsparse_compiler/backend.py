@@ -7,7 +7,8 @@ without importing this package first. Each graph Dynamo hands over (one per comp
 1. the passes of ``passes.default_passes()`` (find sites -> W4A8 linears -> sparse attention),
 2. a rewrite report (``reports()``; printed with ``report=True``; saved as JSON with ``dump_dir``),
 3. Inductor's ``compile_fx`` (``mode`` and ``options["inductor"]`` become its config patches),
-4. a thin runtime wrapper that appends the packed int4 weights of the quantized linears to the inputs.
+4. a thin runtime wrapper that appends the inputs the passes added: packed int4 weights, a plan's timestep-aware
+   LoRA (and, for a regional graph, the forward's timesteps), residual-cache state.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from .passes import PassContext, default_passes, run_passes
 from .passes.graph_utils import fake_value
 from .passes.report import RewriteReport
 from .runtime.residual_cache import ResidualCacheRuntime, default_runtime
-from .runtime.weights import default_store
+from .runtime.weights import default_store, lora_store
 
 __all__ = ["quantsparse", "reports", "clear_reports"]
 
@@ -55,7 +56,9 @@ def _inductor_patches(mode: str | None, extra: Mapping[str, Any]) -> dict[str, A
 
 class _RuntimeInputs:
     """Calls the Inductor-compiled graph with the inputs the passes added, appended in placeholder order: the packed
-    weights of each quantized linear, then the residual-cache state (and refresh flag) of each cached site."""
+    weights of each quantized linear, the forward's per-sample timesteps (a regional graph with LoRA), the LoRA
+    tensors (A, B) of each linear that has them, then the residual-cache state (and refresh flag) of each cached
+    site."""
 
     _FLAGS = (torch.tensor(False), torch.tensor(True))
 
@@ -63,6 +66,8 @@ class _RuntimeInputs:
                  input_fakes: Sequence[Any]) -> None:
         self.compiled = compiled
         self.weight_slots = list(ctx.packed_weight_slots)
+        self.timestep_input = ctx.timestep_input
+        self.lora_slots = list(ctx.lora_slots)
         self.cache_slots = list(ctx.cache_slots)
         # Only CUDA needs the layouts built ahead (outside any CUDA-graph memory pool, see ops/video_layout.py).
         self.layout_slots = [slot for slot in ctx.layout_slots if slot.device.type == "cuda"]
@@ -87,6 +92,11 @@ class _RuntimeInputs:
             packed = self.store.get(param, slot.group_size, slot.scale_dtype, slot.source,
                                     calibrated=lambda: self._calibrated(param))
             full += [packed.qweight, packed.scale]
+        if self.timestep_input:
+            full.append(self._timesteps())
+        for slot in self.lora_slots:
+            param = args[slot.param_index]
+            full += lora_store.get(param, slot.source, lambda: self._lora(param, slot))
         if self.cache_slots:
             env = _bind_symbols(self.symbolic, args)
             prefix = self._call_prefix(args)
@@ -119,6 +129,29 @@ class _RuntimeInputs:
         if self.plan is None or name is None:
             return None
         return self.plan.packed_weight(name.removesuffix(".weight"))
+
+    @staticmethod
+    def _timesteps() -> torch.Tensor:
+        from .runtime.context import current_timesteps
+
+        timesteps = current_timesteps()
+        if timesteps is None:
+            raise RuntimeError(
+                "qsparse_compiler.backend: a regionally compiled block with timestep-aware LoRA ran outside a "
+                "transformer forward with a timestep; call the transformer (not its blocks) with timestep=..."
+            )
+        return timesteps
+
+    def _lora(self, param: torch.Tensor, slot: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The plan's LoRA of the linear ``param`` belongs to (another block of a regional graph: found by the
+        parameter's registered name), or zeros where that block has none (a correction of exactly 0)."""
+        from .runtime.context import parameter_name
+
+        name = parameter_name(param)
+        pair = self.plan.lora(name.removesuffix(".weight") if name else slot.fqn)
+        if pair is None:
+            return torch.zeros(slot.a_shape, dtype=slot.dtype), torch.zeros(slot.b_shape, dtype=slot.dtype)
+        return pair[0].to(slot.dtype), pair[1].to(slot.dtype)
 
     def _call_prefix(self, args: Sequence[Any]) -> str:
         if self.anchor is None:
@@ -200,11 +233,11 @@ def _check_uniform_across_blocks(plan: Any, prefix: str) -> None:
     """A regional graph serves every block of its family: the plan must say the same for each of them (calibrated
     weights may differ: they are looked up per parameter)."""
     import dataclasses
-    import re
 
+    from .passes.graph_utils import block_family
     from .plan import PlanError
 
-    family = re.compile(re.escape(prefix.rsplit(".", 2)[0]) + r"\.\d+\.")
+    family = block_family(prefix)
     seen: dict[str, tuple[str, Any]] = {}
     for fqn, entry in [*plan.linears.items(), *plan.attentions.items()]:
         match = family.match(fqn)
@@ -255,6 +288,7 @@ def quantsparse(
         gm, [*example_inputs, *ctx.extra_example_inputs], config_patches=_inductor_patches(mode, config.inductor)
     )
     if not ctx.packed_weight_slots and not ctx.cache_slots and not any(s.device.type == "cuda" for s in ctx.layout_slots):
+        # (LoRA inputs exist only on quantized linears, hence with packed weights.)
         return compiled
     return _RuntimeInputs(compiled, ctx, config.runtime or default_runtime, input_fakes)
 

@@ -76,8 +76,9 @@ class CalibrationConfig:
     salient_token_fraction  share of tokens (by attention received) the local term looks at.
 
     Timestep-aware LoRA (MSFP's TALoRA, lora.py), trained after the scales, with the scales frozen (so the plan's
-    weights stay right for a runtime that does not apply the LoRA):
-    lora_rank             rank of each correction; 0 = off (the default: the backend does not apply LoRA yet).
+    weights stay right where the LoRA is not applied, e.g. the backend's reported fallback without a timestep):
+    lora_rank             rank of each correction; 0 = off (the default). The backend applies it in the compiled
+                          graph (passes/apply_lora.py): 2·rank·(K + N) extra multiply-adds per token and linear.
     lora_bucket_edges     ascending timestep edges; len + 1 LoRA pairs per linear.
     lora_steps, lora_lr   Adam steps and learning rate per block.
 

@@ -328,7 +328,7 @@ def _build_plan(model, fingerprint, config, linears, linear_notes, packed, lora_
             "bucket_edges": list(config.lora_bucket_edges),
             "tensors": "<fqn>.lora_a [buckets, rank, K], <fqn>.lora_b [buckets, N, rank], bf16",
             "math": "y = w4a8(x) + (x @ lora_a[bucket(t)].T) @ lora_b[bucket(t)].T; bucket(t) = #edges <= t",
-            "applied_by": "qsparse_compiler.calibration.simulate.plan_applied; the backend does not apply it yet",
+            "applied_by": "the backend (qsparse_compiler.passes.apply_lora) and calibration.simulate.plan_applied",
         }
     return Plan(fingerprint=fingerprint, linears=linears, attentions=attentions, tensors=tensors,
                 metadata=json.loads(json.dumps(metadata, default=str)))

@@ -3,6 +3,7 @@
 One pass per file; see README.md in this folder for the invariants every pass keeps.
 """
 
+from .apply_lora import ApplyLoRA
 from .find_sites import FindSites
 from .insert_residual_cache import InsertResidualCache
 from .pass_manager import GraphPass, PassContext, run_passes
@@ -12,7 +13,8 @@ from .sparsify_attention import SparsifyAttention
 
 def default_passes() -> list[GraphPass]:
     """The pipeline: analysis first, then the rewrites (each reads ``ctx.analysis`` written by ``find_sites``)."""
-    return [FindSites(), QuantizeLinears(), SparsifyAttention(), InsertResidualCache()]
+    return [FindSites(), QuantizeLinears(), ApplyLoRA(), SparsifyAttention(), InsertResidualCache()]
 
 
-__all__ = ["default_passes", "run_passes", "PassContext", "GraphPass", "FindSites", "QuantizeLinears", "SparsifyAttention", "InsertResidualCache"]
+__all__ = ["default_passes", "run_passes", "PassContext", "GraphPass", "FindSites", "QuantizeLinears", "ApplyLoRA",
+           "SparsifyAttention", "InsertResidualCache"]

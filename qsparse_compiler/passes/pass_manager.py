@@ -19,7 +19,7 @@ from torch._dynamo.utils import counters
 from ..config import QuantSparseConfig
 from .report import RewriteReport
 
-__all__ = ["GraphPass", "PassContext", "PackedWeightSlot", "run_passes", "count_rewrite"]
+__all__ = ["GraphPass", "PassContext", "PackedWeightSlot", "LoraSlot", "run_passes", "count_rewrite"]
 
 
 def count_rewrite(ctx: "PassContext", name: str) -> None:
@@ -38,6 +38,19 @@ class PackedWeightSlot:
     source: str = "rtn"  # where the packed weights come from: round-to-nearest, or a plan's calibrated tensors
 
 
+@dataclass(frozen=True)
+class LoraSlot:
+    """Two graph inputs (lora_a, lora_b) the runtime appends for the linear whose weight is at ``param_index``: the
+    plan's timestep-aware LoRA of the block each call runs (zeros for a block without one)."""
+
+    param_index: int
+    fqn: str
+    a_shape: tuple[int, int, int]  # [buckets, rank, K]
+    b_shape: tuple[int, int, int]  # [buckets, N, rank]
+    dtype: torch.dtype
+    source: str  # the plan
+
+
 @dataclass
 class PassContext:
     config: QuantSparseConfig
@@ -45,6 +58,8 @@ class PassContext:
     report: RewriteReport
     plan: Any = None  # plan.Plan when the backend was given one
     packed_weight_slots: list[PackedWeightSlot] = field(default_factory=list)
+    timestep_input: bool = False  # the runtime appends the forward's per-sample timesteps (a regional graph's LoRA)
+    lora_slots: list[LoraSlot] = field(default_factory=list)
     cache_slots: list[Any] = field(default_factory=list)  # insert_residual_cache.CacheSlot, in placeholder order
     layout_slots: list[Any] = field(default_factory=list)  # sparsify_attention.LayoutSlot: layouts to build up front
     extra_example_inputs: list[torch.Tensor] = field(default_factory=list)

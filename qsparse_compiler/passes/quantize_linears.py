@@ -15,12 +15,15 @@ call from the packed-weight store (see runtime/weights.py for why they are not c
 when it fails: the linear is inside a transformer block (``QuantConfig.site_pattern``), its weight is a parameter,
 its input has a token dimension (the conditioning/modulation linears of a block see one row per sample: sensitive,
 and too small to matter for speed), dtypes are bf16/fp16/fp32, K divides into groups, no autograd is needed.
+Each rewritten linear is listed in ``ctx.analysis["quantized_linears"]`` (``QuantizedLinear``) for the passes after
+this one (``apply_lora`` adds a plan's timestep-aware LoRA to the new output).
 """
 
 from __future__ import annotations
 
 import operator
 import re
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -32,7 +35,7 @@ from .graph_utils import fake_value, node_arg, placeholder_index, source_fqn
 from .pass_manager import PackedWeightSlot, PassContext, count_rewrite
 from .rewrite_utils import add_placeholder, autograd_reason, call_op, call_op_like
 
-__all__ = ["QuantizeLinears"]
+__all__ = ["QuantizeLinears", "QuantizedLinear"]
 
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 SYMMETRIC_ACT_FORMATS = ("fp8_e4m3", "int8")
@@ -68,6 +71,19 @@ def _tanh_gelu_feeding(x: fx.Node, linear: fx.Node) -> list[fx.Node]:
     return []
 
 
+@dataclass(frozen=True)
+class QuantizedLinear:
+    """A linear this pass rewrote: the node that now computes its output, the node its quantization reads and the
+    activation the op applies to that first ("gelu_tanh": the linear's own input was gelu(input), fused away)."""
+
+    fqn: str
+    output: fx.Node
+    input: fx.Node
+    activation: str
+    param_index: int  # the weight parameter's position in the graph inputs
+    shape: tuple[int, int]  # (N, K) of the weight
+
+
 class QuantizeLinears:
     name = "quantize_linears"
 
@@ -77,6 +93,7 @@ class QuantizeLinears:
         positions = placeholder_index(gm)
         grad_reason = autograd_reason(ctx.example_inputs)
         quantized_params: dict[fx.Node, int] = {}
+        rewritten: list[QuantizedLinear] = []
         rewrites = 0
         for site in ctx.analysis["linears"]:
             reason = self._check(site, ctx, in_blocks, grad_reason)
@@ -102,10 +119,12 @@ class QuantizeLinears:
             ctx.extra_example_inputs += [packed.qweight, packed.scale]
             x, bias = node_arg(site.node, 0, "input"), node_arg(site.node, 2, "bias")
             gelu_chain = _tanh_gelu_feeding(x, site.node)
+            activation = "gelu_tanh" if gelu_chain else "none"
             if gelu_chain:
-                call_op_like(
+                x = node_arg(gelu_chain[0], 0, "input")
+                output = call_op_like(
                     gm, site.node, torch.ops.qsparse.w4a8_linear.default,
-                    (node_arg(gelu_chain[0], 0, "input"), qweight, scale, bias, group_size, act_format, "gelu_tanh"),
+                    (x, qweight, scale, bias, group_size, act_format, activation),
                 )
                 for dead in reversed(gelu_chain):
                     gm.graph.erase_node(dead)
@@ -114,22 +133,24 @@ class QuantizeLinears:
                 quantized = call_op(gm, site.node, quantize_activation_symmetric, (x, act_format), site.node)
                 codes = call_op(gm, site.node, operator.getitem, (quantized, 0), site.node)
                 act_scale = call_op(gm, site.node, operator.getitem, (quantized, 1), site.node)
-                call_op_like(
+                output = call_op_like(
                     gm, site.node, torch.ops.qsparse.w4a8_gemm.default,
                     (codes, act_scale, qweight, scale, bias, group_size, fake_value(x).dtype),
                 )
                 count_rewrite(ctx, "act_quant_in_graph")
             else:
-                call_op_like(
+                output = call_op_like(
                     gm, site.node, torch.ops.qsparse.w4a8_linear.default,
                     (x, qweight, scale, bias, group_size, act_format),
                 )
             quantized_params[site.weight] = packed.nbytes
             n, k = packed.shape
+            rewritten.append(QuantizedLinear(site.fqn, output, x, activation, positions[site.weight], (n, k)))
             ctx.report.add(site.fqn, "linear", "w4a8_linear", "", shape=f"{k}->{n}",
                            group=packed.group_size, act=act_format)
             count_rewrite(ctx, "w4a8_linear")
             rewrites += 1
+        ctx.analysis["quantized_linears"] = rewritten
         self._account_weight_bytes(gm, ctx, in_blocks, quantized_params)
         return rewrites
 

@@ -54,17 +54,20 @@ def _fake_args(args: Sequence[Any]) -> Any:
     return fx.node.map_aggregate(args, lambda a: fake_value(a) if isinstance(a, fx.Node) else a)
 
 
-def call_op(gm: fx.GraphModule, before: fx.Node, op: Any, args: tuple, meta_from: fx.Node) -> fx.Node:
-    """Insert ``op(*args)`` before ``before``; its example value is the op's fake result, meta copied for dumps."""
+def call_op(gm: fx.GraphModule, before: fx.Node, op: Any, args: tuple, meta_from: fx.Node,
+            kwargs: dict[str, Any] | None = None) -> fx.Node:
+    """Insert ``op(*args, **kwargs)`` before ``before``; its example value is the op's fake result, meta copied for
+    dumps."""
+    kwargs = kwargs or {}
     with gm.graph.inserting_before(before):
-        node = gm.graph.call_function(op, args)
+        node = gm.graph.call_function(op, args, kwargs)
     for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
         if key in meta_from.meta:
             node.meta[key] = meta_from.meta[key]
     mode = _fake_mode(gm, [a for a in args if isinstance(a, fx.Node)])
     if mode is not None:
         with mode:
-            node.meta["example_value"] = op(*_fake_args(args))
+            node.meta["example_value"] = op(*_fake_args(args), **_fake_args(kwargs))
     return node
 
 

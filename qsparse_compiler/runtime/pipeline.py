@@ -17,12 +17,14 @@ With diffusers' context parallelism (``parallel=ContextParallelConfig(ulysses_de
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import inspect
 from typing import Any, Mapping
 
 import torch
 
-from .context import register_parameters, video_grid
+from .context import forward_timesteps, register_parameters, video_grid
 from .parallel import prepare_context_parallel
 from .residual_cache import ResidualCacheRuntime
 
@@ -97,22 +99,39 @@ def _repeated_blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
     return [block for blocks in lists for block in blocks]
 
 
-def _install_grid_hooks(transformer: torch.nn.Module) -> None:
-    """Set the token grid of each forward for the blocks compiled on their own (runtime/context.py)."""
-    entered: list = []
+def _install_forward_context_hooks(transformer: torch.nn.Module, timesteps: bool) -> None:
+    """Per forward, for the blocks compiled on their own (runtime/context.py): set the token grid and, with
+    ``timesteps`` (a plan with timestep-aware LoRA), the per-sample timesteps - float32 [B] on the latents' device,
+    from the ``timestep`` argument wherever it sits in the call (bound by name: Wan has it second, CogVideoX third)."""
+    signature = inspect.signature(transformer.forward)
+    entered: list[contextlib.ExitStack] = []
 
     def before(module, args, kwargs):
         latents = kwargs.get("hidden_states", args[0] if args else None)
-        context = video_grid(latent_grid(module, latents))
-        context.__enter__()
-        entered.append(context)
+        stack = contextlib.ExitStack()
+        stack.enter_context(video_grid(latent_grid(module, latents)))
+        if timesteps:
+            timestep = signature.bind_partial(*args, **kwargs).arguments.get("timestep")
+            stack.enter_context(forward_timesteps(_per_sample_timesteps(timestep, latents)))
+        entered.append(stack)
 
     def after(module, args, output):
         if entered:
-            entered.pop().__exit__(None, None, None)
+            entered.pop().close()
 
     transformer.register_forward_pre_hook(before, with_kwargs=True)
     transformer.register_forward_hook(after, always_call=True)
+
+
+def _per_sample_timesteps(timestep: Any, latents: torch.Tensor) -> torch.Tensor | None:
+    """One timestep per sample of ``latents`` (a scalar or [1] timestep is every sample's), contiguous: the regional
+    graph's timestep input has the batch size of its activations."""
+    from ..ops.lora import sample_timesteps
+
+    if timestep is None:
+        return None
+    per_sample = sample_timesteps(timestep).to(latents.device)
+    return per_sample.expand(latents.shape[0]).contiguous() if per_sample.numel() == 1 else per_sample
 
 
 def _plan_is_uniform(plan: str, transformer: torch.nn.Module) -> bool:
@@ -214,10 +233,13 @@ def optimize(
     runtime = ResidualCacheRuntime()
     backend_options: dict[str, Any] = dict(options or {})
     backend_options["runtime"] = runtime
+    lora = False
     if plan is not None:
         from ..plan import ModelFingerprint, load_plan
 
-        load_plan(plan).fingerprint.check(ModelFingerprint.of(transformer))
+        loaded = load_plan(plan)
+        loaded.fingerprint.check(ModelFingerprint.of(transformer))
+        lora = loaded.lora_edges is not None
         backend_options["plan"] = str(plan)
     if cache:
         # An explicit schedule (a dict) applies everywhere; True keeps a plan's per-site settings.
@@ -238,7 +260,7 @@ def optimize(
                 "(_repeated_blocks); use regional=False"
             )
         register_parameters(transformer)
-        _install_grid_hooks(transformer)
+        _install_forward_context_hooks(transformer, timesteps=lora)
         for block in blocks:
             block.compile(backend="quantsparse", options=_with_mode(backend_options, mode), fullgraph=fullgraph)
         compiled = transformer

@@ -3,7 +3,8 @@
 The compiled graph does not bake packed weights in as constants: with regional compilation (one graph reused by
 every transformer block) each call brings its own block's parameters, so the runtime looks the packed form up per
 parameter. Packing happens once per parameter (and again only if the parameter is modified in place: its version
-counter moves), never per call; a plan can seed the store with calibrated weights.
+counter moves), never per call; a plan can seed the store with calibrated weights. The plan's timestep-aware LoRA
+tensors (``lora_store``) follow the same mechanism: keyed by the weight parameter, moved to its device once.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..ops.quantization import PackedInt4Weight, effective_group_size, quantize_weight_int4
 
-__all__ = ["PackedWeightStore", "default_store"]
+__all__ = ["PackedWeightStore", "default_store", "LoraStore", "lora_store"]
 
 
 @dataclass
@@ -127,3 +129,26 @@ class PackedWeightStore:
 
 
 default_store = PackedWeightStore()
+
+
+class LoraStore:
+    """The (A, B) timestep-aware LoRA tensors of a plan's linear on its weight's device, keyed by the weight parameter
+    (weakly) and the plan: loaded and moved once, then handed to every call."""
+
+    def __init__(self) -> None:
+        self._entries: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._lock = threading.Lock()
+
+    def get(self, param: torch.Tensor, source: str,
+            load: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tensors of plan ``source`` for ``param``; ``load()`` gives them (on any device) the first time."""
+        entry = self._entries.get(param)
+        if entry is not None and entry[0] == source and entry[1].device == param.device:
+            return entry[1], entry[2]
+        a, b = (t.to(param.device) for t in load())
+        with self._lock:
+            self._entries[param] = (source, a, b)
+        return a, b
+
+
+lora_store = LoraStore()
