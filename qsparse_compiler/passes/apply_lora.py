@@ -95,7 +95,7 @@ class ApplyLoRA:
             count_rewrite(ctx, "lora_linear")
         applied = len(sites) - len(fallbacks)
         source = ("the forward's per-sample timesteps (regional graph)" if ctx.timestep_input
-                  else "graph input 'timestep'")
+                  else f"graph input {source_fqn(timestep)!r}" if timestep is not None else "")
         note = (f"timestep-aware LoRA: {applied} of {len(sites)} quantized linears with LoRA in the plan "
                 f"(rank {plan.metadata['lora'].get('rank')}, {len(edges) + 1} buckets, edges {list(edges)})")
         if applied:

@@ -11,7 +11,12 @@ from torch._dynamo.utils import counters
 import qsparse_compiler as qs
 from qsparse_compiler.backend import clear_reports, reports
 from qsparse_compiler.calibration.simulate import plan_applied
+from qsparse_compiler.config import QuantSparseConfig
+from qsparse_compiler.passes import PassContext, default_passes, run_passes
+from qsparse_compiler.passes.pass_manager import private_copy
+from qsparse_compiler.passes.report import RewriteReport
 from qsparse_compiler.plan import LinearPlan, ModelFingerprint, Plan, save_plan
+from qsparse_compiler.testing.capture import capture_dynamo_graph
 from qsparse_compiler.testing.metrics import relative_error
 from qsparse_compiler.testing.models import tiny_wan
 
@@ -99,7 +104,7 @@ def test_compiled_lora_matches_the_eager_math_per_sample_without_recompiling(tmp
     assert counters["qsparse"]["lora_linear"] == tiny.block_linears == 10
     (report,) = reports()
     assert all(site.details.get("lora") == "rank 3 x 4 buckets" for site in report.rewritten("w4a8_linear"))
-    assert any(note.startswith("timestep-aware LoRA: 10 of 10") and "graph input 'timestep'" in note
+    assert any(note.startswith("timestep-aware LoRA: 10 of 10") and "graph input 'kwargs.timestep'" in note
                for note in report.notes)
 
 
@@ -133,13 +138,34 @@ def test_regional_graph_takes_each_blocks_lora_and_the_forwards_timesteps(tmp_pa
         assert "zeros" in row.details["lora"]
 
 
+def test_a_positional_timestep_is_found_by_where_it_goes():
+    """Called positionally through nn.Module.__call__, the timestep is only Dynamo's args.1: it is the input that feeds
+    diffusers' sinusoidal Timesteps projection (the reference DiT's sampler calls the model this way)."""
+    tiny = tiny_wan(num_layers=1)
+    inputs = tiny.make_inputs()
+    captured = []
+
+    def backend(gm, example_inputs):
+        captured.append((private_copy(gm), list(example_inputs)))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(tiny.model, backend=backend, fullgraph=True)(
+            inputs["hidden_states"], inputs["timestep"], inputs["encoder_hidden_states"], return_dict=False)
+    ((gm, example_inputs),) = captured
+    counters.clear()
+    ctx = PassContext(QuantSparseConfig.from_options({}), example_inputs, RewriteReport(0), plan=lora_plan(tiny.model))
+    with torch.no_grad():
+        gm = run_passes(gm, ctx, default_passes())
+    assert counters["qsparse"]["lora_linear"] == 10 and not counters["qsparse"]["lora_fallback"]
+    assert any("timestep from graph input 'args.1'" in note for note in ctx.report.notes)
+    assert "bucket_index(l_args_1_, (250.0, 500.0, 750.0))" in gm.code
+
+
 def test_a_graph_without_a_timestep_keeps_its_linears_quantized_and_says_why():
     """A plan with LoRA on a model whose forward takes no timestep: the linears are quantized without their LoRA, and
     the report row, a note, a counter and a warning say so."""
-    from qsparse_compiler.config import QuantSparseConfig
-    from qsparse_compiler.passes import PassContext, default_passes, run_passes
-    from qsparse_compiler.passes.report import RewriteReport
-    from qsparse_compiler.testing.capture import capture_dynamo_graph
 
     class Blocks(torch.nn.Module):
         def __init__(self):
