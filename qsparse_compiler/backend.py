@@ -4,7 +4,8 @@
 
 The backend is registered through the ``torch_dynamo_backends`` entry point (pyproject.toml), so it works
 without importing this package first. Each graph Dynamo hands over (one per compile or recompile) gets:
-1. the passes of ``passes.default_passes()`` (find sites -> W4A8 linears -> sparse attention),
+1. the passes of ``passes.default_passes()`` (find sites -> W4A8 linears -> a plan's LoRA on them -> sparse attention
+   -> residual cache),
 2. a rewrite report (``reports()``; printed with ``report=True``; saved as JSON with ``dump_dir``),
 3. Inductor's ``compile_fx`` (``mode`` and ``options["inductor"]`` become its config patches),
 4. a thin runtime wrapper that appends the inputs the passes added: packed int4 weights, a plan's timestep-aware
