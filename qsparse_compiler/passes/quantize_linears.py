@@ -81,7 +81,6 @@ class QuantizedLinear:
     input: fx.Node
     activation: str
     param_index: int  # the weight parameter's position in the graph inputs
-    shape: tuple[int, int]  # (N, K) of the weight
 
 
 class QuantizeLinears:
@@ -145,7 +144,7 @@ class QuantizeLinears:
                 )
             quantized_params[site.weight] = packed.nbytes
             n, k = packed.shape
-            rewritten.append(QuantizedLinear(site.fqn, output, x, activation, positions[site.weight], (n, k)))
+            rewritten.append(QuantizedLinear(site.fqn, output, x, activation, positions[site.weight]))
             ctx.report.add(site.fqn, "linear", "w4a8_linear", "", shape=f"{k}->{n}",
                            group=packed.group_size, act=act_format)
             count_rewrite(ctx, "w4a8_linear")
