@@ -31,6 +31,7 @@ warning say why.
 
 from __future__ import annotations
 
+import re
 import warnings
 from typing import Any
 
@@ -164,7 +165,8 @@ class ApplyLoRA:
 # How Dynamo names the model's ``timestep`` argument: by name when the compiled frame is the forward itself, under
 # kwargs when it came by keyword through a wrapper (nn.Module.__call__, diffusers' decorators), and only by position
 # (args.1) when it came positionally through such a wrapper - then it is recognised by where it goes: straight into
-# diffusers' sinusoidal ``Timesteps`` projection (every diffusers video DiT embeds its timestep that way).
+# diffusers' sinusoidal ``Timesteps`` projection (every diffusers video DiT embeds its timestep that way). HunyuanVideo
+# embeds its ``guidance`` the same way; diffusers' signatures put ``timestep`` first, so the lowest position wins.
 _TIMESTEP_NAMES = ("timestep", "kwargs.timestep")
 _TIMESTEP_EMBEDDING = "Timesteps"
 
@@ -174,8 +176,9 @@ def _timestep_input(gm: fx.GraphModule) -> fx.Node | None:
     named = [n for n in placeholders if source_fqn(n) in _TIMESTEP_NAMES]
     if named:
         return named[0]
-    positional = [n for n in placeholders if (source_fqn(n) or "").startswith("args.") and _feeds_timestep_embedding(n)]
-    return positional[0] if positional else None
+    positional = [n for n in placeholders
+                  if re.fullmatch(r"args\.\d+", source_fqn(n) or "") and _feeds_timestep_embedding(n)]
+    return min(positional, key=lambda n: int(source_fqn(n).split(".")[1]), default=None)
 
 
 def _feeds_timestep_embedding(node: fx.Node, depth: int = 2) -> bool:
