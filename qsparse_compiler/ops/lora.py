@@ -19,13 +19,14 @@ __all__ = ["sample_timesteps", "bucket_index", "lora_delta", "apply_lora"]
 
 
 def sample_timesteps(timestep: torch.Tensor | float) -> torch.Tensor:
-    """float32 [B] (or [1] for a scalar): one timestep per sample; a per-token timestep [B, tokens] -> mean."""
+    """float32 [B] (or [1] for a scalar), contiguous: one timestep per sample; a per-token timestep [B, tokens] ->
+    mean. (Samplers often pass ``t.expand(B)``: stride 0, which bucketize would copy with a warning.)"""
     t = torch.as_tensor(timestep).detach().to(torch.float32)
     if t.ndim == 0:
         return t.reshape(1)
     if t.ndim > 1:
         return t.reshape(t.shape[0], -1).mean(1)
-    return t
+    return t.contiguous()
 
 
 def bucket_index(timestep: torch.Tensor | float, edges: Sequence[float]) -> torch.Tensor:

@@ -122,11 +122,13 @@ def test_regional_graph_takes_each_blocks_lora_and_the_forwards_timesteps(tmp_pa
     counters.clear()
     clear_reports()
     model = qs.optimize(tiny.model, plan=str(tmp_path), options=NO_SPARSITY, cache=False, regional=True)
-    # Batch 2 at three steps, then batch 3: Dynamo recompiles the block once with a symbolic batch, and the timestep
-    # input of the new graph has that symbolic batch too.
-    for steps in (*STEPS, [600, 100, 900]):
-        inputs = {**inputs, **tiny.make_inputs(batch=len(steps))} if len(steps) != len(inputs["timestep"]) else inputs
-        inputs["timestep"] = torch.tensor(steps)
+    # Batch 2 at four steps - the last a float timestep expanded to the batch (stride 0), as samplers pass it - then
+    # batch 3: Dynamo recompiles the block once with a symbolic batch, and the timestep input of the new graph has
+    # that symbolic batch too.
+    for timestep in (*map(torch.tensor, STEPS), torch.tensor(300.0).expand(2), torch.tensor([600, 100, 900])):
+        if len(timestep) != len(inputs["timestep"]):
+            inputs = {**inputs, **tiny.make_inputs(batch=len(timestep))}
+        inputs["timestep"] = timestep
         with torch.no_grad():
             actual = model(**inputs)[0]
         assert_lora_applied(actual, eager, plan, inputs)
