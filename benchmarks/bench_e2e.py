@@ -51,7 +51,7 @@ HUNYUAN_VIDEO = dict(
 # on the meta device, which bench_e2e prints; Wan-1.3B at 480p is 283 TFLOP):
 # - full model at 720p x 129: 12,069 TFLOP (43x Wan), and the qsparse row's order-2 residual cache alone is
 #   60 layers x 119,056 tokens x 3072 x bf16 x (R, dR) = 81.8 GiB: does not fit;
-# - full model at 480p x 81: fits (25.6 GB of bf16 weights, 22.6 GiB of cache) but costs 1,253 TFLOP (4.4x Wan,
+# - full model at 480p x 81: fits (25.6 GB of bf16 weights, 22.7 GiB of cache) but costs 1,253 TFLOP (4.4x Wan,
 #   12.8B parameters): its rows would not fit the device's 10-minute calls as Wan's do;
 # - scaled: 251 TFLOP (0.89x Wan; 161 of it attention), 2.85B parameters, residual cache 4.5 GiB.
 HUNYUAN_SCALED = dict(HUNYUAN_VIDEO, num_layers=4, num_single_layers=8)
