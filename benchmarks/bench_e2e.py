@@ -81,7 +81,8 @@ BLOCK_PREFIXES = {"wan": ("blocks.",), "hunyuan": ("transformer_blocks.", "singl
 ROWS = ("eager", "inductor", "fp8", "flex", "flex-fp8", "qsparse", "qsparse-cudagraphs")
 SCHEDULE_STEPS = 50
 # Per-channel int4 weights: the fastest W4A8 kernel path on the H100 (benchmarks/results/w4a8_linear.md).
-QSPARSE_OPTIONS: dict[str, Any] = {"quant": {"group_size": 0}}
+# Conditioning linears (HunyuanVideo's modulation, 27% of its block parameters; Wan has none) as int4 weight-only.
+QSPARSE_OPTIONS: dict[str, Any] = {"quant": {"group_size": 0, "conditioning_linears": "int4_weight_only"}}
 CACHE: dict[str, Any] = {"refresh_first": 2, "refresh_every": 5, "order": 2}
 REUSE_STEP = 7  # not a refresh step of CACHE's schedule
 CPU_REPEATS = 3  # calls timed per row on the CPU (--cpu-repeats; the median is reported)

@@ -118,10 +118,7 @@ def linear_int4_weight_only(
     x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, group_size: int
 ) -> torch.Tensor:
     """``F.linear`` with a packed int4 weight, dequantized and cast to ``x.dtype``; x itself is not quantized.
-
-    Plain torch ops on purpose: the quantize_linears pass puts this function into the graph for the conditioning
-    linears (one row per sample), and Inductor fuses the unpacking and scaling into one kernel that writes the weight
-    in the model's dtype before the GEMM."""
+    The implementation of ``qsparse::int4_weight_only_linear`` (ops/w4a8_linear.py)."""
     return torch.nn.functional.linear(x, dequantize_weight_int4(qweight, scale, group_size).to(x.dtype), bias)
 
 

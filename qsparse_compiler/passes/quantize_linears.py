@@ -12,9 +12,8 @@
 
     and for a conditioning linear (input (B, D): no token dimension, an adaptive norm's modulation) under
     ``QuantConfig.conditioning_linears="int4_weight_only"``:
-                  y = linear_int4_weight_only(x, Wq, Ws, b, G)   (plain torch ops: the int4 weight is unpacked,
-                  scaled and cast to x.dtype in the graph - Inductor fuses that into one kernel - then F.linear;
-                  x is not quantized)
+                  y = qsparse.int4_weight_only_linear(x, Wq, Ws, b, G)   (the int4 weight dequantized to x.dtype,
+                  then F.linear; x is not quantized)
 
 ``Wq``/``Ws`` (packed int4 codes and scales) become new graph inputs; the backend's runtime wrapper supplies them per
 call from the packed-weight store (see runtime/weights.py for why they are not constants). Checks, each reported
@@ -31,7 +30,7 @@ import re
 import torch
 import torch.fx as fx
 
-from ..ops.quantization import effective_group_size, linear_int4_weight_only, quantize_activation_symmetric
+from ..ops.quantization import effective_group_size, quantize_activation_symmetric
 from ..runtime.weights import default_store
 from .find_sites import LinearSite
 from .graph_utils import fake_value, node_arg, placeholder_index, source_fqn
@@ -113,7 +112,8 @@ class QuantizeLinears:
             n, k = packed.shape
             x, bias = node_arg(site.node, 0, "input"), node_arg(site.node, 2, "bias")
             if _is_conditioning(x):
-                call_op_like(gm, site.node, linear_int4_weight_only, (x, qweight, scale, bias, packed.group_size))
+                call_op_like(gm, site.node, torch.ops.qsparse.int4_weight_only_linear.default,
+                             (x, qweight, scale, bias, packed.group_size))
                 ctx.report.add(site.fqn, "linear", "int4_weight_only", "", shape=f"{k}->{n}",
                                group=packed.group_size, weights=source)
                 count_rewrite(ctx, "int4_weight_only")

@@ -44,15 +44,28 @@ def test_compiled_equals_eager_with_dequantized_modulation_weights(arch):
         expected, dense = reference(**inputs)[0], tiny.model(**inputs)[0]
         torch._dynamo.reset()
         clear_reports()
-        # Known issue: on a warm Inductor FX-graph cache this compile fails in Dynamo's guard building
-        # (symbolic_shapes.produce_guards: IndexError in symbol_to_source) - not yet understood; the cache is off here.
-        with torch._inductor.config.patch(fx_graph_cache=False):
-            actual = torch.compile(tiny.model, backend="quantsparse", options=MODULATION_ONLY, fullgraph=True)(**inputs)[0]
+        actual = torch.compile(tiny.model, backend="quantsparse", options=MODULATION_ONLY, fullgraph=True)(**inputs)[0]
     (report,) = reports()
     assert report.counters["int4_weight_only"] == tiny.conditioning_linears
     assert "w4a8_linear" not in report.counters
     assert relative_error(actual, dense) > 1e-4  # the int4 weights are in use ...
     assert relative_error(actual, expected) < 1e-5  # ... and are all that differs from eager
+
+
+def test_compiles_again_from_the_fx_graph_cache(tmp_path, monkeypatch):
+    """Regression: traced inline, the dequantization's shape arithmetic on the packed-weight inputs (graph inputs
+    with no Dynamo source) left guards that Inductor's FX-graph cache could not rebuild - IndexError in Dynamo's
+    produce_guards. As an op (qsparse::int4_weight_only_linear) a compile and a cached recompile both work."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    tiny = tiny_hunyuan()
+    inputs = tiny.make_inputs()
+    outputs = []
+    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=True):
+        for _ in range(2):
+            torch._dynamo.reset()
+            compiled = torch.compile(tiny.model, backend="quantsparse", options=MODULATION_ONLY, fullgraph=True)
+            outputs.append(compiled(**inputs)[0])
+    assert torch.equal(outputs[0], outputs[1])
 
 
 def test_regional_hunyuan_shares_graphs_and_releases_modulation_weights():

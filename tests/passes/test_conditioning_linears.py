@@ -43,9 +43,9 @@ def test_modulation_linears_become_int4_weight_only(arch):
         site = sites[fqn]
         assert site.action == "int4_weight_only" and site.reason == ""
         assert site.details["group"] == 32 and site.details["weights"] == "rtn"
-    # The rewrite is the plain-torch function (Inductor fuses the unpacking), fed by per-call packed-weight inputs.
+    # The rewrite is qsparse::int4_weight_only_linear, fed by per-call packed-weight inputs.
     targets = [node.target for node in gm.graph.nodes if node.op == "call_function"]
-    assert targets.count(linear_int4_weight_only) == tiny.conditioning_linears
+    assert targets.count(torch.ops.qsparse.int4_weight_only_linear.default) == tiny.conditioning_linears
     assert len(ctx.packed_weight_slots) == tiny.block_linears + tiny.conditioning_linears
     assert {slot.fqn for slot in ctx.packed_weight_slots} >= set(MODULATION[arch])
     # Outside the blocks (the time embedding, norm_out) nothing changes.
