@@ -5,11 +5,9 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from qsparse_compiler.config import ConfigError, QuantConfig, QuantSparseConfig
+from qsparse_compiler.config import ConfigError, QuantConfig
 from qsparse_compiler.ops.quantization import linear_int4_weight_only
-from qsparse_compiler.passes import PassContext, default_passes, run_passes
-from qsparse_compiler.passes.report import RewriteReport
-from qsparse_compiler.testing.capture import capture_dynamo_graph
+from qsparse_compiler.testing.capture import rewrite_with_default_passes
 from qsparse_compiler.testing.models import TEST_OPTIONS, tiny_cogvideox, tiny_hunyuan, tiny_wan
 
 FACTORIES = {"hunyuan": tiny_hunyuan, "cogvideox": lambda: tiny_cogvideox(num_layers=1)}
@@ -21,12 +19,7 @@ MODULATION = {
 
 
 def rewrite(model, inputs, options=TEST_OPTIONS):
-    counters.clear()
-    with torch.no_grad():
-        gm, example_inputs = capture_dynamo_graph(model, inputs)
-        ctx = PassContext(QuantSparseConfig.from_options(options), example_inputs, RewriteReport(0))
-        gm = run_passes(gm, ctx, default_passes())
-    return gm, {site.fqn: site for site in ctx.report.sites}, ctx
+    return rewrite_with_default_passes(model, inputs, options)
 
 
 def _quant(**fields):
