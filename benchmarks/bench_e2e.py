@@ -2,7 +2,9 @@
 
 Workload W (BASELINES.md): diffusers WanTransformer3DModel with the Wan2.1-1.3B config, random bf16 weights, eval,
 no_grad; hidden_states (1, 16, 21, 60, 104) = 480p x 81 frames = 32,760 video tokens; encoder_hidden_states
-(1, 512, 4096); timestep [500]. One transformer forward, median of triton.testing.do_bench.
+(1, 512, 4096); timestep [500]. One transformer forward, median of triton.testing.do_bench. ``wan-1.3b-720p`` is the
+same model at 720p (75,600 tokens); ``hunyuan-scaled`` is diffusers' HunyuanVideoTransformer3DModel at its real
+width and a fifth of its depth (see HUNYUAN_SCALED). ``reference`` and ``hunyuan-reference`` are tiny CPU configs.
 
     python benchmarks/bench_e2e.py --workload wan-1.3b-480p --rows eager,inductor,fp8,flex-fp8,qsparse --out r.json
     python benchmarks/bench_e2e.py --workload reference --device cpu --rows eager,qsparse   # CPU smoke test
@@ -10,7 +12,8 @@ no_grad; hidden_states (1, 16, 21, 60, 104) = 480p x 81 frames = 32,760 video to
 Every row builds its own model copy from the same seed (a compile mutates its module), compiles it, checks its
 output against eager (relative error), and reports ms, speedup vs Inductor, compile seconds, peak memory and the
 block weights' bytes. ``qsparse`` is timed for a refresh step and a reuse step of the residual cache and averaged
-over a 50-step schedule.
+over a 50-step schedule. ``flex`` is the FlexAttention row with bf16 linears (BASELINES.md's 248 ms row; on the CPU
+it is the only Flex row that runs: torchao's fp8 needs a CUDA GPU of compute capability >= 8.9).
 """
 
 from __future__ import annotations
@@ -32,21 +35,57 @@ WAN_1_3B = dict(
     text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
     qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
 )
+# HunyuanVideo (13B; diffusers' defaults = the released config): 20 dual-stream + 40 single-stream blocks of width
+# 3072 (24 heads x 128), a 2-block text token refiner over LLaVA-Llama text states (4096), CLIP pooled text (768),
+# 3-axis rope (16, 56, 56), guidance embedding.
+HUNYUAN_VIDEO = dict(
+    in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128, num_layers=20,
+    num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2, patch_size_t=1, qk_norm="rms_norm",
+    guidance_embeds=True, text_embed_dim=4096, pooled_projection_dim=768, rope_theta=256.0, rope_axes_dim=(16, 56, 56),
+)
+# "Scaled to fit" (issue #9: one H100 80 GB, bf16, every row): depth 60 -> 12 blocks (4 dual + 8 single stream, the
+# real 1:2 ratio) and video 720p x 129 frames (33 x 45 x 80 = 118,800 tokens) -> 480p x 81 frames (21 x 30 x 52 =
+# 32,760 tokens, the Wan workload's grid). Everything a kernel sees is HunyuanVideo's: width 3072, 24 heads of 128,
+# MLP 4x (12,288; the single-stream proj_out reads 15,360), the text refiner at 4096, 256 text positions with a
+# key-padding mask, joint attention over 32,760 + 256 tokens (video first). Why (one dense forward, FlopCounterMode
+# on the meta device, which bench_e2e prints; Wan-1.3B at 480p is 283 TFLOP):
+# - full model at 720p x 129: 12,069 TFLOP (43x Wan), and the qsparse row's order-2 residual cache alone is
+#   60 layers x 119,056 tokens x 3072 x bf16 x (R, dR) = 81.8 GiB: does not fit;
+# - full model at 480p x 81: fits (25.6 GB of bf16 weights, 22.7 GiB of cache) but costs 1,253 TFLOP (4.4x Wan,
+#   12.8B parameters): its rows would not fit the device's 10-minute calls as Wan's do;
+# - scaled: 251 TFLOP (0.89x Wan; 161 of it attention), 2.85B parameters, residual cache 4.5 GiB.
+HUNYUAN_SCALED = dict(HUNYUAN_VIDEO, num_layers=4, num_single_layers=8)
 WORKLOADS: dict[str, dict[str, Any]] = {
-    "wan-1.3b-480p": dict(config=WAN_1_3B, latents=(1, 16, 21, 60, 104), text=(1, 512, 4096)),
-    "wan-1.3b-720p": dict(config=WAN_1_3B, latents=(1, 16, 21, 90, 160), text=(1, 512, 4096)),
-    # A small config that runs anywhere (the CPU smoke test of this benchmark).
+    "wan-1.3b-480p": dict(model="wan", config=WAN_1_3B, latents=(1, 16, 21, 60, 104), text=(1, 512, 4096)),
+    "wan-1.3b-720p": dict(model="wan", config=WAN_1_3B, latents=(1, 16, 21, 90, 160), text=(1, 512, 4096)),
+    # 256 text positions (diffusers' HunyuanVideoPipeline max_sequence_length), the first 120 a prompt, the rest
+    # padding that the joint attention masks out.
+    "hunyuan-scaled": dict(model="hunyuan", config=HUNYUAN_SCALED, latents=(1, 16, 21, 60, 104), text=(1, 256, 4096),
+                           text_tokens=120, pooled=(1, 768), guidance=6.0),
+    # Small configs that run anywhere (the CPU smoke tests of this benchmark).
     "reference": dict(
+        model="wan",
         config=dict(WAN_1_3B, num_attention_heads=4, attention_head_dim=32, text_dim=64, freq_dim=64, ffn_dim=512,
                     num_layers=2, rope_max_seq_len=128),
         latents=(1, 16, 5, 32, 32), text=(1, 16, 64),
     ),
+    "hunyuan-reference": dict(
+        model="hunyuan",
+        config=dict(HUNYUAN_VIDEO, num_attention_heads=4, attention_head_dim=32, num_layers=1, num_single_layers=2,
+                    num_refiner_layers=1, text_embed_dim=64, pooled_projection_dim=32, rope_axes_dim=(8, 12, 12)),
+        latents=(1, 16, 3, 30, 32), text=(1, 16, 64), text_tokens=11, pooled=(1, 32), guidance=6.0,
+    ),
 }
+# The blocks each model repeats: their linears are the ones quantized, their weights the ones counted.
+BLOCK_PREFIXES = {"wan": ("blocks.",), "hunyuan": ("transformer_blocks.", "single_transformer_blocks.")}
+ROWS = ("eager", "inductor", "fp8", "flex", "flex-fp8", "qsparse", "qsparse-cudagraphs")
 SCHEDULE_STEPS = 50
 # Per-channel int4 weights: the fastest W4A8 kernel path on the H100 (benchmarks/results/w4a8_linear.md).
-QSPARSE_OPTIONS: dict[str, Any] = {"quant": {"group_size": 0}}
+# Conditioning linears (HunyuanVideo's modulation, 27% of its block parameters; Wan has none) as int4 weight-only.
+QSPARSE_OPTIONS: dict[str, Any] = {"quant": {"group_size": 0, "conditioning_linears": "int4_weight_only"}}
 CACHE: dict[str, Any] = {"refresh_first": 2, "refresh_every": 5, "order": 2}
 REUSE_STEP = 7  # not a refresh step of CACHE's schedule
+CPU_REPEATS = 3  # calls timed per row on the CPU (--cpu-repeats; the median is reported)
 
 
 @dataclass
@@ -62,24 +101,79 @@ class Row:
     profile: dict[str, float] | None = None  # GPU ms per forward by kernel category (--profile)
 
 
-def build(workload: dict[str, Any], device: str, dtype: torch.dtype):
-    from diffusers import WanTransformer3DModel
+def _model_class(workload: dict[str, Any]) -> type:
+    from diffusers import HunyuanVideoTransformer3DModel, WanTransformer3DModel
 
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = WanTransformer3DModel(**workload["config"]).eval().to(dtype)
-    generator = torch.Generator(device).manual_seed(1)
-    inputs = dict(
-        hidden_states=torch.randn(workload["latents"], device=device, dtype=dtype, generator=generator),
-        encoder_hidden_states=torch.randn(workload["text"], device=device, dtype=dtype, generator=generator),
-        timestep=torch.tensor([500], device=device),
+    return {"wan": WanTransformer3DModel, "hunyuan": HunyuanVideoTransformer3DModel}[workload["model"]]
+
+
+def make_inputs(workload: dict[str, Any], device: str, dtype: torch.dtype,
+                generator: torch.Generator | None = None) -> dict[str, Any]:
+    """Forward kwargs of the workload's model (random latents and text states; ``generator`` None: unseeded)."""
+    def randn(shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.randn(shape, device=device, dtype=dtype, generator=generator)
+
+    inputs: dict[str, Any] = dict(
+        hidden_states=randn(workload["latents"]),
+        encoder_hidden_states=randn(workload["text"]),
+        timestep=torch.tensor([500] * workload["latents"][0], device=device),
         return_dict=False,
     )
-    return model, inputs
+    if workload["model"] == "hunyuan":
+        batch, positions = workload["text"][:2]
+        # As the pipeline passes it: the tokenizer's 0/1 mask (int64), prompt first, padding after.
+        mask = torch.zeros(batch, positions, dtype=torch.int64, device=device)
+        mask[:, : workload["text_tokens"]] = 1
+        inputs.update(
+            encoder_attention_mask=mask,
+            pooled_projections=randn(workload["pooled"]),
+            # HunyuanVideoPipeline: guidance = guidance_scale * 1000
+            guidance=torch.full((batch,), workload["guidance"] * 1000.0, device=device, dtype=dtype),
+        )
+    return inputs
 
 
-def block_linear_filter(module: torch.nn.Module, fqn: str) -> bool:
-    return isinstance(module, torch.nn.Linear) and fqn.startswith("blocks.")
+def build(workload: dict[str, Any], device: str, dtype: torch.dtype) -> tuple[torch.nn.Module, dict[str, Any]]:
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = _model_class(workload)(**workload["config"]).eval().to(dtype)
+    return model, make_inputs(workload, device, dtype, torch.Generator(device).manual_seed(1))
+
+
+def forward_flops(workload: dict[str, Any]) -> dict[str, float]:
+    """FLOPs of one dense bf16 forward, counted by torch's FlopCounterMode on the meta device (no memory, no time):
+    ``attention`` = the scaled-dot-product attentions (video, joint, cross and text), ``linear`` = the matmuls of the
+    linears, ``total`` = all counted ops (+ the patch embedding's convolution); and the model's parameter count."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = _model_class(workload)(**workload["config"]).eval().to(torch.bfloat16)
+    inputs = make_inputs(workload, "meta", torch.bfloat16)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(**inputs)
+    by_op = {str(op): float(count) for op, count in counter.get_flop_counts()["Global"].items()}
+    # On the meta device SDPA runs its math path: its two matmuls are the batched ones (bmm); the linears are (add)mm.
+    attention = sum(v for op, v in by_op.items() if "bmm" in op or "attention" in op)
+    linear = sum(v for op, v in by_op.items() if op.endswith((".mm", ".addmm")))
+    return {"total": float(counter.get_total_flops()), "attention": attention, "linear": linear,
+            "parameters": float(sum(p.numel() for p in model.parameters()))}
+
+
+def modulation_linears(model: torch.nn.Module) -> set[str]:
+    """FQNs of the linears of adaptive norms (HunyuanVideo's ``norm1.linear`` ...): they map the (batch, dim) timestep
+    embedding to scales and shifts, one row per sample - no token dimension, so qsparse keeps them bf16 by default, and the fp8
+    rows do too. (With ``quant.conditioning_linears="int4_weight_only"`` qsparse packs them; ``weight_bytes`` then counts
+    their packed size, as for every weight in the packed-weight store.)"""
+    return {f"{name}.{child_name}" for name, module in model.named_modules()
+            if type(module).__name__.startswith("AdaLayerNorm")
+            for child_name, child in module.named_children() if isinstance(child, torch.nn.Linear)}
+
+
+def block_linear_filter(workload: dict[str, Any], model: torch.nn.Module) -> Callable[[torch.nn.Module, str], bool]:
+    """torchao ``filter_fn``: the linears of the repeated blocks that see tokens."""
+    prefixes, modulation = BLOCK_PREFIXES[workload["model"]], modulation_linears(model)
+    return lambda module, fqn: (isinstance(module, torch.nn.Linear) and fqn.startswith(prefixes)
+                                and fqn not in modulation)
 
 
 def time_ms(fn: Callable[[], Any], device: str) -> float:
@@ -88,39 +182,97 @@ def time_ms(fn: Callable[[], Any], device: str) -> float:
 
         return float(triton.testing.do_bench(fn, warmup=300, rep=1500, return_mode="median"))
     times = []
-    for _ in range(3):  # CPU: a smoke run, not a performance figure
+    for _ in range(CPU_REPEATS):  # CPU: a smoke run, not a performance figure
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1e3)
     return sorted(times)[len(times) // 2]
 
 
-def weight_bytes(model: torch.nn.Module) -> int:
+def weight_bytes(model: torch.nn.Module, prefixes: tuple[str, ...]) -> int:
     """Bytes of the blocks' weights as the model stores them: packed int4 where qsparse packed them."""
     from qsparse_compiler.runtime.weights import default_store
 
     total = 0
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-        if name.startswith("blocks."):
+        if name.startswith(prefixes):
             packed = default_store.packed_nbytes(tensor)
             total += packed if packed is not None else tensor.numel() * tensor.element_size()
     return total
 
 
-def flex_block_masks(model, inputs, density: float):
-    """FlexAttention BlockMask from a random 128x128 block bitmap with the diagonal kept (as in BASELINES.md)."""
-    from torch.nn.attention.flex_attention import BlockMask
+FLEX_BLOCK = 128  # FlexAttention's tile (BASELINES.md: 128x128 blocks)
 
-    latents = inputs["hidden_states"].shape
-    tokens = latents[2] * (latents[3] // 2) * (latents[4] // 2)
-    blocks = math.ceil(tokens / 128)
-    generator = torch.Generator().manual_seed(2)
-    bitmap = torch.rand(1, 1, blocks, blocks, generator=generator) < density
-    bitmap |= torch.eye(blocks, dtype=torch.bool)
+
+def _kv_blocks(bitmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kv_num_blocks, kv_indices) of a (B, H, Q blocks, KV blocks) bool bitmap: the kept blocks first, in order."""
     counts = bitmap.sum(-1, dtype=torch.int32)
     indices = torch.argsort((~bitmap).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    return counts, indices
+
+
+def _random_block_bitmap(blocks: int, density: float) -> torch.Tensor:
+    """(1, 1, blocks, blocks): random blocks at ``density`` with the diagonal kept (as in BASELINES.md)."""
+    generator = torch.Generator().manual_seed(2)
+    bitmap = torch.rand(1, 1, blocks, blocks, generator=generator) < density
+    return bitmap | torch.eye(blocks, dtype=torch.bool)
+
+
+def video_tokens(workload: dict[str, Any]) -> int:
+    """Video tokens after patchify (Wan: patch (1, 2, 2); HunyuanVideo: patch_size_t x patch_size^2)."""
+    config = workload["config"]
+    if workload["model"] == "wan":
+        pt, ph, pw = config["patch_size"]
+    else:
+        pt, ph, pw = config["patch_size_t"], config["patch_size"], config["patch_size"]
+    frames, height, width = workload["latents"][2:]
+    return (frames // pt) * (height // ph) * (width // pw)
+
+
+def flex_block_masks(workload: dict[str, Any], inputs: dict[str, Any], density: float):
+    """FlexAttention BlockMask of the workload's video attention, random 128x128 blocks at ``density`` (+ diagonal).
+
+    Wan (self-attention over the video): the random bitmap over the video tokens, as in BASELINES.md.
+    HunyuanVideo (joint attention over [video, text], video first, padded text masked): the video x video tiles are
+    the random bitmap; every tile that touches a text token, as query or key, is kept (qsparse keeps those dense
+    too); the padded text keys are masked - a tile whose keys are all padding is dropped, a tile with some padding
+    is a partial block (the kernel evaluates mask_mod in it), every other kept tile is a full block (no mask_mod).
+    The mask is per sample (the valid text length differs per sample). Its mask_mod states the whole mask (kept tile
+    and valid key), so eager flex_attention, which evaluates only mask_mod and ignores the block tables, computes
+    the same attention as the compiled kernel, which evaluates it only in the partial blocks.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
     device = inputs["hidden_states"].device
-    return BlockMask.from_kv_blocks(counts.to(device), indices.to(device), BLOCK_SIZE=128, seq_lengths=(tokens, tokens))
+    video = video_tokens(workload)
+    if workload["model"] == "wan":
+        blocks = math.ceil(video / FLEX_BLOCK)
+        counts, indices = _kv_blocks(_random_block_bitmap(blocks, density))
+        return BlockMask.from_kv_blocks(counts.to(device), indices.to(device), BLOCK_SIZE=FLEX_BLOCK,
+                                        seq_lengths=(video, video))
+    mask = inputs["encoder_attention_mask"]
+    tokens = video + mask.shape[1]
+    blocks = math.ceil(tokens / FLEX_BLOCK)
+    starts = torch.arange(blocks) * FLEX_BLOCK
+    ends = torch.clamp(starts + FLEX_BLOCK, max=tokens)  # the last block stops at the sequence's end
+    touches_text = ends > video
+    kept = _random_block_bitmap(blocks, density) | touches_text[:, None] | touches_text[None, :]
+    valid_keys = video + mask.to(torch.int64).sum(dim=1).cpu()  # (B,): keys [0, valid_keys) take part
+    all_valid = (ends[None, :] <= valid_keys[:, None])[:, None, None, :]  # (B, 1, 1, KV blocks)
+    none_valid = (starts[None, :] >= valid_keys[:, None])[:, None, None, :]
+    full = kept & all_valid
+    partial = kept & ~all_valid & ~none_valid
+    limit = valid_keys.to(device=device, dtype=torch.int32)
+    tiles = kept.to(device)
+
+    def kept_tile_and_valid_key(b, h, q_idx, kv_idx):
+        return tiles[0, 0, q_idx // FLEX_BLOCK, kv_idx // FLEX_BLOCK] & (kv_idx < limit[b])
+
+    counts, indices = _kv_blocks(partial)
+    full_counts, full_indices = _kv_blocks(full)
+    return BlockMask.from_kv_blocks(counts.to(device), indices.to(device), full_counts.to(device),
+                                    full_indices.to(device), BLOCK_SIZE=FLEX_BLOCK, mask_mod=kept_tile_and_valid_key,
+                                    seq_lengths=(tokens, tokens))
 
 
 class _FlexSelfAttention:
@@ -134,6 +286,29 @@ class _FlexSelfAttention:
         return self.processor(attn, hidden_states, encoder_hidden_states, self.block_mask, rotary_emb, **kw)
 
 
+class _FlexJointAttention:
+    """HunyuanVideo joint-attention processor (dual- and single-stream blocks) that runs diffusers' flex backend with
+    a fixed block mask over [video, text] in place of the model's (B, 1, 1, S) key-padding mask, which the block mask
+    already holds. (Named parameters: diffusers' Attention drops keyword arguments its processor does not name.)"""
+
+    def __init__(self, processor: Any, block_mask: Any) -> None:
+        self.processor, self.block_mask = processor, block_mask
+        self.processor._attention_backend = "flex"
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        return self.processor(attn, hidden_states, encoder_hidden_states, self.block_mask, image_rotary_emb)
+
+
+def install_flex_attention(model: torch.nn.Module, workload: dict[str, Any], block_mask: Any) -> None:
+    """Route the model's video attentions through FlexAttention with ``block_mask``."""
+    if workload["model"] == "wan":
+        for block in model.blocks:
+            block.attn1.set_processor(_FlexSelfAttention(block.attn1.processor, block_mask))
+        return
+    for block in [*model.transformer_blocks, *model.single_transformer_blocks]:
+        block.attn.set_processor(_FlexJointAttention(block.attn.processor, block_mask))
+
+
 def run_row(name: str, workload: dict[str, Any], device: str, dtype: torch.dtype, eager_out: torch.Tensor | None,
             density: float, profile_dir: Path | None = None) -> list[Row]:
     model, inputs = build(workload, device, dtype)
@@ -141,12 +316,13 @@ def run_row(name: str, workload: dict[str, Any], device: str, dtype: torch.dtype
     if name in ("fp8", "flex-fp8"):
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
-        quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=block_linear_filter)
-    if name == "flex-fp8":
-        mask = flex_block_masks(model, inputs, density)
-        for block in model.blocks:
-            block.attn1.set_processor(_FlexSelfAttention(block.attn1.processor, mask))
+        quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+                  filter_fn=block_linear_filter(workload, model))
+    if name in ("flex", "flex-fp8"):
+        install_flex_attention(model, workload, flex_block_masks(workload, inputs, density))
         note = f"random {density:.0%} 128x128 blocks + diagonal"
+        if workload["model"] == "hunyuan":
+            note += " in the video x video region; text tiles dense, padded text keys masked"
     runtime = None
     if name in ("qsparse", "qsparse-cudagraphs"):
         import qsparse_compiler as qs
@@ -221,7 +397,7 @@ def run_row(name: str, workload: dict[str, Any], device: str, dtype: torch.dtype
                                                                                 reuse.rel_error_vs_eager),
                                      note=f"{schedule[0]} refresh + {schedule[1]} reuse steps; {note}")]
     for row in rows:
-        row.block_weight_bytes = weight_bytes(model)
+        row.block_weight_bytes = weight_bytes(model, BLOCK_PREFIXES[workload["model"]])
     del model, fn_model
     gc.collect()
     if device == "cuda":
@@ -288,6 +464,7 @@ def runtime_schedule_counts(steps: int) -> tuple[int, int]:
 
 
 def main() -> None:
+    global CPU_REPEATS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workload", default="wan-1.3b-480p", choices=sorted(WORKLOADS))
     parser.add_argument("--rows", default="eager,inductor,fp8,flex-fp8,qsparse")
@@ -300,6 +477,8 @@ def main() -> None:
     parser.add_argument("--cache", default=json.dumps(CACHE),
                         help='residual-cache schedule of the qsparse rows (JSON), e.g. \'{"order": 1, "storage": "fp8_e4m3"}\' '
                              "(fields of qsparse_compiler.config.CacheConfig; the given ones replace the default's)")
+    parser.add_argument("--cpu-repeats", type=int, default=CPU_REPEATS,
+                        help="calls timed per row on the CPU (a smoke run: its times are not performance figures)")
     parser.add_argument("--plot", type=Path, metavar="JSON", help="only draw the bar chart of a results JSON")
     args = parser.parse_args()
     if args.plot is not None:
@@ -308,8 +487,24 @@ def main() -> None:
     QSPARSE_OPTIONS.clear()
     QSPARSE_OPTIONS.update(json.loads(args.qsparse_options))
     CACHE.update(json.loads(args.cache))
+    if args.cpu_repeats < 1:
+        parser.error(f"--cpu-repeats {args.cpu_repeats}: must be >= 1")
+    CPU_REPEATS = args.cpu_repeats
+    unknown = sorted(set(args.rows.split(",")) - set(ROWS))
+    if unknown:
+        parser.error(f"--rows: unknown row(s) {unknown}; the rows are {', '.join(ROWS)}")
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     workload = WORKLOADS[args.workload]
+    try:
+        flops = forward_flops(workload)
+        size: dict[str, Any] = {"forward_tflop": {k: round(v / 1e12, 6) for k, v in flops.items() if k != "parameters"},
+                                "parameters": int(flops["parameters"])}
+        print(f"{args.workload}: {video_tokens(workload):,} video tokens, {flops['parameters'] / 1e6:,.1f}M parameters, "
+              f"one dense forward {flops['total'] / 1e12:,.4g} TFLOP (attention {flops['attention'] / 1e12:,.4g}, "
+              f"linears {flops['linear'] / 1e12:,.4g})", flush=True)
+    except Exception as exc:  # an estimate must not cost the run its rows: recorded, as a failing row is
+        size = {"forward_tflop": f"failed: {type(exc).__name__}: {exc}"[:300]}
+        print(f"{args.workload}: FLOP count {size['forward_tflop']}", flush=True)
     eager_model, inputs = build(workload, args.device, dtype)
     with torch.no_grad():
         eager_out = eager_model(**inputs)[0]
@@ -318,6 +513,7 @@ def main() -> None:
     meta = {
         "workload": args.workload, "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "torch": torch.__version__, "density": args.density, "date": time.strftime("%Y-%m-%d"),
+        "video_tokens": video_tokens(workload), **size,
     }
     rows: list[Row] = []
     for name in args.rows.split(","):

@@ -1,10 +1,20 @@
 #!/usr/bin/env bash
 # The GPU suite as device-machine commands (one command may run 10 minutes at most, so the suite is in parts).
 # Usage on the device machine, from the repo root, with the .whl wheels carried:
-#   bash benchmarks/device_suite.sh e2e      # workload W: qsparse, Inductor, eager, Flex+fp8 (~580 s at 480p)
-#   bash benchmarks/device_suite.sh e2e2     # torchao fp8 and the CUDA-graph qsparse row (~250 s + compile)
-#   bash benchmarks/device_suite.sh tests    # every @gpu test, file by file, results appended as they finish
+#   bash benchmarks/device_suite.sh e2e          # workload W: qsparse, Inductor, eager, Flex+fp8 (~580 s at 480p)
+#   bash benchmarks/device_suite.sh e2e2         # torchao fp8 and the CUDA-graph qsparse row (~250 s + compile)
+#   bash benchmarks/device_suite.sh e2e720       # Wan-1.3B 720p: qsparse, Inductor, eager, torchao fp8 (not yet run)
+#   bash benchmarks/device_suite.sh e2e720flex   # Wan-1.3B 720p: Flex+fp8 alone (its compile took 269 s at 480p)
+#   bash benchmarks/device_suite.sh hunyuan      # hunyuan-scaled: qsparse, Inductor, eager, torchao fp8 (not yet run)
+#   bash benchmarks/device_suite.sh hunyuanflex  # hunyuan-scaled: Flex+fp8 alone (three block graphs with Flex:
+#                                                # dual-stream, single-stream, its stride recompile; if it passes
+#                                                # 580 s, a rerun on the still-warm machine should find Inductor's
+#                                                # cache in /tmp)
+#   bash benchmarks/device_suite.sh cachemem     # the qsparse row with the residual cache in fp8 (order 2, then
+#                                                # order 1): peak memory vs the bf16 cache's 7.8 GiB (not yet run)
+#   bash benchmarks/device_suite.sh tests        # every @gpu test, file by file, results appended as they finish
 # Results land in $OUT; partial results survive a time limit (JSON after every row, test lines as they come).
+# The not-yet-run parts' times are estimates from the 480p run (BENCHMARKS.md), not measurements.
 set -u
 OUT=${OUT:-/tmp/qsparse-out}
 mkdir -p "$OUT"
@@ -12,17 +22,27 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
+# e2e WORKLOAD ROWS JSON LINES [SECONDS [MORE ARGS]]: one bench_e2e.py run under the command limit (580 s unless
+# given), profiled, its last LINES lines shown.
+e2e() {
+  timeout "${5:-580}" python3 benchmarks/bench_e2e.py --workload "$1" --rows "$2" --out "$OUT/$3" --profile "$OUT/prof" \
+      "${@:6}" 2>&1 | grep -v Warning | tail -"$4"
+}
 case "${1:-e2e}" in
-  e2e)
-    timeout 580 python3 benchmarks/bench_e2e.py --workload "${WORKLOAD:-wan-1.3b-480p}" \
-        --rows qsparse,inductor,eager,flex-fp8 --out "$OUT/e2e.json" --profile "$OUT/prof" 2>&1 | grep -v Warning | tail -20 ;;
-  e2e2)
-    timeout 580 python3 benchmarks/bench_e2e.py --workload "${WORKLOAD:-wan-1.3b-480p}" \
-        --rows fp8,qsparse-cudagraphs --out "$OUT/e2e2.json" --profile "$OUT/prof" 2>&1 | grep -v Warning | tail -12 ;;
+  e2e) e2e "${WORKLOAD:-wan-1.3b-480p}" qsparse,inductor,eager,flex-fp8 e2e.json 20 ;;
+  e2e2) e2e "${WORKLOAD:-wan-1.3b-480p}" fp8,qsparse-cudagraphs e2e2.json 12 ;;
+  e2e720) e2e wan-1.3b-720p qsparse,inductor,eager,fp8 e2e_720p.json 16 ;;
+  e2e720flex) e2e wan-1.3b-720p flex-fp8 e2e_720p_flex.json 8 ;;
+  hunyuan) e2e hunyuan-scaled qsparse,inductor,eager,fp8 e2e_hunyuan.json 16 ;;
+  hunyuanflex) e2e hunyuan-scaled flex-fp8 e2e_hunyuan_flex.json 8 ;;
+  cachemem)
+    e2e wan-1.3b-480p qsparse e2e_cache_fp8_order2.json 8 290 --cache '{"storage": "fp8_e4m3"}'
+    e2e wan-1.3b-480p qsparse e2e_cache_fp8_order1.json 8 290 --cache '{"storage": "fp8_e4m3", "order": 1}' ;;
   tests)
     for file in $(grep -rl "mark.gpu\|pytest.mark.gpu" tests --include=test_*.py | sort); do
       timeout 120 python3 -m pytest -q -m gpu "$file" --tb=line -rA -p no:cacheprovider 2>&1 \
           | grep -E "^PASSED|^FAILED|^ERROR|^E |passed|failed|^/" | tee -a "$OUT/gpu_tests.txt"
     done ;;
-  *) echo "device_suite.sh: unknown part ${1}; use e2e, e2e2 or tests" >&2; exit 2 ;;
+  *) echo "device_suite.sh: unknown part ${1}; use e2e, e2e2, e2e720, e2e720flex, hunyuan, hunyuanflex, cachemem or tests" >&2
+     exit 2 ;;
 esac

@@ -22,6 +22,7 @@ __all__ = [
     "ACT_FORMATS",
     "CACHE_MODES",
     "CACHE_STORAGES",
+    "CONDITIONING_LINEAR_MODES",
     "ConfigError",
     "QuantConfig",
     "SparsityConfig",
@@ -37,6 +38,12 @@ __all__ = [
 #              such as GELU/SiLU outputs, all 256 codes cover [min, max] instead of half of them unused)
 ACT_FORMATS = ("fp8_e4m3", "int8", "uint8_msfp")
 SCALE_DTYPES = ("bfloat16", "float16", "float32")
+# What becomes of a block linear whose input has no token dimension (an adaptive norm's modulation linear: (B, D),
+# one row per sample), see QuantConfig.conditioning_linears:
+#   keep              stays as it is, in the model's dtype
+#   int4_weight_only  int4 weights (packed like the W4A8 linears), dequantized in the graph, the linear in the
+#                     model's dtype; activations are not quantized
+CONDITIONING_LINEAR_MODES = ("keep", "int4_weight_only")
 # How the residual-cache node of a compiled graph decides between refresh and reuse:
 #   auto     per call, from the runtime's step schedule (host-side; one graph serves every step)
 #   refresh  always refresh (a graph for refresh steps)      } qs.optimize compiles these two variants so CUDA graphs
@@ -96,6 +103,13 @@ class QuantConfig:
                    add) - on the H100 a separate quantization pass cost 31 ms of a 228 ms Wan-1.3B forward. False
                    keeps one ``qsparse::w4a8_linear`` per linear (its own quantization kernel). "uint8_msfp" always
                    takes the one-op form (its zero point needs the weight row sums inside the op).
+    conditioning_linears
+                   block linears whose input has no token dimension (HunyuanVideo's / CogVideoX's adaptive-norm
+                   modulation linears ``norm1.linear`` ...: (batch, dim) in, one row per sample; 27% of a
+                   HunyuanVideo block's parameters), one of ``CONDITIONING_LINEAR_MODES``. "int4_weight_only" stores
+                   them as int4 (``group_size``/``scale_dtype`` as above; round-to-nearest unless a plan lists the
+                   linear) and dequantizes the weight in the graph on every call - their activations are never
+                   quantized (M = batch: nothing to gain, and every token of the sample depends on them).
     """
 
     enabled: bool = True
@@ -104,6 +118,7 @@ class QuantConfig:
     scale_dtype: str = "bfloat16"
     site_pattern: str = r"^[A-Za-z_]\w*\.\d+(\.|$)"
     act_quant_in_graph: bool = True
+    conditioning_linears: str = "keep"
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -117,6 +132,9 @@ class QuantConfig:
             _fail("QuantConfig", "act_format", self.act_format, f"must be one of {ACT_FORMATS}")
         if self.scale_dtype not in SCALE_DTYPES:
             _fail("QuantConfig", "scale_dtype", self.scale_dtype, f"must be one of {SCALE_DTYPES}")
+        if self.conditioning_linears not in CONDITIONING_LINEAR_MODES:
+            _fail("QuantConfig", "conditioning_linears", self.conditioning_linears,
+                  f"must be one of {CONDITIONING_LINEAR_MODES}")
         _check_regex("QuantConfig", "site_pattern", self.site_pattern)
         if self.version != 1:
             _fail("QuantConfig", "version", self.version, "is not supported by this release (knows version 1)")

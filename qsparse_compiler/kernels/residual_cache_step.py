@@ -111,6 +111,11 @@ def _residual_cache_step_kernel(
     tl.store(out_ptr + flat, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def _delta_shapes(shape: tuple[int, ...], order: int) -> tuple[tuple[int, ...], ...]:
+    """Accepted shapes of dR (or of its scales) for an R of ``shape``: order 1 may hold none (no tokens)."""
+    return (shape,) if order == 2 else (shape, shape[:2] + (0,) + shape[3:])
+
+
 def residual_cache_step(
     o_sparse: torch.Tensor,
     residual: torch.Tensor,
@@ -125,7 +130,7 @@ def residual_cache_step(
 
     ``residual`` / ``delta`` (the cache's R and dR, contiguous (B, H, S, D)) are updated in place on a refresh;
     with fp8 storage they are e4m3 codes and ``residual_scale`` / ``delta_scale`` their contiguous (B, H, S, 1) fp32
-    row scales (updated too). ``steps`` is only read: on a reuse step it must already count this step (n steps after
+    row scales (updated too). Order 1 never touches dR: it may have no tokens ((B, H, 0, D), scales (B, H, 0, 1)). ``steps`` is only read: on a reuse step it must already count this step (n steps after
     the refresh: n), on a refresh it holds the steps since the previous refresh (the caller zeroes it afterwards).
     Returns the attention output (contiguous, dtype of ``o_sparse``): the estimate ``o_sparse + R (+ steps * dR)``
     or a copy of ``dense``.
@@ -143,14 +148,18 @@ def residual_cache_step(
         problem = f"o_sparse must be (B, H, S, D) with D <= {MAX_HEAD_DIM}"
     elif any(t is None for t in scales.values()) or (delta_scale is not None and not fp8):
         problem = "fp8 storage needs both residual_scale and delta_scale"
-    elif any(tuple(t.shape) != shape or t.device != o_sparse.device for t in {**activations, **stored}.values()) \
+    elif any(tuple(t.shape) != shape or t.device != o_sparse.device for t in (*activations.values(), residual)) \
+            or tuple(delta.shape) not in _delta_shapes(shape, order) or delta.device != o_sparse.device \
             or any(t.dtype not in _DTYPES for t in activations.values()) \
             or any(t.dtype not in stored_dtypes for t in stored.values()):
-        problem = ("every tensor must have the shape and device of o_sparse and a bf16/fp16/fp32 dtype (R, dR: "
-                   "float8_e4m3fn codes when scales are given)")
-    elif fp8 and any(tuple(t.shape) != shape[:3] + (1,) or t.dtype != torch.float32 or not t.is_contiguous()
-                     or t.device != o_sparse.device for t in scales.values()):
-        problem = "the fp8 scales must be contiguous (B, H, S, 1) fp32 tensors on o_sparse's device"
+        problem = ("every tensor must have the shape and device of o_sparse (order 1: dR may have no tokens) and a "
+                   "bf16/fp16/fp32 dtype (R, dR: float8_e4m3fn codes when scales are given)")
+    elif fp8 and (tuple(residual_scale.shape) != shape[:3] + (1,)
+                  or tuple(delta_scale.shape) not in _delta_shapes(shape[:3] + (1,), order)
+                  or any(t.dtype != torch.float32 or not t.is_contiguous() or t.device != o_sparse.device
+                         for t in scales.values())):
+        problem = ("the fp8 scales must be contiguous (B, H, S, 1) fp32 tensors on o_sparse's device (order 1: dR's "
+                   "may have no tokens)")
     elif any(t.stride(-1) != 1 for t in activations.values()) or not (residual.is_contiguous() and delta.is_contiguous()):
         problem = "D must be the unit-stride dimension, and R, dR contiguous"
     elif order not in (1, 2) or steps.shape != (1,) or steps.dtype != torch.float32:

@@ -26,6 +26,7 @@ __all__ = [
     "pack_int4",
     "unpack_int4",
     "dequantize_weight_int4",
+    "linear_int4_weight_only",
     "quantize_activation",
     "quantize_activation_symmetric",
     "apply_activation",
@@ -111,6 +112,14 @@ def dequantize_weight_int4(qweight: torch.Tensor, scale: torch.Tensor, group_siz
     n, k = codes.shape
     group = effective_group_size(k, group_size)
     return (codes.reshape(n, k // group, group) * scale.to(torch.float32).reshape(n, k // group, 1)).reshape(n, k)
+
+
+def linear_int4_weight_only(
+    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, group_size: int
+) -> torch.Tensor:
+    """``F.linear`` with a packed int4 weight, dequantized and cast to ``x.dtype``; x itself is not quantized.
+    The implementation of ``qsparse::int4_weight_only_linear`` (ops/w4a8_linear.py)."""
+    return torch.nn.functional.linear(x, dequantize_weight_int4(qweight, scale, group_size).to(x.dtype), bias)
 
 
 ACTIVATIONS = ("none", "gelu_tanh")

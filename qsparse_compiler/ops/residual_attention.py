@@ -9,6 +9,7 @@
     fp8        [residual codes (B,H,S,D) e4m3, residual scales (B,H,S,1) fp32, delta codes, delta scales, steps]
     rank r     [residual_u (B,H,S,r), residual_v (B,H,r,D), delta_u, delta_v, steps (1,) fp32]
 An fp8 value is codes * scale, one scale per (b, h, s) row = the row's amax / 448 (CacheConfig.storage).
+With order 1 the full-rank dR tensors have no tokens (S = 0): order 1 never reads or writes dR.
 ``steps`` counts the steps since the last refresh, on the device (no host sync, CUDA-graph safe), and is -1 before
 the first refresh of a new generation.
 
@@ -59,18 +60,19 @@ def _expand(state: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return state[0].float() @ state[1].float(), state[2].float() @ state[3].float()
 
 
-def _store(state: list[torch.Tensor], residual: torch.Tensor, delta: torch.Tensor) -> None:
+def _store(state: list[torch.Tensor], residual: torch.Tensor, delta: torch.Tensor | None) -> None:
+    """Write R and (order 2; None for order 1) dR into the state in its storage format."""
     if len(state) == 3:
-        state[0].copy_(residual)
-        state[1].copy_(delta)
-        return
-    if _is_fp8(state):
+        parts = (residual,) if delta is None else (residual, delta)
+    elif _is_fp8(state):
         # The same per-row e4m3 rounding as the activations of a W4A8 linear (and as the fused kernel).
-        parts = (*quantize_activation_symmetric(residual, "fp8_e4m3"), *quantize_activation_symmetric(delta, "fp8_e4m3"))
+        parts = quantize_activation_symmetric(residual, "fp8_e4m3")
+        if delta is not None:
+            parts += quantize_activation_symmetric(delta, "fp8_e4m3")
     else:
         rank = state[0].shape[-1]
-        parts = (*_low_rank(residual, rank), *_low_rank(delta, rank))
-    for target, source in zip(state[:4], parts):
+        parts = _low_rank(residual, rank) + (_low_rank(delta, rank) if delta is not None else ())
+    for target, source in zip(state, parts):
         target.copy_(source)
 
 
@@ -110,12 +112,11 @@ def residual_attention(
         dense = F.scaled_dot_product_attention(q, k, v, attn_mask=key_padding_mask, scale=scale)
         new_residual = dense.to(torch.float32) - o_sparse.to(torch.float32)
         previous, _ = _expand(state)
+        delta = None
         if order == 2:
             # steps = -1 before the first refresh: no previous residual, dR starts at 0.
             have_previous = (steps >= 0).to(torch.float32)
             delta = have_previous * (new_residual - previous) / (steps.clamp_min(0) + 1)
-        else:
-            delta = torch.zeros_like(new_residual)
         _store(state, new_residual, delta)
         steps.zero_()
         return dense.to(o_sparse.dtype).contiguous()

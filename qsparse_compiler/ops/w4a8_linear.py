@@ -9,6 +9,8 @@ Schemas (what the passes emit, and what every backend kernel must implement):
                 quantization pass (the FFN down-projection: no separate GELU kernel)
     w4a8_gemm(codes: (..., K) float8_e4m3fn/int8, act_scale: (..., 1) fp32, qweight, wscale, bias, group_size,
               out_dtype) -> (..., N) = (codes * act_scale) @ W4ᵀ + bias
+    int4_weight_only_linear(x, qweight, wscale, bias, group_size) -> (..., N), dtype of x
+              = x @ dequant(W4).to(x.dtype)ᵀ + bias: the conditioning linears (one row per sample), x not quantized
 
 ``w4a8_gemm`` takes activations already quantized by ``quantization.quantize_activation_symmetric``: the pass emits
 that quantization as ordinary graph ops so Inductor fuses it into whatever produced x (a norm, the modulation, a
@@ -26,9 +28,11 @@ from typing import Callable, Optional
 
 import torch
 
-from .quantization import ACTIVATIONS, apply_activation, dequantize_activation, dequantize_weight_int4, quantize_activation
+from .quantization import (ACTIVATIONS, apply_activation, dequantize_activation, dequantize_weight_int4,
+                           linear_int4_weight_only, quantize_activation)
 
-__all__ = ["w4a8_linear", "w4a8_linear_reference", "w4a8_gemm", "w4a8_gemm_reference", "register_cuda_impl"]
+__all__ = ["w4a8_linear", "w4a8_linear_reference", "w4a8_gemm", "w4a8_gemm_reference", "int4_weight_only_linear",
+           "register_cuda_impl"]
 
 
 def _dequantized_matmul(
@@ -130,6 +134,24 @@ def w4a8_gemm(
 def _(codes, act_scale, qweight, wscale, bias, group_size, out_dtype):
     _check_codes(codes, act_scale, qweight, wscale, bias, group_size)
     return codes.new_empty((*codes.shape[:-1], qweight.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("qsparse::int4_weight_only_linear", mutates_args=())
+def int4_weight_only_linear(
+    x: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor, bias: Optional[torch.Tensor], group_size: int
+) -> torch.Tensor:
+    # One implementation on every device: at one row per sample the GEMM is a GEMV bound by reading the weight, and
+    # dequantizing it is of the same order. An op rather than inline graph ops: traced, the dequantization's shape
+    # arithmetic on the packed-weight inputs (graph inputs with no Dynamo source) produced guards that a warm
+    # FX-graph cache could not rebuild (IndexError in produce_guards).
+    _check("int4_weight_only_linear", x, qweight, wscale, bias, group_size)
+    return linear_int4_weight_only(x, qweight, wscale, bias, group_size)
+
+
+@int4_weight_only_linear.register_fake
+def _(x, qweight, wscale, bias, group_size):
+    _check("int4_weight_only_linear", x, qweight, wscale, bias, group_size)
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
 def _check_codes(codes, act_scale, qweight, wscale, bias, group_size) -> None:

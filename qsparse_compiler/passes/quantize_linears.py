@@ -10,13 +10,18 @@
                   (the quantization kernel applies the GELU as it loads h: on the H100 Inductor's fused
                   GELU + quantization of a 32,760 x 8,960 activation took 1.1 ms, our one-pass kernel ~0.45 ms)
 
+    and for a conditioning linear (input (B, D): no token dimension, an adaptive norm's modulation) under
+    ``QuantConfig.conditioning_linears="int4_weight_only"``:
+                  y = qsparse.int4_weight_only_linear(x, Wq, Ws, b, G)   (the int4 weight dequantized to x.dtype,
+                  then F.linear; x is not quantized)
+
 ``Wq``/``Ws`` (packed int4 codes and scales) become new graph inputs; the backend's runtime wrapper supplies them per
 call from the packed-weight store (see runtime/weights.py for why they are not constants). Checks, each reported
 when it fails: the linear is inside a transformer block (``QuantConfig.site_pattern``), its weight is a parameter,
 its input has a token dimension (the conditioning/modulation linears of a block see one row per sample: sensitive,
-and too small to matter for speed), dtypes are bf16/fp16/fp32, K divides into groups, no autograd is needed.
-Each rewritten linear is listed in ``ctx.analysis["quantized_linears"]`` (``QuantizedLinear``) for the passes after
-this one (``apply_lora`` adds a plan's timestep-aware LoRA to the new output).
+and too small to matter for speed; they are kept, or weight-only int4 with ``conditioning_linears``), dtypes are bf16/fp16/fp32, K divides into groups, no autograd is needed.
+Each W4A8 linear is listed in ``ctx.analysis["quantized_linears"]`` (``QuantizedLinear``) for the passes after this
+one (``apply_lora`` adds a plan's timestep-aware LoRA to the new output).
 """
 
 from __future__ import annotations
@@ -43,6 +48,11 @@ SYMMETRIC_ACT_FORMATS = ("fp8_e4m3", "int8")
 
 _GELU_TARGETS = {torch._C._nn.gelu, torch.nn.functional.gelu}
 _DROPOUT_TARGETS = {torch.nn.functional.dropout, torch.dropout}
+
+
+def _is_conditioning(x: fx.Node) -> bool:
+    """The linear's input has no token dimension: (B, D), one row per sample (an adaptive norm's modulation)."""
+    return fake_value(x).ndim < 3
 
 
 def _is_identity_dropout(node: fx.Node) -> bool:
@@ -101,11 +111,9 @@ class QuantizeLinears:
                 count_rewrite(ctx, "kept_linear")
                 continue
             param = ctx.example_inputs[positions[site.weight]]
-            group_size, act_format, scale_dtype = cfg.group_size, cfg.act_format, cfg.scale_dtype
+            group_size, act_format, scale_dtype = self._settings(site.fqn, ctx)
             source = "rtn"
-            if ctx.plan is not None:
-                entry = ctx.plan.linears[site.fqn]
-                group_size, act_format, scale_dtype = entry.group_size, entry.act_format, entry.scale_dtype
+            if ctx.plan is not None and site.fqn in ctx.plan.linears:
                 calibrated = ctx.plan.packed_weight(site.fqn)
                 if calibrated is not None:
                     source = ctx.config.plan
@@ -116,7 +124,17 @@ class QuantizeLinears:
             scale = add_placeholder(gm, f"qsparse_wscale_{len(ctx.packed_weight_slots)}", packed.scale)
             ctx.packed_weight_slots.append(slot)
             ctx.extra_example_inputs += [packed.qweight, packed.scale]
+            quantized_params[site.weight] = packed.nbytes
+            n, k = packed.shape
             x, bias = node_arg(site.node, 0, "input"), node_arg(site.node, 2, "bias")
+            if _is_conditioning(x):
+                call_op_like(gm, site.node, torch.ops.qsparse.int4_weight_only_linear.default,
+                             (x, qweight, scale, bias, packed.group_size))
+                ctx.report.add(site.fqn, "linear", "int4_weight_only", "", shape=f"{k}->{n}",
+                               group=packed.group_size, weights=source)
+                count_rewrite(ctx, "int4_weight_only")
+                rewrites += 1
+                continue
             gelu_chain = _tanh_gelu_feeding(x, site.node)
             activation = "gelu_tanh" if gelu_chain else "none"
             if gelu_chain:
@@ -142,8 +160,6 @@ class QuantizeLinears:
                     gm, site.node, torch.ops.qsparse.w4a8_linear.default,
                     (x, qweight, scale, bias, group_size, act_format),
                 )
-            quantized_params[site.weight] = packed.nbytes
-            n, k = packed.shape
             rewritten.append(QuantizedLinear(site.fqn, output, x, activation, positions[site.weight]))
             ctx.report.add(site.fqn, "linear", "w4a8_linear", "", shape=f"{k}->{n}",
                            group=packed.group_size, act=act_format)
@@ -154,6 +170,17 @@ class QuantizeLinears:
         return rewrites
 
     @staticmethod
+    def _settings(fqn: str, ctx: PassContext) -> tuple[int, str, str]:
+        """(group_size, act_format, scale_dtype) of a linear: the plan's entry if it lists the linear, else the
+        config's (a conditioning linear under ``conditioning_linears="int4_weight_only"`` that the plan leaves out:
+        calibration plans only linears with a token dimension)."""
+        entry = ctx.plan.linears.get(fqn) if ctx.plan is not None else None
+        cfg = ctx.config.quant
+        if entry is None:
+            return cfg.group_size, cfg.act_format, cfg.scale_dtype
+        return entry.group_size, entry.act_format, entry.scale_dtype
+
+    @staticmethod
     def _check(site: LinearSite, ctx: PassContext, in_blocks: re.Pattern, grad_reason: str) -> str:
         cfg = ctx.config.quant
         if not cfg.enabled:
@@ -162,19 +189,22 @@ class QuantizeLinears:
             return "outside the transformer blocks (QuantConfig.site_pattern)"
         if site.weight is None:
             return "weight is computed in the graph, not a parameter"
-        if ctx.plan is not None and site.fqn not in ctx.plan.linears:
+        x = node_arg(site.node, 0, "input")
+        conditioning = _is_conditioning(x)
+        if conditioning and cfg.conditioning_linears == "keep":
+            return (f"conditioning linear (input {tuple(fake_value(x).shape)} has no token dimension): kept in its "
+                    "dtype (quant.conditioning_linears='int4_weight_only' stores its weight as int4)")
+        if ctx.plan is not None and site.fqn not in ctx.plan.linears and not conditioning:
             return "the plan keeps this linear in its dtype"
         if grad_reason:
             return grad_reason
-        x, weight = fake_value(node_arg(site.node, 0, "input")), fake_value(site.weight)
+        x, weight = fake_value(x), fake_value(site.weight)
         if weight is None or weight.ndim != 2:
             return "weight is not a 2-D (out_features, in_features) tensor"
-        if x.ndim < 3:
-            return f"conditioning linear (input {tuple(x.shape)} has no token dimension): kept in its dtype"
         if x.dtype not in _FLOAT_DTYPES or weight.dtype not in _FLOAT_DTYPES:
             return f"dtype {x.dtype}/{weight.dtype} not supported (bf16, fp16, fp32)"
         k = weight.shape[1]
-        group_size = ctx.plan.linears[site.fqn].group_size if ctx.plan is not None else cfg.group_size
+        group_size = QuantizeLinears._settings(site.fqn, ctx)[0]
         group = effective_group_size(k, group_size)
         if k % 2:
             return f"in_features={k} is odd: int4 weights pack two input features per byte (kept in its dtype)"

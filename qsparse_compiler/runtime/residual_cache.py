@@ -196,16 +196,19 @@ def state_layout(shape: tuple, schedule: CacheConfig, dtype: torch.dtype) -> lis
         full rank, fp8_e4m3  [R codes, R scales, dR codes, dR scales, steps]  codes (B,H,S,D) e4m3, scales (B,H,S,1) fp32
         rank r               [R_u (B,H,S,r), R_v (B,H,r,D), dR_u, dR_v, steps] in ``dtype``
 
-    ``steps`` is (1,) fp32 (ops/residual_attention.py). A rank >= D stores in full (no saving to be had)."""
+    ``steps`` is (1,) fp32 (ops/residual_attention.py). A rank >= D stores in full (no saving to be had). Order 1
+    never reads dR: its full-rank dR tensors have no tokens (S = 0), which halves the cache."""
     b, h, s, d = shape
     steps = ((1,), torch.float32)
     if schedule.rank and schedule.rank < d:
         r = schedule.rank
         return [((b, h, s, r), dtype), ((b, h, r, d), dtype), ((b, h, s, r), dtype), ((b, h, r, d), dtype), steps]
+    delta_tokens = s if schedule.order == 2 else 0
     if schedule.storage == "fp8_e4m3":
-        codes, scales = ((b, h, s, d), torch.float8_e4m3fn), ((b, h, s, 1), torch.float32)
-        return [codes, scales, codes, scales, steps]
-    return [((b, h, s, d), dtype), ((b, h, s, d), dtype), steps]
+        codes, scales = torch.float8_e4m3fn, torch.float32
+        return [((b, h, s, d), codes), ((b, h, s, 1), scales), ((b, h, delta_tokens, d), codes),
+                ((b, h, delta_tokens, 1), scales), steps]
+    return [((b, h, s, d), dtype), ((b, h, delta_tokens, d), dtype), steps]
 
 
 default_runtime = ResidualCacheRuntime()

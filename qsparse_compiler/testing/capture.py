@@ -9,7 +9,7 @@ import torch.fx as fx
 
 from ..passes.pass_manager import private_copy
 
-__all__ = ["capture_dynamo_graph"]
+__all__ = ["capture_dynamo_graph", "rewrite_with_default_passes"]
 
 
 def capture_dynamo_graph(model: torch.nn.Module, inputs: dict[str, Any]) -> tuple[fx.GraphModule, list[Any]]:
@@ -24,3 +24,20 @@ def capture_dynamo_graph(model: torch.nn.Module, inputs: dict[str, Any]) -> tupl
     torch._dynamo.reset()
     torch.compile(model, backend=backend, fullgraph=True)(**inputs)
     return captured[0]
+
+
+def rewrite_with_default_passes(model: torch.nn.Module, inputs: dict[str, Any], options: dict[str, Any]):
+    """The backend's passes on ``model``'s captured graph, without Inductor: (rewritten graph, report sites by FQN,
+    the pass context). Clears Dynamo's counters first, so ``counters["qsparse"]`` holds this rewrite's."""
+    from torch._dynamo.utils import counters
+
+    from ..config import QuantSparseConfig
+    from ..passes import PassContext, default_passes, run_passes
+    from ..passes.report import RewriteReport
+
+    counters.clear()
+    with torch.no_grad():
+        gm, example_inputs = capture_dynamo_graph(model, inputs)
+        ctx = PassContext(QuantSparseConfig.from_options(options), example_inputs, RewriteReport(0))
+        gm = run_passes(gm, ctx, default_passes())
+    return gm, {site.fqn: site for site in ctx.report.sites}, ctx

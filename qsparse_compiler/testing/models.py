@@ -32,6 +32,7 @@ class TinyModel:
     make_inputs: Callable[..., dict[str, torch.Tensor]]  # make_inputs(frames=..., batch=...) -> forward kwargs
     block_linears: int  # linears with a token dimension inside the blocks (expected w4a8 rewrites)
     video_attentions: int  # self/joint attentions over video tokens (expected sparse rewrites)
+    conditioning_linears: int = 0  # block linears without a token dimension (adaptive-norm modulation: int4 weight-only)
 
 
 def tiny_wan(num_layers: int = 2, dtype: torch.dtype = torch.float32, heads: int = 2) -> TinyModel:
@@ -56,13 +57,13 @@ def tiny_wan(num_layers: int = 2, dtype: torch.dtype = torch.float32, heads: int
     return TinyModel("wan", model, make_inputs, block_linears=10 * num_layers, video_attentions=num_layers)
 
 
-def tiny_hunyuan(dtype: torch.dtype = torch.float32) -> TinyModel:
+def tiny_hunyuan(dtype: torch.dtype = torch.float32, num_layers: int = 1, num_single_layers: int = 1) -> TinyModel:
     from diffusers import HunyuanVideoTransformer3DModel
 
     model = HunyuanVideoTransformer3DModel(
-        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=32, num_layers=1,
-        num_single_layers=1, num_refiner_layers=1, mlp_ratio=2.0, patch_size=2, patch_size_t=1, qk_norm="rms_norm",
-        guidance_embeds=True, text_embed_dim=32, pooled_projection_dim=16, rope_axes_dim=(8, 12, 12),
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=32, num_layers=num_layers,
+        num_single_layers=num_single_layers, num_refiner_layers=1, mlp_ratio=2.0, patch_size=2, patch_size_t=1,
+        qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=32, pooled_projection_dim=16, rope_axes_dim=(8, 12, 12),
     ).eval().to(dtype)
 
     def make_inputs(frames: int = 3, batch: int = 1, height: int = 16, width: int = 16) -> dict[str, torch.Tensor]:
@@ -80,7 +81,10 @@ def tiny_hunyuan(dtype: torch.dtype = torch.float32) -> TinyModel:
 
     # dual-stream block: to_q,k,v, add_q,k,v, to_out, to_add_out, ff x2, ff_context x2 = 12
     # single-stream block: to_q,k,v, proj_mlp, proj_out = 5
-    return TinyModel("hunyuan", model, make_inputs, block_linears=17, video_attentions=2)
+    return TinyModel("hunyuan", model, make_inputs, block_linears=12 * num_layers + 5 * num_single_layers,
+                     video_attentions=num_layers + num_single_layers,
+                     # norm1.linear + norm1_context.linear per dual-stream block, norm.linear per single-stream block
+                     conditioning_linears=2 * num_layers + num_single_layers)
 
 
 def tiny_cogvideox(num_layers: int = 2, dtype: torch.dtype = torch.float32) -> TinyModel:
@@ -101,7 +105,9 @@ def tiny_cogvideox(num_layers: int = 2, dtype: torch.dtype = torch.float32) -> T
         }
 
     # per block: q, k, v, o + ff up/down
-    return TinyModel("cogvideox", model, make_inputs, block_linears=6 * num_layers, video_attentions=num_layers)
+    # norm1.linear, norm2.linear per block
+    return TinyModel("cogvideox", model, make_inputs, block_linears=6 * num_layers, video_attentions=num_layers,
+                     conditioning_linears=2 * num_layers)
 
 
 TINY_MODELS: dict[str, Callable[[], TinyModel]] = {

@@ -121,6 +121,17 @@ def test_opcheck_w4a8_linear():
     )
 
 
+def test_int4_weight_only_linear_is_the_dequantized_linear_and_passes_opcheck():
+    packed = quantize_weight_int4(torch.randn(32, 64), 32)
+    x, bias = torch.randn(2, 64), torch.randn(32)
+    expected = torch.nn.functional.linear(x, dequantize_weight_int4(packed.qweight, packed.scale, 32), bias)
+    actual = torch.ops.qsparse.int4_weight_only_linear(x, packed.qweight, packed.scale, bias, 32)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+    torch.library.opcheck(torch.ops.qsparse.int4_weight_only_linear.default, (x, packed.qweight, packed.scale, bias, 32))
+    with pytest.raises(ValueError, match=r"qsparse::int4_weight_only_linear: inconsistent shapes"):
+        torch.ops.qsparse.int4_weight_only_linear(torch.randn(2, 48), packed.qweight, packed.scale, bias, 32)
+
+
 def _random_layout(batch, heads, seq, block, density, generator):
     qb = math.ceil(seq / block)
     bitmap = torch.rand(batch, heads, qb, qb, generator=generator) < density

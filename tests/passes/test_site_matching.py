@@ -9,17 +9,12 @@ from qsparse_compiler.config import QuantSparseConfig
 from qsparse_compiler.passes import PassContext, default_passes, run_passes
 from qsparse_compiler.passes.graph_utils import normalize_path
 from qsparse_compiler.passes.report import RewriteReport
-from qsparse_compiler.testing.capture import capture_dynamo_graph
+from qsparse_compiler.testing.capture import capture_dynamo_graph, rewrite_with_default_passes
 from qsparse_compiler.testing.models import TEST_OPTIONS, ToyVideoDiT, tiny_cogvideox, tiny_hunyuan, tiny_wan
 
 
 def rewrite(model, inputs, options=TEST_OPTIONS):
-    counters.clear()
-    with torch.no_grad():
-        gm, example_inputs = capture_dynamo_graph(model, inputs)
-        ctx = PassContext(QuantSparseConfig.from_options(options), example_inputs, RewriteReport(0))
-        gm = run_passes(gm, ctx, default_passes())
-    return gm, {site.fqn: site for site in ctx.report.sites}, ctx
+    return rewrite_with_default_passes(model, inputs, options)
 
 
 def toy_inputs():

@@ -119,6 +119,17 @@ def test_fp8_storage_halves_bf16_memory_and_stays_within_its_rounding():
             assert relative_error(fp8, exact) > 0  # the fp8 path really ran
 
 
+@pytest.mark.parametrize("storage", ["model", "fp8_e4m3"])
+def test_order_one_holds_no_delta(storage):
+    """Order 1 never reads dR, so its cache holds R only: half of order 2's bytes (plus the step counter)."""
+    q, k, v = sequence(1)[0]
+    runtime = ResidualCacheRuntime()
+    for order in (1, 2):
+        attention_step(runtime, CacheConfig(enabled=True, order=order, storage=storage), q, k, v, fqn=f"order{order}")
+    report = runtime.memory_report()
+    assert report["order1"]["bytes"] - 4 == (report["order2"]["bytes"] - 4) // 2
+
+
 def test_cfg_branches_are_kept_apart():
     schedule = CacheConfig(enabled=True, refresh_first=1, refresh_every=0, order=1)
     cond, uncond = sequence(4, seed=1), sequence(4, seed=2)
