@@ -245,6 +245,9 @@ def optimize(
         # An explicit schedule (a dict) applies everywhere; True keeps a plan's per-site settings.
         explicit = dict(cache, override_plan=True) if isinstance(cache, Mapping) else {}
         backend_options["cache"] = {"enabled": True, **explicit}
+    else:
+        # The runtime passed above would otherwise let a plan's per-site cache settings apply: False overrides them.
+        backend_options["cache"] = {"enabled": False, "override_plan": True}
     blocks = _repeated_blocks(transformer)
     if regional is None:
         regional = not cuda_graphs and bool(blocks) and (plan is None or _plan_is_uniform(str(plan), transformer))

@@ -270,3 +270,24 @@ def test_no_cache_nodes_unless_enabled_and_a_note_when_a_plan_wants_them(tmp_pat
             run_passes(gm, ctx, default_passes())
         assert counters["qsparse"]["sparse_attention"] == 1 and counters["qsparse"]["residual_attention"] == 0
         assert any("nothing drives" in note for note in ctx.report.notes) == with_plan
+
+
+def test_optimize_without_cache_overrides_a_plans_cache_settings(tmp_path):
+    """qs.optimize(cache=False): no cache nodes even where the plan asks for them (the runtime qs.optimize passes
+    would otherwise make the plan's per-site settings apply); cache=True keeps them."""
+    import qsparse_compiler as qs
+    from qsparse_compiler.plan import AttentionPlan, ModelFingerprint, Plan, save_plan
+
+    tiny = tiny_wan(num_layers=1)
+    save_plan(Plan(ModelFingerprint.of(tiny.model), attentions={
+        "blocks.0.attn1": AttentionPlan(["local3d:0.3"], block_q=16, block_kv=16, cache={"order": 1})}), tmp_path)
+    for cache, cached_sites in ((False, 0), (True, 1)):
+        torch._dynamo.reset()
+        clear_reports()
+        model = qs.optimize(tiny.model, str(tmp_path), options={"quant": {"enabled": False}}, cache=cache,
+                            regional=False)
+        with torch.no_grad():
+            model(**tiny.make_inputs())
+        (report,) = reports()
+        assert report.counters["sparse_attention"] == 1
+        assert report.counters.get("residual_attention", 0) == cached_sites
