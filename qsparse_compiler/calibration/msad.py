@@ -20,8 +20,9 @@ For block b (memory-bounded: only this block's inputs, for the selected samples,
    attention, normalised (S²Q's sparse token distillation). Adam on the log scales for ``msad_steps`` steps.
 5. the learned scales (rounded to their storage dtype) and the codes they give are packed for the plan; if training
    did not lower the loss below round-to-nearest's, round-to-nearest is kept (and the result says so).
-6. optional (``lora_rank`` > 0): timestep-aware LoRA (MSFP's TALoRA, lora.py) trained on the same loss with the
-   scales frozen, kept if it lowers the loss.
+6. optional (``lora_rank`` > 0): timestep-aware LoRA (MSFP's TALoRA, lora.py) trained with the scales frozen
+   against dense attention (output and salient-token terms), kept if it lowers that loss: it corrects the
+   quantization error, while the residual cache corrects the sparsity's.
 """
 
 from __future__ import annotations
@@ -214,9 +215,11 @@ def distill_block(
     sites = [fqn for fqn in attention_specs if fqn.startswith(prefix)]
     inputs = capture_block_inputs(model, block, samples, ids)
     grids = [video_grid_of(model, samples[i]["hidden_states"]) for i in ids]
-    attention = SparsePatternAttention({f: attention_specs[f] for f in sites}, block_q, block_kv,
-                                       record=bool(config.lambda_global), pool_blocks=config.global_pool_blocks,
-                                       max_elements=config.attention_chunk_elements)
+    def pattern_attention(specs: Mapping[str, str], record: bool) -> SparsePatternAttention:
+        return SparsePatternAttention(specs, block_q, block_kv, record=record, pool_blocks=config.global_pool_blocks,
+                                      max_elements=config.attention_chunk_elements)
+
+    attention = pattern_attention({f: attention_specs[f] for f in sites}, record=bool(config.lambda_global))
     targets = [
         _teacher_targets(block, inp, grid, block_fqn, attention, config, model) for inp, grid in zip(inputs, grids)
     ]
@@ -240,12 +243,15 @@ def distill_block(
     state = TimestepState(config.lora_bucket_edges)
     timesteps = [samples[i]["timestep"] for i in ids]
 
+    student_attention = [attention]  # the student's attention: the plan's patterns, dense for the LoRA stage
+
     def run_student(j: int) -> tuple[torch.Tensor, dict[str, float]]:
-        attention.maps.clear()
+        (active,) = student_attention
+        active.maps.clear()
         state.set(timesteps[j])  # the bucket of the timestep-aware LoRA (when attached)
-        with AttentionInterceptor(student, attention, prefix=block_fqn, grid=grids[j], model_for_grid=model):
+        with AttentionInterceptor(student, active, prefix=block_fqn, grid=grids[j], model_for_grid=model):
             out = _first_tensor(student(*student_inputs[j][0], **student_inputs[j][1])).to(torch.float32)
-        loss, terms = msad_loss(out, targets[j], attention.maps, config)
+        loss, terms = msad_loss(out, targets[j], active.maps, config)
         if not math.isfinite(terms["total"]):
             raise CalibrationError(
                 f"qsparse_compiler.calibration.msad: the distillation loss of {block_fqn} is {terms['total']} on sample "
@@ -289,7 +295,13 @@ def distill_block(
     result = BlockResult(block_fqn, loss_rtn, loss_msad, kept, steps, terms_rtn, terms_msad)
     lora_tensors: dict[str, torch.Tensor] = {}
     if config.lora_rank and fake and config.lora_steps:
-        lora_tensors = _train_lora(fake, prefix, state, train, evaluate, min(loss_msad, loss_rtn), result, config)
+        # The LoRA is to correct the quantization error only, so it trains against dense attention: at inference
+        # the residual cache (or a dense refresh) puts back what sparsity drops. Trained with the sparse student it
+        # learned the sparse attention's error too, which the cache then corrected a second time (FIDELITY.md).
+        # The global term compares maps on the plan's tiles, so it is left out here (no maps recorded).
+        student_attention[0] = pattern_attention({f: "dense" for f in sites}, record=False)
+        loss_dense, _ = evaluate()
+        lora_tensors = _train_lora(fake, prefix, state, train, evaluate, loss_dense, result, config)
     return packed, lora_tensors, result
 
 

@@ -220,9 +220,10 @@ def test_timestep_aware_lora_lands_in_the_plan_and_the_simulation_applies_it(tmp
 
 @pytest.mark.slow
 def test_the_backend_applies_the_calibrated_lora(tmp_path):
-    """Calibrate with lora_rank > 0, compile with the plan: on the samples the LoRA was trained on (timesteps 100, 500,
-    900: three buckets, one compiled graph), the compiled model is closer to the dense model than with the same plan
-    without its LoRA tensors, and computes what the eager simulation of the plan computes."""
+    """Calibrate with lora_rank > 0, compile with the plan's weights and dense attention (the LoRA corrects the
+    quantization error; the residual cache corrects the sparsity's): on the samples the LoRA was trained on
+    (timesteps 100, 500, 900: three buckets, one compiled graph), the compiled model is closer to the dense model
+    than with the same plan without its LoRA tensors, and computes what the eager simulation of the plan computes."""
     from torch._dynamo.utils import counters
 
     from qsparse_compiler.calibration.simulate import plan_applied
@@ -239,20 +240,21 @@ def test_the_backend_applies_the_calibrated_lora(tmp_path):
     save_plan(Plan(plan.fingerprint, plan.linears, plan.attentions, tensors, metadata), tmp_path / "plain")
     with torch.no_grad():
         dense = [tiny.model(**sample)[0] for sample in samples]
-        with plan_applied(tiny.model, plan):
+        with plan_applied(tiny.model, plan, sparsify=False):
             simulated = [tiny.model(**sample)[0] for sample in samples]
         errors = {}
         for name in ("lora", "plain"):
             torch._dynamo.reset()
             counters.clear()
-            compiled = torch.compile(tiny.model, backend="quantsparse", options={"plan": str(tmp_path / name)},
+            compiled = torch.compile(tiny.model, backend="quantsparse",
+                                     options={"plan": str(tmp_path / name), "sparsity": {"enabled": False}},
                                      fullgraph=True)
             outputs = [compiled(**sample)[0] for sample in samples]
             errors[name] = sum(relative_error(out, ref) for out, ref in zip(outputs, dense))
             if name == "lora":
                 assert max(relative_error(out, sim) for out, sim in zip(outputs, simulated)) < 1e-4
                 assert counters["stats"]["unique_graphs"] == 1
-    assert errors["lora"] < 0.95 * errors["plain"], errors  # measured: 0.037 vs 0.054
+    assert errors["lora"] < 0.95 * errors["plain"], errors  # measured: 0.0255 vs 0.0281 (dense attention)
 
 
 def test_samples_of_several_video_sizes_calibrate_together():
