@@ -19,7 +19,8 @@
 call from the packed-weight store (see runtime/weights.py for why they are not constants). Checks, each reported
 when it fails: the linear is inside a transformer block (``QuantConfig.site_pattern``), its weight is a parameter,
 its input has a token dimension (the conditioning/modulation linears of a block see one row per sample: sensitive,
-and too small to matter for speed; they are kept, or weight-only int4 with ``conditioning_linears``), dtypes are bf16/fp16/fp32, K divides into groups, no autograd is needed.
+and too small to matter for speed; they are kept, or weight-only int4 with ``conditioning_linears``), dtypes are
+bf16/fp16/fp32, K divides into groups, no autograd is needed.
 Each W4A8 linear is listed in ``ctx.analysis["quantized_linears"]`` (``QuantizedLinear``) for the passes after this
 one (``apply_lora`` adds a plan's timestep-aware LoRA to the new output).
 """

@@ -211,15 +211,10 @@ class Plan:
         from ..ops.quantization import effective_group_size
 
         for fqn, entry in self.linears.items():
-            qweight, scale = self.tensors.get(f"{fqn}.qweight"), self.tensors.get(f"{fqn}.scale")
-            if qweight is None and scale is None:
+            pair = self._tensor_pair(fqn, "qweight", "scale")
+            if pair is None:
                 continue
-            if qweight is None or scale is None:
-                present, absent = ("qweight", "scale") if scale is None else ("scale", "qweight")
-                raise PlanError(
-                    f"qsparse_compiler.plan: plan.safetensors has {fqn}.{present} but not {fqn}.{absent}; the plan is "
-                    "incomplete - re-run calibration"
-                )
+            qweight, scale = pair
             weight = self.fingerprint.parameter_shapes.get(f"{fqn}.weight")
             if weight is None or len(weight) != 2:
                 raise PlanError(
@@ -238,6 +233,20 @@ class Plan:
                         f"{'uint8' if name == 'qweight' else 'float'}; the plan is corrupt or for another model - "
                         "re-run calibration"
                     )
+
+    def _tensor_pair(self, fqn: str, first: str, second: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The tensors ``<fqn>.<first>`` and ``<fqn>.<second>``, None when neither is there; one without the other is
+        an incomplete plan."""
+        a, b = self.tensors.get(f"{fqn}.{first}"), self.tensors.get(f"{fqn}.{second}")
+        if a is None and b is None:
+            return None
+        if a is None or b is None:
+            present, absent = (first, second) if b is None else (second, first)
+            raise PlanError(
+                f"qsparse_compiler.plan: plan.safetensors has {fqn}.{present} but not {fqn}.{absent}; the plan is "
+                "incomplete - re-run calibration"
+            )
+        return a, b
 
     def _check_lora(self) -> None:
         """Timestep-aware LoRA tensors come in pairs, belong to a quantized linear, and fit its (N, K) weight and
@@ -259,13 +268,7 @@ class Plan:
             )
         buckets = len(edges) + 1
         for fqn in fqns:
-            a, b = self.tensors.get(f"{fqn}.lora_a"), self.tensors.get(f"{fqn}.lora_b")
-            if a is None or b is None:
-                present, absent = ("lora_a", "lora_b") if b is None else ("lora_b", "lora_a")
-                raise PlanError(
-                    f"qsparse_compiler.plan: plan.safetensors has {fqn}.{present} but not {fqn}.{absent}; the plan is "
-                    "incomplete - re-run calibration"
-                )
+            a, b = self._tensor_pair(fqn, "lora_a", "lora_b")  # fqns come from these names: never both absent
             weight = self.fingerprint.parameter_shapes.get(f"{fqn}.weight")
             if fqn not in self.linears or weight is None or len(weight) != 2:
                 raise PlanError(
