@@ -130,8 +130,9 @@ def residual_cache_step(
 
     ``residual`` / ``delta`` (the cache's R and dR, contiguous (B, H, S, D)) are updated in place on a refresh;
     with fp8 storage they are e4m3 codes and ``residual_scale`` / ``delta_scale`` their contiguous (B, H, S, 1) fp32
-    row scales (updated too). Order 1 never touches dR: it may have no tokens ((B, H, 0, D), scales (B, H, 0, 1)). ``steps`` is only read: on a reuse step it must already count this step (n steps after
-    the refresh: n), on a refresh it holds the steps since the previous refresh (the caller zeroes it afterwards).
+    row scales (updated too). Order 1 never touches dR: it may have no tokens ((B, H, 0, D), scales (B, H, 0, 1)).
+    ``steps`` is only read: on a reuse step it must already count this step (n steps after the refresh: n), on a
+    refresh it holds the steps since the previous refresh (the caller zeroes it afterwards).
     Returns the attention output (contiguous, dtype of ``o_sparse``): the estimate ``o_sparse + R (+ steps * dR)``
     or a copy of ``dense``.
     """
@@ -140,8 +141,6 @@ def residual_cache_step(
     stored = {"residual": residual, "delta": delta}
     fp8 = residual_scale is not None
     scales = {"residual_scale": residual_scale, "delta_scale": delta_scale} if fp8 else {}
-    described = {name: (tuple(t.shape), t.dtype, t.stride())
-                 for name, t in {**activations, **stored, **scales}.items() if t is not None}
     stored_dtypes = (torch.float8_e4m3fn,) if fp8 else _DTYPES
     problem = None
     if o_sparse.ndim != 4 or shape[-1] > MAX_HEAD_DIM:
@@ -165,6 +164,8 @@ def residual_cache_step(
     elif order not in (1, 2) or steps.shape != (1,) or steps.dtype != torch.float32:
         problem = "order must be 1 or 2 and steps a (1,) fp32 tensor"
     if problem:
+        described = {name: (tuple(t.shape), t.dtype, t.stride())
+                     for name, t in {**activations, **stored, **scales}.items() if t is not None}
         raise ValueError(f"qsparse_compiler.kernels.residual_cache_step: {problem}; got {described}")
     b, h, s, d = shape
     out = torch.empty(shape, dtype=o_sparse.dtype, device=o_sparse.device)
