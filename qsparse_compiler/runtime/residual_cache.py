@@ -196,11 +196,11 @@ def state_layout(shape: tuple, schedule: CacheConfig, dtype: torch.dtype) -> lis
         full rank, fp8_e4m3  [R codes, R scales, dR codes, dR scales, steps]  codes (B,H,S,D) e4m3, scales (B,H,S,1) fp32
         rank r               [R_u (B,H,S,r), R_v (B,H,r,D), dR_u, dR_v, steps] in ``dtype``
 
-    ``steps`` is (1,) fp32 (ops/residual_attention.py). A rank >= D stores in full (no saving to be had). Order 1
+    ``steps`` is (1,) fp32 (ops/residual_attention.py). A rank > D stores in full (it cannot be factored). Order 1
     never reads dR: its full-rank dR tensors have no tokens (S = 0), which halves the cache."""
     b, h, s, d = shape
     steps = ((1,), torch.float32)
-    if schedule.rank and schedule.rank < d:
+    if schedule.rank and schedule.rank <= d:
         r = schedule.rank
         return [((b, h, s, r), dtype), ((b, h, r, d), dtype), ((b, h, s, r), dtype), ((b, h, r, d), dtype), steps]
     delta_tokens = s if schedule.order == 2 else 0
