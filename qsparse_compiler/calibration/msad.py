@@ -243,15 +243,13 @@ def distill_block(
     state = TimestepState(config.lora_bucket_edges)
     timesteps = [samples[i]["timestep"] for i in ids]
 
-    student_attention = [attention]  # the student's attention: the plan's patterns, dense for the LoRA stage
-
     def run_student(j: int) -> tuple[torch.Tensor, dict[str, float]]:
-        (active,) = student_attention
-        active.maps.clear()
+        # ``attention``: the plan's patterns, rebound to dense attention for the LoRA stage below.
+        attention.maps.clear()
         state.set(timesteps[j])  # the bucket of the timestep-aware LoRA (when attached)
-        with AttentionInterceptor(student, active, prefix=block_fqn, grid=grids[j], model_for_grid=model):
+        with AttentionInterceptor(student, attention, prefix=block_fqn, grid=grids[j], model_for_grid=model):
             out = _first_tensor(student(*student_inputs[j][0], **student_inputs[j][1])).to(torch.float32)
-        loss, terms = msad_loss(out, targets[j], active.maps, config)
+        loss, terms = msad_loss(out, targets[j], attention.maps, config)
         if not math.isfinite(terms["total"]):
             raise CalibrationError(
                 f"qsparse_compiler.calibration.msad: the distillation loss of {block_fqn} is {terms['total']} on sample "
@@ -299,7 +297,7 @@ def distill_block(
         # the residual cache (or a dense refresh) puts back what sparsity drops. Trained with the sparse student it
         # learned the sparse attention's error too, which the cache then corrected a second time (FIDELITY.md).
         # The global term compares maps on the plan's tiles, so it is left out here (no maps recorded).
-        student_attention[0] = pattern_attention({f: "dense" for f in sites}, record=False)
+        attention = pattern_attention({f: "dense" for f in sites}, record=False)
         loss_dense, _ = evaluate()
         lora_tensors = _train_lora(fake, prefix, state, train, evaluate, loss_dense, result, config)
     return packed, lora_tensors, result
