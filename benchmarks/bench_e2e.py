@@ -161,9 +161,9 @@ def forward_flops(workload: dict[str, Any]) -> dict[str, float]:
 
 def modulation_linears(model: torch.nn.Module) -> set[str]:
     """FQNs of the linears of adaptive norms (HunyuanVideo's ``norm1.linear`` ...): they map the (batch, dim) timestep
-    embedding to scales and shifts, one row per sample - no token dimension, so qsparse keeps them bf16 by default, and the fp8
-    rows do too. (With ``quant.conditioning_linears="int4_weight_only"`` qsparse packs them; ``weight_bytes`` then counts
-    their packed size, as for every weight in the packed-weight store.)"""
+    embedding to scales and shifts, one row per sample - no token dimension, so the fp8 rows keep them bf16. (The
+    qsparse rows pack them as int4 weight-only, QSPARSE_OPTIONS' ``quant.conditioning_linears``; ``weight_bytes``
+    then counts their packed size, as for every weight in the packed-weight store.)"""
     return {f"{name}.{child_name}" for name, module in model.named_modules()
             if type(module).__name__.startswith("AdaLayerNorm")
             for child_name, child in module.named_children() if isinstance(child, torch.nn.Linear)}
