@@ -9,7 +9,7 @@ import torch.fx as fx
 
 from ..passes.pass_manager import private_copy
 
-__all__ = ["capture_dynamo_graph", "rewrite_with_default_passes"]
+__all__ = ["capture_dynamo_graph", "rewrite_with_default_passes", "rewritten_reference_output"]
 
 
 def capture_dynamo_graph(model: torch.nn.Module, inputs: dict[str, Any]) -> tuple[fx.GraphModule, list[Any]]:
@@ -41,3 +41,13 @@ def rewrite_with_default_passes(model: torch.nn.Module, inputs: dict[str, Any], 
         ctx = PassContext(QuantSparseConfig.from_options(options), example_inputs, RewriteReport(0))
         gm = run_passes(gm, ctx, default_passes())
     return gm, {site.fqn: site for site in ctx.report.sites}, ctx
+
+
+def rewritten_reference_output(model: torch.nn.Module, inputs: dict[str, Any], options: dict[str, Any], seed: int = 0):
+    """The first output of ``model(**inputs)`` through the backend's passes with every qsparse op on its plain-torch
+    reference, without Inductor: what a compiled quantized run must equal (its error against eager is the
+    quantization's, not the compiler's). Seeds torch's RNG with ``seed`` before the run, as a caller seeds eager."""
+    gm, _, ctx = rewrite_with_default_passes(model, inputs, options)
+    with torch.no_grad():
+        torch.manual_seed(seed)
+        return gm(*ctx.example_inputs, *ctx.extra_example_inputs)[0]

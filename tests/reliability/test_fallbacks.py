@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qsparse_compiler.backend import clear_reports, reports
-from qsparse_compiler.testing.capture import rewrite_with_default_passes
+from qsparse_compiler.testing.capture import rewritten_reference_output
 from qsparse_compiler.testing.metrics import relative_error, sqnr_db
 from qsparse_compiler.testing.models import EXACT_OPTIONS, TEST_OPTIONS, ToyVideoDiT, tiny_wan
 
@@ -22,13 +22,9 @@ SAME_RNG = {"inductor": {"fallback_random": True}}
 
 
 def compile_and_run(model, inputs, options):
-    """(compiled output, the passes' graph run in plain torch, eager output, the graph's rewrite report by FQN), each
-    run from the same RNG seed. The second is the reference of a quantized run: the same rewrite with every qsparse op
-    on its plain-torch reference, without Inductor."""
-    with torch.no_grad():
-        rewritten, _, ctx = rewrite_with_default_passes(model, inputs, options)
-        torch.manual_seed(0)
-        unfused = rewritten(*ctx.example_inputs, *ctx.extra_example_inputs)[0]
+    """(compiled output, the same rewrite on the plain-torch op references, eager output, the graph's rewrite report
+    by FQN), each run from the same RNG seed."""
+    unfused = rewritten_reference_output(model, inputs, options)
     torch._dynamo.reset()
     clear_reports()
     compiled = torch.compile(model, backend="quantsparse", options=options, fullgraph=True)
