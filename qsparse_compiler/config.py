@@ -23,6 +23,7 @@ __all__ = [
     "CACHE_MODES",
     "CACHE_STORAGES",
     "CONDITIONING_LINEAR_MODES",
+    "WEIGHT_ONLY",
     "ConfigError",
     "QuantConfig",
     "SparsityConfig",
@@ -44,6 +45,9 @@ SCALE_DTYPES = ("bfloat16", "float16", "float32")
 #   int4_weight_only  int4 weights (packed like the W4A8 linears), dequantized in the graph, the linear in the
 #                     model's dtype; activations are not quantized
 CONDITIONING_LINEAR_MODES = ("keep", "int4_weight_only")
+# A plan's act_format for a linear calibrated as int4 weight-only (its activations are not quantized): what
+# calibration writes for the conditioning linears under conditioning_linears="int4_weight_only" (plan schema >= 2).
+WEIGHT_ONLY = "none"
 # How the residual-cache node of a compiled graph decides between refresh and reuse:
 #   auto     per call, from the runtime's step schedule (host-side; one graph serves every step)
 #   refresh  always refresh (a graph for refresh steps)      } qs.optimize compiles these two variants so CUDA graphs
@@ -107,9 +111,12 @@ class QuantConfig:
                    block linears whose input has no token dimension (HunyuanVideo's / CogVideoX's adaptive-norm
                    modulation linears ``norm1.linear`` ...: (batch, dim) in, one row per sample; 27% of a
                    HunyuanVideo block's parameters), one of ``CONDITIONING_LINEAR_MODES``. "int4_weight_only" stores
-                   them as int4 (``group_size``/``scale_dtype`` as above; round-to-nearest unless a plan lists the
-                   linear) and dequantizes the weight in the graph on every call - their activations are never
-                   quantized (M = batch: nothing to gain, and every token of the sample depends on them).
+                   them as int4 (``group_size``/``scale_dtype`` as above, round-to-nearest) and dequantizes the
+                   weight in the graph on every call - their activations are never quantized (M = batch: nothing to
+                   gain, and every token of the sample depends on them). A plan calibrated with
+                   ``CalibrationConfig.conditioning_linears="int4_weight_only"`` lists them (act_format
+                   ``WEIGHT_ONLY``) with their distilled weights: a listed linear follows the plan, whatever this
+                   field says (the plan's fidelity was measured with it quantized).
     """
 
     enabled: bool = True

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from ..config import ACT_FORMATS, SCALE_DTYPES, QuantConfig
+from ..config import ACT_FORMATS, CONDITIONING_LINEAR_MODES, SCALE_DTYPES, QuantConfig
 
 __all__ = ["CalibrationConfig", "CalibrationError", "SELECTIONS"]
 
@@ -60,6 +60,10 @@ class CalibrationConfig:
     msfp_max_negative_share  a linear counts as (almost) non-negative when -min / (max - min) of its calibration
                           inputs is at most this (GELU outputs: min ~ -0.17 against max of several units); a signed
                           format would leave about half of its codes unused there.
+    conditioning_linears  block linears without a token dimension (adaptive-norm modulation), as
+                          ``QuantConfig.conditioning_linears``: "keep" leaves them out of the plan; "int4_weight_only"
+                          lists them (act_format ``config.WEIGHT_ONLY``) and MSAD distills their int4 scales with the
+                          rest of the block, so the plan is scored (and compiled) with them quantized.
 
     Salient data selection (S²Q-VDiT):
     selection             "salient" (top ``num_samples`` by diffusion term x quantization term), "uniform" (evenly
@@ -111,6 +115,7 @@ class CalibrationConfig:
     site_pattern: str = QuantConfig().site_pattern
     msfp: bool = True
     msfp_max_negative_share: float = 0.1
+    conditioning_linears: str = "keep"
 
     selection: str = "salient"
     num_samples: int = 8
@@ -179,6 +184,8 @@ class CalibrationConfig:
             _fail("msfp", self.msfp, "must be True or False")
         if not _is_fraction(self.msfp_max_negative_share, allow_zero=True):
             _fail("msfp_max_negative_share", self.msfp_max_negative_share, "must be in [0, 1], e.g. 0.1")
+        if self.conditioning_linears not in CONDITIONING_LINEAR_MODES:
+            _fail("conditioning_linears", self.conditioning_linears, f"must be one of {CONDITIONING_LINEAR_MODES}")
         if self.selection not in SELECTIONS:
             _fail("selection", self.selection, f"must be one of {SELECTIONS}")
         if not isinstance(self.lora_bucket_edges, tuple) or any(

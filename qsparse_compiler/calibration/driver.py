@@ -10,7 +10,8 @@ Stages (each checkpointed in ``<out>/calibration/``, see checkpoint.py; ``resume
 
 then the plan: every block linear with a token dimension (``LinearPlan``: group size, activation format — MSFP's
 ``uint8_msfp`` for (almost) non-negative inputs — and its distilled int4 weights as tensors
-``<fqn>.qweight``/``<fqn>.scale``), every video attention (``AttentionPlan``: per-head patterns, tile, cache), and
+``<fqn>.qweight``/``<fqn>.scale``), with ``conditioning_linears="int4_weight_only"`` the blocks' conditioning linears
+too (act_format ``WEIGHT_ONLY``, distilled with their block), every video attention (``AttentionPlan``: per-head patterns, tile, cache), and
 ``metadata`` with the cost model, the search, the selection and the distillation losses.
 """
 
@@ -25,6 +26,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from ..config import WEIGHT_ONLY
 from ..ops.quantization import PackedInt4Weight
 from ..ops.video_layout import PATTERNS
 from ..plan.io import save_plan
@@ -52,7 +54,8 @@ _STATISTICS_FIELDS = ("block_q", "block_kv", "attention_chunk_elements", "site_p
 _SEARCH_FIELDS = ("density_budget", "recall_bound", "candidate_patterns", "candidate_densities", "cost_table")
 _SSAR_FIELDS = ("ssar_samples", "ssar_steps", "ssar_step_size", "ssar_tolerance", "ssar_max_every",
                 "ssar_refresh_first", "ssar_max_tokens", "ssar_rank_energy")
-_MSAD_FIELDS = ("group_size", "act_format", "scale_dtype", "msfp", "msfp_max_negative_share", "msad_steps", "msad_lr",
+_MSAD_FIELDS = ("group_size", "act_format", "scale_dtype", "msfp", "msfp_max_negative_share", "conditioning_linears",
+                "msad_steps", "msad_lr",
                 "lambda_global", "lambda_local", "global_pool_blocks", "salient_token_fraction", "seed", "lora_rank",
                 "lora_bucket_edges", "lora_steps", "lora_lr")
 
@@ -90,14 +93,24 @@ def linear_plans(stats: Mapping[str, LinearStats], config: CalibrationConfig) ->
     plans: dict[str, LinearPlan] = {}
     notes: dict[str, Any] = {}
     for fqn, s in stats.items():
-        if not s.has_tokens or s.tokens == 0:
-            notes[fqn] = {"kept": "conditioning linear (no token dimension) or never called: stays in its dtype"}
+        if s.tokens == 0:
+            notes[fqn] = {"kept": "never called on the calibration samples: stays in its dtype"}
+            continue
+        conditioning = not s.has_tokens
+        if conditioning and config.conditioning_linears == "keep":
+            notes[fqn] = {"kept": "conditioning linear (no token dimension): stays in its dtype "
+                                  "(conditioning_linears='int4_weight_only' calibrates it as int4 weight-only)"}
             continue
         k = s.in_features
         if k % 2:
             notes[fqn] = {"kept": f"in_features={k} is odd: int4 packs two codes per byte"}
             continue
         group = config.group_size if config.group_size and k % config.group_size == 0 else 0
+        if conditioning:
+            plans[fqn] = LinearPlan(group, WEIGHT_ONLY, config.scale_dtype)
+            notes[fqn] = {"group_size": group, "act_format": WEIGHT_ONLY,
+                          "why": "conditioning linear (no token dimension): int4 weights, activations not quantized"}
+            continue
         span = s.max - s.min
         negative_share = max(0.0, -s.min) / span if span > 0 else 0.0
         act = "uint8_msfp" if config.msfp and negative_share <= config.msfp_max_negative_share else config.act_format

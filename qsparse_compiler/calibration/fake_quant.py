@@ -14,6 +14,7 @@ from typing import Iterator
 
 import torch
 
+from ..config import WEIGHT_ONLY
 from ..ops.quantization import (
     FP8_E4M3_MAX,
     INT4_MAX,
@@ -58,7 +59,8 @@ def fake_quant_activation(x: torch.Tensor, act_format: str) -> torch.Tensor:
 
 
 class FakeQuantLinear(torch.nn.Module):
-    """A linear with int4 weights (trainable log group scales) and 8-bit per-token activations, in fp32."""
+    """A linear with int4 weights (trainable log group scales) and 8-bit per-token activations, in fp32; with
+    ``act_format=WEIGHT_ONLY`` the activations are not quantized (``qsparse::int4_weight_only_linear``)."""
 
     def __init__(
         self,
@@ -103,7 +105,8 @@ class FakeQuantLinear(torch.nn.Module):
         return (codes * s.unsqueeze(-1)).view_as(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.nn.functional.linear(fake_quant_activation(x, self.act_format), self.dequantized_weight(), self.bias)
+        x_used = x.to(torch.float32) if self.act_format == WEIGHT_ONLY else fake_quant_activation(x, self.act_format)
+        out = torch.nn.functional.linear(x_used, self.dequantized_weight(), self.bias)
         if self.lora is not None:
             out = out + self.lora(x)
         return out.to(x.dtype)

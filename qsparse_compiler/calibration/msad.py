@@ -10,7 +10,8 @@ For block b (memory-bounded: only this block's inputs, for the selected samples,
    the dense map, the mass a pattern drops would be a constant offset no weight scale can move, drowning the other
    terms; on the kept tiles the term measures the attention shift that quantization causes.)
 3. student: an fp32 copy of the block whose listed linears are ``FakeQuantLinear`` (W4 with trainable per-group
-   scales initialised by round-to-nearest, A8 per-token in the site's format) and whose video attentions use the
+   scales initialised by round-to-nearest, A8 per-token in the site's format; a conditioning linear listed as
+   ``WEIGHT_ONLY`` has W4 only) and whose video attentions use the
    searched sparse pattern (the reference math of the sparse op, computed query chunk by query chunk with
    activation checkpointing, so training never holds S x S probabilities).
 4. loss = ||out_s - out_t||^2 / ||out_t||^2
@@ -22,7 +23,7 @@ For block b (memory-bounded: only this block's inputs, for the selected samples,
    did not lower the loss below round-to-nearest's, round-to-nearest is kept (and the result says so).
 6. optional (``lora_rank`` > 0): timestep-aware LoRA (MSFP's TALoRA, lora.py) trained with the scales frozen
    against dense attention (output and salient-token terms), kept if it lowers that loss: it corrects the
-   quantization error, while the residual cache corrects the sparsity's.
+   quantization error, while the residual cache corrects the sparsity's. W4A8 linears only.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from ..config import WEIGHT_ONLY
 from ..ops.quantization import PackedInt4Weight
 from ..plan.schema import LinearPlan
 from ..sparsity.patterns import TokenGrid
@@ -292,14 +294,16 @@ def distill_block(
     packed = {prefix + name: module.packed() for name, module in fake.items()}
     result = BlockResult(block_fqn, loss_rtn, loss_msad, kept, steps, terms_rtn, terms_msad)
     lora_tensors: dict[str, torch.Tensor] = {}
-    if config.lora_rank and fake and config.lora_steps:
+    # W4A8 linears only: the backend applies TALoRA to those (passes/apply_lora.py), not to int4 weight-only ones.
+    lora_linears = {name: module for name, module in fake.items() if module.act_format != WEIGHT_ONLY}
+    if config.lora_rank and lora_linears and config.lora_steps:
         # The LoRA is to correct the quantization error only, so it trains against dense attention: at inference
         # the residual cache (or a dense refresh) puts back what sparsity drops. Trained with the sparse student it
         # learned the sparse attention's error too, which the cache then corrected a second time (FIDELITY.md).
         # The global term compares maps on the plan's tiles, so it is left out here (no maps recorded).
         attention = pattern_attention({f: "dense" for f in sites}, record=False)
         loss_dense, _ = evaluate()
-        lora_tensors = _train_lora(fake, prefix, state, train, evaluate, loss_dense, result, config)
+        lora_tensors = _train_lora(lora_linears, prefix, state, train, evaluate, loss_dense, result, config)
     return packed, lora_tensors, result
 
 

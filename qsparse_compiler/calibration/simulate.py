@@ -3,7 +3,8 @@
 ``plan_applied(model, plan)`` swaps, while active,
 - each linear listed in ``plan.linears`` for ``qsparse::w4a8_linear`` on its calibrated tensors (or round-to-nearest
   weights when the plan has none), in the site's activation format, plus its timestep-aware LoRA if the plan has one
-  (bucket from the model's ``timestep`` argument);
+  (bucket from the model's ``timestep`` argument); ``qsparse::int4_weight_only_linear`` for one listed as
+  ``WEIGHT_ONLY`` (a conditioning linear);
 - each attention listed in ``plan.attentions`` for attention on its per-head pattern's tiles (the reference math of
   ``qsparse::sparse_attention``), video tiles only, text tiles dense — what the backend's passes emit.
 The residual cache is not simulated (it needs a sampling loop; see runtime/).
@@ -16,6 +17,7 @@ from typing import Iterator
 
 import torch
 
+from ..config import WEIGHT_ONLY
 from ..ops.lora import apply_lora
 from ..ops.quantization import quantize_weight_int4
 from ..plan.schema import Plan, PlanError
@@ -28,8 +30,8 @@ __all__ = ["PlanLinear", "plan_applied"]
 
 
 class PlanLinear(torch.nn.Module):
-    """A linear computed by ``qsparse::w4a8_linear`` from packed int4 weights (the op the backend emits), plus the
-    plan's timestep-aware LoRA when it has one."""
+    """A linear computed by ``qsparse::w4a8_linear`` (or ``qsparse::int4_weight_only_linear`` for ``WEIGHT_ONLY``)
+    from packed int4 weights (the op the backend emits), plus the plan's timestep-aware LoRA when it has one."""
 
     def __init__(self, linear: torch.nn.Linear, qweight: torch.Tensor, scale: torch.Tensor, group_size: int,
                  act_format: str, lora: tuple[torch.Tensor, torch.Tensor, TimestepState] | None = None) -> None:
@@ -43,7 +45,10 @@ class PlanLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from .. import ops  # noqa: F401  registers qsparse::
 
-        out = torch.ops.qsparse.w4a8_linear(x, self.qweight, self.scale, self.bias, self.group_size, self.act_format)
+        if self.act_format == WEIGHT_ONLY:
+            out = torch.ops.qsparse.int4_weight_only_linear(x, self.qweight, self.scale, self.bias, self.group_size)
+        else:
+            out = torch.ops.qsparse.w4a8_linear(x, self.qweight, self.scale, self.bias, self.group_size, self.act_format)
         if self.lora is not None:
             a, b, state = self.lora
             if state.buckets is None:

@@ -11,7 +11,8 @@
                   GELU + quantization of a 32,760 x 8,960 activation took 1.1 ms, our one-pass kernel ~0.45 ms)
 
     and for a conditioning linear (input (B, D): no token dimension, an adaptive norm's modulation) under
-    ``QuantConfig.conditioning_linears="int4_weight_only"``:
+    ``QuantConfig.conditioning_linears="int4_weight_only"``, or any linear the plan lists with act_format
+    ``config.WEIGHT_ONLY`` (calibrated conditioning linears):
                   y = qsparse.int4_weight_only_linear(x, Wq, Ws, b, G)   (the int4 weight dequantized to x.dtype,
                   then F.linear; x is not quantized)
 
@@ -34,6 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from ..config import WEIGHT_ONLY
 from ..ops.quantization import effective_group_size, quantize_activation_symmetric
 from ..runtime.weights import default_store
 from .find_sites import LinearSite
@@ -128,7 +130,7 @@ class QuantizeLinears:
             quantized_params[site.weight] = packed.nbytes
             n, k = packed.shape
             x, bias = node_arg(site.node, 0, "input"), node_arg(site.node, 2, "bias")
-            if _is_conditioning(x):
+            if _is_conditioning(x) or act_format == WEIGHT_ONLY:
                 call_op_like(gm, site.node, torch.ops.qsparse.int4_weight_only_linear.default,
                              (x, qweight, scale, bias, packed.group_size))
                 ctx.report.add(site.fqn, "linear", "int4_weight_only", "", shape=f"{k}->{n}",
@@ -174,7 +176,7 @@ class QuantizeLinears:
     def _settings(fqn: str, ctx: PassContext) -> tuple[int, str, str]:
         """(group_size, act_format, scale_dtype) of a linear: the plan's entry if it lists the linear, else the
         config's (a conditioning linear under ``conditioning_linears="int4_weight_only"`` that the plan leaves out:
-        calibration plans only linears with a token dimension)."""
+        calibration lists those only when calibrated with the same setting)."""
         entry = ctx.plan.linears.get(fqn) if ctx.plan is not None else None
         cfg = ctx.config.quant
         if entry is None:
@@ -192,10 +194,11 @@ class QuantizeLinears:
             return "weight is computed in the graph, not a parameter"
         x = node_arg(site.node, 0, "input")
         conditioning = _is_conditioning(x)
-        if conditioning and cfg.conditioning_linears == "keep":
+        listed = ctx.plan is not None and site.fqn in ctx.plan.linears  # the plan decides for the sites it lists
+        if conditioning and cfg.conditioning_linears == "keep" and not listed:
             return (f"conditioning linear (input {tuple(fake_value(x).shape)} has no token dimension): kept in its "
                     "dtype (quant.conditioning_linears='int4_weight_only' stores its weight as int4)")
-        if ctx.plan is not None and site.fqn not in ctx.plan.linears and not conditioning:
+        if ctx.plan is not None and not listed and not conditioning:
             return "the plan keeps this linear in its dtype"
         if grad_reason:
             return grad_reason

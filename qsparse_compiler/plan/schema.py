@@ -2,15 +2,16 @@
 
 On disk a plan is a directory:
 
-    plan.json          {"schema_version": 1, "fingerprint": {...}, "linears": {FQN: {...}}, "attentions": {FQN: {...}},
+    plan.json          {"schema_version": 2, "fingerprint": {...}, "linears": {FQN: {...}}, "attentions": {FQN: {...}},
                         "metadata": {...}}
     plan.safetensors   tensors keyed "<linear FQN>.qweight" / "<linear FQN>.scale" (calibrated int4 weights),
                        "<linear FQN>.lora_a" [buckets, rank, K] / "<linear FQN>.lora_b" [buckets, N, rank]
                        (timestep-aware LoRA, with metadata["lora"] = {"rank", "bucket_edges", ...}), and any other
                        per-site tensor a later schema adds. safetensors never unpickles.
 
-A site listed in ``linears`` is quantized with its settings (and its calibrated weights when the tensors are there);
-a block linear not listed stays in its dtype. A site listed in ``attentions`` uses its per-head patterns; an attention
+A site listed in ``linears`` is quantized with its settings (and its calibrated weights when the tensors are there):
+W4A8 in its ``act_format``, or int4 weight-only when that is ``config.WEIGHT_ONLY`` (a conditioning linear); a block
+linear not listed stays in its dtype. A site listed in ``attentions`` uses its per-head patterns; an attention
 not listed stays dense. Everything is keyed by module FQN, as ``named_modules()`` spells it.
 """
 
@@ -23,11 +24,13 @@ from typing import Any
 
 import torch
 
-from ..config import ACT_FORMATS, SCALE_DTYPES
+from ..config import ACT_FORMATS, SCALE_DTYPES, WEIGHT_ONLY
 
 __all__ = ["PLAN_SCHEMA_VERSION", "PlanError", "ModelFingerprint", "LinearPlan", "AttentionPlan", "Plan"]
 
-PLAN_SCHEMA_VERSION = 1
+# 1: W4A8 linears, per-head attention patterns, residual-cache settings, TALoRA tensors.
+# 2: a linear's act_format may be WEIGHT_ONLY (int4 weights, activations not quantized). Version 1 plans load as is.
+PLAN_SCHEMA_VERSION = 2
 
 
 class PlanError(ValueError):
@@ -90,7 +93,7 @@ class LinearPlan:
     scale_dtype: str = "bfloat16"
 
     def __post_init__(self) -> None:
-        if self.act_format not in ACT_FORMATS or self.scale_dtype not in SCALE_DTYPES or self.group_size < 0:
+        if self.act_format not in (*ACT_FORMATS, WEIGHT_ONLY) or self.scale_dtype not in SCALE_DTYPES or self.group_size < 0:
             raise PlanError(f"qsparse_compiler.plan: invalid linear entry {self}")
 
 
@@ -195,6 +198,12 @@ class Plan:
             )
         except (KeyError, TypeError) as exc:
             raise PlanError(f"qsparse_compiler.plan: plan.json does not follow schema {version}: {exc}") from None
+        weight_only = sorted(fqn for fqn, entry in plan.linears.items() if entry.act_format == WEIGHT_ONLY)
+        if weight_only and version < 2:
+            raise PlanError(
+                f"qsparse_compiler.plan: plan.json (schema {version}) lists {weight_only[0]} as act_format "
+                f"{WEIGHT_ONLY!r}, which schema 2 introduced; the file is corrupt or was edited - re-run calibration"
+            )
         missing = sorted(set(data.get("tensors", [])) - set(tensors))
         if missing:
             raise PlanError(

@@ -277,3 +277,41 @@ def test_a_model_whose_attention_is_not_seen_warns_and_stays_dense(monkeypatch):
     with pytest.warns(UserWarning, match="no video self-attention was seen"):
         plan = calibrate(tiny.model, samples, tiny_config(num_samples=0, msad_steps=0))
     assert plan.attentions == {} and len(plan.linears) == 10
+
+
+@pytest.mark.slow
+def test_conditioning_linears_calibrated_as_int4_weight_only_compile_from_the_plan(tmp_path):
+    """With conditioning_linears="int4_weight_only", the plan lists HunyuanVideo's modulation linears as WEIGHT_ONLY
+    with their distilled tensors and no LoRA (TALoRA is for the W4A8 linears); the backend compiles them from the plan
+    whatever its own conditioning_linears says, and computes what the eager simulation of the plan computes."""
+    from torch._dynamo.utils import counters
+
+    from qsparse_compiler.backend import clear_reports, reports
+    from qsparse_compiler.calibration.simulate import plan_applied
+    from qsparse_compiler.config import WEIGHT_ONLY
+    from qsparse_compiler.testing.metrics import relative_error
+    from qsparse_compiler.testing.models import tiny_hunyuan
+
+    tiny = tiny_hunyuan()
+    samples = [{**tiny.make_inputs(), "timestep": torch.tensor([t])} for t in (100, 500, 900)]
+    config = tiny_config(num_samples=0, conditioning_linears="int4_weight_only", lora_rank=2, lora_steps=5)
+    calibrate(tiny.model, samples, config, out=tmp_path)
+    plan = load_plan(tmp_path)
+    weight_only = sorted(fqn for fqn, entry in plan.linears.items() if entry.act_format == WEIGHT_ONLY)
+    assert len(weight_only) == tiny.conditioning_linears == 3
+    assert all(".norm" in fqn and f"{fqn}.qweight" in plan.tensors for fqn in weight_only)
+    assert not any(f"{fqn}.lora_a" in plan.tensors for fqn in weight_only)
+    assert len(plan.linears) - len(weight_only) == tiny.block_linears
+    with torch.no_grad():
+        with plan_applied(tiny.model, plan):
+            simulated = tiny.model(**samples[1])[0]
+        torch._dynamo.reset()
+        clear_reports()
+        counters.clear()
+        compiled = torch.compile(tiny.model, backend="quantsparse", options={"plan": str(tmp_path)}, fullgraph=True)
+        actual = compiled(**samples[1])[0]
+    assert counters["qsparse"]["int4_weight_only"] == 3 and counters["qsparse"]["w4a8_linear"] == tiny.block_linears
+    sites = {site.fqn: site for site in reports()[0].sites}
+    assert all(sites[fqn].action == "int4_weight_only" and sites[fqn].details["weights"] == str(tmp_path)
+               for fqn in weight_only), [sites[fqn] for fqn in weight_only]
+    assert relative_error(actual, simulated) < 1e-4

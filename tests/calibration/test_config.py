@@ -21,6 +21,7 @@ from qsparse_compiler.config import ConfigError
         ("group_size", 3),
         ("act_format", "int4"),
         ("selection", "best"),
+        ("conditioning_linears", "int8"),
         ("num_samples", -1),
         ("msad_lr", 0.0),
         ("lambda_global", -1.0),

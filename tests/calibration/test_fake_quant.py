@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from qsparse_compiler.calibration.fake_quant import FakeQuantLinear, fake_quant_activation, swap_linears
+from qsparse_compiler.config import WEIGHT_ONLY
 from qsparse_compiler.ops.quantization import dequantize_activation, quantize_activation, quantize_weight_int4
 from qsparse_compiler.ops.w4a8_linear import w4a8_linear_reference
 
@@ -37,6 +38,21 @@ def test_trained_scales_pack_to_what_the_student_computes():
     packed = fake.packed()
     expected = w4a8_linear_reference(x, packed.qweight, packed.scale, linear.bias.detach(), 32, "int8")
     torch.testing.assert_close(fake(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_weight_only_student_computes_the_weight_only_op_and_trains():
+    """A conditioning linear's student (WEIGHT_ONLY): int4 weights, the activation as it is - the op the backend
+    emits for it - and its scales still learn."""
+    linear = torch.nn.Linear(64, 32)
+    fake = FakeQuantLinear(linear, 32, WEIGHT_ONLY)
+    with torch.no_grad():
+        fake.log_scale.add_(torch.randn_like(fake.log_scale) * 0.05)
+    x = torch.randn(2, 64) * 5
+    packed = fake.packed()
+    expected = torch.ops.qsparse.int4_weight_only_linear(x, packed.qweight, packed.scale, linear.bias.detach(), 32)
+    torch.testing.assert_close(fake(x), expected, atol=1e-5, rtol=1e-5)
+    fake(x).pow(2).sum().backward()
+    assert fake.log_scale.grad.abs().sum() > 0
 
 
 def test_scales_receive_gradients_through_the_rounding():

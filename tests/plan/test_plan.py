@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from qsparse_compiler.config import QuantSparseConfig
+from qsparse_compiler.config import WEIGHT_ONLY, QuantSparseConfig
 from qsparse_compiler.ops.quantization import quantize_weight_int4
 from qsparse_compiler.passes import PassContext, default_passes, run_passes
 from qsparse_compiler.passes.report import RewriteReport
-from qsparse_compiler.plan import AttentionPlan, LinearPlan, ModelFingerprint, Plan, PlanError, load_plan, save_plan
+from qsparse_compiler.plan import PLAN_SCHEMA_VERSION, AttentionPlan, LinearPlan, ModelFingerprint, Plan, PlanError, load_plan, save_plan
 from qsparse_compiler.testing.capture import capture_dynamo_graph
 from qsparse_compiler.testing.models import tiny_wan
 
@@ -39,6 +39,21 @@ def test_round_trip(tmp_path):
     ModelFingerprint.of(model).check(loaded.fingerprint)
 
 
+def test_schema_1_plans_load_and_weight_only_entries_round_trip(tmp_path):
+    """Schema 2 only added WEIGHT_ONLY linears (int4 weights, activations not quantized): a schema 1 plan loads as
+    is, and a WEIGHT_ONLY entry with its tensors survives a round trip."""
+    model = tiny_wan(num_layers=1).model
+    save_plan(make_plan(model), tmp_path / "v1")
+    _edit(tmp_path / "v1", schema_version=1)
+    assert load_plan(tmp_path / "v1").schema_version == 1
+    plan = make_plan(model)
+    plan.linears["blocks.0.attn1.to_q"] = LinearPlan(group_size=32, act_format=WEIGHT_ONLY)
+    save_plan(plan, tmp_path / "v2")
+    loaded = load_plan(tmp_path / "v2")
+    assert loaded.schema_version == PLAN_SCHEMA_VERSION == 2 and loaded.linears == plan.linears
+    assert torch.equal(loaded.packed_weight("blocks.0.attn1.to_q").scale, plan.tensors["blocks.0.attn1.to_q.scale"])
+
+
 def test_fingerprint_mismatch_names_the_difference():
     plan = make_plan(tiny_wan(num_layers=1).model)
     with pytest.raises(PlanError, match="another .*config"):
@@ -61,6 +76,8 @@ def test_fingerprint_mismatch_names_the_difference():
         (lambda d: _edit(d, linears=["blocks.0.attn1.to_q"]), "'linears' is a list, not a JSON object"),
         (lambda d: _edit(d, tensors="blocks.0.attn1.to_q.qweight"), "'tensors' is a str, not a JSON array"),
         (lambda d: _edit_entry(d, "linears", act_format="fp4"), "invalid linear entry"),
+        (lambda d: (_edit(d, schema_version=1), _edit_entry(d, "linears", act_format="none")),
+         "lists blocks.0.attn1.to_q as act_format 'none', which schema 2 introduced"),
         (lambda d: _edit_entry(d, "attentions", head_patterns="dense"), "head_patterns must be a non-empty list"),
         (lambda d: _edit_entry(d, "attentions", head_patterns=["local9d:0.3"]), "unknown pattern 'local9d'"),
         (lambda d: _edit_entry(d, "attentions", block_q=0), "block_q/block_kv positive integers"),
