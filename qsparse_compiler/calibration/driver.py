@@ -49,7 +49,7 @@ CHECKPOINT_DIR = "calibration"
 
 # The config fields each stage reads: a change in one of them recomputes that stage and every later one.
 _SELECTION_FIELDS = ("selection", "num_samples", "salient_dt", "group_size", "act_format", "scale_dtype",
-                     "site_pattern", "seed")
+                     "conditioning_linears", "site_pattern", "seed")
 _STATISTICS_FIELDS = ("block_q", "block_kv", "attention_chunk_elements", "site_pattern")
 _SEARCH_FIELDS = ("density_budget", "recall_bound", "candidate_patterns", "candidate_densities", "cost_table")
 _SSAR_FIELDS = ("ssar_samples", "ssar_steps", "ssar_step_size", "ssar_tolerance", "ssar_max_every",

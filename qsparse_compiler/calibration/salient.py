@@ -40,18 +40,26 @@ class SampleScore:
 
 
 class RTNLinear(torch.nn.Module):
-    """Round-to-nearest W4A8 of a linear, quantized on each call: no second copy of the model's weights is held."""
+    """Round-to-nearest W4A8 of a linear, quantized on each call: no second copy of the model's weights is held. A
+    call without a token dimension (a conditioning linear) is computed as the plan will have it: as is under
+    ``conditioning_linears="keep"``, int4 weights with the activation unquantized under "int4_weight_only"."""
 
-    def __init__(self, linear: torch.nn.Linear, group_size: int, act_format: str, scale_dtype: str) -> None:
+    def __init__(self, linear: torch.nn.Linear, group_size: int, act_format: str, scale_dtype: str,
+                 conditioning_linears: str) -> None:
         super().__init__()
         self.linear = linear
         self.group_size, self.act_format, self.scale_dtype = group_size, act_format, scale_dtype
+        self.conditioning_linears = conditioning_linears
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conditioning = x.ndim < 3  # statistics.py's criterion (LinearStats.has_tokens)
+        if conditioning and self.conditioning_linears == "keep":
+            return self.linear(x)
         packed = quantize_weight_int4(self.linear.weight, self.group_size, self.scale_dtype)
         weight = dequantize_weight_int4(packed.qweight, packed.scale, self.group_size)
         bias = None if self.linear.bias is None else self.linear.bias.to(torch.float32)
-        return torch.nn.functional.linear(fake_quant_activation(x, self.act_format), weight, bias).to(x.dtype)
+        x_used = x.to(torch.float32) if conditioning else fake_quant_activation(x, self.act_format)
+        return torch.nn.functional.linear(x_used, weight, bias).to(x.dtype)
 
 
 def _rtn_replacements(model: torch.nn.Module, config: CalibrationConfig) -> dict[str, torch.nn.Module]:
@@ -61,7 +69,7 @@ def _rtn_replacements(model: torch.nn.Module, config: CalibrationConfig) -> dict
         linear = modules[fqn]
         k = linear.in_features
         group = config.group_size if k % effective_group_size(k, config.group_size) == 0 else 0
-        out[fqn] = RTNLinear(linear, group, config.act_format, config.scale_dtype)
+        out[fqn] = RTNLinear(linear, group, config.act_format, config.scale_dtype, config.conditioning_linears)
     return out
 
 

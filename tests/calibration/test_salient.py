@@ -2,7 +2,11 @@
 
 import math
 
+import torch
+
 from qsparse_compiler.calibration.salient import SampleScore, score_samples, select_samples, selection_report
+
+from qsparse_compiler.ops.quantization import quantize_weight_int4
 
 from ._tiny import tiny_config, wan_and_samples
 
@@ -31,3 +35,23 @@ def test_scores_on_a_tiny_model_are_positive_and_finite():
         assert math.isfinite(s.score) and s.diffusion > 0 and s.quantization > 0
         assert s.score == s.diffusion * s.quantization
     assert [s.timestep for s in scores] == [100.0, 500.0, 900.0]
+
+
+def test_the_quantization_term_treats_conditioning_linears_as_the_plan_will():
+    """HunyuanVideo's modulation linears (no token dimension): kept as they are under conditioning_linears="keep",
+    int4 weight-only under "int4_weight_only" - never W4A8 - so the second quantizes more and scores higher."""
+    from qsparse_compiler.calibration.salient import RTNLinear
+    from qsparse_compiler.testing.models import tiny_hunyuan
+
+    linear = torch.nn.Linear(64, 32)
+    x = torch.randn(2, 64)
+    assert torch.equal(RTNLinear(linear, 32, "int8", "bfloat16", "keep")(x), linear(x))
+    packed = quantize_weight_int4(linear.weight, 32)
+    expected = torch.ops.qsparse.int4_weight_only_linear(x, packed.qweight, packed.scale, linear.bias, 32)
+    torch.testing.assert_close(RTNLinear(linear, 32, "int8", "bfloat16", "int4_weight_only")(x), expected)
+
+    tiny = tiny_hunyuan()
+    samples = [{**tiny.make_inputs(), "timestep": torch.tensor([500])}]
+    terms = {mode: score_samples(tiny.model, samples, tiny_config(conditioning_linears=mode))[0].quantization
+             for mode in ("keep", "int4_weight_only")}
+    assert 0 < terms["keep"] < terms["int4_weight_only"], terms
