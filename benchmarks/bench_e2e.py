@@ -220,13 +220,9 @@ def _random_block_bitmap(blocks: int, density: float) -> torch.Tensor:
 
 def video_tokens(workload: dict[str, Any]) -> int:
     """Video tokens after patchify (Wan: patch (1, 2, 2); HunyuanVideo: patch_size_t x patch_size^2)."""
-    config = workload["config"]
-    if workload["model"] == "wan":
-        pt, ph, pw = config["patch_size"]
-    else:
-        pt, ph, pw = config["patch_size_t"], config["patch_size"], config["patch_size"]
-    frames, height, width = workload["latents"][2:]
-    return (frames // pt) * (height // ph) * (width // pw)
+    from qsparse_compiler.runtime.context import patchified_grid
+
+    return math.prod(patchified_grid(workload["config"], workload["latents"]))
 
 
 def flex_block_masks(workload: dict[str, Any], inputs: dict[str, Any], density: float):

@@ -22,12 +22,12 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from ..runtime.context import latent_grid
 from ..sparsity.patterns import TokenGrid
 
 __all__ = [
     "AttentionCall",
     "AttentionInterceptor",
-    "video_grid_of",
     "text_first",
     "block_linear_names",
     "transformer_blocks",
@@ -60,25 +60,6 @@ Handler = Callable[[AttentionCall], "torch.Tensor | None"]
 def text_first(model: torch.nn.Module) -> bool:
     """Joint attention order: CogVideoX concatenates [text, video]; HunyuanVideo [video, text]."""
     return "CogVideoX" in type(model).__name__
-
-
-def video_grid_of(model: torch.nn.Module, hidden_states: torch.Tensor) -> tuple[int, int, int]:
-    """(frames, height, width) of the video tokens after patchify, from the latents and ``model.config.patch_size``."""
-    config = getattr(model, "config", None)
-    patch = getattr(config, "patch_size", None) if config is not None else None
-    if patch is None or hidden_states.ndim != 5:
-        raise ValueError(
-            f"qsparse_compiler.calibration.hooks: cannot find the video grid of {type(model).__name__}: need "
-            f"model.config.patch_size and 5-D latents, got hidden_states {tuple(hidden_states.shape)}; pass a diffusers "
-            "video transformer (Wan, HunyuanVideo, CogVideoX) and its forward kwargs"
-        )
-    if isinstance(patch, (tuple, list)):
-        p_t, p_h, p_w = (int(p) for p in patch)
-    else:
-        p_t, p_h, p_w = int(getattr(config, "patch_size_t", None) or 1), int(patch), int(patch)
-    # CogVideoX latents are (B, F, C, H, W); Wan and HunyuanVideo (B, C, F, H, W).
-    frames = hidden_states.shape[1] if text_first(model) else hidden_states.shape[2]
-    return frames // p_t, hidden_states.shape[-2] // p_h, hidden_states.shape[-1] // p_w
 
 
 def is_attention_module(module: torch.nn.Module) -> bool:
@@ -147,7 +128,7 @@ class AttentionInterceptor:
     def _grid_hook(self, _module, args, kwargs):
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         if isinstance(hidden, torch.Tensor):
-            self.grid = video_grid_of(self._grid_model, hidden)
+            self.grid = latent_grid(self._grid_model, hidden)
 
     def __enter__(self) -> "AttentionInterceptor":
         for name, module in self.root.named_modules():

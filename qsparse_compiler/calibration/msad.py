@@ -42,7 +42,8 @@ from ..sparsity.patterns import TokenGrid
 from .attention_maps import attention_received, pooled_attention_mass
 from .config import CalibrationConfig, CalibrationError
 from .fake_quant import FakeQuantLinear
-from .hooks import AttentionCall, AttentionInterceptor, video_grid_of
+from ..runtime.context import latent_grid
+from .hooks import AttentionCall, AttentionInterceptor
 from .lora import TimestepLoRA, TimestepState
 from .pattern_attention import SparsePatternAttention, pool_block, row_counts
 from .samples import run_model
@@ -216,7 +217,7 @@ def distill_block(
     local_linears = {fqn[len(prefix):]: plan for fqn, plan in linears.items() if fqn.startswith(prefix)}
     sites = [fqn for fqn in attention_specs if fqn.startswith(prefix)]
     inputs = capture_block_inputs(model, block, samples, ids)
-    grids = [video_grid_of(model, samples[i]["hidden_states"]) for i in ids]
+    grids = [latent_grid(model, samples[i]["hidden_states"]) for i in ids]
     def pattern_attention(specs: Mapping[str, str], record: bool) -> SparsePatternAttention:
         return SparsePatternAttention(specs, block_q, block_kv, record=record, pool_blocks=config.global_pool_blocks,
                                       max_elements=config.attention_chunk_elements)

@@ -19,14 +19,41 @@ import contextlib
 import contextvars
 import threading
 import weakref
-from typing import Iterator
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
-__all__ = ["VideoGridContext", "current_video_grid", "video_grid", "current_timesteps", "forward_timesteps",
-           "register_parameters", "parameter_name"]
+__all__ = ["VideoGridContext", "patchified_grid", "latent_grid", "current_video_grid", "video_grid",
+           "current_timesteps", "forward_timesteps", "register_parameters", "parameter_name"]
 
 VideoGridContext = tuple[int, int, int]  # (frames, height, width) in tokens, after patchify
+
+
+def patchified_grid(config: Mapping[str, Any], latent_shape: Sequence[int], frames_first: bool = False) -> VideoGridContext:
+    """(frames, height, width) of the video tokens of 5-D latents ``latent_shape`` after a diffusers video
+    transformer's patchify, from its config: ``patch_size`` (t, h, w) (Wan) or an int with ``patch_size_t``
+    (HunyuanVideo; CogVideoX 1.0 has none: 1). ``frames_first``: CogVideoX's (B, F, C, H, W) latents; Wan's and
+    HunyuanVideo's are (B, C, F, H, W)."""
+    patch = config.get("patch_size")
+    if patch is None or len(latent_shape) != 5:
+        raise ValueError(
+            f"qsparse_compiler.runtime.context: cannot find the video token grid: need a config with patch_size and "
+            f"5-D latents, got patch_size={patch!r} and latents {tuple(latent_shape)}; pass a diffusers video "
+            "transformer (Wan, HunyuanVideo, CogVideoX) and its hidden_states"
+        )
+    if isinstance(patch, (tuple, list)):
+        p_t, p_h, p_w = (int(p) for p in patch)
+    else:
+        p_t, p_h, p_w = int(config.get("patch_size_t") or 1), int(patch), int(patch)
+    frames = latent_shape[1] if frames_first else latent_shape[2]
+    return int(frames) // p_t, int(latent_shape[-2]) // p_h, int(latent_shape[-1]) // p_w
+
+
+def latent_grid(transformer: torch.nn.Module, hidden_states: torch.Tensor) -> VideoGridContext:
+    """``patchified_grid`` of a diffusers video transformer's ``hidden_states``."""
+    config = getattr(transformer, "config", None)
+    frames_first = "CogVideoX" in type(transformer).__name__
+    return patchified_grid(config if isinstance(config, Mapping) else {}, tuple(hidden_states.shape), frames_first)
 
 _grid: contextvars.ContextVar[VideoGridContext | None] = contextvars.ContextVar("qsparse_video_grid", default=None)
 _timesteps: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("qsparse_timesteps", default=None)

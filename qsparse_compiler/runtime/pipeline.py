@@ -24,7 +24,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .context import forward_timesteps, register_parameters, video_grid
+from .context import forward_timesteps, latent_grid, register_parameters, video_grid
 from .parallel import prepare_context_parallel
 from .residual_cache import ResidualCacheRuntime
 
@@ -70,23 +70,6 @@ def release_dense_weights(pipe_or_model: Any) -> int:
     transformer = getattr(pipe_or_model, "transformer", pipe_or_model)
     module = getattr(transformer, "_orig_mod", transformer)
     return default_store.release_dense(module)
-
-
-def latent_grid(transformer: torch.nn.Module, hidden_states: torch.Tensor) -> tuple[int, int, int]:
-    """Token grid (frames, height, width) after patchify, for Wan / HunyuanVideo (B, C, F, H, W) and CogVideoX
-    (B, F, C, H, W) latents."""
-    config = transformer.config
-    patch = config.patch_size
-    if isinstance(patch, (tuple, list)):  # Wan: (t, h, w)
-        pt, ph, pw = patch
-        frames, height, width = hidden_states.shape[2:]
-    else:
-        pt, ph, pw = getattr(config, "patch_size_t", None) or 1, patch, patch
-        if type(transformer).__name__.startswith("CogVideoX"):
-            frames, height, width = hidden_states.shape[1], hidden_states.shape[3], hidden_states.shape[4]
-        else:
-            frames, height, width = hidden_states.shape[2:]
-    return frames // pt, height // ph, width // pw
 
 
 def _repeated_blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:

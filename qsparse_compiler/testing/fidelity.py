@@ -509,7 +509,7 @@ def layout_recall(
     """Attention recall per head of the layouts the backend would use: ``specs`` maps a self-attention FQN to a
     pattern spec (``local3d``, or a plan's per-head ``local3d:0.1;skip;...``); the grid comes from the latents."""
     from ..ops.video_layout import build_video_layout
-    from ..runtime.pipeline import latent_grid
+    from ..runtime.context import latent_grid
     from ..sparsity.patterns import TokenGrid
 
     captured = capture_attention_qk(model, inputs, list(specs))
