@@ -11,8 +11,8 @@ Stages (each checkpointed in ``<out>/calibration/``, see checkpoint.py; ``resume
 then the plan: every block linear with a token dimension (``LinearPlan``: group size, activation format — MSFP's
 ``uint8_msfp`` for (almost) non-negative inputs — and its distilled int4 weights as tensors
 ``<fqn>.qweight``/``<fqn>.scale``), with ``conditioning_linears="int4_weight_only"`` the blocks' conditioning linears
-too (act_format ``WEIGHT_ONLY``, distilled with their block), every video attention (``AttentionPlan``: per-head patterns, tile, cache), and
-``metadata`` with the cost model, the search, the selection and the distillation losses.
+too (act_format ``WEIGHT_ONLY``, distilled with their block), every video attention (``AttentionPlan``: per-head
+patterns, tile, cache), and ``metadata`` with the cost model, the search, the selection and the distillation losses.
 """
 
 from __future__ import annotations
@@ -55,9 +55,8 @@ _SEARCH_FIELDS = ("density_budget", "recall_bound", "candidate_patterns", "candi
 _SSAR_FIELDS = ("ssar_samples", "ssar_steps", "ssar_step_size", "ssar_tolerance", "ssar_max_every",
                 "ssar_refresh_first", "ssar_max_tokens", "ssar_rank_energy")
 _MSAD_FIELDS = ("group_size", "act_format", "scale_dtype", "msfp", "msfp_max_negative_share", "conditioning_linears",
-                "msad_steps", "msad_lr",
-                "lambda_global", "lambda_local", "global_pool_blocks", "salient_token_fraction", "seed", "lora_rank",
-                "lora_bucket_edges", "lora_steps", "lora_lr")
+                "msad_steps", "msad_lr", "lambda_global", "lambda_local", "global_pool_blocks", "salient_token_fraction",
+                "seed", "lora_rank", "lora_bucket_edges", "lora_steps", "lora_lr")
 
 
 def _transformer(model_or_pipeline: Any) -> torch.nn.Module:

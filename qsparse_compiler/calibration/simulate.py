@@ -48,7 +48,8 @@ class PlanLinear(torch.nn.Module):
         if self.act_format == WEIGHT_ONLY:
             out = torch.ops.qsparse.int4_weight_only_linear(x, self.qweight, self.scale, self.bias, self.group_size)
         else:
-            out = torch.ops.qsparse.w4a8_linear(x, self.qweight, self.scale, self.bias, self.group_size, self.act_format)
+            out = torch.ops.qsparse.w4a8_linear(x, self.qweight, self.scale, self.bias, self.group_size,
+                                                self.act_format)
         if self.lora is not None:
             a, b, state = self.lora
             if state.buckets is None:

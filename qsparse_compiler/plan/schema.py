@@ -93,7 +93,8 @@ class LinearPlan:
     scale_dtype: str = "bfloat16"
 
     def __post_init__(self) -> None:
-        if self.act_format not in (*ACT_FORMATS, WEIGHT_ONLY) or self.scale_dtype not in SCALE_DTYPES or self.group_size < 0:
+        formats_ok = self.act_format in (*ACT_FORMATS, WEIGHT_ONLY) and self.scale_dtype in SCALE_DTYPES
+        if not formats_ok or self.group_size < 0:
             raise PlanError(f"qsparse_compiler.plan: invalid linear entry {self}")
 
 

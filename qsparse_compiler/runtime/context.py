@@ -29,7 +29,9 @@ __all__ = ["VideoGridContext", "patchified_grid", "latent_grid", "current_video_
 VideoGridContext = tuple[int, int, int]  # (frames, height, width) in tokens, after patchify
 
 
-def patchified_grid(config: Mapping[str, Any], latent_shape: Sequence[int], frames_first: bool = False) -> VideoGridContext:
+def patchified_grid(
+    config: Mapping[str, Any], latent_shape: Sequence[int], frames_first: bool = False
+) -> VideoGridContext:
     """(frames, height, width) of the video tokens of 5-D latents ``latent_shape`` after a diffusers video
     transformer's patchify, from its config: ``patch_size`` (t, h, w) (Wan) or an int with ``patch_size_t``
     (HunyuanVideo; CogVideoX 1.0 has none: 1). ``frames_first``: CogVideoX's (B, F, C, H, W) latents; Wan's and

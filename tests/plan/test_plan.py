@@ -10,7 +10,9 @@ from qsparse_compiler.config import WEIGHT_ONLY, QuantSparseConfig
 from qsparse_compiler.ops.quantization import quantize_weight_int4
 from qsparse_compiler.passes import PassContext, default_passes, run_passes
 from qsparse_compiler.passes.report import RewriteReport
-from qsparse_compiler.plan import PLAN_SCHEMA_VERSION, AttentionPlan, LinearPlan, ModelFingerprint, Plan, PlanError, load_plan, save_plan
+from qsparse_compiler.plan import (
+    PLAN_SCHEMA_VERSION, AttentionPlan, LinearPlan, ModelFingerprint, Plan, PlanError, load_plan, save_plan,
+)
 from qsparse_compiler.testing.capture import capture_dynamo_graph
 from qsparse_compiler.testing.models import tiny_wan
 
