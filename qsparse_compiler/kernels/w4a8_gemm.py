@@ -491,6 +491,10 @@ def w4a8_gemm(
         W_UNPACKED=w_unpacked is not None,
         RESCALE=bool(rescale),
     )
+    if config is None and not a.is_cuda:
+        # The interpreter: nothing to time, so the first config the pruning keeps (Triton 3.7's autotuner times even
+        # a single remaining config, and needs a GPU driver for that).
+        config = prune_configs(GEMM_CONFIGS, {"M": m, "N": n, **flags})[0]
     if config is None:
 
         def grid(meta: dict[str, Any]) -> tuple[int]:
