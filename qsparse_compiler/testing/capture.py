@@ -44,9 +44,9 @@ def rewrite_with_default_passes(model: torch.nn.Module, inputs: dict[str, Any], 
 
 
 def rewritten_reference_output(model: torch.nn.Module, inputs: dict[str, Any], options: dict[str, Any], seed: int = 0):
-    """The first output of ``model(**inputs)`` through the backend's passes with every qsparse op on its plain-torch
-    reference, without Inductor: what a compiled quantized run must equal (its error against eager is the
-    quantization's, not the compiler's). Seeds torch's RNG with ``seed`` before the run, as a caller seeds eager."""
+    """The first output of ``model(**inputs)`` through the backend's passes, run eagerly without Inductor (on CPU
+    every qsparse op runs its plain-torch reference): what a compiled quantized run must equal (its error against
+    eager is the quantization's, not the compiler's). Seeds torch's RNG with ``seed`` first, as a caller seeds eager."""
     gm, _, ctx = rewrite_with_default_passes(model, inputs, options)
     with torch.no_grad():
         torch.manual_seed(seed)
