@@ -18,11 +18,16 @@ TINY = ("wan-tiny", "hunyuan-tiny", "cogvideox-tiny")
 
 
 def _load_model(model: str):
-    """A built-in tiny model of one of the three supported architectures, with example inputs."""
+    """A built-in tiny model of one of the three supported architectures, with example inputs. Its random weights
+    are seeded: `qsparse calibrate hunyuan-tiny` and a later `qsparse compile hunyuan-tiny` with that plan see the same
+    model (a plan's distilled weights replace the model's own at compile)."""
+    import torch
+
     from .testing.models import TINY_MODELS
 
     if model not in TINY:
         raise typer.BadParameter(f"{model!r} is not one of {TINY}; compile your own model from Python (README)")
+    torch.manual_seed(0)
     tiny = TINY_MODELS[model.removesuffix("-tiny")]()
     return tiny.model, tiny.make_inputs()
 

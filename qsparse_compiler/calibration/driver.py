@@ -404,8 +404,11 @@ def calibrate_cli_main(
         table.add_row(block["block"], f"MSAD loss {block['loss_rtn']:.4g} (RTN) -> {block['loss_msad']:.4g}, kept {block['kept']}")
     Console().print(table)
     search = info["search"]
+    weight_only = sum(entry.act_format == WEIGHT_ONLY for entry in plan.linears.values())
     Console().print(
-        f"{len(plan.linears)} W4A8 linears, density {search['total_density']:.3f} (budget {search['budget']:g}), "
+        f"{len(plan.linears) - weight_only} W4A8 linears"
+        + (f", {weight_only} int4 weight-only (conditioning)" if weight_only else "")
+        + f", density {search['total_density']:.3f} (budget {search['budget']:g}), "
         f"stages: {info['stages']}"
     )
     return plan
