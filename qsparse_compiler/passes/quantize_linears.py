@@ -120,7 +120,7 @@ class QuantizeLinears:
                 calibrated = ctx.plan.packed_weight(site.fqn)
                 if calibrated is not None:
                     source = ctx.config.plan
-                    default_store.seed(param, calibrated, scale_dtype, source)
+                    default_store.seed(param, calibrated, scale_dtype, source, name=f"{site.fqn}.weight")
             packed = default_store.get(param, group_size, scale_dtype, source)
             slot = PackedWeightSlot(positions[site.weight], site.fqn, group_size, scale_dtype, source)
             qweight = add_placeholder(gm, f"qsparse_qweight_{len(ctx.packed_weight_slots)}", packed.qweight)

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ..ops.quantization import PackedInt4Weight, effective_group_size, quantize_weight_int4
+from ..ops.quantization import PackedInt4Weight, dequantize_weight_int4, effective_group_size, quantize_weight_int4
 
 __all__ = ["PackedWeightStore", "default_store", "LoraStore", "lora_store"]
 
@@ -33,13 +33,45 @@ class _Entry:
     released: bool = False  # the dense parameter's storage was freed: it can never be re-packed
 
 
+# A plan's int4 weights are the model's weights rounded (and their scales distilled): relative to the weight's norm they
+# differ by the int4 rounding, ~0.1 for groups of 128 and below ~0.3 per channel even with outliers. Weights of another
+# checkpoint or another random initialisation differ by ~1.4 (independent weights of one distribution: sqrt(2)).
+CALIBRATED_WEIGHT_TOLERANCE = 0.5
+
+
+def check_calibrated_weight(param: torch.Tensor, packed: PackedInt4Weight, source: str, name: str | None = None) -> None:
+    """Refuse a plan's calibrated weight that is not a rounding of ``param``: the plan was made from other weights
+    (fingerprints compare classes, configs and shapes, not values), and using it would silently swap the model's
+    weights for another model's. Skipped for a released parameter (its values are gone)."""
+    if param.untyped_storage().nbytes() == 0:
+        return
+    with torch.no_grad():
+        weight = param.detach().to(torch.float32)
+        plan_weight = dequantize_weight_int4(packed.qweight.to(param.device), packed.scale.to(param.device),
+                                             packed.group_size)
+        distance = float((plan_weight - weight).norm() / weight.norm().clamp_min(1e-12))
+    if distance > CALIBRATED_WEIGHT_TOLERANCE:
+        from ..plan.schema import PlanError
+        from .context import parameter_name
+
+        name = name or parameter_name(param) or f"a {tuple(param.shape)} linear weight"
+        raise PlanError(
+            f"qsparse_compiler.runtime: plan {source} holds calibrated int4 weights for {name} that differ from the "
+            f"model's by {distance:.0%} of its norm (int4 rounding is ~10%): the plan was calibrated on other weights "
+            "(another checkpoint or random initialisation) - calibrate a plan for this model's weights"
+        )
+
+
 class PackedWeightStore:
     def __init__(self) -> None:
         self._entries: dict[int, _Entry] = {}
         self._lock = threading.Lock()
 
-    def seed(self, param: torch.Tensor, packed: PackedInt4Weight, scale_dtype: str, source: str) -> None:
-        """Use ``packed`` (calibrated weights from the plan ``source``) for ``param`` instead of round-to-nearest."""
+    def seed(self, param: torch.Tensor, packed: PackedInt4Weight, scale_dtype: str, source: str,
+             name: str | None = None) -> None:
+        """Use ``packed`` (calibrated weights from the plan ``source``) for ``param`` (the parameter ``name``)
+        instead of round-to-nearest."""
+        check_calibrated_weight(param, packed, source, name)
         self._put(param, packed, scale_dtype, source)
 
     def get(
@@ -71,6 +103,7 @@ class PackedWeightStore:
             )
         fresh = calibrated() if source != "rtn" and calibrated is not None else None
         if fresh is not None:
+            check_calibrated_weight(param, fresh, source)
             self._put(param, fresh, scale_dtype, source)
             return fresh
         if source != "rtn":

@@ -305,3 +305,41 @@ def test_a_bad_plan_stops_torch_compile_before_inductor_runs(tmp_path, monkeypat
             compiled(**tiny.make_inputs())
     assert isinstance(info.value.inner_exception, PlanError)
     assert not calls
+
+
+def test_a_plan_calibrated_on_other_weights_is_refused_by_name(tmp_path):
+    """Same class, config and shapes (the fingerprint matches) but other weights - another checkpoint, or another
+    random initialisation: the plan's int4 weights are no rounding of this model's, so using them would silently
+    swap weights. Refused at compile (the graph's own linears) and at run time (a regional graph's other blocks)."""
+    import qsparse_compiler as qs
+    from qsparse_compiler.testing.models import TEST_OPTIONS
+
+    source = tiny_wan(num_layers=2)
+    save_plan(make_plan(source.model), tmp_path)  # calibrated weights for blocks.0.attn1.to_q
+    other = tiny_wan(num_layers=2)
+    inputs = other.make_inputs()
+    options = {**TEST_OPTIONS, "plan": str(tmp_path)}
+    for model in (other.model, source.model):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="quantsparse", options=options, fullgraph=True)
+        with torch.no_grad():
+            if model is source.model:
+                assert torch.isfinite(compiled(**inputs)[0]).all()
+                continue
+            with pytest.raises(torch._dynamo.exc.BackendCompilerFailed,
+                               match=r"blocks\.0\.attn1\.to_q\.weight that differ from the model's by 1\d\d% ") as info:
+                compiled(**inputs)
+            assert isinstance(info.value.inner_exception, PlanError)
+
+    # Regional: one graph for both blocks, compiled with block 0 (which matches); block 1's plan weights are met at
+    # run time.
+    plan = make_plan(source.model)
+    to_q = source.model.blocks[1].attn1.to_q.weight
+    packed = quantize_weight_int4(torch.randn_like(to_q), 32)
+    plan.linears["blocks.1.attn1.to_q"] = plan.linears["blocks.0.attn1.to_q"]
+    plan.tensors.update({"blocks.1.attn1.to_q.qweight": packed.qweight, "blocks.1.attn1.to_q.scale": packed.scale})
+    save_plan(plan, tmp_path / "regional")
+    model = qs.optimize(source.model, options=TEST_OPTIONS, plan=str(tmp_path / "regional"), cache=False,
+                        regional=True)
+    with torch.no_grad(), pytest.raises(PlanError, match=r"blocks\.1\.attn1\.to_q\.weight that differ"):
+        model(**inputs)
