@@ -12,7 +12,7 @@
 #                                                # cache in /tmp)
 #   bash benchmarks/device_suite.sh cachemem     # the qsparse row with the residual cache in fp8 (order 2, then
 #                                                # order 1): peak memory vs the bf16 cache's 7.8 GiB (not yet run)
-#   bash benchmarks/device_suite.sh tests        # every @gpu test, file by file, results appended as they finish
+#   bash benchmarks/device_suite.sh tests        # every @gpu test, JOBS files at a time, FILE_LIMIT s each
 # Results land in $OUT; partial results survive a time limit (JSON after every row, test lines as they come).
 # The not-yet-run parts' times are estimates from the 480p run (BENCHMARKS.md), not measurements.
 set -u
@@ -39,10 +39,15 @@ case "${1:-e2e}" in
     e2e wan-1.3b-480p qsparse e2e_cache_fp8_order2.json 8 290 --cache '{"storage": "fp8_e4m3"}'
     e2e wan-1.3b-480p qsparse e2e_cache_fp8_order1.json 8 290 --cache '{"storage": "fp8_e4m3", "order": 1}' ;;
   tests)
-    for file in $(grep -rl "mark.gpu\|pytest.mark.gpu" tests --include=test_*.py | sort); do
-      timeout 120 python3 -m pytest -q -m gpu "$file" --tb=line -rA -p no:cacheprovider 2>&1 \
-          | grep -E "^PASSED|^FAILED|^ERROR|^E |passed|failed|^/" | tee -a "$OUT/gpu_tests.txt"
-    done ;;
+    # Files run side by side (Triton's compiles are CPU-bound; the tests are not timed), each under its own limit;
+    # the per-file logs are joined into one file at the end ($OUT returns at most 8 files).
+    mkdir -p /tmp/gpu_tests
+    grep -rl "pytest.mark.gpu" tests --include=test_*.py | sort | xargs -P "${JOBS:-5}" -I{} sh -c \
+      'timeout "${FILE_LIMIT:-420}" python3 -m pytest -q -m gpu "{}" --tb=short -rA -p no:cacheprovider \
+          > "/tmp/gpu_tests/$(echo {} | tr / _).log" 2>&1; echo "{}: exit $?"'
+    for log in /tmp/gpu_tests/*.log; do
+      echo "== $log"; grep -E "^PASSED|^FAILED|^ERROR|^E |^[a-z_/]+\.py:[0-9]+: |passed|failed" "$log"
+    done | tee "$OUT/gpu_tests.txt" | grep -E "^==|passed|failed|^FAILED|^ERROR|^E " ;;
   *) echo "device_suite.sh: unknown part ${1}; use e2e, e2e2, e2e720, e2e720flex, hunyuan, hunyuanflex, cachemem or tests" >&2
      exit 2 ;;
 esac

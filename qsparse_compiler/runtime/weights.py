@@ -104,8 +104,7 @@ class PackedWeightStore:
         fresh = calibrated() if source != "rtn" and calibrated is not None else None
         if fresh is not None:
             check_calibrated_weight(param, fresh, source)
-            self._put(param, fresh, scale_dtype, source)
-            return fresh
+            return self._put(param, fresh, scale_dtype, source)
         if source != "rtn":
             raise RuntimeError(
                 f"qsparse_compiler.runtime: calibrated weights of plan {source} for a {tuple(param.shape)} linear are "
@@ -115,12 +114,17 @@ class PackedWeightStore:
         self._put(param, packed, scale_dtype, source)
         return packed
 
-    def _put(self, param: torch.Tensor, packed: PackedInt4Weight, scale_dtype: str, source: str) -> None:
+    def _put(self, param: torch.Tensor, packed: PackedInt4Weight, scale_dtype: str, source: str) -> PackedInt4Weight:
+        """Store ``packed`` for ``param`` on the parameter's device (a plan's tensors load on the CPU; the GEMM
+        kernels read them from the GPU) and return what was stored."""
+        if packed.qweight.device != param.device or packed.scale.device != param.device:
+            packed = PackedInt4Weight(packed.qweight.to(param.device), packed.scale.to(param.device), packed.group_size)
         key = id(param)
         with self._lock:
             self._entries[key] = _Entry(
                 weakref.ref(param, self._forget(key)), param._version, packed.group_size, scale_dtype, packed, source
             )
+        return packed
 
     def _forget(self, key: int):
         def drop(_ref: weakref.ref) -> None:

@@ -123,7 +123,7 @@ def test_fp8_refresh_step_quantizes_like_the_activations(steps_before, order):
 
 def _op_sequence(device: str, fused: bool, order: int, monkeypatch, storage: str = "model") -> list[torch.Tensor]:
     """Five steps (refresh, reuse, reuse, refresh, reuse) of qsparse::residual_attention, through the fused kernel or
-    the plain-torch path, on the same inputs."""
+    the plain-torch path, on the same inputs; returns (sparse output, op output) per step."""
     import importlib
 
     module = importlib.import_module("qsparse_compiler.ops.residual_attention")  # the module, not the op it exports
@@ -136,16 +136,26 @@ def _op_sequence(device: str, fused: bool, order: int, monkeypatch, storage: str
     layout = state_layout(shape, CacheConfig(enabled=True, order=order, storage=storage), torch.bfloat16)
     state = [torch.zeros(s, dtype=d, device=device) for s, d in layout[:-1]]
     state.append(torch.full((1,), -1.0, device=device))
-    return [torch.ops.qsparse.residual_attention(o_sparse, q, k, v, None, 0.088, state, torch.tensor(refresh), 0, order)
+    return [(o_sparse, torch.ops.qsparse.residual_attention(o_sparse, q, k, v, None, 0.088, state,
+                                                             torch.tensor(refresh), 0, order))
             for o_sparse, refresh in zip(sparse_outputs, (True, False, False, True, False))]
 
 
 def _check_op_paths_agree(device: str, order: int, monkeypatch, storage: str = "model") -> None:
     fused = _op_sequence(device, True, order, monkeypatch, storage)
     reference = _op_sequence(device, False, order, monkeypatch, storage)
-    for step, (a, b) in enumerate(zip(fused, reference)):
+    for step, ((_, a), (o_sparse, b)) in enumerate(zip(fused, reference)):
         # The fused pass rounds once (fp32 math); the plain path's reuse step rounds twice in bf16: <= 2 bf16 steps.
-        torch.testing.assert_close(a.float(), b.float(), rtol=2**-7, atol=2**-5, msg=lambda m: f"step {step}: {m}")
+        a, b = a.float(), b.float()
+        bound = 2**-5 + 2**-7 * b.abs()
+        if storage == "fp8_e4m3":
+            # The plain path forms R = dense - sparse in bf16 before quantizing it, the kernel in fp32: where that
+            # bf16 rounding crosses an e4m3 rounding boundary, a code lands one step away (measured on the H200: 12
+            # to 27 of 6.3M elements). One step is at most 2^-3 of the stored value. R and dR share their sign in
+            # this sequence (the sparse outputs grow each step, dense does not), so |R| + n|dR| = |b - o_sparse|.
+            bound = bound + 2**-3 * (b - o_sparse.float()).abs()
+        worst = ((a - b).abs() - bound).max().item()
+        assert worst <= 0, f"step {step}: the paths differ by {worst:.4f} beyond the bound"
 
 
 @pytest.mark.parametrize("storage", ["model", "fp8_e4m3"])
