@@ -132,17 +132,30 @@ def test_chunked_layout_cpu():
         act_quant(x[:, :96].contiguous(), "int8", chunk=64)
 
 
+def _check_gelu(x: torch.Tensor, fmt: str) -> None:
+    codes, scale = act_quant(x, fmt, activation="gelu_tanh")
+    ref_codes, ref_scale, _ = quantize_activation(apply_activation(x.float(), "gelu_tanh"), fmt)
+    # tanh via sigmoid vs torch's tanh GELU: a few fp32 ulps apart, so a code may sit one step over.
+    torch.testing.assert_close(scale, ref_scale[:, 0], rtol=1e-5, atol=0)
+    assert int(_code_steps(codes, ref_codes).max()) <= 1
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_gelu_prologue_quantizes_gelu_of_the_input(fmt):
     """activation="gelu_tanh": the codes of gelu(x) (the FFN down-projection's input), x read once."""
     x = torch.randn(19, 96) * 3
-    codes, scale = act_quant(x, fmt, activation="gelu_tanh")
-    ref_codes, ref_scale, _ = quantize_activation(apply_activation(x, "gelu_tanh"), fmt)
-    # tanh via sigmoid vs torch's tanh GELU: a few fp32 ulps apart, so a code may sit one step over.
-    torch.testing.assert_close(scale, ref_scale[:, 0], rtol=1e-5, atol=0)
-    assert int(_code_steps(codes, ref_codes).max()) <= 1
+    _check_gelu(x, fmt)
     with pytest.raises(ValueError, match="activation='relu'"):
         act_quant(x, fmt, activation="relu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("m,k", [(513, 8960), (129, 13824)])
+def test_gelu_prologue_long_rows_gpu(fmt, m, k):
+    """The tiled two-pass form with the GELU prologue, compiled for the GPU (the interpreter runs what a GPU compile
+    can refuse)."""
+    _check_gelu((torch.randn(m, k, device="cuda") * 2).to(torch.bfloat16), fmt)
 
 
 @pytest.mark.parametrize("fmt", [*FORMATS, "uint8_msfp"])
