@@ -1,5 +1,6 @@
-"""CUDA implementations of ``qsparse::w4a8_linear`` (Triton activation quantization + Triton W4A8 GEMM) and of
-``qsparse::w4a8_gemm`` (the GEMM alone, for activations quantized in the graph).
+"""CUDA implementations of ``qsparse::w4a8_linear`` (Triton activation quantization + Triton W4A8 GEMM), of
+``qsparse::w4a8_gemm`` (the GEMM alone, for activations quantized in the graph) and of
+``qsparse::int4_weight_only_linear`` (the weight dequantized by one Triton pass, then cuBLAS).
 
 Registered with ``w4a8_linear.register_cuda_impl`` on import when CUDA and Triton are present. Returns None for
 what the kernels do not cover (the op then runs the plain-torch reference): fp8 on GPUs
@@ -24,7 +25,7 @@ import torch
 from .quantization import effective_group_size, unpack_int4
 from .w4a8_linear import register_cuda_impl
 
-__all__ = ["w4a8_linear_cuda", "w4a8_gemm_cuda", "register", "weight_row_sums"]
+__all__ = ["w4a8_linear_cuda", "w4a8_gemm_cuda", "int4_weight_only_linear_cuda", "register", "weight_row_sums"]
 
 _X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -193,6 +194,18 @@ def _gemm(codes, scale, qweight, wscale, bias, group_size, act_format, out_dtype
     return w4a8_gemm(codes, scale, qweight, wscale, bias, group_size, out_dtype, a_chunk=chunk)
 
 
+def int4_weight_only_linear_cuda(x: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor,
+                                 bias: Optional[torch.Tensor], group_size: int) -> Optional[torch.Tensor]:
+    """``F.linear`` on the weight dequantized by ``kernels.int4_unpack.dequantize_int4``: the same bits as the
+    reference's dequantization, in one pass instead of its unpack, fp32 product and cast."""
+    from ..kernels.int4_unpack import DEQUANTIZED_DTYPES, dequantize_int4
+
+    if x.dtype not in DEQUANTIZED_DTYPES or wscale.dtype not in DEQUANTIZED_DTYPES or not qweight.is_contiguous():
+        return None
+    weight = dequantize_int4(qweight, wscale.contiguous(), group_size, x.dtype)
+    return torch.nn.functional.linear(x, weight, bias)
+
+
 def register() -> bool:
     """Install the CUDA implementation if CUDA and Triton are usable; returns whether it did."""
     if not torch.cuda.is_available():
@@ -203,6 +216,7 @@ def register() -> bool:
         return False
     register_cuda_impl("w4a8_linear", w4a8_linear_cuda)
     register_cuda_impl("w4a8_gemm", w4a8_gemm_cuda)
+    register_cuda_impl("int4_weight_only_linear", int4_weight_only_linear_cuda)
     return True
 
 

@@ -74,12 +74,13 @@ def w4a8_gemm_reference(
 # A CUDA implementation returns None for a shape or dtype it does not support.
 _CudaImpl = Callable[..., Optional[torch.Tensor]]
 _cuda_impls: dict[str, _CudaImpl] = {}
+CUDA_IMPL_OPS = ("w4a8_linear", "w4a8_gemm", "int4_weight_only_linear")
 
 
 def register_cuda_impl(op: str, fn: _CudaImpl) -> None:
-    """Install ``fn`` as the CUDA implementation of ``qsparse::<op>`` ("w4a8_linear" or "w4a8_gemm")."""
-    if op not in ("w4a8_linear", "w4a8_gemm"):
-        raise ValueError(f"qsparse_compiler.ops.w4a8_linear: no op {op!r}; expected 'w4a8_linear' or 'w4a8_gemm'")
+    """Install ``fn`` as the CUDA implementation of ``qsparse::<op>`` (one of ``CUDA_IMPL_OPS``)."""
+    if op not in CUDA_IMPL_OPS:
+        raise ValueError(f"qsparse_compiler.ops.w4a8_linear: no op {op!r}; expected one of {CUDA_IMPL_OPS}")
     _cuda_impls[op] = fn
 
 
@@ -140,11 +141,16 @@ def _(codes, act_scale, qweight, wscale, bias, group_size, out_dtype):
 def int4_weight_only_linear(
     x: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor, bias: Optional[torch.Tensor], group_size: int
 ) -> torch.Tensor:
-    # One implementation on every device: at one row per sample the GEMM is a GEMV bound by reading the weight, and
-    # dequantizing it is of the same order. An op rather than inline graph ops: traced, the dequantization's shape
-    # arithmetic on the packed-weight inputs (graph inputs with no Dynamo source) produced guards that a warm
-    # FX-graph cache could not rebuild (IndexError in produce_guards).
+    # At one row per sample the GEMM is a GEMV bound by reading the weight, so the dequantization is what costs: on
+    # CUDA one Triton pass (ops/w4a8_cuda.py), elsewhere the plain-torch reference. An op rather than inline graph
+    # ops: traced, the dequantization's shape arithmetic on the packed-weight inputs (graph inputs with no Dynamo
+    # source) produced guards that a warm FX-graph cache could not rebuild (IndexError in produce_guards).
     _check("int4_weight_only_linear", x, qweight, wscale, bias, group_size)
+    impl = _cuda_impls.get("int4_weight_only_linear") if x.is_cuda else None
+    if impl is not None:
+        out = impl(x, qweight, wscale, bias, group_size)
+        if out is not None:
+            return out
     return linear_int4_weight_only(x, qweight, wscale, bias, group_size)
 
 

@@ -179,3 +179,26 @@ def test_per_channel_fp8_cublas_path_gpu(monkeypatch, with_bias):
     assert sqnr_db(triton_out, exact) >= 45
     assert sqnr_db(cublas, exact) >= sqnr_db(triton_out, exact) - 3  # fast accumulation costs at most 3 dB here
     assert sqnr_db(one_op, exact) >= 40  # the kernel's codes may sit a step from the graph quantizer's
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,group_size", [((2, 96), 0), ((1, 3, 64), 32)])
+def test_int4_weight_only_cuda_path_matches_reference_cpu(shape, group_size, dtype):
+    """The weight dequantized by the Triton pass is the reference's, bit for bit, so the linear is too."""
+    from qsparse_compiler.ops.quantization import linear_int4_weight_only
+    from qsparse_compiler.ops.w4a8_cuda import int4_weight_only_linear_cuda
+
+    x, pw, bias = make(shape, 40, group_size, dtype=dtype)
+    out = int4_weight_only_linear_cuda(x, pw.qweight, pw.scale, bias, group_size)
+    assert out is not None and torch.equal(out, linear_int4_weight_only(x, pw.qweight, pw.scale, bias, group_size))
+    assert int4_weight_only_linear_cuda(x.to(torch.float64), pw.qweight, pw.scale, None, group_size) is None
+
+
+@pytest.mark.gpu
+def test_int4_weight_only_op_uses_kernel_gpu():
+    from qsparse_compiler.ops.quantization import linear_int4_weight_only
+
+    assert "int4_weight_only_linear" in _cuda_impls
+    x, pw, bias = make((2, 3072), 18432, 0, device="cuda", dtype=torch.bfloat16)
+    out = torch.ops.qsparse.int4_weight_only_linear(x, pw.qweight, pw.scale, bias, 0)
+    assert torch.equal(out, linear_int4_weight_only(x, pw.qweight, pw.scale, bias, 0))
