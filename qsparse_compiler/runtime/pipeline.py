@@ -24,6 +24,7 @@ from typing import Any, Mapping
 
 import torch
 
+from ..config import QuantSparseConfig
 from .context import forward_timesteps, latent_grid, register_parameters, video_grid
 from .parallel import prepare_context_parallel
 from .residual_cache import ResidualCacheRuntime
@@ -231,6 +232,9 @@ def optimize(
     else:
         # The runtime passed above would otherwise let a plan's per-site cache settings apply: False overrides them.
         backend_options["cache"] = {"enabled": False, "override_plan": True}
+    # Checked now, not at the first call: a bad option would otherwise surface from inside Dynamo as a
+    # BackendCompilerFailed at the first forward.
+    QuantSparseConfig.from_options(backend_options)
     blocks = _repeated_blocks(transformer)
     if regional is None:
         regional = not cuda_graphs and bool(blocks) and (plan is None or _plan_is_uniform(str(plan), transformer))

@@ -78,3 +78,16 @@ def test_cuda_graph_mode_switches_between_a_refresh_and_a_reuse_graph():
         assert torch.allclose(a, b, atol=1e-5)
     with pytest.raises(ValueError, match="needs one refresh schedule"):
         qs.optimize(tiny_wan(num_layers=1).model, cuda_graphs=True)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"cache": {"order": 2, "refresh_first": 1, "refresh_every": 0}}, r"CacheConfig.order=2 needs two refreshes"),
+    ({"options": {"sparsity": {"density": 1.5}}}, r"SparsityConfig.density=1.5"),
+    ({"options": {"quant": {"grup_size": 64}}}, r"grup_size"),
+])
+def test_bad_options_are_refused_by_optimize_not_at_the_first_forward(kwargs, message):
+    from qsparse_compiler.config import ConfigError
+
+    tiny = tiny_wan(num_layers=1)
+    with pytest.raises(ConfigError, match=message):
+        qs.optimize(tiny.model, **kwargs)
