@@ -50,26 +50,24 @@ def _int4_unpack_kernel(w_ptr, out_ptr, s_ptr, N, HALF_K, GROUP, GROUPS, MODE: t
     packed = tl.load(w_ptr + rows.to(tl.int64)[:, None] * HALF_K + cols[None, :], mask=mask, other=0)
     out_cols = tl.program_id(1) * 2 * BKH + tl.arange(0, 2 * BKH)
     out_mask = (rows < N)[:, None] & (out_cols < 2 * HALF_K)[None, :]
-    if MODE == 2:  # _DEQUANTIZED
+    if MODE == 0:  # _INT8: the nibble moved to the top of the byte
+        lo = (packed << 4).to(tl.int8, bitcast=True)
+        hi = (packed & 0xF0).to(tl.int8, bitcast=True)
+    else:  # the signed nibbles, -8..7
         as_int = packed.to(tl.int16)
-        lo = (((as_int & 0xF) ^ 8) - 8).to(tl.float32)
-        hi = (((as_int >> 4) ^ 8) - 8).to(tl.float32)
-        codes = tl.join(lo, hi).reshape(BN, 2 * BKH)
+        lo = ((as_int & 0xF) ^ 8) - 8
+        hi = ((as_int >> 4) ^ 8) - 8
+        if MODE == 1:  # _FP8
+            lo = lo.to(tl.float16).to(tl.float8e4nv)
+            hi = hi.to(tl.float16).to(tl.float8e4nv)
+    out = tl.join(lo, hi).reshape(BN, 2 * BKH)
+    if MODE == 2:  # _DEQUANTIZED
         scale = tl.load(s_ptr + rows.to(tl.int64)[:, None] * GROUPS + (out_cols // GROUP)[None, :], mask=out_mask,
                         other=0.0)
-        out = codes * scale.to(tl.float32)
+        out = out.to(tl.float32) * scale.to(tl.float32)
         if INTERPRET_ROUND_BF16:
             out = round_to_bf16_grid(out)  # CPU interpreter only: its bf16 cast truncates (kernels/rounding.py)
         out = out.to(out_ptr.dtype.element_ty)
-    else:
-        if MODE == 1:  # _FP8
-            as_int = packed.to(tl.int16)
-            lo = (((as_int & 0xF) ^ 8) - 8).to(tl.float16).to(tl.float8e4nv)
-            hi = (((as_int >> 4) ^ 8) - 8).to(tl.float16).to(tl.float8e4nv)
-        else:
-            lo = (packed << 4).to(tl.int8, bitcast=True)
-            hi = (packed & 0xF0).to(tl.int8, bitcast=True)
-        out = tl.join(lo, hi).reshape(BN, 2 * BKH)
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * (2 * HALF_K) + out_cols[None, :], out, mask=out_mask)
 
 

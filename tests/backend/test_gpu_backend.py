@@ -64,6 +64,7 @@ def test_compiled_model_on_cuda(mode):
     assert_within_cpu_reference_error(out, tiny.model, inputs, OPTIONS)
     assert sqnr_db(out.float(), expected.float()) >= 10  # and the rewrite approximates eager
 
+
 def test_residual_cache_refresh_and_reuse_graphs_under_cuda_graphs():
     tiny, inputs = cuda_wan(layers=1)
     torch._dynamo.reset()

@@ -121,7 +121,8 @@ def test_fp8_refresh_step_quantizes_like_the_activations(steps_before, order):
         torch.testing.assert_close(d_codes.float() * d_scale, want_codes.float() * want_scale, rtol=2**-3, atol=0)
 
 
-def _op_sequence(device: str, fused: bool, order: int, monkeypatch, storage: str = "model") -> list[torch.Tensor]:
+def _op_sequence(device: str, fused: bool, order: int, monkeypatch,
+                 storage: str = "model") -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Five steps (refresh, reuse, reuse, refresh, reuse) of qsparse::residual_attention, through the fused kernel or
     the plain-torch path, on the same inputs; returns (sparse output, op output) per step."""
     import importlib
