@@ -12,6 +12,7 @@
 #                                                # cache in /tmp)
 #   bash benchmarks/device_suite.sh cachemem     # the qsparse row with the residual cache in fp8 (order 2, then
 #                                                # order 1): peak memory vs the bf16 cache's 7.8 GiB (not yet run)
+#   bash benchmarks/device_suite.sh bytes        # byte accounting of the reuse step's kernels (two qsparse compiles)
 #   bash benchmarks/device_suite.sh tests        # every @gpu test, JOBS files at a time, FILE_LIMIT s each
 # Results land in $OUT; partial results survive a time limit (JSON after every row, test lines as they come).
 # The not-yet-run parts' times are estimates from the 480p run (BENCHMARKS.md), not measurements.
@@ -38,6 +39,8 @@ case "${1:-e2e}" in
   cachemem)
     e2e wan-1.3b-480p qsparse e2e_cache_fp8_order2.json 8 290 --cache '{"storage": "fp8_e4m3"}'
     e2e wan-1.3b-480p qsparse e2e_cache_fp8_order1.json 8 290 --cache '{"storage": "fp8_e4m3", "order": 1}' ;;
+  bytes) timeout "${LIMIT:-400}" python3 benchmarks/byte_accounting.py --out "$OUT/byte_accounting.json" 2>&1 \
+      | grep -v Warning | tail -70 ;;
   tests)
     # Files run side by side (Triton's compiles are CPU-bound; the tests are not timed), each under its own limit;
     # the per-file logs are joined into one file at the end ($OUT returns at most 8 files).
@@ -48,6 +51,6 @@ case "${1:-e2e}" in
     for log in /tmp/gpu_tests/*.log; do
       echo "== $log"; grep -E "^PASSED|^FAILED|^ERROR|^E |^[a-z_/]+\.py:[0-9]+: |passed|failed" "$log"
     done | tee "$OUT/gpu_tests.txt" | grep -E "^==|passed|failed|^FAILED|^ERROR|^E " ;;
-  *) echo "device_suite.sh: unknown part ${1}; use e2e, e2e2, e2e720, e2e720flex, hunyuan, hunyuanflex, cachemem or tests" >&2
+  *) echo "device_suite.sh: unknown part ${1}; use e2e, e2e2, e2e720, e2e720flex, hunyuan, hunyuanflex, cachemem, bytes or tests" >&2
      exit 2 ;;
 esac
