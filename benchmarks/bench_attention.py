@@ -392,8 +392,8 @@ def write_markdown(data: dict, path: Path) -> None:
     int8 = [r for r in data["results"] if r["impl"].startswith("int8_fp8")]
     if int8:
         lines += ["## 8-bit attention (int8 Q.K^T, e4m3 P.V)", "",
-                  "| shape | pattern | density | variant | ms | vs ours bf16 | SQNR dB (vs SDPA dense / ours bf16 sparse) |"
-                  " config |", "|---|---|---|---|---|---|---|---|"]
+                  "| shape | pattern | density | variant | ms | vs ours bf16 | "
+                  "SQNR dB (vs SDPA dense / ours bf16 sparse) | config |", "|---|---|---|---|---|---|---|---|"]
         for r in int8:
             sq = r.get("sqnr_vs_sdpa_db", r.get("sqnr_vs_bf16_kernel_db", float("nan")))
             lines.append(f"| {r['shape']} | {r['pattern']} | {r['density']} | {r['impl']} | "
@@ -404,7 +404,8 @@ def write_markdown(data: dict, path: Path) -> None:
         lines += ["## Refresh step's dense attention: complement tiles + lse merge vs a dense pass", "",
                   "| shape | density | variant | ms | SQNR vs SDPA dB |", "|---|---|---|---|---|"]
         lines += [f"| {r['shape']} | {r['density']} | {r['impl']} | "
-                  + (f"{r['ms']:.3f} | {r['sqnr_vs_sdpa_db']:.1f} |" if "ms" in r else f"failed: {r['error'][:120]} | |")
+                  + (f"{r['ms']:.3f} | {r['sqnr_vs_sdpa_db']:.1f} |" if "ms" in r
+                     else f"failed: {r['error'][:120]} | |")
                   for r in data["refresh"]]
         lines.append("")
     if data["int8_sweep"]:

@@ -54,9 +54,10 @@ case "${1:-e2e}" in
   attn8)
     timeout 240 python3 benchmarks/bench_attention.py --int8 --int8-sweep --densities 0.15 1.0 --patterns random \
         --out "$OUT/attention_int8.json" 2>&1 | grep -v Warning | tail -5
-    timeout 300 python3 -m pytest -q -m gpu tests/kernels/test_attention_int8_fp8.py tests/kernels/test_attention_merge.py \
-        tests/ops/test_attention_int8_fp8_cuda.py --tb=short -rA -p no:cacheprovider 2>&1 | tail -40 \
+    timeout 300 python3 -m pytest -q -m gpu tests/kernels/test_attention_int8_fp8.py \
+        tests/kernels/test_attention_merge.py tests/ops/test_attention_int8_fp8_cuda.py --tb=short -rA -p no:cacheprovider 2>&1 | tail -40 \
         | tee "$OUT/attn8_tests.txt" ;;
-  *) echo "device_suite.sh: unknown part ${1}; use e2e, e2e2, e2e720, e2e720flex, hunyuan, hunyuanflex, cachemem, attn8 or tests" >&2
+  *) echo "device_suite.sh: unknown part ${1}; use e2e, e2e2, e2e720, e2e720flex, hunyuan, hunyuanflex, cachemem, attn8" \
+          "or tests" >&2
      exit 2 ;;
 esac

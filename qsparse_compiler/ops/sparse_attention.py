@@ -16,8 +16,8 @@ layout row, or every key masked) give out = 0 and lse = -inf.
 ``precision`` (``config.ATTENTION_PRECISIONS``): "bf16" attends in q's dtype; "int8_fp8" quantizes Q and the
 mean-smoothed K to int8 and V and P to e4m3 (ops/attention_quantization.py: the recipe, its reference, and why).
 
-The default implementation is the fp32 plain-torch reference (of the precision's recipe) (it materializes the Sq x Skv mask: for tests and
-small shapes). A CUDA kernel registers itself with ``register_cuda_impl``.
+The default implementation is the fp32 plain-torch reference of the precision's recipe (it materializes the
+Sq x Skv mask: for tests and small shapes). A CUDA kernel registers itself with ``register_cuda_impl``.
 """
 
 from __future__ import annotations
