@@ -14,6 +14,9 @@
 #                                                # order 1): peak memory vs the bf16 cache's 7.8 GiB (not yet run)
 #   bash benchmarks/device_suite.sh bytes        # byte accounting of the reuse step's kernels (two qsparse compiles)
 #   bash benchmarks/device_suite.sh tests        # every @gpu test, JOBS files at a time, FILE_LIMIT s each
+#   bash benchmarks/device_suite.sh attn8        # 8-bit attention: bench rows beside SDPA and Flex at 15% and dense,
+#                                                # the refresh rows, the 8-bit config sweep, then its @gpu tests
+#                                                # (not yet run; budget 170 s bench + 240 s tests)
 # Results land in $OUT; partial results survive a time limit (JSON after every row, test lines as they come).
 # The not-yet-run parts' times are estimates from the 480p run (BENCHMARKS.md), not measurements.
 set -u
@@ -51,6 +54,13 @@ case "${1:-e2e}" in
     for log in /tmp/gpu_tests/*.log; do
       echo "== $log"; grep -E "^PASSED|^FAILED|^ERROR|^E |^[a-z_/]+\.py:[0-9]+: |passed|failed" "$log"
     done | tee "$OUT/gpu_tests.txt" | grep -E "^==|passed|failed|^FAILED|^ERROR|^E " ;;
-  *) echo "device_suite.sh: unknown part ${1}; use e2e, e2e2, e2e720, e2e720flex, hunyuan, hunyuanflex, cachemem, bytes or tests" >&2
+  attn8)
+    timeout 240 python3 benchmarks/bench_attention.py --int8 --int8-sweep --densities 0.15 1.0 --patterns random \
+        --out "$OUT/attention_int8.json" 2>&1 | grep -v Warning | tee "$OUT/attn8_bench.txt" | tail -30
+    timeout 300 python3 -m pytest -q -m gpu tests/kernels/test_attention_int8_fp8.py \
+        tests/kernels/test_attention_merge.py tests/ops/test_attention_int8_fp8_cuda.py --tb=short -rA -p no:cacheprovider 2>&1 | tail -40 \
+        | tee "$OUT/attn8_tests.txt" ;;
+  *) echo "device_suite.sh: unknown part ${1}; use e2e, e2e2, e2e720, e2e720flex, hunyuan, hunyuanflex, cachemem, attn8, bytes" \
+          "or tests" >&2
      exit 2 ;;
 esac

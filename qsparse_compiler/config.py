@@ -22,6 +22,7 @@ __all__ = [
     "ACT_FORMATS",
     "CACHE_MODES",
     "CACHE_STORAGES",
+    "ATTENTION_PRECISIONS",
     "CONDITIONING_LINEAR_MODES",
     "WEIGHT_ONLY",
     "ConfigError",
@@ -58,6 +59,12 @@ CACHE_MODES = ("auto", "refresh", "reuse")
 #   fp8_e4m3  e4m3 codes + one fp32 scale per (batch, head, token) row: ~half of bf16's bytes. Wan-1.3B at 480p
 #             with order 2 holds 5.6 GiB of bf16 residuals, more than the bf16 model's whole peak (BENCHMARKS.md)
 CACHE_STORAGES = ("model", "fp8_e4m3")
+# Number formats of the sparsified attentions (qsparse::sparse_attention's precision, and the refresh's dense
+# attention of a residual cache):
+#   bf16      the model's dtype (bf16 / fp16 / fp32)
+#   int8_fp8  int8 Q.K^T with per-tile scales and mean-smoothed K, e4m3 P.V with per-channel V scales, fp32
+#             accumulation (ops/attention_quantization.py); on CUDA needs e4m3 tensor cores (sm89+)
+ATTENTION_PRECISIONS = ("bf16", "int8_fp8")
 
 
 class ConfigError(ValueError):
@@ -158,6 +165,9 @@ class SparsityConfig:
     block_q     query block size in tokens (the kernel's tile); block_kv likewise for keys.
     pattern     static pattern spec used when no plan says otherwise (see ops/video_layout.py): ``local3d`` keeps,
                 for every query block, the key blocks nearest to it in the (frame, height, width) token grid.
+    attention_precision
+                one of ``ATTENTION_PRECISIONS``, for every sparsified site (and its residual cache's refresh). A site
+                whose kernel cannot run "int8_fp8" (head dim, tiling, GPU) stays "bf16" and the report says why.
     """
 
     enabled: bool = True
@@ -165,11 +175,15 @@ class SparsityConfig:
     block_q: int = 128
     block_kv: int = 128
     pattern: str = "local3d"
+    attention_precision: str = "bf16"
     version: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.enabled, bool):
             _fail("SparsityConfig", "enabled", self.enabled, "must be True or False")
+        if self.attention_precision not in ATTENTION_PRECISIONS:
+            _fail("SparsityConfig", "attention_precision", self.attention_precision,
+                  f"must be one of {ATTENTION_PRECISIONS}")
         if not isinstance(self.density, (int, float)) or not (0.0 < float(self.density) <= 1.0) or math.isnan(self.density):
             _fail("SparsityConfig", "density", self.density, "must be a number in (0, 1], e.g. 0.15")
         for name in ("block_q", "block_kv"):

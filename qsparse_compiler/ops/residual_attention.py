@@ -2,7 +2,7 @@
 
     residual_attention(o_sparse (B, H, S, D), q, k, v, key_padding_mask or None, scale: float,
                        state: list[Tensor] (mutated), refresh: bool CPU scalar tensor or None, cache_mode: int,
-                       order: int) -> (B, H, S, D)
+                       order: int, attention_precision: str = "bf16") -> (B, H, S, D)
 
 ``state`` holds the cache of one site and one CFG branch (allocated and owned by runtime/residual_cache.py):
     full rank  [residual (B,H,S,D), delta (B,H,S,D), steps (1,) fp32]
@@ -16,7 +16,9 @@ the first refresh of a new generation.
 A refresh step computes dense attention, R = O_dense - O_sparse, and for order 2 the per-step change
 dR = (R - R_prev) / (steps + 1) between two refreshes; it stores R (and dR) and returns O_dense. A reuse step returns
 O_sparse + R + steps * dR (order 1: O_sparse + R). ``cache_mode`` 1 always refreshes, 2 always reuses, 0 follows the
-``refresh`` flag that the runtime supplies per call (a host-side branch: no device read).
+``refresh`` flag that the runtime supplies per call (a host-side branch: no device read). ``attention_precision``
+is the site's (``config.ATTENTION_PRECISIONS``): "int8_fp8" computes the refresh's dense attention with the 8-bit
+recipe (ops/attention_quantization.py; on CUDA the dense 8-bit kernel, bf16 SDPA where it cannot run).
 
 On CUDA a full-rank cache (bf16/fp16/fp32 or fp8) takes one fused pass per step (kernels/residual_cache_step.py);
 the plain-torch code below is the reference it is tested against and serves CPU and low-rank caches.
@@ -29,6 +31,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .attention_int8_fp8_cuda import attention_int8_fp8_cuda
+from .attention_quantization import attention_int8_fp8_reference
 from .quantization import dequantize_activation, quantize_activation_symmetric
 
 try:
@@ -76,6 +80,17 @@ def _store(state: list[torch.Tensor], residual: torch.Tensor, delta: torch.Tenso
         target.copy_(source)
 
 
+def _dense_attention(q, k, v, key_padding_mask, scale, precision: str) -> torch.Tensor:
+    if precision == "int8_fp8":
+        if q.is_cuda:
+            result = attention_int8_fp8_cuda(q, k, v, scale, key_padding_mask)
+            if result is not None:
+                return result[0]
+        else:
+            return attention_int8_fp8_reference(q, k, v, scale, key_padding_mask=key_padding_mask)[0]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=key_padding_mask, scale=scale)
+
+
 def _use_fused_step(o_sparse: torch.Tensor, state: list[torch.Tensor]) -> bool:
     """The Triton step kernel serves full-rank caches on CUDA (tests also run it on CPU under the interpreter)."""
     full_rank = len(state) == 3 or _is_fp8(state)
@@ -94,6 +109,7 @@ def residual_attention(
     refresh: Optional[torch.Tensor],
     cache_mode: int,
     order: int,
+    attention_precision: str = "bf16",
 ) -> torch.Tensor:
     steps = state[-1]
     do_refresh = cache_mode == MODE_REFRESH or (cache_mode == MODE_AUTO and refresh is not None and bool(refresh))
@@ -104,12 +120,12 @@ def residual_attention(
         if not do_refresh:
             steps.add_(1)  # a reuse step n steps after the refresh adds n * dR
             return residual_cache_step(o_sparse, residual, delta, steps, order, **scales)
-        dense = F.scaled_dot_product_attention(q, k, v, attn_mask=key_padding_mask, scale=scale)
+        dense = _dense_attention(q, k, v, key_padding_mask, scale, attention_precision)
         out = residual_cache_step(o_sparse, residual, delta, steps, order, dense, **scales)  # reads the steps before it
         steps.zero_()
         return out
     if do_refresh:
-        dense = F.scaled_dot_product_attention(q, k, v, attn_mask=key_padding_mask, scale=scale)
+        dense = _dense_attention(q, k, v, key_padding_mask, scale, attention_precision)
         new_residual = dense.to(torch.float32) - o_sparse.to(torch.float32)
         previous, _ = _expand(state)
         delta = None
@@ -133,5 +149,5 @@ def residual_attention(
 
 
 @residual_attention.register_fake
-def _(o_sparse, q, k, v, key_padding_mask, scale, state, refresh, cache_mode, order):
+def _(o_sparse, q, k, v, key_padding_mask, scale, state, refresh, cache_mode, order, attention_precision="bf16"):
     return o_sparse.new_empty(o_sparse.shape)

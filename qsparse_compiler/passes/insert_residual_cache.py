@@ -79,6 +79,7 @@ class InsertResidualCache:
             (out,) = [u for u in node.users if u.target is operator.getitem and u.args[1] == 0]
             q, k, v = node.args[:3]
             scale, mask = node.args[7], node.args[8]
+            precision = node.args[9] if len(node.args) > 9 else "bf16"  # the refresh's dense attention follows it
             value = fake_value(out)
             examples = _state_examples(gm, tuple(value.shape), schedule, value.dtype, value.device)
             index = len(ctx.cache_slots)
@@ -94,7 +95,7 @@ class InsertResidualCache:
             with gm.graph.inserting_after(out):
                 cached = call_op(
                     gm, users[0] if users else out.next, torch.ops.qsparse.residual_attention.default,
-                    (out, q, k, v, mask, scale, state, refresh, _MODES[schedule.mode], schedule.order), node,
+                    (out, q, k, v, mask, scale, state, refresh, _MODES[schedule.mode], schedule.order, precision), node,
                 )
             for user in users:
                 user.replace_input_with(out, cached)
@@ -102,6 +103,7 @@ class InsertResidualCache:
                 fqn, "residual_cache", "residual_attention",
                 f"order {schedule.order}, refresh first {schedule.refresh_first} then every {schedule.refresh_every}, "
                 f"rank {schedule.rank or 'full'}, storage {schedule.storage}, mode {schedule.mode}",
+                precision=precision,
             )
             count_rewrite(ctx, "residual_attention")
             rewrites += 1

@@ -65,11 +65,11 @@ class RewriteReport:
         from rich.table import Table
 
         table = Table(title=f"qsparse rewrite report - graph {self.graph_index}", show_lines=False)
-        for column in ("site (module FQN)", "kind", "became", "why / notes"):
+        for column in ("site (module FQN)", "kind", "became", "attention precision", "why / notes"):
             table.add_column(column, overflow="fold")
         for site in self.sites:
-            note = site.reason or ", ".join(f"{k}={v}" for k, v in site.details.items())
-            table.add_row(site.fqn, site.kind, site.action, note)
+            note = site.reason or ", ".join(f"{k}={v}" for k, v in site.details.items() if k != "precision")
+            table.add_row(site.fqn, site.kind, site.action, site.details.get("precision", ""), note)
         console = Console(width=160)
         console.print(table)
         console.print(self.summary())

@@ -2,12 +2,14 @@
 
     pattern:      o = sdpa(q, k, v, attn_mask=None | key padding, dropout_p=0, is_causal=False, scale=s)
     replacement:  n, idx = qsparse.video_block_layout(q, frames, height, width, video_start, pattern, density, BQ, BKV)
-                  o, lse = qsparse.sparse_attention(q, k, v, n, idx, BQ, BKV, s, attn_mask)
+                  o, lse = qsparse.sparse_attention(q, k, v, n, idx, BQ, BKV, s, attn_mask, precision)
 
 Only sites that ``find_sites`` classified as ``self_attention`` or ``joint_attention`` are candidates. Checks, each
 reported when it fails: sparsity enabled, no autograd, no dropout, not causal, no GQA, the mask (if any) is a boolean
 key-padding mask (B|1, 1, 1, S), float dtype, the sequence spans more than one query block, and the pattern spec has
-one entry or one per head.
+one entry or one per head. ``sparsity.attention_precision="int8_fp8"`` becomes the op's precision where the 8-bit
+kernel can run the site; elsewhere the site stays bf16 with the reason in its report row (counter
+``attention_int8_fp8`` / ``attention_int8_fp8_kept_bf16``).
 
 Context parallelism (``ctx.config.parallel``, diffusers' Ulysses): the attention of rank r of a Ulysses group of W
 sees every token (q is (B, H/W, S, D) after the all-to-all) and heads [r*H/W, (r+1)*H/W) of the model. A per-head
@@ -104,9 +106,10 @@ class SparsifyAttention:
                                                    site.video_start, pattern, density, block_q, block_kv))
             kv_num_blocks = call_op(gm, node, operator.getitem, (layout, 0), node)
             kv_indices = call_op(gm, node, operator.getitem, (layout, 1), node)
+            precision, precision_note = _site_precision(cfg.attention_precision, fake_value(q), block_q, block_kv)
             result = call_op(
                 gm, node, torch.ops.qsparse.sparse_attention.default,
-                (q, k, v, kv_num_blocks, kv_indices, block_q, block_kv, scale, mask), node,
+                (q, k, v, kv_num_blocks, kv_indices, block_q, block_kv, scale, mask, precision), node,
             )
             out = call_op(gm, node, operator.getitem, (result, 0), node)
             node.replace_all_uses_with(out)
@@ -114,10 +117,12 @@ class SparsifyAttention:
             ctx.report.add(
                 site.fqn, site.kind, "sparse_attention",
                 f"{pattern} @ density {density:g} of the video x video tiles"
-                + ("; text rows/cols dense" if site.kind == "joint_attention" else "") + heads_note,
-                seq_len=str(site.seq_len), video_start=str(site.video_start),
+                + ("; text rows/cols dense" if site.kind == "joint_attention" else "") + heads_note + precision_note,
+                seq_len=str(site.seq_len), video_start=str(site.video_start), precision=precision,
             )
             count_rewrite(ctx, "sparse_attention")
+            if cfg.attention_precision == "int8_fp8":
+                count_rewrite(ctx, "attention_int8_fp8" if precision == "int8_fp8" else "attention_int8_fp8_kept_bf16")
             rewrites += 1
         return rewrites
 
@@ -158,6 +163,18 @@ class SparsifyAttention:
         if isinstance(seq_len, int) and seq_len <= block_q:
             return f"S={seq_len} fits in one query block (block_q={block_q}): nothing to skip"
         return ""
+
+
+def _site_precision(requested: str, q, block_q: int, block_kv: int) -> tuple[str, str]:
+    """The attention precision a site gets, and a report note when "int8_fp8" was asked for but cannot run."""
+    if requested != "int8_fp8":
+        return requested, ""
+    from ..ops.attention_int8_fp8_cuda import static_unsupported_reason
+
+    reason = static_unsupported_reason(q.dtype, q.shape[-1], block_q, block_kv, q.device)
+    if reason:
+        return "bf16", f"; attention_precision int8_fp8 not possible here, kept bf16: {reason}"
+    return "int8_fp8", ""
 
 
 def _local_pattern(spec: str, heads: int, parallel: ParallelConfig) -> tuple[str | None, str]:
