@@ -75,6 +75,7 @@ DEFAULT_ROWS = "inductor,flex-fp8,flex-fp8+fbc,flex-fp8+mag,flex-fp8+taylorseer,
 GUIDANCE = 5.0  # WanPipeline's default guidance_scale
 FLOW_SHIFT = {"wan-1.3b-480p": 3.0, "wan-1.3b-720p": 5.0}  # Wan2.1's flow shift per resolution (else 3.0)
 DENSITY = 0.15
+WAN_1_3B_BLOCKS = bench_e2e.WAN_1_3B["num_layers"]
 # qsparse's residual-cache schedule in a video (bench_e2e's: refresh at steps 0, 1 and every 5th).
 QSPARSE_CACHE = dict(bench_e2e.CACHE)
 
@@ -166,8 +167,8 @@ def generate(transformer: torch.nn.Module, scheduler: Any, latents: torch.Tensor
 def parse_row(spec: str) -> tuple[str, str | None]:
     if spec == "cache-dit":
         return spec, None
-    base, _, cache = spec.partition("+")
-    if base not in BASES or (cache and cache not in STEP_CACHES):
+    base, plus, cache = spec.partition("+")
+    if base not in BASES or (plus and cache not in STEP_CACHES):
         raise ValueError(f"row {spec!r}: rows are BASE[+CACHE] with BASE in {BASES} and CACHE in {STEP_CACHES}, "
                          "or cache-dit")
     return base, cache or None
@@ -298,9 +299,10 @@ def _prepare_cache_dit(model: torch.nn.Module, steps: int) -> Prepared:
     blocks = len(model.blocks)
     config = DBCacheConfig(num_inference_steps=steps)
     fitted = ""
-    if config.Fn_compute_blocks >= blocks:  # a tiny test model: cache-dit asserts Fn < blocks
-        config = DBCacheConfig(num_inference_steps=steps, Fn_compute_blocks=blocks - 1)
-        fitted = f" (Fn lowered to {blocks - 1} for this {blocks}-block model)"
+    if config.Fn_compute_blocks >= blocks:  # a small model (cache-dit asserts Fn < blocks): the same share of blocks
+        fn = max(1, round(config.Fn_compute_blocks * blocks / WAN_1_3B_BLOCKS))
+        config = DBCacheConfig(num_inference_steps=steps, Fn_compute_blocks=fn)
+        fitted = (f" (Fn {fn} for this {blocks}-block model: F8's share of Wan-1.3B's {WAN_1_3B_BLOCKS} blocks)")
     cache_dit.enable_cache(adapter, cache_config=config)
     cache_dit.set_compile_configs()
     model.compile_repeated_blocks(fullgraph=True)
@@ -317,7 +319,7 @@ def _prepare_cache_dit(model: torch.nn.Module, steps: int) -> Prepared:
         cache_dit.refresh_context(model, num_inference_steps=steps)
 
     return Prepared(model, blocks, lambda: finished[0] + current(), before_video=before_video,
-                    note=f"cache-dit {getattr(cache_dit, '__version__', '?')} DBCacheConfig() defaults "
+                    note=f"cache-dit {getattr(cache_dit, '__version__', '?')} DBCacheConfig() "
                          f"(F{config.Fn_compute_blocks}B{config.Bn_compute_blocks}, threshold "
                          f"{config.residual_diff_threshold}, {config.max_warmup_steps} warmup steps){fitted}, Wan adapter, "
                          "compile_repeated_blocks, bf16")
@@ -376,17 +378,23 @@ def run_row(spec: str, build: Callable[[], torch.nn.Module], videos: Callable[[]
                                      deadline, calls))
             return torch.cat(outs)
 
+        # --fidelity measures outputs, not time: one run per row (the cold one) unless MagCache must calibrate first.
+        cold_only = args.fidelity and prepared.calibrate is None
         if prepared.calibrate is not None:
             row.calibration = prepared.calibrate(run_video)  # also the cold video
-        else:
+        elif not cold_only:
             run_video()
-        _sync(args.device)
-        row.first_video_s = time.perf_counter() - start
-        row.first_call_s = first_call[0] if first_call else math.nan
-        handle.remove()
-        if row.first_video_s > args.row_budget / 2:
-            row.note += f"; warm video skipped: the cold one took {row.first_video_s:.0f} s of a {args.row_budget} s budget"
-            return row, None
+        if not cold_only:
+            _sync(args.device)
+            row.first_video_s = time.perf_counter() - start
+            row.first_call_s = first_call[0] if first_call else math.nan
+            handle.remove()
+            if row.first_video_s > args.row_budget / 2:
+                row.note += (f"; warm video skipped: the cold one took {row.first_video_s:.0f} s of a "
+                             f"{args.row_budget:.0f} s budget")
+                return row, None
+        else:
+            row.note += "; one (cold) run: its seconds include compilation"
         if args.device == "cuda":
             gc.collect()
             torch.cuda.empty_cache()
@@ -403,6 +411,10 @@ def run_row(spec: str, build: Callable[[], torch.nn.Module], videos: Callable[[]
         row.forwards_executed = row.block_calls / prepared.blocks
         row.peak_gib = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else 0.0
         row.finite = bool(torch.isfinite(output).all())
+        if cold_only:
+            row.first_video_s = row.seconds_per_video * len(videos())
+            row.first_call_s = first_call[0] if first_call else math.nan
+            handle.remove()
         if cache_before is not None:
             after = prepared.residual_cache()
             row.residual_cache = {k: after[k] - cache_before[k] for k in ("refreshes", "reuses", "resets")}
