@@ -224,11 +224,15 @@ def _capture_mag_ratios(run_video: Callable[[], torch.Tensor]) -> dict[str, Any]
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
-    branches = [[float(x) for x in ast.literal_eval(r)] for r in records]
-    if len(branches) != 2:
-        raise RuntimeError(f"MagCache calibration: expected the ratios of 2 CFG branches, got {len(branches)}")
-    mean = [sum(values) / len(values) for values in zip(*branches)]
-    return {"cond": branches[0], "uncond": branches[1], "mag_ratios": mean}
+    runs = [[float(x) for x in ast.literal_eval(r)] for r in records]
+    if not runs or len(runs) % 2:  # per video: the cond branch's list, then the uncond one's (its tail ends last)
+        raise RuntimeError(f"MagCache calibration: expected a list per CFG branch and video, got {len(runs)}")
+
+    def mean(lists: list[list[float]]) -> list[float]:
+        return [sum(values) / len(values) for values in zip(*lists)]
+
+    cond, uncond = mean(runs[0::2]), mean(runs[1::2])
+    return {"cond": cond, "uncond": uncond, "videos": len(runs) // 2, "mag_ratios": mean([cond, uncond])}
 
 
 class _Pipe:
