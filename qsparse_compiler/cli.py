@@ -127,8 +127,24 @@ def eval_command(
     steps: Optional[int] = typer.Option(None, help="sampling steps (default: the reference model's)"),
     device: str = typer.Option("cuda", help="cuda or cpu (cpu is slow: 16,384 tokens per video)"),
     frames: Optional[int] = typer.Option(None, help="video frames (default: the reference model's 16)"),
+    pareto: Optional[Path] = typer.Option(None, help="instead: draw seconds per video vs PSNR from this speed JSON of "
+                                                     "bench_generation.py and --fidelity-json, into --out/pareto.png"),
+    fidelity_json: Optional[Path] = typer.Option(None, help="with --pareto: bench_generation.py --fidelity's JSON"),
 ) -> None:
     """Dense vs compressed variants of the reference video DiT over whole sampling runs: PSNR, SSIM, layer SQNR."""
+    if pareto is not None:
+        from .testing.pareto import pareto_plot
+
+        if fidelity_json is None:
+            raise typer.BadParameter("--pareto needs --fidelity-json (bench_generation.py --fidelity --out FILE)")
+        path, summary = pareto_plot(pareto, fidelity_json, out / "pareto.png")
+        for point in summary["points"]:
+            front = "front" if point["system"] in summary["front"] else ""
+            console.print(f"{point['system']}: {point['seconds']:.2f} s per video, {point['psnr_db']:.2f} dB {front}")
+        for line in summary["skipped"]:
+            console.print(f"left out: {line}")
+        console.print(f"wrote {path}")
+        return
     import torch
 
     from .testing.ablation import ablation_variants
@@ -167,8 +183,28 @@ def _recall_report(plan: Optional[Path], density: float, frames: Optional[int], 
     return report
 
 
-@app.command("bench")
+def _run_generation_benchmark(arguments: list[str]) -> None:
+    """benchmarks/bench_generation.py of this checkout with ``arguments`` (its --help lists them)."""
+    import runpy
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_generation.py"
+    if not script.is_file():
+        raise typer.BadParameter(f"--generation runs {script}, which this installation does not have; run it from a "
+                                 "checkout of the repository")
+    argv = sys.argv
+    sys.argv = [str(script), *arguments]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = argv
+
+
+@app.command("bench", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def bench_command(
+    ctx: typer.Context,
+    generation: bool = typer.Option(False, "--generation", help="whole videos instead: benchmarks/bench_generation.py "
+                                    "with the remaining arguments (--rows, --steps, --workload, --fidelity, ...)"),
     kernels: bool = typer.Option(True, "--kernels/--no-kernels", help="time the sparse attention kernel per density"),
     out: Path = typer.Option(Path("kernel_costs.json"), help="the cost table: {density: ms}, for CalibrationConfig"),
     heads: int = typer.Option(12), seq_len: int = typer.Option(32760), head_dim: int = typer.Option(128),
@@ -176,6 +212,11 @@ def bench_command(
 ) -> None:
     """The cost model of the pattern search: block-sparse attention time per density on this GPU (random layouts
     with the diagonal). Without CUDA there is nothing to time: the search then uses its FLOP proxy."""
+    if generation:
+        _run_generation_benchmark(list(ctx.args))
+        return
+    if ctx.args:
+        raise typer.BadParameter(f"unknown arguments {ctx.args} (they are passed on only with --generation)")
     import torch
 
     if not kernels:
