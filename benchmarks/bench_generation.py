@@ -88,7 +88,7 @@ class RowBudgetExceeded(RuntimeError):
 class GenRow:
     system: str
     seconds_per_video: float = math.nan
-    first_video_s: float = math.nan  # cold: every compile + the first video
+    first_video_s: float = math.nan  # cold: every compile + the first video (--warmup-steps long)
     first_call_s: float = math.nan  # the first transformer call alone (its compile)
     steps: int = 0
     transformer_calls: int = 0  # of the warm video
@@ -374,11 +374,11 @@ def run_row(spec: str, build: Callable[[], torch.nn.Module], videos: Callable[[]
 
         handle = prepared.model.register_forward_hook(first_call_timer)
 
-        def run_video() -> torch.Tensor:
+        def run_video(steps: int = args.steps) -> torch.Tensor:
             outs = []
             for latents, cond, uncond in videos():
                 prepared.before_video()
-                outs.append(generate(prepared.model, scheduler, latents, cond, uncond, args.steps, args.guidance,
+                outs.append(generate(prepared.model, scheduler, latents, cond, uncond, steps, args.guidance,
                                      deadline, calls))
             return torch.cat(outs)
 
@@ -387,7 +387,9 @@ def run_row(spec: str, build: Callable[[], torch.nn.Module], videos: Callable[[]
         if prepared.calibrate is not None:
             row.calibration = prepared.calibrate(run_video)  # also the cold video
         elif not cold_only:
-            run_video()
+            run_video(args.warmup_steps or args.steps)
+            if args.warmup_steps:
+                row.note += f"; cold run: a {args.warmup_steps}-step video"
         if not cold_only:
             _sync(args.device)
             row.first_video_s = time.perf_counter() - start
@@ -520,6 +522,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--guidance", type=float, default=GUIDANCE)
     parser.add_argument("--density", type=float, default=DENSITY, help="attention density of the Flex / qsparse rows")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--warmup-steps", type=int, default=0,
+                        help="steps of the cold (compiling) video; 0: a whole video. Enough steps to reach every "
+                             "graph and cache path (qsparse's reuse step, a step cache's first skip, cache-dit's 8 "
+                             "warmup steps) keep compiles out of the measured video at a fraction of the device time")
     parser.add_argument("--row-budget", type=float, default=540.0, help="seconds one row may take (cold + warm)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/generation.json"))
     parser.add_argument("--append", action="store_true",

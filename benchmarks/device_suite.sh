@@ -58,7 +58,7 @@ case "${1:-e2e}" in
     # finished (the JSON is rewritten after every row). cache-dit comes from its carried wheel (.whl/, installed above).
     gen() {  # gen PART ROWS [MORE ARGS]
       timeout "${PART_LIMIT:-580}" python3 benchmarks/bench_generation.py --rows "$2" --append \
-          --row-budget "${ROW_BUDGET:-420}" "${@:3}" 2>&1 | grep -v Warning | grep -E "^\||^- |^[a-z].*: " | tail -40
+          --row-budget "${ROW_BUDGET:-420}" --warmup-steps "${WARMUP_STEPS:-12}" "${@:3}" 2>&1 | grep -v Warning | grep -E "^\||^- |^[a-z].*: " | tail -40
       echo "generation part $1: exit ${PIPESTATUS[0]}"
     }
     for part in ${GEN_PARTS-1 2 3}; do
