@@ -40,8 +40,8 @@ from qsparse_compiler.kernels.block_sparse_attention import (  # noqa: E402
     block_sparse_attention,
     keep_config,
 )
-from qsparse_compiler.sparsity.layout import bitmap_to_blocks, num_blocks  # noqa: E402
-from qsparse_compiler.sparsity.patterns import TokenGrid, local_3d  # noqa: E402
+from qsparse_compiler.formats.layout import bitmap_to_blocks, num_blocks  # noqa: E402
+from qsparse_compiler.formats.patterns import TokenGrid, local_3d  # noqa: E402
 
 SHAPES = {
     "wan1.3b-480p": dict(b=1, h=12, grid=(21, 30, 52), d=128),
@@ -198,7 +198,7 @@ def run_shape(name, cfg, densities, patterns, rec: Recorder, flex_fn, with_flex=
                         rec.add("results", dict(row, impl=label, error=repr(error)[:300]))
             del kv_num, kv_idx, bitmap
     try:
-        from qsparse_compiler.sparsity.dynamic import dynamic_topk_blocks
+        from qsparse_compiler.ops.dynamic_layout import dynamic_topk_blocks
     except ImportError:
         return
     for density in (0.15,):

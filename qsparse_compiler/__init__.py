@@ -5,7 +5,8 @@ the configs, and ``runtime`` (``ResidualCacheRuntime`` for bare models in a loop
 ``torch.compile(model, backend="quantsparse", options=...)``.
 """
 
-from . import backend, runtime  # importing backend registers backend="quantsparse" with Dynamo
+from . import runtime
+from .compiler import backend  # importing backend registers backend="quantsparse" with Dynamo
 from .calibration import CalibrationConfig, calibrate
 from .config import CacheConfig, QuantConfig, QuantSparseConfig, SparsityConfig
 from .plan import load_plan, save_plan

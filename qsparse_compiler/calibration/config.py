@@ -44,7 +44,7 @@ class CalibrationConfig:
     density_budget        mean fraction of video x video tiles computed over all searched layers and heads.
     recall_bound          a head's pattern must keep at least this fraction of its dense attention mass (measured on
                           the block-pooled attention maps) unless the budget forces a cheaper one.
-    candidate_patterns    names in ``ops.video_layout.PATTERNS`` to try; None = every registered name (so patterns
+    candidate_patterns    names in ``formats.pattern_spec.PATTERNS`` to try; None = every registered name (so patterns
                           added to the registry later are searched without a change here).
     candidate_densities   densities each density-parametrised pattern is tried at (patterns that ignore the density
                           are de-duplicated by their tile bitmap).
@@ -82,7 +82,7 @@ class CalibrationConfig:
     Timestep-aware LoRA (MSFP's TALoRA, lora.py), trained after the scales, with the scales frozen (so the plan's
     weights stay right where the LoRA is not applied, e.g. the backend's reported fallback without a timestep):
     lora_rank             rank of each correction; 0 = off (the default). The backend applies it in the compiled
-                          graph (passes/apply_lora.py): 2·rank·(K + N) extra multiply-adds per token and linear.
+                          graph (compiler/passes/apply_lora.py): 2·rank·(K + N) extra multiply-adds per token and linear.
     lora_bucket_edges     ascending timestep edges; len + 1 LoRA pairs per linear.
     lora_steps, lora_lr   Adam steps and learning rate per block.
 
@@ -152,7 +152,7 @@ class CalibrationConfig:
         if not _is_fraction(self.recall_bound, allow_zero=True):
             _fail("recall_bound", self.recall_bound, "must be in [0, 1], e.g. 0.9")
         if self.candidate_patterns is not None:
-            from ..ops.video_layout import PATTERNS
+            from ..formats.pattern_spec import PATTERNS
 
             if isinstance(self.candidate_patterns, str) or not self.candidate_patterns:
                 _fail("candidate_patterns", self.candidate_patterns, "must be a non-empty tuple of names or None")

@@ -27,8 +27,8 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..config import WEIGHT_ONLY
-from ..ops.quantization import PackedInt4Weight
-from ..ops.video_layout import PATTERNS
+from ..formats.quantization import PackedInt4Weight
+from ..formats.pattern_spec import PATTERNS
 from ..plan.io import save_plan
 from ..plan.schema import AttentionPlan, LinearPlan, ModelFingerprint, Plan
 from .checkpoint import StageStore, stage_key
@@ -340,7 +340,7 @@ def _build_plan(model, fingerprint, config, linears, linear_notes, packed, lora_
             "bucket_edges": list(config.lora_bucket_edges),
             "tensors": "<fqn>.lora_a [buckets, rank, K], <fqn>.lora_b [buckets, N, rank], bf16",
             "math": "y = w4a8(x) + (x @ lora_a[bucket(t)].T) @ lora_b[bucket(t)].T; bucket(t) = #edges <= t",
-            "applied_by": "the backend (qsparse_compiler.passes.apply_lora) and calibration.simulate.plan_applied",
+            "applied_by": "the backend (qsparse_compiler.compiler.passes.apply_lora) and calibration.simulate.plan_applied",
         }
     return Plan(fingerprint=fingerprint, linears=linears, attentions=attentions, tensors=tensors,
                 metadata=json.loads(json.dumps(metadata, default=str)))

@@ -19,7 +19,7 @@ import torch
 
 from ..config import WEIGHT_ONLY
 from ..ops.lora import apply_lora
-from ..ops.quantization import quantize_weight_int4
+from ..formats.quantization import quantize_weight_int4
 from ..plan.schema import Plan, PlanError
 from .fake_quant import swap_linears
 from .hooks import AttentionInterceptor

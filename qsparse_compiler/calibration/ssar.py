@@ -111,7 +111,7 @@ def measure_residuals(
 
 
 def _all_dense(spec: str) -> bool:
-    from ..ops.video_layout import parse_pattern_spec
+    from ..formats.pattern_spec import parse_pattern_spec
 
     return all(name == "dense" for name, _ in parse_pattern_spec(spec, 1.0))
 

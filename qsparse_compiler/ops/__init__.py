@@ -7,7 +7,8 @@ from . import sparse_attention_cuda  # noqa: F401  (registers the Triton kernel 
 from . import w4a8_cuda  # noqa: F401  (registers the Triton kernels as the op's CUDA implementation)
 from .residual_attention import residual_attention
 from .sparse_attention import sparse_attention, sparse_attention_reference
-from .video_layout import build_video_layout, video_block_layout
+from ..formats.pattern_spec import build_video_layout
+from .video_layout import video_block_layout
 from .w4a8_linear import w4a8_linear, w4a8_linear_reference
 
 __all__ = [

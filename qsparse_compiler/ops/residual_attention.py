@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .quantization import dequantize_activation, quantize_activation_symmetric
+from ..formats.quantization import dequantize_activation, quantize_activation_symmetric
 
 try:
     from ..kernels.residual_cache_step import MAX_HEAD_DIM, residual_cache_step

@@ -23,7 +23,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..sparsity.layout import BlockSparseLayout
+from ..formats.layout import BlockSparseLayout
 
 __all__ = ["sparse_attention", "sparse_attention_reference", "register_cuda_impl"]
 

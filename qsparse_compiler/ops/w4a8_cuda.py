@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from .quantization import effective_group_size, unpack_int4
+from ..formats.quantization import effective_group_size, unpack_int4
 from .w4a8_linear import register_cuda_impl
 
 __all__ = ["w4a8_linear_cuda", "w4a8_gemm_cuda", "int4_weight_only_linear_cuda", "register", "weight_row_sums"]

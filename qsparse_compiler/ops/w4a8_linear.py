@@ -28,7 +28,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .quantization import (ACTIVATIONS, apply_activation, dequantize_activation, dequantize_weight_int4,
+from ..formats.quantization import (ACTIVATIONS, apply_activation, dequantize_activation, dequantize_weight_int4,
                            linear_int4_weight_only, quantize_activation)
 
 __all__ = ["w4a8_linear", "w4a8_linear_reference", "w4a8_gemm", "w4a8_gemm_reference", "int4_weight_only_linear",
@@ -166,7 +166,7 @@ def _check_codes(codes, act_scale, qweight, wscale, bias, group_size) -> None:
         raise ValueError(
             f"qsparse::w4a8_gemm: codes must be float8_e4m3fn or int8 (got {codes.dtype}, shape {tuple(codes.shape)}) "
             f"and act_scale fp32 of shape {(*codes.shape[:-1], 1)} (got {act_scale.dtype} {tuple(act_scale.shape)}); "
-            "make them with ops.quantization.quantize_activation_symmetric"
+            "make them with formats.quantization.quantize_activation_symmetric"
         )
 
 

@@ -108,7 +108,7 @@ class AttentionPlan:
     cache: dict[str, Any] = field(default_factory=dict)  # residual-cache settings (schedule, order, rank)
 
     def __post_init__(self) -> None:
-        from ..ops.video_layout import parse_pattern_spec
+        from ..formats.pattern_spec import parse_pattern_spec
 
         blocks_ok = all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in (self.block_q, self.block_kv))
         if not isinstance(self.head_patterns, list) or not self.head_patterns or not blocks_ok \
@@ -140,7 +140,7 @@ class Plan:
 
     def packed_weight(self, fqn: str):
         """Calibrated int4 weights of a linear, or None when the plan leaves it to round-to-nearest."""
-        from ..ops.quantization import PackedInt4Weight, effective_group_size
+        from ..formats.quantization import PackedInt4Weight, effective_group_size
 
         qweight, scale = self.tensors.get(f"{fqn}.qweight"), self.tensors.get(f"{fqn}.scale")
         if qweight is None or scale is None:
@@ -218,7 +218,7 @@ class Plan:
     def _check_packed_weights(self) -> None:
         """Each linear's calibrated tensors come in pairs and fit the weight the fingerprint records: (N, K//2) uint8
         codes and (N, K//group) float scales for an (N, K) weight."""
-        from ..ops.quantization import effective_group_size
+        from ..formats.quantization import effective_group_size
 
         for fqn, entry in self.linears.items():
             pair = self._tensor_pair(fqn, "qweight", "scale")

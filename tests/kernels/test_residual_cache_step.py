@@ -97,8 +97,8 @@ def test_fp8_reuse_step_dequantizes_each_row(order):
 @pytest.mark.parametrize("steps_before", [-1.0, 3.0])
 @pytest.mark.parametrize("order", [1, 2])
 def test_fp8_refresh_step_quantizes_like_the_activations(steps_before, order):
-    """R (and dR) are stored with ops/quantization.py's per-row e4m3 rounding: the same codes and scales."""
-    from qsparse_compiler.ops.quantization import quantize_activation_symmetric
+    """R (and dR) are stored with formats/quantization.py's per-row e4m3 rounding: the same codes and scales."""
+    from qsparse_compiler.formats.quantization import quantize_activation_symmetric
 
     shape = (1, 2, 45, 32)
     o, dense = _bshd(*shape, torch.float32), _bshd(*shape, torch.float32)

@@ -9,8 +9,8 @@ import torch
 
 import qsparse_compiler.ops  # noqa: F401  (registers qsparse:: ops and, with CUDA, the kernel path)
 from qsparse_compiler.ops import w4a8_cuda
-from qsparse_compiler.ops.quantization import quantize_weight_int4
-from qsparse_compiler.ops.quantization import quantize_activation_symmetric
+from qsparse_compiler.formats.quantization import quantize_weight_int4
+from qsparse_compiler.formats.quantization import quantize_activation_symmetric
 from qsparse_compiler.ops.w4a8_cuda import w4a8_gemm_cuda, w4a8_linear_cuda
 from qsparse_compiler.ops.w4a8_linear import _cuda_impls, w4a8_gemm_reference, w4a8_linear_reference
 
@@ -112,7 +112,7 @@ def test_op_uses_kernel_gpu(fmt, lead):
 
 
 def test_weight_row_sums_cpu():
-    from qsparse_compiler.ops.quantization import dequantize_weight_int4
+    from qsparse_compiler.formats.quantization import dequantize_weight_int4
 
     for g in (32, 0):
         _, pw, _ = make((1, 128), 24, g)
@@ -185,7 +185,7 @@ def test_per_channel_fp8_cublas_path_gpu(monkeypatch, with_bias):
 @pytest.mark.parametrize("shape,group_size", [((2, 96), 0), ((1, 3, 64), 32)])
 def test_int4_weight_only_cuda_path_matches_reference_cpu(shape, group_size, dtype):
     """The weight dequantized by the Triton pass is the reference's, bit for bit, so the linear is too."""
-    from qsparse_compiler.ops.quantization import linear_int4_weight_only
+    from qsparse_compiler.formats.quantization import linear_int4_weight_only
     from qsparse_compiler.ops.w4a8_cuda import int4_weight_only_linear_cuda
 
     x, pw, bias = make(shape, 40, group_size, dtype=dtype)
@@ -196,7 +196,7 @@ def test_int4_weight_only_cuda_path_matches_reference_cpu(shape, group_size, dty
 
 @pytest.mark.gpu
 def test_int4_weight_only_op_uses_kernel_gpu():
-    from qsparse_compiler.ops.quantization import linear_int4_weight_only
+    from qsparse_compiler.formats.quantization import linear_int4_weight_only
 
     assert "int4_weight_only_linear" in _cuda_impls
     x, pw, bias = make((2, 3072), 18432, 0, device="cuda", dtype=torch.bfloat16)

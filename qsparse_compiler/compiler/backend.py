@@ -22,12 +22,12 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.fx as fx
 
-from .config import QuantSparseConfig
+from ..config import QuantSparseConfig
 from .passes import PassContext, default_passes, run_passes
 from .passes.graph_utils import fake_value
 from .passes.report import RewriteReport
-from .runtime.residual_cache import ResidualCacheRuntime, default_runtime
-from .runtime.weights import default_store, lora_store
+from ..runtime.residual_cache import ResidualCacheRuntime, default_runtime
+from ..runtime.weights import default_store, lora_store
 
 __all__ = ["quantsparse", "reports", "clear_reports"]
 
@@ -112,8 +112,8 @@ class _RuntimeInputs:
         return self.compiled(*full)
 
     def _build_layouts(self) -> None:
-        from .ops.video_layout import cached_video_layout
-        from .runtime.context import current_video_grid
+        from ..ops.video_layout import cached_video_layout
+        from ..ops.context import current_video_grid
 
         for slot in self.layout_slots:
             grid = slot.grid if slot.grid != (0, 0, 0) else current_video_grid()
@@ -124,7 +124,7 @@ class _RuntimeInputs:
 
     def _calibrated(self, param: torch.Tensor):
         """A plan's calibrated weights for a parameter met at run time (another block of a regional graph)."""
-        from .runtime.context import parameter_name
+        from ..ops.context import parameter_name
 
         name = parameter_name(param)
         if self.plan is None or name is None:
@@ -133,7 +133,7 @@ class _RuntimeInputs:
 
     @staticmethod
     def _timesteps() -> torch.Tensor:
-        from .runtime.context import current_timesteps
+        from ..ops.context import current_timesteps
 
         timesteps = current_timesteps()
         if timesteps is None:
@@ -146,7 +146,7 @@ class _RuntimeInputs:
     def _lora(self, param: torch.Tensor, slot: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """The plan's LoRA of the linear ``param`` belongs to (another block of a regional graph: found by the
         parameter's registered name), or zeros where that block has none (a correction of exactly 0)."""
-        from .runtime.context import parameter_name
+        from ..ops.context import parameter_name
 
         name = parameter_name(param)
         pair = self.plan.lora(name.removesuffix(".weight") if name else slot.fqn)
@@ -157,7 +157,7 @@ class _RuntimeInputs:
     def _call_prefix(self, args: Sequence[Any]) -> str:
         if self.anchor is None:
             return self.prefix
-        from .runtime.context import parameter_name
+        from ..ops.context import parameter_name
 
         index, relative = self.anchor
         name = parameter_name(args[index])
@@ -171,7 +171,7 @@ class _RuntimeInputs:
 
 def _anchor(ctx: PassContext) -> tuple[int, str] | None:
     """(argument index, relative name) of a registered parameter of a regional graph."""
-    from .runtime.context import parameter_name
+    from ..ops.context import parameter_name
 
     for index, value in enumerate(ctx.example_inputs):
         name = parameter_name(value)
@@ -206,7 +206,8 @@ def _load_checked_plan(path: str, gm: fx.GraphModule, example_inputs: Sequence[A
     """Load a plan and check it against the graph's parameters before any compile work."""
     from .passes.find_sites import _fqn_prefix
     from .passes.graph_utils import source_fqn
-    from .plan import PlanError, load_plan
+    from ..plan import PlanError, load_plan
+    from ..plan.regional import check_uniform_across_blocks
 
     plan = load_plan(path)
     prefix = _fqn_prefix(gm, list(example_inputs))
@@ -226,31 +227,8 @@ def _load_checked_plan(path: str, gm: fx.GraphModule, example_inputs: Sequence[A
             "belongs to another model, or this graph is a block compiled on its own without qs.optimize"
         )
     if prefix:
-        _check_uniform_across_blocks(plan, prefix)
+        check_uniform_across_blocks(plan, prefix)
     return plan
-
-
-def _check_uniform_across_blocks(plan: Any, prefix: str) -> None:
-    """A regional graph serves every block of its family: the plan must say the same for each of them (calibrated
-    weights may differ: they are looked up per parameter)."""
-    import dataclasses
-
-    from .passes.graph_utils import block_family
-    from .plan import PlanError
-
-    family = block_family(prefix)
-    seen: dict[str, tuple[str, Any]] = {}
-    for fqn, entry in [*plan.linears.items(), *plan.attentions.items()]:
-        match = family.match(fqn)
-        if match is None:
-            continue
-        relative, value = fqn[match.end():], dataclasses.asdict(entry)
-        if relative in seen and seen[relative][1] != value:
-            raise PlanError(
-                f"qsparse_compiler.plan: the plan treats {seen[relative][0]} and {fqn} differently, but regional "
-                "compilation shares one graph between them; use qs.optimize(..., regional=False)"
-            )
-        seen.setdefault(relative, (fqn, value))
 
 
 def quantsparse(
@@ -262,7 +240,7 @@ def quantsparse(
     """Dynamo backend entry point (``torch.compile(..., backend="quantsparse", options=..., mode=...)``)."""
     from torch._inductor.compile_fx import compile_fx
 
-    from . import ops  # noqa: F401  registers the qsparse:: ops
+    from .. import ops  # noqa: F401  registers the qsparse:: ops
 
     config = QuantSparseConfig.from_options(options)
     report = RewriteReport(graph_index=next(_graph_counter))

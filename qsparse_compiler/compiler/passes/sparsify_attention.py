@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from ..config import ParallelConfig
+from ...config import ParallelConfig
 from .find_sites import AttentionSite
 from .graph_utils import fake_value, node_arg
 from .pass_manager import PassContext, count_rewrite
@@ -150,7 +150,7 @@ class SparsifyAttention:
         block_q = ctx.plan.attentions[site.fqn].block_q if ctx.plan is not None else cfg.block_q
         block_kv = ctx.plan.attentions[site.fqn].block_kv if ctx.plan is not None else cfg.block_kv
         if q.is_cuda:
-            from ..ops.sparse_attention_cuda import static_unsupported_reason
+            from ...ops.sparse_attention_cuda import static_unsupported_reason
 
             reason = static_unsupported_reason(q.dtype, q.shape[-1], block_q, block_kv)
             if reason:

@@ -16,7 +16,7 @@ nothing recompiles from one denoising step to the next (the graph is also CUDA-g
   the per-sample mean, as in calibration);
 - a regional graph (qs.optimize: one block compiled on its own, which sees only the timestep's embedding): a new graph
   input, the running forward's per-sample timesteps [B] (float32), recorded by qs.optimize's forward hook
-  (runtime/context.py) and appended by the backend's runtime wrapper on every call.
+  (ops/context.py) and appended by the backend's runtime wrapper on every call.
 A and B are per-call inputs like the packed weights (``LoraSlot``; runtime/weights.py ``lora_store``): each call of a
 regional graph brings its own block's tensors. Calibration keeps a block's LoRA only where it lowered that block's
 loss, so some blocks of a family may have none: the graph applies LoRA to a site if any block of its family has it,
@@ -38,8 +38,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ..ops.lora import apply_lora, bucket_index
-from .graph_utils import block_family, fake_value, same_size, source_fqn
+from ...ops.lora import apply_lora, bucket_index
+from ...plan.regional import block_family
+from .graph_utils import fake_value, same_size, source_fqn
 from .pass_manager import LoraSlot, PassContext, count_rewrite
 from .quantize_linears import QuantizedLinear
 from .rewrite_utils import add_placeholder, call_op, graph_fake_mode
@@ -131,7 +132,7 @@ class ApplyLoRA:
     @staticmethod
     def _timestep(gm: fx.GraphModule, ctx: PassContext, batch: Any) -> tuple[fx.Node | None, str]:
         """The graph's timestep (a tensor node) or None and why there is none."""
-        from ..runtime.context import current_timesteps
+        from ...ops.context import current_timesteps
 
         if ctx.analysis.get("prefix"):
             current = current_timesteps()

@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 from torch._dynamo.utils import counters
 
-from ..config import QuantSparseConfig
+from ...config import QuantSparseConfig
 from .report import RewriteReport
 
 __all__ = ["GraphPass", "PassContext", "PackedWeightSlot", "LoraSlot", "run_passes", "count_rewrite"]

@@ -35,9 +35,9 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from ..config import WEIGHT_ONLY
-from ..ops.quantization import effective_group_size, quantize_activation_symmetric
-from ..runtime.weights import default_store
+from ...config import WEIGHT_ONLY
+from ...formats.quantization import effective_group_size, quantize_activation_symmetric
+from ...runtime.weights import default_store
 from .find_sites import LinearSite
 from .graph_utils import fake_value, node_arg, placeholder_index, source_fqn
 from .pass_manager import PackedWeightSlot, PassContext, count_rewrite

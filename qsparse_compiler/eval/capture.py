@@ -7,7 +7,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ..passes.pass_manager import private_copy
+from ..compiler.passes.pass_manager import private_copy
 
 __all__ = ["capture_dynamo_graph", "rewrite_with_default_passes", "rewritten_reference_output"]
 
@@ -32,8 +32,8 @@ def rewrite_with_default_passes(model: torch.nn.Module, inputs: dict[str, Any], 
     from torch._dynamo.utils import counters
 
     from ..config import QuantSparseConfig
-    from ..passes import PassContext, default_passes, run_passes
-    from ..passes.report import RewriteReport
+    from ..compiler.passes import PassContext, default_passes, run_passes
+    from ..compiler.passes.report import RewriteReport
 
     counters.clear()
     with torch.no_grad():
