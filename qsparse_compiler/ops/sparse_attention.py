@@ -14,18 +14,18 @@ natural-log log-sum-exp of the scaled scores over the attended keys; rows that a
 layout row, or every key masked) give out = 0 and lse = -inf.
 
 The default implementation is the fp32 plain-torch reference (it materializes the Sq x Skv mask: for tests and
-small shapes). A CUDA kernel registers itself with ``register_cuda_impl``.
+small shapes). ops/sparse_attention_cuda.py registers the Triton kernel with ``register_kernel("cuda")``.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
 from ..formats.layout import BlockSparseLayout
 
-__all__ = ["sparse_attention", "sparse_attention_reference", "register_cuda_impl"]
+__all__ = ["sparse_attention", "sparse_attention_reference", "check_args"]
 
 
 def sparse_attention_reference(
@@ -52,14 +52,6 @@ def sparse_attention_reference(
     return out.to(q.dtype), lse
 
 
-_CudaImpl = Callable[..., Optional[tuple[torch.Tensor, torch.Tensor]]]
-_cuda_impl: list[_CudaImpl] = []
-
-
-def register_cuda_impl(fn: _CudaImpl) -> None:
-    _cuda_impl[:] = [fn]
-
-
 @torch.library.custom_op("qsparse::sparse_attention", mutates_args=())
 def sparse_attention(
     q: torch.Tensor,
@@ -72,21 +64,18 @@ def sparse_attention(
     scale: float,
     key_padding_mask: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    _check(q, k, v, kv_num_blocks, kv_indices, block_q, block_kv)
-    if q.is_cuda and _cuda_impl:
-        result = _cuda_impl[0](q, k, v, kv_num_blocks, kv_indices, block_q, block_kv, scale, key_padding_mask)
-        if result is not None:
-            return result
+    check_args(q, k, v, kv_num_blocks, kv_indices, block_q, block_kv)
     return sparse_attention_reference(q, k, v, kv_num_blocks, kv_indices, block_q, block_kv, scale, key_padding_mask)
 
 
 @sparse_attention.register_fake
 def _(q, k, v, kv_num_blocks, kv_indices, block_q, block_kv, scale, key_padding_mask):
-    _check(q, k, v, kv_num_blocks, kv_indices, block_q, block_kv)
+    check_args(q, k, v, kv_num_blocks, kv_indices, block_q, block_kv)
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-def _check(q, k, v, kv_num_blocks, kv_indices, block_q, block_kv) -> None:
+def check_args(q, k, v, kv_num_blocks, kv_indices, block_q, block_kv) -> None:
+    """Raise for arguments ``qsparse::sparse_attention`` does not take (every implementation checks the same)."""
     if q.ndim != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
         raise ValueError(
             f"qsparse::sparse_attention: q, k, v must be (B, H, S, D) with matching B, H, D; got q={tuple(q.shape)}, "
