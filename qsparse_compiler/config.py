@@ -281,7 +281,9 @@ class QuantSparseConfig:
     report      True prints the rewrite report table after each compile; False keeps quiet.
     inductor    config patches handed to Inductor's ``compile_fx`` (e.g. {"triton.cudagraphs": True}).
     runtime     the ``runtime.ResidualCacheRuntime`` that owns this model's residual caches and step counter
-                (``qs.optimize`` makes one per model); None = the process-wide default runtime.
+                (``qs.optimize`` makes one per model); None = the session's.
+    session     the ``runtime.Session`` that owns what this model's compiled graphs read at run time (packed
+                weights, LoRA tensors, residual caches) and their reports; None = the process's default session.
     parallel    the ``ParallelConfig`` (Ulysses degree and rank) the graph runs under; ``qs.optimize`` sets it for a
                 transformer with diffusers' context parallelism.
     """
@@ -294,6 +296,7 @@ class QuantSparseConfig:
     report: bool = False
     inductor: Mapping[str, Any] = field(default_factory=dict)
     runtime: Any = None
+    session: Any = None
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     version: int = 1
 

@@ -6,10 +6,14 @@ The backend is registered through the ``torch_dynamo_backends`` entry point (pyp
 without importing this package first. Each graph Dynamo hands over (one per compile or recompile) gets:
 1. the passes of ``passes.default_passes()`` (find sites -> W4A8 linears -> a plan's LoRA on them -> sparse attention
    -> residual cache),
-2. a rewrite report (``reports()``; printed with ``report=True``; saved as JSON with ``dump_dir``),
+2. a rewrite report (kept by the graph's ``Session``, ``reports()`` for the default one; printed with
+   ``report=True``; saved as JSON with ``dump_dir``),
 3. Inductor's ``compile_fx`` (``mode`` and ``options["inductor"]`` become its config patches),
 4. a thin runtime wrapper that appends the inputs the passes added: packed int4 weights, a plan's timestep-aware
    LoRA (and, for a regional graph, the forward's timesteps), residual-cache state.
+
+What the compiled graphs read at run time (packed weights, LoRA tensors, residual caches) and the reports belong to
+the ``Session`` named by ``options["session"]`` (runtime/session.py), else to the process's default session.
 """
 
 from __future__ import annotations
@@ -22,27 +26,27 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.fx as fx
 
-from ..config import QuantSparseConfig
+from ..config import ConfigError, QuantSparseConfig
 from .passes import PassContext, default_passes, run_passes
 from .passes.graph_utils import fake_value
 from .passes.report import RewriteReport
-from ..runtime.residual_cache import ResidualCacheRuntime, default_runtime
-from ..runtime.weights import default_store, lora_store
+from ..runtime.residual_cache import ResidualCacheRuntime
+from ..runtime.session import Session, default_session
 
 __all__ = ["quantsparse", "reports", "clear_reports"]
 
 log = logging.getLogger(__name__)
-_graph_counter = itertools.count()
-_reports: list[RewriteReport] = []
+_graph_counter = itertools.count()  # numbers graphs in dumps and reports; only ever increases
 
 
 def reports() -> list[RewriteReport]:
-    """Rewrite reports of every graph compiled in this process, oldest first."""
-    return list(_reports)
+    """Rewrite reports of every graph compiled with the default session, oldest first (a ``Session`` of your own
+    keeps its graphs' reports in ``session.reports``)."""
+    return list(default_session().reports)
 
 
 def clear_reports() -> None:
-    _reports.clear()
+    default_session().reports.clear()
 
 
 def _inductor_patches(mode: str | None, extra: Mapping[str, Any]) -> dict[str, Any]:
@@ -73,7 +77,8 @@ class _RuntimeInputs:
         # Only CUDA needs the layouts built ahead (outside any CUDA-graph memory pool, see ops/video_layout.py).
         self.layout_slots = [slot for slot in ctx.layout_slots if slot.device.type == "cuda"]
         self.runtime = runtime
-        self.store = default_store
+        self.store = ctx.session.weights
+        self.lora_store = ctx.session.lora
         # A regional graph: the block of each call is found from one of its parameters' registered names.
         self.prefix = ctx.analysis.get("prefix", "")
         self.anchor = _anchor(ctx) if self.prefix else None
@@ -97,7 +102,7 @@ class _RuntimeInputs:
             full.append(self._timesteps())
         for slot in self.lora_slots:
             param = args[slot.param_index]
-            full += lora_store.get(param, slot.source, lambda: self._lora(param, slot))
+            full += self.lora_store.get(param, slot.source, lambda: self._lora(param, slot))
         if self.cache_slots:
             env = _bind_symbols(self.symbolic, args)
             prefix = self._call_prefix(args)
@@ -243,6 +248,7 @@ def quantsparse(
     from .. import ops  # noqa: F401  registers the qsparse:: ops
 
     config = QuantSparseConfig.from_options(options)
+    session = _session(config)
     report = RewriteReport(graph_index=next(_graph_counter))
     plan = None
     if config.plan is not None:
@@ -253,9 +259,9 @@ def quantsparse(
             "no plan: round-to-nearest int4 weights and the static "
             f"'{config.sparsity.pattern}' pattern at density {config.sparsity.density:g} (defaults)"
         )
-    ctx = PassContext(config=config, example_inputs=list(example_inputs), report=report, plan=plan)
+    ctx = PassContext(config=config, example_inputs=list(example_inputs), report=report, plan=plan, session=session)
     gm = run_passes(gm, ctx, default_passes())
-    _reports.append(report)
+    session.reports.append(report)
     if config.report:
         report.print_table()
     if any(site.reason.startswith("autograd") for site in report.kept()):
@@ -269,7 +275,18 @@ def quantsparse(
     if not ctx.packed_weight_slots and not ctx.cache_slots and not any(s.device.type == "cuda" for s in ctx.layout_slots):
         # (LoRA inputs exist only on quantized linears, hence with packed weights.)
         return compiled
-    return _RuntimeInputs(compiled, ctx, config.runtime or default_runtime, input_fakes)
+    return _RuntimeInputs(compiled, ctx, config.runtime or session.cache, input_fakes)
+
+
+def _session(config: QuantSparseConfig) -> Session:
+    if config.session is None:
+        return default_session()
+    if not isinstance(config.session, Session):
+        raise ConfigError(
+            f"qsparse_compiler.config: QuantSparseConfig.session={config.session!r} is not a Session; pass "
+            "options={'session': qs.Session()} (one per model) or leave it out for the process's default session"
+        )
+    return config.session
 
 
 def _register() -> None:

@@ -17,6 +17,7 @@ import torch.fx as fx
 from torch._dynamo.utils import counters
 
 from ...config import QuantSparseConfig
+from ...runtime.session import Session, default_session
 from .report import RewriteReport
 
 __all__ = ["GraphPass", "PassContext", "PackedWeightSlot", "LoraSlot", "run_passes", "count_rewrite"]
@@ -64,6 +65,7 @@ class PassContext:
     layout_slots: list[Any] = field(default_factory=list)  # sparsify_attention.LayoutSlot: layouts to build up front
     extra_example_inputs: list[torch.Tensor] = field(default_factory=list)
     analysis: dict[str, Any] = field(default_factory=dict)  # results of analysis passes, by pass name
+    session: Session = field(default_factory=default_session)  # owns the packed weights the passes seed
 
 
 class GraphPass(Protocol):

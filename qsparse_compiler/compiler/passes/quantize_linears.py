@@ -37,7 +37,6 @@ import torch.fx as fx
 
 from ...config import WEIGHT_ONLY
 from ...formats.quantization import effective_group_size, quantize_activation_symmetric
-from ...runtime.weights import default_store
 from .find_sites import LinearSite
 from .graph_utils import fake_value, node_arg, placeholder_index, source_fqn
 from .pass_manager import PackedWeightSlot, PassContext, count_rewrite
@@ -120,8 +119,8 @@ class QuantizeLinears:
                 calibrated = ctx.plan.packed_weight(site.fqn)
                 if calibrated is not None:
                     source = ctx.config.plan
-                    default_store.seed(param, calibrated, scale_dtype, source, name=f"{site.fqn}.weight")
-            packed = default_store.get(param, group_size, scale_dtype, source)
+                    ctx.session.weights.seed(param, calibrated, scale_dtype, source, name=f"{site.fqn}.weight")
+            packed = ctx.session.weights.get(param, group_size, scale_dtype, source)
             slot = PackedWeightSlot(positions[site.weight], site.fqn, group_size, scale_dtype, source)
             qweight = add_placeholder(gm, f"qsparse_qweight_{len(ctx.packed_weight_slots)}", packed.qweight)
             scale = add_placeholder(gm, f"qsparse_wscale_{len(ctx.packed_weight_slots)}", packed.scale)
