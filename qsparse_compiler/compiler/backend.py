@@ -28,6 +28,7 @@ import torch.fx as fx
 
 from ..config import ConfigError, QuantSparseConfig
 from .passes import PassContext, default_passes, run_passes
+from .passes.graph_inputs import CacheSlot, LoraSlot, PackedWeightSlot, TimestepSlot
 from .passes.graph_utils import fake_value
 from .passes.report import RewriteReport
 from ..runtime.residual_cache import ResidualCacheRuntime
@@ -60,20 +61,18 @@ def _inductor_patches(mode: str | None, extra: Mapping[str, Any]) -> dict[str, A
 
 
 class _RuntimeInputs:
-    """Calls the Inductor-compiled graph with the inputs the passes added, appended in placeholder order: the packed
-    weights of each quantized linear, the forward's per-sample timesteps (a regional graph with LoRA), the LoRA
-    tensors (A, B) of each linear that has them, then the residual-cache state (and refresh flag) of each cached
-    site."""
+    """Calls the Inductor-compiled graph with the inputs the passes added: for each slot of ``ctx.inputs``
+    (passes/graph_inputs.py), in placeholder order, the packed weights of a quantized linear, the forward's
+    per-sample timesteps (a regional graph with LoRA), the LoRA tensors (A, B) of a linear, or the residual-cache
+    state (and refresh flag) of a cached site."""
 
     _FLAGS = (torch.tensor(False), torch.tensor(True))
 
     def __init__(self, compiled: Callable, ctx: PassContext, runtime: ResidualCacheRuntime,
                  input_fakes: Sequence[Any]) -> None:
         self.compiled = compiled
-        self.weight_slots = list(ctx.packed_weight_slots)
-        self.timestep_input = ctx.timestep_input
-        self.lora_slots = list(ctx.lora_slots)
-        self.cache_slots = list(ctx.cache_slots)
+        self.slots = list(ctx.inputs.slots)
+        self.has_cache = bool(ctx.cache_slots)
         # Only CUDA needs the layouts built ahead (outside any CUDA-graph memory pool, see ops/video_layout.py).
         self.layout_slots = [slot for slot in ctx.layout_slots if slot.device.type == "cuda"]
         self.runtime = runtime
@@ -93,27 +92,30 @@ class _RuntimeInputs:
     def __call__(self, *args: Any) -> Any:
         self._build_layouts()
         full = list(args)
-        for slot in self.weight_slots:
-            param = args[slot.param_index]
-            packed = self.store.get(param, slot.group_size, slot.scale_dtype, slot.source,
-                                    calibrated=lambda: self._calibrated(param))
-            full += [packed.qweight, packed.scale]
-        if self.timestep_input:
-            full.append(self._timesteps())
-        for slot in self.lora_slots:
-            param = args[slot.param_index]
-            full += self.lora_store.get(param, slot.source, lambda: self._lora(param, slot))
-        if self.cache_slots:
+        if self.has_cache:
             env = _bind_symbols(self.symbolic, args)
             prefix = self._call_prefix(args)
             owner = None if self.owner_index is None else args[self.owner_index]
-            for slot in self.cache_slots:
+        for slot in self.slots:
+            if isinstance(slot, PackedWeightSlot):
+                param = args[slot.param_index]
+                packed = self.store.get(param, slot.group_size, slot.scale_dtype, slot.source,
+                                        calibrated=lambda: self._calibrated(param))
+                full += [packed.qweight, packed.scale]
+            elif isinstance(slot, TimestepSlot):
+                full.append(self._timesteps())
+            elif isinstance(slot, LoraSlot):
+                param = args[slot.param_index]
+                full += self.lora_store.get(param, slot.source, lambda: self._lora(param, slot))
+            elif isinstance(slot, CacheSlot):
                 shape = tuple(_evaluate(dim, env) for dim in slot.shape)
                 fqn = prefix + slot.fqn[len(self.prefix):]
                 state, refresh = self.runtime.acquire(fqn, slot.schedule, shape, slot.dtype, slot.device, owner)
                 full += state
                 if slot.schedule.mode == "auto":
                     full.append(self._FLAGS[refresh])
+            else:
+                raise TypeError(f"qsparse_compiler.backend: no runtime input for graph-input slot {slot!r}")
         return self.compiled(*full)
 
     def _build_layouts(self) -> None:
@@ -270,10 +272,9 @@ def quantsparse(
     log.info(report.summary())
     input_fakes = [fake_value(n) for n in gm.graph.nodes if n.op == "placeholder"][: len(example_inputs)]
     compiled = compile_fx(
-        gm, [*example_inputs, *ctx.extra_example_inputs], config_patches=_inductor_patches(mode, config.inductor)
+        gm, [*example_inputs, *ctx.inputs.examples], config_patches=_inductor_patches(mode, config.inductor)
     )
-    if not ctx.packed_weight_slots and not ctx.cache_slots and not any(s.device.type == "cuda" for s in ctx.layout_slots):
-        # (LoRA inputs exist only on quantized linears, hence with packed weights.)
+    if not ctx.inputs.slots and not any(s.device.type == "cuda" for s in ctx.layout_slots):
         return compiled
     return _RuntimeInputs(compiled, ctx, config.runtime or session.cache, input_fakes)
 

@@ -41,9 +41,10 @@ import torch.fx as fx
 from ...ops.lora import apply_lora, bucket_index
 from ...plan.regional import block_family
 from .graph_utils import fake_value, same_size, source_fqn
-from .pass_manager import LoraSlot, PassContext, count_rewrite
+from .graph_inputs import LoraSlot, TimestepSlot
+from .pass_manager import PassContext, count_rewrite
 from .quantize_linears import QuantizedLinear
-from .rewrite_utils import add_placeholder, call_op, graph_fake_mode
+from .rewrite_utils import call_op, graph_fake_mode
 
 __all__ = ["ApplyLoRA"]
 
@@ -81,11 +82,10 @@ class ApplyLoRA:
                 count_rewrite(ctx, "lora_fallback")
                 continue
             index = len(ctx.lora_slots)
-            a = add_placeholder(gm, f"qsparse_lora_a_{index}", a_example)
-            b = add_placeholder(gm, f"qsparse_lora_b_{index}", b_example)
-            ctx.extra_example_inputs += [a_example, b_example]
-            ctx.lora_slots.append(LoraSlot(q.param_index, q.fqn, tuple(a_example.shape), tuple(b_example.shape),
-                                           a_example.dtype, ctx.config.plan))
+            slot = LoraSlot(q.param_index, q.fqn, tuple(a_example.shape), tuple(b_example.shape), a_example.dtype,
+                            ctx.config.plan)
+            a, b = ctx.inputs.add(gm, slot, [(f"qsparse_lora_a_{index}", a_example),
+                                             (f"qsparse_lora_b_{index}", b_example)])
             x = corrected_outputs.get(q.input, q.input)
             if q.activation == "gelu_tanh":
                 x = call_op(gm, q.output, torch.nn.functional.gelu, (x,), q.output, {"approximate": "tanh"})
@@ -141,9 +141,8 @@ class ApplyLoRA:
                               "none: call the transformer with timestep=..., through qs.optimize")
             with graph_fake_mode(gm):
                 example = torch.empty((batch,), dtype=torch.float32, device=current.device)
-            ctx.timestep_input = True
-            ctx.extra_example_inputs.append(example)
-            return add_placeholder(gm, "qsparse_timesteps", example), ""
+            (node,) = ctx.inputs.add(gm, TimestepSlot(), [("qsparse_timesteps", example)])
+            return node, ""
         node = _timestep_input(gm)
         if node is None:
             return None, ("no `timestep` tensor input in this graph (a Python-number timestep is a constant to Dynamo, "

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,25 +22,14 @@ import torch.fx as fx
 
 from ...config import CacheConfig
 from ...ops.residual_attention import MODE_AUTO, MODE_REFRESH, MODE_REUSE
+from .graph_inputs import CacheSlot
 from .graph_utils import fake_value, module_fqn
 from .pass_manager import PassContext, count_rewrite
-from .rewrite_utils import add_placeholder, call_op, graph_fake_mode
+from .rewrite_utils import call_op, graph_fake_mode
 
-__all__ = ["InsertResidualCache", "CacheSlot"]
+__all__ = ["InsertResidualCache"]
 
 _MODES = {"auto": MODE_AUTO, "refresh": MODE_REFRESH, "reuse": MODE_REUSE}
-
-
-@dataclass(frozen=True)
-class CacheSlot:
-    """Graph inputs the runtime appends for one cached site: its state tensors, then (auto mode) the refresh flag."""
-
-    fqn: str
-    schedule: CacheConfig
-    shape: tuple[Any, ...]  # (B, H, S, D), ints or SymInts of the graph
-    dtype: torch.dtype
-    device: torch.device
-    num_state: int
 
 
 def _site_schedule(ctx: PassContext, fqn: str) -> CacheConfig | None:
@@ -82,14 +70,12 @@ class InsertResidualCache:
             value = fake_value(out)
             examples = _state_examples(gm, tuple(value.shape), schedule, value.dtype, value.device)
             index = len(ctx.cache_slots)
-            state = [add_placeholder(gm, f"qsparse_cache_{index}_{i}", t) for i, t in enumerate(examples)]
-            ctx.extra_example_inputs += examples
-            refresh = None
+            named = [(f"qsparse_cache_{index}_{i}", t) for i, t in enumerate(examples)]
             if schedule.mode == "auto":
-                flag = torch.tensor(True)
-                refresh = add_placeholder(gm, f"qsparse_cache_{index}_refresh", flag)
-                ctx.extra_example_inputs.append(flag)
-            ctx.cache_slots.append(CacheSlot(fqn, schedule, tuple(value.shape), value.dtype, value.device, len(state)))
+                named.append((f"qsparse_cache_{index}_refresh", torch.tensor(True)))
+            slot = CacheSlot(fqn, schedule, tuple(value.shape), value.dtype, value.device, len(examples))
+            nodes = ctx.inputs.add(gm, slot, named)
+            state, refresh = nodes[: len(examples)], (nodes[-1] if schedule.mode == "auto" else None)
             users = list(out.users)
             with gm.graph.inserting_after(out):
                 cached = call_op(
