@@ -35,6 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..formats.layout import BlockSparseLayout
+from ..formats.pattern_spec import build_video_layout
+from ..formats.patterns import TokenGrid
+from ..ops.context import latent_grid
 from .metrics import sqnr_db
 
 __all__ = [
@@ -508,10 +511,6 @@ def layout_recall(
 ) -> dict[str, list[float]]:
     """Attention recall per head of the layouts the backend would use: ``specs`` maps a self-attention FQN to a
     pattern spec (``local3d``, or a plan's per-head ``local3d:0.1;skip;...``); the grid comes from the latents."""
-    from ..formats.pattern_spec import build_video_layout
-    from ..ops.context import latent_grid
-    from ..formats.patterns import TokenGrid
-
     captured = capture_attention_qk(model, inputs, list(specs))
     frames, height, width = latent_grid(_unwrap(model), inputs["hidden_states"])
     recall = {}

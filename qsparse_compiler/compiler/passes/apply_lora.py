@@ -38,6 +38,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from ...ops.context import current_timesteps
 from ...ops.lora import apply_lora, bucket_index
 from ...plan.regional import block_family
 from .graph_utils import fake_value, same_size, source_fqn
@@ -132,8 +133,6 @@ class ApplyLoRA:
     @staticmethod
     def _timestep(gm: fx.GraphModule, ctx: PassContext, batch: Any) -> tuple[fx.Node | None, str]:
         """The graph's timestep (a tensor node) or None and why there is none."""
-        from ...ops.context import current_timesteps
-
         if ctx.analysis.get("prefix"):
             current = current_timesteps()
             if current is None:

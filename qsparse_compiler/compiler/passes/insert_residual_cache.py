@@ -22,6 +22,7 @@ import torch.fx as fx
 
 from ...config import CacheConfig
 from ...ops.residual_attention import MODE_AUTO, MODE_REFRESH, MODE_REUSE
+from ...runtime.residual_cache import state_layout
 from .graph_inputs import CacheSlot
 from .graph_utils import fake_value, module_fqn
 from .pass_manager import PassContext, count_rewrite
@@ -97,7 +98,5 @@ class InsertResidualCache:
 def _state_examples(gm, shape: tuple[Any, ...], schedule: CacheConfig, dtype: torch.dtype,
                     device) -> list[torch.Tensor]:
     """Fake tensors (the graph's fake mode, its symbolic sizes) shaped like the state the runtime will pass."""
-    from ...runtime.residual_cache import state_layout
-
     with graph_fake_mode(gm):
         return [torch.empty(s, dtype=d, device=device) for s, d in state_layout(shape, schedule, dtype)]

@@ -24,6 +24,7 @@ import torch
 import torch.fx as fx
 
 from ...config import ParallelConfig
+from ...ops.sparse_attention_cuda import static_unsupported_reason
 from .find_sites import AttentionSite
 from .graph_utils import fake_value, node_arg
 from .pass_manager import PassContext, count_rewrite
@@ -150,8 +151,6 @@ class SparsifyAttention:
         block_q = ctx.plan.attentions[site.fqn].block_q if ctx.plan is not None else cfg.block_q
         block_kv = ctx.plan.attentions[site.fqn].block_kv if ctx.plan is not None else cfg.block_kv
         if q.is_cuda:
-            from ...ops.sparse_attention_cuda import static_unsupported_reason
-
             reason = static_unsupported_reason(q.dtype, q.shape[-1], block_q, block_kv)
             if reason:
                 return f"no CUDA kernel for this site ({reason})"
