@@ -52,9 +52,9 @@ from qsparse_compiler.kernels.block_sparse_attention import (  # noqa: E402
     keep_config,
 )
 from qsparse_compiler.kernels.attention_int8_fp8 import _autotuned as _int8_autotuned  # noqa: E402
-from qsparse_compiler.sparsity.layout import bitmap_to_blocks, num_blocks  # noqa: E402
-from qsparse_compiler.testing.metrics import sqnr_db  # noqa: E402
-from qsparse_compiler.sparsity.patterns import TokenGrid, local_3d  # noqa: E402
+from qsparse_compiler.formats.layout import bitmap_to_blocks, num_blocks  # noqa: E402
+from qsparse_compiler.eval.metrics import sqnr_db  # noqa: E402
+from qsparse_compiler.formats.patterns import TokenGrid, local_3d  # noqa: E402
 
 SHAPES = {
     "wan1.3b-480p": dict(b=1, h=12, grid=(21, 30, 52), d=128),
@@ -214,7 +214,7 @@ def run_shape(name, cfg, densities, patterns, rec: Recorder, flex_fn, with_flex=
                 run_int8_point(q, k, v, kv_num, kv_idx, density, row, pairs, sdpa_out, t_ours, rec)
             del kv_num, kv_idx, bitmap
     try:
-        from qsparse_compiler.sparsity.dynamic import dynamic_topk_blocks
+        from qsparse_compiler.ops.dynamic_layout import dynamic_topk_blocks
     except ImportError:
         return
     for density in (0.15,):
@@ -240,7 +240,7 @@ def run_int8_point(q, k, v, kv_num, kv_idx, density, row, pairs, sdpa_out, t_bf1
     """The 8-bit rows of one (shape, layout) point, and the refresh rows at densities < 1 (module docstring)."""
     from qsparse_compiler.kernels.attention_int8_fp8 import block_sparse_attention_int8_fp8, dense_attention_int8_fp8
     from qsparse_compiler.kernels.attention_merge import merge_attention_partials
-    from qsparse_compiler.sparsity.complement import complement_blocks
+    from qsparse_compiler.formats.complement import complement_blocks
 
     d = q.shape[-1]
     scale = 1 / math.sqrt(d)

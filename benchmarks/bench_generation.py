@@ -442,7 +442,7 @@ def write_results(out: Path, meta: dict[str, Any], rows: list[GenRow]) -> None:
     print("\n" + table, flush=True)
     timed = {r.system: r.seconds_per_video for r in rows if r.seconds_per_video == r.seconds_per_video}
     if timed:
-        from qsparse_compiler.testing.plots import bar_plot
+        from qsparse_compiler.eval.plots import bar_plot
 
         bar_plot(timed, out.with_suffix(".png"), size=(960, 460), ylabel="s",
                  title=f"seconds per video (lower is better): {meta['workload']}, {meta['steps']} steps + CFG, "
@@ -490,8 +490,8 @@ def _fidelity_setup(args: argparse.Namespace):
     """The reference DiT, its prompts and starting noise per seed (as testing/fidelity.evaluate chooses them)."""
     import dataclasses
 
-    from qsparse_compiler.testing.reference_model import initial_noise, load_reference_metadata, load_reference_model
-    from qsparse_compiler.testing.synthetic_video import SyntheticVideoConfig, SyntheticVideos
+    from qsparse_compiler.eval.reference_model import initial_noise, load_reference_metadata, load_reference_model
+    from qsparse_compiler.eval.synthetic_video import SyntheticVideoConfig, SyntheticVideos
 
     meta = load_reference_metadata()
     data = SyntheticVideoConfig.from_dict(meta["data"])
@@ -576,7 +576,7 @@ def main(argv: list[str] | None = None) -> None:
                          f"blocks are traced into the block graph: {error}")
             row, output = GenRow(spec, steps=args.steps, error=error[:600]), None
         if args.fidelity and output is not None:
-            from qsparse_compiler.testing.fidelity import psnr, ssim
+            from qsparse_compiler.eval.fidelity import psnr, ssim
 
             videos_out = output.clamp(-1.0, 1.0).float().cpu()  # the reference sampler's output convention
             if spec == "eager":

@@ -77,7 +77,7 @@ def minimum_bytes(workload: dict[str, Any], cache_order: int) -> list[Stage]:
     if workload["model"] != "wan":
         raise ValueError(f"byte accounting models Wan's block only; workload model {workload['model']!r} is not "
                          "modelled (add its stages to minimum_bytes)")
-    from qsparse_compiler.runtime.context import patchified_grid
+    from qsparse_compiler.ops.context import patchified_grid
 
     config = workload["config"]
     batch = workload["latents"][0]

@@ -23,7 +23,7 @@ def _load_model(model: str):
     model (a plan's distilled weights replace the model's own at compile)."""
     import torch
 
-    from .testing.models import TINY_MODELS
+    from .eval.models import TINY_MODELS
 
     if model not in TINY:
         raise typer.BadParameter(f"{model!r} is not one of {TINY}; compile your own model from Python (README)")
@@ -41,8 +41,8 @@ def compile_command(
     """Compile a model with backend="quantsparse", run it once, print the rewrite report."""
     import torch
 
-    from .backend import reports
-    from .testing.metrics import relative_error
+    from .compiler.backend import reports
+    from .eval.metrics import relative_error
 
     parsed = json.loads(options)
     parsed["report"] = True
@@ -61,8 +61,8 @@ def _reference_data(frames: Optional[int]):
     """The reference model's video config, with another frame count if asked (shorter videos for CPU runs)."""
     import dataclasses
 
-    from .testing.reference_model import load_reference_metadata
-    from .testing.synthetic_video import SyntheticVideoConfig
+    from .eval.reference_model import load_reference_metadata
+    from .eval.synthetic_video import SyntheticVideoConfig
 
     data = SyntheticVideoConfig.from_dict(load_reference_metadata()["data"])
     return data if frames is None else dataclasses.replace(data, frames=frames)
@@ -92,8 +92,8 @@ def calibrate_command(
     from .calibration.driver import save_samples
 
     if model == "reference":
-        from .testing.reference_model import load_reference_model, sample_videos
-        from .testing.synthetic_video import SyntheticVideos
+        from .eval.reference_model import load_reference_model, sample_videos
+        from .eval.synthetic_video import SyntheticVideos
 
         module = load_reference_model(device, torch.float32)
         if samples is None:
@@ -120,7 +120,7 @@ def calibrate_command(
 def eval_command(
     out: Path = typer.Option(Path("fidelity"), help="where results.json, results.md and the plots go"),
     variants: str = typer.Option("w4a8,sparse,naive,ssar1,ssar2,lowrank",
-                                 help="ablation rows (testing/ablation.py); msad and ssar_plan need --plan"),
+                                 help="ablation rows (eval/ablation.py); msad and ssar_plan need --plan"),
     plan: Optional[Path] = typer.Option(None, help="a calibrated plan for the msad / SSAR rows"),
     density: float = typer.Option(0.15, help="attention density of the sparse rows without a plan"),
     seeds: str = typer.Option("0,1,2,3", help="one video per seed"),
@@ -133,7 +133,7 @@ def eval_command(
 ) -> None:
     """Dense vs compressed variants of the reference video DiT over whole sampling runs: PSNR, SSIM, layer SQNR."""
     if pareto is not None:
-        from .testing.pareto import pareto_plot
+        from .eval.pareto import pareto_plot
 
         if fidelity_json is None:
             raise typer.BadParameter("--pareto needs --fidelity-json (bench_generation.py --fidelity --out FILE)")
@@ -147,8 +147,8 @@ def eval_command(
         return
     import torch
 
-    from .testing.ablation import ablation_variants
-    from .testing.fidelity import evaluate
+    from .eval.ablation import ablation_variants
+    from .eval.fidelity import evaluate
 
     chosen = ablation_variants(density, str(plan) if plan else None, tuple(v for v in variants.split(",") if v))
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -167,8 +167,8 @@ def _recall_report(plan: Optional[Path], density: float, frames: Optional[int], 
     """Attention recall per head of the static pattern and (with a plan) the plan's patterns, on the dense reference
     model at seeded random latents (timestep 500)."""
     from .plan import load_plan
-    from .testing.fidelity import layout_recall, random_wan_inputs
-    from .testing.reference_model import load_reference_model
+    from .eval.fidelity import layout_recall, random_wan_inputs
+    from .eval.reference_model import load_reference_model
 
     model = load_reference_model(device, dtype)
     data = _reference_data(frames)
@@ -226,7 +226,7 @@ def bench_command(
         raise typer.Exit(1)
     import triton.testing
 
-    from .sparsity.layout import BlockSparseLayout, num_blocks
+    from .formats.layout import BlockSparseLayout, num_blocks
 
     q, k, v = (torch.randn(1, heads, seq_len, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     blocks = num_blocks(seq_len, 128)

@@ -33,7 +33,7 @@ __all__ = [
     "QuantSparseConfig",
 ]
 
-# Per-token dynamic activation formats of qsparse::w4a8_linear (see ops/quantization.py for the math):
+# Per-token dynamic activation formats of qsparse::w4a8_linear (see formats/quantization.py for the math):
 #   fp8_e4m3   signed e4m3, scale = amax / 448 (Hopper tensor cores)
 #   int8       signed int8, scale = amax / 127 (portable)
 #   uint8_msfp unsigned int8 with a per-token zero at the row minimum (MSFP: for (near) non-negative inputs
@@ -163,7 +163,7 @@ class SparsityConfig:
     density     fraction of (query block, key block) pairs computed in the video x video region, in (0, 1].
                 Text rows and columns of joint attention are always dense.
     block_q     query block size in tokens (the kernel's tile); block_kv likewise for keys.
-    pattern     static pattern spec used when no plan says otherwise (see ops/video_layout.py): ``local3d`` keeps,
+    pattern     static pattern spec used when no plan says otherwise (see formats/pattern_spec.py): ``local3d`` keeps,
                 for every query block, the key blocks nearest to it in the (frame, height, width) token grid.
     attention_precision
                 one of ``ATTENTION_PRECISIONS``, for every sparsified site (and its residual cache's refresh). A site
@@ -190,7 +190,7 @@ class SparsityConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 16 or value & (value - 1):
                 _fail("SparsityConfig", name, value, "must be a power of two >= 16 (the kernel tile), e.g. 128")
-        from .ops.video_layout import PATTERNS, parse_pattern_spec
+        from .formats.pattern_spec import PATTERNS, parse_pattern_spec
 
         try:
             parse_pattern_spec(self.pattern, self.density)
@@ -295,7 +295,9 @@ class QuantSparseConfig:
     report      True prints the rewrite report table after each compile; False keeps quiet.
     inductor    config patches handed to Inductor's ``compile_fx`` (e.g. {"triton.cudagraphs": True}).
     runtime     the ``runtime.ResidualCacheRuntime`` that owns this model's residual caches and step counter
-                (``qs.optimize`` makes one per model); None = the process-wide default runtime.
+                (``qs.optimize`` makes one per model); None = the session's.
+    session     the ``runtime.Session`` that owns what this model's compiled graphs read at run time (packed
+                weights, LoRA tensors, residual caches) and their reports; None = the process's default session.
     parallel    the ``ParallelConfig`` (Ulysses degree and rank) the graph runs under; ``qs.optimize`` sets it for a
                 transformer with diffusers' context parallelism.
     """
@@ -308,6 +310,7 @@ class QuantSparseConfig:
     report: bool = False
     inductor: Mapping[str, Any] = field(default_factory=dict)
     runtime: Any = None
+    session: Any = None
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     version: int = 1
 

@@ -36,7 +36,7 @@ from typing import Optional
 
 import torch
 
-from ..sparsity.layout import BlockSparseLayout
+from ..formats.layout import BlockSparseLayout
 
 __all__ = [
     "QUANT_BLOCK",

@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from ..sparsity.complement import complement_blocks
+from ..formats.complement import complement_blocks
 from .attention_quantization import QUANT_BLOCK, attention_int8_fp8_reference, quantize_attention_inputs
 from .sparse_attention import sparse_attention_reference
 

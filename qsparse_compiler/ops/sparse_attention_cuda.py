@@ -1,8 +1,8 @@
 """CUDA implementation of ``qsparse::sparse_attention``: the Triton block-sparse kernel.
 
-Importing this module registers ``sparse_attention_cuda`` with ``register_cuda_impl`` when Triton imports and a
-CUDA device exists. The function returns None for inputs the kernel does not handle (fp32, unusual head dims or
-block sizes), and the op then falls back to its plain-torch reference. Everything here is shape/dtype logic on
+Importing this module registers the op's CUDA kernel (``register_kernel("cuda")``) when Triton imports.
+``sparse_attention_cuda`` returns None for inputs the kernel does not handle (fp32, unusual head dims or block
+sizes), and the registered kernel then runs the plain-torch reference. Everything here is shape/dtype logic on
 the host: no ``.item()``, no synchronization, so the op can sit in a ``fullgraph=True`` compiled graph and be
 captured in a CUDA graph.
 """
@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from .attention_int8_fp8_cuda import attention_int8_fp8_cuda
-from .sparse_attention import register_cuda_impl
+from .sparse_attention import check_args, reference_of_precision, sparse_attention
 
 __all__ = ["sparse_attention_cuda", "REGISTERED"]
 
@@ -49,9 +49,18 @@ def sparse_attention_cuda(
     return block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, block_q, block_kv, scale, key_padding_mask)
 
 
-REGISTERED = block_sparse_attention is not None and torch.cuda.is_available()
+REGISTERED = block_sparse_attention is not None
 if REGISTERED:
-    register_cuda_impl(sparse_attention_cuda)
+
+    @sparse_attention.register_kernel("cuda")
+    def _(q, k, v, kv_num_blocks, kv_indices, block_q, block_kv, scale, key_padding_mask, precision="bf16"):
+        check_args(q, k, v, kv_num_blocks, kv_indices, block_q, block_kv, precision)
+        result = sparse_attention_cuda(q, k, v, kv_num_blocks, kv_indices, block_q, block_kv, scale, key_padding_mask,
+                                       precision)
+        if result is None:
+            result = reference_of_precision(q, k, v, kv_num_blocks, kv_indices, block_q, block_kv, scale,
+                                            key_padding_mask, precision)
+        return result
 
 
 def static_unsupported_reason(dtype: torch.dtype, head_dim: int, block_q: int, block_kv: int) -> Optional[str]:

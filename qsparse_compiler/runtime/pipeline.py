@@ -25,7 +25,7 @@ from typing import Any, Mapping
 import torch
 
 from ..config import QuantSparseConfig
-from .context import forward_timesteps, latent_grid, register_parameters, video_grid
+from ..ops.context import forward_timesteps, latent_grid, register_parameters, video_grid
 from .parallel import prepare_context_parallel
 from .residual_cache import ResidualCacheRuntime
 
@@ -119,8 +119,8 @@ def _per_sample_timesteps(timestep: Any, latents: torch.Tensor) -> torch.Tensor 
 
 
 def _plan_is_uniform(plan: str, transformer: torch.nn.Module) -> bool:
-    from ..backend import _check_uniform_across_blocks
     from ..plan import PlanError, load_plan
+    from ..plan.regional import check_uniform_across_blocks as _check_uniform_across_blocks
 
     loaded = load_plan(plan)
     for name, module in transformer.named_modules():

@@ -30,8 +30,8 @@ def bench():
 def test_loop_is_the_reference_sampler_with_guidance(bench):
     """WanPipeline's loop under cache_context, with the Euler flow scheduler, gives the repository's reference sampler's
     videos (testing/reference_model.sample_videos, which has CFG as separate calls) bit for bit."""
-    from qsparse_compiler.testing.reference_model import TINY_MODEL_CONFIG, build_reference_model, initial_noise
-    from qsparse_compiler.testing.reference_model import sample_videos
+    from qsparse_compiler.eval.reference_model import TINY_MODEL_CONFIG, build_reference_model, initial_noise
+    from qsparse_compiler.eval.reference_model import sample_videos
 
     model = build_reference_model(TINY_MODEL_CONFIG).eval()
     prompts = torch.randn(1, 8, TINY_MODEL_CONFIG["text_dim"], generator=torch.Generator().manual_seed(3))
@@ -53,7 +53,7 @@ def test_row_names_are_checked(bench):
 
 
 def test_pareto_front_and_join(tmp_path):
-    from qsparse_compiler.testing.pareto import pareto_plot
+    from qsparse_compiler.eval.pareto import pareto_plot
 
     speed = {"meta": {"mode": "speed", "workload": "wan-1.3b-480p", "device": "H200"}, "rows": [
         {"system": "inductor", "seconds_per_video": 52.0},

@@ -8,10 +8,10 @@ from torch._dynamo.utils import counters
 from qsparse_compiler.calibration.driver import linear_plans
 from qsparse_compiler.calibration.statistics import collect_statistics
 from qsparse_compiler.config import WEIGHT_ONLY, QuantSparseConfig
-from qsparse_compiler.passes import PassContext, default_passes, run_passes
-from qsparse_compiler.passes.report import RewriteReport
-from qsparse_compiler.testing.capture import capture_dynamo_graph
-from qsparse_compiler.testing.models import TEST_OPTIONS, tiny_cogvideox, tiny_hunyuan, tiny_wan
+from qsparse_compiler.compiler.passes import PassContext, default_passes, run_passes
+from qsparse_compiler.compiler.passes.report import RewriteReport
+from qsparse_compiler.eval.capture import capture_dynamo_graph
+from qsparse_compiler.eval.models import TEST_OPTIONS, tiny_cogvideox, tiny_hunyuan, tiny_wan
 
 from ._tiny import tiny_config
 

@@ -24,8 +24,8 @@ from qsparse_compiler.kernels.attention_int8_fp8 import (
     unsupported_reason,
 )
 from qsparse_compiler.ops.attention_quantization import attention_int8_fp8_reference, quantize_attention_inputs
-from qsparse_compiler.sparsity.layout import BlockSparseLayout, num_blocks
-from qsparse_compiler.testing.metrics import sqnr_db, within_reference_error
+from qsparse_compiler.formats.layout import BlockSparseLayout, num_blocks
+from qsparse_compiler.eval.metrics import sqnr_db, within_reference_error
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -179,8 +179,8 @@ def test_unsupported_inputs_are_named():
 def _reference_dit_qkv(max_layers: int = 8) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """q, k, v of every self-attention of the reference DiT (trained weights), at a smaller video than its 16k-token
     training size (4 x 32 x 32 latents: 1,024 tokens, 4 heads of 64), mid-trajectory (sigma 0.6)."""
-    from qsparse_compiler.testing.reference_model import data_config, initial_noise, load_reference_model
-    from qsparse_compiler.testing.synthetic_video import SyntheticVideoConfig, SyntheticVideos
+    from qsparse_compiler.eval.reference_model import data_config, initial_noise, load_reference_model
+    from qsparse_compiler.eval.synthetic_video import SyntheticVideoConfig, SyntheticVideos
 
     model = load_reference_model(dtype=torch.bfloat16)
     data = SyntheticVideoConfig.from_dict({**data_config().to_dict(), "frames": 4, "height": 32, "width": 32})

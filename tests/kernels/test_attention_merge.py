@@ -21,9 +21,9 @@ from qsparse_compiler.kernels.attention_merge import merge_attention_partials
 from qsparse_compiler.kernels.block_sparse_attention import block_sparse_attention
 from qsparse_compiler.ops.attention_quantization import quantize_attention_inputs
 from qsparse_compiler.ops.refresh_attention import dense_from_sparse, merge_attention_partials_reference
-from qsparse_compiler.sparsity.complement import complement_blocks
-from qsparse_compiler.sparsity.layout import BlockSparseLayout, num_blocks
-from qsparse_compiler.testing.metrics import sqnr_db, within_reference_error
+from qsparse_compiler.formats.complement import complement_blocks
+from qsparse_compiler.formats.layout import BlockSparseLayout, num_blocks
+from qsparse_compiler.eval.metrics import sqnr_db, within_reference_error
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 import qsparse_compiler.ops  # noqa: F401  registers the ops and their CUDA kernels
 from qsparse_compiler.ops.attention_quantization import quantize_attention_inputs
 from qsparse_compiler.ops.residual_attention import MODE_REFRESH
-from qsparse_compiler.sparsity.layout import BlockSparseLayout
-from qsparse_compiler.testing.metrics import sqnr_db
+from qsparse_compiler.formats.layout import BlockSparseLayout
+from qsparse_compiler.eval.metrics import sqnr_db
 
 pytestmark = pytest.mark.gpu
 

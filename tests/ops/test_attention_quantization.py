@@ -15,8 +15,8 @@ from qsparse_compiler.ops.attention_quantization import (
     smooth_keys,
 )
 from qsparse_compiler.ops.sparse_attention import sparse_attention_reference
-from qsparse_compiler.sparsity.layout import BlockSparseLayout
-from qsparse_compiler.testing.metrics import sqnr_db
+from qsparse_compiler.formats.layout import BlockSparseLayout
+from qsparse_compiler.eval.metrics import sqnr_db
 
 
 def test_int8_per_block_scales_and_codes():

@@ -11,9 +11,9 @@ from qsparse_compiler.config import ConfigError, QuantSparseConfig
 from qsparse_compiler.ops.attention_int8_fp8_cuda import static_unsupported_reason
 from qsparse_compiler.ops.attention_quantization import attention_int8_fp8_reference
 from qsparse_compiler.ops.residual_attention import MODE_REFRESH
-from qsparse_compiler.testing.capture import rewrite_with_default_passes
-from qsparse_compiler.testing.metrics import sqnr_db
-from qsparse_compiler.testing.models import EXACT_OPTIONS, TEST_OPTIONS, ToyVideoDiT
+from qsparse_compiler.eval.capture import rewrite_with_default_passes
+from qsparse_compiler.eval.metrics import sqnr_db
+from qsparse_compiler.eval.models import EXACT_OPTIONS, TEST_OPTIONS, ToyVideoDiT
 
 INT8 = {**TEST_OPTIONS, "sparsity": {**TEST_OPTIONS["sparsity"], "attention_precision": "int8_fp8"}}
 
@@ -45,9 +45,9 @@ def test_pass_emits_the_precision_report_column_counter_and_refresh_precision():
 
 
 def test_a_site_the_kernel_cannot_run_stays_bf16_with_the_reason(monkeypatch):
-    import qsparse_compiler.ops.attention_int8_fp8_cuda as cuda_path
+    import qsparse_compiler.compiler.passes.sparsify_attention as sparsify
 
-    monkeypatch.setattr(cuda_path, "static_unsupported_reason", lambda *a: "head dim 96 not in (32, 64, 128)")
+    monkeypatch.setattr(sparsify, "int8_fp8_unsupported_reason", lambda *a: "head dim 96 not in (32, 64, 128)")
     gm, sites, ctx = rewrite_with_default_passes(ToyVideoDiT(), {"x": torch.randn(1, 4, 3, 16, 16)}, INT8)
     assert _nodes(gm, torch.ops.qsparse.sparse_attention.default)[0].args[9] == "bf16"
     assert sites["blocks.0"].details["precision"] == "bf16"

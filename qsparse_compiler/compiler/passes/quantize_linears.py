@@ -35,13 +35,13 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from ..config import WEIGHT_ONLY
-from ..ops.quantization import effective_group_size, quantize_activation_symmetric
-from ..runtime.weights import default_store
+from ...config import WEIGHT_ONLY
+from ...formats.quantization import effective_group_size, quantize_activation_symmetric
 from .find_sites import LinearSite
 from .graph_utils import fake_value, node_arg, placeholder_index, source_fqn
-from .pass_manager import PackedWeightSlot, PassContext, count_rewrite
-from .rewrite_utils import add_placeholder, autograd_reason, call_op, call_op_like
+from .graph_inputs import PackedWeightSlot
+from .pass_manager import PassContext, count_rewrite
+from .rewrite_utils import autograd_reason, call_op, call_op_like
 
 __all__ = ["QuantizeLinears", "QuantizedLinear"]
 
@@ -120,13 +120,12 @@ class QuantizeLinears:
                 calibrated = ctx.plan.packed_weight(site.fqn)
                 if calibrated is not None:
                     source = ctx.config.plan
-                    default_store.seed(param, calibrated, scale_dtype, source, name=f"{site.fqn}.weight")
-            packed = default_store.get(param, group_size, scale_dtype, source)
+                    ctx.session.weights.seed(param, calibrated, scale_dtype, source, name=f"{site.fqn}.weight")
+            packed = ctx.session.weights.get(param, group_size, scale_dtype, source)
             slot = PackedWeightSlot(positions[site.weight], site.fqn, group_size, scale_dtype, source)
-            qweight = add_placeholder(gm, f"qsparse_qweight_{len(ctx.packed_weight_slots)}", packed.qweight)
-            scale = add_placeholder(gm, f"qsparse_wscale_{len(ctx.packed_weight_slots)}", packed.scale)
-            ctx.packed_weight_slots.append(slot)
-            ctx.extra_example_inputs += [packed.qweight, packed.scale]
+            index = len(ctx.packed_weight_slots)
+            qweight, scale = ctx.inputs.add(gm, slot, [(f"qsparse_qweight_{index}", packed.qweight),
+                                                       (f"qsparse_wscale_{index}", packed.scale)])
             quantized_params[site.weight] = packed.nbytes
             n, k = packed.shape
             x, bias = node_arg(site.node, 0, "input"), node_arg(site.node, 2, "bias")

@@ -12,6 +12,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..runtime.pipeline import optimize
+
 __all__ = ["ablation_variants", "ABLATION_ORDER"]
 
 ABLATION_ORDER = ("w4a8", "sparse", "naive", "msad", "ssar1", "ssar2", "lowrank", "ssar_plan")
@@ -26,8 +28,6 @@ def _compiled(options: dict[str, Any]) -> Callable[[nn.Module], nn.Module]:
 
 def _optimized(options: dict[str, Any], plan: str | None, cache: dict[str, Any] | bool) -> Callable[[nn.Module], nn.Module]:
     def make(model: nn.Module) -> nn.Module:
-        from ..runtime.pipeline import optimize
-
         return optimize(model, plan, options=options, cache=cache)
 
     return make
@@ -78,9 +78,9 @@ def ablation_variants(
     }
     for name in names:
         if name not in table:
-            raise ValueError(f"qsparse_compiler.testing.ablation: unknown variant {name!r}; known: {list(table)}")
+            raise ValueError(f"qsparse_compiler.eval.ablation: unknown variant {name!r}; known: {list(table)}")
         if table[name] is None:
-            raise ValueError(f"qsparse_compiler.testing.ablation: {name!r} needs a calibrated plan (--plan DIR)")
+            raise ValueError(f"qsparse_compiler.eval.ablation: {name!r} needs a calibrated plan (--plan DIR)")
         label = name if plan or name in ("w4a8", "sparse", "naive") else f"{name} (RTN weights)"
         variants[label] = table[name]
     return variants

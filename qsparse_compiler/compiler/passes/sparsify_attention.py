@@ -25,7 +25,9 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from ..config import ParallelConfig
+from ...config import ParallelConfig
+from ...ops.attention_int8_fp8_cuda import static_unsupported_reason as int8_fp8_unsupported_reason
+from ...ops.sparse_attention_cuda import static_unsupported_reason
 from .find_sites import AttentionSite
 from .graph_utils import fake_value, node_arg
 from .pass_manager import PassContext, count_rewrite
@@ -155,8 +157,6 @@ class SparsifyAttention:
         block_q = ctx.plan.attentions[site.fqn].block_q if ctx.plan is not None else cfg.block_q
         block_kv = ctx.plan.attentions[site.fqn].block_kv if ctx.plan is not None else cfg.block_kv
         if q.is_cuda:
-            from ..ops.sparse_attention_cuda import static_unsupported_reason
-
             reason = static_unsupported_reason(q.dtype, q.shape[-1], block_q, block_kv)
             if reason:
                 return f"no CUDA kernel for this site ({reason})"
@@ -169,9 +169,7 @@ def _site_precision(requested: str, q, block_q: int, block_kv: int) -> tuple[str
     """The attention precision a site gets, and a report note when "int8_fp8" was asked for but cannot run."""
     if requested != "int8_fp8":
         return requested, ""
-    from ..ops.attention_int8_fp8_cuda import static_unsupported_reason
-
-    reason = static_unsupported_reason(q.dtype, q.shape[-1], block_q, block_kv, q.device)
+    reason = int8_fp8_unsupported_reason(q.dtype, q.shape[-1], block_q, block_kv, q.device)
     if reason:
         return "bf16", f"; attention_precision int8_fp8 not possible here, kept bf16: {reason}"
     return "int8_fp8", ""

@@ -6,10 +6,14 @@ The backend is registered through the ``torch_dynamo_backends`` entry point (pyp
 without importing this package first. Each graph Dynamo hands over (one per compile or recompile) gets:
 1. the passes of ``passes.default_passes()`` (find sites -> W4A8 linears -> a plan's LoRA on them -> sparse attention
    -> residual cache),
-2. a rewrite report (``reports()``; printed with ``report=True``; saved as JSON with ``dump_dir``),
+2. a rewrite report (kept by the graph's ``Session``, ``reports()`` for the default one; printed with
+   ``report=True``; saved as JSON with ``dump_dir``),
 3. Inductor's ``compile_fx`` (``mode`` and ``options["inductor"]`` become its config patches),
 4. a thin runtime wrapper that appends the inputs the passes added: packed int4 weights, a plan's timestep-aware
    LoRA (and, for a regional graph, the forward's timesteps), residual-cache state.
+
+What the compiled graphs read at run time (packed weights, LoRA tensors, residual caches) and the reports belong to
+the ``Session`` named by ``options["session"]`` (runtime/session.py), else to the process's default session.
 """
 
 from __future__ import annotations
@@ -22,27 +26,28 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.fx as fx
 
-from .config import QuantSparseConfig
+from ..config import ConfigError, QuantSparseConfig
 from .passes import PassContext, default_passes, run_passes
+from .passes.graph_inputs import CacheSlot, LoraSlot, PackedWeightSlot, TimestepSlot
 from .passes.graph_utils import fake_value
 from .passes.report import RewriteReport
-from .runtime.residual_cache import ResidualCacheRuntime, default_runtime
-from .runtime.weights import default_store, lora_store
+from ..runtime.residual_cache import ResidualCacheRuntime
+from ..runtime.session import Session, default_session
 
 __all__ = ["quantsparse", "reports", "clear_reports"]
 
 log = logging.getLogger(__name__)
-_graph_counter = itertools.count()
-_reports: list[RewriteReport] = []
+_graph_counter = itertools.count()  # numbers graphs in dumps and reports; only ever increases
 
 
 def reports() -> list[RewriteReport]:
-    """Rewrite reports of every graph compiled in this process, oldest first."""
-    return list(_reports)
+    """Rewrite reports of every graph compiled with the default session, oldest first (a ``Session`` of your own
+    keeps its graphs' reports in ``session.reports``)."""
+    return list(default_session().reports)
 
 
 def clear_reports() -> None:
-    _reports.clear()
+    default_session().reports.clear()
 
 
 def _inductor_patches(mode: str | None, extra: Mapping[str, Any]) -> dict[str, Any]:
@@ -56,24 +61,23 @@ def _inductor_patches(mode: str | None, extra: Mapping[str, Any]) -> dict[str, A
 
 
 class _RuntimeInputs:
-    """Calls the Inductor-compiled graph with the inputs the passes added, appended in placeholder order: the packed
-    weights of each quantized linear, the forward's per-sample timesteps (a regional graph with LoRA), the LoRA
-    tensors (A, B) of each linear that has them, then the residual-cache state (and refresh flag) of each cached
-    site."""
+    """Calls the Inductor-compiled graph with the inputs the passes added: for each slot of ``ctx.inputs``
+    (passes/graph_inputs.py), in placeholder order, the packed weights of a quantized linear, the forward's
+    per-sample timesteps (a regional graph with LoRA), the LoRA tensors (A, B) of a linear, or the residual-cache
+    state (and refresh flag) of a cached site."""
 
     _FLAGS = (torch.tensor(False), torch.tensor(True))
 
     def __init__(self, compiled: Callable, ctx: PassContext, runtime: ResidualCacheRuntime,
                  input_fakes: Sequence[Any]) -> None:
         self.compiled = compiled
-        self.weight_slots = list(ctx.packed_weight_slots)
-        self.timestep_input = ctx.timestep_input
-        self.lora_slots = list(ctx.lora_slots)
-        self.cache_slots = list(ctx.cache_slots)
+        self.slots = list(ctx.inputs.slots)
+        self.has_cache = bool(ctx.cache_slots)
         # Only CUDA needs the layouts built ahead (outside any CUDA-graph memory pool, see ops/video_layout.py).
         self.layout_slots = [slot for slot in ctx.layout_slots if slot.device.type == "cuda"]
         self.runtime = runtime
-        self.store = default_store
+        self.store = ctx.session.weights
+        self.lora_store = ctx.session.lora
         # A regional graph: the block of each call is found from one of its parameters' registered names.
         self.prefix = ctx.analysis.get("prefix", "")
         self.anchor = _anchor(ctx) if self.prefix else None
@@ -88,32 +92,35 @@ class _RuntimeInputs:
     def __call__(self, *args: Any) -> Any:
         self._build_layouts()
         full = list(args)
-        for slot in self.weight_slots:
-            param = args[slot.param_index]
-            packed = self.store.get(param, slot.group_size, slot.scale_dtype, slot.source,
-                                    calibrated=lambda: self._calibrated(param))
-            full += [packed.qweight, packed.scale]
-        if self.timestep_input:
-            full.append(self._timesteps())
-        for slot in self.lora_slots:
-            param = args[slot.param_index]
-            full += lora_store.get(param, slot.source, lambda: self._lora(param, slot))
-        if self.cache_slots:
+        if self.has_cache:
             env = _bind_symbols(self.symbolic, args)
             prefix = self._call_prefix(args)
             owner = None if self.owner_index is None else args[self.owner_index]
-            for slot in self.cache_slots:
+        for slot in self.slots:
+            if isinstance(slot, PackedWeightSlot):
+                param = args[slot.param_index]
+                packed = self.store.get(param, slot.group_size, slot.scale_dtype, slot.source,
+                                        calibrated=lambda: self._calibrated(param))
+                full += [packed.qweight, packed.scale]
+            elif isinstance(slot, TimestepSlot):
+                full.append(self._timesteps())
+            elif isinstance(slot, LoraSlot):
+                param = args[slot.param_index]
+                full += self.lora_store.get(param, slot.source, lambda: self._lora(param, slot))
+            elif isinstance(slot, CacheSlot):
                 shape = tuple(_evaluate(dim, env) for dim in slot.shape)
                 fqn = prefix + slot.fqn[len(self.prefix):]
                 state, refresh = self.runtime.acquire(fqn, slot.schedule, shape, slot.dtype, slot.device, owner)
                 full += state
                 if slot.schedule.mode == "auto":
                     full.append(self._FLAGS[refresh])
+            else:
+                raise TypeError(f"qsparse_compiler.compiler.backend: no runtime input for graph-input slot {slot!r}")
         return self.compiled(*full)
 
     def _build_layouts(self) -> None:
-        from .ops.video_layout import cached_video_layout
-        from .runtime.context import current_video_grid
+        from ..ops.video_layout import cached_video_layout
+        from ..ops.context import current_video_grid
 
         for slot in self.layout_slots:
             grid = slot.grid if slot.grid != (0, 0, 0) else current_video_grid()
@@ -124,7 +131,7 @@ class _RuntimeInputs:
 
     def _calibrated(self, param: torch.Tensor):
         """A plan's calibrated weights for a parameter met at run time (another block of a regional graph)."""
-        from .runtime.context import parameter_name
+        from ..ops.context import parameter_name
 
         name = parameter_name(param)
         if self.plan is None or name is None:
@@ -133,12 +140,12 @@ class _RuntimeInputs:
 
     @staticmethod
     def _timesteps() -> torch.Tensor:
-        from .runtime.context import current_timesteps
+        from ..ops.context import current_timesteps
 
         timesteps = current_timesteps()
         if timesteps is None:
             raise RuntimeError(
-                "qsparse_compiler.backend: a regionally compiled block with timestep-aware LoRA ran outside a "
+                "qsparse_compiler.compiler.backend: a regionally compiled block with timestep-aware LoRA ran outside a "
                 "transformer forward with a timestep; call the transformer (not its blocks) with timestep=..."
             )
         return timesteps
@@ -146,7 +153,7 @@ class _RuntimeInputs:
     def _lora(self, param: torch.Tensor, slot: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """The plan's LoRA of the linear ``param`` belongs to (another block of a regional graph: found by the
         parameter's registered name), or zeros where that block has none (a correction of exactly 0)."""
-        from .runtime.context import parameter_name
+        from ..ops.context import parameter_name
 
         name = parameter_name(param)
         pair = self.plan.lora(name.removesuffix(".weight") if name else slot.fqn)
@@ -157,13 +164,13 @@ class _RuntimeInputs:
     def _call_prefix(self, args: Sequence[Any]) -> str:
         if self.anchor is None:
             return self.prefix
-        from .runtime.context import parameter_name
+        from ..ops.context import parameter_name
 
         index, relative = self.anchor
         name = parameter_name(args[index])
         if name is None or not name.endswith(relative):
             raise RuntimeError(
-                "qsparse_compiler.backend: a regionally compiled block was called with parameters qs.optimize did not "
+                "qsparse_compiler.compiler.backend: a regionally compiled block was called with parameters qs.optimize did not "
                 "register; compile the model through qs.optimize(...)"
             )
         return name[: -len(relative)]
@@ -171,7 +178,7 @@ class _RuntimeInputs:
 
 def _anchor(ctx: PassContext) -> tuple[int, str] | None:
     """(argument index, relative name) of a registered parameter of a regional graph."""
-    from .runtime.context import parameter_name
+    from ..ops.context import parameter_name
 
     for index, value in enumerate(ctx.example_inputs):
         name = parameter_name(value)
@@ -206,7 +213,8 @@ def _load_checked_plan(path: str, gm: fx.GraphModule, example_inputs: Sequence[A
     """Load a plan and check it against the graph's parameters before any compile work."""
     from .passes.find_sites import _fqn_prefix
     from .passes.graph_utils import source_fqn
-    from .plan import PlanError, load_plan
+    from ..plan import PlanError, load_plan
+    from ..plan.regional import check_uniform_across_blocks
 
     plan = load_plan(path)
     prefix = _fqn_prefix(gm, list(example_inputs))
@@ -226,31 +234,8 @@ def _load_checked_plan(path: str, gm: fx.GraphModule, example_inputs: Sequence[A
             "belongs to another model, or this graph is a block compiled on its own without qs.optimize"
         )
     if prefix:
-        _check_uniform_across_blocks(plan, prefix)
+        check_uniform_across_blocks(plan, prefix)
     return plan
-
-
-def _check_uniform_across_blocks(plan: Any, prefix: str) -> None:
-    """A regional graph serves every block of its family: the plan must say the same for each of them (calibrated
-    weights may differ: they are looked up per parameter)."""
-    import dataclasses
-
-    from .passes.graph_utils import block_family
-    from .plan import PlanError
-
-    family = block_family(prefix)
-    seen: dict[str, tuple[str, Any]] = {}
-    for fqn, entry in [*plan.linears.items(), *plan.attentions.items()]:
-        match = family.match(fqn)
-        if match is None:
-            continue
-        relative, value = fqn[match.end():], dataclasses.asdict(entry)
-        if relative in seen and seen[relative][1] != value:
-            raise PlanError(
-                f"qsparse_compiler.plan: the plan treats {seen[relative][0]} and {fqn} differently, but regional "
-                "compilation shares one graph between them; use qs.optimize(..., regional=False)"
-            )
-        seen.setdefault(relative, (fqn, value))
 
 
 def quantsparse(
@@ -262,9 +247,10 @@ def quantsparse(
     """Dynamo backend entry point (``torch.compile(..., backend="quantsparse", options=..., mode=...)``)."""
     from torch._inductor.compile_fx import compile_fx
 
-    from . import ops  # noqa: F401  registers the qsparse:: ops
+    from .. import ops  # noqa: F401  registers the qsparse:: ops
 
     config = QuantSparseConfig.from_options(options)
+    session = _session(config)
     report = RewriteReport(graph_index=next(_graph_counter))
     plan = None
     if config.plan is not None:
@@ -275,9 +261,9 @@ def quantsparse(
             "no plan: round-to-nearest int4 weights and the static "
             f"'{config.sparsity.pattern}' pattern at density {config.sparsity.density:g} (defaults)"
         )
-    ctx = PassContext(config=config, example_inputs=list(example_inputs), report=report, plan=plan)
+    ctx = PassContext(config=config, example_inputs=list(example_inputs), report=report, plan=plan, session=session)
     gm = run_passes(gm, ctx, default_passes())
-    _reports.append(report)
+    session.reports.append(report)
     if config.report:
         report.print_table()
     if any(site.reason.startswith("autograd") for site in report.kept()):
@@ -286,12 +272,22 @@ def quantsparse(
     log.info(report.summary())
     input_fakes = [fake_value(n) for n in gm.graph.nodes if n.op == "placeholder"][: len(example_inputs)]
     compiled = compile_fx(
-        gm, [*example_inputs, *ctx.extra_example_inputs], config_patches=_inductor_patches(mode, config.inductor)
+        gm, [*example_inputs, *ctx.inputs.examples], config_patches=_inductor_patches(mode, config.inductor)
     )
-    if not ctx.packed_weight_slots and not ctx.cache_slots and not any(s.device.type == "cuda" for s in ctx.layout_slots):
-        # (LoRA inputs exist only on quantized linears, hence with packed weights.)
+    if not ctx.inputs.slots and not any(s.device.type == "cuda" for s in ctx.layout_slots):
         return compiled
-    return _RuntimeInputs(compiled, ctx, config.runtime or default_runtime, input_fakes)
+    return _RuntimeInputs(compiled, ctx, config.runtime or session.cache, input_fakes)
+
+
+def _session(config: QuantSparseConfig) -> Session:
+    if config.session is None:
+        return default_session()
+    if not isinstance(config.session, Session):
+        raise ConfigError(
+            f"qsparse_compiler.config: QuantSparseConfig.session={config.session!r} is not a Session; pass "
+            "options={'session': qs.Session()} (one per model) or leave it out for the process's default session"
+        )
+    return config.session
 
 
 def _register() -> None:

@@ -173,7 +173,7 @@ def _video_start(q: fx.Node, seq_len: Any, video_len: Any, scope: str) -> Any:
 def _fqn_prefix(gm: fx.GraphModule, example_inputs: list[Any]) -> str:
     """"blocks.3." when this graph is one block compiled on its own (its parameters' names, as qs.optimize registered
     them, extend the graph's own relative names); "" for a whole model."""
-    from ..runtime.context import parameter_name
+    from ...ops.context import parameter_name
 
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for node, value in zip(placeholders, example_inputs):
@@ -184,7 +184,7 @@ def _fqn_prefix(gm: fx.GraphModule, example_inputs: list[Any]) -> str:
 
 
 def _context_grid() -> VideoGrid | None:
-    from ..runtime.context import current_video_grid
+    from ...ops.context import current_video_grid
 
     grid = current_video_grid()
     return None if grid is None else VideoGrid(*grid, conv=None, batch_source=None)

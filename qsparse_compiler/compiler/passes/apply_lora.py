@@ -16,7 +16,7 @@ nothing recompiles from one denoising step to the next (the graph is also CUDA-g
   the per-sample mean, as in calibration);
 - a regional graph (qs.optimize: one block compiled on its own, which sees only the timestep's embedding): a new graph
   input, the running forward's per-sample timesteps [B] (float32), recorded by qs.optimize's forward hook
-  (runtime/context.py) and appended by the backend's runtime wrapper on every call.
+  (ops/context.py) and appended by the backend's runtime wrapper on every call.
 A and B are per-call inputs like the packed weights (``LoraSlot``; runtime/weights.py ``lora_store``): each call of a
 regional graph brings its own block's tensors. Calibration keeps a block's LoRA only where it lowered that block's
 loss, so some blocks of a family may have none: the graph applies LoRA to a site if any block of its family has it,
@@ -38,11 +38,14 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ..ops.lora import apply_lora, bucket_index
-from .graph_utils import block_family, fake_value, same_size, source_fqn
-from .pass_manager import LoraSlot, PassContext, count_rewrite
+from ...ops.context import current_timesteps
+from ...ops.lora import apply_lora, bucket_index
+from ...plan.regional import block_family
+from .graph_utils import fake_value, same_size, source_fqn
+from .graph_inputs import LoraSlot, TimestepSlot
+from .pass_manager import PassContext, count_rewrite
 from .quantize_linears import QuantizedLinear
-from .rewrite_utils import add_placeholder, call_op, graph_fake_mode
+from .rewrite_utils import call_op, graph_fake_mode
 
 __all__ = ["ApplyLoRA"]
 
@@ -80,11 +83,10 @@ class ApplyLoRA:
                 count_rewrite(ctx, "lora_fallback")
                 continue
             index = len(ctx.lora_slots)
-            a = add_placeholder(gm, f"qsparse_lora_a_{index}", a_example)
-            b = add_placeholder(gm, f"qsparse_lora_b_{index}", b_example)
-            ctx.extra_example_inputs += [a_example, b_example]
-            ctx.lora_slots.append(LoraSlot(q.param_index, q.fqn, tuple(a_example.shape), tuple(b_example.shape),
-                                           a_example.dtype, ctx.config.plan))
+            slot = LoraSlot(q.param_index, q.fqn, tuple(a_example.shape), tuple(b_example.shape), a_example.dtype,
+                            ctx.config.plan)
+            a, b = ctx.inputs.add(gm, slot, [(f"qsparse_lora_a_{index}", a_example),
+                                             (f"qsparse_lora_b_{index}", b_example)])
             x = corrected_outputs.get(q.input, q.input)
             if q.activation == "gelu_tanh":
                 x = call_op(gm, q.output, torch.nn.functional.gelu, (x,), q.output, {"approximate": "tanh"})
@@ -131,8 +133,6 @@ class ApplyLoRA:
     @staticmethod
     def _timestep(gm: fx.GraphModule, ctx: PassContext, batch: Any) -> tuple[fx.Node | None, str]:
         """The graph's timestep (a tensor node) or None and why there is none."""
-        from ..runtime.context import current_timesteps
-
         if ctx.analysis.get("prefix"):
             current = current_timesteps()
             if current is None:
@@ -140,9 +140,8 @@ class ApplyLoRA:
                               "none: call the transformer with timestep=..., through qs.optimize")
             with graph_fake_mode(gm):
                 example = torch.empty((batch,), dtype=torch.float32, device=current.device)
-            ctx.timestep_input = True
-            ctx.extra_example_inputs.append(example)
-            return add_placeholder(gm, "qsparse_timesteps", example), ""
+            (node,) = ctx.inputs.add(gm, TimestepSlot(), [("qsparse_timesteps", example)])
+            return node, ""
         node = _timestep_input(gm)
         if node is None:
             return None, ("no `timestep` tensor input in this graph (a Python-number timestep is a constant to Dynamo, "

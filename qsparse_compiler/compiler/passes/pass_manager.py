@@ -16,39 +16,17 @@ import torch
 import torch.fx as fx
 from torch._dynamo.utils import counters
 
-from ..config import QuantSparseConfig
+from ...config import QuantSparseConfig
+from ...runtime.session import Session, default_session
+from .graph_inputs import CacheSlot, GraphInputs, LoraSlot, PackedWeightSlot, TimestepSlot
 from .report import RewriteReport
 
-__all__ = ["GraphPass", "PassContext", "PackedWeightSlot", "LoraSlot", "run_passes", "count_rewrite"]
+__all__ = ["GraphPass", "PassContext", "run_passes", "count_rewrite"]
 
 
 def count_rewrite(ctx: "PassContext", name: str) -> None:
     counters["qsparse"][name] += 1
     ctx.report.counters[name] = ctx.report.counters.get(name, 0) + 1
-
-
-@dataclass(frozen=True)
-class PackedWeightSlot:
-    """Two graph inputs (qweight, scale) the runtime appends for the parameter at ``param_index``."""
-
-    param_index: int
-    fqn: str
-    group_size: int
-    scale_dtype: str
-    source: str = "rtn"  # where the packed weights come from: round-to-nearest, or a plan's calibrated tensors
-
-
-@dataclass(frozen=True)
-class LoraSlot:
-    """Two graph inputs (lora_a, lora_b) the runtime appends for the linear whose weight is at ``param_index``: the
-    plan's timestep-aware LoRA of the block each call runs (zeros for a block without one)."""
-
-    param_index: int
-    fqn: str
-    a_shape: tuple[int, int, int]  # [buckets, rank, K]
-    b_shape: tuple[int, int, int]  # [buckets, N, rank]
-    dtype: torch.dtype
-    source: str  # the plan
 
 
 @dataclass
@@ -57,13 +35,31 @@ class PassContext:
     example_inputs: list[Any]
     report: RewriteReport
     plan: Any = None  # plan.Plan when the backend was given one
-    packed_weight_slots: list[PackedWeightSlot] = field(default_factory=list)
-    timestep_input: bool = False  # the runtime appends the forward's per-sample timesteps (a regional graph's LoRA)
-    lora_slots: list[LoraSlot] = field(default_factory=list)
-    cache_slots: list[Any] = field(default_factory=list)  # insert_residual_cache.CacheSlot, in placeholder order
+    inputs: GraphInputs = field(default_factory=GraphInputs)  # the graph inputs the passes add (graph_inputs.py)
     layout_slots: list[Any] = field(default_factory=list)  # sparsify_attention.LayoutSlot: layouts to build up front
-    extra_example_inputs: list[torch.Tensor] = field(default_factory=list)
     analysis: dict[str, Any] = field(default_factory=dict)  # results of analysis passes, by pass name
+    session: Session = field(default_factory=default_session)  # owns the packed weights the passes seed
+
+    @property
+    def packed_weight_slots(self) -> list[PackedWeightSlot]:
+        return self.inputs.of(PackedWeightSlot)
+
+    @property
+    def lora_slots(self) -> list[LoraSlot]:
+        return self.inputs.of(LoraSlot)
+
+    @property
+    def cache_slots(self) -> list[CacheSlot]:
+        return self.inputs.of(CacheSlot)
+
+    @property
+    def timestep_input(self) -> bool:
+        """Whether the graph takes the forward's per-sample timesteps (a regional graph's LoRA)."""
+        return bool(self.inputs.of(TimestepSlot))
+
+    @property
+    def extra_example_inputs(self) -> list[torch.Tensor]:
+        return self.inputs.examples
 
 
 class GraphPass(Protocol):

@@ -30,7 +30,7 @@ def _load(path: str | Path, mode: str) -> dict[str, Any]:
     data = json.loads(Path(path).read_text())
     found = data.get("meta", {}).get("mode")
     if found != mode:
-        raise ValueError(f"qsparse_compiler.testing.pareto: {path} is a {found!r} run of bench_generation.py, "
+        raise ValueError(f"qsparse_compiler.eval.pareto: {path} is a {found!r} run of bench_generation.py, "
                          f"expected a {mode!r} run (fidelity: bench_generation.py --fidelity)")
     return data
 
@@ -71,7 +71,7 @@ def pareto_plot(speed_json: str | Path, fidelity_json: str | Path, out: str | Pa
 
     points, skipped = pareto_points(speed_json, fidelity_json)
     if not points:
-        raise ValueError("qsparse_compiler.testing.pareto: no configuration has both a time and a finite PSNR: "
+        raise ValueError("qsparse_compiler.eval.pareto: no configuration has both a time and a finite PSNR: "
                          + "; ".join(skipped))
     front = pareto_front(points)
     series = {f"{p.system} ({p.seconds:.1f} s, {p.psnr_db:.1f} dB)": ([p.seconds], [p.psnr_db]) for p in points}

@@ -15,33 +15,22 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx as fx
 
-from ..config import CacheConfig
-from ..ops.residual_attention import MODE_AUTO, MODE_REFRESH, MODE_REUSE
+from ...config import CacheConfig
+from ...ops.residual_attention import MODE_AUTO, MODE_REFRESH, MODE_REUSE
+from ...runtime.residual_cache import state_layout
+from .graph_inputs import CacheSlot
 from .graph_utils import fake_value, module_fqn
 from .pass_manager import PassContext, count_rewrite
-from .rewrite_utils import add_placeholder, call_op, graph_fake_mode
+from .rewrite_utils import call_op, graph_fake_mode
 
-__all__ = ["InsertResidualCache", "CacheSlot"]
+__all__ = ["InsertResidualCache"]
 
 _MODES = {"auto": MODE_AUTO, "refresh": MODE_REFRESH, "reuse": MODE_REUSE}
-
-
-@dataclass(frozen=True)
-class CacheSlot:
-    """Graph inputs the runtime appends for one cached site: its state tensors, then (auto mode) the refresh flag."""
-
-    fqn: str
-    schedule: CacheConfig
-    shape: tuple[Any, ...]  # (B, H, S, D), ints or SymInts of the graph
-    dtype: torch.dtype
-    device: torch.device
-    num_state: int
 
 
 def _site_schedule(ctx: PassContext, fqn: str) -> CacheConfig | None:
@@ -83,14 +72,12 @@ class InsertResidualCache:
             value = fake_value(out)
             examples = _state_examples(gm, tuple(value.shape), schedule, value.dtype, value.device)
             index = len(ctx.cache_slots)
-            state = [add_placeholder(gm, f"qsparse_cache_{index}_{i}", t) for i, t in enumerate(examples)]
-            ctx.extra_example_inputs += examples
-            refresh = None
+            named = [(f"qsparse_cache_{index}_{i}", t) for i, t in enumerate(examples)]
             if schedule.mode == "auto":
-                flag = torch.tensor(True)
-                refresh = add_placeholder(gm, f"qsparse_cache_{index}_refresh", flag)
-                ctx.extra_example_inputs.append(flag)
-            ctx.cache_slots.append(CacheSlot(fqn, schedule, tuple(value.shape), value.dtype, value.device, len(state)))
+                named.append((f"qsparse_cache_{index}_refresh", torch.tensor(True)))
+            slot = CacheSlot(fqn, schedule, tuple(value.shape), value.dtype, value.device, len(examples))
+            nodes = ctx.inputs.add(gm, slot, named)
+            state, refresh = nodes[: len(examples)], (nodes[-1] if schedule.mode == "auto" else None)
             users = list(out.users)
             with gm.graph.inserting_after(out):
                 cached = call_op(
@@ -113,7 +100,5 @@ class InsertResidualCache:
 def _state_examples(gm, shape: tuple[Any, ...], schedule: CacheConfig, dtype: torch.dtype,
                     device) -> list[torch.Tensor]:
     """Fake tensors (the graph's fake mode, its symbolic sizes) shaped like the state the runtime will pass."""
-    from ..runtime.residual_cache import state_layout
-
     with graph_fake_mode(gm):
         return [torch.empty(s, dtype=d, device=device) for s, d in state_layout(shape, schedule, dtype)]

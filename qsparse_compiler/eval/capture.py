@@ -7,7 +7,10 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ..passes.pass_manager import private_copy
+from ..compiler.passes import PassContext, default_passes, run_passes
+from ..compiler.passes.pass_manager import private_copy
+from ..compiler.passes.report import RewriteReport
+from ..config import QuantSparseConfig
 
 __all__ = ["capture_dynamo_graph", "rewrite_with_default_passes", "rewritten_reference_output"]
 
@@ -30,10 +33,6 @@ def rewrite_with_default_passes(model: torch.nn.Module, inputs: dict[str, Any], 
     """The backend's passes on ``model``'s captured graph, without Inductor: (rewritten graph, report sites by FQN,
     the pass context). Clears Dynamo's counters first, so ``counters["qsparse"]`` holds this rewrite's."""
     from torch._dynamo.utils import counters
-
-    from ..config import QuantSparseConfig
-    from ..passes import PassContext, default_passes, run_passes
-    from ..passes.report import RewriteReport
 
     counters.clear()
     with torch.no_grad():

@@ -18,7 +18,6 @@ __all__ = [
     "same_size",
     "walk_inputs",
     "placeholder_index",
-    "block_family",
     "LINEAR_TARGETS",
     "SDPA_TARGETS",
     "FUSED_ATTENTION_TARGETS",
@@ -128,9 +127,3 @@ def walk_inputs(
 def placeholder_index(gm: fx.GraphModule) -> dict[fx.Node, int]:
     """Position of each placeholder, i.e. of its tensor in ``example_inputs`` and in the runtime args."""
     return {node: i for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
-
-
-def block_family(prefix: str) -> re.Pattern:
-    """Matches the FQN prefix of every block of the family of ``prefix`` ("blocks.3." -> blocks.0., blocks.1., ...):
-    the blocks a regional graph compiled for one of them serves."""
-    return re.compile(re.escape(prefix.rsplit(".", 2)[0]) + r"\.\d+\.")
