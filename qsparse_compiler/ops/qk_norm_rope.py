@@ -25,12 +25,13 @@ from typing import Optional
 
 import torch
 
-__all__ = ["qk_norm_rope", "qk_norm_rope_reference", "NORMS"]
+__all__ = ["qk_norm_rope", "qk_norm_rope_reference", "check_qk_norm_rope_args", "NORMS"]
 
 NORMS = ("across_heads", "per_head")
 
 
-def _check(q, k, q_weight, k_weight, cos, sin, heads: int, norm: str) -> None:
+def check_qk_norm_rope_args(q, k, q_weight, k_weight, cos, sin, heads: int, norm: str) -> None:
+    """Raise ValueError naming the argument when the inputs do not fit the schema (works on fake tensors)."""
     problem = ""
     if norm not in NORMS:
         problem = f"norm={norm!r}; use one of {NORMS}"
@@ -78,7 +79,7 @@ def _norm_rope(x: torch.Tensor, weight: Optional[torch.Tensor], cos: torch.Tenso
 
 def qk_norm_rope_reference(q, k, q_weight, k_weight, cos, sin, heads: int, eps: float, norm: str):
     """The op's math in plain torch, fp32 with one rounding at the end (any device)."""
-    _check(q, k, q_weight, k_weight, cos, sin, heads, norm)
+    check_qk_norm_rope_args(q, k, q_weight, k_weight, cos, sin, heads, norm)
     return (_norm_rope(q, q_weight, cos, sin, heads, eps, norm).contiguous(),
             _norm_rope(k, k_weight, cos, sin, heads, eps, norm).contiguous())
 
@@ -100,7 +101,7 @@ def qk_norm_rope(
 
 @qk_norm_rope.register_fake
 def _(q, k, q_weight, k_weight, cos, sin, heads, eps, norm):
-    _check(q, k, q_weight, k_weight, cos, sin, heads, norm)
+    check_qk_norm_rope_args(q, k, q_weight, k_weight, cos, sin, heads, norm)
     shape = (q.shape[0], q.shape[1], heads, q.shape[2] // heads)
     return q.new_empty(shape), q.new_empty(shape)
 
