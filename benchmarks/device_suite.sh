@@ -13,6 +13,8 @@
 #   bash benchmarks/device_suite.sh cachemem     # the qsparse row with the residual cache in fp8 (order 2, then
 #                                                # order 1): peak memory vs the bf16 cache's 7.8 GiB (not yet run)
 #   bash benchmarks/device_suite.sh tests        # every @gpu test, JOBS files at a time, FILE_LIMIT s each
+#   bash benchmarks/device_suite.sh membound     # issue #19's fused norm/rope/quant kernels vs Inductor at workload W
+#                                                # (bench_membound.py, < 2 min) and their @gpu tests (not yet run)
 # Results land in $OUT; partial results survive a time limit (JSON after every row, test lines as they come).
 # The not-yet-run parts' times are estimates from the 480p run (BENCHMARKS.md), not measurements.
 set -u
@@ -38,6 +40,10 @@ case "${1:-e2e}" in
   cachemem)
     e2e wan-1.3b-480p qsparse e2e_cache_fp8_order2.json 8 290 --cache '{"storage": "fp8_e4m3"}'
     e2e wan-1.3b-480p qsparse e2e_cache_fp8_order1.json 8 290 --cache '{"storage": "fp8_e4m3", "order": 1}' ;;
+  membound)
+    timeout 240 python3 benchmarks/bench_membound.py --out "$OUT/membound.json" 2>&1 | grep -v Warning | tail -30
+    timeout 300 python3 -m pytest -q -m gpu tests/kernels/test_qk_norm_rope.py tests/kernels/test_ln_modulate_quant.py \
+        --tb=short -rA -p no:cacheprovider 2>&1 | tee "$OUT/membound_gpu_tests.txt" | tail -15 ;;
   tests)
     # Files run side by side (Triton's compiles are CPU-bound; the tests are not timed), each under its own limit;
     # the per-file logs are joined into one file at the end ($OUT returns at most 8 files).
