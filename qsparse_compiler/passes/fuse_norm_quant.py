@@ -139,10 +139,11 @@ class FuseNormQuant:
         if x_value.dtype != source_value.dtype:
             raise _NoMatch(f"the activation is rounded to {x_value.dtype}, the norm's input is {source_value.dtype} "
                            "(the op rounds to its input's dtype)")
-        if not isinstance(eps, (int, float)):
-            raise _NoMatch("the norm's eps is not a constant")
+        if not isinstance(eps, (int, float, fx.Node)):
+            raise _NoMatch(f"the norm's eps is {eps!r}, neither a number nor a traced float")
         act_format = formats.pop()
-        args = (source, weight, bias, scale, shift, float(eps), act_format)
+        # A traced eps (torch.compile(dynamic=True) unspecializes float attributes) stays a graph value.
+        args = (source, weight, bias, scale, shift, eps if isinstance(eps, fx.Node) else float(eps), act_format)
         try:
             check_layer_norm_modulate_quant_args(*(fake_value(a) for a in args[:5]), act_format)
         except ValueError as error:

@@ -108,7 +108,9 @@ def _rms_norm(node: Any) -> tuple[fx.Node, Any, float]:
              f"RMS norm over {shape}, not over the last dimension alone")
     if eps is None:
         eps = torch.finfo(value.dtype).eps  # torch's default for eps=None
-    _require(isinstance(eps, (int, float)), "the norm's eps is not a constant")
+    _require(isinstance(eps, (int, float)),
+             "the norm's eps is a traced value, not a constant (torch.compile(dynamic=True) unspecializes float "
+             "attributes; q's and k's could differ): compile with dynamic=None, the default, to fuse")
     return x, weight, float(eps)
 
 

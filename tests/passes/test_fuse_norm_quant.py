@@ -16,7 +16,9 @@ from qsparse_compiler.config import QuantSparseConfig
 from qsparse_compiler.passes import PassContext, default_passes, run_passes
 from qsparse_compiler.passes.fuse_norm_quant import FuseNormQuant
 from qsparse_compiler.passes.report import RewriteReport
-from qsparse_compiler.testing.capture import capture_dynamo_graph
+from qsparse_compiler.backend import clear_reports, reports
+from qsparse_compiler.testing.capture import capture_dynamo_graph, rewritten_reference_output
+from qsparse_compiler.testing.metrics import relative_error
 from qsparse_compiler.testing.models import TEST_OPTIONS, tiny_wan
 
 
@@ -105,3 +107,19 @@ def test_no_quantization_in_the_graph_no_candidates():
     options = {**TEST_OPTIONS, "quant": {**TEST_OPTIONS["quant"], "act_quant_in_graph": False}}
     _, _, ctx = _rewritten_output(model, {"x": torch.randn(1, 4, 2, 8, 8)}, options)
     assert not [s for s in ctx.report.sites if s.kind == "fusion"]
+
+
+@pytest.mark.slow
+def test_dynamic_compile_fuses_with_a_traced_eps():
+    """torch.compile(dynamic=True) turns the norms' eps into traced floats: the LayerNorm fusion passes them on as
+    graph values (the q/k fusion, whose q and k eps could then differ, reports why it keeps the graph)."""
+    tiny = tiny_wan(num_layers=1)
+    inputs = tiny.make_inputs()
+    clear_reports()
+    with torch.no_grad():
+        out = torch.compile(tiny.model, backend="quantsparse", options=TEST_OPTIONS, dynamic=True)(**inputs)[0]
+    report = reports()[0]
+    assert report.counters["layer_norm_modulate_quant"] == 3
+    (qk,) = [s for s in report.sites if s.fqn == "blocks.0.attn1.qk_norm_rope"]
+    assert qk.action == "kept" and "dynamic=None" in qk.reason
+    assert relative_error(out, rewritten_reference_output(tiny.model, inputs, TEST_OPTIONS)) < 1e-5
