@@ -17,15 +17,16 @@ write (computed from the shapes: each input element read once, each output writt
 as read once) and GB/s = GB / time; plus agreement with Inductor's result (relative error, or the fraction of equal
 quantization codes and the largest scale difference, against the eager unfused graph and against Inductor's: the
 eager graph rounds the modulated activation to bf16 before quantizing it, as the op does, while Inductor's fused kernel
-keeps it in fp32 (``emulate_precision_casts`` is off), so a few percent of its codes differ by one step). Writes JSON (--out), a markdown table and a bar plot of GB/s
-next to it. These are isolated subgraphs: Inductor compiles the same ops inside the whole model graph, where the
-neighbouring ops it fuses may differ.
+keeps it in fp32 (``emulate_precision_casts`` is off), so a few percent of its codes differ by one step).
+Writes JSON (--out), a markdown table and a bar plot of GB/s next to it. These are isolated subgraphs: Inductor
+compiles the same ops inside the whole model graph, where the neighbouring ops it fuses may differ.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -100,7 +101,8 @@ def _env(device: str) -> str:
 
 
 def _row(results, fusion, method, ms, gbytes, **extra):
-    row = {"fusion": fusion, "short": SHORT[fusion], "method": method, "ms": ms, "gb": gbytes, "gb_per_s": gbytes / (ms * 1e-3), **extra}
+    row = {"fusion": fusion, "short": SHORT[fusion], "method": method, "ms": ms, "gb": gbytes,
+           "gb_per_s": gbytes / (ms * 1e-3), **extra}
     results["rows"].append(row)
     print(f"{fusion:32s} {method:24s} {ms:8.3f} ms  {row['gb_per_s']:8.1f} GB/s  "
           + " ".join(f"{k}={v}" for k, v in extra.items()), flush=True)
@@ -143,7 +145,8 @@ def run_qk_norm_rope(results, tokens, device, cpu_repeats):
     for launch in qk_kernel.launch_config(HEADS, HEAD_DIM):
         name = f"ours_kernel[rows={launch.rows},warps={launch.num_warps}]"
         try:
-            run = lambda: qk_kernel.qk_norm_rope(q, k, q_w, k_w, cos, sin, HEADS, EPS, "across_heads", launch)  # noqa: E731
+            run = functools.partial(qk_kernel.qk_norm_rope, q, k, q_w, k_w, cos, sin, HEADS, EPS, "across_heads",
+                                    launch)
             run()
             _row(results, fusion, name, bench_ms(run, device, cpu_repeats), gbytes)
         except Exception:
@@ -187,7 +190,8 @@ def run_ln_mod_quant(results, tokens, device, cpu_repeats, form, act_format, swe
     for launch in ln_kernel.launch_config(features) if sweep else ():
         name = f"ours_kernel[rows={launch.rows},warps={launch.num_warps}]"
         try:
-            run = lambda: ln_kernel.ln_modulate_quant(h, weight, bias, scale, shift, EPS, act_format, launch)  # noqa: E731
+            run = functools.partial(ln_kernel.ln_modulate_quant, h, weight, bias, scale, shift, EPS, act_format,
+                                    launch)
             run()
             _row(results, fusion, name, bench_ms(run, device, cpu_repeats), gbytes)
         except Exception:

@@ -53,7 +53,8 @@ def _is_call(node: Any, targets) -> bool:
 
 def _strip_fp32_casts(node: Any) -> Any:
     """x behind x.float() / x.to(torch.float32) casts."""
-    while _is_method(node, "float") or (_is_method(node, "to") and node.args[1:] == (torch.float32,) and not node.kwargs):
+    while _is_method(node, "float") or (_is_method(node, "to") and node.args[1:] == (torch.float32,)
+                                         and not node.kwargs):
         node = node.args[0]
     return node
 

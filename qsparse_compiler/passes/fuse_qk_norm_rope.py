@@ -166,10 +166,12 @@ def _match_rotation(output: fx.Node) -> RopeMatch:
     else:  # u = rms_norm(x.unflatten(2, (H, -1)), (D,))
         split = node_arg(heads_value, 0, "input") if _is_call(heads_value, _RMS_NORM_TARGETS) else None
         heads = _head_split(split)
-        _require(heads is not None, "the rotated heads are not an RMS norm of the split projection (across or per head)")
+        _require(heads is not None,
+                 "the rotated heads are not an RMS norm of the split projection (across or per head)")
         _, weight, eps = _rms_norm(heads_value)
         source, norm, nodes = split.args[0], "per_head", nodes + [heads_value, split]
-    _require(fake_value(source) is not None and fake_value(source).ndim == 3, "the projection output is not (B, S, H*D)")
+    _require(fake_value(source) is not None and fake_value(source).ndim == 3,
+             "the projection output is not (B, S, H*D)")
     if output is out:
         nodes = nodes[1:]
     return RopeMatch(source, weight, eps, norm, heads, cos, sin, output, nodes)

@@ -161,7 +161,7 @@ def test_dense_attention_is_not_a_candidate():
 def test_fused_graph_rewrites_with_default_options():
     """With W4A8 linears in front (the default pipeline), the norm reads the w4a8 GEMM's output and still fuses."""
     model = ToyRopeDiT("wan").eval()
-    _, sites, _ = rewrite_with_default_passes(model, _toy_inputs(),
-                                              {"quant": {"group_size": 32}, "sparsity": {"block_q": 16, "block_kv": 16}})
+    options = {"quant": {"group_size": 32}, "sparsity": {"block_q": 16, "block_kv": 16}}
+    _, sites, _ = rewrite_with_default_passes(model, _toy_inputs(), options)
     assert sites["blocks.0.qk_norm_rope"].action == "qk_norm_rope"
     assert sites["blocks.0.to_q"].action == "w4a8_linear"
