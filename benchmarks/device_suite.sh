@@ -26,6 +26,8 @@
 #   bash benchmarks/device_suite.sh attn8        # 8-bit attention: bench rows beside SDPA and Flex at 15% and dense,
 #                                                # the refresh rows, the 8-bit config sweep, then its @gpu tests
 #                                                # (not yet run; budget 170 s bench + 240 s tests)
+#   bash benchmarks/device_suite.sh membound     # issue #19's fused norm/rope/quant kernels vs Inductor at workload W
+#                                                # (bench_membound.py, < 2 min) and their @gpu tests (not yet run)
 # Results land in $OUT; partial results survive a time limit (JSON after every row, test lines as they come).
 # The not-yet-run parts' times are estimates from the 480p run (BENCHMARKS.md), not measurements.
 set -u
@@ -80,6 +82,10 @@ case "${1:-e2e}" in
       python3 -m qsparse_compiler.cli eval --pareto "$OUT/generation.json" --fidelity-json "$OUT/fidelity.json" \
           --out "$OUT" 2>&1 | grep -v Warning | tail -20
     fi ;;
+  membound)
+    timeout 240 python3 benchmarks/bench_membound.py --out "$OUT/membound.json" 2>&1 | grep -v Warning | tail -30
+    timeout 300 python3 -m pytest -q -m gpu tests/kernels/test_qk_norm_rope.py tests/kernels/test_ln_modulate_quant.py \
+        --tb=short -rA -p no:cacheprovider 2>&1 | tee "$OUT/membound_gpu_tests.txt" | tail -15 ;;
   tests)
     # Files run side by side (Triton's compiles are CPU-bound; the tests are not timed), each under its own limit;
     # the per-file logs are joined into one file at the end ($OUT returns at most 8 files).
@@ -96,7 +102,7 @@ case "${1:-e2e}" in
     timeout 300 python3 -m pytest -q -m gpu tests/kernels/test_attention_int8_fp8.py \
         tests/kernels/test_attention_merge.py tests/ops/test_attention_int8_fp8_cuda.py --tb=short -rA -p no:cacheprovider 2>&1 | tail -40 \
         | tee "$OUT/attn8_tests.txt" ;;
-  *) echo "device_suite.sh: unknown part ${1}; use e2e, e2e2, e2e720, e2e720flex, hunyuan, hunyuanflex, cachemem, attn8, bytes, generation" \
+  *) echo "device_suite.sh: unknown part ${1}; use e2e, e2e2, e2e720, e2e720flex, hunyuan, hunyuanflex, cachemem, attn8, bytes, generation, membound" \
           "or tests" >&2
      exit 2 ;;
 esac
