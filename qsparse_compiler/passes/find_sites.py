@@ -264,7 +264,12 @@ class FindSites:
         if not same_size(seq_len, k_val.shape[-2]) or _projection_inputs(q, scope) != _projection_inputs(k, scope):
             return AttentionSite(node, fqn, "cross_attention", seq_len, why="keys come from another sequence")
         if grid is None:
-            return AttentionSite(node, fqn, "attention", seq_len, why="no video token grid in this graph")
+            why = "no video token grid in this graph"
+            if not prefix and "." not in scope:
+                # No patch embedding and no regional prefix: a block compiled on its own (compile_repeated_blocks).
+                why += (" (a block compiled on its own, e.g. by compile_repeated_blocks, sees no latents: compile "
+                        "through qs.optimize(pipe), which compiles the repeated blocks regionally and gives them the grid)")
+            return AttentionSite(node, fqn, "attention", seq_len, why=why)
         if same_size(seq_len, grid.video_len):
             return AttentionSite(node, fqn, "self_attention", seq_len, video_start=0)
         start = _video_start(q, seq_len, grid.video_len, scope)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import logging
 from typing import Any, Mapping
 
 import torch
@@ -71,6 +72,26 @@ def release_dense_weights(pipe_or_model: Any) -> int:
     transformer = getattr(pipe_or_model, "transformer", pipe_or_model)
     module = getattr(transformer, "_orig_mod", transformer)
     return default_store.release_dense(module)
+
+
+def _uncompiled(transformer: torch.nn.Module) -> torch.nn.Module:
+    """The transformer without an earlier ``torch.compile``: an ``OptimizedModule`` is unwrapped and an in-place
+    ``module.compile()`` (of the model or of its blocks, e.g. ``compile_repeated_blocks``) undone - otherwise the
+    earlier compile keeps running and this one is a silent no-op. Logged as a warning."""
+    undone = []
+    if isinstance(transformer, torch._dynamo.eval_frame.OptimizedModule):
+        transformer = transformer._orig_mod
+        undone.append("torch.compile(transformer)")
+    for name, module in transformer.named_modules():
+        if getattr(module, "_compiled_call_impl", None) is not None:
+            module._compiled_call_impl = None
+            undone.append(f"{name or type(transformer).__name__}.compile()")
+    if undone:
+        logging.getLogger("qsparse_compiler").warning(
+            "qsparse_compiler.optimize: the transformer was already compiled (%s%s); that compile is undone and the "
+            "transformer compiled with backend='quantsparse' instead", ", ".join(undone[:3]),
+            f" and {len(undone) - 3} more" if len(undone) > 3 else "")
+    return transformer
 
 
 def _repeated_blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
@@ -214,6 +235,10 @@ def optimize(
             f"qsparse_compiler.optimize: expected a diffusers pipeline with .transformer or an nn.Module, "
             f"got {type(pipe_or_model).__name__}"
         )
+    if transformer is pipe_or_model:
+        pipe_or_model = transformer = _uncompiled(transformer)
+    else:
+        transformer = _uncompiled(transformer)
     runtime = ResidualCacheRuntime()
     backend_options: dict[str, Any] = dict(options or {})
     backend_options["runtime"] = runtime

@@ -93,3 +93,63 @@ def test_regional_quantization_and_residual_cache_survive_new_shapes():
         assert report.counters.get("residual_attention") == tiny.video_attentions, report.summary()
     sites = runtime.memory_report()
     assert sites["blocks.0.attn1"]["refreshes"] == len(SHAPES) and sites["blocks.0.attn1"]["reuses"] == len(SHAPES)
+
+
+def _rewrites(compile_and_call):
+    """(fqn, action) of every site of the graphs one compile makes, and the first output."""
+    torch._dynamo.reset()
+    clear_reports()
+    with torch.no_grad():
+        out = compile_and_call()
+    return sorted((site.fqn, site.action) for report in reports() for site in report.sites), out
+
+
+def test_wrapper_function_and_nesting_give_the_same_rewrite():
+    """Scenario 2: module FQNs were recovered by regex from Dynamo's source names, so a compiled function calling
+    the transformer (``net.blocks.0...``) or a module holding it quantized 0 of its block linears. They now come
+    from Dynamo's nn_module_stack, relative to the diffusers model: the same sites, rewritten the same way."""
+    tiny = tiny_wan(num_layers=1)
+    inputs = tiny.make_inputs()
+    net = tiny.model
+
+    def denoise(**kwargs):
+        return net(**kwargs)
+
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.transformer = net
+
+        def forward(self, **kwargs):
+            return self.transformer(**kwargs)
+
+    expected, out = _rewrites(lambda: torch.compile(net, backend="quantsparse", options=TEST_OPTIONS)(**inputs)[0])
+    assert ("blocks.0.attn1.to_q", "w4a8_linear") in expected and ("blocks.0.attn1", "sparse_attention") in expected
+    for target in (denoise, Holder()):
+        rewrites, wrapped_out = _rewrites(
+            lambda: torch.compile(target, backend="quantsparse", options=TEST_OPTIONS)(**inputs)[0])
+        assert rewrites == expected
+        assert relative_error(wrapped_out, out) < 1e-6
+
+
+def test_optimize_undoes_an_earlier_compile(caplog):
+    """Scenario 2: ``torch.compile`` (or ``module.compile()``) before ``qs.optimize`` left the earlier compile in
+    charge - the output equalled eager. qs.optimize now unwraps it, says so, and the sparse rewrite runs."""
+    tiny = tiny_wan(num_layers=1)
+    inputs = tiny.make_inputs()
+    (rewritten, dense), = _references(tiny, [inputs])
+    torch._dynamo.reset()
+    for earlier in ("torch.compile", "module.compile"):
+        model = tiny_wan(num_layers=1).model
+        model.load_state_dict(tiny.model.state_dict())
+        if earlier == "torch.compile":
+            model = torch.compile(model, backend="eager")
+        else:
+            model.compile(backend="eager")
+        with caplog.at_level("WARNING", logger="qsparse_compiler"):
+            optimized = qs.optimize(model, options=SPARSE_ONLY, cache=False, regional=False)
+        assert "already compiled" in caplog.text
+        with torch.no_grad():
+            out = optimized(**inputs)[0]
+        assert relative_error(out, rewritten) < 1e-5 and relative_error(out, dense) > 5e-3, (earlier, relative_error(out, dense), reports()[-1].summary())
+        caplog.clear()
