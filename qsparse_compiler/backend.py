@@ -284,6 +284,9 @@ def quantsparse(
         warnings.warn("qsparse_compiler: graph traced with autograd enabled; nothing was rewritten. "
                       "Run inference under torch.no_grad().", stacklevel=2)
     log.info(report.summary())
+    shortfalls = report.shortfalls()
+    if shortfalls:
+        log.warning("\n".join(shortfalls))
     input_fakes = [fake_value(n) for n in gm.graph.nodes if n.op == "placeholder"][: len(example_inputs)]
     compiled = compile_fx(
         gm, [*example_inputs, *ctx.extra_example_inputs], config_patches=_inductor_patches(mode, config.inductor)

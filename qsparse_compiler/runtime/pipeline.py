@@ -94,6 +94,40 @@ def _uncompiled(transformer: torch.nn.Module) -> torch.nn.Module:
     return transformer
 
 
+def _summary(transformer: torch.nn.Module, config: QuantSparseConfig, blocks: list[torch.nn.Module], how: str) -> str:
+    """qs.optimize's one-screen summary: how the transformer is compiled and with which settings."""
+    kinds = sorted({type(block).__name__ for block in blocks})
+    compile_line = {
+        "regional": f"regional: {len(blocks)} blocks ({', '.join(kinds)}), one graph per block structure",
+        "whole": "the whole transformer as one graph",
+        "cuda graphs": "the whole transformer twice (refresh and reuse graphs), CUDA graphs",
+    }[how]
+    quant, sparsity, cache = config.quant, config.sparsity, config.cache
+    if config.plan:
+        weights, attention = f"the plan's ({config.plan})", f"the plan's per-head patterns ({config.plan})"
+    else:
+        weights = (f"int4 round-to-nearest, group {quant.group_size}, activations {quant.act_format}"
+                   if quant.enabled else "kept (quant.enabled=False)")
+        attention = (f"{sparsity.pattern} at density {sparsity.density:g}, {sparsity.block_q}x{sparsity.block_kv} "
+                     "tiles" if sparsity.enabled else "dense (sparsity.enabled=False)")
+    if not cache.enabled:
+        cache_line = "off"
+    elif cache.override_plan or not config.plan:
+        cache_line = (f"refresh the first {cache.refresh_first} steps then every {cache.refresh_every}, order "
+                      f"{cache.order}")
+    else:
+        cache_line = "the plan's per-site schedule"
+    return "\n".join([
+        f"qsparse_compiler.optimize: {type(transformer).__name__}",
+        f"  compile     {compile_line}",
+        f"  linears     {weights}",
+        f"  attention   {attention}",
+        f"  cache       {cache_line}",
+        "  the first call compiles (minutes for a full-size model); a WARNING then names any site left dense, "
+        "qsparse_compiler.backend.reports() holds every rewrite",
+    ])
+
+
 def _repeated_blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
     """The model's repeated blocks: what diffusers declares in ``_repeated_blocks``, else the members of its top-level
     ModuleLists (CogVideoX declares none)."""
@@ -212,6 +246,7 @@ def optimize(
     regional: bool | None = None,
     cuda_graphs: bool = False,
     parallel: Any = None,
+    summary: bool = True,
 ) -> Any:
     """Compile ``pipe.transformer`` (or a bare transformer) with backend="quantsparse"; returns what it was given.
 
@@ -228,6 +263,8 @@ def optimize(
               transformer (``enable_parallelism``; torch.distributed must be initialized) and compile this rank's
               blocks for its heads. A transformer already running under ``enable_parallelism`` is detected without
               it. Ring attention is refused (runtime/parallel.py).
+    summary   print a one-screen summary of what will be compiled and how (the rewrites themselves are reported when
+              the first call compiles: a logging WARNING names every site left dense, and why).
     """
     transformer = getattr(pipe_or_model, "transformer", pipe_or_model)
     if not isinstance(transformer, torch.nn.Module):
@@ -259,7 +296,7 @@ def optimize(
         backend_options["cache"] = {"enabled": False, "override_plan": True}
     # Checked now, not at the first call: a bad option would otherwise surface from inside Dynamo as a
     # BackendCompilerFailed at the first forward.
-    QuantSparseConfig.from_options(backend_options)
+    config = QuantSparseConfig.from_options(backend_options)
     blocks = _repeated_blocks(transformer)
     if regional is None:
         regional = not cuda_graphs and bool(blocks) and (plan is None or _plan_is_uniform(str(plan), transformer))
@@ -283,6 +320,8 @@ def optimize(
         compiled = torch.compile(transformer, backend="quantsparse", options=_with_mode(backend_options, mode),
                                  fullgraph=fullgraph)
     setattr(compiled, _RUNTIME_ATTR, runtime)
+    if summary:
+        print(_summary(transformer, config, blocks, "cuda graphs" if cuda_graphs else "regional" if regional else "whole"))
     if transformer is pipe_or_model:
         return compiled
     pipe_or_model.transformer = compiled

@@ -153,3 +153,40 @@ def test_optimize_undoes_an_earlier_compile(caplog):
             out = optimized(**inputs)[0]
         assert relative_error(out, rewritten) < 1e-5 and relative_error(out, dense) > 5e-3, (earlier, relative_error(out, dense), reports()[-1].summary())
         caplog.clear()
+
+
+def test_a_compile_that_rewrites_less_than_it_should_warns(caplog):
+    """Scenarios 2 and 3: ``transformer.compile_repeated_blocks(backend="quantsparse")`` compiles each block without
+    the video latents - no token grid, names relative to the block - and rewrote nothing, silently. A logging WARNING
+    now names every reason with its count and the fix; a compile that does its job warns about nothing."""
+    tiny = tiny_wan(num_layers=1)
+    inputs = tiny.make_inputs()
+    torch._dynamo.reset()
+    clear_reports()
+    tiny.model.compile_repeated_blocks(backend="quantsparse", options=TEST_OPTIONS)
+    with caplog.at_level("WARNING", logger="qsparse_compiler"), torch.no_grad():
+        tiny.model(**inputs)
+    (report,) = reports()
+    assert report.shortfalls() and not report.rewritten("sparse_attention")
+    warning = "\n".join(record.getMessage() for record in caplog.records
+                        if record.name.startswith("qsparse_compiler"))
+    assert "rewrote none of its" in warning
+    assert "1 x no video token grid in this graph (a block compiled on its own" in warning and "qs.optimize" in warning
+    assert "x outside the transformer blocks" in warning
+
+
+def test_optimize_prints_a_summary_and_a_good_compile_warns_nothing(capsys, caplog):
+    """Scenario 3: qs.optimize says what it compiles and how by default; a compile that rewrites every site it
+    should logs no warning."""
+    tiny = tiny_wan(num_layers=1)
+    torch._dynamo.reset()
+    clear_reports()
+    model = qs.optimize(tiny.model, options=TEST_OPTIONS, cache=False)
+    printed = capsys.readouterr().out
+    assert "qsparse_compiler.optimize: WanTransformer3DModel" in printed
+    assert "regional: 1 blocks (WanTransformerBlock)" in printed and "local3d at density 0.5" in printed
+    with caplog.at_level("WARNING", logger="qsparse_compiler"), torch.no_grad():
+        model(**tiny.make_inputs())
+    assert reports() and not any(report.shortfalls() for report in reports())
+    assert not [record for record in caplog.records
+                if record.levelname == "WARNING" and record.name.startswith("qsparse_compiler")]
