@@ -192,7 +192,8 @@ def _context_grid(gm: fx.GraphModule, example_inputs: list[Any]) -> VideoGrid | 
     """The grid of the forward being compiled, for a block compiled on its own. Its token count is taken as the
     block's own size of the video tokens: once Dynamo recompiles the block with a symbolic sequence length (a second
     resolution), that symbol - not the compiling forward's number - is what the attention's length is compared with,
-    so the graph stays sparse at every shape it serves (the layout's grid comes from each forward, ops/video_layout.py)."""
+    so the graph stays sparse at every shape it serves (the layout's grid comes from each forward:
+    ops/video_layout.py)."""
     from ..runtime.context import current_video_grid, parameter_name
 
     grid = current_video_grid()
@@ -268,7 +269,8 @@ class FindSites:
             if not prefix and "." not in scope:
                 # No patch embedding and no regional prefix: a block compiled on its own (compile_repeated_blocks).
                 why += (" (a block compiled on its own, e.g. by compile_repeated_blocks, sees no latents: compile "
-                        "through qs.optimize(pipe), which compiles the repeated blocks regionally and gives them the grid)")
+                        "through qs.optimize(pipe), which compiles the repeated blocks regionally and gives them the "
+                        "grid)")
             return AttentionSite(node, fqn, "attention", seq_len, why=why)
         if same_size(seq_len, grid.video_len):
             return AttentionSite(node, fqn, "self_attention", seq_len, video_start=0)

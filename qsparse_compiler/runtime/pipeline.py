@@ -321,7 +321,8 @@ def optimize(
                                  fullgraph=fullgraph)
     setattr(compiled, _RUNTIME_ATTR, runtime)
     if summary:
-        print(_summary(transformer, config, blocks, "cuda graphs" if cuda_graphs else "regional" if regional else "whole"))
+        how = "cuda graphs" if cuda_graphs else "regional" if regional else "whole"
+        print(_summary(transformer, config, blocks, how))
     if transformer is pipe_or_model:
         return compiled
     pipe_or_model.transformer = compiled
