@@ -289,7 +289,7 @@ def quantsparse(
         log.warning("\n".join(shortfalls))
     input_fakes = [fake_value(n) for n in gm.graph.nodes if n.op == "placeholder"][: len(example_inputs)]
     compiled = compile_fx(
-        gm, [*example_inputs, *ctx.extra_example_inputs], config_patches=_inductor_patches(mode, config.inductor)
+        gm, [*example_inputs, *ctx.extra_example_inputs], config_patches=_inductor_patches(mode or config.mode, config.inductor)
     )
     if not ctx.packed_weight_slots and not ctx.cache_slots and not any(s.device.type == "cuda" for s in ctx.layout_slots):
         # (LoRA inputs exist only on quantized linears, hence with packed weights.)

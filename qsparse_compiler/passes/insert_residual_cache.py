@@ -21,8 +21,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ..config import CacheConfig
+from ..config import CacheConfig, ConfigError
 from ..ops.residual_attention import MODE_AUTO, MODE_REFRESH, MODE_REUSE
+from ..ops.video_layout import parse_pattern_spec
 from .graph_utils import fake_value, module_fqn
 from .pass_manager import PassContext, count_rewrite
 from .rewrite_utils import add_placeholder, call_op, graph_fake_mode
@@ -58,6 +59,19 @@ def _site_schedule(ctx: PassContext, fqn: str) -> CacheConfig | None:
     return ctx.config.cache if ctx.config.cache.enabled else None
 
 
+def _refuse_skip_heads(sparse_attention: fx.Node, fqn: str) -> None:
+    """A ``skip`` head computes nothing: its output is the residual cache's. Without a cache it would be zeros."""
+    layout = sparse_attention.args[3].args[0]  # getitem(video_block_layout(...), 0)
+    pattern, density = layout.args[5], layout.args[6]
+    skipped = [head for head, (name, _) in enumerate(parse_pattern_spec(pattern, density)) if name == "skip"]
+    if skipped:
+        raise ConfigError(
+            f"qsparse_compiler: {fqn} has skip heads {skipped} (pattern {pattern!r}) but no residual cache, so they "
+            "would output zeros; compile through qs.optimize(pipe, plan=..., cache=True), or pass "
+            "options['cache'] = {'enabled': True} with options['runtime'] driving the steps"
+        )
+
+
 class InsertResidualCache:
     name = "insert_residual_cache"
 
@@ -75,6 +89,7 @@ class InsertResidualCache:
             fqn = ctx.analysis.get("prefix", "") + (module_fqn(node) or node.name)
             schedule = _site_schedule(ctx, fqn)
             if schedule is None:
+                _refuse_skip_heads(node, fqn)
                 continue
             (out,) = [u for u in node.users if u.target is operator.getitem and u.args[1] == 0]
             q, k, v = node.args[:3]
