@@ -71,7 +71,20 @@ def release_dense_weights(pipe_or_model: Any) -> int:
 
     transformer = getattr(pipe_or_model, "transformer", pipe_or_model)
     module = getattr(transformer, "_orig_mod", transformer)
-    return default_store.release_dense(module)
+    freed = default_store.release_dense(module)
+    if freed and hasattr(module, "save_pretrained"):
+        module.save_pretrained = _refuse_save_after_release
+    return freed
+
+
+def _refuse_save_after_release(*args: Any, **kwargs: Any) -> None:
+    """``save_pretrained`` of a model whose dense weights were released: they are gone, so it would write empty
+    tensors (safetensors: "invalid shape, data type, or offset")."""
+    raise RuntimeError(
+        "qsparse_compiler: save_pretrained after release_dense_weights: the model's dense weights were freed and "
+        "the packed int4 weights are not a diffusers checkpoint. Save the dense model before releasing (the packed "
+        "weights are rebuilt from it at compile: round-to-nearest, or a calibrated plan's plan.safetensors)"
+    )
 
 
 def _uncompiled(transformer: torch.nn.Module) -> torch.nn.Module:
