@@ -266,8 +266,9 @@ class FindSites:
             return AttentionSite(node, fqn, "cross_attention", seq_len, why="keys come from another sequence")
         if grid is None:
             why = "no video token grid in this graph"
-            if not prefix and "." not in scope:
-                # No patch embedding and no regional prefix: a block compiled on its own (compile_repeated_blocks).
+            if not prefix and not re.search(r"(^|\.)\d+(\.|$)", relative):
+                # No patch embedding, no regional prefix, no block index in the name: a block compiled on its own
+                # (compile_repeated_blocks).
                 why += (" (a block compiled on its own, e.g. by compile_repeated_blocks, sees no latents: compile "
                         "through qs.optimize(pipe), which compiles the repeated blocks regionally and gives them the "
                         "grid)")
