@@ -31,4 +31,4 @@ __all__ = [
     "runtime_of",
     "save_plan",
 ]
-__version__ = "0.1.0"
+from ._version import __version__

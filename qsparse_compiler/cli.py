@@ -1,10 +1,15 @@
-"""The ``qsparse`` command line (typer + rich)."""
+"""The ``qsparse`` command line (typer + rich); also ``python -m qsparse_compiler``.
+
+A user error (a bad option value or JSON, a plan that does not fit, a missing file) is one line that names the cause
+and the fix, as typer's own parameter errors are; ``qsparse --debug COMMAND`` shows the traceback instead.
+"""
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import typer
 from rich.console import Console
@@ -15,6 +20,81 @@ app = typer.Typer(help="qsparse_compiler: W4A8 + block-sparse attention for vide
 console = Console()
 
 TINY = ("wan-tiny", "hunyuan-tiny", "cogvideox-tiny")
+# The built-in models are this wide so that every block linear has K a multiple of the default group size (128).
+TINY_WIDTH = 128
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .calibration.config import CalibrationError
+    from .config import ConfigError
+    from .plan import PlanError
+    from .formats.layout import LayoutError
+
+    return ConfigError, PlanError, LayoutError, CalibrationError, FileNotFoundError, json.JSONDecodeError
+
+
+def _version(value: bool) -> None:
+    if value:
+        from ._version import __version__
+
+        console.print(f"qsparse_compiler {__version__}")
+        raise typer.Exit()
+
+
+# Set by the top-level options of each invocation (typer runs commands outside any context a helper can reach).
+_invocation = {"debug": False}
+
+
+@app.callback()
+def _options(
+    debug: bool = typer.Option(False, "--debug", help="show the full traceback of an error"),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version"),
+) -> None:
+    _invocation["debug"] = debug
+
+
+def _one_line_errors(command: Callable) -> Callable:
+    """A user error raised by ``command`` (directly, or wrapped by torch.compile's BackendCompilerFailed) becomes a
+    one-line typer error; anything else, and any error under --debug, keeps its traceback."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - re-raised unless it is a user error
+            cause = exc
+            while cause is not None and not isinstance(cause, _user_errors()):
+                cause = getattr(cause, "inner_exception", None) or cause.__cause__
+            if cause is None or _invocation["debug"]:
+                raise
+            message = f"{cause.msg} (line {cause.lineno}, column {cause.colno})" if isinstance(
+                cause, json.JSONDecodeError) else str(cause)
+            raise typer.BadParameter(message.splitlines()[0] + " (--debug shows the traceback)") from None
+
+    return run
+
+
+def _default_device() -> str:
+    """The available accelerator, else the CPU."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _parse_options(options: str) -> dict[str, Any]:
+    """--options JSON, validated as backend options; errors name the fix."""
+    from .config import QuantSparseConfig
+
+    try:
+        parsed = json.loads(options)
+    except json.JSONDecodeError as exc:
+        raise typer.BadParameter(
+            f"not valid JSON ({exc.msg} at column {exc.colno}); quote it for the shell, e.g. "
+            "--options '{\"sparsity\": {\"density\": 0.2}}'", param_hint="--options") from None
+    if not isinstance(parsed, dict):
+        raise typer.BadParameter(f"must be a JSON object, got {options!r}", param_hint="--options")
+    QuantSparseConfig.from_options(parsed)
+    return parsed
 
 
 def _load_model(model: str):
@@ -28,24 +108,28 @@ def _load_model(model: str):
     if model not in TINY:
         raise typer.BadParameter(f"{model!r} is not one of {TINY}; compile your own model from Python (README)")
     torch.manual_seed(0)
-    tiny = TINY_MODELS[model.removesuffix("-tiny")]()
+    tiny = TINY_MODELS[model.removesuffix("-tiny")](width=TINY_WIDTH)
     return tiny.model, tiny.make_inputs()
 
 
 @app.command("compile")
+@_one_line_errors
 def compile_command(
     model: str = typer.Argument(..., help=f"one of {', '.join(TINY)}"),
     options: str = typer.Option("{}", help='backend options as JSON, e.g. \'{"sparsity": {"density": 0.2}}\''),
     dump_dir: Optional[Path] = typer.Option(None, help="write the FX graph before/after each pass and the report"),
 ) -> None:
-    """Compile a model with backend="quantsparse", run it once, print the rewrite report."""
+    """Compile a model with backend="quantsparse", run it once, print the rewrite report (about a minute on CPU)."""
     import torch
 
     from .compiler.backend import reports
     from .eval.metrics import relative_error
 
-    parsed = json.loads(options)
+    parsed = _parse_options(options)
     parsed["report"] = True
+    if parsed.get("plan"):
+        # A plan's skip heads read their output from the residual cache: run it (step 0 refreshes).
+        parsed.setdefault("cache", {"enabled": True})
     if dump_dir is not None:
         parsed["dump_dir"] = str(dump_dir)
     module, inputs = _load_model(model)
@@ -69,6 +153,7 @@ def _reference_data(frames: Optional[int]):
 
 
 @app.command("calibrate")
+@_one_line_errors
 def calibrate_command(
     model: str = typer.Argument(..., help=f"'reference' (the committed reference video DiT) or one of {', '.join(TINY)}"),
     out: Path = typer.Option(..., help="plan directory to write (plan.json + plan.safetensors)"),
@@ -76,7 +161,7 @@ def calibrate_command(
                                                       "recorded from a sampling run of the model"),
     config: Optional[Path] = typer.Option(None, help="CalibrationConfig fields as JSON"),
     seeds: str = typer.Option("0,1,2,3", help="videos sampled to record inputs when --samples is not given"),
-    device: str = typer.Option("cpu", help="cpu or cuda"),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)"),
     resume: bool = typer.Option(True, help="continue from the checkpoints in --out"),
     frames: Optional[int] = typer.Option(None, help="frames of the recorded videos (reference model)"),
     steps: int = typer.Option(30, help="sampling steps of the recorded videos (reference model)"),
@@ -84,9 +169,11 @@ def calibrate_command(
                                              "step (reference model); each recorded step, all seeds' videos in one "
                                              "batch, is one candidate sample of the data selection"),
 ) -> None:
-    """Calibrate a Plan: salient samples, per-head pattern search, MSAD distillation, residual-cache settings."""
+    """Calibrate a Plan: salient samples, per-head pattern search, MSAD distillation, residual-cache settings.
+    The reference DiT at its defaults takes ~40 min on 2 CPU cores (FIDELITY.md's short run: 4 min)."""
     import torch
 
+    device = device or _default_device()
     from .calibration.driver import calibrate_cli_main
     from .calibration.pipeline import record_transformer_calls
     from .calibration.driver import save_samples
@@ -117,6 +204,7 @@ def calibrate_command(
 
 
 @app.command("eval")
+@_one_line_errors
 def eval_command(
     out: Path = typer.Option(Path("fidelity"), help="where results.json, results.md and the plots go"),
     variants: str = typer.Option("w4a8,sparse,naive,ssar1,ssar2,lowrank",
@@ -125,13 +213,15 @@ def eval_command(
     density: float = typer.Option(0.15, help="attention density of the sparse rows without a plan"),
     seeds: str = typer.Option("0,1,2,3", help="one video per seed"),
     steps: Optional[int] = typer.Option(None, help="sampling steps (default: the reference model's)"),
-    device: str = typer.Option("cuda", help="cuda or cpu (cpu is slow: 16,384 tokens per video)"),
+    device: Optional[str] = typer.Option(None, help="cuda or cpu (default: cuda when available; cpu is slow: 16,384 "
+                                                    "tokens per video)"),
     frames: Optional[int] = typer.Option(None, help="video frames (default: the reference model's 16)"),
     pareto: Optional[Path] = typer.Option(None, help="instead: draw seconds per video vs PSNR from this speed JSON of "
                                                      "bench_generation.py and --fidelity-json, into --out/pareto.png"),
     fidelity_json: Optional[Path] = typer.Option(None, help="with --pareto: bench_generation.py --fidelity's JSON"),
 ) -> None:
-    """Dense vs compressed variants of the reference video DiT over whole sampling runs: PSNR, SSIM, layer SQNR."""
+    """Dense vs compressed variants of the reference video DiT over whole sampling runs: PSNR, SSIM, layer SQNR.
+    FIDELITY.md's CPU run (2 frames, 16 steps, 2 seeds, 8 variants) took 14 min on 2 cores."""
     if pareto is not None:
         from .eval.pareto import pareto_plot
 
@@ -147,6 +237,7 @@ def eval_command(
         return
     import torch
 
+    device = device or _default_device()
     from .eval.ablation import ablation_variants
     from .eval.fidelity import evaluate
 
@@ -245,6 +336,7 @@ def bench_command(
 
 
 @app.command("inspect")
+@_one_line_errors
 def inspect_command(plan: Path = typer.Argument(..., help="a plan directory (plan.json + plan.safetensors)")) -> None:
     """Print a plan readably: model, schema, per-site settings."""
     from .plan import load_plan
@@ -255,24 +347,46 @@ def inspect_command(plan: Path = typer.Argument(..., help="a plan directory (pla
     console.print(f"model {fp.model_class}  config hash {fp.config_hash}  {len(fp.parameter_shapes)} parameters")
     if loaded.metadata:
         console.print("metadata: " + ", ".join(f"{k}={v}" for k, v in loaded.metadata.items() if not isinstance(v, dict)))
+    # Block families (transformer_blocks, single_transformer_blocks) are abbreviated to their initials, with a legend
+    # printed once, so that the names fit 80 columns; what still does not fit wraps instead of being cut.
+    short = _family_abbreviations([*loaded.linears, *loaded.attentions])
+    if short:
+        console.print("FQNs: " + ", ".join(f"{abbreviation} = {family}" for family, abbreviation in short.items()))
+    fqn_column = "FQN"
     linears = Table(title=f"linears ({len(loaded.linears)})")
-    for column in ("FQN", "group", "activations", "scales", "calibrated weights"):
-        linears.add_column(column)
+    for column in (fqn_column, "group", "activations", "scales", "calibrated weights"):
+        linears.add_column(column, overflow="fold")
     for fqn, entry in loaded.linears.items():
         calibrated = "yes" if loaded.packed_weight(fqn) is not None else "round-to-nearest"
-        linears.add_row(fqn, str(entry.group_size or "per-channel"), entry.act_format, entry.scale_dtype, calibrated)
+        linears.add_row(_abbreviate(fqn, short), str(entry.group_size or "per-channel"), entry.act_format,
+                        entry.scale_dtype, calibrated)
     console.print(linears)
     attentions = Table(title=f"attentions ({len(loaded.attentions)})")
-    for column in ("FQN", "head patterns", "blocks", "residual cache"):
-        attentions.add_column(column)
+    for column in (fqn_column, "head patterns", "blocks", "residual cache"):
+        attentions.add_column(column, overflow="fold")
     for fqn, entry in loaded.attentions.items():
         cache = ", ".join(f"{k}={v}" for k, v in entry.cache.items()) or "-"
-        attentions.add_row(fqn, entry.pattern_spec, f"{entry.block_q}x{entry.block_kv}", cache)
+        attentions.add_row(_abbreviate(fqn, short), entry.pattern_spec, f"{entry.block_q}x{entry.block_kv}", cache)
     console.print(attentions)
 
 
+def _family_abbreviations(fqns: list[str]) -> dict[str, str]:
+    """{family: initials} for the block lists the FQNs index ("single_transformer_blocks.3..." -> "stb"), when the
+    initials tell the families apart; {} otherwise."""
+    families = sorted({fqn.split(".", 1)[0] for fqn in fqns if fqn.split(".")[1:2] and fqn.split(".")[1].isdigit()})
+    short = {family: "".join(word[0] for word in family.split("_") if word) for family in families}
+    if len(set(short.values())) != len(short) or any(family == initials for family, initials in short.items()):
+        return {}
+    return short
+
+
+def _abbreviate(fqn: str, short: dict[str, str]) -> str:
+    family, _, rest = fqn.partition(".")
+    return f"{short[family]}.{rest}" if family in short else fqn
+
+
 def main() -> None:
-    app()
+    app(prog_name="qsparse")
 
 
 if __name__ == "__main__":

@@ -75,6 +75,14 @@ def _fail(owner: str, name: str, value: Any, why: str, where: str = "qsparse_com
     raise ConfigError(f"{where}: {owner}.{name}={value!r} {why}")
 
 
+def _refuse_bools(owner: str, config: Any, names: tuple[str, ...]) -> None:
+    """Numeric fields take numbers: a bool is an int to Python (True == 1), so density=True would read as 1."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool):
+            _fail(owner, name, value, "must be a number, not a bool")
+
+
 def _check_known_fields(cls: type, owner: str, value: Mapping[str, Any], where: str = "qsparse_compiler.config") -> None:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(value) - known)
@@ -136,6 +144,7 @@ class QuantConfig:
     version: int = 1
 
     def __post_init__(self) -> None:
+        _refuse_bools("QuantConfig", self, ("group_size",))
         for name in ("enabled", "act_quant_in_graph"):
             if not isinstance(getattr(self, name), bool):
                 _fail("QuantConfig", name, getattr(self, name), "must be True or False")
@@ -179,6 +188,7 @@ class SparsityConfig:
     version: int = 1
 
     def __post_init__(self) -> None:
+        _refuse_bools("SparsityConfig", self, ("density", "block_q", "block_kv"))
         if not isinstance(self.enabled, bool):
             _fail("SparsityConfig", "enabled", self.enabled, "must be True or False")
         if self.attention_precision not in ATTENTION_PRECISIONS:
@@ -228,6 +238,7 @@ class CacheConfig:
     version: int = 1
 
     def __post_init__(self) -> None:
+        _refuse_bools("CacheConfig", self, ("refresh_first", "refresh_every", "order", "rank", "max_branches"))
         if not isinstance(self.enabled, bool):
             _fail("CacheConfig", "enabled", self.enabled, "must be True or False")
         if not isinstance(self.refresh_first, int) or self.refresh_first < 1:
@@ -276,6 +287,7 @@ class ParallelConfig:
     version: int = 1
 
     def __post_init__(self) -> None:
+        _refuse_bools("ParallelConfig", self, ("ulysses_degree", "ulysses_rank"))
         if not isinstance(self.ulysses_degree, int) or self.ulysses_degree < 1:
             _fail("ParallelConfig", "ulysses_degree", self.ulysses_degree, "must be an int >= 1 (1 = no parallelism)")
         if not isinstance(self.ulysses_rank, int) or not 0 <= self.ulysses_rank < self.ulysses_degree:
@@ -300,6 +312,11 @@ class QuantSparseConfig:
                 weights, LoRA tensors, residual caches) and their reports; None = the process's default session.
     parallel    the ``ParallelConfig`` (Ulysses degree and rank) the graph runs under; ``qs.optimize`` sets it for a
                 transformer with diffusers' context parallelism.
+    mode        a ``torch.compile`` mode ("max-autotune", ...) for Inductor, given here because torch.compile takes
+                ``mode=`` or ``options=``, not both; ``inductor`` patches apply over it.
+
+    A static ``skip`` pattern (a head that computes nothing and reads its output from the residual cache) needs the
+    cache: without it the head's output would be zeros, so that combination is refused.
     """
 
     quant: QuantConfig = field(default_factory=QuantConfig)
@@ -312,6 +329,7 @@ class QuantSparseConfig:
     runtime: Any = None
     session: Any = None
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    mode: str | None = None
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -334,6 +352,16 @@ class QuantSparseConfig:
             _fail("QuantSparseConfig", "report", self.report, "must be True or False")
         if not isinstance(self.inductor, Mapping):
             _fail("QuantSparseConfig", "inductor", self.inductor, "must be a dict of Inductor config patches")
+        modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+        if self.mode is not None and self.mode not in modes:
+            _fail("QuantSparseConfig", "mode", self.mode, f"must be one of {modes} or None")
+        from .ops.video_layout import parse_pattern_spec
+
+        skips = [name for name, _ in parse_pattern_spec(self.sparsity.pattern, self.sparsity.density) if name == "skip"]
+        if self.plan is None and self.sparsity.enabled and not self.cache.enabled and skips:
+            _fail("QuantSparseConfig", "sparsity.pattern", self.sparsity.pattern,
+                  "has skip heads, which compute nothing and read their output from the residual cache: enable the "
+                  "cache (options['cache'] = {'enabled': True}, or qs.optimize(..., cache=True)) or use another pattern")
         if self.version != 1:
             _fail("QuantSparseConfig", "version", self.version, "is not supported by this release (knows version 1)")
 

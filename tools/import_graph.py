@@ -26,6 +26,7 @@ PACKAGE = "qsparse_compiler"
 FACADE = "(package)"
 # Lowest first: a layer may import only layers before it. Layers on one line do not import each other.
 LAYERS = [
+    "_version",  # the package version (pyproject.toml reads it); imports nothing
     "formats",  # int4 storage format, block layout type, patterns and the pattern-spec registry; imports nothing here
     "kernels",  # Triton kernels
     "ops",  # qsparse:: ops (schema, fake, reference, CUDA kernel), the per-forward context the ops read
@@ -36,6 +37,7 @@ LAYERS = [
     "calibration",  # produces plans
     "eval",  # fidelity, synthetic video, reference and tiny models
     "cli",
+    "__main__",  # python -m qsparse_compiler: the CLI
     FACADE,
 ]
 

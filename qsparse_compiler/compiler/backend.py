@@ -270,9 +270,13 @@ def quantsparse(
         warnings.warn("qsparse_compiler: graph traced with autograd enabled; nothing was rewritten. "
                       "Run inference under torch.no_grad().", stacklevel=2)
     log.info(report.summary())
+    shortfalls = report.shortfalls()
+    if shortfalls:
+        log.warning("\n".join(shortfalls))
     input_fakes = [fake_value(n) for n in gm.graph.nodes if n.op == "placeholder"][: len(example_inputs)]
     compiled = compile_fx(
-        gm, [*example_inputs, *ctx.inputs.examples], config_patches=_inductor_patches(mode, config.inductor)
+        gm, [*example_inputs, *ctx.inputs.examples],
+        config_patches=_inductor_patches(mode or config.mode, config.inductor),
     )
     if not ctx.inputs.slots and not any(s.device.type == "cuda" for s in ctx.layout_slots):
         return compiled

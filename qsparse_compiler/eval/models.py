@@ -35,13 +35,14 @@ class TinyModel:
     conditioning_linears: int = 0  # block linears without a token dimension (adaptive-norm modulation: int4 weight-only)
 
 
-def tiny_wan(num_layers: int = 2, dtype: torch.dtype = torch.float32, heads: int = 2) -> TinyModel:
-    """``heads`` splits the same 64 channels into more, smaller heads (4 heads of 16 for per-head tests)."""
+def tiny_wan(num_layers: int = 2, dtype: torch.dtype = torch.float32, heads: int = 2, width: int = 64) -> TinyModel:
+    """``heads`` splits the same ``width`` channels into more, smaller heads (4 heads of 16 for per-head tests);
+    ``width=128`` makes every block linear quantizable with the default group size (the CLI's models)."""
     from diffusers import WanTransformer3DModel
 
     model = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=64 // heads, in_channels=4, out_channels=4,
-        text_dim=32, freq_dim=32, ffn_dim=128, num_layers=num_layers, cross_attn_norm=True,
+        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=width // heads, in_channels=4,
+        out_channels=4, text_dim=32, freq_dim=32, ffn_dim=2 * width, num_layers=num_layers, cross_attn_norm=True,
         qk_norm="rms_norm_across_heads", rope_max_seq_len=64,
     ).eval().to(dtype)
 
@@ -57,13 +58,16 @@ def tiny_wan(num_layers: int = 2, dtype: torch.dtype = torch.float32, heads: int
     return TinyModel("wan", model, make_inputs, block_linears=10 * num_layers, video_attentions=num_layers)
 
 
-def tiny_hunyuan(dtype: torch.dtype = torch.float32, num_layers: int = 1, num_single_layers: int = 1) -> TinyModel:
+def tiny_hunyuan(dtype: torch.dtype = torch.float32, num_layers: int = 1, num_single_layers: int = 1,
+                 width: int = 64) -> TinyModel:
     from diffusers import HunyuanVideoTransformer3DModel
 
+    scale = width // 64  # the rotary axes split the head dimension (32 per 64 channels)
     model = HunyuanVideoTransformer3DModel(
-        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=32, num_layers=num_layers,
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=width // 2, num_layers=num_layers,
         num_single_layers=num_single_layers, num_refiner_layers=1, mlp_ratio=2.0, patch_size=2, patch_size_t=1,
-        qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=32, pooled_projection_dim=16, rope_axes_dim=(8, 12, 12),
+        qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=32, pooled_projection_dim=16,
+        rope_axes_dim=(8 * scale, 12 * scale, 12 * scale),
     ).eval().to(dtype)
 
     def make_inputs(frames: int = 3, batch: int = 1, height: int = 16, width: int = 16) -> dict[str, torch.Tensor]:
@@ -87,11 +91,11 @@ def tiny_hunyuan(dtype: torch.dtype = torch.float32, num_layers: int = 1, num_si
                      conditioning_linears=2 * num_layers + num_single_layers)
 
 
-def tiny_cogvideox(num_layers: int = 2, dtype: torch.dtype = torch.float32) -> TinyModel:
+def tiny_cogvideox(num_layers: int = 2, dtype: torch.dtype = torch.float32, width: int = 64) -> TinyModel:
     from diffusers import CogVideoXTransformer3DModel
 
     model = CogVideoXTransformer3DModel(
-        num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4, time_embed_dim=32,
+        num_attention_heads=2, attention_head_dim=width // 2, in_channels=4, out_channels=4, time_embed_dim=32,
         text_embed_dim=32, num_layers=num_layers, sample_width=16, sample_height=16, sample_frames=9, patch_size=2,
         temporal_compression_ratio=4, max_text_seq_length=8, use_rotary_positional_embeddings=False,
     ).eval().to(dtype)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import logging
 from typing import Any, Mapping
 
 import torch
@@ -70,7 +71,74 @@ def release_dense_weights(pipe_or_model: Any) -> int:
 
     transformer = getattr(pipe_or_model, "transformer", pipe_or_model)
     module = getattr(transformer, "_orig_mod", transformer)
-    return default_store.release_dense(module)
+    freed = default_store.release_dense(module)
+    if freed and hasattr(module, "save_pretrained"):
+        module.save_pretrained = _refuse_save_after_release
+    return freed
+
+
+def _refuse_save_after_release(*args: Any, **kwargs: Any) -> None:
+    """``save_pretrained`` of a model whose dense weights were released: they are gone, so it would write empty
+    tensors (safetensors: "invalid shape, data type, or offset")."""
+    raise RuntimeError(
+        "qsparse_compiler: save_pretrained after release_dense_weights: the model's dense weights were freed and "
+        "the packed int4 weights are not a diffusers checkpoint. Save the dense model before releasing (the packed "
+        "weights are rebuilt from it at compile: round-to-nearest, or a calibrated plan's plan.safetensors)"
+    )
+
+
+def _uncompiled(transformer: torch.nn.Module) -> torch.nn.Module:
+    """The transformer without an earlier ``torch.compile``: an ``OptimizedModule`` is unwrapped and an in-place
+    ``module.compile()`` (of the model or of its blocks, e.g. ``compile_repeated_blocks``) undone - otherwise the
+    earlier compile keeps running and this one is a silent no-op. Logged as a warning."""
+    undone = []
+    if isinstance(transformer, torch._dynamo.eval_frame.OptimizedModule):
+        transformer = transformer._orig_mod
+        undone.append("torch.compile(transformer)")
+    for name, module in transformer.named_modules():
+        if getattr(module, "_compiled_call_impl", None) is not None:
+            module._compiled_call_impl = None
+            undone.append(f"{name or type(transformer).__name__}.compile()")
+    if undone:
+        logging.getLogger("qsparse_compiler").warning(
+            "qsparse_compiler.optimize: the transformer was already compiled (%s%s); that compile is undone and the "
+            "transformer compiled with backend='quantsparse' instead", ", ".join(undone[:3]),
+            f" and {len(undone) - 3} more" if len(undone) > 3 else "")
+    return transformer
+
+
+def _summary(transformer: torch.nn.Module, config: QuantSparseConfig, blocks: list[torch.nn.Module], how: str) -> str:
+    """qs.optimize's one-screen summary: how the transformer is compiled and with which settings."""
+    kinds = sorted({type(block).__name__ for block in blocks})
+    compile_line = {
+        "regional": f"regional: {len(blocks)} blocks ({', '.join(kinds)}), one graph per block structure",
+        "whole": "the whole transformer as one graph",
+        "cuda graphs": "the whole transformer twice (refresh and reuse graphs), CUDA graphs",
+    }[how]
+    quant, sparsity, cache = config.quant, config.sparsity, config.cache
+    if config.plan:
+        weights, attention = f"the plan's ({config.plan})", f"the plan's per-head patterns ({config.plan})"
+    else:
+        weights = (f"int4 round-to-nearest, group {quant.group_size}, activations {quant.act_format}"
+                   if quant.enabled else "kept (quant.enabled=False)")
+        attention = (f"{sparsity.pattern} at density {sparsity.density:g}, {sparsity.block_q}x{sparsity.block_kv} "
+                     "tiles" if sparsity.enabled else "dense (sparsity.enabled=False)")
+    if not cache.enabled:
+        cache_line = "off"
+    elif cache.override_plan or not config.plan:
+        cache_line = (f"refresh the first {cache.refresh_first} steps then every {cache.refresh_every}, order "
+                      f"{cache.order}")
+    else:
+        cache_line = "the plan's per-site schedule"
+    return "\n".join([
+        f"qsparse_compiler.optimize: {type(transformer).__name__}",
+        f"  compile     {compile_line}",
+        f"  linears     {weights}",
+        f"  attention   {attention}",
+        f"  cache       {cache_line}",
+        "  the first call compiles (minutes for a full-size model); a WARNING then names any site left dense, "
+        "qsparse_compiler.backend.reports() holds every rewrite",
+    ])
 
 
 def _repeated_blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
@@ -191,6 +259,7 @@ def optimize(
     regional: bool | None = None,
     cuda_graphs: bool = False,
     parallel: Any = None,
+    summary: bool = True,
 ) -> Any:
     """Compile ``pipe.transformer`` (or a bare transformer) with backend="quantsparse"; returns what it was given.
 
@@ -207,6 +276,8 @@ def optimize(
               transformer (``enable_parallelism``; torch.distributed must be initialized) and compile this rank's
               blocks for its heads. A transformer already running under ``enable_parallelism`` is detected without
               it. Ring attention is refused (runtime/parallel.py).
+    summary   print a one-screen summary of what will be compiled and how (the rewrites themselves are reported when
+              the first call compiles: a logging WARNING names every site left dense, and why).
     """
     transformer = getattr(pipe_or_model, "transformer", pipe_or_model)
     if not isinstance(transformer, torch.nn.Module):
@@ -214,6 +285,10 @@ def optimize(
             f"qsparse_compiler.optimize: expected a diffusers pipeline with .transformer or an nn.Module, "
             f"got {type(pipe_or_model).__name__}"
         )
+    if transformer is pipe_or_model:
+        pipe_or_model = transformer = _uncompiled(transformer)
+    else:
+        transformer = _uncompiled(transformer)
     runtime = ResidualCacheRuntime()
     backend_options: dict[str, Any] = dict(options or {})
     backend_options["runtime"] = runtime
@@ -234,7 +309,7 @@ def optimize(
         backend_options["cache"] = {"enabled": False, "override_plan": True}
     # Checked now, not at the first call: a bad option would otherwise surface from inside Dynamo as a
     # BackendCompilerFailed at the first forward.
-    QuantSparseConfig.from_options(backend_options)
+    config = QuantSparseConfig.from_options(backend_options)
     blocks = _repeated_blocks(transformer)
     if regional is None:
         regional = not cuda_graphs and bool(blocks) and (plan is None or _plan_is_uniform(str(plan), transformer))
@@ -258,6 +333,9 @@ def optimize(
         compiled = torch.compile(transformer, backend="quantsparse", options=_with_mode(backend_options, mode),
                                  fullgraph=fullgraph)
     setattr(compiled, _RUNTIME_ATTR, runtime)
+    if summary:
+        how = "cuda graphs" if cuda_graphs else "regional" if regional else "whole"
+        print(_summary(transformer, config, blocks, how))
     if transformer is pipe_or_model:
         return compiled
     pipe_or_model.transformer = compiled

@@ -140,6 +140,9 @@ class PackedWeightStore:
 
         The tensors keep their shape, dtype and device (Dynamo's guards and the compiled graphs still see the same
         parameters), but their data is gone: only compiled graphs that use the packed weights may run afterwards.
+        A parameter whose storage cannot be resized - memory-mapped from a safetensors file by ``from_pretrained`` -
+        first gets a storage of its own (``param.data`` replaced: same parameter object, shape and strides; the
+        new storage is never written, so its pages are never touched), whose release drops the file mapping.
         """
         freed = 0
         with self._lock:
@@ -149,6 +152,10 @@ class PackedWeightStore:
                     continue
                 storage = param.untyped_storage()
                 freed += storage.nbytes()
+                if not storage.resizable():
+                    with torch.no_grad():
+                        param.data = torch.empty_like(param)
+                    storage = param.untyped_storage()
                 storage.resize_(0)
                 entry.released = True
         return freed

@@ -84,11 +84,11 @@ def test_per_head_pattern_is_sliced_to_the_heads_of_a_ulysses_rank():
     """A 2-head graph as rank 1 of 2 sees it in a 4-head model: pattern entries 2 and 3; without the parallel option
     the 4 entries do not fit 2 heads and the site stays dense with the fix in the reason."""
     tiny = tiny_wan(num_layers=1)
-    sparsity = {**TEST_OPTIONS["sparsity"], "pattern": "local3d:0.3;dense;skip;multidiag:0.4"}
+    sparsity = {**TEST_OPTIONS["sparsity"], "pattern": "local3d:0.3;dense;stripe:0.5;multidiag:0.4"}
     _, sites, _ = rewrite(tiny.model, tiny.make_inputs(), {**TEST_OPTIONS, "sparsity": sparsity,
                                                            "parallel": {"ulysses_degree": 2, "ulysses_rank": 1}})
     assert sites["blocks.0.attn1"].action == "sparse_attention"
-    assert sites["blocks.0.attn1"].reason.startswith("skip;multidiag:0.4 @")
+    assert sites["blocks.0.attn1"].reason.startswith("stripe:0.5;multidiag:0.4 @")
     assert sites["blocks.0.attn1"].reason.endswith("heads 2..3 of 4 (Ulysses rank 1 of 2)")
     _, sites, _ = rewrite(tiny.model, tiny.make_inputs(), {**TEST_OPTIONS, "sparsity": sparsity})
     assert sites["blocks.0.attn1"].action == "kept"

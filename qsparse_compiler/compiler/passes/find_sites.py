@@ -57,9 +57,14 @@ class VideoGrid:
     width: Any
     conv: fx.Node | None  # None: the grid comes from the runtime context (a block compiled on its own)
     batch_source: fx.Node | None  # Conv2d case: the 5-D latents whose batch divides the conv batch
+    # A block compiled on its own: the graph's (possibly symbolic) size of the video tokens, which the grid of the
+    # compiling forward only gives at one shape (see _context_grid).
+    tokens: Any = None
 
     @property
     def video_len(self) -> Any:
+        if self.tokens is not None:
+            return self.tokens
         return self.frames * self.height * self.width
 
     def emit(self, graph: fx.Graph) -> tuple[Any, Any, Any]:
@@ -183,11 +188,28 @@ def _fqn_prefix(gm: fx.GraphModule, example_inputs: list[Any]) -> str:
     return ""
 
 
-def _context_grid() -> VideoGrid | None:
-    from ...ops.context import current_video_grid
+def _context_grid(gm: fx.GraphModule, example_inputs: list[Any]) -> VideoGrid | None:
+    """The grid of the forward being compiled, for a block compiled on its own. Its token count is taken as the
+    block's own size of the video tokens: once Dynamo recompiles the block with a symbolic sequence length (a second
+    resolution), that symbol - not the compiling forward's number - is what the attention's length is compared with,
+    so the graph stays sparse at every shape it serves (the layout's grid comes from each forward:
+    ops/video_layout.py)."""
+    from ...ops.context import current_video_grid, parameter_name
 
     grid = current_video_grid()
-    return None if grid is None else VideoGrid(*grid, conv=None, batch_source=None)
+    if grid is None:
+        return None
+    frames, height, width = grid
+    video_len = frames * height * width
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, value in zip(placeholders, example_inputs):
+        fake = fake_value(node)
+        if not isinstance(fake, torch.Tensor) or isinstance(value, torch.nn.Parameter) or parameter_name(value):
+            continue
+        for size in fake.shape:
+            if isinstance(size, torch.SymInt) and size.node.hint == video_len:
+                return VideoGrid(frames, height, width, conv=None, batch_source=None, tokens=size)
+    return VideoGrid(frames, height, width, conv=None, batch_source=None)
 
 
 class FindSites:
@@ -198,7 +220,7 @@ class FindSites:
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> int:
         prefix = _fqn_prefix(gm, ctx.example_inputs)
         ctx.analysis["prefix"] = prefix
-        grid = _find_grid(gm) or (_context_grid() if prefix else None)
+        grid = _find_grid(gm) or (_context_grid(gm, ctx.example_inputs) if prefix else None)
         if prefix:
             ctx.report.notes.append(
                 f"regional graph: compiled for {prefix.rstrip('.')} and shared by every block of the same structure "
@@ -243,7 +265,14 @@ class FindSites:
         if not same_size(seq_len, k_val.shape[-2]) or _projection_inputs(q, scope) != _projection_inputs(k, scope):
             return AttentionSite(node, fqn, "cross_attention", seq_len, why="keys come from another sequence")
         if grid is None:
-            return AttentionSite(node, fqn, "attention", seq_len, why="no video token grid in this graph")
+            why = "no video token grid in this graph"
+            if not prefix and not re.search(r"(^|\.)\d+(\.|$)", relative):
+                # No patch embedding, no regional prefix, no block index in the name: a block compiled on its own
+                # (compile_repeated_blocks).
+                why += (" (a block compiled on its own, e.g. by compile_repeated_blocks, sees no latents: compile "
+                        "through qs.optimize(pipe), which compiles the repeated blocks regionally and gives them the "
+                        "grid)")
+            return AttentionSite(node, fqn, "attention", seq_len, why=why)
         if same_size(seq_len, grid.video_len):
             return AttentionSite(node, fqn, "self_attention", seq_len, video_start=0)
         start = _video_start(q, seq_len, grid.video_len, scope)

@@ -11,6 +11,7 @@ import torch.fx as fx
 
 __all__ = [
     "normalize_path",
+    "model_root",
     "module_fqn",
     "source_fqn",
     "fake_value",
@@ -60,23 +61,71 @@ def normalize_path(path: str) -> str:
     return ".".join(parts)
 
 
+def _is_diffusers_model(module_type: Any) -> bool:
+    if not isinstance(module_type, type):
+        return False
+    return any(cls.__name__ == "ModelMixin" and cls.__module__.startswith("diffusers") for cls in module_type.__mro__)
+
+
+def model_root(gm: fx.GraphModule) -> str:
+    """The path (as ``normalize_path`` writes it) of the model whose FQNs the graph's sites take, + ".", or "".
+
+    Module FQNs are relative to the model, however it was compiled: the model itself (its root is Dynamo's
+    ``L['self']``, dropped), a function calling it (``G['net']`` / ``L['net']``) or a module holding it
+    (``L['self'].transformer``). Read from Dynamo's ``nn_module_stack``, which records every module call with its
+    class: the outermost diffusers model called in the graph is the root; without one, a graph whose root is not the
+    compiled module itself takes the one module every call goes through."""
+    cached = gm.meta.get("qsparse_model_root")
+    if cached is not None:
+        return cached
+    outermost: list[tuple[str, Any]] = []
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            path, module_type = list(stack.values())[0][:2]
+            outermost.append((path, module_type))
+    root = ""
+    models = []
+    for node in gm.graph.nodes:
+        for path, module_type in (node.meta.get("nn_module_stack") or {}).values():
+            if _is_diffusers_model(module_type):
+                models.append(normalize_path(path))
+    if models:
+        root = min(models, key=len)
+    elif outermost and not any(path.startswith(f"L['{word}']") for path, _ in outermost for word in _ROOTS):
+        paths = {normalize_path(path) for path, _ in outermost}
+        if len(paths) == 1:
+            root = paths.pop()
+    root = root + "." if root else ""
+    gm.meta["qsparse_model_root"] = root
+    return root
+
+
+def _relative_to_model(node: fx.Node, fqn: str) -> str:
+    gm = node.graph.owning_module
+    root = model_root(gm) if gm is not None else ""
+    return fqn[len(root):] if root and fqn.startswith(root) else fqn
+
+
 def module_fqn(node: fx.Node) -> str | None:
-    """FQN of the innermost module the node was traced in, or None at top level."""
+    """FQN of the innermost module the node was traced in (relative to the model, see ``model_root``), or None at
+    top level."""
     stack = node.meta.get("nn_module_stack")
     if not stack:
         return None
     path = list(stack.values())[-1][0]
-    return normalize_path(path)
+    return _relative_to_model(node, normalize_path(path))
 
 
 def source_fqn(placeholder: fx.Node) -> str | None:
-    """FQN of the parameter/buffer/input a Dynamo placeholder stands for."""
+    """FQN of the parameter/buffer/input a Dynamo placeholder stands for (a parameter's relative to the model, see
+    ``model_root``)."""
     grapharg = placeholder.meta.get("grapharg")
     source = getattr(grapharg, "source", None)
     if source is None:
         return None
     name = source.name  # a property in torch >= 2.13, a method before
-    return normalize_path(name() if callable(name) else name)
+    return _relative_to_model(placeholder, normalize_path(name() if callable(name) else name))
 
 
 def fake_value(node: Any) -> Any:

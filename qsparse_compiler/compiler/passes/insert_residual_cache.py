@@ -20,7 +20,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ...config import CacheConfig
+from ...config import CacheConfig, ConfigError
+from ...formats.pattern_spec import parse_pattern_spec
 from ...ops.residual_attention import MODE_AUTO, MODE_REFRESH, MODE_REUSE
 from ...runtime.residual_cache import state_layout
 from .graph_inputs import CacheSlot
@@ -47,6 +48,19 @@ def _site_schedule(ctx: PassContext, fqn: str) -> CacheConfig | None:
     return ctx.config.cache if ctx.config.cache.enabled else None
 
 
+def _refuse_skip_heads(sparse_attention: fx.Node, fqn: str) -> None:
+    """A ``skip`` head computes nothing: its output is the residual cache's. Without a cache it would be zeros."""
+    layout = sparse_attention.args[3].args[0]  # getitem(video_block_layout(...), 0)
+    pattern, density = layout.args[5], layout.args[6]
+    skipped = [head for head, (name, _) in enumerate(parse_pattern_spec(pattern, density)) if name == "skip"]
+    if skipped:
+        raise ConfigError(
+            f"qsparse_compiler: {fqn} has skip heads {skipped} (pattern {pattern!r}) but no residual cache, so they "
+            "would output zeros; compile through qs.optimize(pipe, plan=..., cache=True), or pass "
+            "options['cache'] = {'enabled': True} with options['runtime'] driving the steps"
+        )
+
+
 class InsertResidualCache:
     name = "insert_residual_cache"
 
@@ -64,6 +78,7 @@ class InsertResidualCache:
             fqn = ctx.analysis.get("prefix", "") + (module_fqn(node) or node.name)
             schedule = _site_schedule(ctx, fqn)
             if schedule is None:
+                _refuse_skip_heads(node, fqn)
                 continue
             (out,) = [u for u in node.users if u.target is operator.getitem and u.args[1] == 0]
             q, k, v = node.args[:3]

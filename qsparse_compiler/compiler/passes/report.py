@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 __all__ = ["SiteReport", "RewriteReport"]
+
+# Reasons that are the user's own choice (or already warned about: autograd), not a shortfall of the compile.
+_CHOSEN = ("sparsity disabled", "the plan keeps", "autograd")
+_IN_REPEATED_BLOCK = re.compile(r"(^|\.)\d+\.")
 
 
 @dataclass
@@ -59,6 +65,28 @@ class RewriteReport:
             )
         lines.extend(self.notes)
         return "\n".join(lines)
+
+    def shortfalls(self) -> list[str]:
+        """Warning lines when this graph rewrote less than it should - a video self/joint attention left dense, a
+        block compiled without its video grid, or a graph with repeated blocks that rewrote nothing - one line per
+        reason with its count and an example site; [] when the graph did its job."""
+        video = [site for site in self.sites
+                 if site.kind in ("self_attention", "joint_attention") or "compiled on its own" in site.reason]
+        dense = [site for site in video if site.action == "kept" and not site.reason.startswith(_CHOSEN)]
+        nothing = self.sites and all(site.action == "kept" for site in self.sites)
+        shown = dense
+        if nothing and (dense or any(_IN_REPEATED_BLOCK.search(site.fqn) for site in self.sites)):
+            shown = [site for site in self.sites if not site.reason.startswith(_CHOSEN)]
+        if not shown:
+            return []
+        head = (f"qsparse_compiler: graph {self.graph_index} rewrote "
+                + ("none of its " + str(len(self.sites)) + " sites" if nothing else
+                   f"{len(video) - len(dense)} of {len(video)} video attentions") + ":")
+        examples: dict[str, str] = {}
+        for site in shown:
+            examples.setdefault(site.reason, site.fqn)
+        counts = Counter(site.reason for site in shown)
+        return [head] + [f"  {count} x {reason} (e.g. {examples[reason]})" for reason, count in counts.most_common()]
 
     def print_table(self) -> None:
         from rich.console import Console
