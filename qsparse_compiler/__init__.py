@@ -9,7 +9,7 @@ from . import backend, runtime  # importing backend registers backend="quantspar
 from .calibration import CalibrationConfig, calibrate
 from .config import CacheConfig, QuantConfig, QuantSparseConfig, SparsityConfig
 from .plan import load_plan, save_plan
-from .runtime.pipeline import optimize, release_dense_weights, runtime_of
+from .runtime.pipeline import optimize, release_dense_weights, restore, runtime_of
 from .runtime.residual_cache import ResidualCacheRuntime
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "load_plan",
     "optimize",
     "release_dense_weights",
+    "restore",
     "runtime",
     "runtime_of",
     "save_plan",

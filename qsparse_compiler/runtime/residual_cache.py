@@ -2,15 +2,23 @@
 
 One ``ResidualCacheRuntime`` belongs to one compiled model (``qs.optimize`` makes one; plain ``torch.compile`` users
 pass ``options={"runtime": rt}`` or share the process-wide ``default_runtime``). It keeps, per attention site (module
-FQN) and per branch (the n-th call of that site within one step: conditional / unconditional CFG passes), the
-buffers of ``qsparse::residual_attention`` and the host-side facts the schedule needs. The device never reports
-back: which step refreshes is decided on the host from the step counter, so the hot path has no sync.
+FQN) and per CFG branch, the buffers of ``qsparse::residual_attention`` and the host-side facts the schedule needs.
+The device never reports back: which step refreshes is decided on the host from the step counter, so the hot path
+has no sync.
+
+Branches: the name of diffusers' ``cache_context`` ("cond" / "uncond") where the pipeline sets one
+(runtime/context.py ``forward_branch``); else the n-th call of the site within one step.
 
 Step tracking:
-- a diffusers pipeline: ``qs.optimize(pipe, ...)`` resets at the start of every ``pipe(...)`` call and advances after
-  every ``pipe.scheduler.step``;
+- a diffusers pipeline: ``qs.optimize(pipe, ...)`` installs a hook (runtime/hooks.py) that reads the step from the
+  pipeline's cache context or its scheduler and starts over at every new generation;
 - a bare model in a loop: ``with runtime.generation(): for ...: runtime.step(); model(...)`` (or ``runtime.reset()``
   and ``runtime.step(i)`` by hand).
+
+Skipped steps (a step cache such as diffusers' FirstBlockCache skips the blocks, so a site is not called at every
+step): each branch remembers the step of its last call. A refresh step that fell in the gap is owed and the next call
+refreshes; a reuse after a gap first sets the device step counter to the steps since the refresh, so order 2 adds
+``(step - refresh step) * dR`` and a refresh's dR divides by the true distance between the two refreshes.
 
 A change of batch size, resolution or dtype at a site drops that site's buffers and starts it over (a refresh), and
 the report counts it; it never reuses a residual of another shape.
@@ -32,6 +40,7 @@ from typing import Iterator
 import torch
 
 from ..config import CacheConfig
+from .context import current_branch
 
 __all__ = ["ResidualCacheRuntime", "default_runtime", "CacheError", "state_layout"]
 
@@ -44,13 +53,15 @@ class CacheError(RuntimeError):
 class _Branch:
     state: list[torch.Tensor]
     refreshed_at: int | None = None  # step of the last refresh (host-side), None = empty
+    last_step: int | None = None  # step of the last call (host-side): a larger gap than 1 means skipped steps
 
 
 @dataclass
 class _Site:
     schedule: CacheConfig
-    branches: dict[int, _Branch] = field(default_factory=dict)
+    branches: dict[int | str, _Branch] = field(default_factory=dict)  # by cache-context name or call position
     calls_this_step: int = 0
+    named_calls: dict[str, int] = field(default_factory=dict)  # calls of each cache-context name this step
     refreshes: int = 0
     reuses: int = 0
     resets: int = 0
@@ -74,6 +85,7 @@ class ResidualCacheRuntime:
             self._step = 0
             for site in self._sites.values():
                 site.calls_this_step = 0
+                site.named_calls.clear()
                 site.owner = None
                 _empty(site)
 
@@ -83,6 +95,7 @@ class ResidualCacheRuntime:
             self._step = self._step + 1 if index is None else int(index)
             for site in self._sites.values():
                 site.calls_this_step = 0
+                site.named_calls.clear()
             return self._step
 
     @contextlib.contextmanager
@@ -105,15 +118,23 @@ class ResidualCacheRuntime:
             site = self._sites.setdefault(fqn, _Site(schedule))
             if owner is not None:
                 _claim(site, fqn, owner)
-            branch_index = site.calls_this_step
+            key = _branch_key(site)
             site.calls_this_step += 1
-            if branch_index >= schedule.max_branches:
-                raise CacheError(
-                    f"qsparse_compiler.runtime: attention {fqn} ran {branch_index + 1} times in step {self._step} "
-                    f"(max_branches={schedule.max_branches}); advance the step between denoising steps "
-                    "(qs.optimize(pipe) does it, or call runtime.step() in your loop), or raise cache.max_branches"
-                )
-            branch = site.branches.get(branch_index)
+            if isinstance(key, str):
+                site.named_calls[current_branch()] = site.named_calls.get(current_branch(), 0) + 1
+            branch = site.branches.get(key)
+            if branch is None and len(site.branches) >= schedule.max_branches:
+                # Branches left empty by reset() (e.g. call positions before the pipeline named its branches).
+                for stale in [k for k, b in site.branches.items() if b.refreshed_at is None]:
+                    del site.branches[stale]
+                if len(site.branches) >= schedule.max_branches:
+                    raise CacheError(
+                        f"qsparse_compiler.runtime: attention {fqn} ran {site.calls_this_step} times in step "
+                        f"{self._step}: branch {key!r} is one more than max_branches={schedule.max_branches} "
+                        f"(branches {sorted(map(str, site.branches))}); "
+                        "advance the step between denoising steps (qs.optimize(pipe) does it, or call "
+                        "runtime.step() in your loop), or raise cache.max_branches"
+                    )
             layout = state_layout(shape, schedule, dtype)
             if branch is None or [(tuple(t.shape), t.dtype) for t in branch.state] != layout \
                     or branch.state[0].device != device:
@@ -121,8 +142,13 @@ class ResidualCacheRuntime:
                     site.resets += 1
                 state = [torch.zeros(s, dtype=d, device=device) for s, d in layout[:-1]]
                 state.append(torch.full((1,), -1.0, dtype=torch.float32, device=device))
-                branch = site.branches[branch_index] = _Branch(state)
-            refresh = branch.refreshed_at is None or schedule.is_refresh_step(self._step)
+                branch = site.branches[key] = _Branch(state)
+            refresh = _refresh_due(schedule, branch, self._step)
+            if branch.refreshed_at is not None and branch.last_step is not None \
+                    and self._step - branch.last_step > 1 and self._step > branch.refreshed_at:
+                # Skipped steps: the op counts its calls; make it count steps (no sync: a host value).
+                branch.state[-1].fill_(float(self._step - branch.refreshed_at - 1))
+            branch.last_step = self._step
             if refresh:
                 branch.refreshed_at = self._step
                 site.refreshes += 1
@@ -135,18 +161,16 @@ class ResidualCacheRuntime:
         site = self._sites.get(fqn)
         if site is None:
             return True
-        branch = site.branches.get(site.calls_this_step)
-        return branch is None or branch.refreshed_at is None or schedule.is_refresh_step(self._step)
+        return _refresh_due(schedule, site.branches.get(_branch_key(site)), self._step)
 
     def needs_refresh(self, schedule: CacheConfig) -> bool:
         """Whether the next call refreshes under one schedule shared by every site (picks the refresh or the reuse
-        graph when each path is its own CUDA graph): the step says so, or a site has no residual yet."""
-        if not self._sites or schedule.is_refresh_step(self._step):
+        graph when each path is its own CUDA graph): the step says so (or a refresh step was skipped), or a site has
+        no residual yet."""
+        if not self._sites:
             return True
-        return any(
-            (branch := site.branches.get(site.calls_this_step)) is None or branch.refreshed_at is None
-            for site in self._sites.values()
-        )
+        return any(_refresh_due(schedule, site.branches.get(_branch_key(site)), self._step)
+                   for site in self._sites.values())
 
     # -- reporting -------------------------------------------------------------------------------------------------
     def memory_report(self) -> dict[str, dict[str, int]]:
@@ -167,10 +191,32 @@ class ResidualCacheRuntime:
             self._step = 0
 
 
+def _branch_key(site: _Site) -> int | str:
+    """The branch of the call about to run: its cache-context name (a second call under one name in one step is a
+    branch of its own, "cond#1"), else its position among this step's calls."""
+    name = current_branch()
+    if name is None:
+        return site.calls_this_step
+    repeat = site.named_calls.get(name, 0)
+    return name if repeat == 0 else f"{name}#{repeat}"
+
+
+def _refresh_due(schedule: CacheConfig, branch: _Branch | None, step: int) -> bool:
+    """A call at ``step`` refreshes when the branch is empty, or a refresh step of ``schedule`` lies in
+    (last call, step] - one that a step cache skipped is owed, not dropped - or the clock went back. A repeated
+    call at its last step (a benchmark timing one step) follows the schedule."""
+    if branch is None or branch.refreshed_at is None or branch.last_step is None or step < branch.last_step:
+        return True
+    if step == branch.last_step:
+        return schedule.is_refresh_step(step)
+    return any(schedule.is_refresh_step(s) for s in range(branch.last_step + 1, step + 1))
+
+
 def _empty(site: _Site) -> None:
     """Mark every branch of ``site`` empty: its next call refreshes."""
     for branch in site.branches.values():
         branch.refreshed_at = None
+        branch.last_step = None
         branch.state[-1].fill_(-1.0)
 
 
