@@ -14,6 +14,7 @@ without importing this package first. Each graph Dynamo hands over (one per comp
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import warnings
@@ -22,7 +23,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.fx as fx
 
-from .config import QuantSparseConfig
+from .config import SCHEDULE_KEYS, QuantSparseConfig
 from .passes import PassContext, default_passes, run_passes
 from .passes.graph_utils import fake_value
 from .passes.report import RewriteReport
@@ -105,7 +106,8 @@ class _RuntimeInputs:
             for slot in self.cache_slots:
                 shape = tuple(_evaluate(dim, env) for dim in slot.shape)
                 fqn = prefix + slot.fqn[len(self.prefix):]
-                state, refresh = self.runtime.acquire(fqn, slot.schedule, shape, slot.dtype, slot.device, owner)
+                schedule = self._schedule_of(slot, fqn)
+                state, refresh = self.runtime.acquire(fqn, schedule, shape, slot.dtype, slot.device, owner)
                 full += state
                 if slot.schedule.mode == "auto":
                     full.append(self._FLAGS[refresh])
@@ -153,6 +155,15 @@ class _RuntimeInputs:
         if pair is None:
             return torch.zeros(slot.a_shape, dtype=slot.dtype), torch.zeros(slot.b_shape, dtype=slot.dtype)
         return pair[0].to(slot.dtype), pair[1].to(slot.dtype)
+
+    def _schedule_of(self, slot: Any, fqn: str) -> Any:
+        """The calling block's own refresh steps: a regional graph serves blocks whose plan entries differ only in
+        the host-side schedule (``SCHEDULE_KEYS``); the graph holds the first block's."""
+        if self.plan is None or not self.prefix or fqn == slot.fqn or slot.schedule.override_plan:
+            return slot.schedule
+        entry = self.plan.attentions.get(fqn)
+        own = {k: v for k, v in (entry.cache if entry is not None else {}).items() if k in SCHEDULE_KEYS}
+        return dataclasses.replace(slot.schedule, **own) if own else slot.schedule
 
     def _call_prefix(self, args: Sequence[Any]) -> str:
         if self.anchor is None:
@@ -233,8 +244,6 @@ def _load_checked_plan(path: str, gm: fx.GraphModule, example_inputs: Sequence[A
 def _check_uniform_across_blocks(plan: Any, prefix: str) -> None:
     """A regional graph serves every block of its family: the plan must say the same for each of them (calibrated
     weights may differ: they are looked up per parameter)."""
-    import dataclasses
-
     from .passes.graph_utils import block_family
     from .plan import PlanError
 
@@ -245,6 +254,8 @@ def _check_uniform_across_blocks(plan: Any, prefix: str) -> None:
         if match is None:
             continue
         relative, value = fqn[match.end():], dataclasses.asdict(entry)
+        if "cache" in value:  # refresh steps are chosen per call on the host (_RuntimeInputs._schedule_of)
+            value["cache"] = {k: v for k, v in value["cache"].items() if k not in SCHEDULE_KEYS}
         if relative in seen and seen[relative][1] != value:
             raise PlanError(
                 f"qsparse_compiler.plan: the plan treats {seen[relative][0]} and {fqn} differently, but regional "

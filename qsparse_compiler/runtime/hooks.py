@@ -7,7 +7,10 @@ Two kinds, registered by name in diffusers' ``HookRegistry`` (so ``HookRegistry.
     (whole-model compilation): the module's own forward, compiled with backend="quantsparse", replaces the eager one.
     Being the innermost hook of its module, whatever diffusers registers later on the same module (a step cache's
     block hooks) wraps the compiled forward and runs eagerly: it may skip the compiled call, never gets traced into it.
-    With CUDA graphs it holds a refresh graph and a reuse graph of the residual cache and picks one per call.
+    With CUDA graphs it holds a refresh graph and a reuse graph of the residual cache and picks one per call on the
+    host: a block from its own sites' schedules (``runtime.will_refresh_under``: per-layer refresh steps, no
+    recompiles - each graph keeps one fixed path, which is what lets a CUDA graph capture it), a whole-model graph
+    from the one schedule of every site.
 
 ``qsparse_runtime`` (``StepClockHook``) - on the transformer, outermost of qsparse's: per forward it
     - moves the residual cache's step clock (runtime/residual_cache.py): the step is the ``step_index`` of the
@@ -99,8 +102,8 @@ class StepClockHook(ModelHook):
         if config is not self._checked_config:
             check_step_cache(module, config, self._compiled_blocks)
             self._checked_config = config
-        name, step_index = self._cache_context()
-        self._advance_clock(step_index)
+        name, step_index, num_steps = self._cache_context()
+        self._advance_clock(step_index, num_steps)
         latents = kwargs.get("hidden_states", args[0] if args else None)
         with contextlib.ExitStack() as stack:
             stack.enter_context(forward_branch(name))
@@ -116,15 +119,15 @@ class StepClockHook(ModelHook):
         self._schedule_of, self._last_step = None, None
         return module
 
-    def _cache_context(self) -> tuple[str | None, int | None]:
-        """(name, step_index) of the pipeline's ``cache_context``, as diffusers' own cache hooks read it: a
-        ``CacheContext`` (diffusers 0.42) or a bare name (0.41, no step index)."""
+    def _cache_context(self) -> tuple[str | None, int | None, int | None]:
+        """(name, step_index, num_inference_steps) of the pipeline's ``cache_context``, as diffusers' own cache hooks
+        read it: a ``CacheContext`` (diffusers 0.42) or a bare name (0.41: no step facts)."""
         context = getattr(self.state_manager, "_context", None)
         if context is None:
-            return getattr(self.state_manager, "_current_context", None), None
-        return context.name, context.step_index
+            return getattr(self.state_manager, "_current_context", None), None, None
+        return context.name, context.step_index, context.num_inference_steps
 
-    def _advance_clock(self, step_index: int | None) -> None:
+    def _advance_clock(self, step_index: int | None, num_steps: int | None) -> None:
         pipeline = self._pipeline() if self._pipeline is not None else None
         scheduler = getattr(pipeline, "scheduler", None)
         new_generation = False
@@ -144,6 +147,9 @@ class StepClockHook(ModelHook):
         if step is not None and step != self.runtime.current_step:
             self.runtime.step(step)
         self._last_step = step
+        if num_steps is None and scheduler is not None:
+            num_steps = getattr(scheduler, "num_inference_steps", None)
+        self.runtime.set_num_steps(num_steps)
 
 
 def check_step_cache(transformer: torch.nn.Module, config: Any, compiled_blocks: tuple[torch.nn.Module, ...]) -> None:

@@ -47,24 +47,30 @@ def runtime_of(pipe_or_model: Any) -> ResidualCacheRuntime:
     return runtime
 
 
-def _cuda_graph_hook(backend_options: dict[str, Any], cache: Any, runtime: ResidualCacheRuntime, fullgraph: bool,
-                     mode: str) -> CompiledForwardHook:
-    """The transformer compiled twice - the refresh path and the reuse path of the residual cache - and the choice
-    between them per call, on the host, from the runtime's step. Each graph has one fixed path, so CUDA graphs
-    (mode="reduce-overhead") can capture both."""
-    from ..config import CacheConfig
-
-    if not isinstance(cache, Mapping):
-        raise ValueError(
-            "qsparse_compiler.optimize: cuda_graphs=True needs one refresh schedule for every site: pass cache={...} "
-            "(e.g. {'refresh_first': 2, 'refresh_every': 5, 'order': 2})"
-        )
-    schedule = CacheConfig(enabled=True, **{k: v for k, v in cache.items() if k != "mode"})
+def _path_graphs(backend_options: dict[str, Any], fullgraph: bool, mode: str) -> dict[str, dict[str, Any]]:
+    """torch.compile arguments of a refresh graph and a reuse graph: each with one fixed residual-cache path, so CUDA
+    graphs (mode="reduce-overhead") can capture both; the choice between them is made per call on the host."""
     graphs = {}
     for path in ("refresh", "reuse"):
         options = {**backend_options, "cache": {**backend_options["cache"], "mode": path}}
         graphs[path] = dict(backend="quantsparse", options=_with_mode(options, mode), fullgraph=fullgraph)
-    return CompiledForwardHook(graphs, choose=lambda: "refresh" if runtime.needs_refresh(schedule) else "reuse")
+    return graphs
+
+
+def _whole_model_cuda_graphs(backend_options: dict[str, Any], cache: Any, runtime: ResidualCacheRuntime,
+                             fullgraph: bool, mode: str) -> CompiledForwardHook:
+    """The whole transformer as a refresh graph and a reuse graph, picked per call from one schedule for every site."""
+    from ..config import CacheConfig
+
+    if not isinstance(cache, Mapping):
+        raise ValueError(
+            "qsparse_compiler.optimize: cuda_graphs=True on a transformer compiled as one graph needs one refresh "
+            "schedule for every site: pass cache={...} (e.g. {'refresh_first': 2, 'refresh_every': 5, 'order': 2}), "
+            "or compile regionally (per-layer schedules of a plan: each block picks its own graph)"
+        )
+    schedule = CacheConfig(enabled=True, **{k: v for k, v in cache.items() if k != "mode"})
+    return CompiledForwardHook(_path_graphs(backend_options, fullgraph, mode),
+                               choose=lambda: "refresh" if runtime.needs_refresh(schedule) else "reuse")
 
 
 def release_dense_weights(pipe_or_model: Any) -> int:
@@ -135,9 +141,13 @@ def optimize(
               CacheConfig fields applied to every sparsified site (over the plan's); False: no residual cache.
     regional  compile each repeated block on its own (fast compiles); None = when the model has repeated blocks
               and the plan (if any) treats them alike.
-    cuda_graphs  compile the whole transformer twice with mode="reduce-overhead" - a refresh graph and a reuse
-              graph of the residual cache - and pick one per call (runtime/hooks.py CompiledForwardHook). Needs one
-              schedule for every site: an explicit ``cache`` dict (it overrides a plan's per-site settings).
+    cuda_graphs  compile twice with mode="reduce-overhead" - a refresh graph and a reuse graph of the residual
+              cache, each with one fixed path that a CUDA graph can capture - and pick one per call on the host
+              (runtime/hooks.py CompiledForwardHook). Regionally (the default with ``cache=True``), each block picks
+              its own from its own sites' schedules: a plan's per-layer refresh steps (calibration's refresh_budget)
+              run under CUDA graphs without recompiles, a block refreshing while its neighbours reuse. Compiled as
+              one graph (the default with a ``cache`` dict, or regional=False) the whole model picks one, so it
+              needs one schedule for every site: an explicit ``cache`` dict (it overrides a plan's settings).
     parallel  a diffusers ``ContextParallelConfig(ulysses_degree=W)``: enable diffusers' context parallelism on the
               transformer (``enable_parallelism``; torch.distributed must be initialized) and compile this rank's
               blocks for its heads. A transformer already running under ``enable_parallelism`` is detected without
@@ -149,6 +159,8 @@ def optimize(
             f"qsparse_compiler.optimize: expected a diffusers pipeline with .transformer or an nn.Module, "
             f"got {type(pipe_or_model).__name__}"
         )
+    if getattr(transformer, _RUNTIME_ATTR, None) is not None:
+        restore(pipe_or_model)  # optimizing again replaces the previous options, hooks and caches
     _check_hookable(transformer)
     runtime = ResidualCacheRuntime()
     backend_options: dict[str, Any] = dict(options or {})
@@ -173,23 +185,28 @@ def optimize(
     QuantSparseConfig.from_options(backend_options)
     blocks = _repeated_blocks(transformer)
     if regional is None:
-        regional = not cuda_graphs and bool(blocks) and (plan is None or _plan_is_uniform(str(plan), transformer))
+        regional = bool(blocks) and not (cuda_graphs and isinstance(cache, Mapping)) \
+            and (plan is None or _plan_is_uniform(str(plan), transformer))
     shard = prepare_context_parallel(transformer, parallel)
     if shard is not None:
         backend_options["parallel"] = shard
     compile_kwargs = dict(backend="quantsparse", options=_with_mode(backend_options, mode), fullgraph=fullgraph)
-    if regional and not cuda_graphs:
+    if regional:
         if not blocks:
             raise ValueError(
                 f"qsparse_compiler.optimize: {type(transformer).__name__} declares no repeated blocks "
                 "(_repeated_blocks); use regional=False"
             )
         register_parameters(transformer)
+        names = {module: name for name, module in transformer.named_modules()}
         for block in blocks:
-            HookRegistry.check_if_exists_or_initialize(block).register_hook(
-                CompiledForwardHook({"auto": compile_kwargs}), COMPILED_HOOK)
+            hook = CompiledForwardHook(
+                _path_graphs(backend_options, fullgraph, mode or "reduce-overhead"),
+                choose=lambda prefix=names[block] + ".": "refresh" if runtime.will_refresh_under(prefix) else "reuse",
+            ) if cuda_graphs else CompiledForwardHook({"auto": compile_kwargs})
+            HookRegistry.check_if_exists_or_initialize(block).register_hook(hook, COMPILED_HOOK)
     else:
-        compiled = _cuda_graph_hook(backend_options, cache, runtime, fullgraph, mode or "reduce-overhead") \
+        compiled = _whole_model_cuda_graphs(backend_options, cache, runtime, fullgraph, mode or "reduce-overhead") \
             if cuda_graphs else CompiledForwardHook({"auto": compile_kwargs})
         HookRegistry.check_if_exists_or_initialize(transformer).register_hook(compiled, COMPILED_HOOK)
         blocks = []
@@ -237,10 +254,6 @@ def _invalidate_child_registries(registry: HookRegistry) -> None:
 
 
 def _check_hookable(transformer: torch.nn.Module) -> None:
-    if getattr(transformer, _RUNTIME_ATTR, None) is not None:
-        raise ValueError(
-            "qsparse_compiler.optimize: this transformer is already optimized; qs.restore(pipe) first to change options"
-        )
     config = getattr(transformer, "_cache_config", None)
     if config is not None:
         raise ValueError(

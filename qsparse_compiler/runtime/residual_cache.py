@@ -20,6 +20,11 @@ step): each branch remembers the step of its last call. A refresh step that fell
 refreshes; a reuse after a gap first sets the device step counter to the steps since the refresh, so order 2 adds
 ``(step - refresh step) * dR`` and a refresh's dR divides by the true distance between the two refreshes.
 
+Per-layer schedules (a plan's ``refresh_steps``, calibration's refresh budget): each site follows its own steps; the
+refresh flag is a per-call graph input (or, under CUDA graphs, each block picks its refresh or reuse graph:
+``will_refresh_under``), so nothing recompiles. Such a schedule is made for ``num_steps`` steps: a generation of
+another length (the pipeline says how long, ``set_num_steps``) or a step past its end raises CacheError.
+
 A change of batch size, resolution or dtype at a site drops that site's buffers and starts it over (a refresh), and
 the report counts it; it never reuses a residual of another shape.
 
@@ -72,6 +77,7 @@ class ResidualCacheRuntime:
     def __init__(self) -> None:
         self._sites: dict[str, _Site] = {}
         self._step = 0
+        self._num_steps: int | None = None  # of the current generation, when its driver knows it
         self._lock = threading.Lock()
 
     # -- the clock ---------------------------------------------------------------------------------------------
@@ -83,6 +89,7 @@ class ResidualCacheRuntime:
         """Start a new generation: step 0, every cache empty (buffers are kept for reuse, marked empty)."""
         with self._lock:
             self._step = 0
+            self._num_steps = None
             for site in self._sites.values():
                 site.calls_this_step = 0
                 site.named_calls.clear()
@@ -97,6 +104,11 @@ class ResidualCacheRuntime:
                 site.calls_this_step = 0
                 site.named_calls.clear()
             return self._step
+
+    def set_num_steps(self, num_steps: int | None) -> None:
+        """The number of denoising steps of the current generation (qs.optimize's hook reads it from the pipeline):
+        a per-layer schedule made for another number is refused at its first call, not followed off its end."""
+        self._num_steps = None if num_steps is None else int(num_steps)
 
     @contextlib.contextmanager
     def generation(self) -> Iterator["ResidualCacheRuntime"]:
@@ -114,6 +126,8 @@ class ResidualCacheRuntime:
     ) -> tuple[list[torch.Tensor], bool]:
         """The state buffers of this call's branch, and whether this call refreshes. ``owner``: a parameter of the
         calling model (the backend passes one), so that two models never share a site's residuals."""
+        if schedule.refresh_steps:
+            _check_fits(fqn, schedule, self._step, self._num_steps)
         with self._lock:
             site = self._sites.setdefault(fqn, _Site(schedule))
             if owner is not None:
@@ -144,6 +158,15 @@ class ResidualCacheRuntime:
                 state.append(torch.full((1,), -1.0, dtype=torch.float32, device=device))
                 branch = site.branches[key] = _Branch(state)
             refresh = _refresh_due(schedule, branch, self._step)
+            if schedule.mode == "refresh":
+                refresh = True  # a refresh graph refreshes every site it holds, due or not
+            elif schedule.mode == "reuse" and refresh:
+                raise CacheError(
+                    f"qsparse_compiler.runtime: the reuse graph ran attention {fqn} at step {self._step}, where its "
+                    "schedule refreshes (or it holds no residual yet): pick the graph with "
+                    "runtime.needs_refresh(schedule) / will_refresh_under(block prefix), as qs.optimize(cuda_graphs="
+                    "True) does"
+                )
             if branch.refreshed_at is not None and branch.last_step is not None \
                     and self._step - branch.last_step > 1 and self._step > branch.refreshed_at:
                 # Skipped steps: the op counts its calls; make it count steps (no sync: a host value).
@@ -162,6 +185,14 @@ class ResidualCacheRuntime:
         if site is None:
             return True
         return _refresh_due(schedule, site.branches.get(_branch_key(site)), self._step)
+
+    def will_refresh_under(self, prefix: str) -> bool:
+        """Whether the next call of a block (its sites' FQNs start with ``prefix``, e.g. "blocks.3.") refreshes any
+        of them under their own schedules (picks a block's refresh or reuse graph with per-layer schedules); True
+        before its sites are known."""
+        sites = [site for fqn, site in self._sites.items() if fqn.startswith(prefix)]
+        return not sites or any(_refresh_due(site.schedule, site.branches.get(_branch_key(site)), self._step)
+                                for site in sites)
 
     def needs_refresh(self, schedule: CacheConfig) -> bool:
         """Whether the next call refreshes under one schedule shared by every site (picks the refresh or the reuse
@@ -189,6 +220,22 @@ class ResidualCacheRuntime:
         with self._lock:
             self._sites.clear()
             self._step = 0
+
+
+def _check_fits(fqn: str, schedule: CacheConfig, step: int, num_steps: int | None) -> None:
+    """A per-layer schedule (``refresh_steps``) holds for the number of steps it was made for, and no other."""
+    if num_steps is not None and num_steps != schedule.num_steps:
+        seen = f"this generation runs {num_steps} steps"
+    elif step >= schedule.num_steps:
+        seen = f"this generation is at step {step}"
+    else:
+        return
+    raise CacheError(
+        f"qsparse_compiler.runtime: attention {fqn} follows the refresh schedule of its plan (CacheConfig.num_steps="
+        f"{schedule.num_steps}, refresh_steps {list(schedule.refresh_steps)[:6]}...), but {seen}; run "
+        f"num_inference_steps={schedule.num_steps}, or calibrate for this length (CalibrationConfig.ssar_step_size = "
+        "1000 / steps), or pass qs.optimize(cache={...}) to override the plan's schedules"
+    )
 
 
 def _branch_key(site: _Site) -> int | str:

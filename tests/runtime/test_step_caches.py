@@ -76,9 +76,10 @@ def test_restore_brings_back_the_eager_model_exactly():
     assert not tiny.model._diffusers_hook.hooks and not any(block._diffusers_hook.hooks for block in tiny.model.blocks)
     with pytest.raises(ValueError, match="not prepared by qs.optimize"):
         qs.runtime_of(pipe)
-    qs.optimize(pipe, options=SPARSE)  # and it can be optimized again
-    with pytest.raises(ValueError, match="already optimized"):
-        qs.optimize(pipe)
+    qs.optimize(pipe, options=SPARSE)  # and it can be optimized again; optimizing twice replaces the first
+    qs.optimize(pipe, options=SPARSE)
+    assert list(tiny.model._diffusers_hook.hooks) == ["qsparse_runtime"]
+    assert all(list(block._diffusers_hook.hooks) == ["qsparse_compiled"] for block in tiny.model.blocks)
 
 
 def test_cfg_branches_follow_the_cache_context_names():
@@ -179,3 +180,71 @@ def test_a_step_cache_enabled_before_optimize_is_refused():
     tiny.model.enable_cache(FirstBlockCacheConfig(threshold=0.5))
     with pytest.raises(ValueError, match="FirstBlockCacheConfig is enabled on the transformer"):
         qs.optimize(tiny.model, options=SPARSE)
+
+
+def per_layer_plan(model, tmp_path, schedules, steps=STEPS):
+    """A plan whose two blocks differ only in their refresh steps (what calibration's refresh_budget writes)."""
+    from qsparse_compiler.plan import AttentionPlan, ModelFingerprint, Plan, save_plan
+
+    attentions = {f"blocks.{i}.attn1": AttentionPlan(["local3d:0.34"], block_q=16, block_kv=16, cache={
+        "refresh_steps": refresh_steps, "num_steps": steps, "order": 1}) for i, refresh_steps in enumerate(schedules)}
+    save_plan(Plan(ModelFingerprint.of(model), attentions=attentions), tmp_path)
+    return str(tmp_path)
+
+
+def test_per_layer_refresh_steps_run_in_one_regional_graph_and_under_cuda_graph_switching(tmp_path):
+    """Each block follows its own refresh steps from the plan: one regional graph for both blocks (the steps are
+    host-side), no recompile across steps; cuda_graphs=True gives each block a refresh and a reuse graph picked per
+    call from its own schedule (on CPU Inductor runs them without CUDA graphs) with the same result."""
+    from qsparse_compiler.backend import clear_reports, reports
+
+    schedules = ([0, 3], [0, 2, 4])
+    tiny = tiny_wan(num_layers=2)
+    plan = per_layer_plan(tiny.model, tmp_path, schedules)
+    args = inputs_of(tiny)
+    results, graphs = {}, {}
+    for cuda_graphs in (False, True):
+        torch._dynamo.reset()
+        clear_reports()
+        pipe = WanLikePipeline(copy.deepcopy(tiny.model))
+        qs.optimize(pipe, plan, options={"quant": {"enabled": False}}, cuda_graphs=cuda_graphs)
+        with torch.no_grad():
+            results[cuda_graphs] = pipe(*args)
+        graphs[cuda_graphs] = len(reports())
+        report = qs.runtime_of(pipe).memory_report()
+        for i, refresh_steps in enumerate(schedules):
+            site = report[f"blocks.{i}.attn1"]
+            assert site["refreshes"] == 2 * len(refresh_steps) and site["reuses"] == 2 * (STEPS - len(refresh_steps))
+    assert graphs == {False: 1, True: 2}  # one shared block graph; a refresh and a reuse graph
+    assert relative_error(results[True], results[False]) < 1e-5
+
+
+def test_a_plan_whose_schedules_do_not_fit_the_step_count_is_refused(tmp_path):
+    tiny = tiny_wan(num_layers=2)
+    pipe = WanLikePipeline(tiny.model)
+    qs.optimize(pipe, per_layer_plan(tiny.model, tmp_path, ([0, 3], [0, 2, 4])), options={"quant": {"enabled": False}})
+    with pytest.raises(CacheError, match=r"CacheConfig.num_steps=6.*but this generation runs 8 steps; run "
+                                         r"num_inference_steps=6"):
+        with torch.no_grad():
+            pipe(*inputs_of(tiny), steps=8)
+
+
+@pytest.mark.gpu
+def test_per_layer_refresh_steps_under_cuda_graphs_on_the_gpu(tmp_path):
+    """The same as the CPU test, captured: mode="reduce-overhead" records each block's refresh and reuse graphs; the
+    video equals the auto-mode regional run's up to bf16 rounding (the same ops, fused into other graphs)."""
+    schedules = ([0, 3], [0, 2, 4])
+    tiny = tiny_wan(num_layers=2, dtype=torch.bfloat16)
+    tiny.model.to("cuda")
+    plan = per_layer_plan(tiny.model, tmp_path, schedules)
+    args = [t.to("cuda") for t in inputs_of(tiny)]
+    results = {}
+    for cuda_graphs in (False, True):
+        torch._dynamo.reset()
+        pipe = WanLikePipeline(copy.deepcopy(tiny.model))
+        qs.optimize(pipe, plan, options={"quant": {"enabled": False}}, cuda_graphs=cuda_graphs)
+        with torch.no_grad():
+            results[cuda_graphs] = pipe(*args).clone()
+        report = qs.runtime_of(pipe).memory_report()
+        assert [report[f"blocks.{i}.attn1"]["refreshes"] for i in range(2)] == [2 * len(s) for s in schedules]
+    assert relative_error(results[True].float(), results[False].float()) < 2e-2
