@@ -32,7 +32,9 @@ Stateful (``_is_stateful``) because diffusers hands the cache context only to st
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
+import types
 import weakref
 from typing import Any, Callable, Mapping
 
@@ -60,8 +62,13 @@ class CompiledForwardHook(ModelHook):
         self._graphs: dict[str, Callable] = {}
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
-        # The forward as the class defines it, bound to this module: what Dynamo traces, with no hook inside.
-        forward = type(module).forward.__get__(module)
+        # The forward as it is now - with the hooks registered before (diffusers' context-parallel split and gather
+        # hooks), which Dynamo traces as it would for torch.compile(module) - and none registered after. A hook's
+        # wrapper is partial(new_forward, module): compiled as a method of the module, so that Dynamo's paths to
+        # the parameters start at the module (passes/graph_utils.py normalize_path), not at the partial.
+        forward = module.forward
+        if isinstance(forward, functools.partial) and forward.args == (module,) and not forward.keywords:
+            forward = types.MethodType(forward.func, module)
         self._graphs = {path: torch.compile(forward, **kwargs) for path, kwargs in self._graph_kwargs.items()}
         return module
 

@@ -248,3 +248,30 @@ def test_per_layer_refresh_steps_under_cuda_graphs_on_the_gpu(tmp_path):
         report = qs.runtime_of(pipe).memory_report()
         assert [report[f"blocks.{i}.attn1"]["refreshes"] for i in range(2)] == [2 * len(s) for s in schedules]
     assert relative_error(results[True].float(), results[False].float()) < 2e-2
+
+
+@pytest.mark.parametrize("name", ["FirstBlockCacheConfig", "MagCacheConfig"])
+def test_a_step_cache_over_sparse_attention_and_an_order_two_cache_matches_the_uncompiled_rewrite(name, monkeypatch):
+    """Density 0.34 with an order-2 residual cache under a step cache that skips steps: the compiled pipeline gives
+    the video of the same rewrite run uncompiled (its FX graph interpreted: every qsparse:: op on its plain-torch
+    reference, the runtime's gap handling the same), with the same skipped blocks."""
+    import torch._inductor.compile_fx as inductor
+
+    tiny = tiny_wan(num_layers=3)
+    args = inputs_of(tiny)
+    cache = {"refresh_first": 2, "refresh_every": 2, "order": 2}
+    results, executed = {}, {}
+    for compiled in (True, False):
+        if not compiled:
+            monkeypatch.setattr(inductor, "compile_fx", lambda gm, example_inputs, config_patches=None: gm.forward)
+        torch._dynamo.reset()
+        pipe = WanLikePipeline(copy.deepcopy(tiny.model))
+        qs.optimize(pipe, options=SPARSE, cache=cache)
+        pipe.transformer.enable_cache(COMPOSING[name]())
+        with torch.no_grad():
+            results[compiled] = pipe(*args)
+        report = qs.runtime_of(pipe).memory_report()
+        executed[compiled] = [report[f"blocks.{i}.attn1"]["refreshes"] + report[f"blocks.{i}.attn1"]["reuses"]
+                              for i in range(3)]
+    assert executed[True] == executed[False] and sum(executed[True]) < 3 * 2 * STEPS, executed
+    assert relative_error(results[True], results[False]) < 1e-4
