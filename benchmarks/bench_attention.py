@@ -2,6 +2,8 @@
 
     python benchmarks/bench_attention.py --out benchmarks/results/sparse_attention.json
     python benchmarks/bench_attention.py --sweep --out sweep.json     # launch-config sweep at 32,760 tokens
+    python benchmarks/bench_attention.py --int8 --int8-sweep --densities 0.15 1.0 --patterns random \
+        --out benchmarks/results/attention_int8.json                 # + the 8-bit kernels and the refresh rows
 
 Shapes (bf16, B x H x S x D): 1x12x32,760x128 (Wan-1.3B 480p, grid 21x30x52), 1x12x75,600x128 (720p, 21x45x80),
 1x40x32,760x128 (14B-class). Layouts use 128x128 tiles: "random" = per head, per query block, a uniformly random
@@ -13,12 +15,21 @@ measured) and as full blocks (mask_mod skipped: Flex's fastest form). Each timin
 
 Throughput "per computed block" counts 4 * D flops per attended (query, key) pair of the layout's tiles (tails
 excluded), so 100%-density numbers compare directly with dense SDPA's.
+
+``--int8`` adds, at every point, the 8-bit kernels (kernels/attention_int8_fp8.py; the dense entry point at density
+1.0): "int8_fp8" times the kernel on pre-quantized inputs, "int8_fp8+quant_eager" / "int8_fp8+quant_compiled" add
+the Q/K/V quantization as eager torch ops / as one torch.compile'd function (what Inductor makes of the recipe when
+it sits in the graph), each with its SQNR against SDPA. At densities < 1 it also times a refresh step's dense
+attention both ways (ops/refresh_attention.py): "refresh_complement_<precision>" = attention over the complement
+tiles + the lse merge (the sparse part is already computed by the step) vs "refresh_dense_<precision>" (SDPA or the
+dense 8-bit kernel). ``--int8-sweep`` times every 8-bit launch config at 1x12x32,760x128, dense and 15%.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import os
@@ -40,19 +51,22 @@ from qsparse_compiler.kernels.block_sparse_attention import (  # noqa: E402
     block_sparse_attention,
     keep_config,
 )
-from qsparse_compiler.sparsity.layout import bitmap_to_blocks, num_blocks  # noqa: E402
-from qsparse_compiler.sparsity.patterns import TokenGrid, local_3d  # noqa: E402
+from qsparse_compiler.kernels.attention_int8_fp8 import _autotuned as _int8_autotuned  # noqa: E402
+from qsparse_compiler.formats.layout import bitmap_to_blocks, num_blocks  # noqa: E402
+from qsparse_compiler.eval.metrics import sqnr_db  # noqa: E402
+from qsparse_compiler.formats.patterns import TokenGrid, local_3d  # noqa: E402
 
 SHAPES = {
     "wan1.3b-480p": dict(b=1, h=12, grid=(21, 30, 52), d=128),
     "wan1.3b-720p": dict(b=1, h=12, grid=(21, 45, 80), d=128),
     "14b-480p": dict(b=1, h=40, grid=(21, 30, 52), d=128),
 }
-SMOKE_SHAPE = dict(b=1, h=2, grid=(3, 7, 13), d=16)  # 273 tokens: tails in 128-token blocks
+SMOKE_SHAPE = dict(b=1, h=2, grid=(3, 7, 13), d=32)  # 273 tokens: tails in 128-token blocks (8-bit kernels: D >= 32)
 BLOCK = 128
 
 
 SMOKE = False  # --smoke: tiny shapes on CPU under TRITON_INTERPRET=1, to check this script before a GPU run
+INT8 = False  # --int8: the 8-bit kernels' rows and the refresh rows at every point
 
 
 def bench(fn, warmup=25, rep=100) -> float:
@@ -110,7 +124,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 class Recorder:
     def __init__(self, path: Path, meta: dict):
         self.path = path
-        self.data = {"meta": meta, "results": [], "sweep": [], "layout_build": []}
+        self.data = {"meta": meta, "results": [], "sweep": [], "layout_build": [], "refresh": [], "int8_sweep": []}
 
     def add(self, section: str, row: dict) -> None:
         self.data[section].append(row)
@@ -196,9 +210,11 @@ def run_shape(name, cfg, densities, patterns, rec: Recorder, flex_fn, with_flex=
                                                 ours_speedup=t / t_ours, err_ours_vs_flex=rel_err(out, fout)))
                     except Exception as error:  # record and go on: one failing baseline must not end the run
                         rec.add("results", dict(row, impl=label, error=repr(error)[:300]))
+            if INT8:
+                run_int8_point(q, k, v, kv_num, kv_idx, density, row, pairs, sdpa_out, t_ours, rec)
             del kv_num, kv_idx, bitmap
     try:
-        from qsparse_compiler.sparsity.dynamic import dynamic_topk_blocks
+        from qsparse_compiler.ops.dynamic_layout import dynamic_topk_blocks
     except ImportError:
         return
     for density in (0.15,):
@@ -206,6 +222,111 @@ def run_shape(name, cfg, densities, patterns, rec: Recorder, flex_fn, with_flex=
         fn()
         t = bench(fn)
         rec.add("layout_build", dict(shape=shape, name=name, what="dynamic_topk_blocks", density=density, ms=t))
+
+
+@functools.lru_cache(maxsize=1)
+def _quantizers():
+    """(eager, compiled) Q/K/V quantization; one compiled function for the whole run (it recompiles per shape)."""
+    from qsparse_compiler.ops.attention_quantization import quantize_attention_inputs
+
+    def eager(q, k, v):
+        x = quantize_attention_inputs(q, k, v)
+        return (x.q_codes, x.q_scale, x.k_codes, x.k_scale, x.v_codes, x.v_scale, x.lse_shift)
+
+    return eager, (eager if SMOKE else torch.compile(eager, dynamic=False))
+
+
+def run_int8_point(q, k, v, kv_num, kv_idx, density, row, pairs, sdpa_out, t_bf16, rec: Recorder):
+    """The 8-bit rows of one (shape, layout) point, and the refresh rows at densities < 1 (module docstring)."""
+    from qsparse_compiler.kernels.attention_int8_fp8 import block_sparse_attention_int8_fp8, dense_attention_int8_fp8
+    from qsparse_compiler.kernels.attention_merge import merge_attention_partials
+    from qsparse_compiler.formats.complement import complement_blocks
+
+    d = q.shape[-1]
+    scale = 1 / math.sqrt(d)
+    eager_quant, compiled_quant = _quantizers()
+    args = compiled_quant(q, k, v)
+    dense = density >= 1.0
+
+    def kernel(args=args, layout=(kv_num, kv_idx)):
+        if dense:
+            return dense_attention_int8_fp8(*args, scale, None, 64, q.dtype)
+        return block_sparse_attention_int8_fp8(*args, *layout, BLOCK, BLOCK, scale, None, 64, q.dtype)
+
+    rows = (("int8_fp8", kernel), ("int8_fp8+quant_eager", lambda: kernel(eager_quant(q, k, v))),
+            ("int8_fp8+quant_compiled", lambda: kernel(compiled_quant(q, k, v))))
+    # Dense: against SDPA; sparse: against our bf16 kernel on the same layout.
+    ref = sdpa_out if dense else block_sparse_attention(q, k, v, kv_num, kv_idx, BLOCK, BLOCK, scale)[0]
+    for label, fn in rows:
+        try:
+            out, _ = fn()
+            t = bench(fn)
+            extra = {("sqnr_vs_sdpa_db" if dense else "sqnr_vs_bf16_kernel_db"): sqnr_db(out, ref)}
+            chosen = getattr(_int8_autotuned, "best_config", None)
+            rec.add("results", dict(row, impl=label, ms=t, tflops=4 * d * pairs / t / 1e9, vs_bf16_kernel=t_bf16 / t,
+                                    config=str(chosen) if chosen is not None and not SMOKE else None, **extra))
+        except Exception as error:
+            rec.add("results", dict(row, impl=label, error=repr(error)[:300]))
+    if dense:
+        return
+    # A refresh step's dense attention: complement tiles + merge (the step's sparse part exists) vs a dense pass.
+    kv_num_c, kv_idx_c = complement_blocks(kv_num, kv_idx)
+    out_s, lse_s = block_sparse_attention(q, k, v, kv_num, kv_idx, BLOCK, BLOCK, scale)
+    out_s8, lse_s8 = kernel()
+
+    def complement_bf16():
+        out_c, lse_c = block_sparse_attention(q, k, v, kv_num_c, kv_idx_c, BLOCK, BLOCK, scale)
+        return merge_attention_partials(out_s, lse_s, out_c, lse_c)
+
+    def complement_int8():
+        out_c, lse_c = block_sparse_attention_int8_fp8(*args, kv_num_c, kv_idx_c, BLOCK, BLOCK, scale, None, 64,
+                                                       q.dtype)
+        return merge_attention_partials(out_s8, lse_s8, out_c, lse_c)
+
+    def sdpa_dense():
+        return F.scaled_dot_product_attention(q, k, v, scale=scale), None
+
+    def int8_dense():
+        return dense_attention_int8_fp8(*args, scale, None, 64, q.dtype)
+
+    reference = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    for label, fn in (("refresh_complement_bf16", complement_bf16), ("refresh_dense_bf16", sdpa_dense),
+                      ("refresh_complement_int8_fp8", complement_int8), ("refresh_dense_int8_fp8", int8_dense)):
+        try:
+            out, _ = fn()
+            t = bench(fn)
+            rec.add("refresh", dict(row, impl=label, ms=t, sqnr_vs_sdpa_db=sqnr_db(out, reference)))
+        except Exception as error:
+            rec.add("refresh", dict(row, impl=label, error=repr(error)[:300]))
+
+
+def run_int8_sweep(rec: Recorder):
+    """Every 8-bit launch config at the 480p shape, dense and at 15% (random layout), pre-quantized inputs."""
+    from qsparse_compiler.kernels.attention_int8_fp8 import (CONFIGS as INT8_CONFIGS, block_sparse_attention_int8_fp8,
+                                                             dense_attention_int8_fp8)
+
+    cfg = SMOKE_SHAPE if SMOKE else SHAPES["wan1.3b-480p"]
+    b, h, d = cfg["b"], cfg["h"], cfg["d"]
+    s = math.prod(cfg["grid"])
+    dev = "cpu" if SMOKE else "cuda"
+    q, k, v = (torch.randn(b, h, s, d, device=dev, dtype=torch.bfloat16) for _ in range(3))
+    args = _quantizers()[0](q, k, v)
+    kv_num, kv_idx = bitmap_to_blocks(random_layout(b, h, s, 0.15, dev))
+    for variant in INT8_CONFIGS:
+        c = dict(variant.kwargs, num_warps=variant.num_warps, num_stages=variant.num_stages)
+        if SMOKE and c["BLOCK_M"] > 32:
+            continue  # keep the interpreter quick
+        for density in (1.0, 0.15):
+            try:
+                if density >= 1.0:
+                    fn = lambda: dense_attention_int8_fp8(*args, d**-0.5, None, 64, q.dtype, config=c)  # noqa: E731
+                else:
+                    fn = lambda: block_sparse_attention_int8_fp8(  # noqa: E731
+                        *args, kv_num, kv_idx, BLOCK, BLOCK, d**-0.5, None, 64, q.dtype, config=c)
+                fn()
+                rec.add("int8_sweep", dict(density=density, **c, ms=bench(fn)))
+            except Exception as error:
+                rec.add("int8_sweep", dict(density=density, **c, error=repr(error)[:300]))
 
 
 def run_sweep(rec: Recorder, densities):
@@ -268,6 +389,31 @@ def write_markdown(data: dict, path: Path) -> None:
                 f"{best / o['ms']:.2f}x |"
             )
         lines.append("")
+    int8 = [r for r in data["results"] if r["impl"].startswith("int8_fp8")]
+    if int8:
+        lines += ["## 8-bit attention (int8 Q.K^T, e4m3 P.V)", "",
+                  "| shape | pattern | density | variant | ms | vs ours bf16 | "
+                  "SQNR dB (vs SDPA dense / ours bf16 sparse) | config |", "|---|---|---|---|---|---|---|---|"]
+        for r in int8:
+            sq = r.get("sqnr_vs_sdpa_db", r.get("sqnr_vs_bf16_kernel_db", float("nan")))
+            lines.append(f"| {r['shape']} | {r['pattern']} | {r['density']} | {r['impl']} | "
+                         + (f"{r['ms']:.3f} | {r['vs_bf16_kernel']:.2f}x | {sq:.1f} | {r.get('config')} |"
+                            if "ms" in r else f"failed: {r['error'][:120]} | | | |"))
+        lines.append("")
+    if data["refresh"]:
+        lines += ["## Refresh step's dense attention: complement tiles + lse merge vs a dense pass", "",
+                  "| shape | density | variant | ms | SQNR vs SDPA dB |", "|---|---|---|---|---|"]
+        lines += [f"| {r['shape']} | {r['density']} | {r['impl']} | "
+                  + (f"{r['ms']:.3f} | {r['sqnr_vs_sdpa_db']:.1f} |" if "ms" in r
+                     else f"failed: {r['error'][:120]} | |")
+                  for r in data["refresh"]]
+        lines.append("")
+    if data["int8_sweep"]:
+        lines += ["## 8-bit launch-config sweep (1x12x32,760x128)", "",
+                  "| density | BLOCK_M | BLOCK_N | warps | stages | ms |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['density']} | {r['BLOCK_M']} | {r['BLOCK_N']} | {r['num_warps']} | {r['num_stages']} | "
+                  f"{r.get('ms', float('nan')):.3f} |" for r in data["int8_sweep"]]
+        lines.append("")
     if data["layout_build"]:
         lines += ["## Dynamic top-k layout build", "", "| shape | density | ms |", "|---|---|---|"]
         lines += [f"| {r['shape']} | {r['density']} | {r['ms']:.3f} |" for r in data["layout_build"]]
@@ -292,10 +438,13 @@ def main() -> None:
     parser.add_argument("--patterns", nargs="*", default=["random", "local3d"])
     parser.add_argument("--sweep", action="store_true", help="launch-config sweep instead of the comparison")
     parser.add_argument("--no-flex", action="store_true")
+    parser.add_argument("--int8", action="store_true", help="add the 8-bit kernels' rows and the refresh rows")
+    parser.add_argument("--int8-sweep", action="store_true", help="also time every 8-bit launch config")
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run under TRITON_INTERPRET=1 (checks the script)")
     args = parser.parse_args()
-    global SMOKE
+    global SMOKE, INT8
     SMOKE = args.smoke
+    INT8 = args.int8
     if SMOKE:
         SHAPES.clear()
         SHAPES["smoke"] = SMOKE_SHAPE
@@ -328,6 +477,8 @@ def main() -> None:
             run_shape(name, SHAPES[name], args.densities, args.patterns, rec, flex_fn, not args.no_flex)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+        if args.int8_sweep:
+            run_int8_sweep(rec)
     write_markdown(rec.data, args.out.with_suffix(".md"))
     print(f"done in {time.time() - start:.0f} s; wrote {args.out} and {args.out.with_suffix('.md')}")
 

@@ -220,7 +220,7 @@ def _random_block_bitmap(blocks: int, density: float) -> torch.Tensor:
 
 def video_tokens(workload: dict[str, Any]) -> int:
     """Video tokens after patchify (Wan: patch (1, 2, 2); HunyuanVideo: patch_size_t x patch_size^2)."""
-    from qsparse_compiler.runtime.context import patchified_grid
+    from qsparse_compiler.ops.context import patchified_grid
 
     return math.prod(patchified_grid(workload["config"], workload["latents"]))
 
@@ -525,7 +525,7 @@ def main() -> None:
 
 def plot_results(json_path: Path) -> Path:
     """Bar chart (ms per forward, lower is better) of the rows of a results JSON, next to it as .png."""
-    from qsparse_compiler.testing.plots import bar_plot
+    from qsparse_compiler.eval.plots import bar_plot
 
     data = json.loads(json_path.read_text())
     values = {r["system"]: r["ms"] for r in data["rows"] if r["ms"] == r["ms"]}

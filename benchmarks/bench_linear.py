@@ -125,7 +125,7 @@ def run_sweep(x, w, bias, results, out_dir):
     """Every config x unpack variant on the headline shape, GEMM only, plus compiler facts per config."""
     from qsparse_compiler.kernels.act_quant import act_quant
     from qsparse_compiler.kernels.w4a8_gemm import GEMM_CONFIGS, SPLIT_CHUNK, w4a8_gemm
-    from qsparse_compiler.ops.quantization import quantize_weight_int4
+    from qsparse_compiler.formats.quantization import quantize_weight_int4
 
     m, k = x.shape
     n = w.shape[0]
@@ -202,7 +202,7 @@ def run_sweep(x, w, bias, results, out_dir):
 
 def run_shape(name, k, n, m, results, with_torchao=True, with_int4=True, sweep=False, out_dir=None, msfp=True):
     from qsparse_compiler.kernels.act_quant import act_quant
-    from qsparse_compiler.ops.quantization import quantize_weight_int4
+    from qsparse_compiler.formats.quantization import quantize_weight_int4
 
     torch.manual_seed(0)
     dev = "cuda"
@@ -304,7 +304,7 @@ def run_inspect(m, k, n, results):
     from qsparse_compiler.kernels.act_quant import act_quant
     from qsparse_compiler.kernels.int4_unpack import unpack_int4_to_mma
     from qsparse_compiler.kernels.w4a8_gemm import _cfg, w4a8_gemm
-    from qsparse_compiler.ops.quantization import quantize_weight_int4
+    from qsparse_compiler.formats.quantization import quantize_weight_int4
 
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     w = (torch.randn(n, k, device="cuda") * k**-0.5).to(torch.bfloat16)

@@ -19,9 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_e2e import WAN_1_3B  # noqa: E402  the one definition of the workload's config
 
 from qsparse_compiler.config import QuantSparseConfig  # noqa: E402
-from qsparse_compiler.passes import PassContext, default_passes, run_passes
-from qsparse_compiler.passes.report import RewriteReport
-from qsparse_compiler.testing.capture import capture_dynamo_graph
+from qsparse_compiler.compiler.passes import PassContext, default_passes, run_passes
+from qsparse_compiler.compiler.passes.report import RewriteReport
+from qsparse_compiler.eval.capture import capture_dynamo_graph
 
 
 def main() -> None:

@@ -12,7 +12,22 @@
 #                                                # cache in /tmp)
 #   bash benchmarks/device_suite.sh cachemem     # the qsparse row with the residual cache in fp8 (order 2, then
 #                                                # order 1): peak memory vs the bf16 cache's 7.8 GiB (not yet run)
+#   bash benchmarks/device_suite.sh bytes        # byte accounting of the reuse step's kernels (two qsparse compiles)
+#   bash benchmarks/device_suite.sh generation   # whole 50-step CFG videos at workload W (bench_generation.py), in
+#                                                # parts that each stay under 580 s, rows appended to one
+#                                                # generation.json (GEN_PARTS="1 2 3" picks parts; default all three:
+#                                                # run each as its own device command), then fidelity of the same rows
+#                                                # on the reference DiT (FID_PARTS) into fidelity.json, then the Pareto
+#                                                # plot when both JSONs are there. Estimates from the per-forward
+#                                                # numbers (not yet run): part 1 Inductor + Flex+fp8 ~350 s, part 2
+#                                                # Flex+fp8 with FBC / MagCache / TaylorSeer ~400 s, part 3 cache-dit +
+#                                                # qsparse + qsparse with FBC ~450 s; fidelity parts ~300 s each.
 #   bash benchmarks/device_suite.sh tests        # every @gpu test, JOBS files at a time, FILE_LIMIT s each
+#   bash benchmarks/device_suite.sh attn8        # 8-bit attention: bench rows beside SDPA and Flex at 15% and dense,
+#                                                # the refresh rows, the 8-bit config sweep, then its @gpu tests
+#                                                # (not yet run; budget 170 s bench + 240 s tests)
+#   bash benchmarks/device_suite.sh membound     # issue #19's fused norm/rope/quant kernels vs Inductor at workload W
+#                                                # (bench_membound.py, < 2 min) and their @gpu tests (not yet run)
 # Results land in $OUT; partial results survive a time limit (JSON after every row, test lines as they come).
 # The not-yet-run parts' times are estimates from the 480p run (BENCHMARKS.md), not measurements.
 set -u
@@ -38,6 +53,39 @@ case "${1:-e2e}" in
   cachemem)
     e2e wan-1.3b-480p qsparse e2e_cache_fp8_order2.json 8 290 --cache '{"storage": "fp8_e4m3"}'
     e2e wan-1.3b-480p qsparse e2e_cache_fp8_order1.json 8 290 --cache '{"storage": "fp8_e4m3", "order": 1}' ;;
+  bytes) timeout "${LIMIT:-400}" python3 benchmarks/byte_accounting.py --out "$OUT/byte_accounting.json" 2>&1 \
+      | grep -v Warning | tail -70 ;;
+  generation)
+    # One row's failure is recorded in the JSON and the next row runs; a part past its limit keeps the rows it
+    # finished (the JSON is rewritten after every row). cache-dit comes from its carried wheel (.whl/, installed above).
+    gen() {  # gen PART ROWS [MORE ARGS]
+      timeout "${PART_LIMIT:-580}" python3 benchmarks/bench_generation.py --rows "$2" --append \
+          --row-budget "${ROW_BUDGET:-420}" --warmup-steps "${WARMUP_STEPS:-12}" "${@:3}" 2>&1 | grep -v Warning | grep -E "^\||^- |^[a-z].*: " | tail -40
+      echo "generation part $1: exit ${PIPESTATUS[0]}"
+    }
+    for part in ${GEN_PARTS-1 2 3}; do
+      case $part in
+        1) gen 1 inductor,flex-fp8 --out "$OUT/generation.json" ;;
+        2) gen 2 flex-fp8+fbc,flex-fp8+mag,flex-fp8+taylorseer --out "$OUT/generation.json" ;;
+        3) gen 3 cache-dit,qsparse,qsparse+fbc --out "$OUT/generation.json" ;;
+      esac
+    done
+    # The reference DiT (16 x 64 x 64, 16,384 tokens), 4 seeds, the same steps and rows; each part reruns the dense
+    # eager reference its PSNR / SSIM are measured against.
+    for part in ${FID_PARTS-1 2}; do
+      case $part in
+        1) gen fid1 inductor,flex-fp8,flex-fp8+fbc,flex-fp8+mag --fidelity --out "$OUT/fidelity.json" ;;
+        2) gen fid2 flex-fp8+taylorseer,cache-dit,qsparse,qsparse+fbc --fidelity --out "$OUT/fidelity.json" ;;
+      esac
+    done
+    if [ -f "$OUT/generation.json" ] && [ -f "$OUT/fidelity.json" ]; then
+      python3 -m qsparse_compiler.cli eval --pareto "$OUT/generation.json" --fidelity-json "$OUT/fidelity.json" \
+          --out "$OUT" 2>&1 | grep -v Warning | tail -20
+    fi ;;
+  membound)
+    timeout 240 python3 benchmarks/bench_membound.py --out "$OUT/membound.json" 2>&1 | grep -v Warning | tail -30
+    timeout 300 python3 -m pytest -q -m gpu tests/kernels/test_qk_norm_rope.py tests/kernels/test_ln_modulate_quant.py \
+        --tb=short -rA -p no:cacheprovider 2>&1 | tee "$OUT/membound_gpu_tests.txt" | tail -15 ;;
   tests)
     # Files run side by side (Triton's compiles are CPU-bound; the tests are not timed), each under its own limit;
     # the per-file logs are joined into one file at the end ($OUT returns at most 8 files).
@@ -48,6 +96,13 @@ case "${1:-e2e}" in
     for log in /tmp/gpu_tests/*.log; do
       echo "== $log"; grep -E "^PASSED|^FAILED|^ERROR|^E |^[a-z_/]+\.py:[0-9]+: |passed|failed" "$log"
     done | tee "$OUT/gpu_tests.txt" | grep -E "^==|passed|failed|^FAILED|^ERROR|^E " ;;
-  *) echo "device_suite.sh: unknown part ${1}; use e2e, e2e2, e2e720, e2e720flex, hunyuan, hunyuanflex, cachemem or tests" >&2
+  attn8)
+    timeout 240 python3 benchmarks/bench_attention.py --int8 --int8-sweep --densities 0.15 1.0 --patterns random \
+        --out "$OUT/attention_int8.json" 2>&1 | grep -v Warning | tee "$OUT/attn8_bench.txt" | tail -30
+    timeout 300 python3 -m pytest -q -m gpu tests/kernels/test_attention_int8_fp8.py \
+        tests/kernels/test_attention_merge.py tests/ops/test_attention_int8_fp8_cuda.py --tb=short -rA -p no:cacheprovider 2>&1 | tail -40 \
+        | tee "$OUT/attn8_tests.txt" ;;
+  *) echo "device_suite.sh: unknown part ${1}; use e2e, e2e2, e2e720, e2e720flex, hunyuan, hunyuanflex, cachemem, attn8, bytes, generation, membound" \
+          "or tests" >&2
      exit 2 ;;
 esac

@@ -12,8 +12,8 @@ import time
 import torch
 from diffusers import WanTransformer3DModel
 
-from qsparse_compiler.backend import reports
-from qsparse_compiler.testing.metrics import relative_error
+from qsparse_compiler.compiler.backend import reports
+from qsparse_compiler.eval.metrics import relative_error
 
 
 def small_wan(device: torch.device, dtype: torch.dtype) -> WanTransformer3DModel:

@@ -25,12 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qsparse_compiler.ops.quantization import dequantize_activation, dequantize_weight_int4, quantize_activation, quantize_weight_int4
-from qsparse_compiler.sparsity.layout import BlockSparseLayout
-from qsparse_compiler.sparsity.patterns import TokenGrid, local_3d
-from qsparse_compiler.testing.fidelity import attention_recall, capture_attention_qk, evaluate
-from qsparse_compiler.testing.reference_model import data_config, initial_noise, load_reference_metadata, load_reference_model
-from qsparse_compiler.testing.synthetic_video import SyntheticVideoConfig, SyntheticVideos
+from qsparse_compiler.formats.quantization import dequantize_activation, dequantize_weight_int4, quantize_activation, quantize_weight_int4
+from qsparse_compiler.formats.layout import BlockSparseLayout
+from qsparse_compiler.formats.patterns import TokenGrid, local_3d
+from qsparse_compiler.eval.fidelity import attention_recall, capture_attention_qk, evaluate
+from qsparse_compiler.eval.reference_model import data_config, initial_noise, load_reference_metadata, load_reference_model
+from qsparse_compiler.eval.synthetic_video import SyntheticVideoConfig, SyntheticVideos
 
 
 def block_linears(model: nn.Module) -> list[nn.Linear]:

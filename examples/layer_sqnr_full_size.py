@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from bench_e2e import WAN_1_3B  # noqa: E402  the workload's config, defined once
 
-from qsparse_compiler.testing.fidelity import layer_sqnr, random_wan_inputs  # noqa: E402
+from qsparse_compiler.eval.fidelity import layer_sqnr, random_wan_inputs  # noqa: E402
 
 VARIANTS = {
     "w4a8 (group 128)": {"sparsity": {"enabled": False}},

@@ -1,4 +1,4 @@
-"""Train the reference video DiT (qsparse_compiler/testing/reference_model.py) on synthetic moving-shape videos.
+"""Train the reference video DiT (qsparse_compiler/eval/reference_model.py) on synthetic moving-shape videos.
 
 Flow matching as in Wan: x_t = (1 - s) x_0 + s * noise with s drawn logit-normal and shifted (shift 3, the
 sampler's), the model predicts noise - x_0 at timestep 1000 s; MSE loss, AdamW, bf16 autocast, gradient clipping,
@@ -6,7 +6,7 @@ sampler's), the model predicts noise - x_0 at timestep 1000 s; MSE loss, AdamW, 
 (``--minutes``), then saves everything under ``--out``:
 
     reference_dit.safetensors, reference_dit.json   the weights and config (copy both into
-                                                     qsparse_compiler/testing/assets/ to commit them)
+                                                     qsparse_compiler/eval/assets/ to commit them)
     loss.json, loss.png                              training loss (averaged per logged window) and held-out loss
     samples.png, samples_cfg.png                     sampled videos (every other row: the training data of the
                                                      same prompt), without and with guidance
@@ -38,8 +38,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from qsparse_compiler.testing import plots
-from qsparse_compiler.testing.reference_model import (
+from qsparse_compiler.eval import plots
+from qsparse_compiler.eval.reference_model import (
     ASSETS_DIR,
     CONFIG_NAME,
     DEFAULT_SHIFT,
@@ -55,7 +55,7 @@ from qsparse_compiler.testing.reference_model import (
     save_reference_model,
     tokens_per_video,
 )
-from qsparse_compiler.testing.synthetic_video import SyntheticVideoConfig, SyntheticVideos
+from qsparse_compiler.eval.synthetic_video import SyntheticVideoConfig, SyntheticVideos
 
 EVAL_SEED = 999_999  # held-out scenes; training uses seeds args.seed * 10**7 + step
 

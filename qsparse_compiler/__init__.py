@@ -1,16 +1,19 @@
 """qsparse_compiler: a torch.compile backend for video diffusion transformers (W4A8 + block-sparse attention).
 
 Public API: ``calibrate`` (produce a Plan), ``optimize`` (compile a pipeline's transformer and drive its residual cache), ``load_plan``/``save_plan``,
-the configs, and ``runtime`` (``ResidualCacheRuntime`` for bare models in a loop). The backend itself is reached with
+the configs, ``Session`` (what one compiled model owns at run time) and ``runtime`` (``ResidualCacheRuntime`` for
+bare models in a loop). The backend itself is reached with
 ``torch.compile(model, backend="quantsparse", options=...)``.
 """
 
-from . import backend, runtime  # importing backend registers backend="quantsparse" with Dynamo
+from . import runtime
+from .compiler import backend  # importing backend registers backend="quantsparse" with Dynamo
 from .calibration import CalibrationConfig, calibrate
 from .config import CacheConfig, QuantConfig, QuantSparseConfig, SparsityConfig
 from .plan import load_plan, save_plan
 from .runtime.pipeline import optimize, release_dense_weights, restore, runtime_of
 from .runtime.residual_cache import ResidualCacheRuntime
+from .runtime.session import Session
 
 __all__ = [
     "CalibrationConfig",
@@ -20,6 +23,7 @@ __all__ = [
     "QuantSparseConfig",
     "SparsityConfig",
     "ResidualCacheRuntime",
+    "Session",
     "load_plan",
     "optimize",
     "release_dense_weights",

@@ -23,7 +23,7 @@ def _load_model(model: str):
     model (a plan's distilled weights replace the model's own at compile)."""
     import torch
 
-    from .testing.models import TINY_MODELS
+    from .eval.models import TINY_MODELS
 
     if model not in TINY:
         raise typer.BadParameter(f"{model!r} is not one of {TINY}; compile your own model from Python (README)")
@@ -41,8 +41,8 @@ def compile_command(
     """Compile a model with backend="quantsparse", run it once, print the rewrite report."""
     import torch
 
-    from .backend import reports
-    from .testing.metrics import relative_error
+    from .compiler.backend import reports
+    from .eval.metrics import relative_error
 
     parsed = json.loads(options)
     parsed["report"] = True
@@ -61,8 +61,8 @@ def _reference_data(frames: Optional[int]):
     """The reference model's video config, with another frame count if asked (shorter videos for CPU runs)."""
     import dataclasses
 
-    from .testing.reference_model import load_reference_metadata
-    from .testing.synthetic_video import SyntheticVideoConfig
+    from .eval.reference_model import load_reference_metadata
+    from .eval.synthetic_video import SyntheticVideoConfig
 
     data = SyntheticVideoConfig.from_dict(load_reference_metadata()["data"])
     return data if frames is None else dataclasses.replace(data, frames=frames)
@@ -92,8 +92,8 @@ def calibrate_command(
     from .calibration.driver import save_samples
 
     if model == "reference":
-        from .testing.reference_model import load_reference_model, sample_videos
-        from .testing.synthetic_video import SyntheticVideos
+        from .eval.reference_model import load_reference_model, sample_videos
+        from .eval.synthetic_video import SyntheticVideos
 
         module = load_reference_model(device, torch.float32)
         if samples is None:
@@ -120,19 +120,35 @@ def calibrate_command(
 def eval_command(
     out: Path = typer.Option(Path("fidelity"), help="where results.json, results.md and the plots go"),
     variants: str = typer.Option("w4a8,sparse,naive,ssar1,ssar2,lowrank",
-                                 help="ablation rows (testing/ablation.py); msad and ssar_plan need --plan"),
+                                 help="ablation rows (eval/ablation.py); msad and ssar_plan need --plan"),
     plan: Optional[Path] = typer.Option(None, help="a calibrated plan for the msad / SSAR rows"),
     density: float = typer.Option(0.15, help="attention density of the sparse rows without a plan"),
     seeds: str = typer.Option("0,1,2,3", help="one video per seed"),
     steps: Optional[int] = typer.Option(None, help="sampling steps (default: the reference model's)"),
     device: str = typer.Option("cuda", help="cuda or cpu (cpu is slow: 16,384 tokens per video)"),
     frames: Optional[int] = typer.Option(None, help="video frames (default: the reference model's 16)"),
+    pareto: Optional[Path] = typer.Option(None, help="instead: draw seconds per video vs PSNR from this speed JSON of "
+                                                     "bench_generation.py and --fidelity-json, into --out/pareto.png"),
+    fidelity_json: Optional[Path] = typer.Option(None, help="with --pareto: bench_generation.py --fidelity's JSON"),
 ) -> None:
     """Dense vs compressed variants of the reference video DiT over whole sampling runs: PSNR, SSIM, layer SQNR."""
+    if pareto is not None:
+        from .eval.pareto import pareto_plot
+
+        if fidelity_json is None:
+            raise typer.BadParameter("--pareto needs --fidelity-json (bench_generation.py --fidelity --out FILE)")
+        path, summary = pareto_plot(pareto, fidelity_json, out / "pareto.png")
+        for point in summary["points"]:
+            front = "front" if point["system"] in summary["front"] else ""
+            console.print(f"{point['system']}: {point['seconds']:.2f} s per video, {point['psnr_db']:.2f} dB {front}")
+        for line in summary["skipped"]:
+            console.print(f"left out: {line}")
+        console.print(f"wrote {path}")
+        return
     import torch
 
-    from .testing.ablation import ablation_variants
-    from .testing.fidelity import evaluate
+    from .eval.ablation import ablation_variants
+    from .eval.fidelity import evaluate
 
     chosen = ablation_variants(density, str(plan) if plan else None, tuple(v for v in variants.split(",") if v))
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -151,8 +167,8 @@ def _recall_report(plan: Optional[Path], density: float, frames: Optional[int], 
     """Attention recall per head of the static pattern and (with a plan) the plan's patterns, on the dense reference
     model at seeded random latents (timestep 500)."""
     from .plan import load_plan
-    from .testing.fidelity import layout_recall, random_wan_inputs
-    from .testing.reference_model import load_reference_model
+    from .eval.fidelity import layout_recall, random_wan_inputs
+    from .eval.reference_model import load_reference_model
 
     model = load_reference_model(device, dtype)
     data = _reference_data(frames)
@@ -167,8 +183,28 @@ def _recall_report(plan: Optional[Path], density: float, frames: Optional[int], 
     return report
 
 
-@app.command("bench")
+def _run_generation_benchmark(arguments: list[str]) -> None:
+    """benchmarks/bench_generation.py of this checkout with ``arguments`` (its --help lists them)."""
+    import runpy
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_generation.py"
+    if not script.is_file():
+        raise typer.BadParameter(f"--generation runs {script}, which this installation does not have; run it from a "
+                                 "checkout of the repository")
+    argv = sys.argv
+    sys.argv = [str(script), *arguments]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = argv
+
+
+@app.command("bench", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def bench_command(
+    ctx: typer.Context,
+    generation: bool = typer.Option(False, "--generation", help="whole videos instead: benchmarks/bench_generation.py "
+                                    "with the remaining arguments (--rows, --steps, --workload, --fidelity, ...)"),
     kernels: bool = typer.Option(True, "--kernels/--no-kernels", help="time the sparse attention kernel per density"),
     out: Path = typer.Option(Path("kernel_costs.json"), help="the cost table: {density: ms}, for CalibrationConfig"),
     heads: int = typer.Option(12), seq_len: int = typer.Option(32760), head_dim: int = typer.Option(128),
@@ -176,6 +212,11 @@ def bench_command(
 ) -> None:
     """The cost model of the pattern search: block-sparse attention time per density on this GPU (random layouts
     with the diagonal). Without CUDA there is nothing to time: the search then uses its FLOP proxy."""
+    if generation:
+        _run_generation_benchmark(list(ctx.args))
+        return
+    if ctx.args:
+        raise typer.BadParameter(f"unknown arguments {ctx.args} (they are passed on only with --generation)")
     import torch
 
     if not kernels:
@@ -185,7 +226,7 @@ def bench_command(
         raise typer.Exit(1)
     import triton.testing
 
-    from .sparsity.layout import BlockSparseLayout, num_blocks
+    from .formats.layout import BlockSparseLayout, num_blocks
 
     q, k, v = (torch.randn(1, heads, seq_len, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     blocks = num_blocks(seq_len, 128)

@@ -23,6 +23,7 @@ __all__ = [
     "CACHE_MODES",
     "CACHE_STORAGES",
     "SCHEDULE_KEYS",
+    "ATTENTION_PRECISIONS",
     "CONDITIONING_LINEAR_MODES",
     "WEIGHT_ONLY",
     "ConfigError",
@@ -33,7 +34,7 @@ __all__ = [
     "QuantSparseConfig",
 ]
 
-# Per-token dynamic activation formats of qsparse::w4a8_linear (see ops/quantization.py for the math):
+# Per-token dynamic activation formats of qsparse::w4a8_linear (see formats/quantization.py for the math):
 #   fp8_e4m3   signed e4m3, scale = amax / 448 (Hopper tensor cores)
 #   int8       signed int8, scale = amax / 127 (portable)
 #   uint8_msfp unsigned int8 with a per-token zero at the row minimum (MSFP: for (near) non-negative inputs
@@ -62,6 +63,12 @@ CACHE_STORAGES = ("model", "fp8_e4m3")
 # The CacheConfig fields that only say which steps refresh: decided on the host per call, they never change a compiled
 # graph (a regional graph serves blocks whose schedules differ in them).
 SCHEDULE_KEYS = ("refresh_first", "refresh_every", "refresh_steps", "num_steps")
+# Number formats of the sparsified attentions (qsparse::sparse_attention's precision, and the refresh's dense
+# attention of a residual cache):
+#   bf16      the model's dtype (bf16 / fp16 / fp32)
+#   int8_fp8  int8 Q.K^T with per-tile scales and mean-smoothed K, e4m3 P.V with per-channel V scales, fp32
+#             accumulation (ops/attention_quantization.py); on CUDA needs e4m3 tensor cores (sm89+)
+ATTENTION_PRECISIONS = ("bf16", "int8_fp8")
 
 
 class ConfigError(ValueError):
@@ -160,8 +167,11 @@ class SparsityConfig:
     density     fraction of (query block, key block) pairs computed in the video x video region, in (0, 1].
                 Text rows and columns of joint attention are always dense.
     block_q     query block size in tokens (the kernel's tile); block_kv likewise for keys.
-    pattern     static pattern spec used when no plan says otherwise (see ops/video_layout.py): ``local3d`` keeps,
+    pattern     static pattern spec used when no plan says otherwise (see formats/pattern_spec.py): ``local3d`` keeps,
                 for every query block, the key blocks nearest to it in the (frame, height, width) token grid.
+    attention_precision
+                one of ``ATTENTION_PRECISIONS``, for every sparsified site (and its residual cache's refresh). A site
+                whose kernel cannot run "int8_fp8" (head dim, tiling, GPU) stays "bf16" and the report says why.
     """
 
     enabled: bool = True
@@ -169,18 +179,22 @@ class SparsityConfig:
     block_q: int = 128
     block_kv: int = 128
     pattern: str = "local3d"
+    attention_precision: str = "bf16"
     version: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.enabled, bool):
             _fail("SparsityConfig", "enabled", self.enabled, "must be True or False")
+        if self.attention_precision not in ATTENTION_PRECISIONS:
+            _fail("SparsityConfig", "attention_precision", self.attention_precision,
+                  f"must be one of {ATTENTION_PRECISIONS}")
         if not isinstance(self.density, (int, float)) or not (0.0 < float(self.density) <= 1.0) or math.isnan(self.density):
             _fail("SparsityConfig", "density", self.density, "must be a number in (0, 1], e.g. 0.15")
         for name in ("block_q", "block_kv"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 16 or value & (value - 1):
                 _fail("SparsityConfig", name, value, "must be a power of two >= 16 (the kernel tile), e.g. 128")
-        from .ops.video_layout import PATTERNS, parse_pattern_spec
+        from .formats.pattern_spec import PATTERNS, parse_pattern_spec
 
         try:
             parse_pattern_spec(self.pattern, self.density)
@@ -312,7 +326,9 @@ class QuantSparseConfig:
     report      True prints the rewrite report table after each compile; False keeps quiet.
     inductor    config patches handed to Inductor's ``compile_fx`` (e.g. {"triton.cudagraphs": True}).
     runtime     the ``runtime.ResidualCacheRuntime`` that owns this model's residual caches and step counter
-                (``qs.optimize`` makes one per model); None = the process-wide default runtime.
+                (``qs.optimize`` makes one per model); None = the session's.
+    session     the ``runtime.Session`` that owns what this model's compiled graphs read at run time (packed
+                weights, LoRA tensors, residual caches) and their reports; None = the process's default session.
     parallel    the ``ParallelConfig`` (Ulysses degree and rank) the graph runs under; ``qs.optimize`` sets it for a
                 transformer with diffusers' context parallelism.
     """
@@ -325,6 +341,7 @@ class QuantSparseConfig:
     report: bool = False
     inductor: Mapping[str, Any] = field(default_factory=dict)
     runtime: Any = None
+    session: Any = None
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     version: int = 1
 

@@ -30,7 +30,7 @@ def test_calibrate_reference_records_every_nth_step(tmp_path, monkeypatch):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     from qsparse_compiler.calibration import driver, load_samples
-    from qsparse_compiler.testing.reference_model import DEFAULT_SHIFT
+    from qsparse_compiler.eval.reference_model import DEFAULT_SHIFT
 
     recorded = []
     monkeypatch.setattr(driver, "calibrate_cli_main",

@@ -15,7 +15,7 @@ def test_backend_works_without_importing_the_package():
         with torch.no_grad():
             out = torch.compile(model, backend="quantsparse")(x)
             assert torch.allclose(out, model(x), atol=1e-6)
-        from qsparse_compiler.backend import reports
+        from qsparse_compiler.compiler.backend import reports
         assert len(reports()) == 1, reports()
         print("OK", len(reports()[0].sites))
         """
@@ -42,7 +42,7 @@ def test_importing_the_package_registers_the_backend_without_an_entry_point():
         importlib.metadata.entry_points = hidden
         import qsparse_compiler
         from torch._dynamo.backends.registry import lookup_backend
-        assert lookup_backend("quantsparse") is qsparse_compiler.backend.quantsparse
+        assert lookup_backend("quantsparse") is qsparse_compiler.compiler.backend.quantsparse
         print("OK")
         """
     )

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..sparsity.layout import num_blocks
-from ..sparsity.patterns import TokenGrid
+from ..formats.layout import num_blocks
+from ..formats.patterns import TokenGrid
 
 __all__ = ["TileMask", "pooled_attention_mass", "attention_received", "pool_probabilities", "masked_attention", "sparse_attention_chunked", "video_block_flags", "video_tile_mask", "query_chunk_rows"]
 

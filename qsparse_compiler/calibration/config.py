@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from ..config import ACT_FORMATS, CONDITIONING_LINEAR_MODES, SCALE_DTYPES, QuantConfig
+from ..config import _check_known_fields, _fail as _config_fail
+from ..formats.pattern_spec import PATTERNS
 
 __all__ = ["CalibrationConfig", "CalibrationError", "SELECTIONS"]
 
@@ -25,9 +27,7 @@ class CalibrationError(RuntimeError):
 
 
 def _fail(name: str, value: Any, why: str) -> None:
-    from ..config import _fail as fail
-
-    fail("CalibrationConfig", name, value, why, where="qsparse_compiler.calibration")
+    _config_fail("CalibrationConfig", name, value, why, where="qsparse_compiler.calibration")
 
 
 def _is_fraction(value: Any, *, allow_zero: bool = False) -> bool:
@@ -44,7 +44,7 @@ class CalibrationConfig:
     density_budget        mean fraction of video x video tiles computed over all searched layers and heads.
     recall_bound          a head's pattern must keep at least this fraction of its dense attention mass (measured on
                           the block-pooled attention maps) unless the budget forces a cheaper one.
-    candidate_patterns    names in ``ops.video_layout.PATTERNS`` to try; None = every registered name (so patterns
+    candidate_patterns    names in ``formats.pattern_spec.PATTERNS`` to try; None = every registered name (so patterns
                           added to the registry later are searched without a change here).
     candidate_densities   densities each density-parametrised pattern is tried at (patterns that ignore the density
                           are de-duplicated by their tile bitmap).
@@ -82,7 +82,7 @@ class CalibrationConfig:
     Timestep-aware LoRA (MSFP's TALoRA, lora.py), trained after the scales, with the scales frozen (so the plan's
     weights stay right where the LoRA is not applied, e.g. the backend's reported fallback without a timestep):
     lora_rank             rank of each correction; 0 = off (the default). The backend applies it in the compiled
-                          graph (passes/apply_lora.py): 2·rank·(K + N) extra multiply-adds per token and linear.
+                          graph (compiler/passes/apply_lora.py): 2·rank·(K + N) extra multiply-adds per token and linear.
     lora_bucket_edges     ascending timestep edges; len + 1 LoRA pairs per linear.
     lora_steps, lora_lr   Adam steps and learning rate per block.
 
@@ -157,8 +157,6 @@ class CalibrationConfig:
         if not _is_fraction(self.recall_bound, allow_zero=True):
             _fail("recall_bound", self.recall_bound, "must be in [0, 1], e.g. 0.9")
         if self.candidate_patterns is not None:
-            from ..ops.video_layout import PATTERNS
-
             if isinstance(self.candidate_patterns, str) or not self.candidate_patterns:
                 _fail("candidate_patterns", self.candidate_patterns, "must be a non-empty tuple of names or None")
             unknown = [name for name in self.candidate_patterns if name not in PATTERNS]
@@ -234,8 +232,6 @@ class CalibrationConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> "CalibrationConfig":
         """Build from a dict (CLI / JSON); unknown keys are an error that lists the valid ones."""
-        from ..config import _check_known_fields
-
         values = dict(values or {})
         _check_known_fields(cls, "CalibrationConfig", values, where="qsparse_compiler.calibration")
         for name in ("candidate_patterns", "candidate_densities", "lora_bucket_edges"):

@@ -1,6 +1,8 @@
 """``calibrate``: dense model + samples -> Plan (plan.json + plan.safetensors), resumable, with progress.
 
-Stages (each checkpointed in ``<out>/calibration/``, see checkpoint.py; ``resume=True`` skips finished ones):
+Stages (``Stage``: a name, a key over everything its result depends on, compute, and the encode/decode of its
+checkpoint in ``<out>/calibration/``, see checkpoint.py; one runner resumes a finished stage whose key matches when
+``resume=True`` and computes and saves the others):
 
     selection    salient data selection over the candidate samples (salient.py)
     statistics   pooled attention maps and activation ranges of the dense model on the kept samples (statistics.py)
@@ -17,18 +19,19 @@ patterns, tile, cache), and ``metadata`` with the cost model, the search, the se
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from ..config import WEIGHT_ONLY
-from ..ops.quantization import PackedInt4Weight
-from ..ops.video_layout import PATTERNS
+from ..formats.quantization import PackedInt4Weight
+from ..formats.pattern_spec import PATTERNS
 from ..plan.io import save_plan
 from ..plan.schema import AttentionPlan, LinearPlan, ModelFingerprint, Plan
 from .checkpoint import StageStore, stage_key
@@ -161,40 +164,19 @@ def calibrate(
     device = next(model.parameters()).device
     candidates = _to_device(candidates, device)
     folder = Path(out) if out is not None else None
-    store = StageStore(folder / CHECKPOINT_DIR if folder is not None else None, resume)
+    run = _StageRunner(StageStore(folder / CHECKPOINT_DIR if folder is not None else None, resume))
     fingerprint = ModelFingerprint.of(model)
     base_key = stage_key(asdict(fingerprint), samples_digest(candidates))
-    stages: dict[str, str] = {}
-    seconds: dict[str, float] = {}
     was_training = model.training
     model.eval()
     try:
-        # 1. salient data selection
-        key = stage_key("selection", base_key, config.stage_hash(*_SELECTION_FIELDS))
-        record = store.load("selection", key)
-        start = time.perf_counter()
-        if record is None:
-            report = _select(model, candidates, config)
-            store.save("selection", key, report)
-            stages["selection"] = "computed"
-        else:
-            report, _ = record
-            stages["selection"] = "resumed"
-        seconds["selection"] = time.perf_counter() - start
+        selection_key = stage_key("selection", base_key, config.stage_hash(*_SELECTION_FIELDS))
+        report = run(Stage("selection", selection_key, lambda: _select(model, candidates, config)))
         ids = report["selected"]
 
-        # 2. statistics
-        key = stage_key("statistics", key, config.stage_hash(*_STATISTICS_FIELDS))
-        record = store.load("statistics", key)
-        start = time.perf_counter()
-        if record is None:
-            stats = collect_statistics(model, candidates, config, ids)
-            store.save("statistics", key, *stats.to_record())
-            stages["statistics"] = "computed"
-        else:
-            stats = CalibrationStats.from_record(*record)
-            stages["statistics"] = "resumed"
-        seconds["statistics"] = time.perf_counter() - start
+        statistics_key = stage_key("statistics", selection_key, config.stage_hash(*_STATISTICS_FIELDS))
+        stats = run(Stage("statistics", statistics_key, lambda: collect_statistics(model, candidates, config, ids),
+                          encode=CalibrationStats.to_record, decode=CalibrationStats.from_record))
         if not stats.attentions:
             warnings.warn(
                 "qsparse_compiler.calibration: no video self-attention was seen (every attention stays dense in the "
@@ -203,78 +185,42 @@ def calibrate(
                 stacklevel=2,
             )
 
-        # 3. pattern search (the registry's names are part of the key: a new pattern is searched)
-        key = stage_key("search", key, config.stage_hash(*_SEARCH_FIELDS), sorted(PATTERNS))
-        record = store.load("search", key)
-        start = time.perf_counter()
-        if record is None:
-            search = search_patterns(stats.attentions, config)
-            store.save("search", key, search.to_json())
-            stages["search"] = "computed"
-        else:
-            search = SearchResult.from_json(record[0])
-            stages["search"] = "resumed"
-        seconds["search"] = time.perf_counter() - start
+        # the registry's names are part of the key: a new pattern is searched
+        search_key = stage_key("search", statistics_key, config.stage_hash(*_SEARCH_FIELDS), sorted(PATTERNS))
+        search = run(Stage("search", search_key, lambda: search_patterns(stats.attentions, config),
+                           encode=lambda result: (result.to_json(),), decode=lambda data, _: SearchResult.from_json(data)))
         specs = {fqn: _spec(search.head_patterns(fqn)) for fqn in search.heads}
-        search_key = key
 
-        # 4. SSAR settings
-        key = stage_key("ssar", search_key, config.stage_hash(*_SSAR_FIELDS))
-        record = store.load("ssar", key)
-        start = time.perf_counter()
-        if record is None:
-            starts = sorted(ids, key=lambda i: -timestep_of(candidates[i]))[: config.ssar_samples]
-            residuals = measure_residuals(model, candidates, starts, specs, config.block_q, config.block_kv, config)
-            ssar = ssar_settings(residuals, config)
-            del residuals
-            store.save("ssar", key, ssar)
-            stages["ssar"] = "computed"
-        else:
-            ssar = record[0]
-            stages["ssar"] = "resumed"
-        seconds["ssar"] = time.perf_counter() - start
+        ssar_key = stage_key("ssar", search_key, config.stage_hash(*_SSAR_FIELDS))
+        ssar = run(Stage("ssar", ssar_key, lambda: _ssar(model, candidates, ids, specs, config)))
 
-        # 5. MSAD, block by block
+        # MSAD, block by block: one stage per block with a quantized linear
         linears, linear_notes = linear_plans(stats.linears, config)
         msad_key = stage_key("msad", search_key, config.stage_hash(*_MSAD_FIELDS),
                              {fqn: asdict(p) for fqn, p in sorted(linears.items())})
         packed: dict[str, PackedInt4Weight] = {}
         lora_tensors: dict[str, torch.Tensor] = {}
         results = []
-        start = time.perf_counter()
         blocks = transformer_blocks(model, config.site_pattern)
         for block_fqn, block in track(blocks, "MSAD blocks", config.progress):
             name = f"msad/{block_fqn}"
             if not any(fqn.startswith(block_fqn + ".") for fqn in linears):
-                stages[name] = "skipped: no quantized linear in this block"
+                run.status[name] = "skipped: no quantized linear in this block"
                 continue
-            block_key = stage_key(msad_key, block_fqn)
-            record = store.load(name, block_key)
-            if record is None:
-                block_packed, block_lora, result = distill_block(
-                    model, block_fqn, block, candidates, ids, linears, specs, config, config.block_q, config.block_kv
-                )
-                tensors = dict(block_lora)
-                for fqn, weight in block_packed.items():
-                    tensors[f"{fqn}.qweight"], tensors[f"{fqn}.scale"] = weight.qweight, weight.scale
-                store.save(name, block_key, asdict(result), tensors)
-                stages[name] = "computed"
-                results.append(asdict(result))
-            else:
-                data, tensors = record
-                block_packed = {
-                    fqn: PackedInt4Weight(tensors[f"{fqn}.qweight"], tensors[f"{fqn}.scale"], data_group)
-                    for fqn, data_group in _groups(tensors, linears)
-                }
-                block_lora = {k: v for k, v in tensors.items() if k.endswith((".lora_a", ".lora_b"))}
-                stages[name] = "resumed"
-                results.append(data)
+            distill = functools.partial(distill_block, model, block_fqn, block, candidates, ids, linears, specs, config,
+                                        config.block_q, config.block_kv)
+            result, block_packed, block_lora = run(Stage(
+                name, stage_key(msad_key, block_fqn), lambda: _msad_result(*distill()), encode=_encode_msad,
+                decode=lambda data, tensors: _decode_msad(data, tensors, linears),
+            ), timed_as="msad")
+            results.append(result)
             lora_tensors.update(block_lora)
             packed.update(block_packed)
-        seconds["msad"] = time.perf_counter() - start
+        run.seconds.setdefault("msad", 0.0)
     finally:
         model.train(was_training)
 
+    stages, seconds = run.status, run.seconds
     plan = _build_plan(model, fingerprint, config, linears, linear_notes, packed, lora_tensors, search, ssar, report,
                        results, stages, seconds)
     if folder is not None:
@@ -292,6 +238,71 @@ def _groups(tensors: Mapping[str, torch.Tensor], linears: Mapping[str, LinearPla
 
 def _spec(head_patterns: Sequence[str]) -> str:
     return head_patterns[0] if len(set(head_patterns)) == 1 else ";".join(head_patterns)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One resumable step of ``calibrate``. ``key`` hashes everything its result depends on (the config fields it
+    reads, and the key of the stage it builds on); ``compute()`` makes the result; ``encode(result)`` gives the
+    (json data, tensors) its checkpoint holds and ``decode(data, tensors)`` rebuilds the result from them."""
+
+    name: str
+    key: str
+    compute: Callable[[], Any]
+    encode: Callable[[Any], tuple] = lambda result: (result,)
+    decode: Callable[[Any, dict[str, torch.Tensor]], Any] = lambda data, tensors: data
+
+
+class _StageRunner:
+    """The one checkpoint path: a stage resumes from ``store`` when its key matches, else it computes and saves;
+    ``status`` and ``seconds`` record what each stage did and how long it took, for the plan's metadata."""
+
+    def __init__(self, store: StageStore) -> None:
+        self.store = store
+        self.status: dict[str, str] = {}
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, stage: Stage, timed_as: str | None = None) -> Any:
+        start = time.perf_counter()
+        record = self.store.load(stage.name, stage.key)
+        if record is None:
+            result = stage.compute()
+            self.store.save(stage.name, stage.key, *stage.encode(result))
+            self.status[stage.name] = "computed"
+        else:
+            result = stage.decode(*record)
+            self.status[stage.name] = "resumed"
+        label = timed_as or stage.name
+        self.seconds[label] = self.seconds.get(label, 0.0) + time.perf_counter() - start
+        return result
+
+
+def _ssar(model, candidates, ids, specs, config: CalibrationConfig) -> dict[str, Any]:
+    """SSAR settings from the residuals measured along trajectories started at the noisiest kept samples."""
+    starts = sorted(ids, key=lambda i: -timestep_of(candidates[i]))[: config.ssar_samples]
+    residuals = measure_residuals(model, candidates, starts, specs, config.block_q, config.block_kv, config)
+    return ssar_settings(residuals, config)
+
+
+def _msad_result(block_packed, block_lora, result) -> tuple[dict[str, Any], dict[str, PackedInt4Weight], dict]:
+    return asdict(result), block_packed, dict(block_lora)
+
+
+def _encode_msad(block: tuple) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    result, block_packed, block_lora = block
+    tensors = dict(block_lora)
+    for fqn, weight in block_packed.items():
+        tensors[f"{fqn}.qweight"], tensors[f"{fqn}.scale"] = weight.qweight, weight.scale
+    return result, tensors
+
+
+def _decode_msad(data: dict[str, Any], tensors: Mapping[str, torch.Tensor], linears: Mapping[str, LinearPlan]):
+    block_packed = {
+        fqn: PackedInt4Weight(tensors[f"{fqn}.qweight"], tensors[f"{fqn}.scale"], group)
+        for fqn, group in _groups(tensors, linears)
+    }
+    block_lora = {k: v for k, v in tensors.items() if k.endswith((".lora_a", ".lora_b"))}
+    return data, block_packed, block_lora
 
 
 def _select(model: torch.nn.Module, candidates: list[dict[str, Any]], config: CalibrationConfig) -> dict[str, Any]:
@@ -340,7 +351,7 @@ def _build_plan(model, fingerprint, config, linears, linear_notes, packed, lora_
             "bucket_edges": list(config.lora_bucket_edges),
             "tensors": "<fqn>.lora_a [buckets, rank, K], <fqn>.lora_b [buckets, N, rank], bf16",
             "math": "y = w4a8(x) + (x @ lora_a[bucket(t)].T) @ lora_b[bucket(t)].T; bucket(t) = #edges <= t",
-            "applied_by": "the backend (qsparse_compiler.passes.apply_lora) and calibration.simulate.plan_applied",
+            "applied_by": "the backend (qsparse_compiler.compiler.passes.apply_lora) and calibration.simulate.plan_applied",
         }
     return Plan(fingerprint=fingerprint, linears=linears, attentions=attentions, tensors=tensors,
                 metadata=json.loads(json.dumps(metadata, default=str)))

@@ -1,6 +1,6 @@
 """Differentiable W4A8 simulation: the student of MSAD and the RTN model of salient selection.
 
-``FakeQuantLinear`` computes exactly what ``qsparse::w4a8_linear`` computes (ops/quantization.py's formats), with
+``FakeQuantLinear`` computes exactly what ``qsparse::w4a8_linear`` computes (formats/quantization.py's formats), with
 straight-through rounding so the per-group weight scales can be trained (LSQ): the codes are
 ``clamp(round(w / s), -8, 7)`` and the weight is ``codes * s``; d/ds sees the rounding residual, as in LSQ. The scale
 passes through its storage dtype (bf16 by default) in the forward, so the student's numbers are the packed plan's
@@ -15,7 +15,7 @@ from typing import Iterator
 import torch
 
 from ..config import WEIGHT_ONLY
-from ..ops.quantization import (
+from ..formats.quantization import (
     FP8_E4M3_MAX,
     INT4_MAX,
     INT4_MIN,
@@ -42,7 +42,7 @@ def _through(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 
 
 def fake_quant_activation(x: torch.Tensor, act_format: str) -> torch.Tensor:
-    """Per-token dynamic 8-bit quantize + dequantize (same math as ops.quantization.quantize_activation), fp32."""
+    """Per-token dynamic 8-bit quantize + dequantize (same math as formats.quantization.quantize_activation), fp32."""
     xf = x.to(torch.float32)
     if act_format == "fp8_e4m3":
         scale = xf.abs().amax(dim=-1, keepdim=True).clamp_min(_EPS) / FP8_E4M3_MAX

@@ -5,7 +5,7 @@ attribute at call time (every backend of ``attention_dispatch``), so ``Attention
 for a wrapper while it is active, and forward pre/post hooks on the attention modules tell the wrapper which module
 (``blocks.0.attn1``) is running. The wrapper hands each video attention to a handler, which may observe it (statistics)
 or replace its output (MSAD's sparse student, SSAR's sparse output). Which attentions are *video* attentions follows
-the passes (passes/find_sites.py): self-attention whose sequence is the video grid (Wan ``attn1``) or text + video
+the passes (compiler/passes/find_sites.py): self-attention whose sequence is the video grid (Wan ``attn1``) or text + video
 (CogVideoX: text first; HunyuanVideo: video first); cross-attention and text-only attention are left alone.
 
 Linears: the block linears are the ``nn.Linear`` modules whose FQN matches ``site_pattern`` (the backend's
@@ -22,8 +22,8 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from ..runtime.context import latent_grid
-from ..sparsity.patterns import TokenGrid
+from ..ops.context import latent_grid
+from ..formats.patterns import TokenGrid
 
 __all__ = [
     "AttentionCall",

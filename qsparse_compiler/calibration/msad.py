@@ -36,13 +36,13 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from ..config import WEIGHT_ONLY
-from ..ops.quantization import PackedInt4Weight
+from ..formats.quantization import PackedInt4Weight
 from ..plan.schema import LinearPlan
-from ..sparsity.patterns import TokenGrid
+from ..formats.patterns import TokenGrid
 from .attention_maps import attention_received, pooled_attention_mass
 from .config import CalibrationConfig, CalibrationError
 from .fake_quant import FakeQuantLinear
-from ..runtime.context import latent_grid
+from ..ops.context import latent_grid
 from .hooks import AttentionCall, AttentionInterceptor
 from .lora import TimestepLoRA, TimestepState
 from .pattern_attention import SparsePatternAttention, pool_block, row_counts
@@ -295,7 +295,7 @@ def distill_block(
     packed = {prefix + name: module.packed() for name, module in fake.items()}
     result = BlockResult(block_fqn, loss_rtn, loss_msad, kept, steps, terms_rtn, terms_msad)
     lora_tensors: dict[str, torch.Tensor] = {}
-    # W4A8 linears only: the backend applies TALoRA to those (passes/apply_lora.py), not to int4 weight-only ones.
+    # W4A8 linears only: the backend applies TALoRA to those (compiler/passes/apply_lora.py), not to int4 weight-only ones.
     lora_linears = {name: module for name, module in fake.items() if module.act_format != WEIGHT_ONLY}
     if config.lora_rank and lora_linears and config.lora_steps:
         # The LoRA is to correct the quantization error only, so it trains against dense attention: at inference

@@ -2,7 +2,7 @@
 
 Used wherever calibration needs the sparse attention a plan implies, in plain torch: MSAD's student (msad.py), the
 residual measurement of SSAR (ssar.py) and the eager plan simulation (simulate.py). The layout of a site comes from
-the registry (``ops.video_layout.build_video_layout``), exactly as the backend builds it, cached per (spec, grid).
+the registry (``formats.pattern_spec.build_video_layout``), exactly as the backend builds it, cached per (spec, grid).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Mapping
 
 import torch
 
-from ..ops.video_layout import build_video_layout
-from ..sparsity.patterns import TokenGrid
+from ..formats.pattern_spec import build_video_layout
+from ..formats.patterns import TokenGrid
 from .attention_maps import TileMask, sparse_attention_chunked
 from .hooks import AttentionCall
 

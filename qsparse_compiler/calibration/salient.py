@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..ops.quantization import dequantize_weight_int4, effective_group_size, quantize_weight_int4
+from ..formats.quantization import dequantize_weight_int4, effective_group_size, quantize_weight_int4
 from .config import CalibrationConfig, CalibrationError
 from .fake_quant import fake_quant_activation, swap_linears
 from .hooks import block_linear_names

@@ -1,6 +1,6 @@
 """Pattern search (Sparse-vDiT): per layer and head, the cheapest pattern that keeps enough attention, under a budget.
 
-Candidates come from the registry ``ops.video_layout.PATTERNS`` (name -> fn(grid, block_q, block_kv, density) ->
+Candidates come from the registry ``formats.pattern_spec.PATTERNS`` (name -> fn(grid, block_q, block_kv, density) ->
 bool [QB, KVB]), so a pattern registered there is searched without a change here: each name is tried at every
 ``candidate_densities`` value, and candidates with identical tile bitmaps are merged (a pattern that ignores the
 density, like ``dense`` or ``skip``, becomes one candidate with a bare name). ``dense`` is always a candidate (it
@@ -31,9 +31,9 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..ops.video_layout import PATTERNS
-from ..sparsity.layout import num_blocks
-from ..sparsity.patterns import TokenGrid
+from ..formats.pattern_spec import PATTERNS
+from ..formats.layout import num_blocks
+from ..formats.patterns import TokenGrid
 from .attention_maps import video_tile_mask
 from .config import CalibrationConfig
 from .statistics import AttentionStats

@@ -17,9 +17,10 @@ from typing import Iterator
 
 import torch
 
+from .. import ops  # noqa: F401  registers qsparse::
 from ..config import WEIGHT_ONLY
 from ..ops.lora import apply_lora
-from ..ops.quantization import quantize_weight_int4
+from ..formats.quantization import quantize_weight_int4
 from ..plan.schema import Plan, PlanError
 from .fake_quant import swap_linears
 from .hooks import AttentionInterceptor
@@ -43,8 +44,6 @@ class PlanLinear(torch.nn.Module):
         self.lora = None if lora is None else (lora[0].to(linear.weight.device), lora[1].to(linear.weight.device), lora[2])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .. import ops  # noqa: F401  registers qsparse::
-
         if self.act_format == WEIGHT_ONLY:
             out = torch.ops.qsparse.int4_weight_only_linear(x, self.qweight, self.scale, self.bias, self.group_size)
         else:

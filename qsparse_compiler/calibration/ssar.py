@@ -50,6 +50,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from ..formats.pattern_spec import parse_pattern_spec
 from .attention_maps import sparse_attention_chunked
 from .config import CalibrationConfig, CalibrationError
 from .hooks import AttentionCall, AttentionInterceptor
@@ -134,8 +135,6 @@ def measure_residuals(
 
 
 def _all_dense(spec: str) -> bool:
-    from ..ops.video_layout import parse_pattern_spec
-
     return all(name == "dense" for name, _ in parse_pattern_spec(spec, 1.0))
 
 

@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..sparsity.patterns import TokenGrid
+from ..formats.patterns import TokenGrid
 from .attention_maps import pooled_attention_mass
 from .config import CalibrationConfig, CalibrationError
 from .hooks import AttentionCall, AttentionInterceptor, block_linear_names

@@ -2,7 +2,7 @@
 
     codes[m, k] = q(x[m, k] / scale[m])        scale[m] = max(amax_k |x[m, k]|, 1e-12) / QMAX   (fp32)
 
-Formats (the math of ``qsparse_compiler.ops.quantization.quantize_activation``, which is the reference):
+Formats (the math of ``qsparse_compiler.formats.quantization.quantize_activation``, which is the reference):
     fp8_e4m3  QMAX = 448, codes torch.float8_e4m3fn, q = clamp then round-to-nearest-even cast (Hopper MMA)
     int8      QMAX = 127, codes torch.int8,          q = round-half-even then clamp (portable MMA)
     uint8_msfp (``act_quant_asym``) codes torch.uint8 = round((x - min) / scale), scale = (max - min) / 255, plus the
@@ -40,7 +40,7 @@ __all__ = ["act_quant", "act_quant_asym", "ACT_QUANT_FORMATS", "ACTIVATIONS", "M
 ACT_QUANT_FORMATS = ("fp8_e4m3", "int8")
 _QMAX = {"fp8_e4m3": 448.0, "int8": 127.0}
 _CODE_DTYPE = {"fp8_e4m3": torch.float8_e4m3fn, "int8": torch.int8}
-_AMAX_EPS = 1e-12  # same as ops/quantization.py: a row of zeros gets a tiny scale, not a division by zero
+_AMAX_EPS = 1e-12  # same as formats/quantization.py: a row of zeros gets a tiny scale, not a division by zero
 ACTIVATIONS = ("none", "gelu_tanh")  # applied to x before quantization (the kernel's PRE_GELU)
 MAX_K = 32768  # whole row in registers; beyond this the tile would spill (no DiT has K > 13,824)
 

@@ -6,7 +6,7 @@ For each (batch, head): mean-pool q over query blocks of ``block_q`` tokens and 
 tokens (tail blocks average over the tokens that exist), score every pair of pooled vectors, ``scale * qp . kp``,
 and normalise each query block's row with a softmax over the key blocks. The result estimates how much attention
 mass a query block sends to each key block; ``torch.topk`` over it picks a dynamic layout (see
-``qsparse_compiler.sparsity.dynamic``).
+``qsparse_compiler.ops.dynamic_layout``).
 
 Two stages. Pooling reads every token once: it is a bandwidth-bound reduction, done by ``torch.mean`` over a view
 that splits the sequence into blocks (no copy, fp32 accumulation; the tail block separately). The kernel then

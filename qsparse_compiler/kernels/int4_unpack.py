@@ -5,7 +5,7 @@ dequantized into a floating-point weight for the int4 weight-only linear.
         fmt "int8":     out = 16 * q  (int8; the nibble moved to the top of the byte, the GEMM divides by 16)
         fmt "fp8_e4m3": out = q       (float8_e4m3fn; -8..7 are exact e4m3 values)
         dequantize:     out = dtype(q * scale[n, k // group])  (the product in fp32, exact for a bf16/fp16/fp32
-                        scale, rounded once: the same bits as ops.quantization.dequantize_weight_int4(...).to(dtype))
+                        scale, rounded once: the same bits as formats.quantization.dequantize_weight_int4(...).to(dtype))
 
 Why a separate pass: inside the GEMM, weights produced in registers reach the tensor cores only after a
 synchronous hand-off (Triton waits for each wgmma that reads a register-made operand), so unpacking and MMA

@@ -15,7 +15,7 @@ contiguous. One program handles BLOCK_R whole rows of D features.
 
 fp8 storage (CacheConfig.storage="fp8_e4m3"): R and dR are e4m3 codes with one fp32 scale per row, (B, H, S, 1);
 a value is code * scale, scale = max(row amax, 1e-12) / 448 and code = e4m3(value / scale) - the rounding of
-ops/quantization.py's quantize_activation. A whole row sits in one program, so the amax needs no second pass.
+formats/quantization.py's quantize_activation. A whole row sits in one program, so the amax needs no second pass.
 
 This module imports nothing from qsparse_compiler outside kernels/ (kernels/ rule).
 """
@@ -33,7 +33,7 @@ __all__ = ["residual_cache_step", "MAX_HEAD_DIM"]
 MAX_HEAD_DIM = 256
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _FP8_MAX = tl.constexpr(448.0)
-_AMAX_EPS = tl.constexpr(1e-12)  # ops/quantization.py's: a row of zeros gets a tiny scale, not a division by zero
+_AMAX_EPS = tl.constexpr(1e-12)  # formats/quantization.py's: a row of zeros gets a tiny scale, not a division by zero
 
 
 @triton.jit

@@ -1,6 +1,6 @@
 """W4A8 GEMM (Triton): out = (a * a_scale) @ (int4 weight * group scale)^T + bias, 8-bit tensor-core MMA.
 
-Operands (the storage format of ``qsparse_compiler.ops.quantization``):
+Operands (the storage format of ``qsparse_compiler.formats.quantization``):
     a        (M, K)     fp8 e4m3 or int8 activation codes, K contiguous       (kernels/act_quant.py)
     a_scale  (M,)       fp32 per-token scales
     qweight  (N, K//2)  uint8: q[n, 2j] in the low nibble, q[n, 2j+1] in the high nibble of qweight[n, j]

@@ -4,7 +4,7 @@
     y = W4A8(x) + (x @ A[bucket]^T) @ B[bucket]^T        A: [NB, r, K], B: [NB, N, r]; the correction in fp32
 
 Calibration trains A and B with these functions (calibration/lora.py, which re-exports them); the
-``apply_lora`` pass (passes/apply_lora.py) inserts ``bucket_index`` and ``apply_lora`` into the compiled graph,
+``apply_lora`` pass (compiler/passes/apply_lora.py) inserts ``bucket_index`` and ``apply_lora`` into the compiled graph,
 where Inductor traces them into ordinary ops. So they stay traceable: no host synchronisation (``.item()``,
 ``int(tensor)``, ``.cpu()``), no branch on tensor values, only on shapes; the edges become a graph constant.
 """

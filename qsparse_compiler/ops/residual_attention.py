@@ -2,7 +2,7 @@
 
     residual_attention(o_sparse (B, H, S, D), q, k, v, key_padding_mask or None, scale: float,
                        state: list[Tensor] (mutated), refresh: bool CPU scalar tensor or None, cache_mode: int,
-                       order: int) -> (B, H, S, D)
+                       order: int, attention_precision: str = "bf16") -> (B, H, S, D)
 
 ``state`` holds the cache of one site and one CFG branch (allocated and owned by runtime/residual_cache.py):
     full rank  [residual (B,H,S,D), delta (B,H,S,D), steps (1,) fp32]
@@ -16,10 +16,13 @@ the first refresh of a new generation.
 A refresh step computes dense attention, R = O_dense - O_sparse, and for order 2 the per-step change
 dR = (R - R_prev) / (steps + 1) between two refreshes; it stores R (and dR) and returns O_dense. A reuse step returns
 O_sparse + R + steps * dR (order 1: O_sparse + R). ``cache_mode`` 1 always refreshes, 2 always reuses, 0 follows the
-``refresh`` flag that the runtime supplies per call (a host-side branch: no device read).
+``refresh`` flag that the runtime supplies per call (a host-side branch: no device read). ``attention_precision``
+is the site's (``config.ATTENTION_PRECISIONS``): "int8_fp8" computes the refresh's dense attention with the 8-bit
+recipe (ops/attention_quantization.py; on CUDA the dense 8-bit kernel, bf16 SDPA where it cannot run).
 
-On CUDA a full-rank cache (bf16/fp16/fp32 or fp8) takes one fused pass per step (kernels/residual_cache_step.py);
-the plain-torch code below is the reference it is tested against and serves CPU and low-rank caches.
+The op's body is the plain-torch reference (CPU, low-rank caches). On CUDA a full-rank cache (bf16/fp16/fp32 or fp8)
+takes one fused pass per step (kernels/residual_cache_step.py), registered as the op's CUDA kernel by
+ops/residual_attention_cuda.py and tested against this reference.
 """
 
 from __future__ import annotations
@@ -29,14 +32,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .quantization import dequantize_activation, quantize_activation_symmetric
+from ..formats.quantization import dequantize_activation, quantize_activation_symmetric
+from .attention_int8_fp8_cuda import attention_int8_fp8_cuda
+from .attention_quantization import attention_int8_fp8_reference
 
-try:
-    from ..kernels.residual_cache_step import MAX_HEAD_DIM, residual_cache_step
-except ImportError:  # no triton on this machine: the reference serves every call
-    residual_cache_step = None  # type: ignore[assignment]
-
-__all__ = ["residual_attention", "MODE_AUTO", "MODE_REFRESH", "MODE_REUSE"]
+__all__ = ["residual_attention", "residual_attention_reference", "refreshes", "dense_attention", "is_fp8", "MODE_AUTO", "MODE_REFRESH",
+           "MODE_REUSE"]
 
 MODE_AUTO, MODE_REFRESH, MODE_REUSE = 0, 1, 2
 
@@ -47,7 +48,8 @@ def _low_rank(residual: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Te
     return u[..., :rank] * sigma[..., None, :rank], vh[..., :rank, :]
 
 
-def _is_fp8(state: list[torch.Tensor]) -> bool:
+def is_fp8(state: list[torch.Tensor]) -> bool:
+    """Whether ``state`` stores R and dR as e4m3 codes with per-row scales."""
     return state[0].dtype == torch.float8_e4m3fn
 
 
@@ -55,7 +57,7 @@ def _expand(state: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(R, dR) in full, fp32, from the stored state."""
     if len(state) == 3:
         return state[0].to(torch.float32), state[1].to(torch.float32)
-    if _is_fp8(state):
+    if is_fp8(state):
         return dequantize_activation(state[0], state[1], None), dequantize_activation(state[2], state[3], None)
     return state[0].float() @ state[1].float(), state[2].float() @ state[3].float()
 
@@ -64,7 +66,7 @@ def _store(state: list[torch.Tensor], residual: torch.Tensor, delta: torch.Tenso
     """Write R and (order 2; None for order 1) dR into the state in its storage format."""
     if len(state) == 3:
         parts = (residual,) if delta is None else (residual, delta)
-    elif _is_fp8(state):
+    elif is_fp8(state):
         # The same per-row e4m3 rounding as the activations of a W4A8 linear (and as the fused kernel).
         parts = quantize_activation_symmetric(residual, "fp8_e4m3")
         if delta is not None:
@@ -76,10 +78,20 @@ def _store(state: list[torch.Tensor], residual: torch.Tensor, delta: torch.Tenso
         target.copy_(source)
 
 
-def _use_fused_step(o_sparse: torch.Tensor, state: list[torch.Tensor]) -> bool:
-    """The Triton step kernel serves full-rank caches on CUDA (tests also run it on CPU under the interpreter)."""
-    full_rank = len(state) == 3 or _is_fp8(state)
-    return residual_cache_step is not None and o_sparse.is_cuda and full_rank and o_sparse.shape[-1] <= MAX_HEAD_DIM
+def refreshes(cache_mode: int, refresh: Optional[torch.Tensor]) -> bool:
+    """Whether this call refreshes: ``cache_mode`` forces it, or (MODE_AUTO) the runtime's host-side flag says so."""
+    return cache_mode == MODE_REFRESH or (cache_mode == MODE_AUTO and refresh is not None and bool(refresh))
+
+
+def dense_attention(q, k, v, key_padding_mask, scale, precision: str) -> torch.Tensor:
+    """The refresh's dense attention in the site's precision (on CUDA the 8-bit kernel where it runs, else SDPA)."""
+    if precision == "int8_fp8":
+        if not q.is_cuda:
+            return attention_int8_fp8_reference(q, k, v, scale, key_padding_mask=key_padding_mask)[0]
+        result = attention_int8_fp8_cuda(q, k, v, scale, key_padding_mask)
+        if result is not None:
+            return result[0]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=key_padding_mask, scale=scale)
 
 
 @torch.library.custom_op("qsparse::residual_attention", mutates_args=("state",))
@@ -94,22 +106,35 @@ def residual_attention(
     refresh: Optional[torch.Tensor],
     cache_mode: int,
     order: int,
+    attention_precision: str = "bf16",
 ) -> torch.Tensor:
+    return residual_attention_reference(o_sparse, q, k, v, key_padding_mask, scale, state, refresh, cache_mode, order,
+                                        attention_precision)
+
+
+@residual_attention.register_fake
+def _(o_sparse, q, k, v, key_padding_mask, scale, state, refresh, cache_mode, order, attention_precision="bf16"):
+    return o_sparse.new_empty(o_sparse.shape)
+
+
+def residual_attention_reference(
+    o_sparse: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: Optional[torch.Tensor],
+    scale: float,
+    state: list[torch.Tensor],
+    refresh: Optional[torch.Tensor],
+    cache_mode: int,
+    order: int,
+    attention_precision: str = "bf16",
+) -> torch.Tensor:
+    """The plain-torch step: what ``qsparse::residual_attention`` computes, on any device and any cache storage."""
     steps = state[-1]
-    do_refresh = cache_mode == MODE_REFRESH or (cache_mode == MODE_AUTO and refresh is not None and bool(refresh))
-    if _use_fused_step(o_sparse, state):
-        # fp8: codes and their scales; else R and dR with no scales.
-        residual, residual_scale, delta, delta_scale = state[:4] if _is_fp8(state) else (state[0], None, state[1], None)
-        scales = dict(residual_scale=residual_scale, delta_scale=delta_scale)
-        if not do_refresh:
-            steps.add_(1)  # a reuse step n steps after the refresh adds n * dR
-            return residual_cache_step(o_sparse, residual, delta, steps, order, **scales)
-        dense = F.scaled_dot_product_attention(q, k, v, attn_mask=key_padding_mask, scale=scale)
-        out = residual_cache_step(o_sparse, residual, delta, steps, order, dense, **scales)  # reads the steps before it
-        steps.zero_()
-        return out
+    do_refresh = refreshes(cache_mode, refresh)
     if do_refresh:
-        dense = F.scaled_dot_product_attention(q, k, v, attn_mask=key_padding_mask, scale=scale)
+        dense = dense_attention(q, k, v, key_padding_mask, scale, attention_precision)
         new_residual = dense.to(torch.float32) - o_sparse.to(torch.float32)
         previous, _ = _expand(state)
         delta = None
@@ -130,8 +155,3 @@ def residual_attention(
     residual, delta = _expand(state)
     estimate = residual + steps * delta if order == 2 else residual
     return (o_sparse.to(torch.float32) + estimate).to(o_sparse.dtype)
-
-
-@residual_attention.register_fake
-def _(o_sparse, q, k, v, key_padding_mask, scale, state, refresh, cache_mode, order):
-    return o_sparse.new_empty(o_sparse.shape)

@@ -5,27 +5,32 @@ Schema (what the passes emit, and what every backend kernel must implement):
     sparse_attention(q: (B, H, Sq, D), k: (B, H, Skv, D), v: (B, H, Skv, D),
                      kv_num_blocks: int32 [B|1, H|1, QB], kv_indices: int32 [B|1, H|1, QB, KVB],
                      block_q: int, block_kv: int, scale: float,
-                     key_padding_mask: bool (B|1, 1, 1, Skv) or None) -> (out (B, H, Sq, D) dtype of q,
-                                                                          lse (B, H, Sq) fp32)
+                     key_padding_mask: bool (B|1, 1, 1, Skv) or None,
+                     precision: str = "bf16") -> (out (B, H, Sq, D) dtype of q, lse (B, H, Sq) fp32)
 
 ``kv_num_blocks``/``kv_indices`` are a ``sparsity.BlockSparseLayout``. ``key_padding_mask`` (True = the key takes
 part) is SDPA's boolean mask in its key-padding form, as HunyuanVideo passes it for padded text. ``lse`` is the
 natural-log log-sum-exp of the scaled scores over the attended keys; rows that attend nothing (an empty
 layout row, or every key masked) give out = 0 and lse = -inf.
 
-The default implementation is the fp32 plain-torch reference (it materializes the Sq x Skv mask: for tests and
-small shapes). A CUDA kernel registers itself with ``register_cuda_impl``.
+``precision`` (``config.ATTENTION_PRECISIONS``): "bf16" attends in q's dtype; "int8_fp8" quantizes Q and the
+mean-smoothed K to int8 and V and P to e4m3 (ops/attention_quantization.py: the recipe, its reference, and why).
+
+The default implementation is the fp32 plain-torch reference of the precision's recipe (it materializes the
+Sq x Skv mask: for tests and small shapes). ops/sparse_attention_cuda.py registers the Triton kernels with
+``register_kernel("cuda")``.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
-from ..sparsity.layout import BlockSparseLayout
+from ..formats.layout import BlockSparseLayout
+from .attention_quantization import attention_int8_fp8_reference
 
-__all__ = ["sparse_attention", "sparse_attention_reference", "register_cuda_impl"]
+__all__ = ["sparse_attention", "sparse_attention_reference", "reference_of_precision", "check_args"]
 
 
 def sparse_attention_reference(
@@ -52,14 +57,6 @@ def sparse_attention_reference(
     return out.to(q.dtype), lse
 
 
-_CudaImpl = Callable[..., Optional[tuple[torch.Tensor, torch.Tensor]]]
-_cuda_impl: list[_CudaImpl] = []
-
-
-def register_cuda_impl(fn: _CudaImpl) -> None:
-    _cuda_impl[:] = [fn]
-
-
 @torch.library.custom_op("qsparse::sparse_attention", mutates_args=())
 def sparse_attention(
     q: torch.Tensor,
@@ -71,22 +68,32 @@ def sparse_attention(
     block_kv: int,
     scale: float,
     key_padding_mask: Optional[torch.Tensor],
+    precision: str = "bf16",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    _check(q, k, v, kv_num_blocks, kv_indices, block_q, block_kv)
-    if q.is_cuda and _cuda_impl:
-        result = _cuda_impl[0](q, k, v, kv_num_blocks, kv_indices, block_q, block_kv, scale, key_padding_mask)
-        if result is not None:
-            return result
+    check_args(q, k, v, kv_num_blocks, kv_indices, block_q, block_kv, precision)
+    return reference_of_precision(q, k, v, kv_num_blocks, kv_indices, block_q, block_kv, scale, key_padding_mask,
+                                  precision)
+
+
+def reference_of_precision(q, k, v, kv_num_blocks, kv_indices, block_q, block_kv, scale, key_padding_mask,
+                           precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain-torch reference of the precision's recipe (every device's fallback)."""
+    if precision == "int8_fp8":
+        return attention_int8_fp8_reference(q, k, v, scale, kv_num_blocks, kv_indices, block_q, block_kv,
+                                            key_padding_mask)
     return sparse_attention_reference(q, k, v, kv_num_blocks, kv_indices, block_q, block_kv, scale, key_padding_mask)
 
 
 @sparse_attention.register_fake
-def _(q, k, v, kv_num_blocks, kv_indices, block_q, block_kv, scale, key_padding_mask):
-    _check(q, k, v, kv_num_blocks, kv_indices, block_q, block_kv)
+def _(q, k, v, kv_num_blocks, kv_indices, block_q, block_kv, scale, key_padding_mask, precision="bf16"):
+    check_args(q, k, v, kv_num_blocks, kv_indices, block_q, block_kv, precision)
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-def _check(q, k, v, kv_num_blocks, kv_indices, block_q, block_kv) -> None:
+def check_args(q, k, v, kv_num_blocks, kv_indices, block_q, block_kv, precision="bf16") -> None:
+    """Raise for arguments ``qsparse::sparse_attention`` does not take (every implementation checks the same)."""
+    if precision not in ("bf16", "int8_fp8"):
+        raise ValueError(f"qsparse::sparse_attention: precision={precision!r}; use 'bf16' or 'int8_fp8'")
     if q.ndim != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
         raise ValueError(
             f"qsparse::sparse_attention: q, k, v must be (B, H, S, D) with matching B, H, D; got q={tuple(q.shape)}, "

@@ -1,8 +1,8 @@
 """CUDA implementation of ``qsparse::sparse_attention``: the Triton block-sparse kernel.
 
-Importing this module registers ``sparse_attention_cuda`` with ``register_cuda_impl`` when Triton imports and a
-CUDA device exists. The function returns None for inputs the kernel does not handle (fp32, unusual head dims or
-block sizes), and the op then falls back to its plain-torch reference. Everything here is shape/dtype logic on
+Importing this module registers the op's CUDA kernel (``register_kernel("cuda")``) when Triton imports.
+``sparse_attention_cuda`` returns None for inputs the kernel does not handle (fp32, unusual head dims or block
+sizes), and the registered kernel then runs the plain-torch reference. Everything here is shape/dtype logic on
 the host: no ``.item()``, no synchronization, so the op can sit in a ``fullgraph=True`` compiled graph and be
 captured in a CUDA graph.
 """
@@ -13,7 +13,8 @@ from typing import Optional
 
 import torch
 
-from .sparse_attention import register_cuda_impl
+from .attention_int8_fp8_cuda import attention_int8_fp8_cuda
+from .sparse_attention import check_args, reference_of_precision, sparse_attention
 
 __all__ = ["sparse_attention_cuda", "REGISTERED"]
 
@@ -34,17 +35,32 @@ def sparse_attention_cuda(
     block_kv: int,
     scale: float,
     key_padding_mask: Optional[torch.Tensor],
+    precision: str = "bf16",
 ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     if block_sparse_attention is None or not q.is_cuda:
         return None
+    if precision == "int8_fp8":
+        result = attention_int8_fp8_cuda(q, k, v, scale, key_padding_mask, kv_num_blocks, kv_indices, block_q,
+                                         block_kv)
+        if result is not None:
+            return result  # else the bf16 kernel: the passes report such sites as bf16 at compile time
     if unsupported_reason(q, k, v, kv_num_blocks, kv_indices, block_q, block_kv, key_padding_mask) is not None:
         return None
     return block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, block_q, block_kv, scale, key_padding_mask)
 
 
-REGISTERED = block_sparse_attention is not None and torch.cuda.is_available()
+REGISTERED = block_sparse_attention is not None
 if REGISTERED:
-    register_cuda_impl(sparse_attention_cuda)
+
+    @sparse_attention.register_kernel("cuda")
+    def _(q, k, v, kv_num_blocks, kv_indices, block_q, block_kv, scale, key_padding_mask, precision="bf16"):
+        check_args(q, k, v, kv_num_blocks, kv_indices, block_q, block_kv, precision)
+        result = sparse_attention_cuda(q, k, v, kv_num_blocks, kv_indices, block_q, block_kv, scale, key_padding_mask,
+                                       precision)
+        if result is None:
+            result = reference_of_precision(q, k, v, kv_num_blocks, kv_indices, block_q, block_kv, scale,
+                                            key_padding_mask, precision)
+        return result
 
 
 def static_unsupported_reason(dtype: torch.dtype, head_dim: int, block_q: int, block_kv: int) -> Optional[str]:

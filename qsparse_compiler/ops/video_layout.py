@@ -6,8 +6,8 @@
 
 ``q`` is read for its sequence length and device only. ``pattern`` is a spec: ``name[:density]`` for every head, or
 one such entry per head separated by ``;`` (then the layout has H = number of entries); an entry without a density
-uses ``density``. Names are the keys of ``PATTERNS`` (``dense`` computes every tile). ``frames = height = width = 0``
-means "the grid of the current forward" (runtime/context.py), for blocks compiled on their own.
+uses ``density``. Names are the keys of ``PATTERNS`` (formats/pattern_spec.py) (``dense`` computes every tile). ``frames = height = width = 0``
+means "the grid of the current forward" (ops/context.py), for blocks compiled on their own.
 
 The layout depends on the token grid, which changes with frame count and resolution (and is symbolic under dynamic
 shapes), so it is built at run time — once per grid: results are cached on the host and per device, and each call
@@ -20,36 +20,12 @@ from functools import lru_cache
 
 import torch
 
-from ..sparsity.layout import BlockSparseLayout, num_blocks
-from ..sparsity.patterns import TokenGrid, local_3d, multi_diagonal, skip, vertical_stripe
+from ..formats.layout import BlockSparseLayout, num_blocks
+from ..formats.pattern_spec import build_video_layout, parse_pattern_spec
+from ..formats.patterns import TokenGrid
+from .context import current_video_grid
 
-__all__ = ["video_block_layout", "build_video_layout", "parse_pattern_spec", "PATTERNS"]
-
-
-def _dense(grid: TokenGrid, block_q: int, block_kv: int, density: float) -> torch.Tensor:
-    return torch.ones(num_blocks(grid.seq_len, block_q), num_blocks(grid.seq_len, block_kv), dtype=torch.bool)
-
-
-# Static patterns by spec name (sparsity/patterns.py documents each): pattern(grid, block_q, block_kv, density).
-PATTERNS = {
-    "local3d": local_3d, "multidiag": multi_diagonal, "stripe": vertical_stripe, "skip": skip, "dense": _dense,
-}
-
-
-def parse_pattern_spec(spec: str, density: float) -> list[tuple[str, float]]:
-    """``"local3d:0.15;dense"`` -> [("local3d", 0.15), ("dense", density)]; errors name the bad entry."""
-    entries = []
-    for entry in spec.split(";"):
-        name, _, value = entry.strip().partition(":")
-        if name not in PATTERNS:
-            raise ValueError(
-                f"qsparse::video_block_layout: unknown pattern {name!r} in spec {spec!r}; known: {sorted(PATTERNS)}"
-            )
-        try:
-            entries.append((name, float(value) if value else float(density)))
-        except ValueError:
-            raise ValueError(f"qsparse::video_block_layout: bad density {value!r} in spec {spec!r}") from None
-    return entries
+__all__ = ["video_block_layout", "cached_video_layout"]
 
 
 @lru_cache(maxsize=64)
@@ -61,13 +37,6 @@ def _cached_layout(key: tuple, device: torch.device) -> BlockSparseLayout:
     return BlockSparseLayout(
         layout.kv_num_blocks.to(device), layout.kv_indices.to(device), block_q, block_kv, seq_len, seq_len
     )
-
-
-def build_video_layout(grid: TokenGrid, pattern: str, density: float, block_q: int, block_kv: int) -> BlockSparseLayout:
-    """The layout of a pattern spec on ``grid`` as [1, H, QB, KVB] (H = 1 for a single entry)."""
-    bitmaps = [PATTERNS[name](grid, block_q, block_kv, d) for name, d in parse_pattern_spec(pattern, density)]
-    bitmap = torch.stack(bitmaps)[None]
-    return BlockSparseLayout.from_bitmap(bitmap, block_q, block_kv, grid.seq_len, grid.seq_len)
 
 
 @torch.library.custom_op("qsparse::video_block_layout", mutates_args=())
@@ -84,14 +53,12 @@ def video_block_layout(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if frames == 0:
         # A regionally compiled block: the grid of the current forward comes from the runtime context.
-        from ..runtime.context import current_video_grid
-
         grid = current_video_grid()
         if grid is None:
             raise RuntimeError(
                 "qsparse::video_block_layout: this block was compiled without its video grid and none is set for "
                 "this forward; compile through qs.optimize(...), or wrap the call in "
-                "qsparse_compiler.runtime.context.video_grid((frames, height, width))"
+                "qsparse_compiler.ops.context.video_grid((frames, height, width))"
             )
         frames, height, width = grid
     layout = cached_video_layout(q.shape[2], q.device, frames, height, width, video_start, pattern, density, block_q,
@@ -103,7 +70,7 @@ def cached_video_layout(seq_len: int, device: torch.device, frames: int, height:
                         pattern: str, density: float, block_q: int, block_kv: int) -> BlockSparseLayout:
     """The layout ``qsparse::video_block_layout`` returns copies of, built once per grid and device.
 
-    The backend's runtime wrapper calls this before a compiled graph runs (backend.py): the cached device tensors
+    The backend's runtime wrapper calls this before a compiled graph runs (compiler/backend.py): the cached device tensors
     then never come into being inside a CUDA-graph memory pool, where a tensor outliving the graph is an error."""
     key = (pattern, float(density), block_q, block_kv, frames, height, width, seq_len, video_start)
     return _cached_layout(key, device)

@@ -2,9 +2,9 @@
 ``qsparse::w4a8_gemm`` (the GEMM alone, for activations quantized in the graph) and of
 ``qsparse::int4_weight_only_linear`` (the weight dequantized by one Triton pass, then cuBLAS).
 
-Registered with ``w4a8_linear.register_cuda_impl`` on import when CUDA and Triton are present. Returns None for
-what the kernels do not cover (the op then runs the plain-torch reference): fp8 on GPUs
-without fp8 tensor cores (compute capability < 8.9), group sizes that are not multiples of 32, K > 32768.
+Registered as each op's CUDA kernel (``register_kernel("cuda")``) on import when Triton is present. The functions
+return None for what the kernels do not cover, and the registered kernel then runs the plain-torch reference: fp8
+on GPUs without fp8 tensor cores (compute capability < 8.9), group sizes that are not multiples of 32, K > 32768.
 "uint8_msfp" (asymmetric per-token uint8) runs on the int8 MMA with a rank-1 zero-point correction; its weight
 row sums are computed per call here (one pass over the packed weight), because the op's schema carries no place
 for them - a plan could store them next to the scales.
@@ -22,10 +22,11 @@ from typing import Optional
 
 import torch
 
-from .quantization import effective_group_size, unpack_int4
-from .w4a8_linear import register_cuda_impl
+from ..formats.quantization import effective_group_size, linear_int4_weight_only, unpack_int4
+from .w4a8_linear import (check_gemm_args, check_linear_args, int4_weight_only_linear, w4a8_gemm, w4a8_gemm_reference,
+                          w4a8_linear, w4a8_linear_reference)
 
-__all__ = ["w4a8_linear_cuda", "w4a8_gemm_cuda", "int4_weight_only_linear_cuda", "register", "weight_row_sums"]
+__all__ = ["w4a8_linear_cuda", "w4a8_gemm_cuda", "int4_weight_only_linear_cuda", "REGISTERED", "weight_row_sums"]
 
 _X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -206,18 +207,37 @@ def int4_weight_only_linear_cuda(x: torch.Tensor, qweight: torch.Tensor, wscale:
     return torch.nn.functional.linear(x, weight, bias)
 
 
-def register() -> bool:
-    """Install the CUDA implementation if CUDA and Triton are usable; returns whether it did."""
-    if not torch.cuda.is_available():
-        return False
+def _triton_imports() -> bool:
     try:
         import triton  # noqa: F401
     except ImportError:
         return False
-    register_cuda_impl("w4a8_linear", w4a8_linear_cuda)
-    register_cuda_impl("w4a8_gemm", w4a8_gemm_cuda)
-    register_cuda_impl("int4_weight_only_linear", int4_weight_only_linear_cuda)
     return True
 
 
-register()
+REGISTERED = _triton_imports()
+if REGISTERED:
+
+    @w4a8_linear.register_kernel("cuda")
+    def _(x, qweight, wscale, bias, group_size, act_format, activation="none"):
+        check_linear_args("w4a8_linear", x, qweight, wscale, bias, group_size, activation)
+        out = w4a8_linear_cuda(x, qweight, wscale, bias, group_size, act_format, activation)
+        if out is None:
+            out = w4a8_linear_reference(x, qweight, wscale, bias, group_size, act_format, activation)
+        return out
+
+    @w4a8_gemm.register_kernel("cuda")
+    def _(codes, act_scale, qweight, wscale, bias, group_size, out_dtype):
+        check_gemm_args(codes, act_scale, qweight, wscale, bias, group_size)
+        out = w4a8_gemm_cuda(codes, act_scale, qweight, wscale, bias, group_size, out_dtype)
+        if out is None:
+            out = w4a8_gemm_reference(codes, act_scale, qweight, wscale, bias, group_size, out_dtype)
+        return out
+
+    @int4_weight_only_linear.register_kernel("cuda")
+    def _(x, qweight, wscale, bias, group_size):
+        check_linear_args("int4_weight_only_linear", x, qweight, wscale, bias, group_size)
+        out = int4_weight_only_linear_cuda(x, qweight, wscale, bias, group_size)
+        if out is None:
+            out = linear_int4_weight_only(x, qweight, wscale, bias, group_size)
+        return out

@@ -16,23 +16,23 @@ Schemas (what the passes emit, and what every backend kernel must implement):
 that quantization as ordinary graph ops so Inductor fuses it into whatever produced x (a norm, the modulation, a
 GELU, a residual add) instead of running a separate pass over the activation (``QuantConfig.act_quant_in_graph``).
 
-The default implementation (CPU and any device without a kernel) is the plain-torch reference: quantize x
-per token in ``act_format``, dequantize both operands exactly and multiply in fp32. A CUDA kernel registers
-itself with ``register_cuda_impl`` (kernels/ stays free of torch.library); shapes it cannot handle go to
-the reference, so the op is never wrong, only slower.
+Each op's own body is the plain-torch reference (CPU and any device without a kernel): quantize x per token in
+``act_format``, dequantize both operands exactly and multiply in fp32. ops/w4a8_cuda.py registers the CUDA kernels
+with ``register_kernel("cuda")`` (kernels/ stays free of torch.library); shapes they cannot handle go to the
+reference, so the op is never wrong, only slower.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
-from .quantization import (ACTIVATIONS, apply_activation, dequantize_activation, dequantize_weight_int4,
+from ..formats.quantization import (ACTIVATIONS, apply_activation, dequantize_activation, dequantize_weight_int4,
                            linear_int4_weight_only, quantize_activation)
 
 __all__ = ["w4a8_linear", "w4a8_linear_reference", "w4a8_gemm", "w4a8_gemm_reference", "int4_weight_only_linear",
-           "register_cuda_impl"]
+           "check_linear_args", "check_gemm_args"]
 
 
 def _dequantized_matmul(
@@ -71,19 +71,6 @@ def w4a8_gemm_reference(
     return _dequantized_matmul(dequantize_activation(codes, act_scale, None), qweight, wscale, bias, group_size, out_dtype)
 
 
-# A CUDA implementation returns None for a shape or dtype it does not support.
-_CudaImpl = Callable[..., Optional[torch.Tensor]]
-_cuda_impls: dict[str, _CudaImpl] = {}
-CUDA_IMPL_OPS = ("w4a8_linear", "w4a8_gemm", "int4_weight_only_linear")
-
-
-def register_cuda_impl(op: str, fn: _CudaImpl) -> None:
-    """Install ``fn`` as the CUDA implementation of ``qsparse::<op>`` (one of ``CUDA_IMPL_OPS``)."""
-    if op not in CUDA_IMPL_OPS:
-        raise ValueError(f"qsparse_compiler.ops.w4a8_linear: no op {op!r}; expected one of {CUDA_IMPL_OPS}")
-    _cuda_impls[op] = fn
-
-
 @torch.library.custom_op("qsparse::w4a8_linear", mutates_args=())
 def w4a8_linear(
     x: torch.Tensor,
@@ -94,18 +81,13 @@ def w4a8_linear(
     act_format: str,
     activation: str = "none",
 ) -> torch.Tensor:
-    _check("w4a8_linear", x, qweight, wscale, bias, group_size, activation)
-    impl = _cuda_impls.get("w4a8_linear") if x.is_cuda else None
-    if impl is not None:
-        out = impl(x, qweight, wscale, bias, group_size, act_format, activation)
-        if out is not None:
-            return out
+    check_linear_args("w4a8_linear", x, qweight, wscale, bias, group_size, activation)
     return w4a8_linear_reference(x, qweight, wscale, bias, group_size, act_format, activation)
 
 
 @w4a8_linear.register_fake
 def _(x, qweight, wscale, bias, group_size, act_format, activation="none"):
-    _check("w4a8_linear", x, qweight, wscale, bias, group_size, activation)
+    check_linear_args("w4a8_linear", x, qweight, wscale, bias, group_size, activation)
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
@@ -122,18 +104,13 @@ def w4a8_gemm(
     group_size: int,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    _check_codes(codes, act_scale, qweight, wscale, bias, group_size)
-    impl = _cuda_impls.get("w4a8_gemm") if codes.is_cuda else None
-    if impl is not None:
-        out = impl(codes, act_scale, qweight, wscale, bias, group_size, out_dtype)
-        if out is not None:
-            return out
+    check_gemm_args(codes, act_scale, qweight, wscale, bias, group_size)
     return w4a8_gemm_reference(codes, act_scale, qweight, wscale, bias, group_size, out_dtype)
 
 
 @w4a8_gemm.register_fake
 def _(codes, act_scale, qweight, wscale, bias, group_size, out_dtype):
-    _check_codes(codes, act_scale, qweight, wscale, bias, group_size)
+    check_gemm_args(codes, act_scale, qweight, wscale, bias, group_size)
     return codes.new_empty((*codes.shape[:-1], qweight.shape[0]), dtype=out_dtype)
 
 
@@ -145,32 +122,29 @@ def int4_weight_only_linear(
     # CUDA one Triton pass (ops/w4a8_cuda.py), elsewhere the plain-torch reference. An op rather than inline graph
     # ops: traced, the dequantization's shape arithmetic on the packed-weight inputs (graph inputs with no Dynamo
     # source) produced guards that a warm FX-graph cache could not rebuild (IndexError in produce_guards).
-    _check("int4_weight_only_linear", x, qweight, wscale, bias, group_size)
-    impl = _cuda_impls.get("int4_weight_only_linear") if x.is_cuda else None
-    if impl is not None:
-        out = impl(x, qweight, wscale, bias, group_size)
-        if out is not None:
-            return out
+    check_linear_args("int4_weight_only_linear", x, qweight, wscale, bias, group_size)
     return linear_int4_weight_only(x, qweight, wscale, bias, group_size)
 
 
 @int4_weight_only_linear.register_fake
 def _(x, qweight, wscale, bias, group_size):
-    _check("int4_weight_only_linear", x, qweight, wscale, bias, group_size)
+    check_linear_args("int4_weight_only_linear", x, qweight, wscale, bias, group_size)
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
-def _check_codes(codes, act_scale, qweight, wscale, bias, group_size) -> None:
-    _check("w4a8_gemm", codes, qweight, wscale, bias, group_size)
+def check_gemm_args(codes, act_scale, qweight, wscale, bias, group_size) -> None:
+    """Raise for arguments ``qsparse::w4a8_gemm`` does not take (every implementation checks the same)."""
+    check_linear_args("w4a8_gemm", codes, qweight, wscale, bias, group_size)
     if codes.dtype not in _CODE_DTYPES or act_scale.dtype != torch.float32 or act_scale.shape != (*codes.shape[:-1], 1):
         raise ValueError(
             f"qsparse::w4a8_gemm: codes must be float8_e4m3fn or int8 (got {codes.dtype}, shape {tuple(codes.shape)}) "
             f"and act_scale fp32 of shape {(*codes.shape[:-1], 1)} (got {act_scale.dtype} {tuple(act_scale.shape)}); "
-            "make them with ops.quantization.quantize_activation_symmetric"
+            "make them with formats.quantization.quantize_activation_symmetric"
         )
 
 
-def _check(op: str, x, qweight, wscale, bias, group_size, activation: str = "none") -> None:
+def check_linear_args(op: str, x, qweight, wscale, bias, group_size, activation: str = "none") -> None:
+    """Raise for arguments ``qsparse::<op>`` does not take (every implementation checks the same)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"qsparse::{op}: activation={activation!r}; use one of {ACTIVATIONS}")
     n, half_k = qweight.shape

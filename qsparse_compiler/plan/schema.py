@@ -25,6 +25,8 @@ from typing import Any
 import torch
 
 from ..config import ACT_FORMATS, SCALE_DTYPES, WEIGHT_ONLY
+from ..formats.pattern_spec import parse_pattern_spec
+from ..formats.quantization import PackedInt4Weight, effective_group_size
 
 __all__ = ["PLAN_SCHEMA_VERSION", "PlanError", "ModelFingerprint", "LinearPlan", "AttentionPlan", "Plan"]
 
@@ -112,8 +114,6 @@ class AttentionPlan:
     cache: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from ..ops.video_layout import parse_pattern_spec
-
         blocks_ok = all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in (self.block_q, self.block_kv))
         if not isinstance(self.head_patterns, list) or not self.head_patterns or not blocks_ok \
                 or not all(isinstance(p, str) for p in self.head_patterns) or not isinstance(self.cache, dict):
@@ -151,8 +151,6 @@ class Plan:
 
     def packed_weight(self, fqn: str):
         """Calibrated int4 weights of a linear, or None when the plan leaves it to round-to-nearest."""
-        from ..ops.quantization import PackedInt4Weight, effective_group_size
-
         qweight, scale = self.tensors.get(f"{fqn}.qweight"), self.tensors.get(f"{fqn}.scale")
         if qweight is None or scale is None:
             return None
@@ -229,8 +227,6 @@ class Plan:
     def _check_packed_weights(self) -> None:
         """Each linear's calibrated tensors come in pairs and fit the weight the fingerprint records: (N, K//2) uint8
         codes and (N, K//group) float scales for an (N, K) weight."""
-        from ..ops.quantization import effective_group_size
-
         for fqn, entry in self.linears.items():
             pair = self._tensor_pair(fqn, "qweight", "scale")
             if pair is None:

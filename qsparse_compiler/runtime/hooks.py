@@ -21,7 +21,7 @@ Two kinds, registered by name in diffusers' ``HookRegistry`` (so ``HookRegistry.
       (``reset_state``, which every pipeline calls at the end through ``maybe_free_model_hooks``). The step is read at
       every forward that runs, so steps a step cache skips whole are seen as a gap, never miscounted;
     - names the CFG branch after the cache context ("cond" / "uncond"); a pipeline that sets none gets branches by
-      call position within the step (runtime/context.py ``forward_branch``);
+      call position within the step (ops/context.py ``forward_branch``);
     - sets the token grid and (timestep-aware LoRA) the per-sample timesteps of the forward for the regional graphs;
     - refuses, with the reason, a diffusers step cache that cannot compose with the compiled blocks
       (``check_step_cache``).
@@ -42,7 +42,7 @@ import torch
 from diffusers.hooks import ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
-from .context import forward_branch, forward_timesteps, latent_grid, video_grid
+from ..ops.context import forward_branch, forward_timesteps, latent_grid, video_grid
 from .residual_cache import CacheError, ResidualCacheRuntime
 
 __all__ = ["COMPILED_HOOK", "RUNTIME_HOOK", "CompiledForwardHook", "StepClockHook", "check_step_cache"]
@@ -65,7 +65,7 @@ class CompiledForwardHook(ModelHook):
         # The forward as it is now - with the hooks registered before (diffusers' context-parallel split and gather
         # hooks), which Dynamo traces as it would for torch.compile(module) - and none registered after. A hook's
         # wrapper is partial(new_forward, module): compiled as a method of the module, so that Dynamo's paths to
-        # the parameters start at the module (passes/graph_utils.py normalize_path), not at the partial.
+        # the parameters start at the module (compiler/passes/graph_utils.py normalize_path), not at the partial.
         forward = module.forward
         if isinstance(forward, functools.partial) and forward.args == (module,) and not forward.keywords:
             forward = types.MethodType(forward.func, module)

@@ -12,7 +12,7 @@ token of the video, the heads [r*H/W, (r+1)*H/W) of Ulysses rank r of W. So on e
 - linears quantize the local sequence shard (per-token activation scales: the same numbers as on one process);
 - sparse attention uses the FULL token grid (the grid hook of ``qs.optimize`` reads it from the unsplit latents) and
   the per-head patterns of the local heads only: ``ParallelConfig`` (backend option ``parallel``) tells
-  ``passes/sparsify_attention.py`` the degree and the rank, and it slices the pattern spec;
+  ``compiler/passes/sparsify_attention.py`` the degree and the rank, and it slices the pattern spec;
 - residual caches hold the local heads only: each rank has its own ``ResidualCacheRuntime`` and the cache state
   follows the graph's (B, H/W, S, D) attention output; every rank takes the same refresh/reuse decisions (one step
   clock, driven by the same scheduler calls).

@@ -6,7 +6,7 @@
 The transformer gets its own ``ResidualCacheRuntime``. With ``regional=True`` (the default when the plan allows it)
 each repeated transformer block is compiled on its own, as diffusers' ``compile_repeated_blocks`` does: one graph
 serves all blocks of a structure, so compiling takes seconds instead of minutes; the token grid of each forward and
-the name of each block reach the shared graph through runtime/context.py. Everything ``optimize`` puts on the model
+the name of each block reach the shared graph through ops/context.py. Everything ``optimize`` puts on the model
 is a named diffusers hook (runtime/hooks.py): the compiled forwards, and the hook that reads the denoising step from
 the pipeline's ``cache_context`` or scheduler (nothing is patched) and names the CFG branch after the cache context.
 ``restore`` removes them: the model runs eagerly again, as before ``optimize``.
@@ -29,7 +29,7 @@ import torch
 from diffusers.hooks import HookRegistry
 
 from ..config import QuantSparseConfig
-from .context import register_parameters
+from ..ops.context import register_parameters
 from .hooks import COMPILED_HOOK, RUNTIME_HOOK, CompiledForwardHook, StepClockHook
 from .parallel import prepare_context_parallel
 from .residual_cache import ResidualCacheRuntime
@@ -97,8 +97,8 @@ def _repeated_blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def _plan_is_uniform(plan: str, transformer: torch.nn.Module) -> bool:
-    from ..backend import _check_uniform_across_blocks
     from ..plan import PlanError, load_plan
+    from ..plan.regional import check_uniform_across_blocks as _check_uniform_across_blocks
 
     loaded = load_plan(plan)
     for name, module in transformer.named_modules():

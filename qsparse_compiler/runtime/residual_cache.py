@@ -7,7 +7,7 @@ The device never reports back: which step refreshes is decided on the host from 
 has no sync.
 
 Branches: the name of diffusers' ``cache_context`` ("cond" / "uncond") where the pipeline sets one
-(runtime/context.py ``forward_branch``); else the n-th call of the site within one step.
+(ops/context.py ``forward_branch``); else the n-th call of the site within one step.
 
 Step tracking:
 - a diffusers pipeline: ``qs.optimize(pipe, ...)`` installs a hook (runtime/hooks.py) that reads the step from the
@@ -45,7 +45,7 @@ from typing import Iterator
 import torch
 
 from ..config import CacheConfig
-from .context import current_branch
+from ..ops.context import current_branch
 
 __all__ = ["ResidualCacheRuntime", "default_runtime", "CacheError", "state_layout"]
 

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ..ops.quantization import PackedInt4Weight, dequantize_weight_int4, effective_group_size, quantize_weight_int4
+from ..formats.quantization import PackedInt4Weight, dequantize_weight_int4, effective_group_size, quantize_weight_int4
 
 __all__ = ["PackedWeightStore", "default_store", "LoraStore", "lora_store"]
 
@@ -52,7 +52,7 @@ def check_calibrated_weight(param: torch.Tensor, packed: PackedInt4Weight, sourc
         distance = float((plan_weight - weight).norm() / weight.norm().clamp_min(1e-12))
     if distance > CALIBRATED_WEIGHT_TOLERANCE:
         from ..plan.schema import PlanError
-        from .context import parameter_name
+        from ..ops.context import parameter_name
 
         name = name or parameter_name(param) or f"a {tuple(param.shape)} linear weight"
         raise PlanError(

@@ -1,15 +1,16 @@
-"""Block-sparse attention layouts and the patterns that fill them.
+"""Moved (CHANGELOG.md, 0.2.0): the block layout type and the static patterns to ``qsparse_compiler.formats``
+(``formats.layout``, ``formats.patterns``), the dynamic top-k layouts to ``qsparse_compiler.ops.dynamic_layout``.
+This package re-exports their names under the old path until 0.3.0."""
 
-- ``layout``: ``BlockSparseLayout`` (the one layout type: kv_num_blocks [B, H, QB], kv_indices [B, H, QB, KVB]),
-  union/intersection, ASCII view, ``bitmap_to_blocks`` (sync-free bitmap -> layout tensors).
-- ``patterns``: static patterns over the 3D video token grid (diagonal ``local_3d``, ``multi_diagonal``,
-  ``vertical_stripe``, ``skip``; ``random_blocks`` for tests and benchmarks).
-- ``dynamic``: per-head top-k layouts from pooled q.k^T block scores, built on the device every step.
-"""
+import warnings
 
-from .dynamic import block_scores_reference, dynamic_topk_blocks, dynamic_topk_layout, estimate_block_scores
-from .layout import BlockSparseLayout, LayoutError, bitmap_to_blocks, num_blocks
-from .patterns import TokenGrid, diagonal_tiles, local_3d, multi_diagonal, random_blocks, skip, vertical_stripe
+from ..formats.layout import BlockSparseLayout, LayoutError, bitmap_to_blocks, num_blocks
+from ..formats.patterns import TokenGrid, diagonal_tiles, local_3d, multi_diagonal, random_blocks, skip, vertical_stripe
+from ..ops.dynamic_layout import block_scores_reference, dynamic_topk_blocks, dynamic_topk_layout, estimate_block_scores
+
+warnings.warn("qsparse_compiler.sparsity moved to qsparse_compiler.formats (layout, patterns) and "
+              "qsparse_compiler.ops.dynamic_layout; import from there (the old path goes away in 0.3.0)",
+              DeprecationWarning, stacklevel=2)
 
 __all__ = [
     "BlockSparseLayout",

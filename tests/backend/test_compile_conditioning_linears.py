@@ -9,12 +9,12 @@ import pytest
 import torch
 
 import qsparse_compiler as qs
-from qsparse_compiler.backend import clear_reports, reports
-from qsparse_compiler.ops.quantization import dequantize_weight_int4, quantize_weight_int4
+from qsparse_compiler.compiler.backend import clear_reports, reports
+from qsparse_compiler.formats.quantization import dequantize_weight_int4, quantize_weight_int4
 from qsparse_compiler.runtime.weights import default_store
-from qsparse_compiler.testing.capture import rewritten_reference_output
-from qsparse_compiler.testing.metrics import relative_error, sqnr_db
-from qsparse_compiler.testing.models import EXACT_OPTIONS, TEST_OPTIONS, tiny_cogvideox, tiny_hunyuan
+from qsparse_compiler.eval.capture import rewritten_reference_output
+from qsparse_compiler.eval.metrics import relative_error, sqnr_db
+from qsparse_compiler.eval.models import EXACT_OPTIONS, TEST_OPTIONS, tiny_cogvideox, tiny_hunyuan
 
 pytestmark = pytest.mark.slow
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from qsparse_compiler.backend import clear_reports, reports
-from qsparse_compiler.testing.metrics import relative_error
-from qsparse_compiler.testing.models import EXACT_OPTIONS, TEST_OPTIONS, tiny_cogvideox, tiny_hunyuan, tiny_wan
+from qsparse_compiler.compiler.backend import clear_reports, reports
+from qsparse_compiler.eval.metrics import relative_error
+from qsparse_compiler.eval.models import EXACT_OPTIONS, TEST_OPTIONS, tiny_cogvideox, tiny_hunyuan, tiny_wan
 
 pytestmark = pytest.mark.slow
 
@@ -82,12 +82,15 @@ def test_dump_dir_and_report(tmp_path):
     names = sorted(p.name for p in folder.iterdir())
     assert names == [
         "00_dynamo_input.py", "01_after_find_sites.py", "02_after_quantize_linears.py", "03_after_apply_lora.py",
-        "04_after_sparsify_attention.py", "05_after_insert_residual_cache.py", "report.json",
+        "04_after_sparsify_attention.py", "05_after_insert_residual_cache.py",
+        "06_after_fuse_qk_norm_rope.py", "07_after_fuse_norm_quant.py", "report.json",
     ]
     quantized = (folder / "02_after_quantize_linears.py").read_text()
     # Activation quantization in the graph (for Inductor to fuse) feeding the GEMM op.
     assert "quantize_activation_symmetric" in quantized and "qsparse.w4a8_gemm" in quantized
     assert "qsparse.sparse_attention" in (folder / "04_after_sparsify_attention.py").read_text()
+    assert "qsparse.qk_norm_rope" in (folder / "06_after_fuse_qk_norm_rope.py").read_text()
+    assert "qsparse.layer_norm_modulate_quant" in (folder / "07_after_fuse_norm_quant.py").read_text()
 
 
 @pytest.mark.parametrize("act_format", ["fp8_e4m3", "int8"])

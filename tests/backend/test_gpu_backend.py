@@ -11,10 +11,10 @@ import torch
 from torch._dynamo.utils import counters
 
 import qsparse_compiler as qs
-from qsparse_compiler.backend import clear_reports, reports
-from qsparse_compiler.testing.capture import rewritten_reference_output
-from qsparse_compiler.testing.metrics import relative_error, sqnr_db, within_reference_error
-from qsparse_compiler.testing.models import tiny_hunyuan, tiny_wan
+from qsparse_compiler.compiler.backend import clear_reports, reports
+from qsparse_compiler.eval.capture import rewritten_reference_output
+from qsparse_compiler.eval.metrics import relative_error, sqnr_db, within_reference_error
+from qsparse_compiler.eval.models import tiny_hunyuan, tiny_wan
 
 pytestmark = pytest.mark.gpu
 

@@ -3,7 +3,7 @@
 import torch
 
 from qsparse_compiler.calibration.config import CalibrationConfig
-from qsparse_compiler.testing.models import tiny_wan
+from qsparse_compiler.eval.models import tiny_wan
 
 
 def wan_and_samples(num_layers: int = 1, count: int = 4, seed: int = 0):

@@ -13,7 +13,7 @@ from qsparse_compiler.calibration.attention_maps import (
     sparse_attention_chunked,
     video_tile_mask,
 )
-from qsparse_compiler.sparsity.patterns import TokenGrid
+from qsparse_compiler.formats.patterns import TokenGrid
 
 
 def _dense_pooled(q, k, block_q, block_kv, scale, mask=None):
@@ -65,7 +65,7 @@ def test_tile_mask_restricts_the_softmax_like_the_sparse_reference():
     torch.testing.assert_close(actual.double(), expected, atol=1e-5, rtol=1e-5)
     out, _ = masked_attention(q, k, v, token_mask, 0.5)
     ref = torch.ops.qsparse.sparse_attention.default  # the op's reference math on CPU
-    from qsparse_compiler.sparsity.layout import BlockSparseLayout
+    from qsparse_compiler.formats.layout import BlockSparseLayout
 
     layout = BlockSparseLayout.from_bitmap(bitmap[None], 16, 16, 48, 48)
     expected_out, _ = ref(q, k, v, layout.kv_num_blocks, layout.kv_indices, 16, 16, 0.5, None)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from qsparse_compiler.calibration import CalibrationError, calibrate, driver, load_samples, save_samples
-from qsparse_compiler.ops.video_layout import parse_pattern_spec
+from qsparse_compiler.formats.pattern_spec import parse_pattern_spec
 from qsparse_compiler.plan import load_plan
 
 from ._tiny import tiny_config, wan_and_samples
@@ -124,7 +124,7 @@ def test_uniform_selection_needs_no_scoring_and_samples_file_round_trip(tmp_path
 def test_calibrated_plan_compiles_and_stays_close_to_dense(calibrated):
     from torch._dynamo.utils import counters
 
-    from qsparse_compiler.testing.metrics import relative_error
+    from qsparse_compiler.eval.metrics import relative_error
 
     tiny, _, out, plan = calibrated
     inputs = tiny.make_inputs(frames=3)
@@ -145,7 +145,7 @@ def test_distilled_weights_beat_round_to_nearest_on_held_out_inputs(calibrated):
     import dataclasses
 
     from qsparse_compiler.calibration.simulate import plan_applied
-    from qsparse_compiler.testing.metrics import relative_error
+    from qsparse_compiler.eval.metrics import relative_error
 
     tiny, _, _, plan = calibrated
     rtn = dataclasses.replace(plan, tensors={})  # same sites and patterns, round-to-nearest weights
@@ -164,7 +164,7 @@ def test_distilled_weights_beat_round_to_nearest_on_held_out_inputs(calibrated):
 @pytest.mark.slow
 def test_compiled_plan_computes_what_the_eager_simulation_computes(calibrated):
     from qsparse_compiler.calibration.simulate import plan_applied
-    from qsparse_compiler.testing.metrics import relative_error
+    from qsparse_compiler.eval.metrics import relative_error
 
     tiny, _, out, plan = calibrated
     inputs = tiny.make_inputs(frames=3)
@@ -228,7 +228,7 @@ def test_the_backend_applies_the_calibrated_lora(tmp_path):
 
     from qsparse_compiler.calibration.simulate import plan_applied
     from qsparse_compiler.plan import Plan, save_plan
-    from qsparse_compiler.testing.metrics import relative_error
+    from qsparse_compiler.eval.metrics import relative_error
 
     tiny, samples = wan_and_samples(count=3)
     calibrate(tiny.model, samples, tiny_config(num_samples=0, lora_rank=2, lora_steps=20, lora_lr=1e-2),
@@ -286,11 +286,11 @@ def test_conditioning_linears_calibrated_as_int4_weight_only_compile_from_the_pl
     whatever its own conditioning_linears says, and computes what the eager simulation of the plan computes."""
     from torch._dynamo.utils import counters
 
-    from qsparse_compiler.backend import clear_reports, reports
+    from qsparse_compiler.compiler.backend import clear_reports, reports
     from qsparse_compiler.calibration.simulate import plan_applied
     from qsparse_compiler.config import WEIGHT_ONLY
-    from qsparse_compiler.testing.metrics import relative_error
-    from qsparse_compiler.testing.models import tiny_hunyuan
+    from qsparse_compiler.eval.metrics import relative_error
+    from qsparse_compiler.eval.models import tiny_hunyuan
 
     tiny = tiny_hunyuan()
     samples = [{**tiny.make_inputs(), "timestep": torch.tensor([t])} for t in (100, 500, 900)]

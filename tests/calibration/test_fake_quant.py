@@ -5,7 +5,7 @@ import torch
 
 from qsparse_compiler.calibration.fake_quant import FakeQuantLinear, fake_quant_activation, swap_linears
 from qsparse_compiler.config import WEIGHT_ONLY
-from qsparse_compiler.ops.quantization import dequantize_activation, quantize_activation, quantize_weight_int4
+from qsparse_compiler.formats.quantization import dequantize_activation, quantize_activation, quantize_weight_int4
 from qsparse_compiler.ops.w4a8_linear import w4a8_linear_reference
 
 

@@ -9,7 +9,7 @@ from qsparse_compiler.calibration.hooks import (
     transformer_blocks,
 )
 from qsparse_compiler.config import QuantConfig
-from qsparse_compiler.testing.models import tiny_cogvideox, tiny_wan
+from qsparse_compiler.eval.models import tiny_cogvideox, tiny_wan
 
 SITES = QuantConfig().site_pattern
 

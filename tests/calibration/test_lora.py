@@ -3,7 +3,7 @@
 import torch
 
 from qsparse_compiler.calibration.lora import TimestepLoRA, TimestepState, bucket_index, lora_delta, timestep_hook
-from qsparse_compiler.testing.models import tiny_cogvideox, tiny_wan
+from qsparse_compiler.eval.models import tiny_cogvideox, tiny_wan
 
 
 def test_bucket_index_counts_edges_at_or_below_the_timestep():

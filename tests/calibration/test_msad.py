@@ -4,9 +4,9 @@ import torch
 
 from qsparse_compiler.calibration.hooks import block_linear_names
 from qsparse_compiler.calibration.msad import _salient_weights, capture_block_inputs, distill_block
-from qsparse_compiler.ops.quantization import quantize_weight_int4
+from qsparse_compiler.formats.quantization import quantize_weight_int4
 from qsparse_compiler.plan.schema import LinearPlan
-from qsparse_compiler.sparsity.patterns import TokenGrid
+from qsparse_compiler.formats.patterns import TokenGrid
 
 from ._tiny import tiny_config, wan_and_samples
 

@@ -6,7 +6,7 @@ import torch
 
 from qsparse_compiler.calibration.salient import SampleScore, score_samples, select_samples, selection_report
 
-from qsparse_compiler.ops.quantization import quantize_weight_int4
+from qsparse_compiler.formats.quantization import quantize_weight_int4
 
 from ._tiny import tiny_config, wan_and_samples
 
@@ -41,7 +41,7 @@ def test_the_quantization_term_treats_conditioning_linears_as_the_plan_will():
     """HunyuanVideo's modulation linears (no token dimension): kept as they are under conditioning_linears="keep",
     int4 weight-only under "int4_weight_only" - never W4A8 - so the second quantizes more and scores higher."""
     from qsparse_compiler.calibration.salient import RTNLinear
-    from qsparse_compiler.testing.models import tiny_hunyuan
+    from qsparse_compiler.eval.models import tiny_hunyuan
 
     linear = torch.nn.Linear(64, 32)
     x = torch.randn(2, 64)

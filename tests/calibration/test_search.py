@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 from qsparse_compiler.calibration.config import CalibrationConfig
 from qsparse_compiler.calibration.search import CostModel, build_candidates, search_patterns
 from qsparse_compiler.calibration.statistics import AttentionStats
-from qsparse_compiler.ops import video_layout
-from qsparse_compiler.sparsity.patterns import TokenGrid
+from qsparse_compiler.formats import pattern_spec
+from qsparse_compiler.formats.patterns import TokenGrid
 
 GRID = TokenGrid(4, 4, 8, seq_len=128)  # 8 x 8 tiles of 16 tokens
 BLOCK = 16
@@ -64,7 +64,7 @@ def test_search_respects_the_density_budget(budget, seed, bound):
     assert result.total_density == pytest.approx(kept / (64 * 9))
     # Every spec entry is a valid pattern spec of the layout op, with its own density.
     for fqn in sites:
-        video_layout.parse_pattern_spec(";".join(result.head_patterns(fqn)), 0.15)
+        pattern_spec.parse_pattern_spec(";".join(result.head_patterns(fqn)), 0.15)
 
 
 def test_budget_that_cannot_be_met_is_reported():
@@ -82,7 +82,7 @@ def test_a_pattern_registered_later_is_searched_without_changes(monkeypatch):
         bitmap[:, 0] = True
         return bitmap
 
-    monkeypatch.setitem(video_layout.PATTERNS, "test_stripe", first_column_stripe)
+    monkeypatch.setitem(pattern_spec.PATTERNS, "test_stripe", first_column_stripe)
     mass = torch.full((2, 8, 8), 0.01)
     mass[0, :, 0] = 1.0  # head 0: a vertical stripe at key block 0 (an attention sink)
     mass[0, torch.arange(8), torch.arange(8)] = 1.0
@@ -99,7 +99,7 @@ def test_failing_pattern_is_noted_not_fatal(monkeypatch):
     def needs_data(grid, block_q, block_kv, density):
         raise RuntimeError("needs q and k")
 
-    monkeypatch.setitem(video_layout.PATTERNS, "test_broken", needs_data)
+    monkeypatch.setitem(pattern_spec.PATTERNS, "test_broken", needs_data)
     config = _config(recall_bound=0.8, density_budget=1.0, candidate_patterns=(*BASIC, "test_broken"))
     result = search_patterns({"blocks.0.attn1": _stats(_diagonal_mass(1))}, config)
     assert any("test_broken" in note for note in result.notes)

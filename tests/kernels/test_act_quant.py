@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from qsparse_compiler.kernels.act_quant import act_quant
-from qsparse_compiler.ops.quantization import apply_activation, quantize_activation
+from qsparse_compiler.formats.quantization import apply_activation, quantize_activation
 
 FORMATS = ("fp8_e4m3", "int8")
 

@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qsparse_compiler.kernels.block_scores import block_scores
-from qsparse_compiler.sparsity.dynamic import block_scores_reference, dynamic_topk_blocks, dynamic_topk_layout
-from qsparse_compiler.sparsity.layout import BlockSparseLayout, num_blocks
-from qsparse_compiler.sparsity.patterns import diagonal_tiles
+from qsparse_compiler.ops.dynamic_layout import block_scores_reference, dynamic_topk_blocks, dynamic_topk_layout
+from qsparse_compiler.formats.layout import BlockSparseLayout, num_blocks
+from qsparse_compiler.formats.patterns import diagonal_tiles
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

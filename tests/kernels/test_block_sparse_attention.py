@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qsparse_compiler.kernels.block_sparse_attention import block_sparse_attention, unsupported_reason
-from qsparse_compiler.sparsity.layout import BlockSparseLayout, num_blocks
+from qsparse_compiler.formats.layout import BlockSparseLayout, num_blocks
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -1,12 +1,12 @@
 """kernels/int4_unpack.py's dequantize mode: the (N, K) weight of packed int4 codes and their group scales, bit for
-bit what ops.quantization.dequantize_weight_int4(...).to(dtype) returns (the product is exact in fp32 and rounded
+bit what formats.quantization.dequantize_weight_int4(...).to(dtype) returns (the product is exact in fp32 and rounded
 once). The 8-bit MMA modes are tested with the GEMM that reads them (test_w4a8_gemm.py)."""
 
 import pytest
 import torch
 
 from qsparse_compiler.kernels.int4_unpack import dequantize_int4
-from qsparse_compiler.ops.quantization import dequantize_weight_int4, quantize_weight_int4
+from qsparse_compiler.formats.quantization import dequantize_weight_int4, quantize_weight_int4
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 

@@ -97,8 +97,8 @@ def test_fp8_reuse_step_dequantizes_each_row(order):
 @pytest.mark.parametrize("steps_before", [-1.0, 3.0])
 @pytest.mark.parametrize("order", [1, 2])
 def test_fp8_refresh_step_quantizes_like_the_activations(steps_before, order):
-    """R (and dR) are stored with ops/quantization.py's per-row e4m3 rounding: the same codes and scales."""
-    from qsparse_compiler.ops.quantization import quantize_activation_symmetric
+    """R (and dR) are stored with formats/quantization.py's per-row e4m3 rounding: the same codes and scales."""
+    from qsparse_compiler.formats.quantization import quantize_activation_symmetric
 
     shape = (1, 2, 45, 32)
     o, dense = _bshd(*shape, torch.float32), _bshd(*shape, torch.float32)
@@ -121,14 +121,14 @@ def test_fp8_refresh_step_quantizes_like_the_activations(steps_before, order):
         torch.testing.assert_close(d_codes.float() * d_scale, want_codes.float() * want_scale, rtol=2**-3, atol=0)
 
 
-def _op_sequence(device: str, fused: bool, order: int, monkeypatch,
+def _op_sequence(device: str, fused: bool, order: int,
                  storage: str = "model") -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Five steps (refresh, reuse, reuse, refresh, reuse) of qsparse::residual_attention, through the fused kernel or
     the plain-torch path, on the same inputs; returns (sparse output, op output) per step."""
-    import importlib
+    from qsparse_compiler.ops.residual_attention import residual_attention_reference
+    from qsparse_compiler.ops.residual_attention_cuda import fused_step_supported, residual_attention_fused
 
-    module = importlib.import_module("qsparse_compiler.ops.residual_attention")  # the module, not the op it exports
-    monkeypatch.setattr(module, "_use_fused_step", lambda o_sparse, state: fused)
+    step = residual_attention_fused if fused else residual_attention_reference
     shape = (1, 12, 4100, 128) if device == "cuda" else (1, 2, 40, 16)
     generator = torch.Generator(device).manual_seed(0)
     q, k, v = (torch.randn(shape, device=device, generator=generator).to(torch.bfloat16) for _ in range(3))
@@ -137,14 +137,14 @@ def _op_sequence(device: str, fused: bool, order: int, monkeypatch,
     layout = state_layout(shape, CacheConfig(enabled=True, order=order, storage=storage), torch.bfloat16)
     state = [torch.zeros(s, dtype=d, device=device) for s, d in layout[:-1]]
     state.append(torch.full((1,), -1.0, device=device))
-    return [(o_sparse, torch.ops.qsparse.residual_attention(o_sparse, q, k, v, None, 0.088, state,
-                                                             torch.tensor(refresh), 0, order))
+    assert fused_step_supported(sparse_outputs[0], state)
+    return [(o_sparse, step(o_sparse, q, k, v, None, 0.088, state, torch.tensor(refresh), 0, order))
             for o_sparse, refresh in zip(sparse_outputs, (True, False, False, True, False))]
 
 
-def _check_op_paths_agree(device: str, order: int, monkeypatch, storage: str = "model") -> None:
-    fused = _op_sequence(device, True, order, monkeypatch, storage)
-    reference = _op_sequence(device, False, order, monkeypatch, storage)
+def _check_op_paths_agree(device: str, order: int, storage: str = "model") -> None:
+    fused = _op_sequence(device, True, order, storage)
+    reference = _op_sequence(device, False, order, storage)
     for step, ((_, a), (o_sparse, b)) in enumerate(zip(fused, reference)):
         # The fused pass rounds once (fp32 math); the plain path's reuse step rounds twice in bf16: <= 2 bf16 steps.
         a, b = a.float(), b.float()
@@ -161,13 +161,13 @@ def _check_op_paths_agree(device: str, order: int, monkeypatch, storage: str = "
 
 @pytest.mark.parametrize("storage", ["model", "fp8_e4m3"])
 @pytest.mark.parametrize("order", [1, 2])
-def test_op_fused_path_matches_reference_path_cpu(order, storage, monkeypatch):
+def test_op_fused_path_matches_reference_path_cpu(order, storage):
     """The op's step bookkeeping around the kernel (steps counted before a reuse, read before a refresh zeroes it)."""
-    _check_op_paths_agree("cpu", order, monkeypatch, storage)
+    _check_op_paths_agree("cpu", order, storage)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("storage", ["model", "fp8_e4m3"])
 @pytest.mark.parametrize("order", [1, 2])
-def test_op_fused_path_matches_reference_path_gpu(order, storage, monkeypatch):
-    _check_op_paths_agree("cuda", order, monkeypatch, storage)
+def test_op_fused_path_matches_reference_path_gpu(order, storage):
+    _check_op_paths_agree("cuda", order, storage)

@@ -14,7 +14,7 @@ import torch
 
 from qsparse_compiler.kernels.act_quant import act_quant
 from qsparse_compiler.kernels.w4a8_gemm import GEMM_CONFIGS, supports, w4a8_gemm
-from qsparse_compiler.ops.quantization import dequantize_weight_int4, quantize_weight_int4
+from qsparse_compiler.formats.quantization import dequantize_weight_int4, quantize_weight_int4
 from qsparse_compiler.ops.w4a8_linear import w4a8_gemm_reference, w4a8_linear_reference
 
 
@@ -195,7 +195,7 @@ def test_gpu_split_layout(fmt, swap, m):
 def test_pre_unpacked_weights_cpu(fmt, group_size):
     """kernels/int4_unpack.py + the GEMM's W_UNPACKED mode compute the same exact math."""
     from qsparse_compiler.kernels.int4_unpack import unpack_int4_to_mma
-    from qsparse_compiler.ops.quantization import unpack_int4
+    from qsparse_compiler.formats.quantization import unpack_int4
 
     x = torch.randn(11, 128) * 2
     pw = quantize_weight_int4(torch.randn(40, 128) * 0.1, group_size)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import qsparse_compiler.ops  # noqa: F401  registers the ops
-from qsparse_compiler.ops.quantization import (
+from qsparse_compiler.formats.quantization import (
     dequantize_activation,
     dequantize_weight_int4,
     pack_int4,
@@ -17,10 +17,10 @@ from qsparse_compiler.ops.quantization import (
     unpack_int4,
 )
 from qsparse_compiler.ops.sparse_attention import sparse_attention_reference
-from qsparse_compiler.ops.video_layout import build_video_layout
-from qsparse_compiler.sparsity.layout import BlockSparseLayout
-from qsparse_compiler.sparsity.patterns import TokenGrid
-from qsparse_compiler.testing.metrics import relative_error, sqnr_db
+from qsparse_compiler.formats.pattern_spec import build_video_layout
+from qsparse_compiler.formats.layout import BlockSparseLayout
+from qsparse_compiler.formats.patterns import TokenGrid
+from qsparse_compiler.eval.metrics import relative_error, sqnr_db
 
 
 def test_int4_pack_roundtrip_covers_every_code():

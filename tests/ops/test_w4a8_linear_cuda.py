@@ -9,10 +9,10 @@ import torch
 
 import qsparse_compiler.ops  # noqa: F401  (registers qsparse:: ops and, with CUDA, the kernel path)
 from qsparse_compiler.ops import w4a8_cuda
-from qsparse_compiler.ops.quantization import quantize_weight_int4
-from qsparse_compiler.ops.quantization import quantize_activation_symmetric
+from qsparse_compiler.formats.quantization import quantize_weight_int4
+from qsparse_compiler.formats.quantization import quantize_activation_symmetric
 from qsparse_compiler.ops.w4a8_cuda import w4a8_gemm_cuda, w4a8_linear_cuda
-from qsparse_compiler.ops.w4a8_linear import _cuda_impls, w4a8_gemm_reference, w4a8_linear_reference
+from qsparse_compiler.ops.w4a8_linear import w4a8_gemm_reference, w4a8_linear_reference
 
 
 def sqnr_db(x, ref):
@@ -90,10 +90,11 @@ def test_unsupported_returns_none_cpu():
     assert w4a8_linear_cuda(x.to(torch.float64), pw.qweight, pw.scale, None, 32, "int8") is None
 
 
-def test_registration_follows_cuda():
-    assert w4a8_cuda.register() == torch.cuda.is_available()
-    registered = _cuda_impls.get("w4a8_linear") is w4a8_linear_cuda and _cuda_impls.get("w4a8_gemm") is w4a8_gemm_cuda
-    assert registered == torch.cuda.is_available()
+def test_registered_as_the_ops_cuda_kernels():
+    assert w4a8_cuda.REGISTERED  # triton imports here (the interpreter runs the kernels' tests)
+    for op in ("w4a8_linear", "w4a8_gemm", "int4_weight_only_linear"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"qsparse::{op}", "CUDA"), op
+        assert not torch._C._dispatch_has_kernel_for_dispatch_key(f"qsparse::{op}", "CPU") or op  # CPU: the body
 
 
 # ---- GPU -----------------------------------------------------------------------------------------------------------
@@ -112,7 +113,7 @@ def test_op_uses_kernel_gpu(fmt, lead):
 
 
 def test_weight_row_sums_cpu():
-    from qsparse_compiler.ops.quantization import dequantize_weight_int4
+    from qsparse_compiler.formats.quantization import dequantize_weight_int4
 
     for g in (32, 0):
         _, pw, _ = make((1, 128), 24, g)
@@ -185,7 +186,7 @@ def test_per_channel_fp8_cublas_path_gpu(monkeypatch, with_bias):
 @pytest.mark.parametrize("shape,group_size", [((2, 96), 0), ((1, 3, 64), 32)])
 def test_int4_weight_only_cuda_path_matches_reference_cpu(shape, group_size, dtype):
     """The weight dequantized by the Triton pass is the reference's, bit for bit, so the linear is too."""
-    from qsparse_compiler.ops.quantization import linear_int4_weight_only
+    from qsparse_compiler.formats.quantization import linear_int4_weight_only
     from qsparse_compiler.ops.w4a8_cuda import int4_weight_only_linear_cuda
 
     x, pw, bias = make(shape, 40, group_size, dtype=dtype)
@@ -196,9 +197,9 @@ def test_int4_weight_only_cuda_path_matches_reference_cpu(shape, group_size, dty
 
 @pytest.mark.gpu
 def test_int4_weight_only_op_uses_kernel_gpu():
-    from qsparse_compiler.ops.quantization import linear_int4_weight_only
+    from qsparse_compiler.formats.quantization import linear_int4_weight_only
 
-    assert "int4_weight_only_linear" in _cuda_impls
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("qsparse::int4_weight_only_linear", "CUDA")
     x, pw, bias = make((2, 3072), 18432, 0, device="cuda", dtype=torch.bfloat16)
     out = torch.ops.qsparse.int4_weight_only_linear(x, pw.qweight, pw.scale, bias, 0)
     assert torch.equal(out, linear_int4_weight_only(x, pw.qweight, pw.scale, bias, 0))

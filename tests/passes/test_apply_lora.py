@@ -9,16 +9,16 @@ import torch
 from torch._dynamo.utils import counters
 
 import qsparse_compiler as qs
-from qsparse_compiler.backend import clear_reports, reports
+from qsparse_compiler.compiler.backend import clear_reports, reports
 from qsparse_compiler.calibration.simulate import plan_applied
 from qsparse_compiler.config import QuantSparseConfig
-from qsparse_compiler.passes import PassContext, default_passes, run_passes
-from qsparse_compiler.passes.pass_manager import private_copy
-from qsparse_compiler.passes.report import RewriteReport
+from qsparse_compiler.compiler.passes import PassContext, default_passes, run_passes
+from qsparse_compiler.compiler.passes.pass_manager import private_copy
+from qsparse_compiler.compiler.passes.report import RewriteReport
 from qsparse_compiler.plan import LinearPlan, ModelFingerprint, Plan, save_plan
-from qsparse_compiler.testing.capture import capture_dynamo_graph
-from qsparse_compiler.testing.metrics import relative_error
-from qsparse_compiler.testing.models import tiny_wan
+from qsparse_compiler.eval.capture import capture_dynamo_graph
+from qsparse_compiler.eval.metrics import relative_error
+from qsparse_compiler.eval.models import tiny_wan
 
 EDGES = [250.0, 500.0, 750.0]
 RANK = 3

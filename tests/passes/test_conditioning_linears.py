@@ -6,9 +6,9 @@ import torch
 from torch._dynamo.utils import counters
 
 from qsparse_compiler.config import ConfigError, QuantConfig
-from qsparse_compiler.ops.quantization import linear_int4_weight_only
-from qsparse_compiler.testing.capture import rewrite_with_default_passes
-from qsparse_compiler.testing.models import TEST_OPTIONS, tiny_cogvideox, tiny_hunyuan, tiny_wan
+from qsparse_compiler.formats.quantization import linear_int4_weight_only
+from qsparse_compiler.eval.capture import rewrite_with_default_passes
+from qsparse_compiler.eval.models import TEST_OPTIONS, tiny_cogvideox, tiny_hunyuan, tiny_wan
 
 FACTORIES = {"hunyuan": tiny_hunyuan, "cogvideox": lambda: tiny_cogvideox(num_layers=1)}
 MODULATION = {
@@ -81,7 +81,7 @@ def test_unknown_mode_is_refused_with_the_choices():
 
 
 def test_weight_only_linear_is_the_linear_of_the_dequantized_weight():
-    from qsparse_compiler.ops.quantization import dequantize_weight_int4, quantize_weight_int4
+    from qsparse_compiler.formats.quantization import dequantize_weight_int4, quantize_weight_int4
 
     weight, bias, x = torch.randn(96, 64), torch.randn(96), torch.randn(2, 64, dtype=torch.bfloat16)
     packed = quantize_weight_int4(weight, 32)

@@ -6,11 +6,11 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 from qsparse_compiler.config import QuantSparseConfig
-from qsparse_compiler.passes import PassContext, default_passes, run_passes
-from qsparse_compiler.passes.graph_utils import normalize_path
-from qsparse_compiler.passes.report import RewriteReport
-from qsparse_compiler.testing.capture import capture_dynamo_graph, rewrite_with_default_passes
-from qsparse_compiler.testing.models import TEST_OPTIONS, ToyVideoDiT, tiny_cogvideox, tiny_hunyuan, tiny_wan
+from qsparse_compiler.compiler.passes import PassContext, default_passes, run_passes
+from qsparse_compiler.compiler.passes.graph_utils import normalize_path
+from qsparse_compiler.compiler.passes.report import RewriteReport
+from qsparse_compiler.eval.capture import capture_dynamo_graph, rewrite_with_default_passes
+from qsparse_compiler.eval.models import TEST_OPTIONS, ToyVideoDiT, tiny_cogvideox, tiny_hunyuan, tiny_wan
 
 
 def rewrite(model, inputs, options=TEST_OPTIONS):
@@ -200,7 +200,7 @@ def test_training_graph_is_left_alone():
 def test_layouts_are_recorded_for_building_before_the_graph_runs():
     """Every static layout the graph asks for is known to the backend, which builds it before the graph runs (on CUDA:
     outside any CUDA-graph memory pool) under the key the op looks up."""
-    from qsparse_compiler.backend import _RuntimeInputs
+    from qsparse_compiler.compiler.backend import _RuntimeInputs
     from qsparse_compiler.ops.video_layout import _cached_layout
 
     tiny = tiny_wan(num_layers=2)

@@ -7,14 +7,14 @@ import torch
 from torch._dynamo.utils import counters
 
 from qsparse_compiler.config import WEIGHT_ONLY, QuantSparseConfig
-from qsparse_compiler.ops.quantization import quantize_weight_int4
-from qsparse_compiler.passes import PassContext, default_passes, run_passes
-from qsparse_compiler.passes.report import RewriteReport
+from qsparse_compiler.formats.quantization import quantize_weight_int4
+from qsparse_compiler.compiler.passes import PassContext, default_passes, run_passes
+from qsparse_compiler.compiler.passes.report import RewriteReport
 from qsparse_compiler.plan import (
     PLAN_SCHEMA_VERSION, AttentionPlan, LinearPlan, ModelFingerprint, Plan, PlanError, load_plan, save_plan,
 )
-from qsparse_compiler.testing.capture import capture_dynamo_graph
-from qsparse_compiler.testing.models import tiny_wan
+from qsparse_compiler.eval.capture import capture_dynamo_graph
+from qsparse_compiler.eval.models import tiny_wan
 
 
 def make_plan(model):
@@ -196,7 +196,7 @@ def test_loading_never_unpickles(tmp_path, monkeypatch):
     import pickle
 
     import qsparse_compiler as qs
-    from qsparse_compiler.backend import _load_checked_plan
+    from qsparse_compiler.compiler.backend import _load_checked_plan
 
     tiny = tiny_wan(num_layers=1)
     save_plan(make_plan(tiny.model), tmp_path / "good")
@@ -242,7 +242,7 @@ def test_backend_follows_the_plan(tmp_path):
     counters.clear()
     with torch.no_grad():
         gm, example_inputs = capture_dynamo_graph(tiny.model, tiny.make_inputs())
-    from qsparse_compiler.backend import _load_checked_plan
+    from qsparse_compiler.compiler.backend import _load_checked_plan
 
     plan = _load_checked_plan(str(tmp_path), gm, example_inputs)
     ctx = PassContext(QuantSparseConfig.from_options({"plan": str(tmp_path)}), example_inputs, RewriteReport(0), plan=plan)
@@ -265,7 +265,7 @@ def test_plan_for_another_model_is_rejected_at_compile(tmp_path):
     other.model.blocks[0].ffn.net[2] = torch.nn.Linear(96, 64)
     with torch.no_grad():
         gm, example_inputs = capture_dynamo_graph(other.model, other.make_inputs())
-    from qsparse_compiler.backend import _load_checked_plan
+    from qsparse_compiler.compiler.backend import _load_checked_plan
 
     with pytest.raises(PlanError, match=r"parameter blocks\.0\.ffn\.net\.\S+ has shape \[.*\] but the plan expects"):
         _load_checked_plan(str(tmp_path), gm, example_inputs)
@@ -278,7 +278,7 @@ def test_plan_for_another_model_is_rejected_at_compile(tmp_path):
 
 def test_plan_for_another_config_or_class_is_refused_by_optimize_before_compiling(tmp_path):
     import qsparse_compiler as qs
-    from qsparse_compiler.testing.models import tiny_cogvideox
+    from qsparse_compiler.eval.models import tiny_cogvideox
 
     save_plan(make_plan(tiny_wan(num_layers=1).model), tmp_path)
     with pytest.raises(PlanError, match="another .*config"):
@@ -312,7 +312,7 @@ def test_a_plan_calibrated_on_other_weights_is_refused_by_name(tmp_path):
     random initialisation: the plan's int4 weights are no rounding of this model's, so using them would silently
     swap weights. Refused at compile (the graph's own linears) and at run time (a regional graph's other blocks)."""
     import qsparse_compiler as qs
-    from qsparse_compiler.testing.models import TEST_OPTIONS
+    from qsparse_compiler.eval.models import TEST_OPTIONS
 
     source = tiny_wan(num_layers=2)
     save_plan(make_plan(source.model), tmp_path)  # calibrated weights for blocks.0.attn1.to_q

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qsparse_compiler.backend import clear_reports, reports
-from qsparse_compiler.testing.capture import rewritten_reference_output
-from qsparse_compiler.testing.metrics import relative_error, sqnr_db
-from qsparse_compiler.testing.models import EXACT_OPTIONS, TEST_OPTIONS, ToyVideoDiT, tiny_wan
+from qsparse_compiler.compiler.backend import clear_reports, reports
+from qsparse_compiler.eval.capture import rewritten_reference_output
+from qsparse_compiler.eval.metrics import relative_error, sqnr_db
+from qsparse_compiler.eval.models import EXACT_OPTIONS, TEST_OPTIONS, ToyVideoDiT, tiny_wan
 
 pytestmark = pytest.mark.slow
 

@@ -15,10 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import qsparse_compiler.ops  # noqa: F401
-from qsparse_compiler.ops.quantization import dequantize_activation, dequantize_weight_int4, quantize_activation, quantize_weight_int4
+from qsparse_compiler.formats.quantization import dequantize_activation, dequantize_weight_int4, quantize_activation, quantize_weight_int4
 from qsparse_compiler.ops.w4a8_linear import w4a8_linear_reference
-from qsparse_compiler.sparsity.layout import BlockSparseLayout
-from qsparse_compiler.testing.metrics import relative_error, sqnr_db, within_reference_error
+from qsparse_compiler.formats.layout import BlockSparseLayout
+from qsparse_compiler.eval.metrics import relative_error, sqnr_db, within_reference_error
 
 CPU = settings(max_examples=25, deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow])
 GPU = settings(max_examples=40, deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow])

@@ -9,11 +9,11 @@ import torch
 from torch._dynamo.utils import counters
 
 import qsparse_compiler as qs
-from qsparse_compiler.backend import clear_reports, reports
+from qsparse_compiler.compiler.backend import clear_reports, reports
 from qsparse_compiler.runtime.residual_cache import CacheError
-from qsparse_compiler.testing.capture import rewritten_reference_output
-from qsparse_compiler.testing.metrics import relative_error, sqnr_db, within_reference_error
-from qsparse_compiler.testing.models import EXACT_OPTIONS, TEST_OPTIONS, tiny_cogvideox, tiny_hunyuan, tiny_wan
+from qsparse_compiler.eval.capture import rewritten_reference_output
+from qsparse_compiler.eval.metrics import relative_error, sqnr_db, within_reference_error
+from qsparse_compiler.eval.models import EXACT_OPTIONS, TEST_OPTIONS, tiny_cogvideox, tiny_hunyuan, tiny_wan
 
 pytestmark = pytest.mark.slow
 

@@ -18,9 +18,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import qsparse_compiler as qs
-from qsparse_compiler.backend import clear_reports, reports
+from qsparse_compiler.compiler.backend import clear_reports, reports
 from qsparse_compiler.plan import AttentionPlan, LinearPlan, ModelFingerprint, Plan, save_plan
-from qsparse_compiler.testing.models import tiny_wan
+from qsparse_compiler.eval.models import tiny_wan
 
 WORLD = 2
 HEADS = 4

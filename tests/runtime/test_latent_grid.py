@@ -4,8 +4,8 @@ attention grids and the benchmarks' token counts."""
 import pytest
 import torch
 
-from qsparse_compiler.runtime.context import latent_grid, patchified_grid
-from qsparse_compiler.testing.models import tiny_cogvideox, tiny_hunyuan, tiny_wan
+from qsparse_compiler.ops.context import latent_grid, patchified_grid
+from qsparse_compiler.eval.models import tiny_cogvideox, tiny_hunyuan, tiny_wan
 
 
 @pytest.mark.parametrize("factory, latents, grid", [

@@ -9,7 +9,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 import qsparse_compiler as qs
-from qsparse_compiler.testing.models import tiny_wan
+from qsparse_compiler.eval.models import tiny_wan
 
 
 class CfgPipeline:

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import qsparse_compiler as qs
-from qsparse_compiler.backend import clear_reports, reports
-from qsparse_compiler.testing.metrics import relative_error
-from qsparse_compiler.testing.models import TEST_OPTIONS, tiny_cogvideox, tiny_wan
+from qsparse_compiler.compiler.backend import clear_reports, reports
+from qsparse_compiler.eval.metrics import relative_error
+from qsparse_compiler.eval.models import TEST_OPTIONS, tiny_cogvideox, tiny_wan
 
 pytestmark = pytest.mark.slow
 

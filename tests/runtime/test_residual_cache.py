@@ -5,14 +5,14 @@ import torch
 import torch.nn.functional as F
 
 import qsparse_compiler.ops  # noqa: F401
-from qsparse_compiler.backend import clear_reports, reports
+from qsparse_compiler.compiler.backend import clear_reports, reports
 from qsparse_compiler.config import CacheConfig
 from qsparse_compiler.ops.residual_attention import MODE_AUTO
-from qsparse_compiler.ops.video_layout import build_video_layout
+from qsparse_compiler.formats.pattern_spec import build_video_layout
 from qsparse_compiler.runtime.residual_cache import CacheError, ResidualCacheRuntime
-from qsparse_compiler.sparsity.patterns import TokenGrid
-from qsparse_compiler.testing.metrics import relative_error
-from qsparse_compiler.testing.models import tiny_wan
+from qsparse_compiler.formats.patterns import TokenGrid
+from qsparse_compiler.eval.metrics import relative_error
+from qsparse_compiler.eval.models import tiny_wan
 
 SHAPE = (1, 2, 48, 16)
 LAYOUT = build_video_layout(TokenGrid(3, 4, 4, 48), "local3d", 0.34, 16, 16)
@@ -252,10 +252,10 @@ def test_no_cache_nodes_unless_enabled_and_a_note_when_a_plan_wants_them(tmp_pat
     from torch._dynamo.utils import counters
 
     from qsparse_compiler.config import QuantSparseConfig
-    from qsparse_compiler.passes import PassContext, default_passes, run_passes
-    from qsparse_compiler.passes.report import RewriteReport
+    from qsparse_compiler.compiler.passes import PassContext, default_passes, run_passes
+    from qsparse_compiler.compiler.passes.report import RewriteReport
     from qsparse_compiler.plan import AttentionPlan, ModelFingerprint, Plan
-    from qsparse_compiler.testing.capture import capture_dynamo_graph
+    from qsparse_compiler.eval.capture import capture_dynamo_graph
 
     tiny = tiny_wan(num_layers=1)
     plan = Plan(ModelFingerprint.of(tiny.model), attentions={
@@ -335,7 +335,7 @@ def test_reuse_after_a_gap_counts_steps_not_calls():
 def test_named_branches_keep_their_residuals_whatever_the_call_order():
     """Branches named by the pipeline's cache context (runtime/context.py forward_branch) key the residuals: a step
     that calls "uncond" before "cond" reads the same residuals as one in the usual order."""
-    from qsparse_compiler.runtime.context import forward_branch
+    from qsparse_compiler.ops.context import forward_branch
 
     schedule = CacheConfig(enabled=True, refresh_first=1, refresh_every=0, order=1)
     cond, uncond = sequence(3, seed=1), sequence(3, seed=2)

@@ -12,8 +12,8 @@ from diffusers.hooks import (FasterCacheConfig, FirstBlockCacheConfig, MagCacheC
 
 import qsparse_compiler as qs
 from qsparse_compiler.runtime.residual_cache import CacheError
-from qsparse_compiler.testing.metrics import relative_error
-from qsparse_compiler.testing.models import EXACT_OPTIONS, tiny_wan
+from qsparse_compiler.eval.metrics import relative_error
+from qsparse_compiler.eval.models import EXACT_OPTIONS, tiny_wan
 
 pytestmark = pytest.mark.slow
 
@@ -196,7 +196,7 @@ def test_per_layer_refresh_steps_run_in_one_regional_graph_and_under_cuda_graph_
     """Each block follows its own refresh steps from the plan: one regional graph for both blocks (the steps are
     host-side), no recompile across steps; cuda_graphs=True gives each block a refresh and a reuse graph picked per
     call from its own schedule (on CPU Inductor runs them without CUDA graphs) with the same result."""
-    from qsparse_compiler.backend import clear_reports, reports
+    from qsparse_compiler.compiler.backend import clear_reports, reports
 
     schedules = ([0, 3], [0, 2, 4])
     tiny = tiny_wan(num_layers=2)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qsparse_compiler.sparsity.layout import BlockSparseLayout, LayoutError, bitmap_to_blocks
+from qsparse_compiler.formats.layout import BlockSparseLayout, LayoutError, bitmap_to_blocks
 
 
 def _layout(bitmap: torch.Tensor, block=16, q_len=None, kv_len=None) -> BlockSparseLayout:

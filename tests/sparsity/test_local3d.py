@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from qsparse_compiler.sparsity.layout import BlockSparseLayout, LayoutError
-from qsparse_compiler.sparsity.patterns import TokenGrid, local_3d
+from qsparse_compiler.formats.layout import BlockSparseLayout, LayoutError
+from qsparse_compiler.formats.patterns import TokenGrid, local_3d
 
 
 def test_from_bitmap_roundtrip_and_density():

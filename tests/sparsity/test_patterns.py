@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from qsparse_compiler.ops.video_layout import build_video_layout
-from qsparse_compiler.sparsity.layout import BlockSparseLayout, num_blocks
-from qsparse_compiler.sparsity.patterns import (
+from qsparse_compiler.formats.pattern_spec import build_video_layout
+from qsparse_compiler.formats.layout import BlockSparseLayout, num_blocks
+from qsparse_compiler.formats.patterns import (
     TokenGrid,
     diagonal_tiles,
     local_3d,

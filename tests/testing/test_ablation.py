@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from qsparse_compiler.testing.ablation import ablation_variants
-from qsparse_compiler.testing.fidelity import evaluate
-from qsparse_compiler.testing.reference_model import TINY_MODEL_CONFIG, build_reference_model
-from qsparse_compiler.testing.synthetic_video import SyntheticVideoConfig
+from qsparse_compiler.eval.ablation import ablation_variants
+from qsparse_compiler.eval.fidelity import evaluate
+from qsparse_compiler.eval.reference_model import TINY_MODEL_CONFIG, build_reference_model
+from qsparse_compiler.eval.synthetic_video import SyntheticVideoConfig
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +26,7 @@ def test_ablation_rows_through_the_backend(tmp_path):
     naive, ssar = result.variants["naive"], result.variants["ssar2 (RTN weights)"]
     for row in (naive, ssar):
         assert math.isfinite(row.psnr_mean) and 0 < row.ssim_mean < 1
-    from qsparse_compiler.backend import reports
+    from qsparse_compiler.compiler.backend import reports
 
     # Regional graphs (qs.optimize): one graph per block structure, 10 linears and one cached attention each.
     assert any(r.counters.get("residual_attention") == 1 and r.counters.get("w4a8_linear") == 10 for r in reports())
@@ -41,7 +41,7 @@ def test_unknown_and_planless_rows_are_clear_errors():
 
 
 def test_layout_recall_of_dense_is_one_and_of_sparse_below():
-    from qsparse_compiler.testing.fidelity import layout_recall, random_wan_inputs
+    from qsparse_compiler.eval.fidelity import layout_recall, random_wan_inputs
 
     model = build_reference_model(TINY_MODEL_CONFIG, seed=0).eval()
     inputs = random_wan_inputs(model, frames=4, height=16, width=16, text_len=8)

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from qsparse_compiler.sparsity.layout import BlockSparseLayout
-from qsparse_compiler.sparsity.patterns import TokenGrid, local_3d
-from qsparse_compiler.testing.fidelity import (
+from qsparse_compiler.formats.layout import BlockSparseLayout
+from qsparse_compiler.formats.patterns import TokenGrid, local_3d
+from qsparse_compiler.eval.fidelity import (
     attention_recall,
     capture_attention_qk,
     evaluate,
@@ -17,8 +17,8 @@ from qsparse_compiler.testing.fidelity import (
     sqnr_db,
     ssim,
 )
-from qsparse_compiler.testing.reference_model import TINY_MODEL_CONFIG, build_reference_model
-from qsparse_compiler.testing.synthetic_video import SyntheticVideoConfig, SyntheticVideos
+from qsparse_compiler.eval.reference_model import TINY_MODEL_CONFIG, build_reference_model
+from qsparse_compiler.eval.synthetic_video import SyntheticVideoConfig, SyntheticVideos
 
 
 def _videos(n: int = 2) -> torch.Tensor:

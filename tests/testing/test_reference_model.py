@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from qsparse_compiler.testing.reference_model import (
+from qsparse_compiler.eval.reference_model import (
     ASSETS_DIR,
     TINY_MODEL_CONFIG,
     WEIGHTS_NAME,
@@ -19,7 +19,7 @@ from qsparse_compiler.testing.reference_model import (
     save_reference_model,
     tokens_per_video,
 )
-from qsparse_compiler.testing.synthetic_video import SyntheticVideoConfig, SyntheticVideos
+from qsparse_compiler.eval.synthetic_video import SyntheticVideoConfig, SyntheticVideos
 
 TINY_DATA = SyntheticVideoConfig(frames=2, height=8, width=8)
 
@@ -127,7 +127,7 @@ def test_committed_weights_on_cuda_bf16_close_to_cpu():
 
 
 def checksum_summary_bf16(model, data):
-    from qsparse_compiler.testing.reference_model import checksum_input
+    from qsparse_compiler.eval.reference_model import checksum_input
 
     x_t, t, p = checksum_input(data)
     with torch.no_grad():

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from qsparse_compiler.testing.reference_model import load_reference_model
+from qsparse_compiler.eval.reference_model import load_reference_model
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 import torch
 
-from qsparse_compiler.testing.synthetic_video import Scenes, SyntheticVideoConfig, SyntheticVideos
+from qsparse_compiler.eval.synthetic_video import Scenes, SyntheticVideoConfig, SyntheticVideos
 
 SMALL = SyntheticVideoConfig(frames=6, height=24, width=32)
 

@@ -1,0 +1,600 @@
+"""Whole-video speed and fidelity: a real sampling loop with classifier-free guidance, per configuration.
+
+Users time videos, not forwards. Each row builds its own model (same seed), then runs the denoising loop as
+diffusers' ``WanPipeline`` runs it: ``steps`` scheduler steps, each a conditional and an unconditional transformer call,
+each inside ``transformer.cache_context("cond" / "uncond", step_index=..., sigma=..., num_inference_steps=...)``,
+then ``scheduler.step`` on float32 latents; after the video the step caches' state is reset
+(``_reset_stateful_cache``, as the pipeline's ``maybe_free_model_hooks`` does). The scheduler is
+``UniPCMultistepScheduler`` with Wan's flow sigmas and flow shift (3.0 at 480p, 5.0 at 720p; the released
+Wan2.1-1.3B scheduler config) or ``FlowMatchEulerDiscreteScheduler`` (``--scheduler euler``).
+
+Speed (default): workload W of bench_e2e.py (Wan2.1-1.3B config, random bf16 weights, 480p x 81 frames, 512 text
+tokens; ``--workload reference`` is a tiny CPU config). Per row: the cold video (every compile + the first run),
+then one warm video: wall clock around the whole loop, CUDA-synchronized (``seconds_per_video``), the transformer
+calls and the blocks actually executed in it (a step cache skips blocks: ``forwards_executed`` = executed blocks /
+blocks), the peak GPU memory of the warm video, and whether the final latents are finite.
+
+    python benchmarks/bench_generation.py --rows inductor,flex-fp8,flex-fp8+fbc,qsparse --out gen.json
+    python benchmarks/bench_generation.py --workload reference --device cpu --steps 3 --rows inductor,qsparse
+
+Fidelity (``--fidelity``): the same rows and the same loop on the trained reference DiT (testing/reference_model.py)
+at the same seeds as ``qsparse eval`` (prompt and starting noise per seed, the all-zero prompt as the negative one),
+whole runs; PSNR / SSIM of every row's videos against the eager dense run's. ``qsparse eval --pareto gen.json
+--fidelity-json fid.json`` joins the two into (seconds per video, dB) points and draws the Pareto plot.
+
+    python benchmarks/bench_generation.py --fidelity --device cpu --frames 4 --height 32 --width 32 --steps 8 \\
+        --seeds 0,1 --rows inductor,flex,qsparse,inductor+fbc --out fid.json
+
+Rows: ``BASE[+STEP_CACHE]`` or ``cache-dit``.
+- BASE ``eager`` | ``inductor`` (bf16 Inductor) | ``flex`` (FlexAttention, random 15% of 128x128 tiles + diagonal,
+  bf16 linears) | ``flex-fp8`` (that + torchao fp8 rowwise linears; needs a CUDA GPU of compute capability >= 8.9)
+  | ``qsparse`` (``qs.optimize``: regional compile, int4 weights, 15% sparse attention, the residual cache; its
+  step clock is hooked on this loop's scheduler as on a pipeline's). The model and attention builders are
+  bench_e2e.py's.
+- The eager / Inductor / Flex rows compile each block's own ``forward`` (one graph for all blocks, as
+  ``compile_repeated_blocks``) *below* diffusers' cache hooks: the hooks decide on the host whether a block runs, the
+  block's computation is the compiled graph. A host-side counter between the two counts executed blocks.
+- STEP_CACHE (diffusers 0.42 ``transformer.enable_cache``): ``fbc`` FirstBlockCacheConfig, ``mag`` MagCacheConfig
+  (calibrated first: one full video with ``calibrate=True`` records each CFG branch's residual magnitude ratio per
+  step; the warm video runs with their mean as ``mag_ratios``), ``taylorseer`` TaylorSeerCacheConfig in lite mode
+  (its default mode hooks the attention modules inside each block, where regional compilation traces its host-side
+  step counter; lite mode skips whole blocks and predicts ``proj_out``).
+- ``cache-dit``: cache-dit's one-line default (``DBCacheConfig()``: DBCache F8B0, 8 warmup steps) through its Wan
+  block adapter (Pattern_2, separate CFG) with its compile settings (``set_compile_configs``) and
+  ``compile_repeated_blocks``, bf16 weights. Its global Dynamo / Inductor settings are restored after the row.
+
+A failing row is recorded with its error and the run goes on; the JSON (and a markdown table, and a bar chart of
+seconds per video) is rewritten after every row, so a time limit keeps what finished. ``--row-budget`` bounds one
+row's wall clock: the loop stops at the first step past it, and the warm video is skipped when the cold one already
+used more than half of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import gc
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_e2e  # noqa: E402  (the workloads, the model and the Flex / fp8 builders)
+
+STEP_CACHES = ("fbc", "mag", "taylorseer")
+BASES = ("eager", "inductor", "flex", "flex-fp8", "qsparse")
+DEFAULT_ROWS = "inductor,flex-fp8,flex-fp8+fbc,flex-fp8+mag,flex-fp8+taylorseer,cache-dit,qsparse,qsparse+fbc"
+GUIDANCE = 5.0  # WanPipeline's default guidance_scale
+FLOW_SHIFT = {"wan-1.3b-480p": 3.0, "wan-1.3b-720p": 5.0}  # Wan2.1's flow shift per resolution (else 3.0)
+DENSITY = 0.15
+WAN_1_3B_BLOCKS = bench_e2e.WAN_1_3B["num_layers"]
+# qsparse's residual-cache schedule in a video (bench_e2e's: refresh at steps 0, 1 and every 5th).
+QSPARSE_CACHE = dict(bench_e2e.CACHE)
+
+
+class RowBudgetExceeded(RuntimeError):
+    pass
+
+
+@dataclass
+class GenRow:
+    system: str
+    seconds_per_video: float = math.nan
+    first_video_s: float = math.nan  # cold: every compile + the first video (--warmup-steps long)
+    first_call_s: float = math.nan  # the first transformer call alone (its compile)
+    steps: int = 0
+    transformer_calls: int = 0  # of the warm video
+    block_calls: int = 0
+    forwards_executed: float = math.nan  # executed blocks / blocks
+    peak_gib: float = 0.0
+    finite: bool | None = None
+    speedup_vs_inductor: float | None = None
+    residual_cache: dict[str, int] | None = None  # qsparse: refreshes / reuses over every attention site
+    calibration: dict[str, Any] | None = None
+    note: str = ""
+    error: str | None = None
+    # --fidelity
+    psnr_db: list[float] = field(default_factory=list)
+    ssim: list[float] = field(default_factory=list)
+    psnr_mean: float | None = None
+    ssim_mean: float | None = None
+
+
+@dataclass
+class Prepared:
+    """A row's model and how to read what it executed."""
+
+    model: torch.nn.Module
+    blocks: int
+    block_calls: Callable[[], int]  # cumulative executed block calls
+    before_video: Callable[[], None] = lambda: None
+    residual_cache: Callable[[], dict[str, int]] | None = None
+    note: str = ""
+    calibrate: Callable[[Callable[[], torch.Tensor]], dict[str, Any]] | None = None
+
+
+# ---------------------------------------------------------------------------------------------- the sampling loop
+def make_scheduler(kind: str, shift: float):
+    """The scheduler of Wan2.1's diffusers release (UniPC with flow sigmas) or flow-matching Euler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+
+    if kind == "unipc":
+        return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                       num_train_timesteps=1000, flow_shift=shift)
+    if kind == "euler":
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    raise ValueError(f"--scheduler {kind!r}: use unipc or euler")
+
+
+@torch.no_grad()
+def generate(transformer: torch.nn.Module, scheduler: Any, latents: torch.Tensor, cond: torch.Tensor,
+             uncond: torch.Tensor, steps: int, guidance: float = GUIDANCE, deadline: float | None = None,
+             calls: list[int] | None = None) -> torch.Tensor:
+    """WanPipeline's denoising loop (diffusers 0.42): float32 ``latents`` -> denoised float32 latents.
+    ``calls`` (one int) counts transformer calls; past ``deadline`` (perf_counter) it raises RowBudgetExceeded."""
+    dtype = cond.dtype
+    scheduler.set_timesteps(steps, device=latents.device)
+    scheduler.set_begin_index(0)
+    for i, t in enumerate(scheduler.timesteps):
+        if deadline is not None and time.perf_counter() > deadline:
+            raise RowBudgetExceeded(f"row budget exceeded after {i} of {steps} steps")
+        x = latents.to(dtype)
+        timestep = t.expand(latents.shape[0])
+        context = dict(step_index=i, sigma=float(scheduler.sigmas[i]), num_inference_steps=steps)
+        with transformer.cache_context("cond", **context):
+            noise = transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=cond, return_dict=False)[0]
+        with transformer.cache_context("uncond", **context):
+            noise_uncond = transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=uncond,
+                                       return_dict=False)[0]
+        if calls is not None:
+            calls[0] += 2
+        noise = noise_uncond + guidance * (noise - noise_uncond)
+        latents = scheduler.step(noise, t, latents, return_dict=False)[0]
+    if hasattr(transformer, "_reset_stateful_cache") and getattr(transformer, "_cache_config", None) is not None:
+        transformer._reset_stateful_cache()  # WanPipeline's maybe_free_model_hooks
+    return latents
+
+
+# ---------------------------------------------------------------------------------------------- rows
+def parse_row(spec: str) -> tuple[str, str | None]:
+    if spec == "cache-dit":
+        return spec, None
+    base, plus, cache = spec.partition("+")
+    if base not in BASES or (plus and cache not in STEP_CACHES):
+        raise ValueError(f"row {spec!r}: rows are BASE[+CACHE] with BASE in {BASES} and CACHE in {STEP_CACHES}, "
+                         "or cache-dit")
+    return base, cache or None
+
+
+def step_cache_config(name: str, steps: int, mag_ratios: list[float] | None = None):
+    from diffusers import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
+
+    if name == "fbc":
+        return FirstBlockCacheConfig()  # threshold 0.05, diffusers' default
+    if name == "mag":  # diffusers' defaults: threshold 0.06, at most 3 skipped steps in a row, first 20% computed
+        if mag_ratios is None:
+            return MagCacheConfig(calibrate=True, num_inference_steps=steps)
+        return MagCacheConfig(mag_ratios=mag_ratios, num_inference_steps=steps)
+    if name == "taylorseer":
+        return TaylorSeerCacheConfig(use_lite_mode=True)  # cache_interval 5, 3 warmup steps, order 1
+    raise ValueError(name)
+
+
+def _count_compiled_blocks(model: torch.nn.Module, compile_blocks: bool) -> Callable[[], int]:
+    """Compile each block's ``forward`` (one graph for all: Dynamo guards on the block's structure, not its identity)
+    and count the calls that reach it. Installed before any cache hook, so hooks wrap the counted compiled forward."""
+    count = [0]
+    for block in model.blocks:
+        inner = torch.compile(block.forward, fullgraph=True) if compile_blocks else block.forward
+
+        def counted(*args: Any, _inner: Callable = inner, **kwargs: Any) -> Any:
+            count[0] += 1
+            return _inner(*args, **kwargs)
+
+        block.forward = counted
+    return lambda: count[0]
+
+
+def _capture_mag_ratios(run_video: Callable[[], torch.Tensor]) -> dict[str, Any]:
+    """One full video with MagCacheConfig(calibrate=True): diffusers logs each CFG branch's ratios when its last
+    step ends (mag_cache.py, ``_advance_step``); they are read from its logger."""
+    records: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            message = record.getMessage()
+            if "Calibration Results:" in message:
+                records.append(message.split("Calibration Results:", 1)[1].strip())
+
+    logger = logging.getLogger("diffusers.hooks.mag_cache")
+    handler, level = Collect(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # its print() of the same list
+            run_video()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    runs = [[float(x) for x in ast.literal_eval(r)] for r in records]
+    if not runs or len(runs) % 2:  # per video: the cond branch's list, then the uncond one's (its tail ends last)
+        raise RuntimeError(f"MagCache calibration: expected a list per CFG branch and video, got {len(runs)}")
+
+    def mean(lists: list[list[float]]) -> list[float]:
+        return [sum(values) / len(values) for values in zip(*lists)]
+
+    cond, uncond = mean(runs[0::2]), mean(runs[1::2])
+    return {"cond": cond, "uncond": uncond, "videos": len(runs) // 2, "mag_ratios": mean([cond, uncond])}
+
+
+class _Pipe:
+    """What ``qs.optimize`` hooks on a pipeline: ``.transformer`` and ``.scheduler`` (its step clock)."""
+
+    def __init__(self, transformer: torch.nn.Module, scheduler: Any) -> None:
+        self.transformer, self.scheduler = transformer, scheduler
+
+
+def prepare_row(spec: str, model: torch.nn.Module, workload: dict[str, Any], mask_inputs: dict[str, Any],
+                scheduler: Any, steps: int, density: float) -> Prepared:
+    """Turn a fresh dense model into the row's configuration (in place)."""
+    base, cache = parse_row(spec)
+    blocks = len(model.blocks)
+    if spec == "cache-dit":
+        return _prepare_cache_dit(model, steps)
+    if base == "qsparse":
+        import qsparse_compiler as qs
+
+        options = {**bench_e2e.QSPARSE_OPTIONS, "sparsity": {**bench_e2e.QSPARSE_OPTIONS.get("sparsity", {}),
+                                                             "density": density}}
+        pipe = qs.optimize(_Pipe(model, scheduler), options=options, cache=QSPARSE_CACHE)
+        runtime = qs.runtime_of(pipe)
+
+        def residual_cache() -> dict[str, int]:
+            total = runtime.memory_report()["total"]
+            return {"refreshes": total["refreshes"], "reuses": total["reuses"], "resets": total["resets"],
+                    "bytes": total["bytes"]}
+
+        prepared = Prepared(pipe.transformer, blocks, lambda: sum(residual_cache()[k] for k in ("refreshes", "reuses")),
+                            residual_cache=residual_cache,
+                            note=f"qs.optimize regional, options {json.dumps(options)}, cache {json.dumps(QSPARSE_CACHE)}")
+    else:
+        if base == "flex-fp8":
+            from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+            quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+                      filter_fn=bench_e2e.block_linear_filter(workload, model))
+        if base in ("flex", "flex-fp8"):
+            bench_e2e.install_flex_attention(model, workload, bench_e2e.flex_block_masks(workload, mask_inputs, density))
+        counter = _count_compiled_blocks(model, compile_blocks=base != "eager")
+        notes = {"eager": "eager", "inductor": "Inductor bf16, blocks compiled",
+                 "flex": f"FlexAttention random {density:.0%} 128x128 tiles + diagonal, bf16 linears",
+                 "flex-fp8": f"FlexAttention random {density:.0%} 128x128 tiles + diagonal, torchao fp8 rowwise"}
+        prepared = Prepared(model, blocks, counter, note=notes[base])
+    if cache is not None:
+        transformer = prepared.model
+        transformer.enable_cache(step_cache_config(cache, steps))
+        prepared.note += f"; + {type(transformer._cache_config).__name__}"
+        if cache == "mag":
+            def calibrate(run_video: Callable[[], torch.Tensor]) -> dict[str, Any]:
+                ratios = _capture_mag_ratios(run_video)
+                transformer.disable_cache()
+                transformer.enable_cache(step_cache_config("mag", steps, ratios["mag_ratios"]))
+                return ratios
+
+            prepared.calibrate = calibrate
+    return prepared
+
+
+def _prepare_cache_dit(model: torch.nn.Module, steps: int) -> Prepared:
+    import cache_dit
+    from cache_dit import BlockAdapter, DBCacheConfig, ForwardPattern
+
+    # Its Wan adapter for a transformer-only flow (adapters.py "Wan": Pattern_2, has_separate_cfg), its default config.
+    adapter = BlockAdapter(transformer=model, blocks=model.blocks, forward_pattern=ForwardPattern.Pattern_2,
+                           has_separate_cfg=True)
+    blocks = len(model.blocks)
+    config = DBCacheConfig(num_inference_steps=steps)
+    fitted = ""
+    if config.Fn_compute_blocks >= blocks:  # a small model (cache-dit asserts Fn < blocks): the same share of blocks
+        fn = max(1, round(config.Fn_compute_blocks * blocks / WAN_1_3B_BLOCKS))
+        config = DBCacheConfig(num_inference_steps=steps, Fn_compute_blocks=fn)
+        fitted = (f" (Fn {fn} for this {blocks}-block model: F8's share of Wan-1.3B's {WAN_1_3B_BLOCKS} blocks)")
+    cache_dit.enable_cache(adapter, cache_config=config)
+    cache_dit.set_compile_configs()
+    model.compile_repeated_blocks(fullgraph=True)
+    finished = [0]  # executed blocks of the generations before the current one (refresh_context starts anew)
+
+    def current() -> int:
+        stats = cache_dit.summary(model, logging=False)[0]
+        cached = len(stats.cached_steps or []) + len(stats.cfg_cached_steps or [])
+        computed_when_cached = config.Fn_compute_blocks + config.Bn_compute_blocks
+        return stats.accumulated_transformer_executed_steps * blocks - cached * (blocks - computed_when_cached)
+
+    def before_video() -> None:
+        finished[0] += current()
+        cache_dit.refresh_context(model, num_inference_steps=steps)
+
+    return Prepared(model, blocks, lambda: finished[0] + current(), before_video=before_video,
+                    note=f"cache-dit {getattr(cache_dit, '__version__', '?')} DBCacheConfig() "
+                         f"(F{config.Fn_compute_blocks}B{config.Bn_compute_blocks}, threshold "
+                         f"{config.residual_diff_threshold}, {config.max_warmup_steps} warmup steps){fitted}, Wan adapter, "
+                         "compile_repeated_blocks, bf16")
+
+
+@contextlib.contextmanager
+def _restored_compile_settings():
+    """Dynamo / Inductor global settings as they were (cache-dit's set_compile_configs changes them)."""
+    import torch._dynamo.config as dynamo_config
+    import torch._inductor.config as inductor_config
+
+    saved = dynamo_config.save_config(), inductor_config.save_config()
+    try:
+        yield
+    finally:
+        dynamo_config.load_config(saved[0])
+        inductor_config.load_config(saved[1])
+
+
+# ---------------------------------------------------------------------------------------------- one row
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_row(spec: str, build: Callable[[], torch.nn.Module], videos: Callable[[], list[tuple]], workload: dict,
+            mask_inputs: dict, args: argparse.Namespace, keep_output: bool = False) -> tuple[GenRow, torch.Tensor | None]:
+    """Cold video, then (budget permitting) the warm video that is measured. ``videos`` gives the (latents, cond,
+    uncond) of each video of a run (one for speed; one per seed for fidelity). Returns the row and, with
+    ``keep_output``, the warm run's final latents."""
+    row = GenRow(spec, steps=args.steps)
+    deadline = time.perf_counter() + args.row_budget
+    model = build()
+    scheduler = make_scheduler(args.scheduler, args.shift)
+    settings = _restored_compile_settings() if spec == "cache-dit" else contextlib.nullcontext()
+    output = None
+    with settings:
+        prepared = prepare_row(spec, model, workload, mask_inputs, scheduler, args.steps, args.density)
+        row.note = prepared.note
+        calls = [0]
+        first_call: list[float] = []
+        start = time.perf_counter()
+
+        def first_call_timer(module, inputs, result) -> None:
+            if not first_call:
+                _sync(args.device)
+                first_call.append(time.perf_counter() - start)
+
+        handle = prepared.model.register_forward_hook(first_call_timer)
+
+        def run_video(steps: int = args.steps) -> torch.Tensor:
+            outs = []
+            for latents, cond, uncond in videos():
+                prepared.before_video()
+                outs.append(generate(prepared.model, scheduler, latents, cond, uncond, steps, args.guidance,
+                                     deadline, calls))
+            return torch.cat(outs)
+
+        # --fidelity measures outputs, not time: one run per row (the cold one) unless MagCache must calibrate first.
+        cold_only = args.fidelity and prepared.calibrate is None
+        if prepared.calibrate is not None:
+            row.calibration = prepared.calibrate(run_video)  # also the cold video
+        elif not cold_only:
+            run_video(args.warmup_steps or args.steps)
+            if args.warmup_steps:
+                row.note += f"; cold run: a {args.warmup_steps}-step video"
+        if not cold_only:
+            _sync(args.device)
+            row.first_video_s = time.perf_counter() - start
+            row.first_call_s = first_call[0] if first_call else math.nan
+            handle.remove()
+            if row.first_video_s > args.row_budget / 2:
+                row.note += (f"; warm video skipped: the cold one took {row.first_video_s:.0f} s of a "
+                             f"{args.row_budget:.0f} s budget")
+                return row, None
+        else:
+            row.note += "; one (cold) run: its seconds include compilation"
+        if args.device == "cuda":
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        calls[0], blocks_before = 0, prepared.block_calls()
+        cache_before = prepared.residual_cache() if prepared.residual_cache else None
+        _sync(args.device)
+        start = time.perf_counter()
+        output = run_video()
+        _sync(args.device)
+        row.seconds_per_video = (time.perf_counter() - start) / len(videos())
+        row.transformer_calls = calls[0]
+        row.block_calls = prepared.block_calls() - blocks_before
+        row.forwards_executed = row.block_calls / prepared.blocks
+        row.peak_gib = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else 0.0
+        row.finite = bool(torch.isfinite(output).all())
+        if cold_only:
+            row.first_video_s = row.seconds_per_video * len(videos())
+            row.first_call_s = first_call[0] if first_call else math.nan
+            handle.remove()
+        if cache_before is not None:
+            after = prepared.residual_cache()
+            row.residual_cache = {k: after[k] - cache_before[k] for k in ("refreshes", "reuses", "resets")}
+            row.residual_cache["bytes"] = after["bytes"]
+    del model, prepared
+    return row, output if keep_output else None
+
+
+# ---------------------------------------------------------------------------------------------- output
+def write_results(out: Path, meta: dict[str, Any], rows: list[GenRow]) -> None:
+    inductor = next((r.seconds_per_video for r in rows if r.system == "inductor"), None)
+    for row in rows:
+        ok = inductor and row.seconds_per_video == row.seconds_per_video
+        row.speedup_vs_inductor = inductor / row.seconds_per_video if ok else None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
+    table = markdown(meta, rows)
+    out.with_suffix(".md").write_text(table)
+    print("\n" + table, flush=True)
+    timed = {r.system: r.seconds_per_video for r in rows if r.seconds_per_video == r.seconds_per_video}
+    if timed:
+        from qsparse_compiler.eval.plots import bar_plot
+
+        bar_plot(timed, out.with_suffix(".png"), size=(960, 460), ylabel="s",
+                 title=f"seconds per video (lower is better): {meta['workload']}, {meta['steps']} steps + CFG, "
+                       f"{meta['device']}, {meta['date']}")
+
+
+def markdown(meta: dict[str, Any], rows: list[GenRow]) -> str:
+    fidelity = meta.get("mode") == "fidelity"
+    lines = [f"{meta['workload']}: {meta['steps']} {meta['scheduler']} steps, CFG {meta['guidance']} (2 transformer "
+             f"calls per step), {meta['device']}, torch {meta['torch']}, {meta['date']}", "",
+             "| system | s / video | vs Inductor | cold video s | first call s | calls | forwards executed | "
+             "peak GiB | finite |" + (" PSNR dB | SSIM |" if fidelity else " note |"),
+             "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if fidelity else "---|")]
+    for r in rows:
+        speed = f"{r.speedup_vs_inductor:.2f}x" if r.speedup_vs_inductor else "-"
+        tail = (f" {r.psnr_mean:.2f} | {r.ssim_mean:.4f} |" if fidelity and r.psnr_mean is not None
+                else " - | - |" if fidelity else f" {r.note} |")
+        lines.append(f"| {r.system} | {r.seconds_per_video:.2f} | {speed} | {r.first_video_s:.1f} | "
+                     f"{r.first_call_s:.1f} | {r.transformer_calls} | {r.forwards_executed:.1f} | {r.peak_gib:.1f} | "
+                     f"{r.finite} |{tail}")
+    errors = [f"- {r.system}: {r.error}" for r in rows if r.error]
+    notes = [f"- {r.system}: {r.note}" for r in rows if fidelity and r.note]
+    return "\n".join(lines + ([""] + errors if errors else []) + ([""] + notes if notes else [])) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------- main
+def _speed_setup(args: argparse.Namespace):
+    workload = bench_e2e.WORKLOADS[args.workload]
+    if workload["model"] != "wan":
+        raise SystemExit(f"--workload {args.workload}: the generation loop drives Wan transformers; use a Wan workload")
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(workload["latents"], generator=generator).to(args.device)  # WanPipeline: float32 latents
+    cond = torch.randn(workload["text"], generator=generator).to(args.device, dtype)
+    uncond = torch.randn(workload["text"], generator=generator).to(args.device, dtype)
+    mask_inputs = {"hidden_states": latents.to(dtype)}
+
+    def build() -> torch.nn.Module:
+        return bench_e2e.build(workload, args.device, dtype)[0]
+
+    return workload, build, lambda: [(latents, cond, uncond)], mask_inputs
+
+
+def _fidelity_setup(args: argparse.Namespace):
+    """The reference DiT, its prompts and starting noise per seed (as testing/fidelity.evaluate chooses them)."""
+    import dataclasses
+
+    from qsparse_compiler.eval.reference_model import initial_noise, load_reference_metadata, load_reference_model
+    from qsparse_compiler.eval.synthetic_video import SyntheticVideoConfig, SyntheticVideos
+
+    meta = load_reference_metadata()
+    data = SyntheticVideoConfig.from_dict(meta["data"])
+    data = dataclasses.replace(data, **{k: getattr(args, k) for k in ("frames", "height", "width")
+                                        if getattr(args, k) is not None})
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    seeds = [int(s) for s in args.seeds.split(",")]
+    videos = SyntheticVideos(data, device="cpu")
+    prompts = videos.embed(videos.scenes_for_seeds(seeds)).to(args.device, dtype)
+    noise = initial_noise(seeds, (data.channels, data.frames, data.height, data.width)).to(args.device)
+    runs = [(noise[i : i + 1], prompts[i : i + 1], torch.zeros_like(prompts[i : i + 1])) for i in range(len(seeds))]
+    workload = dict(model="wan", config=meta["model"], latents=(1, data.channels, data.frames, data.height, data.width),
+                    text=tuple(prompts[:1].shape))
+
+    def build() -> torch.nn.Module:
+        return load_reference_model(args.device, dtype)
+
+    return workload, build, lambda: runs, {"hidden_states": runs[0][0].to(dtype)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workload", default="wan-1.3b-480p", choices=sorted(bench_e2e.WORKLOADS))
+    parser.add_argument("--rows", default=DEFAULT_ROWS, help="comma-separated rows (module docstring)")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--scheduler", default="unipc", choices=("unipc", "euler"))
+    parser.add_argument("--shift", type=float, default=None, help="flow shift (default: Wan's for the workload)")
+    parser.add_argument("--guidance", type=float, default=GUIDANCE)
+    parser.add_argument("--density", type=float, default=DENSITY, help="attention density of the Flex / qsparse rows")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--warmup-steps", type=int, default=0,
+                        help="steps of the cold (compiling) video; 0: a whole video. Enough steps to reach every "
+                             "graph and cache path (qsparse's reuse step, a step cache's first skip, cache-dit's 8 "
+                             "warmup steps) keep compiles out of the measured video at a fraction of the device time")
+    parser.add_argument("--row-budget", type=float, default=540.0, help="seconds one row may take (cold + warm)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/generation.json"))
+    parser.add_argument("--append", action="store_true",
+                        help="keep the rows of an existing --out of the same settings (rows re-run replace theirs)")
+    parser.add_argument("--fidelity", action="store_true", help="run the rows on the reference DiT; PSNR/SSIM vs eager")
+    parser.add_argument("--seeds", default="0,1,2,3", help="--fidelity: one video per seed")
+    parser.add_argument("--frames", type=int, default=None, help="--fidelity: video frames (default: the reference's)")
+    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--width", type=int, default=None)
+    args = parser.parse_args(argv)
+    specs = [s for s in args.rows.split(",") if s]
+    for spec in specs:
+        try:
+            parse_row(spec)
+        except ValueError as exc:
+            parser.error(str(exc))
+    if args.steps < 1:
+        parser.error(f"--steps {args.steps}: must be >= 1")
+    if args.shift is None:
+        args.shift = FLOW_SHIFT.get(args.workload, 3.0)
+    if args.fidelity:
+        workload, build, videos, mask_inputs = _fidelity_setup(args)
+        specs = ["eager"] + [s for s in specs if s != "eager"]  # the dense reference run first
+    else:
+        workload, build, videos, mask_inputs = _speed_setup(args)
+    meta = {"mode": "fidelity" if args.fidelity else "speed",
+            "workload": "reference DiT" if args.fidelity else args.workload, "steps": args.steps,
+            "scheduler": f"{args.scheduler} (shift {args.shift})", "guidance": args.guidance, "density": args.density,
+            "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d"), "latents": list(workload["latents"])}
+    if args.fidelity:
+        meta["seeds"] = args.seeds
+    rows: list[GenRow] = []
+    if args.append and args.out.is_file():
+        old = json.loads(args.out.read_text())
+        same = {k: v for k, v in old["meta"].items() if k != "date"} == {k: v for k, v in meta.items() if k != "date"}
+        if not same:
+            parser.error(f"--append: {args.out} was measured with other settings ({old['meta']}); use another --out")
+        rows = [GenRow(**r) for r in old["rows"] if r["system"] not in specs]
+    dense: torch.Tensor | None = None
+    for spec in specs:
+        try:
+            row, output = run_row(spec, build, videos, workload, mask_inputs, args, keep_output=args.fidelity)
+        except Exception as exc:  # a failing row is recorded, not hidden, and the next one runs
+            error = f"{type(exc).__name__}: {exc}"
+            if spec.startswith("qsparse+"):
+                error = ("qs.optimize compiles each block's whole call (fullgraph), so the step cache's hooks on the "
+                         f"blocks are traced into the block graph: {error}")
+            row, output = GenRow(spec, steps=args.steps, error=error[:600]), None
+        if args.fidelity and output is not None:
+            from qsparse_compiler.eval.fidelity import psnr, ssim
+
+            videos_out = output.clamp(-1.0, 1.0).float().cpu()  # the reference sampler's output convention
+            if spec == "eager":
+                dense = videos_out
+                row.note += "; the dense reference of the PSNR / SSIM columns"
+            elif dense is not None:
+                row.psnr_db = [float(x) for x in psnr(dense, videos_out)]
+                row.ssim = [float(x) for x in ssim(dense, videos_out)]
+                finite = [x for x in row.psnr_db if math.isfinite(x)]
+                row.psnr_mean = sum(finite) / len(finite) if len(finite) == len(row.psnr_db) else math.inf
+                row.ssim_mean = sum(row.ssim) / len(row.ssim)
+        rows.append(row)
+        gc.collect()
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+        torch._dynamo.reset()
+        write_results(args.out, meta, rows)  # after every row: a time limit keeps what finished
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+"""Moved to ``qsparse_compiler.compiler.backend``; this old path goes away in 0.3.0 (CHANGELOG.md)."""
+
+from .._moved import alias
+
+alias(__name__)

@@ -1,0 +1,317 @@
+"""The ``quantsparse`` torch.compile backend: Dynamo FX graph -> our passes -> Inductor.
+
+    torch.compile(model, backend="quantsparse", options={"sparsity": {"density": 0.15}, "report": True})
+
+The backend is registered through the ``torch_dynamo_backends`` entry point (pyproject.toml), so it works
+without importing this package first. Each graph Dynamo hands over (one per compile or recompile) gets:
+1. the passes of ``passes.default_passes()`` (find sites -> W4A8 linears -> a plan's LoRA on them -> sparse attention
+   -> residual cache),
+2. a rewrite report (kept by the graph's ``Session``, ``reports()`` for the default one; printed with
+   ``report=True``; saved as JSON with ``dump_dir``),
+3. Inductor's ``compile_fx`` (``mode`` and ``options["inductor"]`` become its config patches),
+4. a thin runtime wrapper that appends the inputs the passes added: packed int4 weights, a plan's timestep-aware
+   LoRA (and, for a regional graph, the forward's timesteps), residual-cache state.
+
+What the compiled graphs read at run time (packed weights, LoRA tensors, residual caches) and the reports belong to
+the ``Session`` named by ``options["session"]`` (runtime/session.py), else to the process's default session.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import warnings
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.fx as fx
+
+from ..config import SCHEDULE_KEYS, ConfigError, QuantSparseConfig
+from .passes import PassContext, default_passes, run_passes
+from .passes.graph_inputs import CacheSlot, LoraSlot, PackedWeightSlot, TimestepSlot
+from .passes.graph_utils import fake_value
+from .passes.report import RewriteReport
+from ..runtime.residual_cache import ResidualCacheRuntime
+from ..runtime.session import Session, default_session
+
+__all__ = ["quantsparse", "reports", "clear_reports"]
+
+log = logging.getLogger(__name__)
+_graph_counter = itertools.count()  # numbers graphs in dumps and reports; only ever increases
+
+
+def reports() -> list[RewriteReport]:
+    """Rewrite reports of every graph compiled with the default session, oldest first (a ``Session`` of your own
+    keeps its graphs' reports in ``session.reports``)."""
+    return list(default_session().reports)
+
+
+def clear_reports() -> None:
+    default_session().reports.clear()
+
+
+def _inductor_patches(mode: str | None, extra: Mapping[str, Any]) -> dict[str, Any]:
+    patches: dict[str, Any] = {}
+    if mode and mode != "default":
+        from torch._inductor import list_mode_options
+
+        patches.update(list_mode_options(mode))
+    patches.update(extra)
+    return patches
+
+
+class _RuntimeInputs:
+    """Calls the Inductor-compiled graph with the inputs the passes added: for each slot of ``ctx.inputs``
+    (passes/graph_inputs.py), in placeholder order, the packed weights of a quantized linear, the forward's
+    per-sample timesteps (a regional graph with LoRA), the LoRA tensors (A, B) of a linear, or the residual-cache
+    state (and refresh flag) of a cached site."""
+
+    _FLAGS = (torch.tensor(False), torch.tensor(True))
+
+    def __init__(self, compiled: Callable, ctx: PassContext, runtime: ResidualCacheRuntime,
+                 input_fakes: Sequence[Any]) -> None:
+        self.compiled = compiled
+        self.slots = list(ctx.inputs.slots)
+        self.has_cache = bool(ctx.cache_slots)
+        # Only CUDA needs the layouts built ahead (outside any CUDA-graph memory pool, see ops/video_layout.py).
+        self.layout_slots = [slot for slot in ctx.layout_slots if slot.device.type == "cuda"]
+        self.runtime = runtime
+        self.store = ctx.session.weights
+        self.lora_store = ctx.session.lora
+        # A regional graph: the block of each call is found from one of its parameters' registered names.
+        self.prefix = ctx.analysis.get("prefix", "")
+        self.anchor = _anchor(ctx) if self.prefix else None
+        self.plan = ctx.plan
+        # The residual caches of a model are told apart from another model's of the same FQNs by one of its
+        # parameters: the regional block's anchor, else the graph's first parameter input.
+        self.owner_index = self.anchor[0] if self.anchor else next(
+            (i for i, value in enumerate(ctx.example_inputs) if isinstance(value, torch.nn.Parameter)), None)
+        # Symbolic sizes (dynamic shapes) are bound per call from the runtime arguments.
+        self.symbolic = [(i, fake) for i, fake in enumerate(input_fakes) if _has_symbols(fake)]
+
+    def __call__(self, *args: Any) -> Any:
+        self._build_layouts()
+        full = list(args)
+        if self.has_cache:
+            env = _bind_symbols(self.symbolic, args)
+            prefix = self._call_prefix(args)
+            owner = None if self.owner_index is None else args[self.owner_index]
+        for slot in self.slots:
+            if isinstance(slot, PackedWeightSlot):
+                param = args[slot.param_index]
+                packed = self.store.get(param, slot.group_size, slot.scale_dtype, slot.source,
+                                        calibrated=lambda: self._calibrated(param))
+                full += [packed.qweight, packed.scale]
+            elif isinstance(slot, TimestepSlot):
+                full.append(self._timesteps())
+            elif isinstance(slot, LoraSlot):
+                param = args[slot.param_index]
+                full += self.lora_store.get(param, slot.source, lambda: self._lora(param, slot))
+            elif isinstance(slot, CacheSlot):
+                shape = tuple(_evaluate(dim, env) for dim in slot.shape)
+                fqn = prefix + slot.fqn[len(self.prefix):]
+                schedule = self._schedule_of(slot, fqn)
+                state, refresh = self.runtime.acquire(fqn, schedule, shape, slot.dtype, slot.device, owner)
+                full += state
+                if slot.schedule.mode == "auto":
+                    full.append(self._FLAGS[refresh])
+            else:
+                raise TypeError(f"qsparse_compiler.compiler.backend: no runtime input for graph-input slot {slot!r}")
+        return self.compiled(*full)
+
+    def _build_layouts(self) -> None:
+        from ..ops.video_layout import cached_video_layout
+        from ..ops.context import current_video_grid
+
+        for slot in self.layout_slots:
+            grid = slot.grid if slot.grid != (0, 0, 0) else current_video_grid()
+            if grid is None:  # the op itself raises the error that names the fix
+                continue
+            cached_video_layout(slot.seq_len, slot.device, *grid, slot.video_start, slot.pattern, slot.density,
+                                slot.block_q, slot.block_kv)
+
+    def _calibrated(self, param: torch.Tensor):
+        """A plan's calibrated weights for a parameter met at run time (another block of a regional graph)."""
+        from ..ops.context import parameter_name
+
+        name = parameter_name(param)
+        if self.plan is None or name is None:
+            return None
+        return self.plan.packed_weight(name.removesuffix(".weight"))
+
+    @staticmethod
+    def _timesteps() -> torch.Tensor:
+        from ..ops.context import current_timesteps
+
+        timesteps = current_timesteps()
+        if timesteps is None:
+            raise RuntimeError(
+                "qsparse_compiler.compiler.backend: a regionally compiled block with timestep-aware LoRA ran outside a "
+                "transformer forward with a timestep; call the transformer (not its blocks) with timestep=..."
+            )
+        return timesteps
+
+    def _lora(self, param: torch.Tensor, slot: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The plan's LoRA of the linear ``param`` belongs to (another block of a regional graph: found by the
+        parameter's registered name), or zeros where that block has none (a correction of exactly 0)."""
+        from ..ops.context import parameter_name
+
+        name = parameter_name(param)
+        pair = self.plan.lora(name.removesuffix(".weight") if name else slot.fqn)
+        if pair is None:
+            return torch.zeros(slot.a_shape, dtype=slot.dtype), torch.zeros(slot.b_shape, dtype=slot.dtype)
+        return pair[0].to(slot.dtype), pair[1].to(slot.dtype)
+
+    def _schedule_of(self, slot: Any, fqn: str) -> Any:
+        """The calling block's own refresh steps: a regional graph serves blocks whose plan entries differ only in
+        the host-side schedule (``SCHEDULE_KEYS``); the graph holds the first block's."""
+        if self.plan is None or not self.prefix or fqn == slot.fqn or slot.schedule.override_plan:
+            return slot.schedule
+        entry = self.plan.attentions.get(fqn)
+        own = {k: v for k, v in (entry.cache if entry is not None else {}).items() if k in SCHEDULE_KEYS}
+        return dataclasses.replace(slot.schedule, **own) if own else slot.schedule
+
+    def _call_prefix(self, args: Sequence[Any]) -> str:
+        if self.anchor is None:
+            return self.prefix
+        from ..ops.context import parameter_name
+
+        index, relative = self.anchor
+        name = parameter_name(args[index])
+        if name is None or not name.endswith(relative):
+            raise RuntimeError(
+                "qsparse_compiler.compiler.backend: a regionally compiled block was called with parameters qs.optimize did not "
+                "register; compile the model through qs.optimize(...)"
+            )
+        return name[: -len(relative)]
+
+
+def _anchor(ctx: PassContext) -> tuple[int, str] | None:
+    """(argument index, relative name) of a registered parameter of a regional graph."""
+    from ..ops.context import parameter_name
+
+    for index, value in enumerate(ctx.example_inputs):
+        name = parameter_name(value)
+        if name is not None and name.startswith(ctx.analysis["prefix"]):
+            return index, name[len(ctx.analysis["prefix"]):]
+    return None
+
+
+def _has_symbols(value: Any) -> bool:
+    if isinstance(value, torch.SymInt):
+        return True
+    return isinstance(value, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in value.shape)
+
+
+def _bind_symbols(symbolic: Sequence[tuple[int, Any]], args: Sequence[Any]) -> dict[Any, int]:
+    env: dict[Any, int] = {}
+    for index, fake in symbolic:
+        if isinstance(fake, torch.SymInt):
+            env[fake.node.expr] = int(args[index])
+            continue
+        for dim, size in zip(fake.shape, args[index].shape):
+            if isinstance(dim, torch.SymInt) and dim.node.expr.is_Symbol:
+                env[dim.node.expr] = int(size)
+    return env
+
+
+def _evaluate(dim: Any, env: dict[Any, int]) -> int:
+    return dim if isinstance(dim, int) else int(dim.node.expr.xreplace(env))
+
+
+def _load_checked_plan(path: str, gm: fx.GraphModule, example_inputs: Sequence[Any]):
+    """Load a plan and check it against the graph's parameters before any compile work."""
+    from .passes.find_sites import _fqn_prefix
+    from .passes.graph_utils import source_fqn
+    from ..plan import PlanError, load_plan
+    from ..plan.regional import check_uniform_across_blocks
+
+    plan = load_plan(path)
+    prefix = _fqn_prefix(gm, list(example_inputs))
+    shapes = {}
+    modules = set()
+    for node in gm.graph.nodes:
+        fqn = source_fqn(node) if node.op == "placeholder" else None
+        if fqn and isinstance(fake_value(node), torch.Tensor):
+            shapes[prefix + fqn] = list(fake_value(node).shape)
+            modules.add((prefix + fqn).rsplit(".", 1)[0])
+    plan.fingerprint.check_shapes(shapes)
+    sites = set(plan.linears) | set(plan.attentions)
+    if sites and not sites & (modules | {fqn.rsplit(".", 1)[0] for fqn in modules}):
+        example = sorted(sites)[0]
+        raise PlanError(
+            f"qsparse_compiler.plan: none of the plan's {len(sites)} sites (e.g. {example}) is in this graph; the plan "
+            "belongs to another model, or this graph is a block compiled on its own without qs.optimize"
+        )
+    if prefix:
+        check_uniform_across_blocks(plan, prefix)
+    return plan
+
+
+def quantsparse(
+    gm: fx.GraphModule,
+    example_inputs: list[Any],
+    options: Mapping[str, Any] | None = None,
+    mode: str | None = None,
+) -> Callable:
+    """Dynamo backend entry point (``torch.compile(..., backend="quantsparse", options=..., mode=...)``)."""
+    from torch._inductor.compile_fx import compile_fx
+
+    from .. import ops  # noqa: F401  registers the qsparse:: ops
+
+    config = QuantSparseConfig.from_options(options)
+    session = _session(config)
+    report = RewriteReport(graph_index=next(_graph_counter))
+    plan = None
+    if config.plan is not None:
+        plan = _load_checked_plan(config.plan, gm, example_inputs)
+        report.notes.append(f"plan: {config.plan}")
+    else:
+        report.notes.append(
+            "no plan: round-to-nearest int4 weights and the static "
+            f"'{config.sparsity.pattern}' pattern at density {config.sparsity.density:g} (defaults)"
+        )
+    ctx = PassContext(config=config, example_inputs=list(example_inputs), report=report, plan=plan, session=session)
+    gm = run_passes(gm, ctx, default_passes())
+    session.reports.append(report)
+    if config.report:
+        report.print_table()
+    if any(site.reason.startswith("autograd") for site in report.kept()):
+        warnings.warn("qsparse_compiler: graph traced with autograd enabled; nothing was rewritten. "
+                      "Run inference under torch.no_grad().", stacklevel=2)
+    log.info(report.summary())
+    input_fakes = [fake_value(n) for n in gm.graph.nodes if n.op == "placeholder"][: len(example_inputs)]
+    compiled = compile_fx(
+        gm, [*example_inputs, *ctx.inputs.examples], config_patches=_inductor_patches(mode, config.inductor)
+    )
+    if not ctx.inputs.slots and not any(s.device.type == "cuda" for s in ctx.layout_slots):
+        return compiled
+    return _RuntimeInputs(compiled, ctx, config.runtime or session.cache, input_fakes)
+
+
+def _session(config: QuantSparseConfig) -> Session:
+    if config.session is None:
+        return default_session()
+    if not isinstance(config.session, Session):
+        raise ConfigError(
+            f"qsparse_compiler.config: QuantSparseConfig.session={config.session!r} is not a Session; pass "
+            "options={'session': qs.Session()} (one per model) or leave it out for the process's default session"
+        )
+    return config.session
+
+
+def _register() -> None:
+    """Make backend="quantsparse" resolvable even where the package is importable but not installed (no entry
+    point, e.g. a source checkout on PYTHONPATH): importing qsparse_compiler registers it with Dynamo."""
+    from importlib.metadata import entry_points
+
+    from torch._dynamo.backends.registry import _COMPILER_FNS, register_backend
+
+    if any(entry.name == "quantsparse" for entry in entry_points(group="torch_dynamo_backends")):
+        return  # installed: Dynamo registers it from the entry point on first lookup
+    if "quantsparse" not in _COMPILER_FNS:
+        register_backend(compiler_fn=quantsparse, name="quantsparse")
+
+
+_register()

@@ -1,0 +1,255 @@
+"""Analysis pass: find every linear and every scaled-dot-product attention and say what each one is.
+
+What the Dynamo graph of a diffusers video DiT looks like (torch 2.11-2.13, diffusers 0.42, no graph breaks):
+- a linear is ``call_function torch._C._nn.linear(x, weight, bias)`` with weight/bias placeholders (parameters are
+  graph inputs), its module in ``node.meta["nn_module_stack"]``;
+- attention is ``call_function F.scaled_dot_product_attention`` (diffusers' dispatcher is inlined), q/k/v (B, H, S, D);
+- the video token grid comes from the patch embedding: Wan and HunyuanVideo use a Conv3d on the (B, C, F, H, W) latents
+  (grid = conv output's (f, h, w)); CogVideoX folds frames into the batch and uses a Conv2d (f = conv batch / B).
+
+Attention kinds (``AttentionSite.kind``):
+- ``self_attention``   q, k, v all video tokens (Wan ``attn1``)                         -> sparsified
+- ``joint_attention``  text and video tokens in one sequence (CogVideoX: text first; HunyuanVideo: video first,
+                       padded text masked by a key-padding mask) -> the video x video region is sparsified, every
+                       tile touching a text token stays dense (text is short and carries the conditioning)
+- ``cross_attention``  keys from another sequence (text, image) -> dense
+- ``text_attention``   self-attention without video tokens (HunyuanVideo's token refiner) -> dense
+- ``attention``        self-attention in a graph without a video grid (a ViT, a block compiled on its own) -> dense
+- ``fused_attention``  nn.MultiheadAttention / nn.TransformerEncoderLayer in one call (projections inside) -> kept
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .graph_utils import (
+    CAT_TARGETS,
+    FUSED_ATTENTION_TARGETS,
+    LINEAR_TARGETS,
+    SDPA_TARGETS,
+    fake_value,
+    module_fqn,
+    node_arg,
+    same_size,
+    source_fqn,
+    walk_inputs,
+)
+from .pass_manager import PassContext, count_rewrite
+
+__all__ = ["FindSites", "VideoGrid", "AttentionSite", "LinearSite"]
+
+_SHAPE_OPS = {"view", "reshape", "flatten", "permute", "transpose", "contiguous", "to", "unflatten", "float", "type"}
+_SHAPE_FUNCS = {torch.reshape, torch.flatten, torch.permute, torch.transpose, torch.Tensor.view}
+
+
+@dataclass
+class VideoGrid:
+    """The (frames, height, width) token grid of the video latents; values may be SymInts."""
+
+    frames: Any
+    height: Any
+    width: Any
+    conv: fx.Node | None  # None: the grid comes from the runtime context (a block compiled on its own)
+    batch_source: fx.Node | None  # Conv2d case: the 5-D latents whose batch divides the conv batch
+
+    @property
+    def video_len(self) -> Any:
+        return self.frames * self.height * self.width
+
+    def emit(self, graph: fx.Graph) -> tuple[Any, Any, Any]:
+        """Graph values for (frames, height, width): python ints when static, size nodes when symbolic, and
+        (0, 0, 0) - "the current forward's grid" - for a grid that comes from the runtime context."""
+        if self.conv is None:
+            return 0, 0, 0
+
+        def dim(node: fx.Node, index: int) -> Any:
+            value = fake_value(node).shape[index]
+            if isinstance(value, int):
+                return value
+            size = graph.call_function(torch.ops.aten.sym_size.int, (node, index))
+            size.meta["example_value"] = value
+            return size
+
+        height, width = dim(self.conv, -2), dim(self.conv, -1)
+        if self.batch_source is None:
+            return dim(self.conv, 2), height, width
+        frames = self.frames
+        if not isinstance(frames, int):
+            frames = graph.call_function(operator.floordiv, (dim(self.conv, 0), dim(self.batch_source, 0)))
+            frames.meta["example_value"] = self.frames
+        return frames, height, width
+
+
+@dataclass
+class AttentionSite:
+    node: fx.Node
+    fqn: str
+    kind: str
+    seq_len: Any
+    video_start: Any = None  # joint/self: index of the first video token
+    why: str = ""
+
+
+@dataclass
+class LinearSite:
+    node: fx.Node
+    fqn: str
+    weight: fx.Node | None  # the weight's placeholder, if the weight is a graph input
+
+
+def _is_shape_op(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _SHAPE_OPS
+    return node.op == "call_function" and node.target in _SHAPE_FUNCS
+
+
+def _find_grid(gm: fx.GraphModule) -> VideoGrid | None:
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in (torch.conv3d, torch.conv2d):
+            continue
+        out = fake_value(node)
+        if out is None or not node.args:
+            continue
+        if node.target is torch.conv3d and out.ndim == 5:
+            f, h, w = out.shape[2:]
+            return VideoGrid(f, h, w, node, None)
+        if node.target is torch.conv2d and out.ndim == 4:
+            # Frames folded into the batch: walk back through reshapes to the 5-D latents (B, F, C, H, W).
+            latents = walk_inputs(
+                [node.args[0]],
+                stop=lambda n: getattr(fake_value(n), "ndim", 0) == 5,
+                within=lambda n: getattr(fake_value(n), "ndim", 0) == 5 or _is_shape_op(n),
+                max_depth=8,
+            )
+            if latents:
+                batch = fake_value(latents[0]).shape[0]
+                return VideoGrid(out.shape[0] // batch, out.shape[2], out.shape[3], node, latents[0])
+    return None
+
+
+def _parent(fqn: str) -> str:
+    return fqn.rsplit(".", 1)[0] if "." in fqn else ""
+
+
+def _projection_inputs(start: fx.Node, scope: str) -> set[fx.Node]:
+    """Inputs of the nearest linears that produce ``start`` (q or k) inside the attention's block."""
+    linears = walk_inputs(
+        [start],
+        stop=lambda n: n.op == "call_function" and n.target in LINEAR_TARGETS,
+        within=lambda n: (module_fqn(n) or "").startswith(scope),
+    )
+    return {node_arg(linear, 0, "input") for linear in linears}
+
+
+def _video_start(q: fx.Node, seq_len: Any, video_len: Any, scope: str) -> Any:
+    """Index of the first video token in a joint sequence, from the text/video concatenation feeding q."""
+    cats = walk_inputs(
+        [q],
+        stop=lambda n: n.op == "call_function" and n.target in CAT_TARGETS,
+        within=lambda n: (module_fqn(n) or "").startswith(scope),
+    )
+    for cat in cats:
+        parts = node_arg(cat, 0, "tensors")
+        out = fake_value(cat)
+        if out is None or not isinstance(parts, (list, tuple)) or len(parts) != 2:
+            continue
+        dim = node_arg(cat, 1, "dim", 0) % out.ndim
+        if not same_size(out.shape[dim], seq_len):
+            continue
+        first, second = (fake_value(part).shape[dim] for part in parts)
+        if same_size(first, video_len):
+            return 0
+        if same_size(second, video_len):
+            return first
+    return None
+
+
+def _fqn_prefix(gm: fx.GraphModule, example_inputs: list[Any]) -> str:
+    """"blocks.3." when this graph is one block compiled on its own (its parameters' names, as qs.optimize registered
+    them, extend the graph's own relative names); "" for a whole model."""
+    from ...ops.context import parameter_name
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, value in zip(placeholders, example_inputs):
+        relative, absolute = source_fqn(node), parameter_name(value)
+        if relative and absolute and absolute != relative and absolute.endswith("." + relative):
+            return absolute[: -len(relative)]
+    return ""
+
+
+def _context_grid() -> VideoGrid | None:
+    from ...ops.context import current_video_grid
+
+    grid = current_video_grid()
+    return None if grid is None else VideoGrid(*grid, conv=None, batch_source=None)
+
+
+class FindSites:
+    """Annotates ``ctx.analysis["sites"]`` with a LinearSite / AttentionSite per node, and the video grid."""
+
+    name = "find_sites"
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> int:
+        prefix = _fqn_prefix(gm, ctx.example_inputs)
+        ctx.analysis["prefix"] = prefix
+        grid = _find_grid(gm) or (_context_grid() if prefix else None)
+        if prefix:
+            ctx.report.notes.append(
+                f"regional graph: compiled for {prefix.rstrip('.')} and shared by every block of the same structure "
+                "(packed weights and residual caches are looked up per call)"
+            )
+        linears: list[LinearSite] = []
+        attentions: list[AttentionSite] = []
+        for node in gm.graph.nodes:
+            if node.op != "call_function":
+                continue
+            if node.target in LINEAR_TARGETS:
+                weight = node_arg(node, 1, "weight")
+                placeholder = weight if isinstance(weight, fx.Node) and weight.op == "placeholder" else None
+                fqn = source_fqn(placeholder) if placeholder is not None else None
+                fqn = re.sub(r"\.weight$", "", fqn) if fqn else (module_fqn(node) or node.name)
+                linears.append(LinearSite(node, prefix + fqn, placeholder))
+                count_rewrite(ctx, "found_linear")
+            elif node.target in SDPA_TARGETS:
+                attentions.append(self._classify(node, grid, prefix))
+                count_rewrite(ctx, "found_attention")
+            elif node.target in FUSED_ATTENTION_TARGETS:
+                fqn = prefix + (module_fqn(node) or node.name)
+                why = (f"{node.target.__name__}: torch's fused attention (projections and attention in one call), "
+                       "left as is; write the attention with F.scaled_dot_product_attention to have it rewritten")
+                attentions.append(AttentionSite(node, fqn, "fused_attention", None, why=why))
+                count_rewrite(ctx, "found_attention")
+        ctx.analysis["grid"] = grid
+        ctx.analysis["linears"] = linears
+        ctx.analysis["attentions"] = attentions
+        if grid is None:
+            ctx.report.notes.append("no video token grid found (no patch-embedding conv on 5-D latents): attention stays dense")
+        return 0
+
+    @staticmethod
+    def _classify(node: fx.Node, grid: VideoGrid | None, prefix: str) -> AttentionSite:
+        relative = module_fqn(node) or node.name
+        fqn = prefix + relative
+        q, k = node_arg(node, 0, "query"), node_arg(node, 1, "key")
+        q_val, k_val = fake_value(q), fake_value(k)
+        seq_len = q_val.shape[-2]
+        scope = _parent(relative)
+        if not same_size(seq_len, k_val.shape[-2]) or _projection_inputs(q, scope) != _projection_inputs(k, scope):
+            return AttentionSite(node, fqn, "cross_attention", seq_len, why="keys come from another sequence")
+        if grid is None:
+            return AttentionSite(node, fqn, "attention", seq_len, why="no video token grid in this graph")
+        if same_size(seq_len, grid.video_len):
+            return AttentionSite(node, fqn, "self_attention", seq_len, video_start=0)
+        start = _video_start(q, seq_len, grid.video_len, scope)
+        if start is None:
+            return AttentionSite(
+                node, fqn, "text_attention", seq_len,
+                why=f"no video tokens: S={seq_len} is not the video grid ({grid.video_len} tokens) nor text+video",
+            )
+        return AttentionSite(node, fqn, "joint_attention", seq_len, video_start=start)

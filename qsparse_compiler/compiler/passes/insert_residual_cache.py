@@ -1,0 +1,104 @@
+"""Insert a residual-cache node after each sparsified attention (SSAR).
+
+    pattern:      o, lse = qsparse.sparse_attention(q, k, v, layout..., scale, mask);  uses of o
+    replacement:  o_hat = qsparse.residual_attention(o, q, k, v, mask, scale, [state...], refresh, mode, order)
+                  uses of o -> o_hat
+
+The cache state (``[R, dR, steps]`` or its rank-r factors) and, in ``auto`` mode, the refresh flag become graph inputs
+that the backend's runtime wrapper takes from the model's ``ResidualCacheRuntime`` on every call (per site and CFG
+branch; allocated on first use, reallocated when the shape changes). The op declares the mutation of its state.
+Sites are enabled by ``CacheConfig.enabled`` (every sparsified site, one schedule) or per site by the plan
+(``AttentionPlan.cache``) when a runtime drives the steps (``qs.optimize`` or ``options["runtime"]``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from ...config import CacheConfig
+from ...ops.residual_attention import MODE_AUTO, MODE_REFRESH, MODE_REUSE
+from ...runtime.residual_cache import state_layout
+from .graph_inputs import CacheSlot
+from .graph_utils import fake_value, module_fqn
+from .pass_manager import PassContext, count_rewrite
+from .rewrite_utils import call_op, graph_fake_mode
+
+__all__ = ["InsertResidualCache"]
+
+_MODES = {"auto": MODE_AUTO, "refresh": MODE_REFRESH, "reuse": MODE_REUSE}
+
+
+def _site_schedule(ctx: PassContext, fqn: str) -> CacheConfig | None:
+    # A plan's cache settings need someone to drive the steps: qs.optimize (which passes a runtime) or an explicit
+    # cache option. A plain torch.compile with a plan runs the plan's sparse attention without a cache.
+    driven = ctx.config.runtime is not None or ctx.config.cache.enabled
+    if ctx.plan is not None and not driven:
+        return None
+    if ctx.plan is not None and not ctx.config.cache.override_plan:
+        entry = ctx.plan.attentions.get(fqn)
+        if entry is None or not entry.cache:
+            return None
+        return dataclasses.replace(ctx.config.cache, enabled=True, **entry.cache)
+    return ctx.config.cache if ctx.config.cache.enabled else None
+
+
+class InsertResidualCache:
+    name = "insert_residual_cache"
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> int:
+        if ctx.plan is not None and ctx.config.runtime is None and not ctx.config.cache.enabled:
+            cached = [fqn for fqn, entry in ctx.plan.attentions.items() if entry.cache]
+            if cached:
+                ctx.report.notes.append(
+                    f"the plan has residual-cache settings for {len(cached)} attention(s), but nothing drives the "
+                    "denoising steps: no cache nodes (compile through qs.optimize, or pass options['runtime'])"
+                )
+        rewrites = 0
+        sparse_nodes = [n for n in gm.graph.nodes if n.target is torch.ops.qsparse.sparse_attention.default]
+        for node in sparse_nodes:
+            fqn = ctx.analysis.get("prefix", "") + (module_fqn(node) or node.name)
+            schedule = _site_schedule(ctx, fqn)
+            if schedule is None:
+                continue
+            (out,) = [u for u in node.users if u.target is operator.getitem and u.args[1] == 0]
+            q, k, v = node.args[:3]
+            scale, mask = node.args[7], node.args[8]
+            precision = node.args[9] if len(node.args) > 9 else "bf16"  # the refresh's dense attention follows it
+            value = fake_value(out)
+            examples = _state_examples(gm, tuple(value.shape), schedule, value.dtype, value.device)
+            index = len(ctx.cache_slots)
+            named = [(f"qsparse_cache_{index}_{i}", t) for i, t in enumerate(examples)]
+            if schedule.mode == "auto":
+                named.append((f"qsparse_cache_{index}_refresh", torch.tensor(True)))
+            slot = CacheSlot(fqn, schedule, tuple(value.shape), value.dtype, value.device, len(examples))
+            nodes = ctx.inputs.add(gm, slot, named)
+            state, refresh = nodes[: len(examples)], (nodes[-1] if schedule.mode == "auto" else None)
+            users = list(out.users)
+            with gm.graph.inserting_after(out):
+                cached = call_op(
+                    gm, users[0] if users else out.next, torch.ops.qsparse.residual_attention.default,
+                    (out, q, k, v, mask, scale, state, refresh, _MODES[schedule.mode], schedule.order, precision), node,
+                )
+            for user in users:
+                user.replace_input_with(out, cached)
+            ctx.report.add(
+                fqn, "residual_cache", "residual_attention",
+                f"order {schedule.order}, refresh first {schedule.refresh_first} then every {schedule.refresh_every}, "
+                f"rank {schedule.rank or 'full'}, storage {schedule.storage}, mode {schedule.mode}",
+                precision=precision,
+            )
+            count_rewrite(ctx, "residual_attention")
+            rewrites += 1
+        return rewrites
+
+
+def _state_examples(gm, shape: tuple[Any, ...], schedule: CacheConfig, dtype: torch.dtype,
+                    device) -> list[torch.Tensor]:
+    """Fake tensors (the graph's fake mode, its symbolic sizes) shaped like the state the runtime will pass."""
+    with graph_fake_mode(gm):
+        return [torch.empty(s, dtype=d, device=device) for s, d in state_layout(shape, schedule, dtype)]

@@ -1,0 +1,199 @@
+"""Rewrite video self-attention (and the video part of joint attention) into ``qsparse::sparse_attention``.
+
+    pattern:      o = sdpa(q, k, v, attn_mask=None | key padding, dropout_p=0, is_causal=False, scale=s)
+    replacement:  n, idx = qsparse.video_block_layout(q, frames, height, width, video_start, pattern, density, BQ, BKV)
+                  o, lse = qsparse.sparse_attention(q, k, v, n, idx, BQ, BKV, s, attn_mask, precision)
+
+Only sites that ``find_sites`` classified as ``self_attention`` or ``joint_attention`` are candidates. Checks, each
+reported when it fails: sparsity enabled, no autograd, no dropout, not causal, no GQA, the mask (if any) is a boolean
+key-padding mask (B|1, 1, 1, S), float dtype, the sequence spans more than one query block, and the pattern spec has
+one entry or one per head. ``sparsity.attention_precision="int8_fp8"`` becomes the op's precision where the 8-bit
+kernel can run the site; elsewhere the site stays bf16 with the reason in its report row (counter
+``attention_int8_fp8`` / ``attention_int8_fp8_kept_bf16``).
+
+Context parallelism (``ctx.config.parallel``, diffusers' Ulysses): the attention of rank r of a Ulysses group of W
+sees every token (q is (B, H/W, S, D) after the all-to-all) and heads [r*H/W, (r+1)*H/W) of the model. A per-head
+spec of H entries (a plan's ``head_patterns``) is sliced to those entries; the grid stays the full video grid.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from ...config import ParallelConfig
+from ...ops.attention_int8_fp8_cuda import static_unsupported_reason as int8_fp8_unsupported_reason
+from ...ops.sparse_attention_cuda import static_unsupported_reason
+from .find_sites import AttentionSite
+from .graph_utils import fake_value, node_arg
+from .pass_manager import PassContext, count_rewrite
+from .rewrite_utils import autograd_reason, call_op
+
+__all__ = ["SparsifyAttention", "LayoutSlot"]
+
+
+@dataclass(frozen=True)
+class LayoutSlot:
+    """A layout the graph will ask ``qsparse::video_block_layout`` for, known at compile time except for a grid of
+    (0, 0, 0) (a regional graph: the grid of each forward). The backend builds it before the graph runs."""
+
+    seq_len: int
+    device: torch.device
+    grid: tuple[int, int, int]
+    video_start: int
+    pattern: str
+    density: float
+    block_q: int
+    block_kv: int
+
+_SPARSIFIABLE = ("self_attention", "joint_attention")
+
+
+def _is_key_padding_mask(mask, batch) -> bool:
+    return (
+        mask.dtype == torch.bool
+        and mask.ndim == 4
+        and mask.shape[1] == 1
+        and mask.shape[2] == 1
+        and (mask.shape[0] == 1 or mask.shape[0] == batch)
+    )
+
+
+class SparsifyAttention:
+    name = "sparsify_attention"
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> int:
+        cfg = ctx.config.sparsity
+        grid = ctx.analysis["grid"]
+        grad_reason = autograd_reason(ctx.example_inputs)
+        grid_values = None
+        rewrites = 0
+        for site in ctx.analysis["attentions"]:
+            reason = site.why if site.kind not in _SPARSIFIABLE else self._check(site, ctx, grad_reason)
+            if reason:
+                ctx.report.add(site.fqn, site.kind, "kept", reason)
+                count_rewrite(ctx, "kept_attention")
+                continue
+            node = site.node
+            q, k, v = (node_arg(node, i, name) for i, name in enumerate(("query", "key", "value")))
+            mask = node_arg(node, 3, "attn_mask")
+            head_dim = fake_value(q).shape[-1]
+            scale = node_arg(node, 6, "scale")
+            scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+            pattern, density, block_q, block_kv = cfg.pattern, float(cfg.density), cfg.block_q, cfg.block_kv
+            if ctx.plan is not None:
+                entry = ctx.plan.attentions[site.fqn]
+                pattern, block_q, block_kv = entry.pattern_spec, entry.block_q, entry.block_kv
+            pattern, heads_note = _local_pattern(pattern, fake_value(q).shape[1], ctx.config.parallel)
+            if pattern is None:
+                ctx.report.add(site.fqn, site.kind, "kept", heads_note)
+                count_rewrite(ctx, "kept_attention")
+                continue
+            if grid_values is None:
+                # Emitted once, before the first attention, and shared by every site.
+                with gm.graph.inserting_before(node):
+                    grid_values = grid.emit(gm.graph)
+            layout = call_op(
+                gm, node, torch.ops.qsparse.video_block_layout.default,
+                (q, *grid_values, site.video_start, pattern, density, block_q, block_kv),
+                node,
+            )
+            seq_len = fake_value(q).shape[2]
+            if all(isinstance(v, int) for v in (*grid_values, seq_len)):
+                ctx.layout_slots.append(LayoutSlot(seq_len, fake_value(q).device, tuple(grid_values),
+                                                   site.video_start, pattern, density, block_q, block_kv))
+            kv_num_blocks = call_op(gm, node, operator.getitem, (layout, 0), node)
+            kv_indices = call_op(gm, node, operator.getitem, (layout, 1), node)
+            precision, precision_note = _site_precision(cfg.attention_precision, fake_value(q), block_q, block_kv)
+            result = call_op(
+                gm, node, torch.ops.qsparse.sparse_attention.default,
+                (q, k, v, kv_num_blocks, kv_indices, block_q, block_kv, scale, mask, precision), node,
+            )
+            out = call_op(gm, node, operator.getitem, (result, 0), node)
+            node.replace_all_uses_with(out)
+            gm.graph.erase_node(node)
+            ctx.report.add(
+                site.fqn, site.kind, "sparse_attention",
+                f"{pattern} @ density {density:g} of the video x video tiles"
+                + ("; text rows/cols dense" if site.kind == "joint_attention" else "") + heads_note + precision_note,
+                seq_len=str(site.seq_len), video_start=str(site.video_start), precision=precision,
+            )
+            count_rewrite(ctx, "sparse_attention")
+            if cfg.attention_precision == "int8_fp8":
+                count_rewrite(ctx, "attention_int8_fp8" if precision == "int8_fp8" else "attention_int8_fp8_kept_bf16")
+            rewrites += 1
+        return rewrites
+
+    @staticmethod
+    def _check(site: AttentionSite, ctx: PassContext, grad_reason: str) -> str:
+        cfg = ctx.config.sparsity
+        node = site.node
+        if not cfg.enabled:
+            return "sparsity disabled (sparsity.enabled=False)"
+        if grad_reason:
+            return grad_reason
+        if ctx.plan is not None and site.fqn not in ctx.plan.attentions:
+            return "the plan keeps this attention dense"
+        q, k = fake_value(node_arg(node, 0, "query")), fake_value(node_arg(node, 1, "key"))
+        dropout = node_arg(node, 4, "dropout_p", 0.0)
+        if not isinstance(dropout, (int, float)) or dropout != 0.0:
+            return f"dropout_p={dropout} (training-style attention)"
+        if node_arg(node, 5, "is_causal", False) is not False:
+            return "causal attention"
+        if node_arg(node, 7, "enable_gqa", False) or q.shape[1] != k.shape[1]:
+            return f"grouped-query attention (q heads {q.shape[1]}, kv heads {k.shape[1]})"
+        if q.ndim != 4:
+            return f"q has shape {tuple(q.shape)}, expected (B, H, S, D)"
+        mask = fake_value(node_arg(node, 3, "attn_mask"))
+        if mask is not None and not _is_key_padding_mask(mask, q.shape[0]):
+            return f"attention mask {tuple(mask.shape)} {mask.dtype} is not a boolean key-padding mask (B, 1, 1, S)"
+        if q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            return f"dtype {q.dtype} not supported"
+        seq_len = q.shape[2]
+        block_q = ctx.plan.attentions[site.fqn].block_q if ctx.plan is not None else cfg.block_q
+        block_kv = ctx.plan.attentions[site.fqn].block_kv if ctx.plan is not None else cfg.block_kv
+        if q.is_cuda:
+            reason = static_unsupported_reason(q.dtype, q.shape[-1], block_q, block_kv)
+            if reason:
+                return f"no CUDA kernel for this site ({reason})"
+        if isinstance(seq_len, int) and seq_len <= block_q:
+            return f"S={seq_len} fits in one query block (block_q={block_q}): nothing to skip"
+        return ""
+
+
+def _site_precision(requested: str, q, block_q: int, block_kv: int) -> tuple[str, str]:
+    """The attention precision a site gets, and a report note when "int8_fp8" was asked for but cannot run."""
+    if requested != "int8_fp8":
+        return requested, ""
+    reason = int8_fp8_unsupported_reason(q.dtype, q.shape[-1], block_q, block_kv, q.device)
+    if reason:
+        return "bf16", f"; attention_precision int8_fp8 not possible here, kept bf16: {reason}"
+    return "int8_fp8", ""
+
+
+def _local_pattern(spec: str, heads: int, parallel: ParallelConfig) -> tuple[str | None, str]:
+    """The pattern spec for the ``heads`` heads this attention holds, and a note for the report; (None, why) when the
+    spec does not fit. One entry serves every head; one entry per head of the model is sliced to this Ulysses rank's
+    heads [rank * heads, (rank + 1) * heads)."""
+    entries = spec.split(";")
+    if len(entries) in (1, heads):
+        return spec, ""
+    degree, rank = parallel.ulysses_degree, parallel.ulysses_rank
+    if degree > 1 and len(entries) == heads * degree:
+        first = rank * heads
+        return ";".join(entries[first:first + heads]), (
+            f"; heads {first}..{first + heads - 1} of {len(entries)} (Ulysses rank {rank} of {degree})"
+        )
+    why = f"the pattern lists {len(entries)} head patterns for {heads} heads"
+    if degree == 1 and len(entries) % heads == 0:
+        why += (
+            f" - if the heads are split across {len(entries) // heads} ranks (diffusers context parallelism), compile "
+            "through qs.optimize(...) or pass options['parallel'] = {'ulysses_degree': ..., 'ulysses_rank': ...}"
+        )
+    elif degree > 1:
+        why += f" (Ulysses degree {degree}: expected {heads * degree} entries, {heads} per rank)"
+    return None, why

@@ -1,0 +1,66 @@
+"""CUDA implementation of ``qsparse::residual_attention``: one fused pass per step (kernels/residual_cache_step.py).
+
+Importing this module registers the op's CUDA kernel (``register_kernel("cuda")``) when Triton imports. A full-rank
+cache (bf16/fp16/fp32 or fp8 codes with per-row scales) with a head dim up to the kernel's ``MAX_HEAD_DIM`` takes the
+fused step; a low-rank cache or a larger head dim runs the plain-torch reference (ops/residual_attention.py), which
+the fused step is tested against (under the Triton interpreter on CPU, on the GPU at model sizes).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .residual_attention import dense_attention, is_fp8, refreshes, residual_attention, residual_attention_reference
+
+try:
+    from ..kernels.residual_cache_step import MAX_HEAD_DIM, residual_cache_step
+except ImportError:  # no triton on this machine: the reference serves every call
+    residual_cache_step = None  # type: ignore[assignment]
+
+__all__ = ["residual_attention_fused", "fused_step_supported", "REGISTERED"]
+
+
+def fused_step_supported(o_sparse: torch.Tensor, state: list[torch.Tensor]) -> bool:
+    """Whether the fused kernel serves this cache: full rank (three tensors, or fp8 codes and scales) and a head dim
+    it tiles."""
+    full_rank = len(state) == 3 or is_fp8(state)
+    return full_rank and o_sparse.shape[-1] <= MAX_HEAD_DIM
+
+
+def residual_attention_fused(
+    o_sparse: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: Optional[torch.Tensor],
+    scale: float,
+    state: list[torch.Tensor],
+    refresh: Optional[torch.Tensor],
+    cache_mode: int,
+    order: int,
+    attention_precision: str = "bf16",
+) -> torch.Tensor:
+    """The op's step through the fused kernel (``fused_step_supported`` must hold)."""
+    steps = state[-1]
+    # fp8: codes and their scales; else R and dR with no scales.
+    residual, residual_scale, delta, delta_scale = state[:4] if is_fp8(state) else (state[0], None, state[1], None)
+    scales = dict(residual_scale=residual_scale, delta_scale=delta_scale)
+    if not refreshes(cache_mode, refresh):
+        steps.add_(1)  # a reuse step n steps after the refresh adds n * dR
+        return residual_cache_step(o_sparse, residual, delta, steps, order, **scales)
+    dense = dense_attention(q, k, v, key_padding_mask, scale, attention_precision)
+    out = residual_cache_step(o_sparse, residual, delta, steps, order, dense, **scales)  # reads the steps before it
+    steps.zero_()
+    return out
+
+
+REGISTERED = residual_cache_step is not None
+if REGISTERED:
+
+    @residual_attention.register_kernel("cuda")
+    def _(o_sparse, q, k, v, key_padding_mask, scale, state, refresh, cache_mode, order, attention_precision="bf16"):
+        step = residual_attention_fused if fused_step_supported(o_sparse, state) else residual_attention_reference
+        return step(o_sparse, q, k, v, key_padding_mask, scale, state, refresh, cache_mode, order,
+                    attention_precision)

@@ -1,0 +1,110 @@
+"""benchmarks/bench_generation.py on the CPU: the sampling loop is the repository's reference sampler with CFG, rows
+record what they executed, and the Pareto join of a speed and a fidelity run (no timing asserts: CPU times are not
+performance figures)."""
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = ROOT / "benchmarks" / "bench_generation.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_generation", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+    sys.modules.pop("bench_e2e", None)
+
+
+def test_loop_is_the_reference_sampler_with_guidance(bench):
+    """WanPipeline's loop under cache_context, with the Euler flow scheduler, gives the repository's reference sampler's
+    videos (testing/reference_model.sample_videos, which has CFG as separate calls) bit for bit."""
+    from qsparse_compiler.eval.reference_model import TINY_MODEL_CONFIG, build_reference_model, initial_noise
+    from qsparse_compiler.eval.reference_model import sample_videos
+
+    model = build_reference_model(TINY_MODEL_CONFIG).eval()
+    prompts = torch.randn(1, 8, TINY_MODEL_CONFIG["text_dim"], generator=torch.Generator().manual_seed(3))
+    shape = (3, 2, 8, 8)
+    expected = sample_videos(model, prompts, [5], frames=2, height=8, width=8, num_steps=4, guidance_scale=4.0)
+    calls = [0]
+    latents = bench.generate(model, bench.make_scheduler("euler", 3.0), initial_noise([5], shape), prompts,
+                             torch.zeros_like(prompts), steps=4, guidance=4.0, calls=calls)
+    assert calls == [8]
+    assert torch.equal(latents.clamp(-1, 1), expected)
+
+
+def test_row_names_are_checked(bench):
+    assert bench.parse_row("flex-fp8+mag") == ("flex-fp8", "mag")
+    assert bench.parse_row("cache-dit") == ("cache-dit", None)
+    for bad in ("flex-fp8+teacache", "tensorrt", "qsparse+"):
+        with pytest.raises(ValueError, match="BASE\\[\\+CACHE\\]"):
+            bench.parse_row(bad)
+
+
+def test_pareto_front_and_join(tmp_path):
+    from qsparse_compiler.eval.pareto import pareto_plot
+
+    speed = {"meta": {"mode": "speed", "workload": "wan-1.3b-480p", "device": "H200"}, "rows": [
+        {"system": "inductor", "seconds_per_video": 52.0},
+        {"system": "flex-fp8", "seconds_per_video": 21.0},
+        {"system": "flex-fp8+mag", "seconds_per_video": 10.0},
+        {"system": "qsparse", "seconds_per_video": 20.0},
+        {"system": "cache-dit", "seconds_per_video": math.nan, "error": "ImportError: x"},
+    ]}
+    fidelity = {"meta": {"mode": "fidelity"}, "rows": [
+        {"system": "eager", "psnr_mean": None},
+        {"system": "inductor", "psnr_mean": 45.0, "ssim_mean": 0.99},
+        {"system": "flex-fp8", "psnr_mean": 22.0, "ssim_mean": 0.8},
+        {"system": "flex-fp8+mag", "psnr_mean": 18.0, "ssim_mean": 0.7},
+        {"system": "qsparse", "psnr_mean": 30.0, "ssim_mean": 0.9},
+    ]}
+    (tmp_path / "gen.json").write_text(json.dumps(speed))
+    (tmp_path / "fid.json").write_text(json.dumps(fidelity))
+    path, summary = pareto_plot(tmp_path / "gen.json", tmp_path / "fid.json", tmp_path / "pareto.png")
+    # flex-fp8 (21 s, 22 dB) is beaten by qsparse (20 s, 30 dB); the others each win on one axis.
+    assert summary["front"] == ["flex-fp8+mag", "qsparse", "inductor"]
+    assert [line.split(":")[0] for line in summary["skipped"]] == ["cache-dit"]
+    assert path.stat().st_size > 1000
+    with pytest.raises(ValueError, match="expected a 'fidelity' run"):
+        pareto_plot(tmp_path / "gen.json", tmp_path / "gen.json", tmp_path / "x.png")
+
+
+@pytest.mark.slow
+def test_reference_workload_video_rows(tmp_path):
+    """Two rows through whole 3-step videos on the tiny workload: a calibrated MagCache on eager blocks and qsparse
+    (compiled regionally, its step clock on the loop's scheduler)."""
+    out = tmp_path / "gen.json"
+    command = [sys.executable, str(BENCH), "--workload", "reference", "--device", "cpu", "--steps", "3",
+               "--rows", "eager+mag,qsparse", "--out", str(out)]
+    subprocess.run(command, check=True, cwd=ROOT, capture_output=True, timeout=600)
+    data = json.loads(out.read_text())
+    assert data["meta"]["mode"] == "speed" and data["meta"]["steps"] == 3
+    rows = {row["system"]: row for row in data["rows"]}
+    assert list(rows) == ["eager+mag", "qsparse"]
+    for row in rows.values():
+        assert row["error"] is None, row["error"]
+        assert row["finite"] is True and row["seconds_per_video"] > 0 and row["first_video_s"] > 0
+        assert row["transformer_calls"] == 6  # 3 steps x (cond + uncond)
+    # qsparse skips no blocks: 6 calls x 2 blocks, each block's attention through the residual cache; steps 0 and 1
+    # refresh (refresh_first=2), step 2 reuses, per CFG branch.
+    qsparse = rows["qsparse"]
+    assert qsparse["block_calls"] == 12 and qsparse["forwards_executed"] == 6.0
+    assert qsparse["residual_cache"]["refreshes"] == 8 and qsparse["residual_cache"]["reuses"] == 4
+    # MagCache: calibrated from a full first video (a ratio per step and CFG branch), then skips at most all blocks.
+    mag = rows["eager+mag"]
+    assert len(mag["calibration"]["cond"]) == 3 and len(mag["calibration"]["uncond"]) == 3
+    assert mag["calibration"]["cond"][0] == 1.0  # the first step has no previous residual
+    assert 0 < mag["block_calls"] <= 12 and mag["forwards_executed"] == mag["block_calls"] / 2
+    assert out.with_suffix(".md").read_text().count("\n| ") == 3
+    assert out.with_suffix(".png").stat().st_size > 1000
