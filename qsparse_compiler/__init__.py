@@ -11,7 +11,7 @@ from .compiler import backend  # importing backend registers backend="quantspars
 from .calibration import CalibrationConfig, calibrate
 from .config import CacheConfig, QuantConfig, QuantSparseConfig, SparsityConfig
 from .plan import load_plan, save_plan
-from .runtime.pipeline import optimize, release_dense_weights, runtime_of
+from .runtime.pipeline import optimize, release_dense_weights, restore, runtime_of
 from .runtime.residual_cache import ResidualCacheRuntime
 from .runtime.session import Session
 
@@ -27,6 +27,7 @@ __all__ = [
     "load_plan",
     "optimize",
     "release_dense_weights",
+    "restore",
     "runtime",
     "runtime_of",
     "save_plan",

@@ -22,6 +22,7 @@ __all__ = [
     "ACT_FORMATS",
     "CACHE_MODES",
     "CACHE_STORAGES",
+    "SCHEDULE_KEYS",
     "ATTENTION_PRECISIONS",
     "CONDITIONING_LINEAR_MODES",
     "WEIGHT_ONLY",
@@ -59,6 +60,9 @@ CACHE_MODES = ("auto", "refresh", "reuse")
 #   fp8_e4m3  e4m3 codes + one fp32 scale per (batch, head, token) row: ~half of bf16's bytes. Wan-1.3B at 480p
 #             with order 2 holds 5.6 GiB of bf16 residuals, more than the bf16 model's whole peak (BENCHMARKS.md)
 CACHE_STORAGES = ("model", "fp8_e4m3")
+# The CacheConfig fields that only say which steps refresh: decided on the host per call, they never change a compiled
+# graph (a regional graph serves blocks whose schedules differ in them).
+SCHEDULE_KEYS = ("refresh_first", "refresh_every", "refresh_steps", "num_steps")
 # Number formats of the sparsified attentions (qsparse::sparse_attention's precision, and the refresh's dense
 # attention of a residual cache):
 #   bf16      the model's dtype (bf16 / fp16 / fp32)
@@ -217,6 +221,10 @@ class CacheConfig:
     enabled        insert residual-cache nodes (a plan can enable it per site through AttentionPlan.cache).
     refresh_first  the first k denoising steps refresh (dense + sparse attention, store R = O_dense - O_sparse).
     refresh_every  afterwards every step that is a multiple of n refreshes; 0 = never again.
+    refresh_steps  instead of refresh_first / refresh_every: exactly these steps refresh (a per-layer schedule that
+                   calibration's ``refresh_budget`` picks; ascending, starting at 0). Needs ``num_steps``.
+    num_steps      the number of denoising steps ``refresh_steps`` was made for; a generation of another length is
+                   refused (runtime/residual_cache.py), since the schedule would not fit its steps.
     order          1: reuse R; 2: R + (steps since refresh) * dR, dR the per-step change between two refreshes.
     rank           0: store R per head in full; r > 0: a rank-r factorization (truncated SVD) per head.
     storage        see CACHE_STORAGES (full rank only).
@@ -229,6 +237,8 @@ class CacheConfig:
     enabled: bool = False
     refresh_first: int = 2
     refresh_every: int = 5
+    refresh_steps: tuple[int, ...] = ()
+    num_steps: int = 0
     order: int = 2
     rank: int = 0
     storage: str = "model"
@@ -247,7 +257,11 @@ class CacheConfig:
             _fail("CacheConfig", "refresh_every", self.refresh_every, "must be an int >= 0 (0 = only the first steps)")
         if self.order not in (1, 2):
             _fail("CacheConfig", "order", self.order, "must be 1 or 2")
-        if self.order == 2 and self.refresh_first < 2 and self.refresh_every == 0:
+        if isinstance(self.refresh_steps, list):  # from JSON (a plan)
+            object.__setattr__(self, "refresh_steps", tuple(self.refresh_steps))
+        if self.refresh_steps or self.num_steps:
+            self._check_refresh_steps()
+        elif self.order == 2 and self.refresh_first < 2 and self.refresh_every == 0:
             _fail("CacheConfig", "order", self.order, "needs two refreshes to form dR: refresh_first >= 2")
         if not isinstance(self.rank, int) or self.rank < 0:
             _fail("CacheConfig", "rank", self.rank, "must be 0 (full) or a positive int")
@@ -263,7 +277,24 @@ class CacheConfig:
         if self.version != 1:
             _fail("CacheConfig", "version", self.version, "is not supported by this release (knows version 1)")
 
+    def _check_refresh_steps(self) -> None:
+        steps = self.refresh_steps
+        if not isinstance(self.num_steps, int) or isinstance(self.num_steps, bool) or self.num_steps < 1:
+            _fail("CacheConfig", "num_steps", self.num_steps,
+                  "must be the int >= 1 number of denoising steps that refresh_steps was made for")
+        if not isinstance(steps, tuple) or not steps or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                                 for s in steps):
+            _fail("CacheConfig", "refresh_steps", steps, "must be a non-empty list of step indices, e.g. (0, 1, 9, 23)")
+        if steps[0] != 0 or list(steps) != sorted(set(steps)) or steps[-1] >= self.num_steps:
+            _fail("CacheConfig", "refresh_steps", steps,
+                  f"must ascend strictly from step 0 (the first step has no residual to reuse) and stay below "
+                  f"num_steps={self.num_steps}")
+        if self.order == 2 and len(steps) < 2:
+            _fail("CacheConfig", "order", self.order, "needs two refresh steps to form dR: give refresh_steps two")
+
     def is_refresh_step(self, step: int) -> bool:
+        if self.refresh_steps:
+            return step in self.refresh_steps
         return step < self.refresh_first or (self.refresh_every > 0 and step % self.refresh_every == 0)
 
 

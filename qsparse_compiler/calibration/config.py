@@ -96,6 +96,10 @@ class CalibrationConfig:
     ssar_max_tokens       residuals are measured on at most this many evenly spaced tokens (host memory bound).
     ssar_rank_energy      low-rank option: smallest rank keeping this share of the residual's energy (per head);
                           a rank >= head_dim / 2 is stored as 0 (full residual: low rank would not save memory).
+    refresh_budget        None: each layer's "first k, then every n-th" schedule within ``ssar_tolerance``. A share
+                          in (0, 1]: at most this share of the layer-steps of a nominal run (1000 / ``ssar_step_size``
+                          steps) run dense attention; each layer gets refresh steps in proportion to how fast its
+                          residual drifts, staggered across layers (ssar.py ``budget_schedules``).
 
     seed, progress        reproducibility and a rich progress bar.
     """
@@ -141,6 +145,7 @@ class CalibrationConfig:
     ssar_refresh_first: int = 1
     ssar_max_tokens: int = 1024
     ssar_rank_energy: float = 0.99
+    refresh_budget: float | None = None
 
     seed: int = 0
     progress: bool = True
@@ -214,6 +219,9 @@ class CalibrationConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 _fail(name, value, "must be an int >= 1")
+        if self.refresh_budget is not None and not _is_fraction(self.refresh_budget):
+            _fail("refresh_budget", self.refresh_budget,
+                  "must be None (a tolerance-driven schedule per layer) or a share of layer-steps in (0, 1], e.g. 0.1")
         if not _is_fraction(self.ssar_rank_energy):
             _fail("ssar_rank_energy", self.ssar_rank_energy, "must be in (0, 1], e.g. 0.99")
         if not isinstance(self.progress, bool):

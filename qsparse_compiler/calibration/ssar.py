@@ -18,6 +18,26 @@ Rank: the smallest r whose truncated SVD keeps ``ssar_rank_energy`` of R's energ
 is stored as 0 (the full residual: low rank would not save memory).
 
 Stored in ``AttentionPlan.cache`` as {"refresh_first": k, "refresh_every": n, "order": 1|2, "rank": r}.
+
+Refresh budget (``CalibrationConfig.refresh_budget`` = b): the schedules above let every layer refresh at the same
+steps, and each refresh step pays dense attention in every layer at once. With a budget, the run of N = 1000 /
+``ssar_step_size`` steps may spend at most floor(b * L * N) dense layer-steps over the L cached layers:
+- each layer's drift rate d is measured: the mean of ||R_{t+1} - R_t|| / ||R_t|| over the measured steps (one
+  measured step is one nominal step);
+- every layer refreshes at step 0 (nothing to reuse yet); the other refreshes go, one at a time, to the layer with the
+  largest d / m (m: its refreshes so far) - a residual reused over N / m steps drifts by about d * N / m, so this
+  evens out the worst drift across layers;
+- a layer's m refreshes are spread N / m apart, each layer with its own phase (golden-ratio offsets within a quarter
+  of its interval), and each one
+  placed on the least loaded step near its ideal position, never on a step where every other layer already
+  refreshes: no step after step 0 runs every layer dense (with more than one layer and b < 1);
+- one order and one rank for every layer (they shape the compiled graph, and regional compilation shares one graph
+  between the blocks; the refresh steps are host-side and differ freely): order 2 where every layer refreshes at
+  least twice, the measured trajectory covers one reuse interval of each layer and order 2 predicts each better,
+  else order 1 (extrapolating dR over more steps than were measured is not verified); the full residual if any
+  layer needs it, else the largest rank.
+Stored as {"refresh_steps": [0, ...], "num_steps": N, "order": 1|2, "rank": r}: the runtime follows each layer's
+steps (config.CacheConfig.refresh_steps) and refuses a generation of another length.
 Memory: the residuals of every searched layer for every measured step, on the host, each B x H x T x D fp32 with
 T = min(S, ``ssar_max_tokens``) evenly spaced tokens (30 layers x 6 steps x 12 heads x 1024 tokens x 128: 1.1 GB).
 """
@@ -38,7 +58,10 @@ from .pattern_attention import SparsePatternAttention
 from .progress import track
 from .samples import run_model
 
-__all__ = ["SSARChoice", "measure_residuals", "replay_error", "choose_ssar", "ssar_settings"]
+__all__ = ["SSARChoice", "measure_residuals", "replay_error", "choose_ssar", "drift_rate", "budget_schedules",
+           "ssar_settings"]
+
+_GOLDEN = (5 ** 0.5 - 1) / 2  # phase step between layers: consecutive layers' refreshes land far apart
 
 
 @dataclass
@@ -171,8 +194,93 @@ def choose_ssar(trajectories: Sequence[Sequence[torch.Tensor]], config: Calibrat
     return choice
 
 
+def drift_rate(trajectories: Sequence[Sequence[torch.Tensor]]) -> float:
+    """Mean relative change of the residual per measured step, ||R_{t+1} - R_t|| / ||R_t||."""
+    rates = [_relative(after - before, before) for steps in trajectories for before, after in zip(steps, steps[1:])]
+    return sum(rates) / len(rates) if rates else 0.0
+
+
+def _allocate(drifts: Mapping[str, float], total: int, steps: int) -> dict[str, int]:
+    """Refreshes per layer: one each (step 0), then one at a time to the layer whose d / m is largest."""
+    counts = {fqn: 1 for fqn in drifts}
+    for _ in range(total - len(counts)):
+        fqn = max(sorted(counts), key=lambda f: drifts[f] / counts[f])
+        if drifts[fqn] <= 0 or counts[fqn] >= steps:
+            break  # nothing drifts any more (or every step of the layer refreshes): the rest of the budget is unused
+        counts[fqn] += 1
+    return counts
+
+
+def _stagger(counts: Mapping[str, int], steps: int) -> dict[str, list[int]]:
+    """Each layer's refresh steps: step 0, then its other refreshes about steps / m apart with a per-layer phase, each
+    on the least loaded step of a window around its ideal position, avoiding steps every other layer refreshes."""
+    layers = len(counts)
+    load = [0] * steps
+    load[0] = layers
+    schedules = {}
+    for index, fqn in enumerate(sorted(counts, key=lambda f: (-counts[f], f))):
+        interval = steps / counts[fqn]
+        phase = ((index * _GOLDEN) % 1.0 - 0.5) * interval / 2  # within a quarter interval of even spacing
+        chosen = [0]
+        for j in range(1, counts[fqn]):
+            target = min(j * interval + phase, steps - 1)
+            free = [s for s in range(1, steps) if s not in chosen]
+            window = [s for s in free if abs(s - target) <= interval / 2] or free
+            best = min(window, key=lambda s: (layers > 1 and load[s] + 1 >= layers, load[s], abs(s - target)))
+            if layers > 1 and load[best] + 1 >= layers:
+                best = min(free, key=lambda s: (load[s] + 1 >= layers, abs(s - target)))
+            chosen.append(best)
+            load[best] += 1
+        schedules[fqn] = sorted(chosen)
+    return schedules
+
+
+def _order_two_is_better(trajectories: Sequence[Sequence[torch.Tensor]], refreshes: int, steps: int) -> bool:
+    if refreshes < 2:
+        return False
+    interval = max(1, round(steps / refreshes))
+    length = min(len(t) for t in trajectories)
+    if interval > length - 1:
+        return False  # one reuse interval is longer than the measurement: order 2's extrapolation is unverified
+    errors = {order: max(replay_error(t, 1, interval, order) for t in trajectories) for order in (1, 2)}
+    return errors[2] < errors[1]
+
+
+def budget_schedules(residuals: Mapping[str, Sequence[Sequence[torch.Tensor]]],
+                     config: CalibrationConfig) -> dict[str, dict[str, Any]]:
+    """Per-layer refresh steps under ``config.refresh_budget`` (see the module docstring)."""
+    steps = max(1, round(1000.0 / config.ssar_step_size))
+    drifts = {fqn: drift_rate(t) for fqn, t in residuals.items() if t}
+    total = math.floor(config.refresh_budget * len(drifts) * steps + 1e-9)
+    if total < len(drifts):
+        raise CalibrationError(
+            f"qsparse_compiler.calibration: refresh_budget={config.refresh_budget} allows {total} dense layer-steps "
+            f"for {len(drifts)} cached layers x {steps} steps, fewer than the one refresh per layer that step 0 needs "
+            f"(no residual exists yet); raise refresh_budget to at least {1 / steps:.4g}"
+        )
+    counts = _allocate(drifts, total, steps)
+    schedules = _stagger(counts, steps)
+    order = 2 if all(_order_two_is_better(residuals[fqn], counts[fqn], steps) for fqn in drifts) else 1
+    ranks = [_rank(residuals[fqn], config.ssar_rank_energy) for fqn in drifts]
+    rank = 0 if not ranks or 0 in ranks else max(ranks)
+    out: dict[str, dict[str, Any]] = {}
+    for fqn in residuals:
+        if fqn not in drifts:
+            out[fqn] = {"cache": {}, "why": "no residual: every head computes every tile"}
+            continue
+        refresh_steps = schedules[fqn]
+        gaps = [b - a for a, b in zip(refresh_steps, [*refresh_steps[1:], steps])]
+        cache = {"refresh_steps": refresh_steps, "num_steps": steps, "order": order, "rank": rank}
+        out[fqn] = {"cache": cache, "drift_per_step": drifts[fqn], "refreshes_nominal": len(refresh_steps),
+                    "longest_reuse": max(gaps) - 1}
+    return out
+
+
 def ssar_settings(residuals: Mapping[str, Sequence[Sequence[torch.Tensor]]], config: CalibrationConfig) -> dict[str, dict[str, Any]]:
-    """{fqn: {"cache": {...}, "max_error": e, "refreshes_nominal": m}}; layers without a residual get no cache."""
+    """{fqn: {"cache": {...}, "max_error": e, "refreshes_nominal": m}} (with a refresh budget: ``budget_schedules``);
+    layers without a residual get no cache."""
+    if config.refresh_budget is not None:
+        return budget_schedules(residuals, config)
     out: dict[str, dict[str, Any]] = {}
     for fqn, trajectories in residuals.items():
         if not trajectories:

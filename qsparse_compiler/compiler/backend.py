@@ -18,6 +18,7 @@ the ``Session`` named by ``options["session"]`` (runtime/session.py), else to th
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import warnings
@@ -26,7 +27,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.fx as fx
 
-from ..config import ConfigError, QuantSparseConfig
+from ..config import SCHEDULE_KEYS, ConfigError, QuantSparseConfig
 from .passes import PassContext, default_passes, run_passes
 from .passes.graph_inputs import CacheSlot, LoraSlot, PackedWeightSlot, TimestepSlot
 from .passes.graph_utils import fake_value
@@ -110,7 +111,8 @@ class _RuntimeInputs:
             elif isinstance(slot, CacheSlot):
                 shape = tuple(_evaluate(dim, env) for dim in slot.shape)
                 fqn = prefix + slot.fqn[len(self.prefix):]
-                state, refresh = self.runtime.acquire(fqn, slot.schedule, shape, slot.dtype, slot.device, owner)
+                schedule = self._schedule_of(slot, fqn)
+                state, refresh = self.runtime.acquire(fqn, schedule, shape, slot.dtype, slot.device, owner)
                 full += state
                 if slot.schedule.mode == "auto":
                     full.append(self._FLAGS[refresh])
@@ -160,6 +162,15 @@ class _RuntimeInputs:
         if pair is None:
             return torch.zeros(slot.a_shape, dtype=slot.dtype), torch.zeros(slot.b_shape, dtype=slot.dtype)
         return pair[0].to(slot.dtype), pair[1].to(slot.dtype)
+
+    def _schedule_of(self, slot: Any, fqn: str) -> Any:
+        """The calling block's own refresh steps: a regional graph serves blocks whose plan entries differ only in
+        the host-side schedule (``SCHEDULE_KEYS``); the graph holds the first block's."""
+        if self.plan is None or not self.prefix or fqn == slot.fqn or slot.schedule.override_plan:
+            return slot.schedule
+        entry = self.plan.attentions.get(fqn)
+        own = {k: v for k, v in (entry.cache if entry is not None else {}).items() if k in SCHEDULE_KEYS}
+        return dataclasses.replace(slot.schedule, **own) if own else slot.schedule
 
     def _call_prefix(self, args: Sequence[Any]) -> str:
         if self.anchor is None:

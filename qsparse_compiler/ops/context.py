@@ -9,6 +9,8 @@ structure) sees neither the video latents (so not the token grid) nor which bloc
 - the per-sample timesteps of the current forward (float32 [B] on the latents' device, set by the same hook from the
   transformer's ``timestep`` argument), which a regional graph with timestep-aware LoRA takes as a per-call input:
   the block's own graph never sees the timestep, only its embedding;
+- the CFG branch of the current forward (the name of diffusers' ``cache_context``, "cond" / "uncond"), which keys
+  the residual caches of each branch (runtime/residual_cache.py); None where the pipeline sets no cache context;
 - the fully qualified name of every parameter (``register_parameters``), from which the backend and its runtime
   wrapper learn which block a graph was compiled for and which block each call runs.
 """
@@ -24,7 +26,8 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 
 __all__ = ["VideoGridContext", "patchified_grid", "latent_grid", "current_video_grid", "video_grid",
-           "current_timesteps", "forward_timesteps", "register_parameters", "parameter_name"]
+           "current_timesteps", "forward_timesteps", "current_branch", "forward_branch", "register_parameters",
+           "parameter_name"]
 
 VideoGridContext = tuple[int, int, int]  # (frames, height, width) in tokens, after patchify
 
@@ -59,6 +62,7 @@ def latent_grid(transformer: torch.nn.Module, hidden_states: torch.Tensor) -> Vi
 
 _grid: contextvars.ContextVar[VideoGridContext | None] = contextvars.ContextVar("qsparse_video_grid", default=None)
 _timesteps: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("qsparse_timesteps", default=None)
+_branch: contextvars.ContextVar[str | None] = contextvars.ContextVar("qsparse_cfg_branch", default=None)
 _names: dict[int, tuple[weakref.ref, str]] = {}
 _lock = threading.Lock()
 
@@ -88,6 +92,20 @@ def forward_timesteps(timesteps: torch.Tensor | None) -> Iterator[None]:
         yield
     finally:
         _timesteps.reset(token)
+
+
+def current_branch() -> str | None:
+    return _branch.get()
+
+
+@contextlib.contextmanager
+def forward_branch(name: str | None) -> Iterator[None]:
+    """The CFG branch (diffusers cache-context name) of the forward running inside; None: unnamed."""
+    token = _branch.set(name)
+    try:
+        yield
+    finally:
+        _branch.reset(token)
 
 
 def register_parameters(model: torch.nn.Module) -> None:

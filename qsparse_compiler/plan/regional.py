@@ -7,6 +7,7 @@ import dataclasses
 import re
 from typing import Any
 
+from ..config import SCHEDULE_KEYS
 from .schema import Plan, PlanError
 
 __all__ = ["block_family", "check_uniform_across_blocks"]
@@ -28,6 +29,8 @@ def check_uniform_across_blocks(plan: Plan, prefix: str) -> None:
         if match is None:
             continue
         relative, value = fqn[match.end():], dataclasses.asdict(entry)
+        if "cache" in value:  # refresh steps are chosen per call on the host (compiler/backend.py _schedule_of)
+            value["cache"] = {k: v for k, v in value["cache"].items() if k not in SCHEDULE_KEYS}
         if relative in seen and seen[relative][1] != value:
             raise PlanError(
                 f"qsparse_compiler.plan: the plan treats {seen[relative][0]} and {fqn} differently, but regional "

@@ -2,7 +2,7 @@
 
 On disk a plan is a directory:
 
-    plan.json          {"schema_version": 2, "fingerprint": {...}, "linears": {FQN: {...}}, "attentions": {FQN: {...}},
+    plan.json          {"schema_version": 3, "fingerprint": {...}, "linears": {FQN: {...}}, "attentions": {FQN: {...}},
                         "metadata": {...}}
     plan.safetensors   tensors keyed "<linear FQN>.qweight" / "<linear FQN>.scale" (calibrated int4 weights),
                        "<linear FQN>.lora_a" [buckets, rank, K] / "<linear FQN>.lora_b" [buckets, N, rank]
@@ -32,7 +32,9 @@ __all__ = ["PLAN_SCHEMA_VERSION", "PlanError", "ModelFingerprint", "LinearPlan",
 
 # 1: W4A8 linears, per-head attention patterns, residual-cache settings, TALoRA tensors.
 # 2: a linear's act_format may be WEIGHT_ONLY (int4 weights, activations not quantized). Version 1 plans load as is.
-PLAN_SCHEMA_VERSION = 2
+# 3: an attention's cache may give its own refresh steps ("refresh_steps" with "num_steps": calibration's
+#    refresh_budget), checked as config.CacheConfig fields when the plan loads. Version 1 and 2 plans load as is.
+PLAN_SCHEMA_VERSION = 3
 
 
 class PlanError(ValueError):
@@ -107,7 +109,9 @@ class AttentionPlan:
     head_patterns: list[str]
     block_q: int = 128
     block_kv: int = 128
-    cache: dict[str, Any] = field(default_factory=dict)  # residual-cache settings (schedule, order, rank)
+    # Residual-cache settings: config.CacheConfig fields (refresh_first / refresh_every, or per-layer refresh_steps
+    # with num_steps; order, rank).
+    cache: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         blocks_ok = all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in (self.block_q, self.block_kv))
@@ -121,6 +125,13 @@ class AttentionPlan:
             parse_pattern_spec(";".join(self.head_patterns), 1.0)
         except ValueError as exc:
             raise PlanError(f"qsparse_compiler.plan: invalid attention entry {self}: {exc}") from None
+        if self.cache:
+            from ..config import CacheConfig, ConfigError
+
+            try:
+                CacheConfig(enabled=True, **self.cache)
+            except (ConfigError, TypeError) as exc:
+                raise PlanError(f"qsparse_compiler.plan: invalid cache settings {self.cache}: {exc}") from None
 
     @property
     def pattern_spec(self) -> str:

@@ -6,10 +6,15 @@
 The transformer gets its own ``ResidualCacheRuntime``. With ``regional=True`` (the default when the plan allows it)
 each repeated transformer block is compiled on its own, as diffusers' ``compile_repeated_blocks`` does: one graph
 serves all blocks of a structure, so compiling takes seconds instead of minutes; the token grid of each forward and
-the name of each block reach the shared graph through runtime/context.py. Step tracking hooks the pipeline's scheduler: every
-``scheduler.set_timesteps`` (called once at the start of each generation) resets the caches, every
-``scheduler.step`` advances the step. A transformer called several times in one step (CFG: conditional and
-unconditional passes) keeps one residual per call position.
+the name of each block reach the shared graph through ops/context.py. Everything ``optimize`` puts on the model
+is a named diffusers hook (runtime/hooks.py): the compiled forwards, and the hook that reads the denoising step from
+the pipeline's ``cache_context`` or scheduler (nothing is patched) and names the CFG branch after the cache context.
+``restore`` removes them: the model runs eagerly again, as before ``optimize``.
+
+Step caches: ``pipe.transformer.enable_cache(FirstBlockCacheConfig(...))`` (or MagCache, SeaCache, TaylorSeer's lite
+mode) after ``optimize`` wraps the compiled blocks; a skipped step is a gap in the residual cache's clock (a refresh
+it skipped is owed, order 2 extrapolates over the true distance). Caches whose hooks sit inside the blocks are refused
+at the first forward, naming the config and why (runtime/hooks.py ``check_step_cache``).
 
 With diffusers' context parallelism (``parallel=ContextParallelConfig(ulysses_degree=W)``, or a transformer on which
 ``enable_parallelism`` was called) each rank compiles its blocks for its own heads: see runtime/parallel.py.
@@ -17,20 +22,20 @@ With diffusers' context parallelism (``parallel=ContextParallelConfig(ulysses_de
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import inspect
 import logging
 from typing import Any, Mapping
 
 import torch
 
+from diffusers.hooks import HookRegistry
+
 from ..config import QuantSparseConfig
-from ..ops.context import forward_timesteps, latent_grid, register_parameters, video_grid
+from ..ops.context import register_parameters
+from .hooks import COMPILED_HOOK, RUNTIME_HOOK, CompiledForwardHook, StepClockHook
 from .parallel import prepare_context_parallel
 from .residual_cache import ResidualCacheRuntime
 
-__all__ = ["optimize", "runtime_of", "release_dense_weights", "StepSwitchingModel"]
+__all__ = ["optimize", "restore", "runtime_of", "release_dense_weights"]
 
 _RUNTIME_ATTR = "_qsparse_runtime"
 
@@ -43,22 +48,30 @@ def runtime_of(pipe_or_model: Any) -> ResidualCacheRuntime:
     return runtime
 
 
-def _cuda_graph_model(transformer: torch.nn.Module, backend_options: dict[str, Any], cache: Any,
-                      runtime: ResidualCacheRuntime, fullgraph: bool, mode: str) -> "StepSwitchingModel":
+def _path_graphs(backend_options: dict[str, Any], fullgraph: bool, mode: str) -> dict[str, dict[str, Any]]:
+    """torch.compile arguments of a refresh graph and a reuse graph: each with one fixed residual-cache path, so CUDA
+    graphs (mode="reduce-overhead") can capture both; the choice between them is made per call on the host."""
+    graphs = {}
+    for path in ("refresh", "reuse"):
+        options = {**backend_options, "cache": {**backend_options["cache"], "mode": path}}
+        graphs[path] = dict(backend="quantsparse", options=_with_mode(options, mode), fullgraph=fullgraph)
+    return graphs
+
+
+def _whole_model_cuda_graphs(backend_options: dict[str, Any], cache: Any, runtime: ResidualCacheRuntime,
+                             fullgraph: bool, mode: str) -> CompiledForwardHook:
+    """The whole transformer as a refresh graph and a reuse graph, picked per call from one schedule for every site."""
     from ..config import CacheConfig
 
     if not isinstance(cache, Mapping):
         raise ValueError(
-            "qsparse_compiler.optimize: cuda_graphs=True needs one refresh schedule for every site: pass cache={...} "
-            "(e.g. {'refresh_first': 2, 'refresh_every': 5, 'order': 2})"
+            "qsparse_compiler.optimize: cuda_graphs=True on a transformer compiled as one graph needs one refresh "
+            "schedule for every site: pass cache={...} (e.g. {'refresh_first': 2, 'refresh_every': 5, 'order': 2}), "
+            "or compile regionally (per-layer schedules of a plan: each block picks its own graph)"
         )
     schedule = CacheConfig(enabled=True, **{k: v for k, v in cache.items() if k != "mode"})
-    graphs = {}
-    for path in ("refresh", "reuse"):
-        options = {**backend_options, "cache": {**backend_options["cache"], "mode": path}}
-        graphs[path] = torch.compile(transformer, backend="quantsparse", options=_with_mode(options, mode),
-                                     fullgraph=fullgraph)
-    return StepSwitchingModel(transformer, graphs, runtime, schedule)
+    return CompiledForwardHook(_path_graphs(backend_options, fullgraph, mode),
+                               choose=lambda: "refresh" if runtime.needs_refresh(schedule) else "reuse")
 
 
 def release_dense_weights(pipe_or_model: Any) -> int:
@@ -107,14 +120,15 @@ def _uncompiled(transformer: torch.nn.Module) -> torch.nn.Module:
     return transformer
 
 
-def _summary(transformer: torch.nn.Module, config: QuantSparseConfig, blocks: list[torch.nn.Module], how: str) -> str:
-    """qs.optimize's one-screen summary: how the transformer is compiled and with which settings."""
+def _summary(transformer: torch.nn.Module, config: QuantSparseConfig, blocks: list[torch.nn.Module],
+             cuda_graphs: bool) -> str:
+    """qs.optimize's one-screen summary: how the transformer is compiled and with which settings (``blocks``: the
+    regionally compiled blocks, none for a whole-model graph)."""
     kinds = sorted({type(block).__name__ for block in blocks})
-    compile_line = {
-        "regional": f"regional: {len(blocks)} blocks ({', '.join(kinds)}), one graph per block structure",
-        "whole": "the whole transformer as one graph",
-        "cuda graphs": "the whole transformer twice (refresh and reuse graphs), CUDA graphs",
-    }[how]
+    compile_line = (f"regional: {len(blocks)} blocks ({', '.join(kinds)}), one graph per block structure" if blocks
+                    else "the whole transformer as one graph")
+    if cuda_graphs:
+        compile_line += "; CUDA graphs (a refresh and a reuse graph)"
     quant, sparsity, cache = config.quant, config.sparsity, config.cache
     if config.plan:
         weights, attention = f"the plan's ({config.plan})", f"the plan's per-head patterns ({config.plan})"
@@ -137,7 +151,7 @@ def _summary(transformer: torch.nn.Module, config: QuantSparseConfig, blocks: li
         f"  attention   {attention}",
         f"  cache       {cache_line}",
         "  the first call compiles (minutes for a full-size model); a WARNING then names any site left dense, "
-        "qsparse_compiler.backend.reports() holds every rewrite",
+        "qsparse_compiler.compiler.backend.reports() holds every rewrite",
     ])
 
 
@@ -149,41 +163,6 @@ def _repeated_blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
         return [module for module in transformer.modules() if type(module).__name__ in names]
     lists = [child for child in transformer.children() if isinstance(child, torch.nn.ModuleList) and len(child) > 1]
     return [block for blocks in lists for block in blocks]
-
-
-def _install_forward_context_hooks(transformer: torch.nn.Module, timesteps: bool) -> None:
-    """Per forward, for the blocks compiled on their own (runtime/context.py): set the token grid and, with
-    ``timesteps`` (a plan with timestep-aware LoRA), the per-sample timesteps - float32 [B] on the latents' device,
-    from the ``timestep`` argument wherever it sits in the call (bound by name: Wan has it second, CogVideoX third)."""
-    signature = inspect.signature(transformer.forward)
-    entered: list[contextlib.ExitStack] = []
-
-    def before(module, args, kwargs):
-        latents = kwargs.get("hidden_states", args[0] if args else None)
-        stack = contextlib.ExitStack()
-        stack.enter_context(video_grid(latent_grid(module, latents)))
-        if timesteps:
-            timestep = signature.bind_partial(*args, **kwargs).arguments.get("timestep")
-            stack.enter_context(forward_timesteps(_per_sample_timesteps(timestep, latents)))
-        entered.append(stack)
-
-    def after(module, args, output):
-        if entered:
-            entered.pop().close()
-
-    transformer.register_forward_pre_hook(before, with_kwargs=True)
-    transformer.register_forward_hook(after, always_call=True)
-
-
-def _per_sample_timesteps(timestep: Any, latents: torch.Tensor) -> torch.Tensor | None:
-    """One timestep per sample of ``latents`` (a scalar or [1] timestep is every sample's), contiguous: the regional
-    graph's timestep input has the batch size of its activations."""
-    from ..ops.lora import sample_timesteps
-
-    if timestep is None:
-        return None
-    per_sample = sample_timesteps(timestep).to(latents.device)
-    return per_sample.expand(latents.shape[0]).contiguous() if per_sample.numel() == 1 else per_sample
 
 
 def _plan_is_uniform(plan: str, transformer: torch.nn.Module) -> bool:
@@ -210,44 +189,6 @@ def _with_mode(options: dict[str, Any], mode: str | None) -> dict[str, Any]:
     return {**options, "inductor": {**options.get("inductor", {}), **list_mode_options(mode)}}
 
 
-class StepSwitchingModel(torch.nn.Module):
-    """Two compiled graphs of one transformer - the refresh path and the reuse path of the residual cache - and the
-    choice between them per call, on the host, from the runtime's step. Each graph has one fixed path, so CUDA graphs
-    (mode="reduce-overhead") can capture both."""
-
-    def __init__(self, transformer: torch.nn.Module, graphs: Mapping[str, Any], runtime: ResidualCacheRuntime,
-                 schedule: Any) -> None:
-        super().__init__()
-        self.transformer = transformer
-        self._graphs = dict(graphs)
-        self._runtime, self._schedule = runtime, schedule
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        path = "refresh" if self._runtime.needs_refresh(self._schedule) else "reuse"
-        return self._graphs[path](*args, **kwargs)
-
-
-def _hook_scheduler(scheduler: Any, runtime: ResidualCacheRuntime) -> None:
-    if getattr(scheduler, _RUNTIME_ATTR, None) is runtime:
-        return
-    set_timesteps, step = scheduler.set_timesteps, scheduler.step
-
-    @functools.wraps(set_timesteps)
-    def set_timesteps_and_reset(*args: Any, **kwargs: Any) -> Any:
-        runtime.reset()
-        return set_timesteps(*args, **kwargs)
-
-    @functools.wraps(step)
-    def step_and_advance(*args: Any, **kwargs: Any) -> Any:
-        result = step(*args, **kwargs)
-        runtime.step()
-        return result
-
-    scheduler.set_timesteps = set_timesteps_and_reset
-    scheduler.step = step_and_advance
-    setattr(scheduler, _RUNTIME_ATTR, runtime)
-
-
 def optimize(
     pipe_or_model: Any,
     plan: str | None = None,
@@ -261,7 +202,8 @@ def optimize(
     parallel: Any = None,
     summary: bool = True,
 ) -> Any:
-    """Compile ``pipe.transformer`` (or a bare transformer) with backend="quantsparse"; returns what it was given.
+    """Compile ``pipe.transformer`` (or a bare transformer) with backend="quantsparse", in place, through diffusers
+    hooks (``restore`` is the inverse); returns what it was given.
 
     plan      a calibrated plan directory; its fingerprint must match the transformer (checked now, before compiling).
     options   more backend options (see config.QuantSparseConfig).
@@ -269,9 +211,13 @@ def optimize(
               CacheConfig fields applied to every sparsified site (over the plan's); False: no residual cache.
     regional  compile each repeated block on its own (fast compiles); None = when the model has repeated blocks
               and the plan (if any) treats them alike.
-    cuda_graphs  compile the whole transformer twice with mode="reduce-overhead" - a refresh graph and a reuse
-              graph of the residual cache - and pick one per call (StepSwitchingModel). Needs one schedule for
-              every site: an explicit ``cache`` dict (it overrides a plan's per-site settings).
+    cuda_graphs  compile twice with mode="reduce-overhead" - a refresh graph and a reuse graph of the residual
+              cache, each with one fixed path that a CUDA graph can capture - and pick one per call on the host
+              (runtime/hooks.py CompiledForwardHook). Regionally (the default with ``cache=True``), each block picks
+              its own from its own sites' schedules: a plan's per-layer refresh steps (calibration's refresh_budget)
+              run under CUDA graphs without recompiles, a block refreshing while its neighbours reuse. Compiled as
+              one graph (the default with a ``cache`` dict, or regional=False) the whole model picks one, so it
+              needs one schedule for every site: an explicit ``cache`` dict (it overrides a plan's settings).
     parallel  a diffusers ``ContextParallelConfig(ulysses_degree=W)``: enable diffusers' context parallelism on the
               transformer (``enable_parallelism``; torch.distributed must be initialized) and compile this rank's
               blocks for its heads. A transformer already running under ``enable_parallelism`` is detected without
@@ -285,10 +231,15 @@ def optimize(
             f"qsparse_compiler.optimize: expected a diffusers pipeline with .transformer or an nn.Module, "
             f"got {type(pipe_or_model).__name__}"
         )
+    unwrapped = _uncompiled(transformer)
     if transformer is pipe_or_model:
-        pipe_or_model = transformer = _uncompiled(transformer)
-    else:
-        transformer = _uncompiled(transformer)
+        pipe_or_model = unwrapped
+    elif unwrapped is not transformer:
+        pipe_or_model.transformer = unwrapped
+    transformer = unwrapped
+    if getattr(transformer, _RUNTIME_ATTR, None) is not None:
+        restore(pipe_or_model)  # optimizing again replaces the previous options, hooks and caches
+    _check_hookable(transformer)
     runtime = ResidualCacheRuntime()
     backend_options: dict[str, Any] = dict(options or {})
     backend_options["runtime"] = runtime
@@ -312,35 +263,81 @@ def optimize(
     config = QuantSparseConfig.from_options(backend_options)
     blocks = _repeated_blocks(transformer)
     if regional is None:
-        regional = not cuda_graphs and bool(blocks) and (plan is None or _plan_is_uniform(str(plan), transformer))
+        regional = bool(blocks) and not (cuda_graphs and isinstance(cache, Mapping)) \
+            and (plan is None or _plan_is_uniform(str(plan), transformer))
     shard = prepare_context_parallel(transformer, parallel)
     if shard is not None:
         backend_options["parallel"] = shard
-    if cuda_graphs:
-        compiled = _cuda_graph_model(transformer, backend_options, cache, runtime, fullgraph, mode or "reduce-overhead")
-    elif regional:
+    compile_kwargs = dict(backend="quantsparse", options=_with_mode(backend_options, mode), fullgraph=fullgraph)
+    if regional:
         if not blocks:
             raise ValueError(
                 f"qsparse_compiler.optimize: {type(transformer).__name__} declares no repeated blocks "
                 "(_repeated_blocks); use regional=False"
             )
         register_parameters(transformer)
-        _install_forward_context_hooks(transformer, timesteps=lora)
+        names = {module: name for name, module in transformer.named_modules()}
         for block in blocks:
-            block.compile(backend="quantsparse", options=_with_mode(backend_options, mode), fullgraph=fullgraph)
-        compiled = transformer
+            hook = CompiledForwardHook(
+                _path_graphs(backend_options, fullgraph, mode or "reduce-overhead"),
+                choose=lambda prefix=names[block] + ".": "refresh" if runtime.will_refresh_under(prefix) else "reuse",
+            ) if cuda_graphs else CompiledForwardHook({"auto": compile_kwargs})
+            HookRegistry.check_if_exists_or_initialize(block).register_hook(hook, COMPILED_HOOK)
     else:
-        compiled = torch.compile(transformer, backend="quantsparse", options=_with_mode(backend_options, mode),
-                                 fullgraph=fullgraph)
-    setattr(compiled, _RUNTIME_ATTR, runtime)
+        compiled = _whole_model_cuda_graphs(backend_options, cache, runtime, fullgraph, mode or "reduce-overhead") \
+            if cuda_graphs else CompiledForwardHook({"auto": compile_kwargs})
+        HookRegistry.check_if_exists_or_initialize(transformer).register_hook(compiled, COMPILED_HOOK)
+        blocks = []
+    pipeline = None if transformer is pipe_or_model else pipe_or_model
+    clock = StepClockHook(runtime, pipeline, timesteps=lora and bool(blocks), compiled_blocks=tuple(blocks))
+    registry = HookRegistry.check_if_exists_or_initialize(transformer)
+    registry.register_hook(clock, RUNTIME_HOOK)
+    _invalidate_child_registries(registry)
+    setattr(transformer, _RUNTIME_ATTR, runtime)
+    if pipeline is not None:
+        setattr(pipeline, _RUNTIME_ATTR, runtime)
     if summary:
-        how = "cuda graphs" if cuda_graphs else "regional" if regional else "whole"
-        print(_summary(transformer, config, blocks, how))
-    if transformer is pipe_or_model:
-        return compiled
-    pipe_or_model.transformer = compiled
-    setattr(pipe_or_model, _RUNTIME_ATTR, runtime)
-    scheduler = getattr(pipe_or_model, "scheduler", None)
-    if scheduler is not None:
-        _hook_scheduler(scheduler, runtime)
+        print(_summary(transformer, config, blocks, cuda_graphs))
     return pipe_or_model
+
+
+def restore(pipe_or_model: Any) -> Any:
+    """Undo ``optimize``: remove its hooks, so the transformer runs its eager forward again (a diffusers step cache
+    enabled since stays, now around the eager blocks), and free the residual caches. Returns what it was given.
+
+    Not after ``release_dense_weights``: the eager forward needs the bf16 weights it freed.
+    """
+    transformer = getattr(pipe_or_model, "transformer", pipe_or_model)
+    runtime = runtime_of(transformer)
+    released = [name for name, p in transformer.named_parameters() if p.numel() and not p.untyped_storage().nbytes()]
+    if released:
+        raise ValueError(
+            f"qsparse_compiler.restore: release_dense_weights() freed the dense weights of {len(released)} parameters "
+            f"(e.g. {released[0]}); the eager model cannot run without them - reload the model instead"
+        )
+    registry = HookRegistry.check_if_exists_or_initialize(transformer)
+    registry.remove_hook(RUNTIME_HOOK, recurse=False)
+    registry.remove_hook(COMPILED_HOOK, recurse=True)
+    _invalidate_child_registries(registry)
+    runtime.clear()
+    for owner in (transformer, pipe_or_model):
+        if getattr(owner, _RUNTIME_ATTR, None) is runtime:
+            delattr(owner, _RUNTIME_ATTR)
+    return pipe_or_model
+
+
+def _invalidate_child_registries(registry: HookRegistry) -> None:
+    """cache_context reaches hooks through a cached list of the child registries (diffusers 0.42; 0.41 walks the
+    modules every time): rebuild it after adding or removing hooks below the transformer."""
+    if hasattr(registry, "invalidate_child_registries_cache"):
+        registry.invalidate_child_registries_cache()
+
+
+def _check_hookable(transformer: torch.nn.Module) -> None:
+    config = getattr(transformer, "_cache_config", None)
+    if config is not None:
+        raise ValueError(
+            f"qsparse_compiler.optimize: {type(config).__name__} is enabled on the transformer; its hooks would end up "
+            "inside the compiled blocks. Call transformer.disable_cache(), then qs.optimize(pipe), then "
+            "transformer.enable_cache(config): the step cache then wraps the compiled blocks"
+        )

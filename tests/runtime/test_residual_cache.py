@@ -291,3 +291,64 @@ def test_optimize_without_cache_overrides_a_plans_cache_settings(tmp_path):
         (report,) = reports()
         assert report.counters["sparse_attention"] == 1
         assert report.counters.get("residual_attention", 0) == cached_sites
+
+
+def test_skipped_steps_owe_their_refresh_and_order_two_extrapolates_over_the_true_distance():
+    """A step cache skips whole steps: the site is called at steps 0, 1, 2, 5, 7, 10 of refresh_first=2, every=4
+    (refresh steps 0, 1, 4, 8). The refresh of step 4 is owed (step 5 refreshes), dR divides by the 4 steps between
+    the refreshes at 1 and 5, the reuse at step 7 adds 2 * dR, and step 10 makes up for step 8."""
+    runtime = ResidualCacheRuntime()
+    schedule = CacheConfig(enabled=True, refresh_first=2, refresh_every=4, order=2)
+    steps = sequence(12)
+    residual = {}
+    for step in (0, 1, 2, 5, 7, 10):
+        q, k, v = steps[step]
+        runtime.step(step)
+        out, o_sparse, refresh = attention_step(runtime, schedule, q, k, v)
+        assert refresh == (step in (0, 1, 5, 10)), step
+        if refresh:
+            residual[step] = dense(q, k, v) - o_sparse
+            continue
+        last, previous = (1, 0) if step == 2 else (5, 1)
+        delta = (residual[last] - residual[previous]) / (last - previous)
+        assert torch.allclose(out, o_sparse + residual[last] + (step - last) * delta, atol=1e-5), step
+    state = runtime._sites["blocks.0.attn1"].branches[0].state
+    assert float(state[-1]) == 0.0  # step 10 refreshed
+
+
+def test_reuse_after_a_gap_counts_steps_not_calls():
+    runtime = ResidualCacheRuntime()
+    schedule = CacheConfig(enabled=True, refresh_first=2, refresh_every=0, order=2)
+    steps = sequence(8)
+    residual = {}
+    for step in (0, 1, 4, 7):
+        q, k, v = steps[step]
+        runtime.step(step)
+        out, o_sparse, refresh = attention_step(runtime, schedule, q, k, v)
+        if refresh:
+            residual[step] = dense(q, k, v) - o_sparse
+        else:
+            expected = o_sparse + residual[1] + (step - 1) * (residual[1] - residual[0])
+            assert torch.allclose(out, expected, atol=1e-5), step
+
+
+def test_named_branches_keep_their_residuals_whatever_the_call_order():
+    """Branches named by the pipeline's cache context (runtime/context.py forward_branch) key the residuals: a step
+    that calls "uncond" before "cond" reads the same residuals as one in the usual order."""
+    from qsparse_compiler.ops.context import forward_branch
+
+    schedule = CacheConfig(enabled=True, refresh_first=1, refresh_every=0, order=1)
+    cond, uncond = sequence(3, seed=1), sequence(3, seed=2)
+    outputs = {}
+    for swapped in (False, True):
+        runtime = ResidualCacheRuntime()
+        outputs[swapped] = {}
+        for step in range(3):
+            runtime.step(step)
+            order = [("uncond", uncond), ("cond", cond)] if swapped and step else [("cond", cond), ("uncond", uncond)]
+            for name, qkv in order:
+                with forward_branch(name):
+                    outputs[swapped][step, name] = attention_step(runtime, schedule, *qkv[step])[0]
+        assert runtime.memory_report()["total"]["branches"] == 2
+    for key, value in outputs[False].items():
+        assert torch.equal(value, outputs[True][key]), key
