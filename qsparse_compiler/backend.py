@@ -258,8 +258,14 @@ def quantsparse(
     example_inputs: list[Any],
     options: Mapping[str, Any] | None = None,
     mode: str | None = None,
+    *,
+    compile_graph: Callable[[fx.GraphModule, list[Any]], Callable] | None = None,
 ) -> Callable:
-    """Dynamo backend entry point (``torch.compile(..., backend="quantsparse", options=..., mode=...)``)."""
+    """Dynamo backend entry point (``torch.compile(..., backend="quantsparse", options=..., mode=...)``).
+
+    ``compile_graph(gm, inputs)`` compiles the rewritten graph, Inductor's ``compile_fx`` by default;
+    ``testing.coverage`` passes one that returns ``gm`` itself, to run the same rewrite on the ops' plain-torch
+    references (``functools.partial(quantsparse, compile_graph=...)`` as the backend)."""
     from torch._inductor.compile_fx import compile_fx
 
     from . import ops  # noqa: F401  registers the qsparse:: ops
@@ -285,9 +291,12 @@ def quantsparse(
                       "Run inference under torch.no_grad().", stacklevel=2)
     log.info(report.summary())
     input_fakes = [fake_value(n) for n in gm.graph.nodes if n.op == "placeholder"][: len(example_inputs)]
-    compiled = compile_fx(
-        gm, [*example_inputs, *ctx.extra_example_inputs], config_patches=_inductor_patches(mode, config.inductor)
-    )
+    if compile_graph is None:
+        compiled = compile_fx(
+            gm, [*example_inputs, *ctx.extra_example_inputs], config_patches=_inductor_patches(mode, config.inductor)
+        )
+    else:
+        compiled = compile_graph(gm, [*example_inputs, *ctx.extra_example_inputs])
     if not ctx.packed_weight_slots and not ctx.cache_slots and not any(s.device.type == "cuda" for s in ctx.layout_slots):
         # (LoRA inputs exist only on quantized linears, hence with packed weights.)
         return compiled
