@@ -29,9 +29,9 @@ import torch
 from .metrics import sqnr_db
 from .models import TinyModel
 
-__all__ = ["KeptSite", "Coverage", "measure_coverage", "VIDEO_ATTENTION_KINDS"]
+__all__ = ["KeptSite", "Coverage", "measure_coverage", "coverage_markdown", "VIDEO_ATTENTION_KINDS"]
 
-VIDEO_ATTENTION_KINDS = ("self_attention", "joint_attention", "attention")
+VIDEO_ATTENTION_KINDS = ("self_attention", "joint_attention", "attention", "factorized_attention")
 _NOT_TOKEN_BEARING = ("int4_weight_only",)
 
 
@@ -179,3 +179,39 @@ def _count(row: Coverage, reports: list[Any], token_linears: set[str]) -> None:
             row.quantized += 1
         else:
             row.kept.append(KeptSite(fqn, "linear", site.reason))
+
+
+def _grid_source(row: Coverage) -> str:
+    for note in row.notes:
+        if note.startswith("video token grid"):
+            return note.split(" from ", 1)[1].split(" (")[0].split(" num_frames")[0]
+    return "-"
+
+
+def coverage_markdown(rows: list[Coverage]) -> str:
+    """The matrix as a Markdown table, then the distinct reasons for what each class keeps."""
+    lines = [
+        "| class | graphs | block linears W4A8 | video attentions sparse | grid from | SQNR compiled vs reference (dB) "
+        "| SQNR rewrite vs eager (dB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if row.error:
+            lines.append(f"| {row.model_class} | - | - | - | - | error: {row.error} | - |")
+            continue
+        ref = "-" if row.sqnr_vs_reference_db is None else f"{row.sqnr_vs_reference_db:.0f}"
+        lines.append(
+            f"| {row.model_class} | {row.graphs} | {row.quantized}/{row.block_linears} ({row.linear_share:.0%}) "
+            f"| {row.sparsified}/{row.video_attentions} ({row.attention_share:.0%}) | {_grid_source(row)} | {ref} "
+            f"| {row.sqnr_vs_eager_db:.1f} |"
+        )
+    kept = [(row.model_class, site) for row in rows for site in row.kept]
+    if kept or any(row.graph_breaks for row in rows):
+        lines += ["", "Kept, and graph breaks:"]
+    for row in rows:
+        reasons = sorted({f"{site.kind}: {site.reason}" for site in row.kept})
+        reasons += [f"graph break: {reason.splitlines()[0]}" for reason in row.graph_breaks]
+        for reason in reasons:
+            count = sum(f"{site.kind}: {site.reason}" == reason for site in row.kept)
+            lines.append(f"- {row.model_class}: " + (f"{count}x " if count > 1 else "") + reason)
+    return "\n".join(lines)
