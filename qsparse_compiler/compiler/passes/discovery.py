@@ -35,7 +35,8 @@ import torch.fx as fx
 
 from .graph_utils import SDPA_TARGETS, fake_value, is_diffusers_model, node_arg
 
-__all__ = ["GridCandidate", "factorized_attention_reason", "frame_locals", "register_frame_names", "discover_grid", "GRID_SOURCES"]
+__all__ = ["GridCandidate", "factorized_attention_reason", "frame_locals", "register_frame_names", "discover_grid",
+           "GRID_SOURCES"]
 
 GRID_SOURCES = ("conv patch embedding", "runtime context", "forward arguments", "rotary position ids",
                 "latent shape / patch size")
@@ -178,7 +179,8 @@ def discover_grid(gm: fx.GraphModule, locals_: Mapping[str, Any]) -> tuple[GridC
     module = locals_.get("self")
     config = _config(module)
     patch = _patch_sizes(config)
-    candidates = [_from_arguments(locals_, patch), *_from_rotary_positions(locals_), *_from_latents(locals_, config, patch)]
+    candidates = [_from_arguments(locals_, patch), *_from_rotary_positions(locals_),
+                  *_from_latents(locals_, config, patch)]
     lengths, symbolic = _token_lengths(gm)
     # A grid read from the compiling frame holds at that frame's shape only: an attention of symbolic length (a graph
     # serving several shapes) cannot take it. qs.optimize gives such graphs each forward's grid (runtime context).
