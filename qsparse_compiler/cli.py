@@ -115,17 +115,27 @@ def _load_model(model: str):
 @app.command("compile")
 @_one_line_errors
 def compile_command(
-    model: str = typer.Argument(..., help=f"one of {', '.join(TINY)}"),
+    model: Optional[str] = typer.Argument(None, help=f"one of {', '.join(TINY)} (not with --coverage)"),
     options: str = typer.Option("{}", help='backend options as JSON, e.g. \'{"sparsity": {"density": 0.2}}\''),
     dump_dir: Optional[Path] = typer.Option(None, help="write the FX graph before/after each pass and the report"),
+    coverage: bool = typer.Option(False, "--coverage", help="print the coverage matrix of the diffusers video DiT "
+                                  "classes instead (eval/video_dits.py; options default to its tiny sizes)"),
+    only: Optional[str] = typer.Option(None, help="with --coverage: comma-separated class keys"),
+    inductor: bool = typer.Option(True, help="with --coverage: also compile through Inductor (minutes on a CPU)"),
 ) -> None:
-    """Compile a model with backend="quantsparse", run it once, print the rewrite report (about a minute on CPU)."""
+    """Compile a model with backend="quantsparse", run it once, print the rewrite report (about a minute on CPU); or,
+    with --coverage, the coverage matrix."""
     import torch
 
     from .compiler.backend import reports
     from .eval.metrics import relative_error
 
     parsed = _parse_options(options)
+    if coverage:
+        _print_coverage(parsed, only, inductor)
+        return
+    if model is None:
+        raise typer.BadParameter(f"name a model ({', '.join(TINY)}) or pass --coverage")
     parsed["report"] = True
     if parsed.get("plan"):
         # A plan's skip heads read their output from the residual cache: run it (step 0 refreshes).
@@ -139,6 +149,21 @@ def compile_command(
     console.print(f"output vs eager: relative error {relative_error(actual, expected):.4g}")
     if reports() and reports()[-1].compression:
         console.print(f"block weights {reports()[-1].compression:.2f}x smaller than bf16")
+
+
+def _print_coverage(options: dict, only: Optional[str], inductor: bool) -> None:
+    from .eval.coverage import coverage_markdown, measure_coverage
+    from .eval.video_dits import COVERAGE_OPTIONS, VIDEO_DITS, tiny_video_dit
+
+    names = [name.strip() for name in only.split(",")] if only else list(VIDEO_DITS)
+    unknown = sorted(set(names) - set(VIDEO_DITS))
+    if unknown:
+        raise typer.BadParameter(f"--only: {unknown} not among {sorted(VIDEO_DITS)}")
+    rows = []
+    for name in names:
+        rows.append(measure_coverage(tiny_video_dit(name), options or COVERAGE_OPTIONS, compile_with_inductor=inductor))
+        console.print(f"[dim]{name}: done[/dim]")
+    typer.echo(coverage_markdown(rows))
 
 
 def _reference_data(frames: Optional[int]):

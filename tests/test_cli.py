@@ -26,6 +26,20 @@ def test_compile_rejects_unknown_models():
     assert result.exit_code != 0 and "is not one of" in result.output
 
 
+def test_compile_coverage_prints_the_matrix_rows_asked_for():
+    """`qsparse compile --coverage` (docs/coverage.md): one class, on the op references; without a model and without
+    --coverage, or with an unknown class, the error names what to pass."""
+    result = CliRunner().invoke(app, ["compile", "--coverage", "--no-inductor", "--only", "cosmos"])
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.output.splitlines() if line.startswith("| CosmosTransformer3DModel"))
+    assert "| 10/10 (100%) | 1/1 (100%) | latent shape |" in row, row
+    assert "LTXVideo" not in result.output
+    missing = CliRunner().invoke(app, ["compile"])
+    assert missing.exit_code != 0 and "--coverage" in missing.output
+    unknown = CliRunner().invoke(app, ["compile", "--coverage", "--only", "cosmos,sora"])
+    assert unknown.exit_code != 0 and "sora" in unknown.output
+
+
 def test_calibrate_reference_records_every_nth_step(tmp_path, monkeypatch):
     from diffusers import FlowMatchEulerDiscreteScheduler
 

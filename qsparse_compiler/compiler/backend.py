@@ -254,8 +254,14 @@ def quantsparse(
     example_inputs: list[Any],
     options: Mapping[str, Any] | None = None,
     mode: str | None = None,
+    *,
+    compile_graph: Callable[[fx.GraphModule, list[Any]], Callable] | None = None,
 ) -> Callable:
-    """Dynamo backend entry point (``torch.compile(..., backend="quantsparse", options=..., mode=...)``)."""
+    """Dynamo backend entry point (``torch.compile(..., backend="quantsparse", options=..., mode=...)``).
+
+    ``compile_graph(gm, inputs)`` compiles the rewritten graph, Inductor's ``compile_fx`` by default;
+    ``eval.coverage`` passes one that returns ``gm`` itself, to run the same rewrite on the ops' plain-torch
+    references (``functools.partial(quantsparse, compile_graph=...)`` as the backend)."""
     from torch._inductor.compile_fx import compile_fx
 
     from .. import ops  # noqa: F401  registers the qsparse:: ops
@@ -285,10 +291,13 @@ def quantsparse(
     if shortfalls:
         log.warning("\n".join(shortfalls))
     input_fakes = [fake_value(n) for n in gm.graph.nodes if n.op == "placeholder"][: len(example_inputs)]
-    compiled = compile_fx(
-        gm, [*example_inputs, *ctx.inputs.examples],
-        config_patches=_inductor_patches(mode or config.mode, config.inductor),
-    )
+    compile_inputs = [*example_inputs, *ctx.inputs.examples]
+    if compile_graph is None:
+        compiled = compile_fx(
+            gm, compile_inputs, config_patches=_inductor_patches(mode or config.mode, config.inductor)
+        )
+    else:
+        compiled = compile_graph(gm, compile_inputs)
     if not ctx.inputs.slots and not any(s.device.type == "cuda" for s in ctx.layout_slots):
         return compiled
     return _RuntimeInputs(compiled, ctx, config.runtime or session.cache, input_fakes)

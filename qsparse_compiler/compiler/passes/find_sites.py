@@ -14,6 +14,8 @@ Attention kinds (``AttentionSite.kind``):
                        tile touching a text token stays dense (text is short and carries the conditioning)
 - ``cross_attention``  keys from another sequence (text, image) -> dense
 - ``text_attention``   self-attention without video tokens (HunyuanVideo's token refiner) -> dense
+- ``factorized_attention`` self-attention over one axis group of the grid: within each frame (S = h*w, Latte's
+                       spatial blocks) or across frames (S = f, its temporal blocks) -> dense, the reason says which
 - ``attention``        self-attention in a graph without a video grid (a ViT, a block compiled on its own) -> dense
 - ``fused_attention``  nn.MultiheadAttention / nn.TransformerEncoderLayer in one call (projections inside) -> kept
 """
@@ -40,6 +42,7 @@ from .graph_utils import (
     source_fqn,
     walk_inputs,
 )
+from .discovery import discover_grid, factorized_attention_reason, frame_locals, register_frame_names
 from .pass_manager import PassContext, count_rewrite
 
 __all__ = ["FindSites", "VideoGrid", "AttentionSite", "LinearSite"]
@@ -55,8 +58,9 @@ class VideoGrid:
     frames: Any
     height: Any
     width: Any
-    conv: fx.Node | None  # None: the grid comes from the runtime context (a block compiled on its own)
+    conv: fx.Node | None  # None: the grid comes from the runtime context or from structural discovery (discovery.py)
     batch_source: fx.Node | None  # Conv2d case: the 5-D latents whose batch divides the conv batch
+    source: str = "conv patch embedding"  # which source of discovery.GRID_SOURCES gave it
     # A block compiled on its own: the graph's (possibly symbolic) size of the video tokens, which the grid of the
     # compiling forward only gives at one shape (see _context_grid).
     tokens: Any = None
@@ -71,7 +75,7 @@ class VideoGrid:
         """Graph values for (frames, height, width): python ints when static, size nodes when symbolic, and
         (0, 0, 0) - "the current forward's grid" - for a grid that comes from the runtime context."""
         if self.conv is None:
-            return 0, 0, 0
+            return (0, 0, 0) if self.source == "runtime context" else (self.frames, self.height, self.width)
 
         def dim(node: fx.Node, index: int) -> Any:
             value = fake_value(node).shape[index]
@@ -208,8 +212,9 @@ def _context_grid(gm: fx.GraphModule, example_inputs: list[Any]) -> VideoGrid | 
             continue
         for size in fake.shape:
             if isinstance(size, torch.SymInt) and size.node.hint == video_len:
-                return VideoGrid(frames, height, width, conv=None, batch_source=None, tokens=size)
-    return VideoGrid(frames, height, width, conv=None, batch_source=None)
+                return VideoGrid(frames, height, width, conv=None, batch_source=None, source="runtime context",
+                                 tokens=size)
+    return VideoGrid(frames, height, width, conv=None, batch_source=None, source="runtime context")
 
 
 class FindSites:
@@ -218,9 +223,14 @@ class FindSites:
     name = "find_sites"
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> int:
+        frame = frame_locals()
+        register_frame_names(frame)
         prefix = _fqn_prefix(gm, ctx.example_inputs)
         ctx.analysis["prefix"] = prefix
-        grid = _find_grid(gm) or (_context_grid(gm, ctx.example_inputs) if prefix else None)
+        grid = (_find_grid(gm) or (_context_grid(gm, ctx.example_inputs) if prefix else None)
+                or self._discovered_grid(gm, frame, ctx))
+        if grid is not None and all(isinstance(v, int) for v in (grid.frames, grid.height, grid.width)):
+            ctx.report.notes.append(f"video token grid {grid.frames}x{grid.height}x{grid.width} from {grid.source}")
         if prefix:
             ctx.report.notes.append(
                 f"regional graph: compiled for {prefix.rstrip('.')} and shared by every block of the same structure "
@@ -251,8 +261,17 @@ class FindSites:
         ctx.analysis["linears"] = linears
         ctx.analysis["attentions"] = attentions
         if grid is None:
-            ctx.report.notes.append("no video token grid found (no patch-embedding conv on 5-D latents): attention stays dense")
+            ctx.report.notes.append("no video token grid found (no patch-embedding conv, grid arguments, per-axis "
+                                    "rotary positions or 5-D latents with a patch size): attention stays dense")
         return 0
+
+    @staticmethod
+    def _discovered_grid(gm: fx.GraphModule, frame: Any, ctx: PassContext) -> VideoGrid | None:
+        found, rejected = discover_grid(gm, frame)
+        ctx.report.notes.extend(rejected)
+        if found is None:
+            return None
+        return VideoGrid(found.frames, found.height, found.width, conv=None, batch_source=None, source=found.source)
 
     @staticmethod
     def _classify(node: fx.Node, grid: VideoGrid | None, prefix: str) -> AttentionSite:
@@ -276,6 +295,9 @@ class FindSites:
         if same_size(seq_len, grid.video_len):
             return AttentionSite(node, fqn, "self_attention", seq_len, video_start=0)
         start = _video_start(q, seq_len, grid.video_len, scope)
+        factorized = factorized_attention_reason(seq_len, grid.frames, grid.height, grid.width)
+        if start is None and factorized:
+            return AttentionSite(node, fqn, "factorized_attention", seq_len, why=factorized)
         if start is None:
             return AttentionSite(
                 node, fqn, "text_attention", seq_len,

@@ -11,6 +11,7 @@ import torch.fx as fx
 
 __all__ = [
     "normalize_path",
+    "is_diffusers_model",
     "model_root",
     "module_fqn",
     "source_fqn",
@@ -61,7 +62,8 @@ def normalize_path(path: str) -> str:
     return ".".join(parts)
 
 
-def _is_diffusers_model(module_type: Any) -> bool:
+def is_diffusers_model(module_type: Any) -> bool:
+    """Whether a module class is a diffusers model (a ``ModelMixin``), found by name: diffusers is optional."""
     if not isinstance(module_type, type):
         return False
     return any(cls.__name__ == "ModelMixin" and cls.__module__.startswith("diffusers") for cls in module_type.__mro__)
@@ -88,7 +90,7 @@ def model_root(gm: fx.GraphModule) -> str:
     models = []
     for node in gm.graph.nodes:
         for path, module_type in (node.meta.get("nn_module_stack") or {}).values():
-            if _is_diffusers_model(module_type):
+            if is_diffusers_model(module_type):
                 models.append(normalize_path(path))
     if models:
         root = min(models, key=len)
