@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
 from torch._dynamo.utils import counters
@@ -35,6 +37,17 @@ def _wan_rope(x, freqs_cos, freqs_sin, variant):
     out[..., 0::2] = x1 * cos - x2 * sin
     out[..., 1::2] = (x1 * cos + x2 * sin) if variant == "sin_cos_swapped" else (x1 * sin + x2 * cos)
     return out.type_as(x)
+
+
+def _ulysses_all_to_all(x):
+    """diffusers' Ulysses attention before the SDPA (TemplatedUlyssesAttention): (B, S/W, H, D) of the rank's sequence
+    shard -> (B, S, H/W, D) of its head shard, through one all-to-all of the default group (W = its size)."""
+    world = dist.get_world_size()
+    b, s, h, d = x.shape
+    x = x.reshape(b, s, world, h // world, d).permute(2, 1, 0, 3, 4).contiguous()
+    shape = x.shape
+    x = funcol.wait_tensor(funcol.all_to_all_single(x.flatten(), None, None, dist.group.WORLD).reshape(shape))
+    return x.flatten(0, 1).permute(1, 0, 2, 3).contiguous()
 
 
 def _half_split_rope(x, freqs_cos, freqs_sin):
@@ -68,6 +81,8 @@ class ToyRopeAttention(nn.Module):
             q, k = _half_split_rope(q, freqs_cos, freqs_sin), _half_split_rope(k, freqs_cos, freqs_sin)
         else:
             q, k = (_wan_rope(t, freqs_cos, freqs_sin, self.variant) for t in (q, k))
+        if self.variant == "ulysses":
+            q, k, v = (_ulysses_all_to_all(t) for t in (q, k, v))
         q, k, v = (t.permute(0, 2, 1, 3) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v).permute(0, 2, 1, 3).flatten(2, 3)
         out = self.to_out(out)
@@ -165,3 +180,28 @@ def test_fused_graph_rewrites_with_default_options():
     _, sites, _ = rewrite_with_default_passes(model, _toy_inputs(), options)
     assert sites["blocks.0.qk_norm_rope"].action == "qk_norm_rope"
     assert sites["blocks.0.to_q"].action == "w4a8_linear"
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_fuses_through_the_ulysses_all_to_all(one_process_group):
+    """Under diffusers' context parallelism q/k reach the attention through the all-to-all that trades the sequence
+    shard for a head shard. The pass fuses there as on one process (else a Ulysses group and one process would run
+    different q/k arithmetic), and the collectives stay in the graph."""
+    model = ToyRopeDiT("ulysses").eval()
+    inputs = _toy_inputs()
+    out, gm, ctx = _fused_output(model, inputs)
+    site = next(s for s in ctx.report.sites if s.kind == "fusion")
+    assert site.action == "qk_norm_rope", site.reason
+    targets = [n.target for n in gm.graph.nodes]
+    assert targets.count(torch.ops.qsparse.qk_norm_rope.default) == 1 and torch.rms_norm not in targets
+    collectives = [t for t in targets if "all_to_all_single" in str(t)]
+    assert len(collectives) == 3  # q, k, v: the fused op replaces only the rotation the all-to-all reads
+    with torch.no_grad():
+        expected = model(**inputs)
+    assert relative_error(out, expected) < 1e-5

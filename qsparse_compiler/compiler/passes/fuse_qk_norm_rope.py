@@ -15,7 +15,9 @@ Candidates are the q/k inputs of ``qsparse::sparse_attention`` nodes (the video 
 rewrote), so this pass runs after ``sparsify_attention`` / ``insert_residual_cache``; the refresh path of
 ``qsparse::residual_attention`` reads the same permuted q/k nodes and gets the fused values too.
 Checks, each reported when it fails (site ``<attention FQN>.qk_norm_rope``, kind ``fusion``): q and k each reach the
-attention through one permute to (B, H, S, D); each is the rotation above of an RMS norm over the heads' features or
+attention through layout ops only - the permute to (B, H, S, D), and under diffusers' Ulysses context parallelism the
+reshapes and the ``_c10d_functional`` all-to-all before it (they stay; the op takes over the rotated value, so a
+Ulysses group fuses what one process fuses); each is the rotation above of an RMS norm over the heads' features or
 over each head; q and k use the same norm kind, head count, eps and rotation tables; no value inside the matched
 subgraphs is read by anything else (a reused intermediate keeps the unfused graph); the op accepts the shapes.
 The matcher reads the Dynamo graph's nodes (``call_method`` unflatten/unbind/type_as/permute, ``operator`` getitem /
@@ -41,6 +43,9 @@ __all__ = ["FuseQkNormRope", "RopeMatch"]
 _RMS_NORM_TARGETS = {torch.rms_norm, torch.nn.functional.rms_norm}
 _ATTENTION_OPS = (torch.ops.qsparse.sparse_attention.default,)
 _EVEN, _ODD = (Ellipsis, slice(0, None, 2)), (Ellipsis, slice(1, None, 2))
+_LAYOUT_METHODS = {"permute", "transpose", "contiguous", "reshape", "view", "flatten"}
+_COLLECTIVES = {torch.ops._c10d_functional.all_to_all_single, torch.ops._c10d_functional.all_to_all_single.default,
+                torch.ops._c10d_functional.wait_tensor, torch.ops._c10d_functional.wait_tensor.default}
 
 
 class _NoMatch(Exception):
@@ -189,12 +194,26 @@ def _check_private(match: RopeMatch) -> None:
 
 
 def _attention_input(value: Any) -> fx.Node:
-    """The (B, S, H, D) value behind an attention input that is its permute(0, 2, 1, 3) / transpose(1, 2)."""
-    if _is_method(value, "permute") and tuple(value.args[1:]) in ((0, 2, 1, 3),):
-        return value.args[0]
-    if _is_method(value, "transpose") and set(value.args[1:]) == {1, 2}:
-        return value.args[0]
-    raise _NoMatch("q/k reach the attention through something else than one permute to (B, H, S, D)")
+    """The (B, S, H, D) value behind an attention input: before its permute(0, 2, 1, 3) / transpose(1, 2), and under
+    diffusers' Ulysses attention before the all-to-all that trades the sequence shard for a head shard (reshapes,
+    permutes, ``_c10d_functional.all_to_all_single`` + ``wait_tensor``). Those nodes stay in the graph and the fused
+    op replaces only the rotated value they start from, so one process and a Ulysses group fuse the same subgraph."""
+    node = value
+    while _moves_data(node):
+        node = node.args[0]
+    if node is value:
+        raise _NoMatch("q/k reach the attention through something else than layout ops (a permute to (B, H, S, D), "
+                       "Ulysses' all-to-all)")
+    return node
+
+
+def _moves_data(node: Any) -> bool:
+    """A node that only reorders or transports its first argument's elements (layout ops, Ulysses collectives)."""
+    if not isinstance(node, fx.Node) or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    if node.op == "call_method":
+        return node.target in _LAYOUT_METHODS
+    return node.op == "call_function" and node.target in _COLLECTIVES
 
 
 def _same_table(a: fx.Node, b: fx.Node) -> bool:
