@@ -96,6 +96,9 @@ class CalibrationConfig:
     ssar_max_tokens       residuals are measured on at most this many evenly spaced tokens (host memory bound).
     ssar_rank_energy      low-rank option: smallest rank keeping this share of the residual's energy (per head);
                           a rank >= head_dim / 2 is stored as 0 (full residual: low rank would not save memory).
+    ssar_delta_ranks      ranks of QuantSparse's SVD-denoised second order (CacheConfig.delta_rank) that are replayed
+                          beside order 1 and plain order 2; each layer keeps what predicts its residual best
+                          (ssar.py). () compares only orders 1 and 2.
     refresh_budget        None: each layer's "first k, then every n-th" schedule within ``ssar_tolerance``. A share
                           in (0, 1]: at most this share of the layer-steps of a nominal run (1000 / ``ssar_step_size``
                           steps) run dense attention; each layer gets refresh steps in proportion to how fast its
@@ -145,6 +148,7 @@ class CalibrationConfig:
     ssar_refresh_first: int = 1
     ssar_max_tokens: int = 1024
     ssar_rank_energy: float = 0.99
+    ssar_delta_ranks: tuple[int, ...] = (4,)
     refresh_budget: float | None = None
 
     seed: int = 0
@@ -219,6 +223,11 @@ class CalibrationConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 _fail(name, value, "must be an int >= 1")
+        if not isinstance(self.ssar_delta_ranks, tuple) or not all(
+            isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in self.ssar_delta_ranks
+        ) or list(self.ssar_delta_ranks) != sorted(set(self.ssar_delta_ranks)):
+            _fail("ssar_delta_ranks", self.ssar_delta_ranks,
+                  "must be a tuple of ascending ints >= 1, e.g. (4,), or () to compare only orders 1 and 2")
         if self.refresh_budget is not None and not _is_fraction(self.refresh_budget):
             _fail("refresh_budget", self.refresh_budget,
                   "must be None (a tolerance-driven schedule per layer) or a share of layer-steps in (0, 1], e.g. 0.1")
@@ -234,7 +243,7 @@ class CalibrationConfig:
         """Build from a dict (CLI / JSON); unknown keys are an error that lists the valid ones."""
         values = dict(values or {})
         _check_known_fields(cls, "CalibrationConfig", values, where="qsparse_compiler.calibration")
-        for name in ("candidate_patterns", "candidate_densities", "lora_bucket_edges"):
+        for name in ("candidate_patterns", "candidate_densities", "lora_bucket_edges", "ssar_delta_ranks"):
             if isinstance(values.get(name), list):
                 values[name] = tuple(values[name])
         if isinstance(values.get("cost_table"), Mapping):

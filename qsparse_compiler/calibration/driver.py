@@ -56,7 +56,7 @@ _SELECTION_FIELDS = ("selection", "num_samples", "salient_dt", "group_size", "ac
 _STATISTICS_FIELDS = ("block_q", "block_kv", "attention_chunk_elements", "site_pattern")
 _SEARCH_FIELDS = ("density_budget", "recall_bound", "candidate_patterns", "candidate_densities", "cost_table")
 _SSAR_FIELDS = ("ssar_samples", "ssar_steps", "ssar_step_size", "ssar_tolerance", "ssar_max_every",
-                "ssar_refresh_first", "ssar_max_tokens", "ssar_rank_energy", "refresh_budget")
+                "ssar_refresh_first", "ssar_max_tokens", "ssar_rank_energy", "ssar_delta_ranks", "refresh_budget")
 _MSAD_FIELDS = ("group_size", "act_format", "scale_dtype", "msfp", "msfp_max_negative_share", "conditioning_linears",
                 "msad_steps", "msad_lr", "lambda_global", "lambda_local", "global_pool_blocks", "salient_token_fraction",
                 "seed", "lora_rank", "lora_bucket_edges", "lora_steps", "lora_lr")
