@@ -315,3 +315,52 @@ def test_conditioning_linears_calibrated_as_int4_weight_only_compile_from_the_pl
     assert all(sites[fqn].action == "int4_weight_only" and sites[fqn].details["weights"] == str(tmp_path)
                for fqn in weight_only), [sites[fqn] for fqn in weight_only]
     assert relative_error(actual, simulated) < 1e-4
+
+
+class _Killed(BaseException):
+    """Stands for a kill: not an Exception, so nothing in calibration can catch it."""
+
+
+def _stage_names(out) -> list[str]:
+    return sorted(str(p.relative_to(out / driver.CHECKPOINT_DIR).with_suffix(""))
+                  for p in (out / driver.CHECKPOINT_DIR).rglob("*.json"))
+
+
+@pytest.mark.parametrize("when", ["after_write", "mid_write"])
+def test_a_kill_at_any_stage_resumes_to_the_uninterrupted_plan(calibrated, tmp_path, monkeypatch, when):
+    """Kill calibration at each stage - right after its checkpoint is written, or while it is being written (between
+    the temporary file and its rename) - then resume: the plan equals the uninterrupted run's, and no checkpoint
+    file is ever half-written."""
+    from qsparse_compiler.calibration import checkpoint
+
+    tiny, samples, reference_out, plan = calibrated
+    stages = _stage_names(reference_out)
+    assert {"selection", "statistics", "search", "ssar", "msad/blocks.0", "msad/blocks.1"} <= set(stages)
+    original_save, original_replace = checkpoint.StageStore.save, checkpoint.Path.replace
+    for target in stages:
+        out = tmp_path / f"{when}-{target.replace('/', '_')}"
+
+        def save(self, name, key, data, tensors=None, _target=target):
+            if when == "mid_write" and name == _target:
+                def torn(path, destination):  # the temporary file is complete; the kill lands before its rename
+                    raise _Killed
+                monkeypatch.setattr(checkpoint.Path, "replace", torn)
+            original_save(self, name, key, data, tensors)
+            if name == _target:
+                raise _Killed
+
+        monkeypatch.setattr(checkpoint.StageStore, "save", save)
+        with pytest.raises(_Killed):
+            calibrate(tiny.model, samples, tiny_config(), out=out)
+        monkeypatch.setattr(checkpoint.StageStore, "save", original_save)
+        monkeypatch.setattr(checkpoint.Path, "replace", original_replace)
+        for path in (out / driver.CHECKPOINT_DIR).rglob("*.json"):
+            json.loads(path.read_text())  # every checkpoint in place parses
+        resumed = calibrate(tiny.model, samples, tiny_config(), out=out)
+        status = resumed.metadata["calibration"]["stages"]
+        assert status[target] == ("resumed" if when == "after_write" else "computed"), target
+        assert resumed.attentions == plan.attentions and resumed.linears == plan.linears, target
+        assert resumed.tensors.keys() == plan.tensors.keys()
+        for name, tensor in plan.tensors.items():
+            assert torch.equal(resumed.tensors[name], tensor), (target, name)
+        assert when == "mid_write" or not list((out / driver.CHECKPOINT_DIR).rglob("*.tmp"))
