@@ -160,6 +160,7 @@ def calibrate(
         options = dict(pipeline_kwargs or {})
         samples = collect_pipeline_samples(model_or_pipeline, list(samples), every=options.pop("every", 5), **options)
     candidates = check_samples(samples)
+    _check_sample_count(candidates, config)
     _check_parameters(model)
     device = next(model.parameters()).device
     candidates = _to_device(candidates, device)
@@ -189,6 +190,13 @@ def calibrate(
         search_key = stage_key("search", statistics_key, config.stage_hash(*_SEARCH_FIELDS), sorted(PATTERNS))
         search = run(Stage("search", search_key, lambda: search_patterns(stats.attentions, config),
                            encode=lambda result: (result.to_json(),), decode=lambda data, _: SearchResult.from_json(data)))
+        if not search.budget_met:
+            raise CalibrationError(
+                f"qsparse_compiler.calibration: no pattern meets density_budget={config.density_budget:g}: with every "
+                f"head at its cheapest candidate the searched attentions still compute {search.total_density:.4g} of "
+                "their video tiles; raise density_budget to at least that, or add cheaper candidate_densities / "
+                "candidate_patterns"
+            )
         specs = {fqn: _spec(search.head_patterns(fqn)) for fqn in search.heads}
 
         ssar_key = stage_key("ssar", search_key, config.stage_hash(*_SSAR_FIELDS))
@@ -303,6 +311,16 @@ def _decode_msad(data: dict[str, Any], tensors: Mapping[str, torch.Tensor], line
     }
     block_lora = {k: v for k, v in tensors.items() if k.endswith((".lora_a", ".lora_b"))}
     return data, block_packed, block_lora
+
+
+def _check_sample_count(candidates: Sequence[Mapping[str, Any]], config: CalibrationConfig) -> None:
+    """A selection of more samples than exist would quietly calibrate on all of them: refuse it instead."""
+    if config.selection != "all" and config.num_samples > len(candidates):
+        raise CalibrationError(
+            f"qsparse_compiler.calibration: selection={config.selection!r} asks for num_samples={config.num_samples} "
+            f"but only {len(candidates)} candidate sample(s) were given; pass more samples, lower num_samples to at "
+            f"most {len(candidates)}, or use selection='all' (or num_samples=0)"
+        )
 
 
 def _select(model: torch.nn.Module, candidates: list[dict[str, Any]], config: CalibrationConfig) -> dict[str, Any]:

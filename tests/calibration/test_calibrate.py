@@ -364,3 +364,27 @@ def test_a_kill_at_any_stage_resumes_to_the_uninterrupted_plan(calibrated, tmp_p
         for name, tensor in plan.tensors.items():
             assert torch.equal(resumed.tensors[name], tensor), (target, name)
         assert when == "mid_write" or not list((out / driver.CHECKPOINT_DIR).rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("selection", ["salient", "uniform"])
+def test_too_few_samples_for_the_selection_names_num_samples(selection):
+    tiny, samples = wan_and_samples(count=3)
+    with pytest.raises(CalibrationError, match=r"num_samples=5 but only 3 candidate .*lower num_samples to at most 3"):
+        calibrate(tiny.model, samples, tiny_config(num_samples=5, selection=selection))
+
+
+def test_a_budget_no_pattern_meets_names_density_budget_and_the_reachable_density():
+    tiny, samples = wan_and_samples(count=2)
+    # only a dense-ish window may be picked, and the budget is below what it computes
+    config = tiny_config(num_samples=0, selection="all", candidate_patterns=("local3d",), candidate_densities=(0.9,),
+                         density_budget=0.05, msad_steps=0)
+    with pytest.raises(CalibrationError, match=r"density_budget=0.05: .*compute \d\.\d+ of their video tiles; raise "
+                                               r"density_budget"):
+        calibrate(tiny.model, samples, config)
+
+
+def test_non_finite_sample_says_what_to_change():
+    tiny, samples = wan_and_samples(count=3)
+    samples[2]["hidden_states"].view(-1)[3] = float("nan")
+    with pytest.raises(CalibrationError, match="sample 2 input 'hidden_states'.*drop the sample from the list"):
+        calibrate(tiny.model, samples, tiny_config())
