@@ -79,6 +79,11 @@ class CalibrationConfig:
     global_pool_blocks    the global term pools attention maps to at most this many blocks per side.
     salient_token_fraction  share of tokens (by attention received) the local term looks at.
 
+    dfa                   MSFP's denoising-factor loss alignment (dfa.py) for MSAD and TALoRA: each sample's loss is
+                          weighted by the squared denoising factor of its timestep (normalised to mean 1).
+    dfa_flow_shift        the sampler's flow shift s (diffusers' FlowMatchEulerDiscreteScheduler ``shift``; Wan
+                          480p: 3.0) that sets the factors; with s = 1 every step weighs the same.
+
     Timestep-aware LoRA (MSFP's TALoRA, lora.py), trained after the scales, with the scales frozen (so the plan's
     weights stay right where the LoRA is not applied, e.g. the backend's reported fallback without a timestep):
     lora_rank             rank of each correction; 0 = off (the default). The backend applies it in the compiled
@@ -134,6 +139,8 @@ class CalibrationConfig:
     lambda_local: float = 1.0
     global_pool_blocks: int = 8
     salient_token_fraction: float = 0.05
+    dfa: bool = False
+    dfa_flow_shift: float = 1.0
 
     lora_rank: int = 0
     lora_bucket_edges: tuple[float, ...] = (250.0, 500.0, 750.0)
@@ -233,6 +240,12 @@ class CalibrationConfig:
                   "must be None (a tolerance-driven schedule per layer) or a share of layer-steps in (0, 1], e.g. 0.1")
         if not _is_fraction(self.ssar_rank_energy):
             _fail("ssar_rank_energy", self.ssar_rank_energy, "must be in (0, 1], e.g. 0.99")
+        if not isinstance(self.dfa, bool):
+            _fail("dfa", self.dfa, "must be True or False")
+        if isinstance(self.dfa_flow_shift, bool) or not isinstance(self.dfa_flow_shift, (int, float)) \
+                or not self.dfa_flow_shift >= 1.0 or math.isinf(self.dfa_flow_shift):
+            _fail("dfa_flow_shift", self.dfa_flow_shift,
+                  "must be a finite number >= 1 (the sampler's flow shift; 1 = no shift), e.g. 3.0 for Wan 480p")
         if not isinstance(self.progress, bool):
             _fail("progress", self.progress, "must be True or False")
         if self.version != 1:

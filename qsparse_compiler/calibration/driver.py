@@ -59,7 +59,7 @@ _SSAR_FIELDS = ("ssar_samples", "ssar_steps", "ssar_step_size", "ssar_tolerance"
                 "ssar_refresh_first", "ssar_max_tokens", "ssar_rank_energy", "ssar_delta_ranks", "refresh_budget")
 _MSAD_FIELDS = ("group_size", "act_format", "scale_dtype", "msfp", "msfp_max_negative_share", "conditioning_linears",
                 "msad_steps", "msad_lr", "lambda_global", "lambda_local", "global_pool_blocks", "salient_token_fraction",
-                "seed", "lora_rank", "lora_bucket_edges", "lora_steps", "lora_lr")
+                "dfa", "dfa_flow_shift", "seed", "lora_rank", "lora_bucket_edges", "lora_steps", "lora_lr")
 
 
 def _transformer(model_or_pipeline: Any) -> torch.nn.Module:
