@@ -37,7 +37,7 @@ from ..plan.schema import AttentionPlan, LinearPlan, ModelFingerprint, Plan
 from .checkpoint import StageStore, stage_key
 from .config import CalibrationConfig, CalibrationError
 from .hooks import transformer_blocks
-from .progress import track
+from .progress import stage_done, track
 from .msad import distill_block
 from .pipeline import collect_pipeline_samples
 from .salient import score_samples, select_samples, selection_report, SampleScore
@@ -165,7 +165,7 @@ def calibrate(
     device = next(model.parameters()).device
     candidates = _to_device(candidates, device)
     folder = Path(out) if out is not None else None
-    run = _StageRunner(StageStore(folder / CHECKPOINT_DIR if folder is not None else None, resume))
+    run = _StageRunner(StageStore(folder / CHECKPOINT_DIR if folder is not None else None, resume), config.progress)
     fingerprint = ModelFingerprint.of(model)
     base_key = stage_key(asdict(fingerprint), samples_digest(candidates))
     was_training = model.training
@@ -265,8 +265,9 @@ class _StageRunner:
     """The one checkpoint path: a stage resumes from ``store`` when its key matches, else it computes and saves;
     ``status`` and ``seconds`` record what each stage did and how long it took, for the plan's metadata."""
 
-    def __init__(self, store: StageStore) -> None:
+    def __init__(self, store: StageStore, progress: bool = False) -> None:
         self.store = store
+        self.progress = progress
         self.status: dict[str, str] = {}
         self.seconds: dict[str, float] = {}
 
@@ -281,7 +282,9 @@ class _StageRunner:
             result = stage.decode(*record)
             self.status[stage.name] = "resumed"
         label = timed_as or stage.name
-        self.seconds[label] = self.seconds.get(label, 0.0) + time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        self.seconds[label] = self.seconds.get(label, 0.0) + elapsed
+        stage_done(stage.name, self.status[stage.name], elapsed, self.progress)
         return result
 
 

@@ -388,3 +388,13 @@ def test_non_finite_sample_says_what_to_change():
     samples[2]["hidden_states"].view(-1)[3] = float("nan")
     with pytest.raises(CalibrationError, match="sample 2 input 'hidden_states'.*drop the sample from the list"):
         calibrate(tiny.model, samples, tiny_config())
+
+
+def test_progress_prints_a_line_per_stage_computed_or_resumed(calibrated, capsys):
+    tiny, samples, out, plan = calibrated
+    calibrate(tiny.model, samples, tiny_config(progress=True), out=out)  # progress is not in any stage's key
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("calibration: ")]
+    stages = plan.metadata["calibration"]["stages"]
+    assert len(lines) == len([s for s in stages.values() if not s.startswith("skipped")])
+    assert all(" resumed in " in line and line.endswith(" s") for line in lines)
+    assert {line.split()[1] for line in lines} == {name for name, s in stages.items() if not s.startswith("skipped")}
