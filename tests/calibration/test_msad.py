@@ -99,7 +99,8 @@ def test_dfa_weights_each_samples_loss_by_its_factor():
     from qsparse_compiler.calibration.dfa import dfa_weights
 
     tiny, samples = wan_and_samples(count=2)  # timesteps 100 and 900
-    linears = {fqn: LinearPlan(32, "fp8_e4m3", "bfloat16") for fqn in block_linear_names(tiny.model, tiny_config().site_pattern)}
+    names = block_linear_names(tiny.model, tiny_config().site_pattern)
+    linears = {fqn: LinearPlan(32, "fp8_e4m3", "bfloat16") for fqn in names}
     specs = {"blocks.0.attn1": "local3d:0.3"}
 
     def loss(ids, **overrides):

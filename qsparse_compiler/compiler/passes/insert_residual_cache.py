@@ -106,7 +106,8 @@ class InsertResidualCache:
             denoised = f" (dR denoised to rank {schedule.delta_rank})" if schedule.delta_rank else ""
             ctx.report.add(
                 fqn, "residual_cache", "residual_attention",
-                f"order {schedule.order}{denoised}, refresh first {schedule.refresh_first} then every {schedule.refresh_every}, "
+                f"order {schedule.order}{denoised}, refresh first {schedule.refresh_first} "
+                f"then every {schedule.refresh_every}, "
                 f"rank {schedule.rank or 'full'}, storage {schedule.storage}, mode {schedule.mode}",
                 precision=precision,
             )
