@@ -227,6 +227,10 @@ class CacheConfig:
                    refused (runtime/residual_cache.py), since the schedule would not fit its steps.
     order          1: reuse R; 2: R + (steps since refresh) * dR, dR the per-step change between two refreshes.
     rank           0: store R per head in full; r > 0: a rank-r factorization (truncated SVD) per head.
+    delta_rank     order 2 only, full-rank caches: 0 extrapolates with dR as measured; r > 0 stores dR's best rank-r
+                   approximation per head instead (QuantSparse's SVD-denoised second order, the beta term;
+                   ops/residual_attention.py). A refresh then runs an SVD, which the fused CUDA step lacks: it runs
+                   the op's reference (reuse steps stay fused). Calibration picks it per layer where it predicts better.
     storage        see CACHE_STORAGES (full rank only).
     max_branches   calls of one site within one step (2 = conditional + unconditional CFG passes).
     mode           see CACHE_MODES.
@@ -241,6 +245,7 @@ class CacheConfig:
     num_steps: int = 0
     order: int = 2
     rank: int = 0
+    delta_rank: int = 0
     storage: str = "model"
     max_branches: int = 2
     mode: str = "auto"
@@ -248,7 +253,8 @@ class CacheConfig:
     version: int = 1
 
     def __post_init__(self) -> None:
-        _refuse_bools("CacheConfig", self, ("refresh_first", "refresh_every", "order", "rank", "max_branches"))
+        _refuse_bools("CacheConfig", self, ("refresh_first", "refresh_every", "order", "rank", "delta_rank",
+                                           "max_branches"))
         if not isinstance(self.enabled, bool):
             _fail("CacheConfig", "enabled", self.enabled, "must be True or False")
         if not isinstance(self.refresh_first, int) or self.refresh_first < 1:
@@ -265,6 +271,15 @@ class CacheConfig:
             _fail("CacheConfig", "order", self.order, "needs two refreshes to form dR: refresh_first >= 2")
         if not isinstance(self.rank, int) or self.rank < 0:
             _fail("CacheConfig", "rank", self.rank, "must be 0 (full) or a positive int")
+        if not isinstance(self.delta_rank, int) or self.delta_rank < 0:
+            _fail("CacheConfig", "delta_rank", self.delta_rank, "must be 0 (dR as measured) or a positive int")
+        if self.delta_rank and self.order != 2:
+            _fail("CacheConfig", "delta_rank", self.delta_rank,
+                  f"denoises the second-order term dR, which order={self.order} does not use; use order=2 or delta_rank=0")
+        if self.delta_rank and self.rank:
+            _fail("CacheConfig", "delta_rank", self.delta_rank,
+                  f"applies to full-rank caches only: rank={self.rank} already stores dR as its rank-{self.rank} "
+                  "truncated SVD; use rank=0 or delta_rank=0")
         if self.storage not in CACHE_STORAGES:
             _fail("CacheConfig", "storage", self.storage, f"must be one of {CACHE_STORAGES}")
         if self.storage != "model" and self.rank:

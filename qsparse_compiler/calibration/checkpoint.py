@@ -1,6 +1,8 @@
 """Per-stage checkpoints of a calibration run, in ``<out>/calibration/`` (json + safetensors, never pickle).
 
-Each stage writes its tensors first and its json last (a json that exists names tensors that exist), and the json
+Each stage writes its tensors first and its json last (a json that exists names tensors that exist), each file to a
+temporary name renamed into place (atomic on POSIX: a kill mid-write leaves the old file or none, never half of
+one; a tensor file that still fails to load is recomputed, not trusted), and the json
 holds the stage's *key*: a hash of everything the stage's result depends on (the config fields it reads, the model
 fingerprint, the samples, the keys of the stages before it). ``resume=True`` reuses a stage whose key matches and
 recomputes it otherwise, so a changed setting never silently reuses a stale result.
@@ -51,7 +53,10 @@ class StageStore:
             tensor_path = self.folder / f"{name}.safetensors"
             if not tensor_path.is_file():
                 return None
-            tensors = load_file(str(tensor_path))
+            try:
+                tensors = load_file(str(tensor_path))
+            except Exception:  # safetensors' own error types vary by version: any unreadable file is recomputed
+                return None
         return record["data"], tensors
 
     def save(self, name: str, key: str, data: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None) -> None:
@@ -62,7 +67,10 @@ class StageStore:
         if tensors:
             from safetensors.torch import save_file
 
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(self.folder / f"{name}.safetensors"))
+            tensor_path = self.folder / f"{name}.safetensors"
+            tensor_tmp = tensor_path.with_suffix(".safetensors.tmp")
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tensor_tmp))
+            tensor_tmp.replace(tensor_path)
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps({"key": key, "has_tensors": bool(tensors), "data": data}, indent=1))
         tmp.replace(path)  # atomic: a crash leaves the old json or the new one, never half of one

@@ -79,6 +79,11 @@ class CalibrationConfig:
     global_pool_blocks    the global term pools attention maps to at most this many blocks per side.
     salient_token_fraction  share of tokens (by attention received) the local term looks at.
 
+    dfa                   MSFP's denoising-factor loss alignment (dfa.py) for MSAD and TALoRA: each sample's loss is
+                          weighted by the squared denoising factor of its timestep (normalised to mean 1).
+    dfa_flow_shift        the sampler's flow shift s (diffusers' FlowMatchEulerDiscreteScheduler ``shift``; Wan
+                          480p: 3.0) that sets the factors; with s = 1 every step weighs the same.
+
     Timestep-aware LoRA (MSFP's TALoRA, lora.py), trained after the scales, with the scales frozen (so the plan's
     weights stay right where the LoRA is not applied, e.g. the backend's reported fallback without a timestep):
     lora_rank             rank of each correction; 0 = off (the default). The backend applies it in the compiled
@@ -96,6 +101,9 @@ class CalibrationConfig:
     ssar_max_tokens       residuals are measured on at most this many evenly spaced tokens (host memory bound).
     ssar_rank_energy      low-rank option: smallest rank keeping this share of the residual's energy (per head);
                           a rank >= head_dim / 2 is stored as 0 (full residual: low rank would not save memory).
+    ssar_delta_ranks      ranks of QuantSparse's SVD-denoised second order (CacheConfig.delta_rank) that are replayed
+                          beside order 1 and plain order 2; each layer keeps what predicts its residual best
+                          (ssar.py). () compares only orders 1 and 2.
     refresh_budget        None: each layer's "first k, then every n-th" schedule within ``ssar_tolerance``. A share
                           in (0, 1]: at most this share of the layer-steps of a nominal run (1000 / ``ssar_step_size``
                           steps) run dense attention; each layer gets refresh steps in proportion to how fast its
@@ -131,6 +139,8 @@ class CalibrationConfig:
     lambda_local: float = 1.0
     global_pool_blocks: int = 8
     salient_token_fraction: float = 0.05
+    dfa: bool = False
+    dfa_flow_shift: float = 1.0
 
     lora_rank: int = 0
     lora_bucket_edges: tuple[float, ...] = (250.0, 500.0, 750.0)
@@ -145,6 +155,7 @@ class CalibrationConfig:
     ssar_refresh_first: int = 1
     ssar_max_tokens: int = 1024
     ssar_rank_energy: float = 0.99
+    ssar_delta_ranks: tuple[int, ...] = (4,)
     refresh_budget: float | None = None
 
     seed: int = 0
@@ -219,11 +230,22 @@ class CalibrationConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 _fail(name, value, "must be an int >= 1")
+        if not isinstance(self.ssar_delta_ranks, tuple) or not all(
+            isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in self.ssar_delta_ranks
+        ) or list(self.ssar_delta_ranks) != sorted(set(self.ssar_delta_ranks)):
+            _fail("ssar_delta_ranks", self.ssar_delta_ranks,
+                  "must be a tuple of ascending ints >= 1, e.g. (4,), or () to compare only orders 1 and 2")
         if self.refresh_budget is not None and not _is_fraction(self.refresh_budget):
             _fail("refresh_budget", self.refresh_budget,
                   "must be None (a tolerance-driven schedule per layer) or a share of layer-steps in (0, 1], e.g. 0.1")
         if not _is_fraction(self.ssar_rank_energy):
             _fail("ssar_rank_energy", self.ssar_rank_energy, "must be in (0, 1], e.g. 0.99")
+        if not isinstance(self.dfa, bool):
+            _fail("dfa", self.dfa, "must be True or False")
+        if isinstance(self.dfa_flow_shift, bool) or not isinstance(self.dfa_flow_shift, (int, float)) \
+                or not self.dfa_flow_shift >= 1.0 or math.isinf(self.dfa_flow_shift):
+            _fail("dfa_flow_shift", self.dfa_flow_shift,
+                  "must be a finite number >= 1 (the sampler's flow shift; 1 = no shift), e.g. 3.0 for Wan 480p")
         if not isinstance(self.progress, bool):
             _fail("progress", self.progress, "must be True or False")
         if self.version != 1:
@@ -234,7 +256,7 @@ class CalibrationConfig:
         """Build from a dict (CLI / JSON); unknown keys are an error that lists the valid ones."""
         values = dict(values or {})
         _check_known_fields(cls, "CalibrationConfig", values, where="qsparse_compiler.calibration")
-        for name in ("candidate_patterns", "candidate_densities", "lora_bucket_edges"):
+        for name in ("candidate_patterns", "candidate_densities", "lora_bucket_edges", "ssar_delta_ranks"):
             if isinstance(values.get(name), list):
                 values[name] = tuple(values[name])
         if isinstance(values.get("cost_table"), Mapping):

@@ -37,7 +37,7 @@ from ..plan.schema import AttentionPlan, LinearPlan, ModelFingerprint, Plan
 from .checkpoint import StageStore, stage_key
 from .config import CalibrationConfig, CalibrationError
 from .hooks import transformer_blocks
-from .progress import track
+from .progress import stage_done, track
 from .msad import distill_block
 from .pipeline import collect_pipeline_samples
 from .salient import score_samples, select_samples, selection_report, SampleScore
@@ -56,10 +56,10 @@ _SELECTION_FIELDS = ("selection", "num_samples", "salient_dt", "group_size", "ac
 _STATISTICS_FIELDS = ("block_q", "block_kv", "attention_chunk_elements", "site_pattern")
 _SEARCH_FIELDS = ("density_budget", "recall_bound", "candidate_patterns", "candidate_densities", "cost_table")
 _SSAR_FIELDS = ("ssar_samples", "ssar_steps", "ssar_step_size", "ssar_tolerance", "ssar_max_every",
-                "ssar_refresh_first", "ssar_max_tokens", "ssar_rank_energy", "refresh_budget")
+                "ssar_refresh_first", "ssar_max_tokens", "ssar_rank_energy", "ssar_delta_ranks", "refresh_budget")
 _MSAD_FIELDS = ("group_size", "act_format", "scale_dtype", "msfp", "msfp_max_negative_share", "conditioning_linears",
                 "msad_steps", "msad_lr", "lambda_global", "lambda_local", "global_pool_blocks", "salient_token_fraction",
-                "seed", "lora_rank", "lora_bucket_edges", "lora_steps", "lora_lr")
+                "dfa", "dfa_flow_shift", "seed", "lora_rank", "lora_bucket_edges", "lora_steps", "lora_lr")
 
 
 def _transformer(model_or_pipeline: Any) -> torch.nn.Module:
@@ -160,11 +160,12 @@ def calibrate(
         options = dict(pipeline_kwargs or {})
         samples = collect_pipeline_samples(model_or_pipeline, list(samples), every=options.pop("every", 5), **options)
     candidates = check_samples(samples)
+    _check_sample_count(candidates, config)
     _check_parameters(model)
     device = next(model.parameters()).device
     candidates = _to_device(candidates, device)
     folder = Path(out) if out is not None else None
-    run = _StageRunner(StageStore(folder / CHECKPOINT_DIR if folder is not None else None, resume))
+    run = _StageRunner(StageStore(folder / CHECKPOINT_DIR if folder is not None else None, resume), config.progress)
     fingerprint = ModelFingerprint.of(model)
     base_key = stage_key(asdict(fingerprint), samples_digest(candidates))
     was_training = model.training
@@ -189,6 +190,13 @@ def calibrate(
         search_key = stage_key("search", statistics_key, config.stage_hash(*_SEARCH_FIELDS), sorted(PATTERNS))
         search = run(Stage("search", search_key, lambda: search_patterns(stats.attentions, config),
                            encode=lambda result: (result.to_json(),), decode=lambda data, _: SearchResult.from_json(data)))
+        if not search.budget_met:
+            raise CalibrationError(
+                f"qsparse_compiler.calibration: no pattern meets density_budget={config.density_budget:g}: with every "
+                f"head at its cheapest candidate the searched attentions still compute {search.total_density:.4g} of "
+                "their video tiles; raise density_budget to at least that, or add cheaper candidate_densities / "
+                "candidate_patterns"
+            )
         specs = {fqn: _spec(search.head_patterns(fqn)) for fqn in search.heads}
 
         ssar_key = stage_key("ssar", search_key, config.stage_hash(*_SSAR_FIELDS))
@@ -257,8 +265,9 @@ class _StageRunner:
     """The one checkpoint path: a stage resumes from ``store`` when its key matches, else it computes and saves;
     ``status`` and ``seconds`` record what each stage did and how long it took, for the plan's metadata."""
 
-    def __init__(self, store: StageStore) -> None:
+    def __init__(self, store: StageStore, progress: bool = False) -> None:
         self.store = store
+        self.progress = progress
         self.status: dict[str, str] = {}
         self.seconds: dict[str, float] = {}
 
@@ -273,7 +282,9 @@ class _StageRunner:
             result = stage.decode(*record)
             self.status[stage.name] = "resumed"
         label = timed_as or stage.name
-        self.seconds[label] = self.seconds.get(label, 0.0) + time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        self.seconds[label] = self.seconds.get(label, 0.0) + elapsed
+        stage_done(stage.name, self.status[stage.name], elapsed, self.progress)
         return result
 
 
@@ -303,6 +314,16 @@ def _decode_msad(data: dict[str, Any], tensors: Mapping[str, torch.Tensor], line
     }
     block_lora = {k: v for k, v in tensors.items() if k.endswith((".lora_a", ".lora_b"))}
     return data, block_packed, block_lora
+
+
+def _check_sample_count(candidates: Sequence[Mapping[str, Any]], config: CalibrationConfig) -> None:
+    """A selection of more samples than exist would quietly calibrate on all of them: refuse it instead."""
+    if config.selection != "all" and config.num_samples > len(candidates):
+        raise CalibrationError(
+            f"qsparse_compiler.calibration: selection={config.selection!r} asks for num_samples={config.num_samples} "
+            f"but only {len(candidates)} candidate sample(s) were given; pass more samples, lower num_samples to at "
+            f"most {len(candidates)}, or use selection='all' (or num_samples=0)"
+        )
 
 
 def _select(model: torch.nn.Module, candidates: list[dict[str, Any]], config: CalibrationConfig) -> dict[str, Any]:

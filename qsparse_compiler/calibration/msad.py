@@ -19,11 +19,13 @@ For block b (memory-bounded: only this block's inputs, for the selected samples,
         + lambda_local  * sum_j w_j ||out_s[j] - out_t[j]||^2 / mean_j ||out_t[j]||^2              (salient tokens)
    where j runs over the top ``salient_token_fraction`` tokens by attention received in the teacher and w_j is that
    attention, normalised (S²Q's sparse token distillation). Adam on the log scales for ``msad_steps`` steps.
+   With ``dfa`` (MSFP's denoising-factor loss alignment, dfa.py) each sample's loss is multiplied by its weight
+   f(t)^2 (mean 1 over the samples), in training and in every evaluation that decides what is kept.
 5. the learned scales (rounded to their storage dtype) and the codes they give are packed for the plan; if training
    did not lower the loss below round-to-nearest's, round-to-nearest is kept (and the result says so).
 6. optional (``lora_rank`` > 0): timestep-aware LoRA (MSFP's TALoRA, lora.py) trained with the scales frozen
-   against dense attention (output and salient-token terms), kept if it lowers that loss: it corrects the
-   quantization error, while the residual cache corrects the sparsity's. W4A8 linears only.
+   against dense attention (output and salient-token terms; DFA-weighted with ``dfa``), kept if it lowers that loss:
+   it corrects the quantization error, while the residual cache corrects the sparsity's. W4A8 linears only.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from ..plan.schema import LinearPlan
 from ..formats.patterns import TokenGrid
 from .attention_maps import attention_received, pooled_attention_mass
 from .config import CalibrationConfig, CalibrationError
+from .dfa import dfa_weights
 from .fake_quant import FakeQuantLinear
 from ..ops.context import latent_grid
 from .hooks import AttentionCall, AttentionInterceptor
@@ -176,9 +179,11 @@ def _salient_weights(out: torch.Tensor, received: list[tuple[torch.Tensor, Token
 
 
 def msad_loss(
-    out_s: torch.Tensor, target: _Target, maps_s: Mapping[str, torch.Tensor], config: CalibrationConfig
+    out_s: torch.Tensor, target: _Target, maps_s: Mapping[str, torch.Tensor], config: CalibrationConfig,
+    weight: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The MSAD loss of one sample and its terms (see the module docstring)."""
+    """The MSAD loss of one sample and its terms (see the module docstring); ``weight`` (DFA) scales the total, the
+    terms are reported unweighted."""
     t = target.out
     output = (out_s - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-30)
     total = output
@@ -195,6 +200,9 @@ def msad_loss(
         local = (target.weights * per_token / scale).sum(1).mean()
         total = total + config.lambda_local * local
         terms["local"] = float(local.detach())
+    if weight != 1.0:
+        total = total * weight
+        terms["dfa_weight"] = weight
     terms["total"] = float(total.detach())
     return total, terms
 
@@ -245,6 +253,7 @@ def distill_block(
     student_inputs = [_to_float32(inp) for inp in inputs]
     state = TimestepState(config.lora_bucket_edges)
     timesteps = [samples[i]["timestep"] for i in ids]
+    weights = dfa_weights(timesteps, config.dfa_flow_shift) if config.dfa else [1.0] * len(ids)
 
     def run_student(j: int) -> tuple[torch.Tensor, dict[str, float]]:
         # ``attention``: the plan's patterns, rebound to dense attention for the LoRA stage below.
@@ -252,7 +261,7 @@ def distill_block(
         state.set(timesteps[j])  # the bucket of the timestep-aware LoRA (when attached)
         with AttentionInterceptor(student, attention, prefix=block_fqn, grid=grids[j], model_for_grid=model):
             out = _first_tensor(student(*student_inputs[j][0], **student_inputs[j][1])).to(torch.float32)
-        loss, terms = msad_loss(out, targets[j], attention.maps, config)
+        loss, terms = msad_loss(out, targets[j], attention.maps, config, weights[j])
         if not math.isfinite(terms["total"]):
             raise CalibrationError(
                 f"qsparse_compiler.calibration.msad: the distillation loss of {block_fqn} is {terms['total']} on sample "
@@ -263,7 +272,7 @@ def distill_block(
     def evaluate() -> tuple[float, dict[str, float]]:
         with torch.no_grad():
             all_terms = [run_student(j)[1] for j in range(len(ids))]
-        mean = {k: sum(t.get(k, 0.0) for t in all_terms) / len(all_terms) for k in all_terms[0]}
+        mean = {k: sum(t.get(k, 0.0) for t in all_terms) / len(all_terms) for k in all_terms[0] if k != "dfa_weight"}
         return mean["total"], mean
 
     def train(params: list[torch.nn.Parameter], steps: int, lr: float, seed: int) -> None:

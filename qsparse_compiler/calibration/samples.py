@@ -37,7 +37,8 @@ def check_samples(samples: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             if not bool(torch.isfinite(tensor).all()):
                 raise CalibrationError(
                     f"qsparse_compiler.calibration: sample {index} input '{path}' {tuple(tensor.shape)} holds NaN/inf; "
-                    "calibration needs finite inputs - check the latents / text embeddings that produced it"
+                    "calibration needs finite inputs - check the latents / text embeddings that produced it, or drop the "
+                    "sample from the list"
                 )
         checked.append(dict(sample))
     return checked

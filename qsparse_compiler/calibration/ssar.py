@@ -8,16 +8,22 @@ pattern (the reference math of the sparse op) and R is kept per layer.
 Choice: the runtime schedule is "refresh the first k steps, then every n-th"; between refreshes it predicts
     order 1:  R_hat = R_last
     order 2:  R_hat = R_last + (steps since refresh) * dR,  dR = (R_last - R_prev) / (steps between the two refreshes)
-(order 2 with a single refresh so far falls back to order 1). Each (k, n, order) with k >= ``ssar_refresh_first`` and
+(order 2 with a single refresh so far falls back to order 1), and for each r in ``ssar_delta_ranks`` QuantSparse's
+denoised second order (CacheConfig.delta_rank = r)
+    order 2, rank r:  R_hat = R_last + (steps since refresh) * SVD_r(dR)
+with SVD_r the best rank-r approximation per (batch, head) over the measured tokens (the runtime's is over all tokens).
+Each (k, n, order, r) with k >= ``ssar_refresh_first`` and
 n <= ``ssar_max_every`` is replayed on the measured residuals; it is admissible when the worst relative prediction
 error ||R_hat - R|| / ||R|| over the reuse steps stays within ``ssar_tolerance``. Among admissible schedules the one
-with the fewest refreshes over a nominal run of 1000 / ``ssar_step_size`` steps wins (ties: lower error, then order 1).
+with the fewest refreshes over a nominal run of 1000 / ``ssar_step_size`` steps wins (ties: lower error, then the
+cheaper variant: order 1, plain order 2, then the lowest denoising rank).
 An interval counts only if the measured trajectory contains one whole reuse interval after the first k steps
 (k + n - 1 < ``ssar_steps``): a schedule the measurement cannot see fail is not admissible.
 Rank: the smallest r whose truncated SVD keeps ``ssar_rank_energy`` of R's energy for every head and step; r >= D / 2
 is stored as 0 (the full residual: low rank would not save memory).
 
-Stored in ``AttentionPlan.cache`` as {"refresh_first": k, "refresh_every": n, "order": 1|2, "rank": r}.
+Stored in ``AttentionPlan.cache`` as {"refresh_first": k, "refresh_every": n, "order": 1|2, "rank": r}, plus
+"delta_rank" where the denoised variant won.
 
 Refresh budget (``CalibrationConfig.refresh_budget`` = b): the schedules above let every layer refresh at the same
 steps, and each refresh step pays dense attention in every layer at once. With a budget, the run of N = 1000 /
@@ -32,12 +38,13 @@ steps, and each refresh step pays dense attention in every layer at once. With a
   placed on the least loaded step near its ideal position, never on a step where every other layer already
   refreshes: no step after step 0 runs every layer dense (with more than one layer and b < 1);
 - one order and one rank for every layer (they shape the compiled graph, and regional compilation shares one graph
-  between the blocks; the refresh steps are host-side and differ freely): order 2 where every layer refreshes at
-  least twice, the measured trajectory covers one reuse interval of each layer and order 2 predicts each better,
-  else order 1 (extrapolating dR over more steps than were measured is not verified); the full residual if any
-  layer needs it, else the largest rank.
-Stored as {"refresh_steps": [0, ...], "num_steps": N, "order": 1|2, "rank": r}: the runtime follows each layer's
-steps (config.CacheConfig.refresh_steps) and refuses a generation of another length.
+  between the blocks; the refresh steps are host-side and differ freely): an order-2 variant (plain or denoised to a
+  rank of ``ssar_delta_ranks``) where every layer refreshes at least twice, the measured trajectory covers one reuse
+  interval of each layer and the variant predicts each better than order 1 (of several such, the lowest summed
+  error), else order 1 (extrapolating dR over more steps than were measured is not verified); the full residual if
+  any layer needs it, else the largest rank.
+Stored as {"refresh_steps": [0, ...], "num_steps": N, "order": 1|2, "rank": r} (+ "delta_rank"): the runtime follows
+each layer's steps (config.CacheConfig.refresh_steps) and refuses a generation of another length.
 Memory: the residuals of every searched layer for every measured step, on the host, each B x H x T x D fp32 with
 T = min(S, ``ssar_max_tokens``) evenly spaced tokens (30 layers x 6 steps x 12 heads x 1024 tokens x 128: 1.1 GB).
 """
@@ -51,6 +58,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..formats.pattern_spec import parse_pattern_spec
+from ..ops.residual_attention import denoise_delta
 from .attention_maps import sparse_attention_chunked
 from .config import CalibrationConfig, CalibrationError
 from .hooks import AttentionCall, AttentionInterceptor
@@ -72,10 +80,12 @@ class SSARChoice:
     rank: int
     max_error: float
     refreshes_nominal: int
+    delta_rank: int = 0
 
     def cache(self) -> dict[str, int]:
-        return {"refresh_first": self.refresh_first, "refresh_every": self.refresh_every, "order": self.order,
-                "rank": self.rank}
+        cache = {"refresh_first": self.refresh_first, "refresh_every": self.refresh_every, "order": self.order,
+                 "rank": self.rank}
+        return {**cache, "delta_rank": self.delta_rank} if self.delta_rank else cache
 
 
 @torch.no_grad()
@@ -143,8 +153,10 @@ def _relative(error: torch.Tensor, reference: torch.Tensor) -> float:
     return float(error.norm()) / ref if ref > 0 else 0.0
 
 
-def replay_error(steps: Sequence[torch.Tensor], refresh_first: int, refresh_every: int, order: int) -> float:
-    """Worst relative error of the predicted residual over the reuse steps of one measured trajectory."""
+def replay_error(steps: Sequence[torch.Tensor], refresh_first: int, refresh_every: int, order: int,
+                 delta_rank: int = 0) -> float:
+    """Worst relative error of the predicted residual over the reuse steps of one measured trajectory (order 2 with
+    ``delta_rank`` r > 0: dR denoised to rank r, as the op does)."""
     worst = 0.0
     last: tuple[int, torch.Tensor] | None = None
     prev: tuple[int, torch.Tensor] | None = None
@@ -154,7 +166,7 @@ def replay_error(steps: Sequence[torch.Tensor], refresh_first: int, refresh_ever
             continue
         predicted = last[1]
         if order == 2 and prev is not None:
-            slope = (last[1] - prev[1]) / (last[0] - prev[0])
+            slope = denoise_delta((last[1] - prev[1]) / (last[0] - prev[0]), delta_rank)
             predicted = last[1] + (step - last[0]) * slope
         worst = max(worst, _relative(predicted - r, r))
     return worst
@@ -172,26 +184,35 @@ def _rank(trajectories: Sequence[Sequence[torch.Tensor]], energy: float) -> int:
     return 0 if 2 * needed >= head_dim else needed
 
 
+def _order_variants(trajectories: Sequence[Sequence[torch.Tensor]], config: CalibrationConfig,
+                    rank: int) -> list[tuple[int, int]]:
+    """(order, delta_rank) to replay, cheapest first. A denoising rank >= min(T, D) would change nothing, and a
+    low-rank cache (``rank`` > 0) already stores dR as a truncated SVD: neither replays a denoised variant."""
+    tokens, head_dim = trajectories[0][0].shape[-2:]
+    ranks = () if rank else config.ssar_delta_ranks
+    return [(1, 0), (2, 0), *((2, r) for r in ranks if r < min(tokens, head_dim))]
+
+
 def choose_ssar(trajectories: Sequence[Sequence[torch.Tensor]], config: CalibrationConfig) -> SSARChoice:
     nominal = max(1, round(1000.0 / config.ssar_step_size))
     length = min(len(steps) for steps in trajectories)
+    rank = _rank(trajectories, config.ssar_rank_energy)
+    variants = _order_variants(trajectories, config, rank)
     best: tuple[tuple, SSARChoice] | None = None
     for k in range(config.ssar_refresh_first, max(config.ssar_refresh_first, length - 1) + 1):
         for n in range(1, config.ssar_max_every + 1):
             if n > 1 and k + n - 1 > length - 1:
                 continue  # the measured steps would not show a full reuse interval: unverified, not admissible
-            for order in (1, 2):
-                error = max(replay_error(steps, k, n, order) for steps in trajectories)
+            for cost, (order, delta_rank) in enumerate(variants):
+                error = max(replay_error(steps, k, n, order, delta_rank) for steps in trajectories)
                 if error > config.ssar_tolerance:
                     continue
                 refreshes = min(k, nominal) + math.ceil(max(nominal - k, 0) / n)
-                key = (refreshes, error, order)
+                key = (refreshes, error, cost)
                 if best is None or key < best[0]:
-                    best = (key, SSARChoice(k, n, order, 0, error, refreshes))
+                    best = (key, SSARChoice(k, n, order, rank, error, refreshes, delta_rank))
     assert best is not None  # n = 1 refreshes every step: error 0, always admissible
-    choice = best[1]
-    choice.rank = _rank(trajectories, config.ssar_rank_energy)
-    return choice
+    return best[1]
 
 
 def drift_rate(trajectories: Sequence[Sequence[torch.Tensor]]) -> float:
@@ -235,15 +256,32 @@ def _stagger(counts: Mapping[str, int], steps: int) -> dict[str, list[int]]:
     return schedules
 
 
-def _order_two_is_better(trajectories: Sequence[Sequence[torch.Tensor]], refreshes: int, steps: int) -> bool:
+def _order_errors(trajectories: Sequence[Sequence[torch.Tensor]], refreshes: int, steps: int,
+                  config: CalibrationConfig, rank: int) -> dict[tuple[int, int], float] | None:
+    """Replay error of each (order, delta_rank) at the layer's mean reuse interval; None where order 2 cannot be
+    judged (fewer than two refreshes, or an interval longer than the measurement: its extrapolation is unverified)."""
     if refreshes < 2:
-        return False
+        return None
     interval = max(1, round(steps / refreshes))
     length = min(len(t) for t in trajectories)
     if interval > length - 1:
-        return False  # one reuse interval is longer than the measurement: order 2's extrapolation is unverified
-    errors = {order: max(replay_error(t, 1, interval, order) for t in trajectories) for order in (1, 2)}
-    return errors[2] < errors[1]
+        return None
+    return {variant: max(replay_error(t, 1, interval, *variant) for t in trajectories)
+            for variant in _order_variants(trajectories, config, rank)}
+
+
+def _shared_order(residuals: Mapping[str, Sequence[Sequence[torch.Tensor]]], counts: Mapping[str, int], steps: int,
+                  config: CalibrationConfig, rank: int) -> tuple[int, int]:
+    """One (order, delta_rank) for every layer: the order-2 variant that beats order 1 on every layer (of several,
+    the lowest summed error), else order 1."""
+    errors = [_order_errors(residuals[fqn], counts[fqn], steps, config, rank) for fqn in counts]
+    if not errors or any(e is None for e in errors):
+        return 1, 0
+    shared = set.intersection(*(set(e) for e in errors))  # layers may differ in head_dim: ranks valid for all
+    winners = [v for v in sorted(shared) if v[0] == 2 and all(e[v] < e[(1, 0)] for e in errors)]
+    if not winners:
+        return 1, 0
+    return min(winners, key=lambda v: sum(e[v] for e in errors))
 
 
 def budget_schedules(residuals: Mapping[str, Sequence[Sequence[torch.Tensor]]],
@@ -260,9 +298,9 @@ def budget_schedules(residuals: Mapping[str, Sequence[Sequence[torch.Tensor]]],
         )
     counts = _allocate(drifts, total, steps)
     schedules = _stagger(counts, steps)
-    order = 2 if all(_order_two_is_better(residuals[fqn], counts[fqn], steps) for fqn in drifts) else 1
     ranks = [_rank(residuals[fqn], config.ssar_rank_energy) for fqn in drifts]
     rank = 0 if not ranks or 0 in ranks else max(ranks)
+    order, delta_rank = _shared_order(residuals, counts, steps, config, rank)
     out: dict[str, dict[str, Any]] = {}
     for fqn in residuals:
         if fqn not in drifts:
@@ -271,6 +309,8 @@ def budget_schedules(residuals: Mapping[str, Sequence[Sequence[torch.Tensor]]],
         refresh_steps = schedules[fqn]
         gaps = [b - a for a, b in zip(refresh_steps, [*refresh_steps[1:], steps])]
         cache = {"refresh_steps": refresh_steps, "num_steps": steps, "order": order, "rank": rank}
+        if delta_rank:
+            cache["delta_rank"] = delta_rank
         out[fqn] = {"cache": cache, "drift_per_step": drifts[fqn], "refreshes_nominal": len(refresh_steps),
                     "longest_reuse": max(gaps) - 1}
     return out

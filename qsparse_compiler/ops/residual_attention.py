@@ -2,7 +2,7 @@
 
     residual_attention(o_sparse (B, H, S, D), q, k, v, key_padding_mask or None, scale: float,
                        state: list[Tensor] (mutated), refresh: bool CPU scalar tensor or None, cache_mode: int,
-                       order: int, attention_precision: str = "bf16") -> (B, H, S, D)
+                       order: int, attention_precision: str = "bf16", delta_rank: int = 0) -> (B, H, S, D)
 
 ``state`` holds the cache of one site and one CFG branch (allocated and owned by runtime/residual_cache.py):
     full rank  [residual (B,H,S,D), delta (B,H,S,D), steps (1,) fp32]
@@ -15,14 +15,19 @@ the first refresh of a new generation.
 
 A refresh step computes dense attention, R = O_dense - O_sparse, and for order 2 the per-step change
 dR = (R - R_prev) / (steps + 1) between two refreshes; it stores R (and dR) and returns O_dense. A reuse step returns
-O_sparse + R + steps * dR (order 1: O_sparse + R). ``cache_mode`` 1 always refreshes, 2 always reuses, 0 follows the
-``refresh`` flag that the runtime supplies per call (a host-side branch: no device read). ``attention_precision``
-is the site's (``config.ATTENTION_PRECISIONS``): "int8_fp8" computes the refresh's dense attention with the 8-bit
+O_sparse + R + steps * dR (order 1: O_sparse + R).
+``delta_rank`` r > 0 (order 2, full-rank caches; CacheConfig.delta_rank) is QuantSparse's denoised second order: the
+refresh replaces dR by its best rank-r approximation per (batch, head) over (S, D) - a truncated SVD that keeps the
+change's dominant directions and drops the token-level noise of two sparse/dense differences (the paper's beta term) -
+before it is stored; a reuse step is unchanged. r >= min(S, D) keeps dR as measured.
+``cache_mode`` 1 always refreshes, 2 always reuses, 0 follows the ``refresh`` flag that the runtime supplies per call
+(a host-side branch: no device read). ``attention_precision`` is the site's (``config.ATTENTION_PRECISIONS``): "int8_fp8" computes the refresh's dense attention with the 8-bit
 recipe (ops/attention_quantization.py; on CUDA the dense 8-bit kernel, bf16 SDPA where it cannot run).
 
 The op's body is the plain-torch reference (CPU, low-rank caches). On CUDA a full-rank cache (bf16/fp16/fp32 or fp8)
 takes one fused pass per step (kernels/residual_cache_step.py), registered as the op's CUDA kernel by
-ops/residual_attention_cuda.py and tested against this reference.
+ops/residual_attention_cuda.py and tested against this reference. The fused step has no SVD: a refresh with
+``delta_rank`` > 0 runs this reference on CUDA too (its reuse steps stay fused: the same formula).
 """
 
 from __future__ import annotations
@@ -36,8 +41,8 @@ from ..formats.quantization import dequantize_activation, quantize_activation_sy
 from .attention_int8_fp8_cuda import attention_int8_fp8_cuda
 from .attention_quantization import attention_int8_fp8_reference
 
-__all__ = ["residual_attention", "residual_attention_reference", "refreshes", "dense_attention", "is_fp8", "MODE_AUTO", "MODE_REFRESH",
-           "MODE_REUSE"]
+__all__ = ["residual_attention", "residual_attention_reference", "refreshes", "dense_attention", "is_fp8", "denoise_delta",
+           "MODE_AUTO", "MODE_REFRESH", "MODE_REUSE"]
 
 MODE_AUTO, MODE_REFRESH, MODE_REUSE = 0, 1, 2
 
@@ -46,6 +51,15 @@ def _low_rank(residual: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Te
     """Best rank-r factors per (batch, head) of a (B, H, S, D) tensor: (U * sigma) (B,H,S,r) and V^T (B,H,r,D)."""
     u, sigma, vh = torch.linalg.svd(residual.to(torch.float32), full_matrices=False)
     return u[..., :rank] * sigma[..., None, :rank], vh[..., :rank, :]
+
+
+def denoise_delta(delta: torch.Tensor, rank: int) -> torch.Tensor:
+    """QuantSparse's denoised dR: the best rank-``rank`` approximation per (batch, head) of a (B, H, S, D) change, in
+    fp32; unchanged when ``rank`` is 0 or at least min(S, D) (nothing to drop)."""
+    if rank <= 0 or rank >= min(delta.shape[-2:]):
+        return delta.to(torch.float32)
+    factor_u, factor_v = _low_rank(delta, rank)
+    return factor_u @ factor_v
 
 
 def is_fp8(state: list[torch.Tensor]) -> bool:
@@ -107,13 +121,15 @@ def residual_attention(
     cache_mode: int,
     order: int,
     attention_precision: str = "bf16",
+    delta_rank: int = 0,
 ) -> torch.Tensor:
     return residual_attention_reference(o_sparse, q, k, v, key_padding_mask, scale, state, refresh, cache_mode, order,
-                                        attention_precision)
+                                        attention_precision, delta_rank)
 
 
 @residual_attention.register_fake
-def _(o_sparse, q, k, v, key_padding_mask, scale, state, refresh, cache_mode, order, attention_precision="bf16"):
+def _(o_sparse, q, k, v, key_padding_mask, scale, state, refresh, cache_mode, order, attention_precision="bf16",
+      delta_rank=0):
     return o_sparse.new_empty(o_sparse.shape)
 
 
@@ -129,6 +145,7 @@ def residual_attention_reference(
     cache_mode: int,
     order: int,
     attention_precision: str = "bf16",
+    delta_rank: int = 0,
 ) -> torch.Tensor:
     """The plain-torch step: what ``qsparse::residual_attention`` computes, on any device and any cache storage."""
     steps = state[-1]
@@ -142,6 +159,8 @@ def residual_attention_reference(
             # steps = -1 before the first refresh: no previous residual, dR starts at 0.
             have_previous = (steps >= 0).to(torch.float32)
             delta = have_previous * (new_residual - previous) / (steps.clamp_min(0) + 1)
+            if delta_rank > 0:
+                delta = denoise_delta(delta, delta_rank)
         _store(state, new_residual, delta)
         steps.zero_()
         return dense.to(o_sparse.dtype).contiguous()

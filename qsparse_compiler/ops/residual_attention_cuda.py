@@ -2,8 +2,9 @@
 
 Importing this module registers the op's CUDA kernel (``register_kernel("cuda")``) when Triton imports. A full-rank
 cache (bf16/fp16/fp32 or fp8 codes with per-row scales) with a head dim up to the kernel's ``MAX_HEAD_DIM`` takes the
-fused step; a low-rank cache or a larger head dim runs the plain-torch reference (ops/residual_attention.py), which
-the fused step is tested against (under the Triton interpreter on CPU, on the GPU at model sizes).
+fused step; a low-rank cache, a larger head dim or a refresh that denoises dR (``delta_rank`` > 0: a truncated SVD
+the kernel does not compute) runs the plain-torch reference (ops/residual_attention.py), which the fused step is
+tested against (under the Triton interpreter on CPU, on the GPU at model sizes).
 """
 
 from __future__ import annotations
@@ -19,14 +20,21 @@ try:
 except ImportError:  # no triton on this machine: the reference serves every call
     residual_cache_step = None  # type: ignore[assignment]
 
-__all__ = ["residual_attention_fused", "fused_step_supported", "REGISTERED"]
+__all__ = ["residual_attention_fused", "fused_step_supported", "cuda_step", "REGISTERED"]
 
 
-def fused_step_supported(o_sparse: torch.Tensor, state: list[torch.Tensor]) -> bool:
-    """Whether the fused kernel serves this cache: full rank (three tensors, or fp8 codes and scales) and a head dim
-    it tiles."""
+def fused_step_supported(o_sparse: torch.Tensor, state: list[torch.Tensor], denoises: bool = False) -> bool:
+    """Whether the fused kernel serves this step: full rank (three tensors, or fp8 codes and scales), a head dim it
+    tiles, and no denoising of dR (``denoises``: a refresh of order 2 with ``delta_rank`` > 0 needs an SVD)."""
     full_rank = len(state) == 3 or is_fp8(state)
-    return full_rank and o_sparse.shape[-1] <= MAX_HEAD_DIM
+    return full_rank and not denoises and o_sparse.shape[-1] <= MAX_HEAD_DIM
+
+
+def cuda_step(o_sparse, state, refresh, cache_mode: int, order: int, delta_rank: int):
+    """The implementation that serves one call on CUDA: the fused step where it computes the op's formula, else the
+    reference."""
+    denoises = order == 2 and delta_rank > 0 and refreshes(cache_mode, refresh)
+    return residual_attention_fused if fused_step_supported(o_sparse, state, denoises) else residual_attention_reference
 
 
 def residual_attention_fused(
@@ -60,7 +68,10 @@ REGISTERED = residual_cache_step is not None
 if REGISTERED:
 
     @residual_attention.register_kernel("cuda")
-    def _(o_sparse, q, k, v, key_padding_mask, scale, state, refresh, cache_mode, order, attention_precision="bf16"):
-        step = residual_attention_fused if fused_step_supported(o_sparse, state) else residual_attention_reference
-        return step(o_sparse, q, k, v, key_padding_mask, scale, state, refresh, cache_mode, order,
-                    attention_precision)
+    def _(o_sparse, q, k, v, key_padding_mask, scale, state, refresh, cache_mode, order, attention_precision="bf16",
+          delta_rank=0):
+        step = cuda_step(o_sparse, state, refresh, cache_mode, order, delta_rank)
+        if step is residual_attention_reference:
+            return step(o_sparse, q, k, v, key_padding_mask, scale, state, refresh, cache_mode, order,
+                        attention_precision, delta_rank)
+        return step(o_sparse, q, k, v, key_padding_mask, scale, state, refresh, cache_mode, order, attention_precision)

@@ -2,7 +2,7 @@
 
 On disk a plan is a directory:
 
-    plan.json          {"schema_version": 3, "fingerprint": {...}, "linears": {FQN: {...}}, "attentions": {FQN: {...}},
+    plan.json          {"schema_version": 4, "fingerprint": {...}, "linears": {FQN: {...}}, "attentions": {FQN: {...}},
                         "metadata": {...}}
     plan.safetensors   tensors keyed "<linear FQN>.qweight" / "<linear FQN>.scale" (calibrated int4 weights),
                        "<linear FQN>.lora_a" [buckets, rank, K] / "<linear FQN>.lora_b" [buckets, N, rank]
@@ -34,7 +34,9 @@ __all__ = ["PLAN_SCHEMA_VERSION", "PlanError", "ModelFingerprint", "LinearPlan",
 # 2: a linear's act_format may be WEIGHT_ONLY (int4 weights, activations not quantized). Version 1 plans load as is.
 # 3: an attention's cache may give its own refresh steps ("refresh_steps" with "num_steps": calibration's
 #    refresh_budget), checked as config.CacheConfig fields when the plan loads. Version 1 and 2 plans load as is.
-PLAN_SCHEMA_VERSION = 3
+# 4: an attention's cache may denoise its second order ("delta_rank": QuantSparse's SVD-denoised dR). Older plans
+#    load as is.
+PLAN_SCHEMA_VERSION = 4
 
 
 class PlanError(ValueError):
@@ -110,7 +112,7 @@ class AttentionPlan:
     block_q: int = 128
     block_kv: int = 128
     # Residual-cache settings: config.CacheConfig fields (refresh_first / refresh_every, or per-layer refresh_steps
-    # with num_steps; order, rank).
+    # with num_steps; order, delta_rank, rank).
     cache: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

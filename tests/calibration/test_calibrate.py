@@ -315,3 +315,86 @@ def test_conditioning_linears_calibrated_as_int4_weight_only_compile_from_the_pl
     assert all(sites[fqn].action == "int4_weight_only" and sites[fqn].details["weights"] == str(tmp_path)
                for fqn in weight_only), [sites[fqn] for fqn in weight_only]
     assert relative_error(actual, simulated) < 1e-4
+
+
+class _Killed(BaseException):
+    """Stands for a kill: not an Exception, so nothing in calibration can catch it."""
+
+
+def _stage_names(out) -> list[str]:
+    return sorted(str(p.relative_to(out / driver.CHECKPOINT_DIR).with_suffix(""))
+                  for p in (out / driver.CHECKPOINT_DIR).rglob("*.json"))
+
+
+@pytest.mark.parametrize("when", ["after_write", "mid_write"])
+def test_a_kill_at_any_stage_resumes_to_the_uninterrupted_plan(calibrated, tmp_path, monkeypatch, when):
+    """Kill calibration at each stage - right after its checkpoint is written, or while it is being written (between
+    the temporary file and its rename) - then resume: the plan equals the uninterrupted run's, and no checkpoint
+    file is ever half-written."""
+    from qsparse_compiler.calibration import checkpoint
+
+    tiny, samples, reference_out, plan = calibrated
+    stages = _stage_names(reference_out)
+    assert {"selection", "statistics", "search", "ssar", "msad/blocks.0", "msad/blocks.1"} <= set(stages)
+    original_save, original_replace = checkpoint.StageStore.save, checkpoint.Path.replace
+    for target in stages:
+        out = tmp_path / f"{when}-{target.replace('/', '_')}"
+
+        def save(self, name, key, data, tensors=None, _target=target):
+            if when == "mid_write" and name == _target:
+                def torn(path, destination):  # the temporary file is complete; the kill lands before its rename
+                    raise _Killed
+                monkeypatch.setattr(checkpoint.Path, "replace", torn)
+            original_save(self, name, key, data, tensors)
+            if name == _target:
+                raise _Killed
+
+        monkeypatch.setattr(checkpoint.StageStore, "save", save)
+        with pytest.raises(_Killed):
+            calibrate(tiny.model, samples, tiny_config(), out=out)
+        monkeypatch.setattr(checkpoint.StageStore, "save", original_save)
+        monkeypatch.setattr(checkpoint.Path, "replace", original_replace)
+        for path in (out / driver.CHECKPOINT_DIR).rglob("*.json"):
+            json.loads(path.read_text())  # every checkpoint in place parses
+        resumed = calibrate(tiny.model, samples, tiny_config(), out=out)
+        status = resumed.metadata["calibration"]["stages"]
+        assert status[target] == ("resumed" if when == "after_write" else "computed"), target
+        assert resumed.attentions == plan.attentions and resumed.linears == plan.linears, target
+        assert resumed.tensors.keys() == plan.tensors.keys()
+        for name, tensor in plan.tensors.items():
+            assert torch.equal(resumed.tensors[name], tensor), (target, name)
+        assert when == "mid_write" or not list((out / driver.CHECKPOINT_DIR).rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("selection", ["salient", "uniform"])
+def test_too_few_samples_for_the_selection_names_num_samples(selection):
+    tiny, samples = wan_and_samples(count=3)
+    with pytest.raises(CalibrationError, match=r"num_samples=5 but only 3 candidate .*lower num_samples to at most 3"):
+        calibrate(tiny.model, samples, tiny_config(num_samples=5, selection=selection))
+
+
+def test_a_budget_no_pattern_meets_names_density_budget_and_the_reachable_density():
+    tiny, samples = wan_and_samples(count=2)
+    # only a dense-ish window may be picked, and the budget is below what it computes
+    config = tiny_config(num_samples=0, selection="all", candidate_patterns=("local3d",), candidate_densities=(0.9,),
+                         density_budget=0.05, msad_steps=0)
+    with pytest.raises(CalibrationError, match=r"density_budget=0.05: .*compute \d\.\d+ of their video tiles; raise "
+                                               r"density_budget"):
+        calibrate(tiny.model, samples, config)
+
+
+def test_non_finite_sample_says_what_to_change():
+    tiny, samples = wan_and_samples(count=3)
+    samples[2]["hidden_states"].view(-1)[3] = float("nan")
+    with pytest.raises(CalibrationError, match="sample 2 input 'hidden_states'.*drop the sample from the list"):
+        calibrate(tiny.model, samples, tiny_config())
+
+
+def test_progress_prints_a_line_per_stage_computed_or_resumed(calibrated, capsys):
+    tiny, samples, out, plan = calibrated
+    calibrate(tiny.model, samples, tiny_config(progress=True), out=out)  # progress is not in any stage's key
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("calibration: ")]
+    stages = plan.metadata["calibration"]["stages"]
+    assert len(lines) == len([s for s in stages.values() if not s.startswith("skipped")])
+    assert all(" resumed in " in line and line.endswith(" s") for line in lines)
+    assert {line.split()[1] for line in lines} == {name for name, s in stages.items() if not s.startswith("skipped")}

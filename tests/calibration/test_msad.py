@@ -74,3 +74,56 @@ def test_timestep_aware_lora_lowers_the_loss_further_with_the_scales_frozen():
     a, b = lora["blocks.0.ffn.net.2.lora_a"], lora["blocks.0.ffn.net.2.lora_b"]
     assert a.shape == (4, 2, 128) and b.shape == (4, 64, 2) and a.dtype == torch.bfloat16
     assert b[1].abs().sum() == 0 and b[0].abs().sum() > 0  # no sample in bucket 1 (250..500): untouched, a no-op
+
+
+def test_dfa_weights_follow_the_squared_denoising_factor():
+    import pytest
+
+    from qsparse_compiler.calibration.dfa import denoising_factor, dfa_weights
+
+    # shift 3: f(t) ~ (3 - 2 sigma)^2 / 3; at t = 900 (sigma 0.9) 1.2^2 / 3 = 0.48, at t = 100: 2.8^2 / 3 = 2.6133
+    torch.testing.assert_close(denoising_factor(torch.tensor([900.0, 100.0]), 3.0),
+                               torch.tensor([0.48, 2.8**2 / 3], dtype=torch.float64))
+    weights = dfa_weights([torch.tensor([900.0]), torch.tensor([100.0])], 3.0)
+    assert weights[1] / weights[0] == pytest.approx((2.8**2 / 1.2**2) ** 2)  # squared factors: the loss is an MSE
+    assert sum(weights) / 2 == pytest.approx(1.0)
+    # a batch's rows at different timesteps: the mean of their squared factors
+    both = dfa_weights([torch.tensor([900.0, 100.0]), torch.tensor([500.0])], 3.0)
+    raw = [(0.48**2 + (2.8**2 / 3) ** 2) / 2, (2.0**2 / 3) ** 2]
+    assert both[0] / both[1] == pytest.approx(raw[0] / raw[1])
+    assert dfa_weights([torch.tensor([900.0]), torch.tensor([100.0])], 1.0) == [1.0, 1.0]  # no shift: equal steps
+
+
+def test_dfa_weights_each_samples_loss_by_its_factor():
+    """With DFA the block's loss is the mean over samples of weight_j x (sample j's own loss)."""
+    from qsparse_compiler.calibration.dfa import dfa_weights
+
+    tiny, samples = wan_and_samples(count=2)  # timesteps 100 and 900
+    names = block_linear_names(tiny.model, tiny_config().site_pattern)
+    linears = {fqn: LinearPlan(32, "fp8_e4m3", "bfloat16") for fqn in names}
+    specs = {"blocks.0.attn1": "local3d:0.3"}
+
+    def loss(ids, **overrides):
+        config = tiny_config(msad_steps=0, **overrides)
+        return distill_block(tiny.model, "blocks.0", tiny.model.blocks[0], samples, ids, linears, specs, config, 16,
+                             16)[2].loss_rtn
+
+    own = [loss([0]), loss([1])]
+    weights = dfa_weights([samples[0]["timestep"], samples[1]["timestep"]], 3.0)
+    weighted = loss([0, 1], dfa=True, dfa_flow_shift=3.0)
+    assert abs(weighted - (weights[0] * own[0] + weights[1] * own[1]) / 2) < 1e-6 * max(own)
+    assert abs(loss([0, 1]) - (own[0] + own[1]) / 2) < 1e-6 * max(own)
+    assert abs(weighted - loss([0, 1])) > 1e-3 * max(own)  # the option changes the loss
+    assert loss([0, 1], dfa=True, dfa_flow_shift=1.0) == loss([0, 1])  # no shift: no change
+
+
+def test_dfa_options_are_validated():
+    import pytest
+
+    from qsparse_compiler.config import ConfigError
+
+    with pytest.raises(ConfigError, match="dfa="):
+        tiny_config(dfa=1)
+    for bad in (0.5, float("nan"), float("inf"), True):
+        with pytest.raises(ConfigError, match="dfa_flow_shift"):
+            tiny_config(dfa=True, dfa_flow_shift=bad)

@@ -69,3 +69,63 @@ def test_residuals_are_measured_along_a_trajectory_on_a_token_sample():
     assert not torch.equal(steps[0], steps[1])  # the latents move along the trajectory
     assert residuals["blocks.1.attn1"] == []  # all heads dense: no residual, nothing measured
     assert ssar_settings(residuals, config)["blocks.1.attn1"]["cache"] == {}
+
+
+def _noisy_low_rank_drift(steps: int = 7) -> list[torch.Tensor]:
+    """R_t = R_0 + t * (a rank-1 drift per head) + independent noise per step: plain dR carries two steps' noise into
+    every extrapolated step, the rank-1 denoised dR keeps the drift and drops most of the noise."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(1, 2, 32, 16, generator=g)
+    drift = (torch.randn(1, 2, 32, 1, generator=g) @ torch.randn(1, 2, 1, 16, generator=g)) * 0.5
+    return [base + t * drift + 0.05 * torch.randn(1, 2, 32, 16, generator=g) for t in range(steps)]
+
+
+def test_denoised_order_two_replays_the_hand_computed_prediction():
+    steps = _noisy_low_rank_drift()
+    # refresh_first=2, every 4: refreshes at steps 0, 1, 2, 6; steps 3-5 reuse with dR = R_2 - R_1 at rank 1
+    u, sigma, vh = torch.linalg.svd((steps[2] - steps[1]).double(), full_matrices=False)
+    delta = (u[..., :1] * sigma[..., None, :1]) @ vh[..., :1, :]
+    expected = max(float((steps[2].double() + (t - 2) * delta - steps[t].double()).norm() / steps[t].double().norm())
+                   for t in (3, 4, 5))
+    assert abs(replay_error(steps, 2, 4, order=2, delta_rank=1) - expected) < 1e-5
+    assert replay_error(steps, 2, 4, order=2, delta_rank=1) < 0.5 * replay_error(steps, 2, 4, order=2)
+    assert replay_error(steps, 2, 4, order=2, delta_rank=16) == replay_error(steps, 2, 4, order=2)  # full rank
+
+
+def test_calibration_keeps_the_denoised_second_order_where_it_wins():
+    config = CalibrationConfig(ssar_tolerance=0.1, ssar_max_every=4, ssar_delta_ranks=(1,))
+    noisy = choose_ssar([_noisy_low_rank_drift()], config)
+    assert (noisy.order, noisy.delta_rank, noisy.refresh_every) == (2, 1, 4)
+    plain = choose_ssar([_noisy_low_rank_drift()], CalibrationConfig(ssar_tolerance=0.1, ssar_max_every=4,
+                                                                        ssar_delta_ranks=()))
+    assert noisy.refreshes_nominal < plain.refreshes_nominal  # denoising lets the layer reuse longer
+    assert noisy.cache()["delta_rank"] == 1
+    # a noiseless linear drift: plain order 2 is exact, the denoised variant loses (it is kept only where it wins)
+    linear = choose_ssar([_trajectory("linear")], CalibrationConfig(ssar_tolerance=0.05, ssar_max_every=4,
+                                                                    ssar_delta_ranks=(1,)))
+    assert (linear.order, linear.delta_rank) == (2, 0) and "delta_rank" not in linear.cache()
+    # the settings are valid cache settings of a plan
+    from qsparse_compiler.config import CacheConfig
+
+    assert CacheConfig(enabled=True, **noisy.cache()).delta_rank == 1
+
+
+def test_refresh_budget_shares_the_denoised_order_when_it_beats_order_one_everywhere():
+    from qsparse_compiler.calibration.ssar import budget_schedules
+
+    config = CalibrationConfig(ssar_delta_ranks=(1,), refresh_budget=0.4, ssar_step_size=200.0)
+    residuals = {"blocks.0.attn1": [_noisy_low_rank_drift()], "blocks.1.attn1": [_noisy_low_rank_drift()]}
+    caches = [entry["cache"] for entry in budget_schedules(residuals, config).values()]
+    assert all(c["order"] == 2 and c["delta_rank"] == 1 and len(c["refresh_steps"]) == 2 for c in caches), caches
+
+
+def test_delta_ranks_are_validated():
+    import pytest
+
+    from qsparse_compiler.calibration.config import CalibrationConfig as Config
+    from qsparse_compiler.config import ConfigError
+
+    for bad in ((0,), (4, 2), [4], (True,)):
+        with pytest.raises(ConfigError, match="ssar_delta_ranks"):
+            Config(ssar_delta_ranks=bad)
+    assert Config.from_dict({"ssar_delta_ranks": [2, 4]}).ssar_delta_ranks == (2, 4)

@@ -121,14 +121,19 @@ def test_fp8_refresh_step_quantizes_like_the_activations(steps_before, order):
         torch.testing.assert_close(d_codes.float() * d_scale, want_codes.float() * want_scale, rtol=2**-3, atol=0)
 
 
-def _op_sequence(device: str, fused: bool, order: int,
-                 storage: str = "model") -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Five steps (refresh, reuse, reuse, refresh, reuse) of qsparse::residual_attention, through the fused kernel or
-    the plain-torch path, on the same inputs; returns (sparse output, op output) per step."""
+def _op_sequence(device: str, fused: bool, order: int, storage: str = "model",
+                 delta_rank: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Five steps (refresh, reuse, reuse, refresh, reuse) of qsparse::residual_attention, through the CUDA
+    registration's choice of path (the fused kernel where it computes the formula) or the plain-torch path, on the
+    same inputs; returns (sparse output, op output) per step."""
     from qsparse_compiler.ops.residual_attention import residual_attention_reference
-    from qsparse_compiler.ops.residual_attention_cuda import fused_step_supported, residual_attention_fused
+    from qsparse_compiler.ops.residual_attention_cuda import cuda_step, fused_step_supported
 
-    step = residual_attention_fused if fused else residual_attention_reference
+    def step(o_sparse, q, k, v, mask, scale, state, refresh, mode, order):
+        chosen = cuda_step(o_sparse, state, refresh, mode, order, delta_rank) if fused else residual_attention_reference
+        if chosen is residual_attention_reference:
+            return chosen(o_sparse, q, k, v, mask, scale, state, refresh, mode, order, "bf16", delta_rank)
+        return chosen(o_sparse, q, k, v, mask, scale, state, refresh, mode, order)
     shape = (1, 12, 4100, 128) if device == "cuda" else (1, 2, 40, 16)
     generator = torch.Generator(device).manual_seed(0)
     q, k, v = (torch.randn(shape, device=device, generator=generator).to(torch.bfloat16) for _ in range(3))
@@ -142,9 +147,9 @@ def _op_sequence(device: str, fused: bool, order: int,
             for o_sparse, refresh in zip(sparse_outputs, (True, False, False, True, False))]
 
 
-def _check_op_paths_agree(device: str, order: int, storage: str = "model") -> None:
-    fused = _op_sequence(device, True, order, storage)
-    reference = _op_sequence(device, False, order, storage)
+def _check_op_paths_agree(device: str, order: int, storage: str = "model", delta_rank: int = 0) -> None:
+    fused = _op_sequence(device, True, order, storage, delta_rank)
+    reference = _op_sequence(device, False, order, storage, delta_rank)
     for step, ((_, a), (o_sparse, b)) in enumerate(zip(fused, reference)):
         # The fused pass rounds once (fp32 math); the plain path's reuse step rounds twice in bf16: <= 2 bf16 steps.
         a, b = a.float(), b.float()
@@ -166,8 +171,17 @@ def test_op_fused_path_matches_reference_path_cpu(order, storage):
     _check_op_paths_agree("cpu", order, storage)
 
 
+@pytest.mark.parametrize("storage", ["model", "fp8_e4m3"])
+def test_denoised_order_two_refreshes_on_the_reference_and_reuses_fused_cpu(storage):
+    """delta_rank > 0: the refresh (an SVD) runs the reference, the reuse steps the fused kernel; same outputs."""
+    _check_op_paths_agree("cpu", 2, storage, delta_rank=2)
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("delta_rank", [0, 8])
 @pytest.mark.parametrize("storage", ["model", "fp8_e4m3"])
 @pytest.mark.parametrize("order", [1, 2])
-def test_op_fused_path_matches_reference_path_gpu(order, storage):
-    _check_op_paths_agree("cuda", order, storage)
+def test_op_fused_path_matches_reference_path_gpu(order, storage, delta_rank):
+    if delta_rank and order == 1:
+        pytest.skip("delta_rank denoises order 2's dR only")
+    _check_op_paths_agree("cuda", order, storage, delta_rank)

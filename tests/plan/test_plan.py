@@ -52,7 +52,7 @@ def test_schema_1_plans_load_and_weight_only_entries_round_trip(tmp_path):
     plan.linears["blocks.0.attn1.to_q"] = LinearPlan(group_size=32, act_format=WEIGHT_ONLY)
     save_plan(plan, tmp_path / "v2")
     loaded = load_plan(tmp_path / "v2")
-    assert loaded.schema_version == PLAN_SCHEMA_VERSION == 3 and loaded.linears == plan.linears
+    assert loaded.schema_version == PLAN_SCHEMA_VERSION == 4 and loaded.linears == plan.linears
     assert torch.equal(loaded.packed_weight("blocks.0.attn1.to_q").scale, plan.tensors["blocks.0.attn1.to_q.scale"])
 
 

@@ -352,3 +352,54 @@ def test_named_branches_keep_their_residuals_whatever_the_call_order():
         assert runtime.memory_report()["total"]["branches"] == 2
     for key, value in outputs[False].items():
         assert torch.equal(value, outputs[True][key]), key
+
+
+def test_denoised_order_two_stores_the_rank_r_change_and_extrapolates_it():
+    """delta_rank=1: a refresh stores dR's best rank-1 approximation per head (hand-computed SVD here); a reuse step
+    returns o_sparse + R + steps * that."""
+    runtime = ResidualCacheRuntime()
+    schedule = CacheConfig(enabled=True, refresh_first=2, refresh_every=0, order=2, delta_rank=1)
+    residuals = {}
+    for step, (q, k, v) in enumerate(sequence(4)):
+        runtime.step(step)
+        o_sparse, _ = torch.ops.qsparse.sparse_attention(q, k, v, LAYOUT.kv_num_blocks, LAYOUT.kv_indices, 16, 16,
+                                                         0.25, None)
+        state, refresh = runtime.acquire("a", schedule, tuple(o_sparse.shape), o_sparse.dtype, o_sparse.device)
+        out = torch.ops.qsparse.residual_attention(o_sparse, q, k, v, None, 0.25, state, torch.tensor(refresh),
+                                                   MODE_AUTO, 2, "bf16", 1)
+        if refresh:
+            residuals[step] = (dense(q, k, v) - o_sparse).double()
+            continue
+        change = residuals[1] - residuals[0]
+        u, sigma, vh = torch.linalg.svd(change, full_matrices=False)
+        denoised = sigma[..., 0, None, None] * u[..., :, :1] @ vh[..., :1, :]
+        assert torch.allclose(state[1].double(), denoised, atol=1e-5)
+        expected = o_sparse.double() + residuals[1] + (step - 1) * denoised
+        assert torch.allclose(out.double(), expected, atol=1e-5), step
+        plain = o_sparse.double() + residuals[1] + (step - 1) * change
+        assert not torch.allclose(out.double(), plain, atol=1e-3)  # the rank-1 change is not the raw change
+
+
+def test_delta_rank_is_validated_with_the_field_named():
+    for bad, match in (({"delta_rank": -1}, "delta_rank=-1"), ({"delta_rank": 2, "order": 1}, "order=1"),
+                       ({"delta_rank": 2, "rank": 4}, "rank=4"), ({"delta_rank": True}, "delta_rank")):
+        with pytest.raises(ValueError, match=match):
+            CacheConfig(enabled=True, **bad)
+    assert CacheConfig(enabled=True, order=2, delta_rank=4).delta_rank == 4
+
+
+def test_cuda_registration_runs_the_reference_for_a_denoising_refresh():
+    """The fused step has no SVD: a refresh with delta_rank > 0 must take the reference; reuse steps (the same
+    formula) and delta_rank = 0 stay fused."""
+    pytest.importorskip("triton")
+    from qsparse_compiler.ops.residual_attention import residual_attention_reference
+    from qsparse_compiler.ops.residual_attention_cuda import cuda_step, residual_attention_fused
+
+    o_sparse = torch.zeros(SHAPE)
+    state = [torch.zeros(SHAPE), torch.zeros(SHAPE), torch.zeros(1)]
+    assert cuda_step(o_sparse, state, torch.tensor(True), MODE_AUTO, 2, 4) is residual_attention_reference
+    assert cuda_step(o_sparse, state, None, 1, 2, 4) is residual_attention_reference  # MODE_REFRESH
+    assert cuda_step(o_sparse, state, torch.tensor(False), MODE_AUTO, 2, 4) is residual_attention_fused
+    assert cuda_step(o_sparse, state, torch.tensor(True), MODE_AUTO, 2, 0) is residual_attention_fused
+    low_rank = [torch.zeros(1, 2, 48, 2), torch.zeros(1, 2, 2, 16)] * 2 + [torch.zeros(1)]
+    assert cuda_step(o_sparse, low_rank, torch.tensor(False), MODE_AUTO, 2, 0) is residual_attention_reference

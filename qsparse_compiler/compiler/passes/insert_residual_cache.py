@@ -1,7 +1,8 @@
 """Insert a residual-cache node after each sparsified attention (SSAR).
 
     pattern:      o, lse = qsparse.sparse_attention(q, k, v, layout..., scale, mask);  uses of o
-    replacement:  o_hat = qsparse.residual_attention(o, q, k, v, mask, scale, [state...], refresh, mode, order)
+    replacement:  o_hat = qsparse.residual_attention(o, q, k, v, mask, scale, [state...], refresh, mode, order,
+                                                     precision, delta_rank)
                   uses of o -> o_hat
 
 The cache state (``[R, dR, steps]`` or its rank-r factors) and, in ``auto`` mode, the refresh flag become graph inputs
@@ -97,13 +98,16 @@ class InsertResidualCache:
             with gm.graph.inserting_after(out):
                 cached = call_op(
                     gm, users[0] if users else out.next, torch.ops.qsparse.residual_attention.default,
-                    (out, q, k, v, mask, scale, state, refresh, _MODES[schedule.mode], schedule.order, precision), node,
+                    (out, q, k, v, mask, scale, state, refresh, _MODES[schedule.mode], schedule.order, precision,
+                     schedule.delta_rank), node,
                 )
             for user in users:
                 user.replace_input_with(out, cached)
+            denoised = f" (dR denoised to rank {schedule.delta_rank})" if schedule.delta_rank else ""
             ctx.report.add(
                 fqn, "residual_cache", "residual_attention",
-                f"order {schedule.order}, refresh first {schedule.refresh_first} then every {schedule.refresh_every}, "
+                f"order {schedule.order}{denoised}, refresh first {schedule.refresh_first} "
+                f"then every {schedule.refresh_every}, "
                 f"rank {schedule.rank or 'full'}, storage {schedule.storage}, mode {schedule.mode}",
                 precision=precision,
             )
