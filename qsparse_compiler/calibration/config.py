@@ -103,7 +103,9 @@ class CalibrationConfig:
                           a rank >= head_dim / 2 is stored as 0 (full residual: low rank would not save memory).
     ssar_delta_ranks      ranks of QuantSparse's SVD-denoised second order (CacheConfig.delta_rank) that are replayed
                           beside order 1 and plain order 2; each layer keeps what predicts its residual best
-                          (ssar.py). () compares only orders 1 and 2.
+                          (ssar.py). () (the default) compares only orders 1 and 2: a denoised refresh runs the
+                          plain-torch SVD on CUDA (the fused step has none) and its cost there is not measured yet,
+                          so the variant is opt-in, e.g. (4,).
     refresh_budget        None: each layer's "first k, then every n-th" schedule within ``ssar_tolerance``. A share
                           in (0, 1]: at most this share of the layer-steps of a nominal run (1000 / ``ssar_step_size``
                           steps) run dense attention; each layer gets refresh steps in proportion to how fast its
@@ -155,7 +157,7 @@ class CalibrationConfig:
     ssar_refresh_first: int = 1
     ssar_max_tokens: int = 1024
     ssar_rank_energy: float = 0.99
-    ssar_delta_ranks: tuple[int, ...] = (4,)
+    ssar_delta_ranks: tuple[int, ...] = ()
     refresh_budget: float | None = None
 
     seed: int = 0
