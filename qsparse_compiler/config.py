@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from .formats.quantization import ATTENTION_PRECISIONS
+
 __all__ = [
     "ACT_FORMATS",
     "CACHE_MODES",
@@ -63,12 +65,6 @@ CACHE_STORAGES = ("model", "fp8_e4m3")
 # The CacheConfig fields that only say which steps refresh: decided on the host per call, they never change a compiled
 # graph (a regional graph serves blocks whose schedules differ in them).
 SCHEDULE_KEYS = ("refresh_first", "refresh_every", "refresh_steps", "num_steps")
-# Number formats of the sparsified attentions (qsparse::sparse_attention's precision, and the refresh's dense
-# attention of a residual cache):
-#   bf16      the model's dtype (bf16 / fp16 / fp32)
-#   int8_fp8  int8 Q.K^T with per-tile scales and mean-smoothed K, e4m3 P.V with per-channel V scales, fp32
-#             accumulation (ops/attention_quantization.py); on CUDA needs e4m3 tensor cores (sm89+)
-ATTENTION_PRECISIONS = ("bf16", "int8_fp8")
 
 
 class ConfigError(ValueError):

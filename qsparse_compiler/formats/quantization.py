@@ -42,6 +42,13 @@ _AMAX_EPS = 1e-12  # a row or group of zeros gets a tiny scale instead of a divi
 _SCALE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
+# Number formats of the sparsified attentions (qsparse::sparse_attention's precision, and the refresh's dense
+# attention of a residual cache; config.SparsityConfig.attention_precision):
+#   bf16      the model's dtype (bf16 / fp16 / fp32)
+#   int8_fp8  int8 Q.K^T with per-tile scales and mean-smoothed K, e4m3 P.V with per-channel V scales, fp32
+#             accumulation (ops/attention_quantization.py); on CUDA needs e4m3 tensor cores (sm89+)
+ATTENTION_PRECISIONS = ("bf16", "int8_fp8")
+
 @dataclass(frozen=True)
 class PackedInt4Weight:
     """A linear weight in the W4 storage format. ``group_size`` is the effective K-group (K if per-channel)."""

@@ -22,12 +22,12 @@ from typing import Optional
 import torch
 
 from ..formats.complement import complement_blocks
-from .attention_quantization import QUANT_BLOCK, attention_int8_fp8_reference, quantize_attention_inputs
-from .sparse_attention import sparse_attention_reference
+from ..formats.quantization import ATTENTION_PRECISIONS
+from .attention_int8_fp8_cuda import attention_int8_fp8_cuda
+from .sparse_attention import reference_of_precision
+from .sparse_attention_cuda import sparse_attention_cuda
 
-__all__ = ["dense_from_sparse", "merge_attention_partials_reference", "PRECISIONS"]
-
-PRECISIONS = ("bf16", "int8_fp8")
+__all__ = ["dense_from_sparse", "merge_attention_partials_reference"]
 
 
 def merge_attention_partials_reference(
@@ -43,23 +43,15 @@ def merge_attention_partials_reference(
 
 
 def _complement_part(q, k, v, kv_num, kv_idx, block_q, block_kv, scale, key_padding_mask, precision):
-    if precision == "int8_fp8":
-        if q.is_cuda:
-            from ..kernels.attention_int8_fp8 import block_sparse_attention_int8_fp8, unsupported_reason
-
-            x = quantize_attention_inputs(q, k, v, QUANT_BLOCK)
-            args = (x.q_codes, x.q_scale, x.k_codes, x.k_scale, x.v_codes, x.v_scale, x.lse_shift)
-            if unsupported_reason(*args, QUANT_BLOCK, kv_num, kv_idx, block_q, block_kv, key_padding_mask,
-                                  q.dtype) is None:
-                return block_sparse_attention_int8_fp8(*args, kv_num, kv_idx, block_q, block_kv, scale,
-                                                       key_padding_mask, QUANT_BLOCK, q.dtype)
-        return attention_int8_fp8_reference(q, k, v, scale, kv_num, kv_idx, block_q, block_kv, key_padding_mask)
+    """The complement tiles' attention through the ops' own CUDA paths, else the precision's reference."""
     if q.is_cuda:
-        from ..kernels.block_sparse_attention import block_sparse_attention, unsupported_reason
-
-        if unsupported_reason(q, k, v, kv_num, kv_idx, block_q, block_kv, key_padding_mask) is None:
-            return block_sparse_attention(q, k, v, kv_num, kv_idx, block_q, block_kv, scale, key_padding_mask)
-    return sparse_attention_reference(q, k, v, kv_num, kv_idx, block_q, block_kv, scale, key_padding_mask)
+        if precision == "int8_fp8":
+            result = attention_int8_fp8_cuda(q, k, v, scale, key_padding_mask, kv_num, kv_idx, block_q, block_kv)
+        else:
+            result = sparse_attention_cuda(q, k, v, kv_num, kv_idx, block_q, block_kv, scale, key_padding_mask)
+        if result is not None:
+            return result
+    return reference_of_precision(q, k, v, kv_num, kv_idx, block_q, block_kv, scale, key_padding_mask, precision)
 
 
 def dense_from_sparse(
@@ -78,8 +70,9 @@ def dense_from_sparse(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense attention = the sparse part (given) merged with attention over the complement tiles. See the module
     docstring."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"qsparse_compiler.ops.refresh_attention: precision={precision!r}; use one of {PRECISIONS}")
+    if precision not in ATTENTION_PRECISIONS:
+        raise ValueError(f"qsparse_compiler.ops.refresh_attention: precision={precision!r}; use one of "
+                         f"{ATTENTION_PRECISIONS}")
     kv_num_c, kv_idx_c = complement_blocks(kv_num_blocks, kv_indices)
     out_c, lse_c = _complement_part(q, k, v, kv_num_c, kv_idx_c, block_q, block_kv, scale, key_padding_mask,
                                     precision)

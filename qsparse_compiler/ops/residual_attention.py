@@ -21,7 +21,7 @@ refresh replaces dR by its best rank-r approximation per (batch, head) over (S, 
 change's dominant directions and drops the token-level noise of two sparse/dense differences (the paper's beta term) -
 before it is stored; a reuse step is unchanged. r >= min(S, D) keeps dR as measured.
 ``cache_mode`` 1 always refreshes, 2 always reuses, 0 follows the ``refresh`` flag that the runtime supplies per call
-(a host-side branch: no device read). ``attention_precision`` is the site's (``config.ATTENTION_PRECISIONS``): "int8_fp8" computes the refresh's dense attention with the 8-bit
+(a host-side branch: no device read). ``attention_precision`` is the site's (``formats.quantization.ATTENTION_PRECISIONS``): "int8_fp8" computes the refresh's dense attention with the 8-bit
 recipe (ops/attention_quantization.py; on CUDA the dense 8-bit kernel, bf16 SDPA where it cannot run).
 
 The op's body is the plain-torch reference (CPU, low-rank caches). On CUDA a full-rank cache (bf16/fp16/fp32 or fp8)

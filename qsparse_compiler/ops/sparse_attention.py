@@ -13,7 +13,7 @@ part) is SDPA's boolean mask in its key-padding form, as HunyuanVideo passes it 
 natural-log log-sum-exp of the scaled scores over the attended keys; rows that attend nothing (an empty
 layout row, or every key masked) give out = 0 and lse = -inf.
 
-``precision`` (``config.ATTENTION_PRECISIONS``): "bf16" attends in q's dtype; "int8_fp8" quantizes Q and the
+``precision`` (``formats.quantization.ATTENTION_PRECISIONS``): "bf16" attends in q's dtype; "int8_fp8" quantizes Q and the
 mean-smoothed K to int8 and V and P to e4m3 (ops/attention_quantization.py: the recipe, its reference, and why).
 
 The default implementation is the fp32 plain-torch reference of the precision's recipe (it materializes the
@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 
 from ..formats.layout import BlockSparseLayout
+from ..formats.quantization import ATTENTION_PRECISIONS
 from .attention_quantization import attention_int8_fp8_reference
 
 __all__ = ["sparse_attention", "sparse_attention_reference", "reference_of_precision", "check_args"]
@@ -92,8 +93,8 @@ def _(q, k, v, kv_num_blocks, kv_indices, block_q, block_kv, scale, key_padding_
 
 def check_args(q, k, v, kv_num_blocks, kv_indices, block_q, block_kv, precision="bf16") -> None:
     """Raise for arguments ``qsparse::sparse_attention`` does not take (every implementation checks the same)."""
-    if precision not in ("bf16", "int8_fp8"):
-        raise ValueError(f"qsparse::sparse_attention: precision={precision!r}; use 'bf16' or 'int8_fp8'")
+    if precision not in ATTENTION_PRECISIONS:
+        raise ValueError(f"qsparse::sparse_attention: precision={precision!r}; use one of {ATTENTION_PRECISIONS}")
     if q.ndim != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
         raise ValueError(
             f"qsparse::sparse_attention: q, k, v must be (B, H, S, D) with matching B, H, D; got q={tuple(q.shape)}, "
