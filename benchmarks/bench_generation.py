@@ -34,6 +34,10 @@ Rows: ``BASE[+STEP_CACHE]`` or ``cache-dit``.
 - The eager / Inductor / Flex rows compile each block's own ``forward`` (one graph for all blocks, as
   ``compile_repeated_blocks``) *below* diffusers' cache hooks: the hooks decide on the host whether a block runs, the
   block's computation is the compiled graph. A host-side counter between the two counts executed blocks.
+- ``qsparse[KEY=VALUE,...]``: the qsparse row with its residual-cache schedule or attention precision changed:
+  ``first`` / ``every`` (refresh the first k steps, then every n-th: CacheConfig.refresh_first / refresh_every; the
+  default row's 2 / 5 refreshes 11 of 50 steps, ``first=1,every=10`` 6 of 50), ``order`` (1 or 2), ``attn``
+  (``sparsity.attention_precision``: bf16 or int8_fp8, the 8-bit kernels for the sparse and the refresh attention).
 - STEP_CACHE (diffusers 0.42 ``transformer.enable_cache``): ``fbc`` FirstBlockCacheConfig, ``mag`` MagCacheConfig
   (calibrated first: one full video with ``calibrate=True`` records each CFG branch's residual magnitude ratio per
   step; the warm video runs with their mean as ``mag_ratios``), ``taylorseer`` TaylorSeerCacheConfig in lite mode
@@ -58,6 +62,7 @@ import gc
 import json
 import logging
 import math
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -164,14 +169,51 @@ def generate(transformer: torch.nn.Module, scheduler: Any, latents: torch.Tensor
 
 
 # ---------------------------------------------------------------------------------------------- rows
+# qsparse[KEY=VALUE,...]: the qsparse row with another residual-cache schedule or attention precision.
+QSPARSE_KEYS = {"first": ("cache", "refresh_first", int), "every": ("cache", "refresh_every", int),
+                "order": ("cache", "order", int), "attn": ("sparsity", "attention_precision", str)}
+
+
 def parse_row(spec: str) -> tuple[str, str | None]:
+    """``BASE[+CACHE]`` -> (BASE, CACHE or None); a qsparse BASE may carry settings: ``qsparse[every=10,attn=int8_fp8]``
+    (qsparse_settings)."""
     if spec == "cache-dit":
         return spec, None
     base, plus, cache = spec.partition("+")
-    if base not in BASES or (plus and cache not in STEP_CACHES):
-        raise ValueError(f"row {spec!r}: rows are BASE[+CACHE] with BASE in {BASES} and CACHE in {STEP_CACHES}, "
-                         "or cache-dit")
+    name = base.partition("[")[0] if base.startswith("qsparse[") else base
+    if name not in BASES or (plus and cache not in STEP_CACHES):
+        raise ValueError(f"row {spec!r}: rows are BASE[+CACHE] with BASE in {BASES} (qsparse may be qsparse[KEY=VALUE,"
+                         f"...] with KEY in {sorted(QSPARSE_KEYS)}) and CACHE in {STEP_CACHES}, or cache-dit")
+    if name != base:
+        qsparse_settings(base)  # its errors name the bad key or value
     return base, cache or None
+
+
+def split_rows(rows: str) -> list[str]:
+    """--rows: comma-separated row specs; commas inside a ``qsparse[...]`` belong to the row."""
+    return [spec for spec in re.split(r",(?![^\[]*\])", rows) if spec]
+
+
+def qsparse_settings(base: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(sparsity options, residual-cache settings) that a ``qsparse[...]`` row changes from the default row's."""
+    sparsity: dict[str, Any] = {}
+    cache: dict[str, Any] = {}
+    inner = base[len("qsparse["):-1] if base.startswith("qsparse[") and base.endswith("]") else None
+    if inner is None:
+        if base != "qsparse":
+            raise ValueError(f"row base {base!r}: write qsparse[KEY=VALUE,...]")
+        return sparsity, cache
+    for item in filter(None, inner.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or key not in QSPARSE_KEYS:
+            raise ValueError(f"row base {base!r}: {item!r} is not KEY=VALUE with KEY in {sorted(QSPARSE_KEYS)}")
+        where, field_name, kind = QSPARSE_KEYS[key]
+        try:
+            parsed = kind(value)
+        except ValueError:
+            raise ValueError(f"row base {base!r}: {key}={value!r} must be {kind.__name__}") from None
+        (cache if where == "cache" else sparsity)[field_name] = parsed
+    return sparsity, cache
 
 
 def step_cache_config(name: str, steps: int, mag_ratios: list[float] | None = None):
@@ -249,12 +291,14 @@ def prepare_row(spec: str, model: torch.nn.Module, workload: dict[str, Any], mas
     blocks = len(model.blocks)
     if spec == "cache-dit":
         return _prepare_cache_dit(model, steps)
-    if base == "qsparse":
+    if base.startswith("qsparse"):
         import qsparse_compiler as qs
 
+        sparsity, cache_settings = qsparse_settings(base)
         options = {**bench_e2e.QSPARSE_OPTIONS, "sparsity": {**bench_e2e.QSPARSE_OPTIONS.get("sparsity", {}),
-                                                             "density": density}}
-        pipe = qs.optimize(_Pipe(model, scheduler), options=options, cache=QSPARSE_CACHE)
+                                                             "density": density, **sparsity}}
+        schedule = {**QSPARSE_CACHE, **cache_settings}
+        pipe = qs.optimize(_Pipe(model, scheduler), options=options, cache=schedule)
         runtime = qs.runtime_of(pipe)
 
         def residual_cache() -> dict[str, int]:
@@ -264,7 +308,7 @@ def prepare_row(spec: str, model: torch.nn.Module, workload: dict[str, Any], mas
 
         prepared = Prepared(pipe.transformer, blocks, lambda: sum(residual_cache()[k] for k in ("refreshes", "reuses")),
                             residual_cache=residual_cache,
-                            note=f"qs.optimize regional, options {json.dumps(options)}, cache {json.dumps(QSPARSE_CACHE)}")
+                            note=f"qs.optimize regional, options {json.dumps(options)}, cache {json.dumps(schedule)}")
     else:
         if base == "flex-fp8":
             from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
@@ -536,7 +580,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
     args = parser.parse_args(argv)
-    specs = [s for s in args.rows.split(",") if s]
+    specs = split_rows(args.rows)
     for spec in specs:
         try:
             parse_row(spec)
@@ -571,7 +615,7 @@ def main(argv: list[str] | None = None) -> None:
             row, output = run_row(spec, build, videos, workload, mask_inputs, args, keep_output=args.fidelity)
         except Exception as exc:  # a failing row is recorded, not hidden, and the next one runs
             error = f"{type(exc).__name__}: {exc}"
-            if spec.startswith("qsparse+"):
+            if spec.startswith("qsparse") and "+" in spec:
                 error = ("qs.optimize compiles each block's whole call (fullgraph), so the step cache's hooks on the "
                          f"blocks are traced into the block graph: {error}")
             row, output = GenRow(spec, steps=args.steps, error=error[:600]), None

@@ -15,7 +15,7 @@
 #   bash benchmarks/device_suite.sh bytes        # byte accounting of the reuse step's kernels (two qsparse compiles)
 #   bash benchmarks/device_suite.sh generation   # whole 50-step CFG videos at workload W (bench_generation.py), in
 #                                                # parts that each stay under 580 s, rows appended to one
-#                                                # generation.json (GEN_PARTS="1 2 3" picks parts; default all three:
+#                                                # generation.json (GEN_PARTS="1 2 3 4" picks parts; default all four:
 #                                                # run each as its own device command), then fidelity of the same rows
 #                                                # on the reference DiT (FID_PARTS) into fidelity.json, then the Pareto
 #                                                # plot when both JSONs are there. Estimates from the per-forward
@@ -63,11 +63,14 @@ case "${1:-e2e}" in
           --row-budget "${ROW_BUDGET:-420}" --warmup-steps "${WARMUP_STEPS:-12}" "${@:3}" 2>&1 | grep -v Warning | grep -E "^\||^- |^[a-z].*: " | tail -40
       echo "generation part $1: exit ${PIPESTATUS[0]}"
     }
-    for part in ${GEN_PARTS-1 2 3}; do
+    for part in ${GEN_PARTS-1 2 3 4}; do
       case $part in
         1) gen 1 inductor,flex-fp8 --out "$OUT/generation.json" ;;
         2) gen 2 flex-fp8+fbc,flex-fp8+mag,flex-fp8+taylorseer --out "$OUT/generation.json" ;;
         3) gen 3 cache-dit,qsparse,qsparse+fbc --out "$OUT/generation.json" ;;
+        # qsparse with fewer refreshes (6 of 50 steps) and with 8-bit attention (sparse and refresh)
+        4) gen 4 "qsparse[first=1,every=10],qsparse[first=1,every=10,attn=int8_fp8],qsparse[attn=int8_fp8]" \
+               --out "$OUT/generation.json" ;;
       esac
     done
     # The reference DiT (16 x 64 x 64, 16,384 tokens), 4 seeds, the same steps and rows; each part reruns the dense

@@ -52,6 +52,19 @@ def test_row_names_are_checked(bench):
             bench.parse_row(bad)
 
 
+def test_qsparse_row_settings(bench):
+    assert bench.parse_row("qsparse[every=10,attn=int8_fp8]+fbc") == ("qsparse[every=10,attn=int8_fp8]", "fbc")
+    assert bench.qsparse_settings("qsparse[first=1,every=10,order=1,attn=int8_fp8]") == (
+        {"attention_precision": "int8_fp8"}, {"refresh_first": 1, "refresh_every": 10, "order": 1})
+    assert bench.qsparse_settings("qsparse") == ({}, {})
+    assert bench.split_rows("inductor,qsparse[first=1,every=10]+mag,,qsparse") == [
+        "inductor", "qsparse[first=1,every=10]+mag", "qsparse"]
+    for bad, match in (("qsparse[rank=4]", "KEY=VALUE"), ("qsparse[every=ten]", "every='ten' must be int"),
+                       ("qsparse[every=10", "write qsparse\\[")):
+        with pytest.raises(ValueError, match=match):
+            bench.parse_row(bad)
+
+
 def test_pareto_front_and_join(tmp_path):
     from qsparse_compiler.eval.pareto import pareto_plot
 
