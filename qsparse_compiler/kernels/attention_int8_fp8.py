@@ -62,6 +62,7 @@ _SUPPORTED_LAYOUT_BLOCKS = (32, 64, 128, 256)  # the fp8 dot needs >= 32 keys pe
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _LOG2E = 1.4426950408889634
 P_SCALE = 448.0  # ops/attention_quantization.P_SCALE: p in [0, 1] onto e4m3's whole range
+_P_SCALE_JIT = tl.constexpr(P_SCALE)  # compiled kernels read only constexpr globals (the interpreter reads any)
 
 
 @triton.jit
@@ -100,7 +101,7 @@ def _attend_key_tile(
     p = tl.math.exp2(s - m_sub[:, None])
     alpha = tl.math.exp2(m_i - m_sub)
     l_i = l_i * alpha + tl.sum(p, 1)
-    p_scaled = p * P_SCALE
+    p_scaled = p * _P_SCALE_JIT
     if INTERPRETED:
         p_codes = round_to_e4m3_grid(p_scaled).to(tl.float8e4nv)
         pv = tl.dot(p_codes.to(tl.float32), tl.trans(v.to(tl.float32)))
@@ -114,7 +115,7 @@ def _attend_key_tile(
 def _finish(acc, m_i, l_i, lse_shift, v_scale, Out, Lse, o_ptrs, lse_ptrs, row_ok, qk_scale, INTERPRETED: tl.constexpr):
     """out = acc * v_scale / (448 l) (0 for rows that attended nothing), lse in natural log with the shift."""
     attended = l_i > 0.0
-    denom = tl.where(attended, l_i, 1.0) * P_SCALE
+    denom = tl.where(attended, l_i, 1.0) * _P_SCALE_JIT
     out = acc * (v_scale[None, :] / denom[:, None])
     if INTERPRETED:
         if Out.dtype.element_ty == tl.bfloat16:
