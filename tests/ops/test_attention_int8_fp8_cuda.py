@@ -13,6 +13,10 @@ from qsparse_compiler.ops.residual_attention import MODE_REFRESH
 from qsparse_compiler.formats.layout import BlockSparseLayout
 from qsparse_compiler.eval.metrics import sqnr_db
 
+# The 8-bit recipe vs bf16 attention on N(0, 1) q/k/v at D = 128: 28.0-28.6 dB measured on an H100 (2026-12-07,
+# bench_attention.py and these tests); the floor leaves 3 dB for other seeds and shapes.
+INT8_FP8_VS_BF16_FLOOR_DB = 25.0
+
 pytestmark = pytest.mark.gpu
 
 
@@ -34,7 +38,7 @@ def test_gpu_sparse_op_int8_fp8_under_compile_and_cuda_graph():
 
     eager_out, eager_lse = attn(q, k, v, kv_num, kv_idx)
     bf16_out, bf16_lse = torch.ops.qsparse.sparse_attention(q, k, v, kv_num, kv_idx, 128, 128, d**-0.5, None)
-    assert sqnr_db(eager_out / 2, bf16_out) > 30
+    assert sqnr_db(eager_out / 2, bf16_out) > INT8_FP8_VS_BF16_FLOOR_DB
     attended = torch.isfinite(bf16_lse)
     assert (eager_lse[attended] - bf16_lse[attended]).abs().max() < 0.05
     compiled = torch.compile(attn, fullgraph=True, mode="reduce-overhead")
@@ -52,7 +56,7 @@ def test_gpu_refresh_uses_the_dense_8bit_kernel():
     out = torch.ops.qsparse.residual_attention(o_sparse, q, k, v, None, d**-0.5, state, None, MODE_REFRESH, 2,
                                                "int8_fp8")
     sdpa = F.scaled_dot_product_attention(q, k, v)
-    assert 30 < sqnr_db(out, sdpa) < 60  # the 8-bit recipe ran (bf16 SDPA would be identical)
+    assert INT8_FP8_VS_BF16_FLOOR_DB < sqnr_db(out, sdpa) < 40  # the 8-bit recipe ran (bf16 SDPA: > 45 dB)
     torch.testing.assert_close(state[0].float(), (out.float() - o_sparse.float()), atol=2e-2, rtol=2e-2)
 
 
