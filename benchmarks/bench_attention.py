@@ -312,6 +312,10 @@ def run_int8_sweep(rec: Recorder):
     q, k, v = (torch.randn(b, h, s, d, device=dev, dtype=torch.bfloat16) for _ in range(3))
     args = _quantizers()[0](q, k, v)
     kv_num, kv_idx = bitmap_to_blocks(random_layout(b, h, s, 0.15, dev))
+    # Each config's accuracy beside its time: the P.V-in-MMA variants keep fewer accumulator bits.
+    references = {1.0: F.scaled_dot_product_attention(q, k, v, scale=d**-0.5)}
+    if not SMOKE:
+        references[0.15] = block_sparse_attention(q, k, v, kv_num, kv_idx, BLOCK, BLOCK, d**-0.5)[0]
     for variant in INT8_CONFIGS:
         c = dict(variant.kwargs, num_warps=variant.num_warps, num_stages=variant.num_stages)
         if SMOKE and c["BLOCK_M"] > 32:
@@ -323,8 +327,9 @@ def run_int8_sweep(rec: Recorder):
                 else:
                     fn = lambda: block_sparse_attention_int8_fp8(  # noqa: E731
                         *args, kv_num, kv_idx, BLOCK, BLOCK, d**-0.5, None, 64, q.dtype, config=c)
-                fn()
-                rec.add("int8_sweep", dict(density=density, **c, ms=bench(fn)))
+                out = fn()[0]
+                accuracy = {"sqnr_db": sqnr_db(out.float(), references[density].float())} if density in references else {}
+                rec.add("int8_sweep", dict(density=density, **c, ms=bench(fn), **accuracy))
             except Exception as error:
                 rec.add("int8_sweep", dict(density=density, **c, error=repr(error)[:300]))
 
@@ -410,9 +415,11 @@ def write_markdown(data: dict, path: Path) -> None:
         lines.append("")
     if data["int8_sweep"]:
         lines += ["## 8-bit launch-config sweep (1x12x32,760x128)", "",
-                  "| density | BLOCK_M | BLOCK_N | warps | stages | ms |", "|---|---|---|---|---|---|"]
-        lines += [f"| {r['density']} | {r['BLOCK_M']} | {r['BLOCK_N']} | {r['num_warps']} | {r['num_stages']} | "
-                  f"{r.get('ms', float('nan')):.3f} |" for r in data["int8_sweep"]]
+                  "| density | BLOCK_M | BLOCK_N | P.V in MMA | warps | stages | ms | SQNR dB vs bf16 |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['density']} | {r['BLOCK_M']} | {r['BLOCK_N']} | {r.get('PV_IN_MMA', False)} | "
+                  f"{r['num_warps']} | {r['num_stages']} | {r.get('ms', float('nan')):.3f} | "
+                  f"{r.get('sqnr_db', float('nan')):.1f} |" for r in data["int8_sweep"]]
         lines.append("")
     if data["layout_build"]:
         lines += ["## Dynamic top-k layout build", "", "| shape | density | ms |", "|---|---|---|"]

@@ -75,6 +75,7 @@ def _attend_key_tile(
     QUANT_BLOCK: tl.constexpr,
     HAS_MASK: tl.constexpr,
     EVEN_KV: tl.constexpr,
+    PV_IN_MMA: tl.constexpr,
     INTERPRETED: tl.constexpr,
 ):
     """One key tile of the online softmax: returns the updated (acc, m_i, l_i)."""
@@ -104,10 +105,15 @@ def _attend_key_tile(
     p_scaled = p * _P_SCALE_JIT
     if INTERPRETED:
         p_codes = round_to_e4m3_grid(p_scaled).to(tl.float8e4nv)
-        pv = tl.dot(p_codes.to(tl.float32), tl.trans(v.to(tl.float32)))
+        if PV_IN_MMA:
+            acc = tl.dot(p_codes.to(tl.float32), tl.trans(v.to(tl.float32)), acc * alpha[:, None])
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p_codes.to(tl.float32), tl.trans(v.to(tl.float32)))
+    elif PV_IN_MMA:
+        acc = tl.dot(p_scaled.to(tl.float8e4nv), tl.trans(v), acc * alpha[:, None])
     else:
-        pv = tl.dot(p_scaled.to(tl.float8e4nv), tl.trans(v))
-    acc = acc * alpha[:, None] + pv  # fresh fp8 dot per tile, accumulated in fp32 (see the module docstring)
+        # a fresh fp8 dot per tile, accumulated in fp32 (see the module docstring)
+        acc = acc * alpha[:, None] + tl.dot(p_scaled.to(tl.float8e4nv), tl.trans(v))
     return acc, m_new, l_i
 
 
@@ -146,6 +152,7 @@ def _attention_int8_fp8_fwd(
     EVEN_KV: tl.constexpr,  # no key tile the kernel visits reaches past SEQ_KV
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PV_IN_MMA: tl.constexpr = False,  # P.V accumulated in the MMA's accumulator instead of a fresh dot per tile
     INTERPRETED: tl.constexpr = False,
 ):
     tl.static_assert(LAYOUT_BLOCK_Q % BLOCK_M == 0, "a kernel query tile must lie inside one layout query block")
@@ -181,12 +188,12 @@ def _attention_int8_fp8_fwd(
             start_n = tl.load(idx_row + j // SUB) * LAYOUT_BLOCK_KV + (j % SUB) * BLOCK_N
             acc, m_i, l_i = _attend_key_tile(
                 acc, m_i, l_i, q, q_scale_log2, k_base, v_base, k_scale_base, mask_base, start_n, offs_n, offs_d,
-                stride_kn, stride_vd, stride_mn, SEQ_KV, QUANT_BLOCK, HAS_MASK, EVEN_KV, INTERPRETED)
+                stride_kn, stride_vd, stride_mn, SEQ_KV, QUANT_BLOCK, HAS_MASK, EVEN_KV, PV_IN_MMA, INTERPRETED)
     else:
         for start_n in tl.range(0, SEQ_KV, BLOCK_N):
             acc, m_i, l_i = _attend_key_tile(
                 acc, m_i, l_i, q, q_scale_log2, k_base, v_base, k_scale_base, mask_base, start_n, offs_n, offs_d,
-                stride_kn, stride_vd, stride_mn, SEQ_KV, QUANT_BLOCK, HAS_MASK, EVEN_KV, INTERPRETED)
+                stride_kn, stride_vd, stride_mn, SEQ_KV, QUANT_BLOCK, HAS_MASK, EVEN_KV, PV_IN_MMA, INTERPRETED)
 
     v_scale = tl.load(VScale + bh * HEAD_DIM + offs_d)
     lse_shift = tl.load(LseShift + bh * SEQ_Q + offs_m, mask=row_ok, other=0.0)
@@ -198,8 +205,8 @@ def _attention_int8_fp8_fwd(
 # ---- tuning data --------------------------------------------------------------------------------------------------
 
 
-def _config(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+def _config(bm: int, bn: int, warps: int, stages: int, pv_in_mma: bool = False) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "PV_IN_MMA": pv_in_mma}, num_warps=warps, num_stages=stages)
 
 
 # Candidates, not yet measured on a GPU (benchmarks/bench_attention.py --int8-sweep measures each; the list is then
@@ -213,6 +220,11 @@ CONFIGS: list[triton.Config] = [
     _config(64, 128, 4, 3),
     _config(64, 64, 4, 3),
     _config(32, 32, 4, 2),  # tiny layout blocks (tests, interpreter)
+    # P.V accumulated inside the MMA (one accumulator tile less in registers; fewer accumulator bits)
+    _config(128, 128, 4, 3, True),
+    _config(128, 64, 4, 3, True),
+    _config(128, 128, 8, 3, True),
+    _config(64, 128, 4, 3, True),
 ]
 
 
@@ -368,7 +380,8 @@ def _launch(q_codes, q_scale, k_codes, k_scale, v_codes, v_scale, lse_shift, sca
     bn = config["BLOCK_N"]
     _attention_int8_fp8_fwd[grid(config)](
         *args, EVEN_KV=skv % max(bn, block_kv if layout is not None else bn) == 0,
-        BLOCK_M=config["BLOCK_M"], BLOCK_N=bn, num_warps=config.get("num_warps", 4),
+        BLOCK_M=config["BLOCK_M"], BLOCK_N=bn, PV_IN_MMA=config.get("PV_IN_MMA", False),
+        num_warps=config.get("num_warps", 4),
         num_stages=config.get("num_stages", 2), INTERPRETED=not q_codes.is_cuda, **meta,
     )
     return out, lse
@@ -382,7 +395,7 @@ def block_sparse_attention_int8_fp8(
     out_dtype: torch.dtype = torch.bfloat16, *, config: Optional[dict] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """8-bit attention restricted to the layout's tiles; returns (out, lse). See the module docstring.
-    ``config``: pin ``{"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}`` instead of autotuning."""
+    ``config``: pin ``{"BLOCK_M", "BLOCK_N", "PV_IN_MMA", "num_warps", "num_stages"}`` instead of autotuning."""
     reason = unsupported_reason(q_codes, q_scale, k_codes, k_scale, v_codes, v_scale, lse_shift, quant_block,
                                 kv_num_blocks, kv_indices, block_q, block_kv, key_padding_mask, out_dtype)
     if reason is not None:
