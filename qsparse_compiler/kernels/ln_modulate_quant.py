@@ -26,8 +26,9 @@ registers (K <= 8192): x is read once, codes (1 byte) and one scale per row writ
 bf16 input, the floor. The bf16 rounding costs a few integer ops (``rounding.round_to_bf16_grid``, exact on the GPU
 and in the CPU interpreter alike).
 
-Launch configurations (``LAUNCH_CONFIGS``) are data, by padded row width; unmeasured until
-``benchmarks/bench_membound.py`` times them at workload W (it prints the best per width).
+Launch configurations (``LAUNCH_CONFIGS``) are data, by padded row width. ``benchmarks/bench_membound.py`` times
+them at workload W: the 2048-wide default (Wan-1.3B's 1,536 features) is its measured best on an H100 (BENCHMARKS.md,
+"memory-bound fusions"); the other widths' defaults are not measured yet.
 
 This module imports nothing from qsparse_compiler outside kernels/ (kernels/ rule).
 """

@@ -39,8 +39,9 @@ per-(token, head) amax and an int8 / fp8 code store are a reduction and a store 
 one fp32 scale per token and head) - no extra pass over q or k.
 
 Launch configurations (``LAUNCH_CONFIGS``) are data: rows per program and warps by the padded row width. They keep
-<= 64 fp32 values per thread; they are not measured yet - ``benchmarks/bench_membound.py`` times each of them at
-workload W and prints the best, which then belongs in this table with its measurement.
+<= 64 fp32 values per thread. ``benchmarks/bench_membound.py`` times each candidate at workload W; the 2048-wide
+default (Wan-1.3B) is its measured best on an H100 (BENCHMARKS.md, "memory-bound fusions"); the other widths'
+defaults are not measured yet.
 
 This module imports nothing from qsparse_compiler outside kernels/ (kernels/ rule).
 """
@@ -76,7 +77,7 @@ class QkLaunch:
 LAUNCH_CONFIGS: dict[int, tuple[QkLaunch, ...]] = {
     512: (QkLaunch(8, 4), QkLaunch(16, 8), QkLaunch(4, 4)),
     1024: (QkLaunch(4, 4), QkLaunch(8, 8), QkLaunch(2, 4)),
-    2048: (QkLaunch(2, 4), QkLaunch(4, 8), QkLaunch(1, 4), QkLaunch(8, 8)),
+    2048: (QkLaunch(1, 4), QkLaunch(2, 4), QkLaunch(4, 8), QkLaunch(8, 8)),
     4096: (QkLaunch(1, 4), QkLaunch(2, 8), QkLaunch(1, 8)),
     8192: (QkLaunch(1, 8), QkLaunch(1, 16)),
 }
