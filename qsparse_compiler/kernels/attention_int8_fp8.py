@@ -10,7 +10,9 @@ Inputs are the output of ``ops.attention_quantization.quantize_attention_inputs`
 reference live there): q_codes (B, H, Sq, D) int8 with one fp32 scale per (batch, head, ``quant_block`` tokens);
 k_codes (B, H, Skv, D) int8 of the mean-smoothed keys, scales likewise; v_codes (B, H, D, Skv) float8_e4m3fn,
 channel-major, with one fp32 scale per (batch, head, channel); lse_shift (B, H, Sq) fp32 = q . mean(k). All with a
-unit stride in the last dim. D in {32, 64, 128}. The sparse entry point takes the layout contract of
+unit stride in the last dim. Speed needs every row stride divisible by 16 bytes: compiled Triton proves alignment only
+from arguments divisible by 16 and otherwise loads a tile byte by byte, unpipelined (V's rows are Skv bytes: 32,760 at
+Wan 480p; ``quantize_attention_inputs`` pads them). D in {32, 64, 128}. The sparse entry point takes the layout contract of
 ``qsparse::sparse_attention`` (kernels/block_sparse_attention.py): ``kv_num_blocks`` [B|1, H|1, QB], ``kv_indices``
 [B|1, H|1, QB, KVB] (per-head layouts, all heads in one launch), layout blocks of 32..256 tokens, an optional bool
 key-padding mask (B|1, 1, 1, Skv), tails. Rows that attend to nothing: out = 0, lse = -inf.

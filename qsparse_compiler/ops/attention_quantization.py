@@ -53,18 +53,20 @@ QUANT_BLOCK = 64  # tokens per Q / K int8 scale (kernel tiles are independent of
 P_SCALE = 448.0  # e4m3's largest finite value: P in [0, 1] is scaled onto the whole e4m3 range
 INT8_MAX = 127.0
 FP8_E4M3_MAX = 448.0
+V_ROW_ALIGN = 16  # tokens (= bytes of e4m3) a V-codes row stride is a multiple of (quantize_v_per_channel)
 _AMAX_EPS = 1e-12  # ops/quantization.py's: an all-zero tile gets a tiny scale, not a division by zero
 
 
 @dataclass(frozen=True)
 class QuantizedAttentionInputs:
-    """What the 8-bit kernels read. Codes are contiguous; scales fp32.
+    """What the 8-bit kernels read. Codes have a unit last stride; scales fp32.
 
     q_codes (B, H, Sq, D) int8, q_scale (B, H, ceil(Sq / quant_block))
     k_codes (B, H, Skv, D) int8 of the smoothed keys, k_scale (B, H, ceil(Skv / quant_block))
     lse_shift (B, H, Sq) q . mean_t(k) in fp32, what smoothing removed from every score of the row (without the
         softmax scale): the kernels add ``scale * lse_shift`` to the lse
-    v_codes (B, H, D, Skv) float8_e4m3fn (channel-major), v_scale (B, H, D)
+    v_codes (B, H, D, Skv) float8_e4m3fn (channel-major; rows padded to 16-byte strides: quantize_v_per_channel),
+        v_scale (B, H, D)
     """
 
     q_codes: torch.Tensor
@@ -99,11 +101,19 @@ def smooth_keys(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def quantize_v_per_channel(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, H, Skv, D) -> e4m3 codes (B, H, D, Skv) channel-major and fp32 scales (B, H, D)."""
+    """(B, H, Skv, D) -> e4m3 codes (B, H, D, Skv) channel-major and fp32 scales (B, H, D).
+
+    Each channel's row of codes starts on a 16-byte boundary: the codes are a view of a buffer whose rows are padded
+    to a multiple of ``V_ROW_ALIGN`` tokens. Compiled Triton vectorizes (and pipelines) a tile load only when it can
+    prove the row stride divisible by 16; with Wan's 32,760 tokens an unpadded stride is not, and the 8-bit kernel
+    then read V one byte at a time (2.2x slower on an H100, BENCHMARKS.md)."""
     vf = v.to(torch.float32).transpose(-1, -2)
     scale = vf.abs().amax(dim=-1).clamp_min(_AMAX_EPS) / FP8_E4M3_MAX
     codes = (vf / scale[..., None]).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
-    return codes.contiguous(), scale.contiguous()
+    skv = codes.shape[-1]
+    padded = codes.new_zeros(*codes.shape[:-1], -(-skv // V_ROW_ALIGN) * V_ROW_ALIGN)
+    padded[..., :skv] = codes
+    return padded[..., :skv], scale.contiguous()
 
 
 def quantize_attention_inputs(

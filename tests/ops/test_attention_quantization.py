@@ -38,6 +38,8 @@ def test_v_channel_major_fp8():
     assert codes.shape == (1, 2, 16, 50) and codes.dtype == torch.float8_e4m3fn and scale.shape == (1, 2, 16)
     assert codes.float().abs().amax(-1).eq(448).all()
     assert sqnr_db(codes.float().transpose(-1, -2) * scale[..., None, :], v) > 28  # e4m3: 3 mantissa bits
+    # Rows start 16-byte aligned (compiled Triton vectorizes V tile loads only then); the last dim stays unit-stride.
+    assert codes.stride() == (2 * 16 * 64, 16 * 64, 64, 1) and codes.data_ptr() % 16 == 0
 
 
 def test_key_smoothing_leaves_attention_unchanged():
