@@ -104,6 +104,7 @@ class GenRow:
     speedup_vs_inductor: float | None = None
     residual_cache: dict[str, int] | None = None  # qsparse: refreshes / reuses over every attention site
     calibration: dict[str, Any] | None = None
+    step_profile: dict[str, Any] | None = None  # the warm video's seconds by kind of step (StepProfile)
     note: str = ""
     error: str | None = None
     # --fidelity
@@ -142,9 +143,10 @@ def make_scheduler(kind: str, shift: float):
 @torch.no_grad()
 def generate(transformer: torch.nn.Module, scheduler: Any, latents: torch.Tensor, cond: torch.Tensor,
              uncond: torch.Tensor, steps: int, guidance: float = GUIDANCE, deadline: float | None = None,
-             calls: list[int] | None = None) -> torch.Tensor:
+             calls: list[int] | None = None, on_step: Callable[[int], None] | None = None) -> torch.Tensor:
     """WanPipeline's denoising loop (diffusers 0.42): float32 ``latents`` -> denoised float32 latents.
-    ``calls`` (one int) counts transformer calls; past ``deadline`` (perf_counter) it raises RowBudgetExceeded."""
+    ``calls`` (one int) counts transformer calls; past ``deadline`` (perf_counter) it raises RowBudgetExceeded;
+    ``on_step(i)`` runs after each scheduler step (the per-step profile)."""
     dtype = cond.dtype
     scheduler.set_timesteps(steps, device=latents.device)
     scheduler.set_begin_index(0)
@@ -163,6 +165,8 @@ def generate(transformer: torch.nn.Module, scheduler: Any, latents: torch.Tensor
             calls[0] += 2
         noise = noise_uncond + guidance * (noise - noise_uncond)
         latents = scheduler.step(noise, t, latents, return_dict=False)[0]
+        if on_step is not None:
+            on_step(i)
     if hasattr(transformer, "_reset_stateful_cache") and getattr(transformer, "_cache_config", None) is not None:
         transformer._reset_stateful_cache()  # WanPipeline's maybe_free_model_hooks
     return latents
@@ -393,6 +397,42 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+class StepProfile:
+    """Where a warm video's seconds go, per kind of step: each step ends with a device sync (50 per video: noise
+    next to its seconds) and is classed by what ran in it - ``refresh`` (qsparse: some attention refreshed its
+    residual, i.e. ran dense), ``reuse`` (qsparse: every attention reused), ``full`` (every block ran, no residual
+    cache), ``skipped`` (a step cache skipped blocks of at least one of the two CFG calls)."""
+
+    def __init__(self, device: str, prepared: Prepared) -> None:
+        self.device, self.prepared = device, prepared
+        self.blocks = prepared.block_calls()
+        self.refreshes = self._refreshes()
+        self.last = time.perf_counter()  # reset to the video's start by the caller
+        self.kinds: dict[str, list[float]] = {}
+
+    def _refreshes(self) -> int:
+        return self.prepared.residual_cache()["refreshes"] if self.prepared.residual_cache else 0
+
+    def on_step(self, index: int) -> None:
+        _sync(self.device)
+        now = time.perf_counter()
+        blocks, refreshes = self.prepared.block_calls(), self._refreshes()
+        if blocks - self.blocks < 2 * self.prepared.blocks:
+            kind = "skipped"
+        elif refreshes > self.refreshes:
+            kind = "refresh"
+        else:
+            kind = "reuse" if self.prepared.residual_cache else "full"
+        self.kinds.setdefault(kind, []).append(now - self.last)
+        self.last, self.blocks, self.refreshes = now, blocks, refreshes
+
+    def summary(self, seconds: float) -> dict[str, Any]:
+        out: dict[str, Any] = {kind: {"steps": len(times), "seconds": sum(times), "ms_per_step": 1e3 * sum(times)
+                                      / len(times)} for kind, times in sorted(self.kinds.items())}
+        out["unaccounted_s"] = seconds - sum(sum(times) for times in self.kinds.values())
+        return out
+
+
 def run_row(spec: str, build: Callable[[], torch.nn.Module], videos: Callable[[], list[tuple]], workload: dict,
             mask_inputs: dict, args: argparse.Namespace, keep_output: bool = False) -> tuple[GenRow, torch.Tensor | None]:
     """Cold video, then (budget permitting) the warm video that is measured. ``videos`` gives the (latents, cond,
@@ -418,12 +458,12 @@ def run_row(spec: str, build: Callable[[], torch.nn.Module], videos: Callable[[]
 
         handle = prepared.model.register_forward_hook(first_call_timer)
 
-        def run_video(steps: int = args.steps) -> torch.Tensor:
+        def run_video(steps: int = args.steps, on_step: Callable[[int], None] | None = None) -> torch.Tensor:
             outs = []
             for latents, cond, uncond in videos():
                 prepared.before_video()
                 outs.append(generate(prepared.model, scheduler, latents, cond, uncond, steps, args.guidance,
-                                     deadline, calls))
+                                     deadline, calls, on_step))
             return torch.cat(outs)
 
         # --fidelity measures outputs, not time: one run per row (the cold one) unless MagCache must calibrate first.
@@ -451,11 +491,16 @@ def run_row(spec: str, build: Callable[[], torch.nn.Module], videos: Callable[[]
             torch.cuda.reset_peak_memory_stats()
         calls[0], blocks_before = 0, prepared.block_calls()
         cache_before = prepared.residual_cache() if prepared.residual_cache else None
+        profile = StepProfile(args.device, prepared) if not args.fidelity else None
         _sync(args.device)
         start = time.perf_counter()
-        output = run_video()
+        if profile is not None:
+            profile.last = start
+        output = run_video(on_step=profile.on_step if profile else None)
         _sync(args.device)
         row.seconds_per_video = (time.perf_counter() - start) / len(videos())
+        if profile is not None:
+            row.step_profile = profile.summary(row.seconds_per_video)
         row.transformer_calls = calls[0]
         row.block_calls = prepared.block_calls() - blocks_before
         row.forwards_executed = row.block_calls / prepared.blocks
@@ -509,7 +554,14 @@ def markdown(meta: dict[str, Any], rows: list[GenRow]) -> str:
                      f"{r.finite} |{tail}")
     errors = [f"- {r.system}: {r.error}" for r in rows if r.error]
     notes = [f"- {r.system}: {r.note}" for r in rows if fidelity and r.note]
-    return "\n".join(lines + ([""] + errors if errors else []) + ([""] + notes if notes else [])) + "\n"
+    profiles = [f"- {r.system}: " + ", ".join(
+        f"{kind} {v['steps']} steps {v['seconds']:.2f} s ({v['ms_per_step']:.0f} ms each)"
+        for kind, v in r.step_profile.items() if isinstance(v, dict))
+        + f"; unaccounted {r.step_profile['unaccounted_s']:.2f} s" for r in rows if r.step_profile]
+    if profiles:
+        profiles = ["", "Where the warm video's seconds go (per kind of step, each step ended by a device sync):",
+                    *profiles]
+    return "\n".join(lines + ([""] + errors if errors else []) + ([""] + notes if notes else []) + profiles) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------- main

@@ -114,6 +114,11 @@ def test_reference_workload_video_rows(tmp_path):
     qsparse = rows["qsparse"]
     assert qsparse["block_calls"] == 12 and qsparse["forwards_executed"] == 6.0
     assert qsparse["residual_cache"]["refreshes"] == 8 and qsparse["residual_cache"]["reuses"] == 4
+    # The per-step profile classes the same steps: two refresh steps, one reuse step, summing to the video.
+    profile = qsparse["step_profile"]
+    assert profile["refresh"]["steps"] == 2 and profile["reuse"]["steps"] == 1
+    accounted = profile["refresh"]["seconds"] + profile["reuse"]["seconds"]
+    assert abs(accounted + profile["unaccounted_s"] - qsparse["seconds_per_video"]) < 1e-6
     # MagCache: calibrated from a full first video (a ratio per step and CFG branch), then skips at most all blocks.
     mag = rows["eager+mag"]
     assert len(mag["calibration"]["cond"]) == 3 and len(mag["calibration"]["uncond"]) == 3
