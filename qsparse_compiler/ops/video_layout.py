@@ -82,9 +82,9 @@ def cached_video_layout(seq_len: int, device: torch.device, frames: int, height:
     """The layout (``complement``: its complement) ``qsparse::video_block_layout`` returns copies of, both built once
     per grid and device.
 
-    The backend's runtime wrapper calls this before a compiled graph runs (compiler/backend.py): the cached device tensors
-    (the complement's too) then never come into being inside a CUDA-graph memory pool, where a tensor outliving the
-    graph is an error."""
+    The backend's runtime wrapper calls this before a compiled graph runs (compiler/backend.py): the cached device
+    tensors (the complement's too) then never come into being inside a CUDA-graph memory pool, where a tensor
+    outliving the graph is an error."""
     key = (pattern, float(density), block_q, block_kv, frames, height, width, seq_len, video_start)
     return _cached_layouts(key, device)[1 if complement else 0]
 
