@@ -43,7 +43,9 @@ The refresh decision is a host-side branch: ``cache_mode`` 1 always refreshes, 2
 serves both paths without a recompile). Under CUDA graphs qs.optimize compiles a refresh graph (mode 1) and a reuse
 graph (mode 2) whose op each takes one fixed path, so each can be captured; the pass emits the complement layout only
 where a refresh can happen (modes 0 and 1), and everything a refresh reads is cached outside the graph's memory pool
-(ops/video_layout.py), so no step reads the device or recompiles.
+(ops/video_layout.py), so no step reads the device or recompiles. The reuse graph is the one of before; in mode 0 a
+reuse step also runs the layout op's copy of the cached complement (QB x KVB int32 per layout head: 0.26 MB at
+32,760 tokens in 128-token blocks), the price of one graph for both paths.
 
 The op's body is the plain-torch reference (CPU, low-rank caches). On CUDA a full-rank cache (bf16/fp16/fp32 or fp8)
 takes one fused pass per step (kernels/residual_cache_step.py), registered as the op's CUDA kernel by
