@@ -133,7 +133,8 @@ def _refresh_layout(gm: fx.GraphModule, sparse_attention: fx.Node, anchor: fx.No
     lse = next((u for u in sparse_attention.users if u.target is operator.getitem and u.args[1] == 1), None)
     if lse is None:
         lse = call_op(gm, anchor, operator.getitem, (sparse_attention, 1), sparse_attention)
-    layout = kv_num_blocks.args[0] if kv_num_blocks.target is operator.getitem else None
+    from_op = isinstance(kv_num_blocks, fx.Node) and kv_num_blocks.target is operator.getitem
+    layout = kv_num_blocks.args[0] if from_op else None
     if getattr(layout, "target", None) is not torch.ops.qsparse.video_block_layout.default:
         return lse, kv_num_blocks, kv_indices, block_q, block_kv
     complement = call_op(gm, anchor, torch.ops.qsparse.video_block_layout.default, (*layout.args[:9], True), layout)
