@@ -22,7 +22,18 @@ the Q/K/V quantization as eager torch ops / as one torch.compile'd function (wha
 it sits in the graph), each with its SQNR against SDPA. At densities < 1 it also times a refresh step's dense
 attention both ways (ops/refresh_attention.py): "refresh_complement_<precision>" = attention over the complement
 tiles + the lse merge (the sparse part is already computed by the step) vs "refresh_dense_<precision>" (SDPA or the
-dense 8-bit kernel). ``--int8-sweep`` times every 8-bit launch config at 1x12x32,760x128, dense and 15%.
+dense 8-bit kernel), on pre-quantized inputs; "refresh_op_complement_<precision>" / "refresh_op_dense_<precision>"
+are what qsparse::residual_attention's refresh calls on the new path (dense_from_sparse, complement cached with the
+layout) and on the old one (a dense attention: SDPA or the 8-bit path), quantization of q/k/v included. The issue's
+decision (#16 item 3) is refresh_op_complement vs refresh_op_dense at 1x12x32,760x128, density 0.15:
+
+    python benchmarks/bench_attention.py --int8 --shapes wan1.3b-480p --densities 0.15 --patterns random \
+        --no-flex --out benchmarks/results/refresh_complement.json
+
+A one-pass kernel (O_sparse and O_dense from one sweep over every tile, two accumulators) has no row: its tile work
+equals the complement path's (every tile once), it only saves the merge's elementwise pass, and on every reuse step
+the sparse kernel would have to stay a separate kernel anyway. ``--int8-sweep`` times every 8-bit launch config at
+1x12x32,760x128, dense and 15%.
 """
 
 from __future__ import annotations
@@ -289,9 +300,26 @@ def run_int8_point(q, k, v, kv_num, kv_idx, density, row, pairs, sdpa_out, t_bf1
     def int8_dense():
         return dense_attention_int8_fp8(*args, scale, None, 64, q.dtype)
 
+    # What qsparse::residual_attention's refresh runs, per precision, after the step's sparse attention: the new
+    # path (ops/refresh_attention.py with the complement cached with the layout) and the old one (ops/
+    # residual_attention.py's dense_attention); both include the 8-bit path's quantization of q, k, v.
+    from qsparse_compiler.ops.refresh_attention import dense_from_sparse
+    from qsparse_compiler.ops.residual_attention import dense_attention
+
+    def op_rows(precision, out_sparse, lse_sparse):
+        def complement():
+            return dense_from_sparse(q, k, v, out_sparse, lse_sparse, kv_num, kv_idx, BLOCK, BLOCK, scale, None,
+                                     precision, (kv_num_c, kv_idx_c))
+
+        def dense():
+            return dense_attention(q, k, v, None, scale, precision), None
+
+        return ((f"refresh_op_complement_{precision}", complement), (f"refresh_op_dense_{precision}", dense))
+
     reference = F.scaled_dot_product_attention(q, k, v, scale=scale)
     for label, fn in (("refresh_complement_bf16", complement_bf16), ("refresh_dense_bf16", sdpa_dense),
-                      ("refresh_complement_int8_fp8", complement_int8), ("refresh_dense_int8_fp8", int8_dense)):
+                      ("refresh_complement_int8_fp8", complement_int8), ("refresh_dense_int8_fp8", int8_dense),
+                      *op_rows("bf16", out_s, lse_s), *op_rows("int8_fp8", out_s8, lse_s8)):
         try:
             out, _ = fn()
             t = bench(fn)

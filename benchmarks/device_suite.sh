@@ -26,6 +26,11 @@
 #   bash benchmarks/device_suite.sh attn8        # 8-bit attention: bench rows beside SDPA and Flex at 15% and dense,
 #                                                # the refresh rows, the 8-bit config sweep, then its @gpu tests
 #                                                # (not yet run; budget 170 s bench + 240 s tests)
+#   bash benchmarks/device_suite.sh refresh      # issue #16 item 3: a refresh's O_dense from the complement tiles +
+#                                                # lse merge vs the old dense attention, bf16 and int8_fp8, at workload
+#                                                # W's 1x12x32,760x128 and density 0.15 (rows refresh_*), then the
+#                                                # refresh's @gpu tests (not yet run; estimate < 120 s bench,
+#                                                # < 180 s tests)
 #   bash benchmarks/device_suite.sh membound     # issue #19's fused norm/rope/quant kernels vs Inductor at workload W
 #                                                # (bench_membound.py, < 2 min) and their @gpu tests (not yet run)
 # Results land in $OUT; partial results survive a time limit (JSON after every row, test lines as they come).
@@ -106,7 +111,15 @@ case "${1:-e2e}" in
     timeout 300 python3 -m pytest -q -m gpu tests/kernels/test_attention_int8_fp8.py \
         tests/kernels/test_attention_merge.py tests/ops/test_attention_int8_fp8_cuda.py --tb=short -rA -p no:cacheprovider 2>&1 | tail -40 \
         | tee "$OUT/attn8_tests.txt" ;;
-  *) echo "device_suite.sh: unknown part ${1}; use e2e, e2e2, e2e720, e2e720flex, hunyuan, hunyuanflex, cachemem, attn8, bytes, generation, membound" \
+  refresh)
+    timeout 240 python3 benchmarks/bench_attention.py --int8 --shapes wan1.3b-480p --densities 0.15 --patterns random \
+        --no-flex --out "$OUT/refresh_complement.json" 2>&1 | grep -v Warning | tee "$OUT/refresh_bench.txt" \
+        | grep refresh
+    timeout 300 python3 -m pytest -q -m gpu tests/kernels/test_attention_merge.py \
+        tests/kernels/test_residual_cache_step.py tests/ops/test_attention_int8_fp8_cuda.py --tb=short -rA \
+        -p no:cacheprovider 2>&1 | tail -40 | tee "$OUT/refresh_tests.txt" ;;
+  *) echo "device_suite.sh: unknown part ${1}; use e2e, e2e2, e2e720, e2e720flex, hunyuan, hunyuanflex, cachemem, attn8, bytes," \
+          "generation, membound, refresh" \
           "or tests" >&2
      exit 2 ;;
 esac

@@ -215,7 +215,8 @@ class CacheConfig:
     """Residual cache (SSAR) around each sparsified attention; see runtime/residual_cache.py.
 
     enabled        insert residual-cache nodes (a plan can enable it per site through AttentionPlan.cache).
-    refresh_first  the first k denoising steps refresh (dense + sparse attention, store R = O_dense - O_sparse).
+    refresh_first  the first k denoising steps refresh (O_dense: the sparse attention completed over the complement
+                   tiles; store R = O_dense - O_sparse).
     refresh_every  afterwards every step that is a multiple of n refreshes; 0 = never again.
     refresh_steps  instead of refresh_first / refresh_every: exactly these steps refresh (a per-layer schedule that
                    calibration's ``refresh_budget`` picks; ascending, starting at 0). Needs ``num_steps``.

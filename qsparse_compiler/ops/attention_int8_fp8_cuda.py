@@ -2,7 +2,8 @@
 recipe of ops/attention_quantization.py) and run the 8-bit Triton kernels (kernels/attention_int8_fp8.py).
 
 Used by ``qsparse::sparse_attention`` (the block-sparse entry point) and by ``qsparse::residual_attention``'s refresh
-(the dense one). Every function returns None where the kernel cannot run, and the caller then computes in bf16 -
+(block-sparse over the layout's complement, ops/refresh_attention.py; the dense entry point where the op has no
+layout). Every function returns None where the kernel cannot run, and the caller then computes in bf16 -
 never a wrong answer. ``static_unsupported_reason`` answers the same question at compile time (the passes report
 it per site) from the dtype, head dim, tiling and device alone. Shape/dtype logic only on the host: no sync.
 """

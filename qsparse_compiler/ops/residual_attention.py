@@ -2,7 +2,10 @@
 
     residual_attention(o_sparse (B, H, S, D), q, k, v, key_padding_mask or None, scale: float,
                        state: list[Tensor] (mutated), refresh: bool CPU scalar tensor or None, cache_mode: int,
-                       order: int, attention_precision: str = "bf16", delta_rank: int = 0) -> (B, H, S, D)
+                       order: int, attention_precision: str = "bf16", delta_rank: int = 0,
+                       lse_sparse (B, H, S) fp32 or None = None, kv_num_blocks int32 [B|1, H|1, QB] or None = None,
+                       kv_indices int32 [B|1, H|1, QB, KVB] or None = None, block_q: int = 0, block_kv: int = 0,
+                       complement_num_blocks or None = None, complement_indices or None = None) -> (B, H, S, D)
 
 ``state`` holds the cache of one site and one CFG branch (allocated and owned by runtime/residual_cache.py):
     full rank  [residual (B,H,S,D), delta (B,H,S,D), steps (1,) fp32]
@@ -20,9 +23,29 @@ O_sparse + R + steps * dR (order 1: O_sparse + R).
 refresh replaces dR by its best rank-r approximation per (batch, head) over (S, D) - a truncated SVD that keeps the
 change's dominant directions and drops the token-level noise of two sparse/dense differences (the paper's beta term) -
 before it is stored; a reuse step is unchanged. r >= min(S, D) keeps dR as measured.
-``cache_mode`` 1 always refreshes, 2 always reuses, 0 follows the ``refresh`` flag that the runtime supplies per call
-(a host-side branch: no device read). ``attention_precision`` is the site's (``formats.quantization.ATTENTION_PRECISIONS``): "int8_fp8" computes the refresh's dense attention with the 8-bit
-recipe (ops/attention_quantization.py; on CUDA the dense 8-bit kernel, bf16 SDPA where it cannot run).
+
+O_dense of a refresh (issue #16: a refresh never costs more than one dense attention). With the sparse attention's
+``lse_sparse`` and its layout (``kv_num_blocks``, ``kv_indices``, ``block_q``, ``block_kv``: the outputs and
+arguments of the ``qsparse::sparse_attention`` that made ``o_sparse``, in the same precision), the refresh attends
+only over the complement tiles and merges that with O_sparse through the two lse (ops/refresh_attention.py): exact
+dense attention for (1 - density) of its cost plus one elementwise pass. ``complement_num_blocks`` /
+``complement_indices`` are that complement, built once per layout (``qsparse::video_block_layout(...,
+complement=True)``, what the pass emits); without them the refresh builds it from the layout
+(formats/complement.py; a layout that changes every step). Without a layout (a caller with no sparse lse) the
+refresh computes a full dense attention. ``attention_precision`` is the site's
+(``formats.quantization.ATTENTION_PRECISIONS``) for both parts: "int8_fp8" runs the complement (or the dense
+attention) with the 8-bit recipe (ops/attention_quantization.py; on CUDA the 8-bit kernels, bf16 where they cannot
+run). A reuse step reads none of these: it pays nothing for them (the sparse kernel writes its lse on every step
+anyway, 4 bytes per row next to the output's 2 * D).
+
+The refresh decision is a host-side branch: ``cache_mode`` 1 always refreshes, 2 always reuses, 0 follows the
+``refresh`` flag, a CPU tensor the runtime passes per call (reading it is no device read, and one compiled graph
+serves both paths without a recompile). Under CUDA graphs qs.optimize compiles a refresh graph (mode 1) and a reuse
+graph (mode 2) whose op each takes one fixed path, so each can be captured; the pass emits the complement layout only
+where a refresh can happen (modes 0 and 1), and everything a refresh reads is cached outside the graph's memory pool
+(ops/video_layout.py), so no step reads the device or recompiles. The reuse graph is the one of before; in mode 0 a
+reuse step also runs the layout op's copy of the cached complement (QB x KVB int32 per layout head: 0.26 MB at
+32,760 tokens in 128-token blocks), the price of one graph for both paths.
 
 The op's body is the plain-torch reference (CPU, low-rank caches). On CUDA a full-rank cache (bf16/fp16/fp32 or fp8)
 takes one fused pass per step (kernels/residual_cache_step.py), registered as the op's CUDA kernel by
@@ -40,9 +63,10 @@ import torch.nn.functional as F
 from ..formats.quantization import dequantize_activation, quantize_activation_symmetric
 from .attention_int8_fp8_cuda import attention_int8_fp8_cuda
 from .attention_quantization import attention_int8_fp8_reference
+from .refresh_attention import dense_from_sparse
 
-__all__ = ["residual_attention", "residual_attention_reference", "refreshes", "dense_attention", "is_fp8", "denoise_delta",
-           "MODE_AUTO", "MODE_REFRESH", "MODE_REUSE"]
+__all__ = ["residual_attention", "residual_attention_reference", "refreshes", "dense_attention", "refresh_dense",
+           "check_refresh_layout", "is_fp8", "denoise_delta", "MODE_AUTO", "MODE_REFRESH", "MODE_REUSE"]
 
 MODE_AUTO, MODE_REFRESH, MODE_REUSE = 0, 1, 2
 
@@ -108,6 +132,35 @@ def dense_attention(q, k, v, key_padding_mask, scale, precision: str) -> torch.T
     return F.scaled_dot_product_attention(q, k, v, attn_mask=key_padding_mask, scale=scale)
 
 
+def check_refresh_layout(lse_sparse, kv_num_blocks, kv_indices, block_q: int, block_kv: int, complement_num_blocks,
+                         complement_indices) -> None:
+    """Raise for a refresh layout given in part: lse and layout come together, the complement in pairs."""
+    given = {"lse_sparse": lse_sparse, "kv_num_blocks": kv_num_blocks, "kv_indices": kv_indices}
+    if any(t is not None for t in given.values()) and any(t is None for t in given.values()):
+        missing = [name for name, t in given.items() if t is None]
+        raise ValueError(f"qsparse::residual_attention: {missing} is None while the other refresh-layout arguments "
+                         "are given; pass lse_sparse, kv_num_blocks and kv_indices together (the outputs and layout "
+                         "of the qsparse::sparse_attention that made o_sparse), or none of them")
+    if lse_sparse is not None and (block_q <= 0 or block_kv <= 0):
+        raise ValueError(f"qsparse::residual_attention: block_q={block_q}, block_kv={block_kv} with a layout; pass "
+                         "the layout's block sizes (those of qsparse::sparse_attention)")
+    if (complement_num_blocks is None) != (complement_indices is None) or (
+            complement_num_blocks is not None and lse_sparse is None):
+        raise ValueError("qsparse::residual_attention: complement_num_blocks and complement_indices come together, "
+                         "and only with the layout (lse_sparse, kv_num_blocks, kv_indices) they complement")
+
+
+def refresh_dense(q, k, v, key_padding_mask, scale, precision: str, o_sparse, lse_sparse, kv_num_blocks, kv_indices,
+                  block_q: int, block_kv: int, complement_num_blocks, complement_indices) -> torch.Tensor:
+    """O_dense of a refresh step: the sparse result merged with its complement tiles where the layout is given,
+    else a dense attention (module docstring)."""
+    if lse_sparse is None:
+        return dense_attention(q, k, v, key_padding_mask, scale, precision)
+    complement = None if complement_num_blocks is None else (complement_num_blocks, complement_indices)
+    return dense_from_sparse(q, k, v, o_sparse, lse_sparse, kv_num_blocks, kv_indices, block_q, block_kv, scale,
+                             key_padding_mask, precision, complement)[0]
+
+
 @torch.library.custom_op("qsparse::residual_attention", mutates_args=("state",))
 def residual_attention(
     o_sparse: torch.Tensor,
@@ -122,14 +175,25 @@ def residual_attention(
     order: int,
     attention_precision: str = "bf16",
     delta_rank: int = 0,
+    lse_sparse: Optional[torch.Tensor] = None,
+    kv_num_blocks: Optional[torch.Tensor] = None,
+    kv_indices: Optional[torch.Tensor] = None,
+    block_q: int = 0,
+    block_kv: int = 0,
+    complement_num_blocks: Optional[torch.Tensor] = None,
+    complement_indices: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     return residual_attention_reference(o_sparse, q, k, v, key_padding_mask, scale, state, refresh, cache_mode, order,
-                                        attention_precision, delta_rank)
+                                        attention_precision, delta_rank, lse_sparse, kv_num_blocks, kv_indices,
+                                        block_q, block_kv, complement_num_blocks, complement_indices)
 
 
 @residual_attention.register_fake
 def _(o_sparse, q, k, v, key_padding_mask, scale, state, refresh, cache_mode, order, attention_precision="bf16",
-      delta_rank=0):
+      delta_rank=0, lse_sparse=None, kv_num_blocks=None, kv_indices=None, block_q=0, block_kv=0,
+      complement_num_blocks=None, complement_indices=None):
+    check_refresh_layout(lse_sparse, kv_num_blocks, kv_indices, block_q, block_kv, complement_num_blocks,
+                         complement_indices)
     return o_sparse.new_empty(o_sparse.shape)
 
 
@@ -146,12 +210,22 @@ def residual_attention_reference(
     order: int,
     attention_precision: str = "bf16",
     delta_rank: int = 0,
+    lse_sparse: Optional[torch.Tensor] = None,
+    kv_num_blocks: Optional[torch.Tensor] = None,
+    kv_indices: Optional[torch.Tensor] = None,
+    block_q: int = 0,
+    block_kv: int = 0,
+    complement_num_blocks: Optional[torch.Tensor] = None,
+    complement_indices: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The plain-torch step: what ``qsparse::residual_attention`` computes, on any device and any cache storage."""
+    check_refresh_layout(lse_sparse, kv_num_blocks, kv_indices, block_q, block_kv, complement_num_blocks,
+                         complement_indices)
     steps = state[-1]
     do_refresh = refreshes(cache_mode, refresh)
     if do_refresh:
-        dense = dense_attention(q, k, v, key_padding_mask, scale, attention_precision)
+        dense = refresh_dense(q, k, v, key_padding_mask, scale, attention_precision, o_sparse, lse_sparse,
+                              kv_num_blocks, kv_indices, block_q, block_kv, complement_num_blocks, complement_indices)
         new_residual = dense.to(torch.float32) - o_sparse.to(torch.float32)
         previous, _ = _expand(state)
         delta = None

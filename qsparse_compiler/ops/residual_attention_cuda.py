@@ -4,7 +4,9 @@ Importing this module registers the op's CUDA kernel (``register_kernel("cuda")`
 cache (bf16/fp16/fp32 or fp8 codes with per-row scales) with a head dim up to the kernel's ``MAX_HEAD_DIM`` takes the
 fused step; a low-rank cache, a larger head dim or a refresh that denoises dR (``delta_rank`` > 0: a truncated SVD
 the kernel does not compute) runs the plain-torch reference (ops/residual_attention.py), which the fused step is
-tested against (under the Triton interpreter on CPU, on the GPU at model sizes).
+tested against (under the Triton interpreter on CPU, on the GPU at model sizes). A refresh's O_dense comes from the
+reference's ``refresh_dense``: the complement tiles merged with O_sparse where the op is given the sparse lse and
+layout (the ops' Triton kernels), else a dense attention.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from typing import Optional
 
 import torch
 
-from .residual_attention import dense_attention, is_fp8, refreshes, residual_attention, residual_attention_reference
+from .residual_attention import (check_refresh_layout, is_fp8, refresh_dense, refreshes, residual_attention,
+                                 residual_attention_reference)
 
 try:
     from ..kernels.residual_cache_step import MAX_HEAD_DIM, residual_cache_step
@@ -49,8 +52,16 @@ def residual_attention_fused(
     cache_mode: int,
     order: int,
     attention_precision: str = "bf16",
+    lse_sparse: Optional[torch.Tensor] = None,
+    kv_num_blocks: Optional[torch.Tensor] = None,
+    kv_indices: Optional[torch.Tensor] = None,
+    block_q: int = 0,
+    block_kv: int = 0,
+    complement_num_blocks: Optional[torch.Tensor] = None,
+    complement_indices: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """The op's step through the fused kernel (``fused_step_supported`` must hold)."""
+    """The op's step through the fused kernel (``fused_step_supported`` must hold); the refresh's O_dense as the
+    reference's (``refresh_dense``)."""
     steps = state[-1]
     # fp8: codes and their scales; else R and dR with no scales.
     residual, residual_scale, delta, delta_scale = state[:4] if is_fp8(state) else (state[0], None, state[1], None)
@@ -58,7 +69,8 @@ def residual_attention_fused(
     if not refreshes(cache_mode, refresh):
         steps.add_(1)  # a reuse step n steps after the refresh adds n * dR
         return residual_cache_step(o_sparse, residual, delta, steps, order, **scales)
-    dense = dense_attention(q, k, v, key_padding_mask, scale, attention_precision)
+    dense = refresh_dense(q, k, v, key_padding_mask, scale, attention_precision, o_sparse, lse_sparse, kv_num_blocks,
+                          kv_indices, block_q, block_kv, complement_num_blocks, complement_indices)
     out = residual_cache_step(o_sparse, residual, delta, steps, order, dense, **scales)  # reads the steps before it
     steps.zero_()
     return out
@@ -69,9 +81,14 @@ if REGISTERED:
 
     @residual_attention.register_kernel("cuda")
     def _(o_sparse, q, k, v, key_padding_mask, scale, state, refresh, cache_mode, order, attention_precision="bf16",
-          delta_rank=0):
+          delta_rank=0, lse_sparse=None, kv_num_blocks=None, kv_indices=None, block_q=0, block_kv=0,
+          complement_num_blocks=None, complement_indices=None):
+        check_refresh_layout(lse_sparse, kv_num_blocks, kv_indices, block_q, block_kv, complement_num_blocks,
+                             complement_indices)
+        layout = (lse_sparse, kv_num_blocks, kv_indices, block_q, block_kv, complement_num_blocks, complement_indices)
         step = cuda_step(o_sparse, state, refresh, cache_mode, order, delta_rank)
         if step is residual_attention_reference:
             return step(o_sparse, q, k, v, key_padding_mask, scale, state, refresh, cache_mode, order,
-                        attention_precision, delta_rank)
-        return step(o_sparse, q, k, v, key_padding_mask, scale, state, refresh, cache_mode, order, attention_precision)
+                        attention_precision, delta_rank, *layout)
+        return step(o_sparse, q, k, v, key_padding_mask, scale, state, refresh, cache_mode, order, attention_precision,
+                    *layout)

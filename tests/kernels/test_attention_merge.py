@@ -153,3 +153,53 @@ def test_gpu_dense_from_sparse(precision):
     else:
         assert sqnr_db(out, sdpa) > 25  # the recipe measures 28.0-28.6 dB here (H100, 2026-12-07)
     assert (lse.double() - exact_lse).abs().max() < 0.05
+
+
+def test_the_layout_op_builds_the_complement_with_the_layout_once():
+    """qsparse::video_block_layout(complement=True) returns copies of the complement of the layout it returns,
+    built together with it (one cache entry per grid); dense_from_sparse with it equals building it on the fly."""
+    from qsparse_compiler.ops.video_layout import _cached_layouts
+
+    _cached_layouts.cache_clear()
+    q = torch.randn(1, 2, 77, 32)
+    args = (q, 1, 7, 11, 0, "local3d;skip", 0.4, 32, 32)  # per head; the skip head: all complement
+    kv_num, kv_idx = torch.ops.qsparse.video_block_layout(*args)
+    comp_num, comp_idx = torch.ops.qsparse.video_block_layout(*args, True)
+    assert _cached_layouts.cache_info().misses == 1 and _cached_layouts.cache_info().hits == 1
+    expected = complement_blocks(kv_num, kv_idx)
+    assert torch.equal(comp_num, expected[0]) and torch.equal(comp_idx, expected[1])
+    again = torch.ops.qsparse.video_block_layout(*args, True)
+    assert again[0].data_ptr() != comp_num.data_ptr()  # a copy per call: op outputs never alias the cache
+    torch.library.opcheck(torch.ops.qsparse.video_block_layout.default, (*args, True))
+    k, v = torch.randn(2, 1, 2, 77, 32).unbind(0)
+    out_s, lse_s = torch.ops.qsparse.sparse_attention(q, k, v, kv_num, kv_idx, 32, 32, 0.2, None)
+    built = dense_from_sparse(q, k, v, out_s, lse_s, kv_num, kv_idx, 32, 32, 0.2)
+    given = dense_from_sparse(q, k, v, out_s, lse_s, kv_num, kv_idx, 32, 32, 0.2, complement=(comp_num, comp_idx))
+    assert torch.equal(built[0], given[0]) and torch.equal(built[1], given[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["bf16", "int8_fp8"])
+def test_gpu_residual_refresh_from_the_complement_matches_the_dense_refresh(precision):
+    """qsparse::residual_attention's CUDA kernel: a refresh given the sparse lse, layout and complement (the fused step
+    on the merged O_dense) vs the old refresh (a dense attention) - O_dense and R by the 2x rule against fp64."""
+    from qsparse_compiler.ops.residual_attention import MODE_REFRESH
+
+    b, h, s, d = 1, 4, 3000, 128
+    q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    layout = _layout(1, h, s, s, 128, 0.15)
+    kv_num, kv_idx = layout.kv_num_blocks.cuda(), layout.kv_indices.cuda()
+    complement = complement_blocks(kv_num, kv_idx)
+    scale = d**-0.5
+    o_sparse, lse = torch.ops.qsparse.sparse_attention(q, k, v, kv_num, kv_idx, 128, 128, scale, None, precision)
+    results = {}
+    for path, extra in (("old", ()), ("new", (lse, kv_num, kv_idx, 128, 128, *complement))):
+        state = [torch.zeros(q.shape, device="cuda"), torch.zeros(q.shape, device="cuda"),
+                 torch.full((1,), -1.0, device="cuda")]
+        out = torch.ops.qsparse.residual_attention(o_sparse, q, k, v, None, scale, state, None, MODE_REFRESH, 2,
+                                                   precision, 0, *extra)
+        results[path] = (out, state[0])
+    exact, _ = _exact(q, k, v, scale, None)
+    for i, truth in enumerate((exact, exact - o_sparse.double())):
+        ok, ours, theirs = within_reference_error(results["new"][i], results["old"][i], truth)
+        assert ok, (i, ours, theirs)

@@ -201,7 +201,7 @@ def test_layouts_are_recorded_for_building_before_the_graph_runs():
     """Every static layout the graph asks for is known to the backend, which builds it before the graph runs (on CUDA:
     outside any CUDA-graph memory pool) under the key the op looks up."""
     from qsparse_compiler.compiler.backend import _RuntimeInputs
-    from qsparse_compiler.ops.video_layout import _cached_layout
+    from qsparse_compiler.ops.video_layout import _cached_layouts
 
     tiny = tiny_wan(num_layers=2)
     with torch.no_grad():
@@ -211,11 +211,11 @@ def test_layouts_are_recorded_for_building_before_the_graph_runs():
     assert len(ctx.layout_slots) == tiny.video_attentions == 2
     slot = ctx.layout_slots[0]
     assert slot.grid != (0, 0, 0) and slot.seq_len == slot.grid[0] * slot.grid[1] * slot.grid[2]
-    _cached_layout.cache_clear()
+    _cached_layouts.cache_clear()
     wrapper = object.__new__(_RuntimeInputs)  # only its layout step: the slots of a CPU graph stand in for CUDA ones
     wrapper.layout_slots = ctx.layout_slots
     wrapper._build_layouts()
-    assert _cached_layout.cache_info().misses == 1  # both blocks share one layout
+    assert _cached_layouts.cache_info().misses == 1  # both blocks share one layout
     with torch.no_grad():
         gm(*example_inputs, *ctx.extra_example_inputs)
-    assert _cached_layout.cache_info().misses == 1  # the graph's op found it built
+    assert _cached_layouts.cache_info().misses == 1  # the graph's op found it built

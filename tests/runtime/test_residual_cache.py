@@ -8,6 +8,7 @@ import qsparse_compiler.ops  # noqa: F401
 from qsparse_compiler.compiler.backend import clear_reports, reports
 from qsparse_compiler.config import CacheConfig
 from qsparse_compiler.ops.residual_attention import MODE_AUTO
+from qsparse_compiler.formats.complement import complement_blocks
 from qsparse_compiler.formats.pattern_spec import build_video_layout
 from qsparse_compiler.runtime.residual_cache import CacheError, ResidualCacheRuntime
 from qsparse_compiler.formats.patterns import TokenGrid
@@ -18,12 +19,18 @@ SHAPE = (1, 2, 48, 16)
 LAYOUT = build_video_layout(TokenGrid(3, 4, 4, 48), "local3d", 0.34, 16, 16)
 
 
+COMPLEMENT = complement_blocks(LAYOUT.kv_num_blocks, LAYOUT.kv_indices)
+
+
 def attention_step(runtime, schedule, q, k, v, fqn="blocks.0.attn1"):
-    """What a compiled graph does at one site: sparse attention, then the residual-cache node."""
-    o_sparse, _ = torch.ops.qsparse.sparse_attention(q, k, v, LAYOUT.kv_num_blocks, LAYOUT.kv_indices, 16, 16, 0.25, None)
+    """What a compiled graph does at one site: sparse attention, then the residual-cache node (which a refresh
+    completes to dense attention from the sparse lse and the layout's complement)."""
+    o_sparse, lse = torch.ops.qsparse.sparse_attention(q, k, v, LAYOUT.kv_num_blocks, LAYOUT.kv_indices, 16, 16, 0.25,
+                                                       None)
     state, refresh = runtime.acquire(fqn, schedule, tuple(o_sparse.shape), o_sparse.dtype, o_sparse.device)
     out = torch.ops.qsparse.residual_attention(o_sparse, q, k, v, None, 0.25, state, torch.tensor(refresh),
-                                               MODE_AUTO, schedule.order)
+                                               MODE_AUTO, schedule.order, "bf16", 0, lse, LAYOUT.kv_num_blocks,
+                                               LAYOUT.kv_indices, 16, 16, *COMPLEMENT)
     return out, o_sparse, refresh
 
 
@@ -241,11 +248,14 @@ def test_opcheck_residual_attention():
     # checked with the full-precision state (same schema); fake tensors and autograd registration with both.
     tests = {"full": ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"),
              "fp8": ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")}
+    lse = torch.randn(SHAPE[:3])
+    layouts = ((), (lse, LAYOUT.kv_num_blocks, LAYOUT.kv_indices, 16, 16),
+               (lse, LAYOUT.kv_num_blocks, LAYOUT.kv_indices, 16, 16, *COMPLEMENT))
     for refresh in (True, False):
         for kind, state in (("full", [torch.zeros(SHAPE), torch.zeros(SHAPE), torch.zeros(1)]), ("fp8", fp8)):
-            torch.library.opcheck(torch.ops.qsparse.residual_attention.default,
-                                  (o_sparse, q, k, v, None, 0.25, state, torch.tensor(refresh), MODE_AUTO, 2),
-                                  test_utils=tests[kind])
+            for layout in layouts:
+                args = (o_sparse, q, k, v, None, 0.25, state, torch.tensor(refresh), MODE_AUTO, 2, "bf16", 0, *layout)
+                torch.library.opcheck(torch.ops.qsparse.residual_attention.default, args, test_utils=tests[kind])
 
 
 def test_no_cache_nodes_unless_enabled_and_a_note_when_a_plan_wants_them(tmp_path):
@@ -403,3 +413,205 @@ def test_cuda_registration_runs_the_reference_for_a_denoising_refresh():
     assert cuda_step(o_sparse, state, torch.tensor(True), MODE_AUTO, 2, 0) is residual_attention_fused
     low_rank = [torch.zeros(1, 2, 48, 2), torch.zeros(1, 2, 2, 16)] * 2 + [torch.zeros(1)]
     assert cuda_step(o_sparse, low_rank, torch.tensor(False), MODE_AUTO, 2, 0) is residual_attention_reference
+
+
+# ---- A refresh completes the sparse attention over the complement tiles (issue #16): the old dense path's numbers ----
+
+REFRESH_BLOCK = 32
+
+
+def _refresh_layout(heads: int, s: int):
+    """Per-head layout over S = 77 tokens (a 13-token tail): random tiles with the diagonal, an empty row (head 0,
+    query block 1), a full row (head 1, query block 0: an empty complement row) and a head that computes nothing
+    (head 2: its refresh is all complement)."""
+    from qsparse_compiler.formats.layout import BlockSparseLayout, num_blocks
+
+    blocks = num_blocks(s, REFRESH_BLOCK)
+    bitmap = torch.rand(1, heads, blocks, blocks, generator=torch.Generator().manual_seed(3)) < 0.4
+    bitmap |= torch.eye(blocks, dtype=torch.bool)
+    bitmap[0, 0, 1] = False
+    bitmap[0, 1, 0] = True
+    bitmap[0, 2] = False
+    return BlockSparseLayout.from_bitmap(bitmap, REFRESH_BLOCK, REFRESH_BLOCK, s, s)
+
+
+def _two_refreshes(impl: str, precision: str, steps, mask, layout, given: str):
+    """Two refreshes of one order-2 site, 2 reuse steps apart; ``given``: "none" (the old path: a dense attention),
+    "layout" (the op builds the complement) or "complement" (the pass's arguments). Returns per refresh
+    (o_sparse, out, R, dR)."""
+    from qsparse_compiler.ops.residual_attention import MODE_REFRESH, residual_attention_reference
+
+    n, idx = layout.kv_num_blocks, layout.kv_indices
+    q0 = steps[0][0]
+    state = [torch.zeros(q0.shape), torch.zeros(q0.shape), torch.full((1,), -1.0)]
+    results = []
+    for q, k, v in steps:
+        scale = q.shape[-1] ** -0.5
+        o_sparse, lse = torch.ops.qsparse.sparse_attention(q, k, v, n, idx, REFRESH_BLOCK, REFRESH_BLOCK, scale, mask,
+                                                           precision)
+        extra = {"none": (), "layout": (lse, n, idx, REFRESH_BLOCK, REFRESH_BLOCK),
+                 "complement": (lse, n, idx, REFRESH_BLOCK, REFRESH_BLOCK, *complement_blocks(n, idx))}[given]
+        args = (o_sparse, q, k, v, mask, scale, state, None, MODE_REFRESH, 2, precision)
+        if impl == "fused":
+            from qsparse_compiler.ops.residual_attention_cuda import residual_attention_fused
+
+            out = residual_attention_fused(*args, *extra)
+        else:
+            out = residual_attention_reference(*args, 0, *extra)
+        results.append((o_sparse, out, state[0].clone(), state[1].clone()))
+        state[-1].fill_(2.0)  # two reuse steps until the next refresh: dR = (R - R_prev) / 3
+    return results
+
+
+def _exact_dense(q, k, v, mask):
+    scores = (q.double() @ k.double().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, -1).nan_to_num(0.0) @ v.double()
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+@pytest.mark.parametrize("precision", ["bf16", "int8_fp8"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_refresh_from_the_complement_matches_the_dense_path_by_the_2x_rule(impl, precision, masked):
+    """O_dense, the stored R and dR of a refresh that merges the complement tiles with O_sparse: as close to exact
+    (fp64 dense attention) as the old path's (a dense attention in the same precision), by the 2x rule; tails, an
+    empty and a full layout row, a head with no tiles, per-head layouts, key padding, both precisions, the op's
+    reference and the fused CUDA step (Triton interpreter here)."""
+    if impl == "fused":
+        pytest.importorskip("triton")
+    from qsparse_compiler.eval.metrics import within_reference_error
+
+    b, h, s, d = 2, 3, 77, 32
+    layout = _refresh_layout(h, s)
+    gen = torch.Generator().manual_seed(5)
+    base = [torch.randn(b, h, s, d, generator=gen) for _ in range(3)]
+    base[1] = base[1] + 1.5  # a key offset, as DiT keys carry (what the 8-bit recipe smooths)
+    drift = [torch.randn(b, h, s, d, generator=gen) for _ in range(3)]
+    steps = [[(x + 0.1 * t * dx).bfloat16() for x, dx in zip(base, drift)] for t in range(2)]
+    mask = None
+    if masked:
+        mask = torch.rand(b, 1, 1, s, generator=gen) < 0.7
+        mask[..., 0] = True  # every batch attends somewhere: the old path's SDPA gives NaN for a row with no key
+    old = _two_refreshes(impl, precision, steps, mask, layout, "none")
+    exact_r = []
+    for (q, k, v), (o_sparse, *_) in zip(steps, old):
+        exact_r.append(_exact_dense(q, k, v, mask) - o_sparse.double())
+    for given in ("layout", "complement"):
+        new = _two_refreshes(impl, precision, steps, mask, layout, given)
+        for i, ((q, k, v), (o_new, out, r, dr), (o_old, out_old, r_old, dr_old)) in enumerate(zip(steps, new, old)):
+            assert torch.equal(o_new, o_old)
+            exact = _exact_dense(q, k, v, mask)
+            exact_dr = (exact_r[1] - exact_r[0]) / 3 if i else torch.zeros_like(exact)
+            pairs = {"out": (out, out_old, exact), "R": (r, r_old, exact_r[i])}
+            if i:
+                pairs["dR"] = (dr, dr_old, exact_dr)
+            else:
+                assert torch.count_nonzero(dr) == 0 and torch.count_nonzero(dr_old) == 0  # no previous R yet
+            for name, (got, theirs, truth) in pairs.items():
+                ok, ours, reference = within_reference_error(got, theirs, truth)
+                assert ok, (given, i, name, ours, reference)
+
+
+def test_refresh_of_rows_with_no_key_is_zero_and_a_partial_layout_is_named():
+    """A batch whose keys are all padding: the complement path keeps the sparse convention (out 0, lse -inf), so O_dense
+    and R are 0 (the old path's SDPA gave NaN there). Refresh-layout arguments given in part raise, naming them."""
+    from qsparse_compiler.ops.residual_attention import MODE_REFRESH
+
+    b, h, s, d = 2, 3, 77, 32
+    layout = _refresh_layout(h, s)
+    q, k, v = torch.randn(3, b, h, s, d).unbind(0)
+    mask = torch.ones(b, 1, 1, s, dtype=torch.bool)
+    mask[1] = False
+    n, idx = layout.kv_num_blocks, layout.kv_indices
+    o_sparse, lse = torch.ops.qsparse.sparse_attention(q, k, v, n, idx, REFRESH_BLOCK, REFRESH_BLOCK, 0.2, mask)
+    state = [torch.zeros(q.shape), torch.zeros(q.shape), torch.full((1,), -1.0)]
+    out = torch.ops.qsparse.residual_attention(o_sparse, q, k, v, mask, 0.2, state, None, MODE_REFRESH, 2, "bf16", 0,
+                                               lse, n, idx, REFRESH_BLOCK, REFRESH_BLOCK)
+    assert (out[1] == 0).all() and (state[0][1] == 0).all()
+    assert torch.isfinite(out).all() and out[0].abs().sum() > 0
+    for extra, match in (((lse, n, None, 32, 32), r"\['kv_indices'\] is None"),
+                         ((lse, n, idx, 0, 32), "block_q=0"),
+                         ((lse, n, idx, 32, 32, n), "complement_num_blocks and complement_indices")):
+        with pytest.raises(ValueError, match=match):
+            torch.ops.qsparse.residual_attention(o_sparse, q, k, v, mask, 0.2, state, None, MODE_REFRESH, 2, "bf16",
+                                                 0, *extra)
+
+
+@pytest.mark.parametrize("mode", ["reuse", "refresh"])
+def test_the_pass_hands_the_refresh_the_sparse_lse_layout_and_cached_complement(mode):
+    """The residual node reads the sparse attention's lse and layout and a complement from the layout op
+    (complement=True: cached with the layout); a reuse-mode graph (the reuse graph of CUDA graphs) gets none of it."""
+    import operator
+
+    from qsparse_compiler.eval.capture import rewrite_with_default_passes
+    from qsparse_compiler.eval.models import TEST_OPTIONS, ToyVideoDiT
+
+    options = {**TEST_OPTIONS, "cache": {"enabled": True, "mode": mode}}
+    gm, _, _ = rewrite_with_default_passes(ToyVideoDiT(), {"x": torch.randn(1, 4, 3, 16, 16)}, options)
+    (sparse,) = [n for n in gm.graph.nodes if n.target is torch.ops.qsparse.sparse_attention.default]
+    (cached,) = [n for n in gm.graph.nodes if n.target is torch.ops.qsparse.residual_attention.default]
+    layouts = [n for n in gm.graph.nodes if n.target is torch.ops.qsparse.video_block_layout.default]
+    if mode == "reuse":
+        assert len(cached.args) == 12 and len(layouts) == 1
+        return
+    lse, kv_num, kv_idx, block_q, block_kv, comp_num, comp_idx = cached.args[12:]
+    assert lse.target is operator.getitem and lse.args == (sparse, 1)
+    assert (kv_num, kv_idx, block_q, block_kv) == tuple(sparse.args[3:7])
+    (layout, complement) = layouts
+    assert complement.args == (*layout.args, True)
+    assert comp_num.args == (complement, 0) and comp_idx.args == (complement, 1)
+
+
+def test_compiled_refresh_runs_no_dense_attention_and_matches_the_op_reference_rewrite(monkeypatch):
+    """A generation of a compiled model: every refresh step completes the sparse attention over the complement
+    (probe: the op's dense attention is never called), returns the op-reference rewrite's output (the passes' graph
+    run eagerly, ops on their references) and the model's dense output; no recompiles between refresh and reuse."""
+    import importlib
+
+    from qsparse_compiler.eval.capture import rewrite_with_default_passes
+
+    # The module, not the op object that qsparse_compiler.ops exports under the same name.
+    residual_module = importlib.import_module("qsparse_compiler.ops.residual_attention")
+
+    calls = {"dense_attention": 0, "dense_from_sparse": 0}
+
+    def counted(name):
+        real = getattr(residual_module, name)
+
+        def probe(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+
+        return probe
+
+    for name in calls:
+        monkeypatch.setattr(residual_module, name, counted(name))
+    tiny = tiny_wan(num_layers=1)
+    runtime = ResidualCacheRuntime()
+    cache = {"enabled": True, "refresh_first": 2, "refresh_every": 3, "order": 2}
+    options = {"quant": {"enabled": False}, "sparsity": {"density": 0.34, "block_q": 16, "block_kv": 16},
+               "cache": cache, "runtime": runtime}
+    inputs = tiny.make_inputs()
+    gm, _, ctx = rewrite_with_default_passes(tiny.model, inputs, {**options, "runtime": None,
+                                                                  "cache": {**cache, "mode": "refresh"}})
+    # The cache inputs' examples carry the graph's fake mode: real zeros of their shapes (a refresh overwrites them).
+    extra = [torch.zeros(t.shape, dtype=t.dtype) if isinstance(t, torch._subclasses.FakeTensor) else t
+             for t in ctx.extra_example_inputs]
+    with torch.no_grad():
+        reference = gm(*ctx.example_inputs, *extra)[0]
+        eager = tiny.model(**inputs)[0]
+    assert calls == {"dense_attention": 0, "dense_from_sparse": 1}
+    torch._dynamo.reset()
+    clear_reports()
+    compiled = torch.compile(tiny.model, backend="quantsparse", options=options, fullgraph=True)
+    refreshes = 0
+    with torch.no_grad(), runtime.generation():
+        for step in range(6):
+            runtime.step(step)
+            out = compiled(**inputs)[0]
+            if CacheConfig(**cache).is_refresh_step(step):
+                refreshes += 1
+                assert relative_error(out, reference) < 1e-5 and relative_error(out, eager) < 1e-5
+    assert calls == {"dense_attention": 0, "dense_from_sparse": 1 + refreshes} and refreshes == 3
+    assert len(reports()) == 1  # one graph for refresh and reuse steps

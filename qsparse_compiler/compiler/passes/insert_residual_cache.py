@@ -1,9 +1,18 @@
 """Insert a residual-cache node after each sparsified attention (SSAR).
 
-    pattern:      o, lse = qsparse.sparse_attention(q, k, v, layout..., scale, mask);  uses of o
-    replacement:  o_hat = qsparse.residual_attention(o, q, k, v, mask, scale, [state...], refresh, mode, order,
-                                                     precision, delta_rank)
+    pattern:      n, idx = qsparse.video_block_layout(q, grid..., pattern, density, BQ, BKV)
+                  o, lse = qsparse.sparse_attention(q, k, v, n, idx, BQ, BKV, scale, mask, precision);  uses of o
+    replacement:  n_c, idx_c = qsparse.video_block_layout(q, grid..., pattern, density, BQ, BKV, True)  # complement
+                  o_hat = qsparse.residual_attention(o, q, k, v, mask, scale, [state...], refresh, mode, order,
+                                                     precision, delta_rank, lse, n, idx, BQ, BKV, n_c, idx_c)
                   uses of o -> o_hat
+
+A refresh computes O_dense from what the sparse attention already did: the complement tiles (the layout's
+complement, built and cached with the layout by the layout op) merged with ``o`` through ``lse``
+(ops/refresh_attention.py) - never a second dense attention (issue #16). A ``reuse``-mode graph (the reuse graph of
+CUDA graphs) never refreshes and gets none of these arguments: its op reads only ``o`` and the cache. For a layout that
+does not come from ``qsparse::video_block_layout`` the op gets the layout without a complement and builds it on a
+refresh.
 
 The cache state (``[R, dR, steps]`` or its rank-r factors) and, in ``auto`` mode, the refresh flag become graph inputs
 that the backend's runtime wrapper takes from the model's ``ResidualCacheRuntime`` on every call (per site and CFG
@@ -95,12 +104,13 @@ class InsertResidualCache:
             nodes = ctx.inputs.add(gm, slot, named)
             state, refresh = nodes[: len(examples)], (nodes[-1] if schedule.mode == "auto" else None)
             users = list(out.users)
-            with gm.graph.inserting_after(out):
-                cached = call_op(
-                    gm, users[0] if users else out.next, torch.ops.qsparse.residual_attention.default,
-                    (out, q, k, v, mask, scale, state, refresh, _MODES[schedule.mode], schedule.order, precision,
-                     schedule.delta_rank), node,
-                )
+            anchor = users[0] if users else out.next
+            refresh_layout = () if schedule.mode == "reuse" else _refresh_layout(gm, node, anchor)
+            cached = call_op(
+                gm, anchor, torch.ops.qsparse.residual_attention.default,
+                (out, q, k, v, mask, scale, state, refresh, _MODES[schedule.mode], schedule.order, precision,
+                 schedule.delta_rank, *refresh_layout), node,
+            )
             for user in users:
                 user.replace_input_with(out, cached)
             denoised = f" (dR denoised to rank {schedule.delta_rank})" if schedule.delta_rank else ""
@@ -114,6 +124,22 @@ class InsertResidualCache:
             count_rewrite(ctx, "residual_attention")
             rewrites += 1
         return rewrites
+
+
+def _refresh_layout(gm: fx.GraphModule, sparse_attention: fx.Node, anchor: fx.Node) -> tuple:
+    """The residual op's refresh arguments (lse, kv_num_blocks, kv_indices, block_q, block_kv, complement pair),
+    their nodes inserted before ``anchor``: the sparse attention's lse and layout, and the layout op's complement."""
+    (kv_num_blocks, kv_indices, block_q, block_kv) = sparse_attention.args[3:7]
+    lse = next((u for u in sparse_attention.users if u.target is operator.getitem and u.args[1] == 1), None)
+    if lse is None:
+        lse = call_op(gm, anchor, operator.getitem, (sparse_attention, 1), sparse_attention)
+    from_op = isinstance(kv_num_blocks, fx.Node) and kv_num_blocks.target is operator.getitem
+    layout = kv_num_blocks.args[0] if from_op else None
+    if getattr(layout, "target", None) is not torch.ops.qsparse.video_block_layout.default:
+        return lse, kv_num_blocks, kv_indices, block_q, block_kv
+    complement = call_op(gm, anchor, torch.ops.qsparse.video_block_layout.default, (*layout.args[:9], True), layout)
+    pair = tuple(call_op(gm, anchor, operator.getitem, (complement, i), layout) for i in range(2))
+    return (lse, kv_num_blocks, kv_indices, block_q, block_kv, *pair)
 
 
 def _state_examples(gm, shape: tuple[Any, ...], schedule: CacheConfig, dtype: torch.dtype,
