@@ -111,6 +111,14 @@ class CalibrationConfig:
                           steps) run dense attention; each layer gets refresh steps in proportion to how fast its
                           residual drifts, staggered across layers (ssar.py ``budget_schedules``).
 
+    Attention precision per site (attention_precision.py):
+    attention_int8_min_sqnr_db  None (the default): no measurement, the plan sets no precision and every site follows
+                          the compile's ``sparsity.attention_precision``. A number (dB): the ``attention_precision``
+                          stage measures each video attention's output SQNR of int8_fp8 vs bf16 attention on the
+                          selected samples, per third of the timestep axis, and the plan sets "int8_fp8" where the
+                          worst third reaches this floor and "bf16" elsewhere (the plan's setting wins over the
+                          option). 30.0 keeps every layer of the reference DiT in 8 bits (35.6-40.9 dB, FIDELITY.md).
+
     seed, progress        reproducibility and a rich progress bar.
     """
 
@@ -159,6 +167,8 @@ class CalibrationConfig:
     ssar_rank_energy: float = 0.99
     ssar_delta_ranks: tuple[int, ...] = ()
     refresh_budget: float | None = None
+
+    attention_int8_min_sqnr_db: float | None = None
 
     seed: int = 0
     progress: bool = True
@@ -248,6 +258,11 @@ class CalibrationConfig:
                 or not self.dfa_flow_shift >= 1.0 or math.isinf(self.dfa_flow_shift):
             _fail("dfa_flow_shift", self.dfa_flow_shift,
                   "must be a finite number >= 1 (the sampler's flow shift; 1 = no shift), e.g. 3.0 for Wan 480p")
+        floor = self.attention_int8_min_sqnr_db
+        if floor is not None and (isinstance(floor, bool) or not isinstance(floor, (int, float))
+                                  or not 0.0 <= floor < math.inf):
+            _fail("attention_int8_min_sqnr_db", floor,
+                  "must be None (no per-site precision in the plan) or a finite SQNR floor in dB >= 0, e.g. 30.0")
         if not isinstance(self.progress, bool):
             _fail("progress", self.progress, "must be True or False")
         if self.version != 1:

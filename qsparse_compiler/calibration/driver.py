@@ -6,6 +6,9 @@ checkpoint in ``<out>/calibration/``, see checkpoint.py; one runner resumes a fi
 
     selection    salient data selection over the candidate samples (salient.py)
     statistics   pooled attention maps and activation ranges of the dense model on the kept samples (statistics.py)
+    attention_precision  SQNR of int8_fp8 vs bf16 attention per video attention and timestep range, on the kept
+                 samples (attention_precision.py); only with ``attention_int8_min_sqnr_db`` set. The floor itself is
+                 not in its key: a new floor re-decides from the resumed measurement.
     search       per layer/head sparse pattern under the density budget (search.py)
     ssar         residual-cache schedule, order and rank per attention layer (ssar.py)
     msad/<blk>   W4 weights of each transformer block, distilled block by block (msad.py)
@@ -14,7 +17,7 @@ then the plan: every block linear with a token dimension (``LinearPlan``: group 
 ``uint8_msfp`` for (almost) non-negative inputs — and its distilled int4 weights as tensors
 ``<fqn>.qweight``/``<fqn>.scale``), with ``conditioning_linears="int4_weight_only"`` the blocks' conditioning linears
 too (act_format ``WEIGHT_ONLY``, distilled with their block), every video attention (``AttentionPlan``: per-head
-patterns, tile, cache), and ``metadata`` with the cost model, the search, the selection and the distillation losses.
+patterns, tile, cache, and with the attention_precision stage its precision), and ``metadata`` with the cost model, the search, the selection and the distillation losses.
 """
 
 from __future__ import annotations
@@ -31,11 +34,13 @@ import torch
 
 from ..config import WEIGHT_ONLY
 from ..formats.quantization import PackedInt4Weight
+from ..ops.attention_quantization import QUANT_BLOCK
 from ..formats.pattern_spec import PATTERNS
 from ..plan.io import save_plan
 from ..plan.schema import AttentionPlan, LinearPlan, ModelFingerprint, Plan
 from .checkpoint import StageStore, stage_key
 from .config import CalibrationConfig, CalibrationError
+from .attention_precision import RANGE_EDGES, measure_attention_sqnr, precision_decisions
 from .hooks import transformer_blocks
 from .progress import stage_done, track
 from .msad import distill_block
@@ -186,6 +191,13 @@ def calibrate(
                 stacklevel=2,
             )
 
+        measured = None  # off: metadata["calibration"]["attention_precision"] is None, the plan sets no precision
+        if config.attention_int8_min_sqnr_db is not None:
+            precision_key = stage_key("attention_precision", selection_key,
+                                      config.stage_hash("attention_chunk_elements"), RANGE_EDGES, QUANT_BLOCK)
+            measured = run(Stage("attention_precision", precision_key, lambda: measure_attention_sqnr(
+                model, candidates, ids, config.attention_chunk_elements, config.progress)))
+
         # the registry's names are part of the key: a new pattern is searched
         search_key = stage_key("search", statistics_key, config.stage_hash(*_SEARCH_FIELDS), sorted(PATTERNS))
         search = run(Stage("search", search_key, lambda: search_patterns(stats.attentions, config),
@@ -230,7 +242,7 @@ def calibrate(
 
     stages, seconds = run.status, run.seconds
     plan = _build_plan(model, fingerprint, config, linears, linear_notes, packed, lora_tensors, search, ssar, report,
-                       results, stages, seconds)
+                       results, stages, seconds, measured)
     if folder is not None:
         save_plan(plan, folder)
     return plan
@@ -340,11 +352,13 @@ def _select(model: torch.nn.Module, candidates: list[dict[str, Any]], config: Ca
 
 
 def _build_plan(model, fingerprint, config, linears, linear_notes, packed, lora_tensors, search, ssar, report, results,
-                stages, seconds) -> Plan:
+                stages, seconds, measured=None) -> Plan:
+    decisions = {} if measured is None else precision_decisions(measured, config.attention_int8_min_sqnr_db)
     attentions = {}
     for fqn, choices in search.heads.items():
         cache = dict(ssar.get(fqn, {}).get("cache", {}))
-        attentions[fqn] = AttentionPlan([c.spec for c in choices], config.block_q, config.block_kv, cache)
+        precision = decisions[fqn]["precision"] if fqn in decisions else None
+        attentions[fqn] = AttentionPlan([c.spec for c in choices], config.block_q, config.block_kv, cache, precision)
     tensors: dict[str, torch.Tensor] = {}
     for fqn in linears:
         weight = packed.get(fqn)
@@ -363,6 +377,11 @@ def _build_plan(model, fingerprint, config, linears, linear_notes, packed, lora_
             "ssar": ssar,
             "msad": results,
             "linears": linear_notes,
+            "attention_precision": None if measured is None else {
+                **measured, "floor_db": config.attention_int8_min_sqnr_db, "decisions": decisions,
+                "per_site_not_per_range": "the precision is a compile-time argument of each site; a site is decided "
+                                          "by its worst timestep range",
+            },
         },
     }
     if lora_tensors:
@@ -431,7 +450,8 @@ def calibrate_cli_main(
     for column in ("site", "decision"):
         table.add_column(column)
     for fqn, entry in sorted(plan.attentions.items()):
-        table.add_row(fqn, f"{entry.pattern_spec}  cache={entry.cache}")
+        precision = f"  precision={entry.precision}" if entry.precision else ""
+        table.add_row(fqn, f"{entry.pattern_spec}  cache={entry.cache}{precision}")
     for block in info["msad"]:
         table.add_row(block["block"], f"MSAD loss {block['loss_rtn']:.4g} (RTN) -> {block['loss_msad']:.4g}, kept {block['kept']}")
     Console().print(table)

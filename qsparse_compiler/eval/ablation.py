@@ -2,7 +2,10 @@
 one. Used by ``qsparse eval`` and FIDELITY.md.
 
     dense -> w4a8 | sparse | naive (w4a8 + sparse) | + msad (a calibrated plan) | + ssar order 1 / order 2 | + low-rank
-    | + the plan's own SSAR settings; beside the table: ssar1_fp8 / ssar2_fp8 (the cache stored in fp8)
+    | + the plan's own SSAR settings; beside the table: ssar1_fp8 / ssar2_fp8 (the cache stored in fp8), and the 8-bit
+    attention rows: attn_int8 (every tile, linears unquantized, ``attention_precision="int8_fp8"``: the attention
+    recipe's cost alone) and ssar1_int8 / ssar_plan_int8 (ssar1 / ssar_plan with the option set to int8_fp8; a plan's
+    per-site precision still wins where calibration set one)
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ def ablation_variants(
     variants: dict[str, Callable[[nn.Module], nn.Module]] = {}
     planned = {"plan": plan} if plan else sparse
     ssar = {"refresh_first": 2, "refresh_every": 5}
+    int8 = {"sparsity": {"attention_precision": "int8_fp8"}}
 
     def options(*parts: dict[str, Any]) -> dict[str, Any]:
         merged = base_options
@@ -75,12 +79,15 @@ def ablation_variants(
         "ssar2_fp8": _optimized(options(sparse if not plan else {}), plan, {**ssar, "order": 2, "storage": "fp8_e4m3"}),
         # The plan's own per-layer schedules, orders and ranks (calibration's SSAR settings).
         "ssar_plan": _optimized(options({}), plan, True) if plan else None,
+        "attn_int8": _compiled(options({"quant": {"enabled": False}, "sparsity": {"pattern": "dense"}}, int8)),
+        "ssar1_int8": _optimized(options(sparse if not plan else {}, int8), plan, {**ssar, "order": 1}),
+        "ssar_plan_int8": _optimized(options(int8), plan, True) if plan else None,
     }
     for name in names:
         if name not in table:
             raise ValueError(f"qsparse_compiler.eval.ablation: unknown variant {name!r}; known: {list(table)}")
         if table[name] is None:
             raise ValueError(f"qsparse_compiler.eval.ablation: {name!r} needs a calibrated plan (--plan DIR)")
-        label = name if plan or name in ("w4a8", "sparse", "naive") else f"{name} (RTN weights)"
+        label = name if plan or name in ("w4a8", "sparse", "naive", "attn_int8") else f"{name} (RTN weights)"
         variants[label] = table[name]
     return variants

@@ -2,7 +2,7 @@
 
 On disk a plan is a directory:
 
-    plan.json          {"schema_version": 4, "fingerprint": {...}, "linears": {FQN: {...}}, "attentions": {FQN: {...}},
+    plan.json          {"schema_version": 5, "fingerprint": {...}, "linears": {FQN: {...}}, "attentions": {FQN: {...}},
                         "metadata": {...}}
     plan.safetensors   tensors keyed "<linear FQN>.qweight" / "<linear FQN>.scale" (calibrated int4 weights),
                        "<linear FQN>.lora_a" [buckets, rank, K] / "<linear FQN>.lora_b" [buckets, N, rank]
@@ -11,8 +11,9 @@ On disk a plan is a directory:
 
 A site listed in ``linears`` is quantized with its settings (and its calibrated weights when the tensors are there):
 W4A8 in its ``act_format``, or int4 weight-only when that is ``config.WEIGHT_ONLY`` (a conditioning linear); a block
-linear not listed stays in its dtype. A site listed in ``attentions`` uses its per-head patterns; an attention
-not listed stays dense. Everything is keyed by module FQN, as ``named_modules()`` spells it.
+linear not listed stays in its dtype. A site listed in ``attentions`` uses its per-head patterns, and its
+``precision`` (one of ``formats.quantization.ATTENTION_PRECISIONS``) when the plan sets one, else the compile's
+``sparsity.attention_precision``; an attention not listed stays dense. Everything is keyed by module FQN, as ``named_modules()`` spells it.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 
 from ..config import ACT_FORMATS, SCALE_DTYPES, WEIGHT_ONLY
 from ..formats.pattern_spec import parse_pattern_spec
-from ..formats.quantization import PackedInt4Weight, effective_group_size
+from ..formats.quantization import ATTENTION_PRECISIONS, PackedInt4Weight, effective_group_size
 
 __all__ = ["PLAN_SCHEMA_VERSION", "PlanError", "ModelFingerprint", "LinearPlan", "AttentionPlan", "Plan"]
 
@@ -36,7 +37,9 @@ __all__ = ["PLAN_SCHEMA_VERSION", "PlanError", "ModelFingerprint", "LinearPlan",
 #    refresh_budget), checked as config.CacheConfig fields when the plan loads. Version 1 and 2 plans load as is.
 # 4: an attention's cache may denoise its second order ("delta_rank": QuantSparse's SVD-denoised dR). Older plans
 #    load as is.
-PLAN_SCHEMA_VERSION = 4
+# 5: an attention may set its own attention precision ("precision": "bf16" | "int8_fp8"; null = the compile option
+#    decides): calibration's attention_precision stage. Older plans load as is (every site follows the option).
+PLAN_SCHEMA_VERSION = 5
 
 
 class PlanError(ValueError):
@@ -114,8 +117,15 @@ class AttentionPlan:
     # Residual-cache settings: config.CacheConfig fields (refresh_first / refresh_every, or per-layer refresh_steps
     # with num_steps; order, delta_rank, rank).
     cache: dict[str, Any] = field(default_factory=dict)
+    # The site's attention precision (``ATTENTION_PRECISIONS``); None leaves it to ``sparsity.attention_precision``.
+    precision: str | None = None
 
     def __post_init__(self) -> None:
+        if self.precision is not None and self.precision not in ATTENTION_PRECISIONS:
+            raise PlanError(
+                f"qsparse_compiler.plan: invalid attention entry {self}: precision={self.precision!r} must be one of "
+                f"{ATTENTION_PRECISIONS} or null (the compile's sparsity.attention_precision decides)"
+            )
         blocks_ok = all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in (self.block_q, self.block_kv))
         if not isinstance(self.head_patterns, list) or not self.head_patterns or not blocks_ok \
                 or not all(isinstance(p, str) for p in self.head_patterns) or not isinstance(self.cache, dict):
@@ -215,6 +225,12 @@ class Plan:
             raise PlanError(
                 f"qsparse_compiler.plan: plan.json (schema {version}) lists {weight_only[0]} as act_format "
                 f"{WEIGHT_ONLY!r}, which schema 2 introduced; the file is corrupt or was edited - re-run calibration"
+            )
+        with_precision = sorted(fqn for fqn, entry in plan.attentions.items() if entry.precision is not None)
+        if with_precision and version < 5:
+            raise PlanError(
+                f"qsparse_compiler.plan: plan.json (schema {version}) sets a precision for attention "
+                f"{with_precision[0]}, which schema 5 introduced; the file is corrupt or was edited - re-run calibration"
             )
         missing = sorted(set(data.get("tensors", [])) - set(tensors))
         if missing:

@@ -89,3 +89,49 @@ def test_refresh_computes_dense_attention_in_the_sites_precision():
                                                    precision)
         torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(state[0], dense - o_sparse, rtol=1e-5, atol=1e-5)
+
+
+def _rewrite_with_plan(tmp_path, precision, option="bf16"):
+    """The tiny Wan's one attention through the default passes with a plan that sets ``precision`` for it."""
+    from qsparse_compiler.compiler.backend import _load_checked_plan
+    from qsparse_compiler.compiler.passes import PassContext, default_passes, run_passes
+    from qsparse_compiler.compiler.passes.report import RewriteReport
+    from qsparse_compiler.eval.capture import capture_dynamo_graph
+    from qsparse_compiler.eval.models import tiny_wan
+    from qsparse_compiler.plan import AttentionPlan, ModelFingerprint, Plan, save_plan
+
+    tiny = tiny_wan(num_layers=1)
+    attention = AttentionPlan(["local3d:0.3", "dense"], 16, 16, precision=precision)
+    save_plan(Plan(ModelFingerprint.of(tiny.model), attentions={"blocks.0.attn1": attention}), tmp_path)
+    with torch.no_grad():
+        gm, example_inputs = capture_dynamo_graph(tiny.model, tiny.make_inputs())
+    plan = _load_checked_plan(str(tmp_path), gm, example_inputs)
+    options = {"plan": str(tmp_path), "sparsity": {"attention_precision": option}}
+    ctx = PassContext(QuantSparseConfig.from_options(options), example_inputs, RewriteReport(0), plan=plan)
+    with torch.no_grad():
+        gm = run_passes(gm, ctx, default_passes())
+    (site,) = [s for s in ctx.report.sites if s.fqn == "blocks.0.attn1"]
+    return gm, site, ctx.report.counters
+
+
+@pytest.mark.parametrize("precision, option", [("int8_fp8", "bf16"), ("bf16", "int8_fp8"), (None, "int8_fp8")])
+def test_the_plans_site_precision_wins_over_the_option(tmp_path, precision, option):
+    gm, site, report_counters = _rewrite_with_plan(tmp_path, precision, option)
+    expected = precision or option
+    assert _nodes(gm, torch.ops.qsparse.sparse_attention.default)[0].args[9] == expected
+    assert site.details["precision"] == expected
+    assert site.details["precision_from"] == ("plan" if precision else "option")
+    assert report_counters.get("attention_precision_from_plan", 0) == (1 if precision else 0)
+    assert report_counters.get("attention_int8_fp8", 0) == (1 if expected == "int8_fp8" else 0)
+
+
+def test_a_plan_asking_for_int8_where_the_kernel_cannot_run_warns_at_compile(tmp_path, monkeypatch):
+    import qsparse_compiler.compiler.passes.sparsify_attention as sparsify
+
+    monkeypatch.setattr(sparsify, "int8_fp8_unsupported_reason", lambda *a: "head dim 96 not in (32, 64, 128)")
+    with pytest.warns(UserWarning, match=r"plan asks for attention_precision 'int8_fp8' at blocks.0.attn1, but its "
+                                         r"8-bit kernel cannot run there \(head dim 96"):
+        gm, site, report_counters = _rewrite_with_plan(tmp_path, "int8_fp8")
+    assert _nodes(gm, torch.ops.qsparse.sparse_attention.default)[0].args[9] == "bf16"
+    assert "int8_fp8 not possible here, kept bf16: head dim 96" in site.reason and "from the plan" in site.reason
+    assert report_counters["attention_int8_fp8_kept_bf16"] == 1

@@ -52,8 +52,25 @@ def test_schema_1_plans_load_and_weight_only_entries_round_trip(tmp_path):
     plan.linears["blocks.0.attn1.to_q"] = LinearPlan(group_size=32, act_format=WEIGHT_ONLY)
     save_plan(plan, tmp_path / "v2")
     loaded = load_plan(tmp_path / "v2")
-    assert loaded.schema_version == PLAN_SCHEMA_VERSION == 4 and loaded.linears == plan.linears
+    assert loaded.schema_version == PLAN_SCHEMA_VERSION == 5 and loaded.linears == plan.linears
     assert torch.equal(loaded.packed_weight("blocks.0.attn1.to_q").scale, plan.tensors["blocks.0.attn1.to_q.scale"])
+
+
+def test_schema_4_plans_load_and_site_precisions_round_trip(tmp_path):
+    """Schema 5 only added an attention's ``precision``: a schema 4 plan (no such key) loads with every site left to
+    the compile option, and a set precision survives a round trip."""
+    model = tiny_wan(num_layers=1).model
+    save_plan(make_plan(model), tmp_path / "v4")
+    data = json.loads((tmp_path / "v4" / "plan.json").read_text())
+    for entry in data["attentions"].values():
+        del entry["precision"]
+    _edit(tmp_path / "v4", schema_version=4, attentions=data["attentions"])
+    old = load_plan(tmp_path / "v4")
+    assert old.schema_version == 4 and old.attentions["blocks.0.attn1"].precision is None
+    plan = make_plan(model)
+    plan.attentions["blocks.0.attn1"] = AttentionPlan(["local3d:0.3", "dense"], 16, 16, precision="int8_fp8")
+    save_plan(plan, tmp_path / "v5")
+    assert load_plan(tmp_path / "v5").attentions == plan.attentions
 
 
 def test_fingerprint_mismatch_names_the_difference():
@@ -83,6 +100,9 @@ def test_fingerprint_mismatch_names_the_difference():
         (lambda d: _edit_entry(d, "attentions", head_patterns="dense"), "head_patterns must be a non-empty list"),
         (lambda d: _edit_entry(d, "attentions", head_patterns=["local9d:0.3"]), "unknown pattern 'local9d'"),
         (lambda d: _edit_entry(d, "attentions", block_q=0), "block_q/block_kv positive integers"),
+        (lambda d: _edit_entry(d, "attentions", precision="fp8"), r"precision='fp8' must be one of \('bf16', "),
+        (lambda d: (_edit(d, schema_version=4), _edit_entry(d, "attentions", precision="int8_fp8")),
+         "sets a precision for attention blocks.0.attn1, which schema 5 introduced"),
         (lambda d: _edit_tensor(d, "qweight", lambda t: t[:, :16]), r"to_q.qweight is \[64, 16\] .* needs \[64, 32\]"),
         (lambda d: _edit_tensor(d, "qweight", lambda t: t.float()), r"to_q.qweight is \[64, 32\] torch.float32"),
         (lambda d: _edit_tensor(d, "scale", lambda t: t[:, :1]), r"to_q.scale is \[64, 1\] .* needs \[64, 2\]"),

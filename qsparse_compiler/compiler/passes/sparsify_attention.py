@@ -7,9 +7,15 @@
 Only sites that ``find_sites`` classified as ``self_attention`` or ``joint_attention`` are candidates. Checks, each
 reported when it fails: sparsity enabled, no autograd, no dropout, not causal, no GQA, the mask (if any) is a boolean
 key-padding mask (B|1, 1, 1, S), float dtype, the sequence spans more than one query block, and the pattern spec has
-one entry or one per head. ``sparsity.attention_precision="int8_fp8"`` becomes the op's precision where the 8-bit
-kernel can run the site; elsewhere the site stays bf16 with the reason in its report row (counter
-``attention_int8_fp8`` / ``attention_int8_fp8_kept_bf16``).
+one entry or one per head.
+
+Precision: a plan's per-site ``AttentionPlan.precision`` (calibration's attention_precision stage) where it sets one,
+else ``sparsity.attention_precision``. "int8_fp8" becomes the op's precision (and so the residual cache's refresh's,
+insert_residual_cache.py) where the 8-bit kernel can run the site; elsewhere the site stays bf16 with the reason in
+its report row (counter ``attention_int8_fp8`` / ``attention_int8_fp8_kept_bf16``) - and when the plan asked for it,
+a compile-time warning too, since the plan's fidelity numbers assumed the 8-bit kernel would run. Report rows carry
+``precision`` and ``precision_from`` ("plan" or "option"); sites whose precision the plan set count as
+``attention_precision_from_plan``.
 
 Context parallelism (``ctx.config.parallel``, diffusers' Ulysses): the attention of rank r of a Ulysses group of W
 sees every token (q is (B, H/W, S, D) after the all-to-all) and heads [r*H/W, (r+1)*H/W) of the model. A per-head
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import math
 import operator
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -85,9 +92,12 @@ class SparsifyAttention:
             scale = node_arg(node, 6, "scale")
             scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
             pattern, density, block_q, block_kv = cfg.pattern, float(cfg.density), cfg.block_q, cfg.block_kv
+            requested, precision_from = cfg.attention_precision, "option"
             if ctx.plan is not None:
                 entry = ctx.plan.attentions[site.fqn]
                 pattern, block_q, block_kv = entry.pattern_spec, entry.block_q, entry.block_kv
+                if entry.precision is not None:
+                    requested, precision_from = entry.precision, "plan"
             pattern, heads_note = _local_pattern(pattern, fake_value(q).shape[1], ctx.config.parallel)
             if pattern is None:
                 ctx.report.add(site.fqn, site.kind, "kept", heads_note)
@@ -108,7 +118,16 @@ class SparsifyAttention:
                                                    site.video_start, pattern, density, block_q, block_kv))
             kv_num_blocks = call_op(gm, node, operator.getitem, (layout, 0), node)
             kv_indices = call_op(gm, node, operator.getitem, (layout, 1), node)
-            precision, precision_note = _site_precision(cfg.attention_precision, fake_value(q), block_q, block_kv)
+            precision, why_not = _site_precision(requested, fake_value(q), block_q, block_kv)
+            precision_note = f"; attention_precision {requested} not possible here, kept bf16: {why_not}" if why_not \
+                else ""
+            if precision_from == "plan":
+                count_rewrite(ctx, "attention_precision_from_plan")
+                precision_note += f"; precision {requested} from the plan"
+                if why_not:
+                    warnings.warn(f"qsparse_compiler: the plan asks for attention_precision {requested!r} at "
+                                  f"{site.fqn}, but its 8-bit kernel cannot run there ({why_not}); it runs in bf16",
+                                  stacklevel=2)
             result = call_op(
                 gm, node, torch.ops.qsparse.sparse_attention.default,
                 (q, k, v, kv_num_blocks, kv_indices, block_q, block_kv, scale, mask, precision), node,
@@ -121,9 +140,10 @@ class SparsifyAttention:
                 f"{pattern} @ density {density:g} of the video x video tiles"
                 + ("; text rows/cols dense" if site.kind == "joint_attention" else "") + heads_note + precision_note,
                 seq_len=str(site.seq_len), video_start=str(site.video_start), precision=precision,
+                precision_from=precision_from,
             )
             count_rewrite(ctx, "sparse_attention")
-            if cfg.attention_precision == "int8_fp8":
+            if requested == "int8_fp8":
                 count_rewrite(ctx, "attention_int8_fp8" if precision == "int8_fp8" else "attention_int8_fp8_kept_bf16")
             rewrites += 1
         return rewrites
@@ -166,13 +186,11 @@ class SparsifyAttention:
 
 
 def _site_precision(requested: str, q, block_q: int, block_kv: int) -> tuple[str, str]:
-    """The attention precision a site gets, and a report note when "int8_fp8" was asked for but cannot run."""
+    """The attention precision a site gets, and why not the requested one ("" when it is)."""
     if requested != "int8_fp8":
         return requested, ""
     reason = int8_fp8_unsupported_reason(q.dtype, q.shape[-1], block_q, block_kv, q.device)
-    if reason:
-        return "bf16", f"; attention_precision int8_fp8 not possible here, kept bf16: {reason}"
-    return "int8_fp8", ""
+    return ("bf16", reason) if reason else ("int8_fp8", "")
 
 
 def _local_pattern(spec: str, heads: int, parallel: ParallelConfig) -> tuple[str | None, str]:
