@@ -31,6 +31,11 @@
 #                                                # W's 1x12x32,760x128 and density 0.15 (rows refresh_*), then the
 #                                                # refresh's @gpu tests (not yet run; estimate < 120 s bench,
 #                                                # < 180 s tests)
+#   bash benchmarks/device_suite.sh attn8fid     # 8-bit attention's fidelity on the reference DiT at its trained size
+#                                                # (16 x 64 x 64): qsparse eval rows attn_int8 / ssar1 / ssar1_int8,
+#                                                # 4 seeds, 16 steps, then calibration's attention_precision stage
+#                                                # (per-layer, per-third SQNR; plan.json to $OUT). Not yet run;
+#                                                # estimate < 300 s + < 240 s
 #   bash benchmarks/device_suite.sh membound     # issue #19's fused norm/rope/quant kernels vs Inductor at workload W
 #                                                # (bench_membound.py, < 2 min) and their @gpu tests (not yet run)
 # Results land in $OUT; partial results survive a time limit (JSON after every row, test lines as they come).
@@ -91,6 +96,14 @@ case "${1:-e2e}" in
       python3 -m qsparse_compiler.cli eval --pareto "$OUT/generation.json" --fidelity-json "$OUT/fidelity.json" \
           --out "$OUT" 2>&1 | grep -v Warning | tail -20
     fi ;;
+  attn8fid)
+    timeout 300 python3 -m qsparse_compiler.cli eval --out "$OUT/attn8_fidelity" --device cuda --steps 16 \
+        --seeds 0,1,2,3 --variants attn_int8,ssar1,ssar1_int8 2>&1 | grep -v Warning | tail -30
+    echo '{"attention_int8_min_sqnr_db": 32.0, "selection": "uniform", "num_samples": 3, "msad_steps": 0,
+           "ssar_samples": 1, "ssar_steps": 6, "progress": false}' > /tmp/attn8_config.json
+    timeout 240 python3 -m qsparse_compiler.cli calibrate reference --out /tmp/attn8_plan --device cuda --steps 16 \
+        --seeds 0,1 --config /tmp/attn8_config.json 2>&1 | grep -v Warning | tail -20
+    cp /tmp/attn8_plan/plan.json "$OUT/attn8_plan.json" ;;
   membound)
     timeout 240 python3 benchmarks/bench_membound.py --out "$OUT/membound.json" 2>&1 | grep -v Warning | tail -30
     timeout 300 python3 -m pytest -q -m gpu tests/kernels/test_qk_norm_rope.py tests/kernels/test_ln_modulate_quant.py \
@@ -119,7 +132,7 @@ case "${1:-e2e}" in
         tests/kernels/test_residual_cache_step.py tests/ops/test_attention_int8_fp8_cuda.py --tb=short -rA \
         -p no:cacheprovider 2>&1 | tail -40 | tee "$OUT/refresh_tests.txt" ;;
   *) echo "device_suite.sh: unknown part ${1}; use e2e, e2e2, e2e720, e2e720flex, hunyuan, hunyuanflex, cachemem, attn8, bytes," \
-          "generation, membound, refresh" \
+          "attn8fid, generation, membound, refresh" \
           "or tests" >&2
      exit 2 ;;
 esac

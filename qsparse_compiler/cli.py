@@ -387,11 +387,12 @@ def inspect_command(plan: Path = typer.Argument(..., help="a plan directory (pla
                         entry.scale_dtype, calibrated)
     console.print(linears)
     attentions = Table(title=f"attentions ({len(loaded.attentions)})")
-    for column in (fqn_column, "head patterns", "blocks", "residual cache"):
+    for column in (fqn_column, "head patterns", "blocks", "residual cache", "precision"):
         attentions.add_column(column, overflow="fold")
     for fqn, entry in loaded.attentions.items():
         cache = ", ".join(f"{k}={v}" for k, v in entry.cache.items()) or "-"
-        attentions.add_row(_abbreviate(fqn, short), entry.pattern_spec, f"{entry.block_q}x{entry.block_kv}", cache)
+        attentions.add_row(_abbreviate(fqn, short), entry.pattern_spec, f"{entry.block_q}x{entry.block_kv}", cache,
+                           entry.precision or "option")
     console.print(attentions)
 
 

@@ -149,7 +149,8 @@ def test_inspect_fits_80_columns(tmp_path, monkeypatch):
                if isinstance(module, torch.nn.Linear) and "transformer_blocks." in name]
     plan = Plan(fingerprint=ModelFingerprint.of(model), linears={name: LinearPlan(group_size=32) for name in linears},
                 attentions={"single_transformer_blocks.1.attn": AttentionPlan(head_patterns=["local3d:0.3", "dense"],
-                                                                              cache={"order": 2})},
+                                                                              cache={"order": 2},
+                                                                              precision="int8_fp8")},
                 tensors={}, metadata={"made_by": "test"})
     save_plan(plan, tmp_path)
     monkeypatch.setattr(cli, "console", Console(width=80, force_terminal=False))
@@ -160,6 +161,7 @@ def test_inspect_fits_80_columns(tmp_path, monkeypatch):
     assert "FQNs: stb = single_transformer_blocks, tb = transformer_blocks" in result.output
     assert any("tb.1.ff_context.net.2" in line for line in lines), result.output  # whole, not cut
     assert any("stb.1.attn " in line and "local3d:0.3;dense" in line for line in lines), result.output
+    assert any("stb.1.attn " in line and "int8_fp8" in line for line in lines), result.output  # the plan's precision
 
 
 def test_cli_models_quantize_every_block_linear_with_the_defaults():
