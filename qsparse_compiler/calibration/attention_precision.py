@@ -32,6 +32,7 @@ import torch
 
 from ..ops.attention_quantization import QUANT_BLOCK, attention_int8_fp8_reference
 from .attention_maps import query_chunk_rows
+from .config import CalibrationError
 from .hooks import AttentionCall, AttentionInterceptor
 from .progress import track
 from .samples import run_model, timestep_of
@@ -85,10 +86,16 @@ def measure_attention_sqnr(
     Returns {"ranges": [names], "recipe": {...}, "sites": {fqn: {"sqnr_db": overall, "range_sqnr_db": [dB or None
     per range], "calls": [calls per range]}}}; a range no sample falls in has None."""
     sums: dict[str, list[list[float]]] = {}  # fqn -> per range [signal, noise, calls]
-    current = {"range": 0}
+    current = {"range": 0, "sample": -1}
 
     def on_attention(call: AttentionCall) -> torch.Tensor:
         out, signal, noise = _compare(call, max_elements)
+        if not (math.isfinite(signal) and math.isfinite(noise)):
+            raise CalibrationError(
+                f"qsparse_compiler.calibration: attention_precision: {call.fqn} on sample {current['sample']} gives a "
+                f"non-finite output (||bf16||^2 = {signal}, ||int8_fp8 - bf16||^2 = {noise}); the dense model "
+                "overflows there (try float32/bfloat16 instead of float16, or drop that sample)"
+            )
         per_range = sums.setdefault(call.fqn, [[0.0, 0.0, 0] for _ in range(len(RANGE_EDGES) + 1)])
         entry = per_range[current["range"]]
         entry[0] += signal
@@ -98,7 +105,7 @@ def measure_attention_sqnr(
 
     with AttentionInterceptor(model, on_attention):
         for index in track(list(sample_ids), "attention precision", progress):
-            current["range"] = _range_index(timestep_of(samples[index]))
+            current["range"], current["sample"] = _range_index(timestep_of(samples[index])), index
             run_model(model, samples[index])
     sites = {}
     for fqn, per_range in sums.items():

@@ -114,6 +114,17 @@ def test_decision_uses_the_worst_covered_range():
     assert decisions["b"]["precision"] == "int8_fp8" and decisions["b"]["worst_db"] == 35.0
 
 
+def test_a_non_finite_attention_output_names_the_site_and_the_sample(monkeypatch):
+    from qsparse_compiler.calibration import CalibrationError
+    from qsparse_compiler.calibration import attention_precision
+
+    tiny, samples = wan_and_samples(num_layers=1, count=2)
+    monkeypatch.setattr(attention_precision, "attention_int8_fp8_reference",
+                        lambda q, *args, **kwargs: (torch.full_like(q, float("nan")), None))
+    with pytest.raises(CalibrationError, match="blocks.0.attn1 on sample 1 gives a non-finite output"):
+        measure_attention_sqnr(tiny.model, samples, [1, 0], max_elements=1 << 20)
+
+
 @pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf"), True, "30"])
 def test_bad_floor_names_the_field(value):
     with pytest.raises(ConfigError, match="CalibrationConfig.attention_int8_min_sqnr_db"):
