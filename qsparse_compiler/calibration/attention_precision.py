@@ -64,8 +64,8 @@ def _compare(call: AttentionCall, max_elements: int) -> tuple[torch.Tensor, floa
     for start in range(0, q_len, rows):
         q = call.q[:, :, start:start + rows]
         dense = AttentionCall(call.fqn, q, call.k, call.v, call.key_padding_mask, call.scale, call.grid).dense()
-        eight_bit, _ = attention_int8_fp8_reference(q, call.k, call.v, call.scale, key_padding_mask=call.key_padding_mask,
-                                                    quant_block=QUANT_BLOCK)
+        eight_bit, _ = attention_int8_fp8_reference(q, call.k, call.v, call.scale,
+                                                    key_padding_mask=call.key_padding_mask, quant_block=QUANT_BLOCK)
         reference = dense.to(torch.float64)
         signal += float(reference.square().sum())
         noise += float((eight_bit.to(torch.float64) - reference).square().sum())

@@ -17,7 +17,8 @@ then the plan: every block linear with a token dimension (``LinearPlan``: group 
 ``uint8_msfp`` for (almost) non-negative inputs — and its distilled int4 weights as tensors
 ``<fqn>.qweight``/``<fqn>.scale``), with ``conditioning_linears="int4_weight_only"`` the blocks' conditioning linears
 too (act_format ``WEIGHT_ONLY``, distilled with their block), every video attention (``AttentionPlan``: per-head
-patterns, tile, cache, and with the attention_precision stage its precision), and ``metadata`` with the cost model, the search, the selection and the distillation losses.
+patterns, tile, cache, and with the attention_precision stage its precision),
+and ``metadata`` with the cost model, the search, the selection and the distillation losses.
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ A site listed in ``linears`` is quantized with its settings (and its calibrated 
 W4A8 in its ``act_format``, or int4 weight-only when that is ``config.WEIGHT_ONLY`` (a conditioning linear); a block
 linear not listed stays in its dtype. A site listed in ``attentions`` uses its per-head patterns, and its
 ``precision`` (one of ``formats.quantization.ATTENTION_PRECISIONS``) when the plan sets one, else the compile's
-``sparsity.attention_precision``; an attention not listed stays dense. Everything is keyed by module FQN, as ``named_modules()`` spells it.
+``sparsity.attention_precision``; an attention not listed stays dense. Everything is keyed by module FQN, as
+``named_modules()`` spells it.
 """
 
 from __future__ import annotations
@@ -230,7 +231,8 @@ class Plan:
         if with_precision and version < 5:
             raise PlanError(
                 f"qsparse_compiler.plan: plan.json (schema {version}) sets a precision for attention "
-                f"{with_precision[0]}, which schema 5 introduced; the file is corrupt or was edited - re-run calibration"
+                f"{with_precision[0]}, which schema 5 introduced; the file is corrupt or was edited - re-run "
+                "calibration"
             )
         missing = sorted(set(data.get("tensors", [])) - set(tensors))
         if missing:

@@ -76,7 +76,8 @@ def test_a_site_below_the_floor_is_kept_bf16_and_a_new_floor_resumes_the_measure
     import shutil
 
     tiny, samples, out, first = measured_run
-    worst = {fqn: min(s["range_sqnr_db"]) for fqn, s in first.metadata["calibration"]["attention_precision"]["sites"].items()}
+    measured = first.metadata["calibration"]["attention_precision"]["sites"]
+    worst = {fqn: min(site["range_sqnr_db"]) for fqn, site in measured.items()}
     low, high = sorted(worst, key=worst.get)
     assert worst[high] - worst[low] > 0.01  # the two layers differ: a floor between them splits them
     floor = (worst[low] + worst[high]) / 2

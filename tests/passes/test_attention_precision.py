@@ -91,8 +91,9 @@ def test_refresh_computes_dense_attention_in_the_sites_precision():
         torch.testing.assert_close(state[0], dense - o_sparse, rtol=1e-5, atol=1e-5)
 
 
-def _rewrite_with_plan(tmp_path, precision, option="bf16"):
-    """The tiny Wan's one attention through the default passes with a plan that sets ``precision`` for it."""
+def _rewrite_with_plan(tmp_path, precision, option="bf16", cache=None):
+    """The tiny Wan's one attention through the default passes with a plan that sets ``precision`` for it (and
+    ``cache`` settings: then the compile turns the residual cache on)."""
     from qsparse_compiler.compiler.backend import _load_checked_plan
     from qsparse_compiler.compiler.passes import PassContext, default_passes, run_passes
     from qsparse_compiler.compiler.passes.report import RewriteReport
@@ -101,16 +102,16 @@ def _rewrite_with_plan(tmp_path, precision, option="bf16"):
     from qsparse_compiler.plan import AttentionPlan, ModelFingerprint, Plan, save_plan
 
     tiny = tiny_wan(num_layers=1)
-    attention = AttentionPlan(["local3d:0.3", "dense"], 16, 16, precision=precision)
+    attention = AttentionPlan(["local3d:0.3", "dense"], 16, 16, cache=cache or {}, precision=precision)
     save_plan(Plan(ModelFingerprint.of(tiny.model), attentions={"blocks.0.attn1": attention}), tmp_path)
     with torch.no_grad():
         gm, example_inputs = capture_dynamo_graph(tiny.model, tiny.make_inputs())
     plan = _load_checked_plan(str(tmp_path), gm, example_inputs)
-    options = {"plan": str(tmp_path), "sparsity": {"attention_precision": option}}
+    options = {"plan": str(tmp_path), "sparsity": {"attention_precision": option}, "cache": {"enabled": bool(cache)}}
     ctx = PassContext(QuantSparseConfig.from_options(options), example_inputs, RewriteReport(0), plan=plan)
     with torch.no_grad():
         gm = run_passes(gm, ctx, default_passes())
-    (site,) = [s for s in ctx.report.sites if s.fqn == "blocks.0.attn1"]
+    site = next(s for s in ctx.report.sites if s.fqn == "blocks.0.attn1")  # the sparsify row (then the cache's)
     return gm, site, ctx.report.counters
 
 
@@ -123,6 +124,12 @@ def test_the_plans_site_precision_wins_over_the_option(tmp_path, precision, opti
     assert site.details["precision_from"] == ("plan" if precision else "option")
     assert report_counters.get("attention_precision_from_plan", 0) == (1 if precision else 0)
     assert report_counters.get("attention_int8_fp8", 0) == (1 if expected == "int8_fp8" else 0)
+
+
+def test_the_refresh_follows_the_plans_site_precision(tmp_path):
+    gm, _, _ = _rewrite_with_plan(tmp_path, "int8_fp8", "bf16", cache={"refresh_first": 1, "refresh_every": 2})
+    (cached,) = _nodes(gm, torch.ops.qsparse.residual_attention.default)
+    assert cached.args[10] == "int8_fp8"
 
 
 def test_a_plan_asking_for_int8_where_the_kernel_cannot_run_warns_at_compile(tmp_path, monkeypatch):
