@@ -159,8 +159,8 @@ def _reference_dit_samples(sigmas=(0.15, 0.5, 0.85)):
 #   blocks.1.attn1 40.6 / 37.7 / 35.3    blocks.5.attn1 44.1 / 42.3 / 41.5
 #   blocks.2.attn1 43.3 / 41.2 / 38.3    blocks.6.attn1 44.2 / 42.8 / 41.9
 #   blocks.3.attn1 44.6 / 42.4 / 40.2    blocks.7.attn1 43.1 / 41.7 / 41.8
-# Every layer loses SQNR as the input gets noisier (up to 7.7 dB from the clean to the noisy third, layer 0), so the
-# noisy third decides; the worst value is 35.3 dB (layer 1, t = 850). The floor sits 3.3 dB under it, as the kernel
+# Every layer loses SQNR as the input gets noisier (1.3-7.6 dB from t = 150 to t = 850), so the noisiest third
+# decides; the worst value is 35.3 dB (layer 1, t = 850). The floor sits 3.3 dB under it, as the kernel
 # tests' floor (tests/kernels/test_attention_int8_fp8.py, one mid-trajectory sample: 35.6-40.9 dB, floor 32).
 REFERENCE_DIT_FLOOR_DB = 32.0
 
