@@ -38,6 +38,9 @@ def test_unknown_and_planless_rows_are_clear_errors():
         ablation_variants(names=("fast",))
     with pytest.raises(ValueError, match="needs a calibrated plan"):
         ablation_variants(names=("msad",))
+    with pytest.raises(ValueError, match="needs a calibrated plan"):
+        ablation_variants(names=("ssar_plan_int8",))
+    assert list(ablation_variants(names=("attn_int8", "ssar1_int8"))) == ["attn_int8", "ssar1_int8 (RTN weights)"]
 
 
 def test_layout_recall_of_dense_is_one_and_of_sparse_below():
