@@ -111,25 +111,16 @@ class _RuntimeInputs:
                 return self._call(args)
         return self._call(args)
 
-    @contextlib.contextmanager
-    def _running_forward(self):
+    def _running_forward(self) -> contextlib.AbstractContextManager:
         """The grid (and, with LoRA, the timesteps) of the model forward running this block compiled in place, from
         the forward's frame: for the forward that compiled the block, which began before qsparse's hook was on the
         model (runtime/repeated.py). Outside any forward of the model nothing is set: the layout op then raises
         the error that names the fix."""
-        from ..runtime.hooks import per_sample_timesteps
         from ..runtime.repeated import running_locals
 
         model = self.in_place_model()
         locals_ = running_locals(model) if model is not None else None
-        grid = forward_grid(locals_) if locals_ is not None else None
-        with contextlib.ExitStack() as stack:
-            if grid is not None:
-                stack.enter_context(video_grid((grid.frames, grid.height, grid.width)))
-                if any(isinstance(slot, TimestepSlot) for slot in self.slots) and current_timesteps() is None:
-                    timesteps = per_sample_timesteps(locals_.get("timestep"), locals_["hidden_states"])
-                    stack.enter_context(forward_timesteps(timesteps))
-            yield
+        return _forward_from_frame(locals_, any(isinstance(slot, TimestepSlot) for slot in self.slots))
 
     def _call(self, args: Sequence[Any]) -> Any:
         self._build_layouts()
@@ -217,6 +208,22 @@ class _RuntimeInputs:
                 "register; compile the model through qs.optimize(...)"
             )
         return name[: -len(relative)]
+
+
+@contextlib.contextmanager
+def _forward_from_frame(locals_: Mapping[str, Any] | None, timesteps: bool):
+    """Set, where the runtime context has none, the token grid (discovery.forward_grid) and, if ``timesteps``, the
+    per-sample timesteps of the model forward whose frame has ``locals_`` (None: set nothing)."""
+    from ..runtime.hooks import per_sample_timesteps
+
+    with contextlib.ExitStack() as stack:
+        grid = forward_grid(locals_) if locals_ is not None else None
+        if grid is not None and current_video_grid() is None:
+            stack.enter_context(video_grid((grid.frames, grid.height, grid.width)))
+        timestep = locals_.get("timestep") if locals_ is not None else None
+        if timesteps and isinstance(timestep, torch.Tensor) and current_timesteps() is None:
+            stack.enter_context(forward_timesteps(per_sample_timesteps(timestep, locals_["hidden_states"])))
+        yield
 
 
 def _in_place_owner() -> InPlaceOwner | None:
@@ -350,15 +357,13 @@ def quantsparse(
             "no plan: round-to-nearest int4 weights and the static "
             f"'{config.sparsity.pattern}' pattern at density {config.sparsity.density:g} (defaults)"
         )
-    grid_scope, hooked = contextlib.nullcontext(), False
+    # A block compiled in place: the forward compiling it began before the hook, its grid and timesteps are its frame's.
+    forward_scope, hooked = contextlib.nullcontext(), False
     if owner is not None:
         hooked = _adopt(owner, runtime, plan, report)
-        found = forward_grid(owner.frame_locals) if current_video_grid() is None else None
-        if found is not None:  # the compiling forward began before the hook: its grid comes from its frame
-            grid_scope = video_grid((found.frames, found.height, found.width))
-        owner.frame_locals = {}  # the forward's tensors are not kept past the compile
+        forward_scope = _forward_from_frame(owner.frame_locals, plan is not None and plan.lora_edges is not None)
     ctx = PassContext(config=config, example_inputs=list(example_inputs), report=report, plan=plan, session=session)
-    with grid_scope:
+    with forward_scope:
         gm = run_passes(gm, ctx, default_passes())
     session.reports.append(report)
     if config.report:
