@@ -12,28 +12,41 @@ without importing this package first. Each graph Dynamo hands over (one per comp
 4. a thin runtime wrapper that appends the inputs the passes added: packed int4 weights, a plan's timestep-aware
    LoRA (and, for a regional graph, the forward's timesteps), residual-cache state.
 
+A block compiled in place (``transformer.compile_repeated_blocks(backend="quantsparse")``: ``block.compile()`` per
+block, one graph for all) is met inside its model's forward: the backend registers the model's parameter names and
+adds qs.optimize's step-clock hook to the model (runtime/repeated.py), so the graph is a regional graph like
+qs.optimize's, rewritten the same way; the forward that compiled it reads its grid from the model's running frame.
+
 What the compiled graphs read at run time (packed weights, LoRA tensors, residual caches) and the reports belong to
 the ``Session`` named by ``options["session"]`` (runtime/session.py), else to the process's default session.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
 import warnings
-from typing import Any, Callable, Mapping, Sequence
+import weakref
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 import torch.fx as fx
 
 from ..config import SCHEDULE_KEYS, ConfigError, QuantSparseConfig
+from ..ops.context import (current_timesteps, current_video_grid, forward_timesteps, parameter_name,
+                           register_parameters, video_grid)
 from .passes import PassContext, default_passes, run_passes
+from .passes.discovery import forward_grid
 from .passes.graph_inputs import CacheSlot, LoraSlot, PackedWeightSlot, TimestepSlot
 from .passes.graph_utils import fake_value
 from .passes.report import RewriteReport
 from ..runtime.residual_cache import ResidualCacheRuntime
 from ..runtime.session import Session, default_session
+
+if TYPE_CHECKING:  # runtime/repeated.py imports diffusers, which only blocks compiled in place need
+    from ..runtime.repeated import InPlaceOwner
 
 __all__ = ["quantsparse", "reports", "clear_reports"]
 
@@ -70,7 +83,7 @@ class _RuntimeInputs:
     _FLAGS = (torch.tensor(False), torch.tensor(True))
 
     def __init__(self, compiled: Callable, ctx: PassContext, runtime: ResidualCacheRuntime,
-                 input_fakes: Sequence[Any]) -> None:
+                 input_fakes: Sequence[Any], in_place_model: torch.nn.Module | None = None) -> None:
         self.compiled = compiled
         self.slots = list(ctx.inputs.slots)
         self.has_cache = bool(ctx.cache_slots)
@@ -89,8 +102,27 @@ class _RuntimeInputs:
             (i for i, value in enumerate(ctx.example_inputs) if isinstance(value, torch.nn.Parameter)), None)
         # Symbolic sizes (dynamic shapes) are bound per call from the runtime arguments.
         self.symbolic = [(i, fake) for i, fake in enumerate(input_fakes) if _has_symbols(fake)]
+        # A block compiled in place: the model whose hook gives later forwards their grid (see _running_forward).
+        self.in_place_model = weakref.ref(in_place_model) if in_place_model is not None else None
 
     def __call__(self, *args: Any) -> Any:
+        if self.in_place_model is not None and current_video_grid() is None:
+            with self._running_forward():
+                return self._call(args)
+        return self._call(args)
+
+    def _running_forward(self) -> contextlib.AbstractContextManager:
+        """The grid (and, with LoRA, the timesteps) of the model forward running this block compiled in place, from
+        the forward's frame: for the forward that compiled the block, which began before qsparse's hook was on the
+        model (runtime/repeated.py). Outside any forward of the model nothing is set: the layout op then raises
+        the error that names the fix."""
+        from ..runtime.repeated import running_locals
+
+        model = self.in_place_model()
+        locals_ = running_locals(model) if model is not None else None
+        return _forward_from_frame(locals_, any(isinstance(slot, TimestepSlot) for slot in self.slots))
+
+    def _call(self, args: Sequence[Any]) -> Any:
         self._build_layouts()
         full = list(args)
         if self.has_cache:
@@ -122,7 +154,6 @@ class _RuntimeInputs:
 
     def _build_layouts(self) -> None:
         from ..ops.video_layout import cached_video_layout
-        from ..ops.context import current_video_grid
 
         for slot in self.layout_slots:
             grid = slot.grid if slot.grid != (0, 0, 0) else current_video_grid()
@@ -133,8 +164,6 @@ class _RuntimeInputs:
 
     def _calibrated(self, param: torch.Tensor):
         """A plan's calibrated weights for a parameter met at run time (another block of a regional graph)."""
-        from ..ops.context import parameter_name
-
         name = parameter_name(param)
         if self.plan is None or name is None:
             return None
@@ -142,8 +171,6 @@ class _RuntimeInputs:
 
     @staticmethod
     def _timesteps() -> torch.Tensor:
-        from ..ops.context import current_timesteps
-
         timesteps = current_timesteps()
         if timesteps is None:
             raise RuntimeError(
@@ -155,8 +182,6 @@ class _RuntimeInputs:
     def _lora(self, param: torch.Tensor, slot: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """The plan's LoRA of the linear ``param`` belongs to (another block of a regional graph: found by the
         parameter's registered name), or zeros where that block has none (a correction of exactly 0)."""
-        from ..ops.context import parameter_name
-
         name = parameter_name(param)
         pair = self.plan.lora(name.removesuffix(".weight") if name else slot.fqn)
         if pair is None:
@@ -175,8 +200,6 @@ class _RuntimeInputs:
     def _call_prefix(self, args: Sequence[Any]) -> str:
         if self.anchor is None:
             return self.prefix
-        from ..ops.context import parameter_name
-
         index, relative = self.anchor
         name = parameter_name(args[index])
         if name is None or not name.endswith(relative):
@@ -187,10 +210,62 @@ class _RuntimeInputs:
         return name[: -len(relative)]
 
 
+@contextlib.contextmanager
+def _forward_from_frame(locals_: Mapping[str, Any] | None, timesteps: bool):
+    """Set, where the runtime context has none, the token grid (discovery.forward_grid) and, if ``timesteps``, the
+    per-sample timesteps of the model forward whose frame has ``locals_`` (None: set nothing)."""
+    from ..runtime.hooks import per_sample_timesteps
+
+    with contextlib.ExitStack() as stack:
+        grid = forward_grid(locals_) if locals_ is not None else None
+        if grid is not None and current_video_grid() is None:
+            stack.enter_context(video_grid((grid.frames, grid.height, grid.width)))
+        timestep = locals_.get("timestep") if locals_ is not None else None
+        if timesteps and isinstance(timestep, torch.Tensor) and current_timesteps() is None:
+            stack.enter_context(forward_timesteps(per_sample_timesteps(timestep, locals_["hidden_states"])))
+        yield
+
+
+def _in_place_owner() -> InPlaceOwner | None:
+    """The model running this graph's frame when the frame is a block compiled in place (``module.compile``, as
+    ``compile_repeated_blocks`` does) inside a diffusers model's forward; None otherwise (a model compiled whole, a
+    function, a block compiled by qs.optimize's hooks)."""
+    from .passes.discovery import frame_locals
+    from .passes.graph_utils import is_diffusers_model
+
+    block = frame_locals().get("self")
+    if not isinstance(block, torch.nn.Module) or getattr(block, "_compiled_call_impl", None) is None \
+            or is_diffusers_model(type(block)):
+        return None
+    from ..runtime.repeated import find_owner
+
+    return find_owner(block)
+
+
+def _adopt(owner: InPlaceOwner, runtime: ResidualCacheRuntime, plan: Any, report: RewriteReport) -> bool:
+    """Give a block compiled in place what qs.optimize's hooks give its regional graphs (runtime/repeated.py), and
+    say so in the report; returns whether the model got its hook now (its first compiled block)."""
+    from ..runtime.hooks import RUNTIME_HOOK
+    from ..runtime.repeated import attach_runtime
+
+    model = owner.model
+    added = attach_runtime(owner, runtime, timesteps=plan is not None and plan.lora_edges is not None)
+    if not added:
+        return False
+    if owner.pipeline is not None:
+        clock = f"the step from {type(owner.pipeline).__name__}'s cache_context or scheduler"
+    else:
+        clock = "the step from the pipeline's cache_context(step_index=...) or runtime.step()"
+    report.notes.append(
+        f"a block compiled in place (module.compile, e.g. compile_repeated_blocks) in {type(model).__name__}'s "
+        f"forward: qsparse's '{RUNTIME_HOOK}' hook added to the model (each forward's token grid, CFG branch and "
+        f"{clock}); qs.runtime_of(model) is its residual-cache runtime"
+    )
+    return True
+
+
 def _anchor(ctx: PassContext) -> tuple[int, str] | None:
     """(argument index, relative name) of a registered parameter of a regional graph."""
-    from ..ops.context import parameter_name
-
     for index, value in enumerate(ctx.example_inputs):
         name = parameter_name(value)
         if name is not None and name.startswith(ctx.analysis["prefix"]):
@@ -268,7 +343,11 @@ def quantsparse(
 
     config = QuantSparseConfig.from_options(options)
     session = _session(config)
+    runtime = config.runtime or session.cache
     report = RewriteReport(graph_index=next(_graph_counter))
+    owner = _in_place_owner()
+    if owner is not None:
+        register_parameters(owner.model)  # before the plan's checks, which need the block's prefix
     plan = None
     if config.plan is not None:
         plan = _load_checked_plan(config.plan, gm, example_inputs)
@@ -278,8 +357,14 @@ def quantsparse(
             "no plan: round-to-nearest int4 weights and the static "
             f"'{config.sparsity.pattern}' pattern at density {config.sparsity.density:g} (defaults)"
         )
+    # A block compiled in place: the forward compiling it began before the hook, its grid and timesteps are its frame's.
+    forward_scope, hooked = contextlib.nullcontext(), False
+    if owner is not None:
+        hooked = _adopt(owner, runtime, plan, report)
+        forward_scope = _forward_from_frame(owner.frame_locals, plan is not None and plan.lora_edges is not None)
     ctx = PassContext(config=config, example_inputs=list(example_inputs), report=report, plan=plan, session=session)
-    gm = run_passes(gm, ctx, default_passes())
+    with forward_scope:
+        gm = run_passes(gm, ctx, default_passes())
     session.reports.append(report)
     if config.report:
         report.print_table()
@@ -290,6 +375,12 @@ def quantsparse(
     shortfalls = report.shortfalls()
     if shortfalls:
         log.warning("\n".join(shortfalls))
+    if hooked and ctx.cache_slots and owner.pipeline is None:
+        log.warning(
+            "qsparse_compiler: residual cache on blocks compiled in place in a %s called outside a pipeline: the "
+            "denoising step comes only from cache_context(..., step_index=i) or qs.runtime_of(model).step(i) - "
+            "without either every call refreshes; qs.optimize(pipe) follows the pipeline's scheduler",
+            type(owner.model).__name__)
     input_fakes = [fake_value(n) for n in gm.graph.nodes if n.op == "placeholder"][: len(example_inputs)]
     compile_inputs = [*example_inputs, *ctx.inputs.examples]
     if compile_graph is None:
@@ -298,9 +389,9 @@ def quantsparse(
         )
     else:
         compiled = compile_graph(gm, compile_inputs)
-    if not ctx.inputs.slots and not any(s.device.type == "cuda" for s in ctx.layout_slots):
+    if not ctx.inputs.slots and not any(s.device.type == "cuda" for s in ctx.layout_slots) and owner is None:
         return compiled
-    return _RuntimeInputs(compiled, ctx, config.runtime or session.cache, input_fakes)
+    return _RuntimeInputs(compiled, ctx, runtime, input_fakes, owner.model if owner is not None else None)
 
 
 def _session(config: QuantSparseConfig) -> Session:

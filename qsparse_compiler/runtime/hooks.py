@@ -12,7 +12,8 @@ Two kinds, registered by name in diffusers' ``HookRegistry`` (so ``HookRegistry.
     recompiles - each graph keeps one fixed path, which is what lets a CUDA graph capture it), a whole-model graph
     from the one schedule of every site.
 
-``qsparse_runtime`` (``StepClockHook``) - on the transformer, outermost of qsparse's: per forward it
+``qsparse_runtime`` (``StepClockHook``) - on the transformer, outermost of qsparse's (the backend adds it too, to a
+    transformer whose blocks ``compile_repeated_blocks`` compiled in place: runtime/repeated.py): per forward it
     - moves the residual cache's step clock (runtime/residual_cache.py): the step is the ``step_index`` of the
       pipeline's ``cache_context`` where it gives one (WanPipeline does), else the step of the pipeline's scheduler
       (``scheduler.step_index`` less its ``begin_index``; None before the first ``scheduler.step`` = step 0) - read,
@@ -45,7 +46,8 @@ from diffusers.hooks.hooks import BaseState, StateManager
 from ..ops.context import forward_branch, forward_timesteps, latent_grid, video_grid
 from .residual_cache import CacheError, ResidualCacheRuntime
 
-__all__ = ["COMPILED_HOOK", "RUNTIME_HOOK", "CompiledForwardHook", "StepClockHook", "check_step_cache"]
+__all__ = ["COMPILED_HOOK", "RUNTIME_HOOK", "CompiledForwardHook", "StepClockHook", "check_step_cache",
+           "per_sample_timesteps"]
 
 COMPILED_HOOK = "qsparse_compiled"
 RUNTIME_HOOK = "qsparse_runtime"
@@ -88,7 +90,7 @@ class StepClockHook(ModelHook):
     _is_stateful = True
 
     def __init__(self, runtime: ResidualCacheRuntime, pipeline: Any = None, timesteps: bool = False,
-                 compiled_blocks: tuple[torch.nn.Module, ...] = ()) -> None:
+                 compiled_blocks: tuple[torch.nn.Module, ...] = (), in_place: bool = False) -> None:
         super().__init__()
         self.runtime = runtime
         self.state_manager = StateManager(_NoState)
@@ -99,6 +101,14 @@ class StepClockHook(ModelHook):
         self._schedule_of: torch.Tensor | None = None  # the scheduler's timesteps of the current generation
         self._last_step: int | None = None
         self._checked_config: Any = None
+        # in_place: added by runtime/repeated.py, during a forward, to a model whose blocks were compiled in place
+        # (compile_repeated_blocks). (1) The hook did not name that forward's CFG branch: its residuals went to a
+        # branch by call position, one too many once the pipeline names its branches, so the first named forward
+        # starts the caches over (that branch's next step refreshes, whatever the schedule). (2) The user did not ask
+        # for qsparse's hook: a forward whose latents give no grid (an image model, flattened latents) runs on
+        # without one - its blocks then read the grid from the forward's frame, or their attention stays dense.
+        self._in_place = in_place
+        self._restart = in_place
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
         self._signature = inspect.signature(type(module).forward.__get__(module))
@@ -110,15 +120,29 @@ class StepClockHook(ModelHook):
             check_step_cache(module, config, self._compiled_blocks)
             self._checked_config = config
         name, step_index, num_steps = self._cache_context()
+        if self._restart:
+            self._restart = False
+            if name is not None:
+                self.runtime.reset()
         self._advance_clock(step_index, num_steps)
         latents = kwargs.get("hidden_states", args[0] if args else None)
         with contextlib.ExitStack() as stack:
             stack.enter_context(forward_branch(name))
-            stack.enter_context(video_grid(latent_grid(module, latents)))
+            grid = self._grid(module, latents)
+            if grid is not None:
+                stack.enter_context(video_grid(grid))
             if self._timesteps_input:
                 timestep = self._signature.bind_partial(*args, **kwargs).arguments.get("timestep")
-                stack.enter_context(forward_timesteps(_per_sample_timesteps(timestep, latents)))
+                stack.enter_context(forward_timesteps(per_sample_timesteps(timestep, latents)))
             return self.fn_ref.original_forward(*args, **kwargs)
+
+    def _grid(self, module: torch.nn.Module, latents: Any) -> tuple[int, int, int] | None:
+        if not self._in_place:
+            return latent_grid(module, latents)
+        try:
+            return latent_grid(module, latents)
+        except (ValueError, TypeError, AttributeError):  # no patch size, latents not 5-D (or not a tensor)
+            return None
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self.state_manager.reset()
@@ -191,7 +215,7 @@ def check_step_cache(transformer: torch.nn.Module, config: Any, compiled_blocks:
         )
 
 
-def _per_sample_timesteps(timestep: Any, latents: torch.Tensor) -> torch.Tensor | None:
+def per_sample_timesteps(timestep: Any, latents: torch.Tensor) -> torch.Tensor | None:
     """One timestep per sample of ``latents`` (a scalar or [1] timestep is every sample's), contiguous: the regional
     graph's timestep input has the batch size of its activations."""
     from ..ops.lora import sample_timesteps

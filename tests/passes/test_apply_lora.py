@@ -140,6 +140,30 @@ def test_regional_graph_takes_each_blocks_lora_and_the_forwards_timesteps(tmp_pa
         assert "zeros" in row.details["lora"]
 
 
+@pytest.mark.slow
+def test_compile_repeated_blocks_takes_each_blocks_plan_and_the_forwards_timesteps(tmp_path):
+    """``transformer.compile_repeated_blocks(backend="quantsparse", options={"plan": ...})``: one graph for both
+    blocks, each call with its block's calibrated weights and LoRA (zeros for block 0's to_q) and the forward's
+    per-sample timesteps - from the transformer's frame in the forward that compiled the blocks (qsparse's hook was
+    not on the model yet), from the hook afterwards."""
+    tiny = tiny_wan(num_layers=2)
+    eager = copy.deepcopy(tiny.model)
+    plan = lora_plan(tiny.model, skip={"blocks.0.attn1.to_q"})
+    save_plan(plan, tmp_path)
+    inputs = tiny.make_inputs(batch=2)
+    torch._dynamo.reset()
+    clear_reports()
+    tiny.model.compile_repeated_blocks(backend="quantsparse", options={"plan": str(tmp_path), **NO_SPARSITY})
+    for steps in (STEPS[2], STEPS[1]):
+        inputs["timestep"] = torch.tensor(steps)
+        with torch.no_grad():
+            actual = tiny.model(**inputs)[0]
+        assert_lora_applied(actual, eager, plan, inputs)
+    (report,) = reports()
+    assert report.counters["lora_linear"] == 10
+    assert any("the forward's per-sample timesteps (regional graph)" in note for note in report.notes)
+
+
 def test_a_positional_timestep_is_found_by_where_it_goes():
     """Called positionally through nn.Module.__call__, the timestep is only Dynamo's args.1: it is the input that feeds
     diffusers' sinusoidal Timesteps projection (the reference DiT's sampler calls the model this way)."""

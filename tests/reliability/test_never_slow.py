@@ -1,6 +1,8 @@
 """Never slow silently: every site the backend should rewrite stays rewritten at every shape a server meets, through
 every ordinary way of compiling (issue #17). Each test names the scenario it covers."""
 
+import copy
+
 import pytest
 import torch
 
@@ -155,21 +157,109 @@ def test_optimize_undoes_an_earlier_compile(caplog):
         caplog.clear()
 
 
-def test_a_compile_that_rewrites_less_than_it_should_warns(caplog):
-    """Scenarios 2 and 3: ``transformer.compile_repeated_blocks(backend="quantsparse")`` compiles each block without
-    the video latents - no token grid, names relative to the block - and rewrote nothing, silently. A logging WARNING
-    now names every reason with its count and the fix; a compile that does its job warns about nothing."""
-    tiny = tiny_wan(num_layers=1)
-    inputs = tiny.make_inputs()
+def _qsparse_warnings(caplog):
+    return [record.getMessage() for record in caplog.records
+            if record.levelname == "WARNING" and record.name.startswith("qsparse_compiler")]
+
+
+def test_compile_repeated_blocks_runs_the_sparse_rewrite_at_every_resolution(caplog):
+    """Scenario 2: ``transformer.compile_repeated_blocks(backend="quantsparse")`` compiles one graph for every block
+    (``block.compile()``), which sees neither the latents nor its block's name, and rewrote nothing. The backend now
+    gives it what qs.optimize's hooks give a regional graph (runtime/repeated.py): each call - the compiling forward,
+    the other blocks, the other CFG branch, a second resolution that recompiles - equals the sparse rewrite on the op
+    references, and warns about nothing."""
+    tiny = tiny_wan(num_layers=2)
+    # CFG at 3x16x16, 2x16x24 (another grid of the same 192 tokens: another layout) and 3x24x16 (288 tokens)
+    requests = [request for i, request in enumerate(_serving_requests(tiny)) if i in (0, 1, 4, 5, 8, 9)]
+    references = _references(tiny, requests)
     torch._dynamo.reset()
     clear_reports()
-    tiny.model.compile_repeated_blocks(backend="quantsparse", options=TEST_OPTIONS)
+    tiny.model.compile_repeated_blocks(backend="quantsparse", options=SPARSE_ONLY)
     with caplog.at_level("WARNING", logger="qsparse_compiler"), torch.no_grad():
-        tiny.model(**inputs)
+        for inputs, (rewritten, dense) in zip(requests, references):
+            out = tiny.model(**inputs)[0]
+            shape = tuple(inputs["hidden_states"].shape)
+            assert relative_error(rewritten, dense) > 5e-3, shape
+            assert relative_error(out, rewritten) < 1e-5, (shape, relative_error(out, rewritten))
+    assert len(reports()) == 2  # one graph for both blocks, recompiled once for the second token count
+    for report in reports():
+        assert report.counters.get("sparse_attention") == 1, report.summary()
+        assert "blocks.0.attn1" in {site.fqn for site in report.rewritten("sparse_attention")}
+    assert not _qsparse_warnings(caplog)
+
+
+def test_compile_repeated_blocks_quantizes_every_block_as_qs_optimize_does(caplog):
+    """Scenario 2: with quantization and the residual cache, compile_repeated_blocks' graphs rewrite the same sites
+    the same way as qs.optimize's regional graphs, at two resolutions; every block's linears run on their own packed
+    weights (one graph, the weights are graph inputs looked up per call) and every block's attention keeps its own
+    residual cache. Outside a pipeline the step comes from the runtime (one WARNING says so, naming qs.optimize)."""
+    cache = {"refresh_first": 1, "refresh_every": 0, "order": 1}
+    tiny = tiny_wan(num_layers=2)
+    shapes = [tiny.make_inputs(frames=3, height=16, width=16), tiny.make_inputs(frames=3, height=24, width=16)]
+
+    def run(model, runtime):
+        """Two steps (a refresh, a reuse) at each resolution, and the (fqn, action) of every site compiled."""
+        torch._dynamo.reset()
+        outs = []
+        with torch.no_grad():
+            for inputs in shapes:
+                with runtime.generation():
+                    for step in range(2):
+                        runtime.step(step)
+                        outs.append(model(**inputs)[0])
+        return outs
+
+    def rewrites(session):
+        return sorted((site.fqn, site.action) for report in session.reports for site in report.sites)
+
+    reference_session = qs.Session()
+    optimized = qs.optimize(copy.deepcopy(tiny.model), options={**TEST_OPTIONS, "session": reference_session},
+                            cache=cache, summary=False)
+    expected_outs = run(optimized, qs.runtime_of(optimized))
+    model, session = tiny.model, qs.Session()
+    model.compile_repeated_blocks(backend="quantsparse", options={
+        **TEST_OPTIONS, "session": session, "cache": {"enabled": True, **cache}})
+    with caplog.at_level("WARNING", logger="qsparse_compiler"):
+        outs = run(model, session.cache)
+    assert rewrites(session) == rewrites(reference_session)
+    assert ("blocks.0.attn1", "residual_attention") in rewrites(session)
+    assert all(relative_error(out, reference) < 1e-5 for out, reference in zip(outs, expected_outs))
+    assert len(session.reports) == 2
+    for report in session.reports:
+        assert report.counters.get("w4a8_linear") == tiny.block_linears // 2, report.summary()
+        assert report.counters.get("sparse_attention") == report.counters.get("residual_attention") == 1
+    linears = [(name, module) for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)
+               and name.startswith("blocks.") and ".norm" not in name]
+    assert len(linears) == tiny.block_linears
+    assert all(session.weights.packed_nbytes(module.weight) for _, module in linears), linears
+    sites = qs.runtime_of(model).memory_report()
+    assert qs.runtime_of(model) is session.cache
+    for block in ("blocks.0.attn1", "blocks.1.attn1"):
+        assert sites[block]["refreshes"] == len(shapes) and sites[block]["reuses"] == len(shapes), sites
+    (warning,) = _qsparse_warnings(caplog)
+    assert "called outside a pipeline" in warning and "qs.optimize(pipe)" in warning
+
+
+def test_a_compile_that_rewrites_less_than_it_should_warns(caplog):
+    """Scenario 3: a block compiled on its own and called outside its model's forward sees no latents - no token
+    grid, names relative to the block - and rewrote nothing, silently. A logging WARNING now names every reason with
+    its count and the fix; a compile that does its job warns about nothing."""
+    tiny = tiny_wan(num_layers=1)
+    block = tiny.model.blocks[0]
+    captured = {}
+    handle = block.register_forward_pre_hook(lambda _, args, kwargs: captured.update(args=args, kwargs=kwargs),
+                                             with_kwargs=True)
+    with torch.no_grad():
+        tiny.model(**tiny.make_inputs())
+    handle.remove()
+    torch._dynamo.reset()
+    clear_reports()
+    block.compile(backend="quantsparse", options=TEST_OPTIONS)
+    with caplog.at_level("WARNING", logger="qsparse_compiler"), torch.no_grad():
+        block(*captured["args"], **captured["kwargs"])
     (report,) = reports()
     assert report.shortfalls() and not report.rewritten("sparse_attention")
-    warning = "\n".join(record.getMessage() for record in caplog.records
-                        if record.name.startswith("qsparse_compiler"))
+    warning = "\n".join(_qsparse_warnings(caplog))
     assert "rewrote none of its" in warning
     assert "1 x no video token grid in this graph (a block compiled on its own" in warning and "qs.optimize" in warning
     assert "x outside the transformer blocks" in warning
@@ -188,5 +278,4 @@ def test_optimize_prints_a_summary_and_a_good_compile_warns_nothing(capsys, capl
     with caplog.at_level("WARNING", logger="qsparse_compiler"), torch.no_grad():
         model(**tiny.make_inputs())
     assert reports() and not any(report.shortfalls() for report in reports())
-    assert not [record for record in caplog.records
-                if record.levelname == "WARNING" and record.name.startswith("qsparse_compiler")]
+    assert not _qsparse_warnings(caplog)

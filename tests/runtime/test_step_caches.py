@@ -98,6 +98,35 @@ def test_cfg_branches_follow_the_cache_context_names():
     assert torch.equal(results[False], results[True])
 
 
+def test_compile_repeated_blocks_in_a_pipeline_runs_as_qs_optimize():
+    """``transformer.compile_repeated_blocks(backend="quantsparse")`` with the residual cache, in a pipeline: at the
+    first compile the backend finds the pipeline calling the transformer (runtime/repeated.py), so the step follows
+    its cache_context and scheduler and the CFG branches their names - the same output and the same refreshes and
+    reuses as qs.optimize(pipe), in the first generation (whose first forward compiled the blocks before any hook
+    was there) and in the next."""
+    tiny = tiny_wan(num_layers=2)
+    args = inputs_of(tiny)
+    cache = {"refresh_first": 2, "refresh_every": 0, "order": 1}
+    reference = WanLikePipeline(copy.deepcopy(tiny.model))
+    qs.optimize(reference, options=SPARSE, cache=cache, summary=False)
+    with torch.no_grad():
+        expected = reference(*args)
+    expected_counts = qs.runtime_of(reference).memory_report()["total"]
+    torch._dynamo.reset()
+    pipe, session = WanLikePipeline(tiny.model), qs.Session()
+    tiny.model.compile_repeated_blocks(backend="quantsparse",
+                                       options={**SPARSE, "session": session, "cache": {"enabled": True, **cache}})
+    with torch.no_grad():
+        first = pipe(*args)
+        counts = qs.runtime_of(pipe).memory_report()["total"]
+        second = pipe(*args)
+    assert qs.runtime_of(pipe) is session.cache and list(tiny.model._diffusers_hook.hooks) == ["qsparse_runtime"]
+    assert relative_error(first, expected) < 1e-5 and relative_error(second, expected) < 1e-5
+    assert {key: counts[key] for key in ("branches", "refreshes", "reuses")} == \
+        {key: expected_counts[key] for key in ("branches", "refreshes", "reuses")}
+    assert expected_counts["reuses"] == 2 * 2 * (STEPS - 2)  # 2 blocks x 2 branches
+
+
 COMPOSING = {
     "FirstBlockCacheConfig": lambda: FirstBlockCacheConfig(threshold=0.5),
     "MagCacheConfig": lambda: MagCacheConfig(threshold=0.5, max_skip_steps=2, retention_ratio=0.2,

@@ -36,7 +36,7 @@ import torch.fx as fx
 from .graph_utils import SDPA_TARGETS, fake_value, is_diffusers_model, node_arg
 
 __all__ = ["GridCandidate", "factorized_attention_reason", "frame_locals", "register_frame_names", "discover_grid",
-           "GRID_SOURCES"]
+           "forward_grid", "GRID_SOURCES"]
 
 GRID_SOURCES = ("conv patch embedding", "runtime context", "forward arguments", "rotary position ids",
                 "latent shape / patch size")
@@ -193,6 +193,17 @@ def discover_grid(gm: fx.GraphModule, locals_: Mapping[str, Any]) -> tuple[GridC
                         f"no attention of this graph has its {candidate.video_len} tokens (static sequences: "
                         f"{sorted(lengths)}{detail})")
     return None, rejected
+
+
+def forward_grid(locals_: Mapping[str, Any]) -> GridCandidate | None:
+    """The grid of a diffusers video model's running forward from its frame's locals (``self`` is the model): its
+    ``num_frames``/``height``/``width`` (source 3), else its 5-D ``hidden_states`` (source 5) while they are still
+    the latents. For a block compiled in place (runtime/repeated.py) in the forward that compiled it, before
+    qsparse's hook gives each forward its grid: Wan, HunyuanVideo and CogVideoX unpack the latents' shape into these
+    names before patchifying."""
+    config = _config(locals_.get("self"))
+    patch = _patch_sizes(config)
+    return _from_arguments(locals_, patch) or next(iter(_from_latents(locals_, config, patch)), None)
 
 
 def factorized_attention_reason(seq_len: Any, frames: Any, height: Any, width: Any) -> str:

@@ -287,10 +287,10 @@ class FindSites:
             why = "no video token grid in this graph"
             if not prefix and not re.search(r"(^|\.)\d+(\.|$)", relative):
                 # No patch embedding, no regional prefix, no block index in the name: a block compiled on its own
-                # (compile_repeated_blocks).
-                why += (" (a block compiled on its own, e.g. by compile_repeated_blocks, sees no latents: compile "
-                        "through qs.optimize(pipe), which compiles the repeated blocks regionally and gives them the "
-                        "grid)")
+                # and called outside its model's forward (or compiled by torch.compile(block), not block.compile()).
+                why += (" (a block compiled on its own sees no latents: compile through qs.optimize(pipe) or "
+                        "transformer.compile_repeated_blocks(backend='quantsparse') and call the transformer, which "
+                        "give the blocks each forward's grid)")
             return AttentionSite(node, fqn, "attention", seq_len, why=why)
         if same_size(seq_len, grid.video_len):
             return AttentionSite(node, fqn, "self_attention", seq_len, video_start=0)
