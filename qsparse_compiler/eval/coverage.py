@@ -6,7 +6,9 @@ For one model and one input, ``measure_coverage`` runs
    blocks (``QuantConfig.site_pattern``) that ran on tokens (input of 3 or more dims); the linears an adaptive norm
    runs on one row per sample are conditioning linears and do not count;
 2. ``torch.compile(backend=quantsparse)`` without ``fullgraph``, as a user would: every graph Dynamo hands over is
-   rewritten and reported; Dynamo's graph-break reasons are collected;
+   rewritten and reported; Dynamo's graph-break reasons are collected. Before it, attention processors that break
+   the graph are swapped for their compile-friendly equivalents (``runtime/attention_processors.py``, what
+   ``qs.optimize`` does and README tells a ``torch.compile`` user to call); step 1 ran the model's own;
 3. the same compile with the rewritten graphs run on the ops' plain-torch references instead of Inductor.
 
 It reports the share of block linears quantized (W4A8), the share of *video attentions* (self or joint attention
@@ -126,12 +128,19 @@ def measure_coverage(tiny: TinyModel, options: dict[str, Any], compile_with_indu
     ``compile_with_inductor=False`` skips step 2 (the counts come from the reference run; no compiled SQNR)."""
     from ..compiler.backend import quantsparse
     from ..config import QuantSparseConfig
+    from ..runtime.attention_processors import restore_attention, use_compile_friendly_attention
 
     model, inputs = tiny.model, tiny.make_inputs()
     row = Coverage(tiny.name, type(model).__name__)
     try:
         site_pattern = QuantSparseConfig.from_options(options).quant.site_pattern
         token_linears, eager = _token_linears(model, inputs, site_pattern)
+        # As README tells a torch.compile user (and qs.optimize does): processors that break the graph are swapped
+        # for their compile-friendly equivalents; eager above ran the model's own, so "rewrite vs eager" covers it.
+        swapped = use_compile_friendly_attention(model)
+        if swapped:
+            row.notes.append(f"compile-friendly attention processor on {len(swapped)} module(s) "
+                             f"({type(model.get_submodule(swapped[0]).processor).__name__})")
         reference_backend = functools.partial(quantsparse, compile_graph=_graph_itself)
         reference, reports, breaks = _compile_and_run(model, inputs, options, reference_backend)
         row.sqnr_vs_eager_db = sqnr_db(reference, eager)
@@ -143,6 +152,8 @@ def measure_coverage(tiny: TinyModel, options: dict[str, Any], compile_with_indu
     except Exception as error:  # the matrix reports a failure, it does not stop at it
         row.error = f"{type(error).__name__}: {error}".splitlines()[0][:300]
         row.notes.append(traceback.format_exc(limit=3))
+    finally:
+        restore_attention(model)
     return row
 
 

@@ -23,6 +23,7 @@ __all__ = ["COVERAGE_OPTIONS", "VIDEO_DITS", "tiny_video_dit"]
 HEADS, HEAD_DIM = 2, 64
 WIDTH = HEADS * HEAD_DIM
 ALLEGRO_HEAD_DIM = 96
+MOCHI_HEADS = 3
 TEXT, TEXT_DIM = 8, 64
 
 # group 64 divides every K of these models (128, 256, ...); 64-token tiles: the 128 video tokens are 2 x 2 tiles.
@@ -65,11 +66,13 @@ def tiny_ltx_video(num_layers: int = 1) -> TinyModel:
 
 
 def tiny_mochi(num_layers: int = 1) -> TinyModel:
-    """Mochi: conv-free patchify (a Conv2d per frame), joint text+video attention computed per sample."""
+    """Mochi: patchify by a Conv2d per frame, joint video + text attention (per sample in diffusers' processor; the
+    coverage bench swaps it for the masked one, runtime/attention_processors.py). 3 heads: its feed-forward is
+    8/3 of the width (Mochi's 3072 -> 8192), a multiple of the group 64 only for a width that is a multiple of 24."""
     from diffusers import MochiTransformer3DModel
 
     model = MochiTransformer3DModel(
-        patch_size=2, num_attention_heads=HEADS, attention_head_dim=HEAD_DIM, num_layers=num_layers,
+        patch_size=2, num_attention_heads=MOCHI_HEADS, attention_head_dim=HEAD_DIM, num_layers=num_layers,
         pooled_projection_dim=TEXT_DIM, in_channels=4, text_embed_dim=TEXT_DIM, time_embed_dim=32,
         max_sequence_length=TEXT,
     ).eval()
