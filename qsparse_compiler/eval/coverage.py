@@ -33,7 +33,7 @@ from .models import TinyModel
 
 __all__ = ["KeptSite", "Coverage", "measure_coverage", "coverage_markdown", "VIDEO_ATTENTION_KINDS"]
 
-VIDEO_ATTENTION_KINDS = ("self_attention", "joint_attention", "attention", "factorized_attention")
+VIDEO_ATTENTION_KINDS = ("self_attention", "joint_attention", "attention", "spatial_attention", "temporal_attention")
 _NOT_TOKEN_BEARING = ("int4_weight_only",)
 
 

@@ -234,7 +234,8 @@ def tiny_cosmos(num_layers: int = 1) -> TinyModel:
 
 
 def tiny_latte(num_layers: int = 1) -> TinyModel:
-    """Latte: alternating spatial (per frame) and temporal (per position) attention blocks."""
+    """Latte: alternating spatial (per frame) and temporal (per position) attention blocks. Frames of 16 x 8 tokens
+    (a 2 x 16 x 8 grid): its spatial attention spans two 64-token query blocks, as the others' full attention does."""
     from diffusers import LatteTransformer3DModel
 
     model = LatteTransformer3DModel(
@@ -243,7 +244,7 @@ def tiny_latte(num_layers: int = 1) -> TinyModel:
         num_embeds_ada_norm=1000, caption_channels=TEXT_DIM, video_length=2,
     ).eval()
 
-    def make_inputs(frames: int = 2, batch: int = 1, height: int = 16, width: int = 16) -> dict[str, Any]:
+    def make_inputs(frames: int = 2, batch: int = 1, height: int = 32, width: int = 16) -> dict[str, Any]:
         return {
             "hidden_states": torch.randn(batch, 4, frames, height, width),
             "timestep": _timestep(batch),

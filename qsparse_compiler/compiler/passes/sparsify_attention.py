@@ -4,7 +4,9 @@
     replacement:  n, idx = qsparse.video_block_layout(q, frames, height, width, video_start, pattern, density, BQ, BKV)
                   o, lse = qsparse.sparse_attention(q, k, v, n, idx, BQ, BKV, s, attn_mask, precision)
 
-Only sites that ``find_sites`` classified as ``self_attention`` or ``joint_attention`` are candidates. Checks, each
+Only sites that ``find_sites`` classified as ``self_attention``, ``joint_attention`` or one axis group of a factorized
+attention are candidates: ``spatial_attention`` (within each frame) gets the layout of a one-frame grid (1, h, w),
+``temporal_attention`` (across frames) that of (f, 1, 1) - the grid each batch entry of it holds. Checks, each
 reported when it fails: sparsity enabled, no autograd, no dropout, not causal, no GQA, the mask (if any) is a boolean
 key-padding mask (B|1, 1, 1, S), float dtype, the sequence spans more than one query block, and the pattern spec has
 one entry or one per head. ``sparsity.attention_precision="int8_fp8"`` becomes the op's precision where the 8-bit
@@ -50,7 +52,8 @@ class LayoutSlot:
     block_q: int
     block_kv: int
 
-_SPARSIFIABLE = ("self_attention", "joint_attention")
+_SPARSIFIABLE = ("self_attention", "joint_attention", "spatial_attention", "temporal_attention")
+_FACTORIZED = {"spatial_attention": "within each frame", "temporal_attention": "across frames"}
 
 
 def _is_key_padding_mask(mask, batch) -> bool:
@@ -93,18 +96,27 @@ class SparsifyAttention:
                 ctx.report.add(site.fqn, site.kind, "kept", heads_note)
                 count_rewrite(ctx, "kept_attention")
                 continue
+            if site.kind in _FACTORIZED and grid.source == "runtime context":
+                # The layout op reads the whole video's grid of the current forward; one frame's or one position's
+                # is not in the context.
+                ctx.report.add(site.fqn, site.kind, "kept", f"attention {_FACTORIZED[site.kind]} in a block compiled "
+                               "on its own: the runtime grid is the whole video's, its per-frame or per-position "
+                               "layout is built only where the graph holds the grid (compile the whole model)")
+                count_rewrite(ctx, "kept_attention")
+                continue
             if grid_values is None:
                 # Emitted once, before the first attention, and shared by every site.
                 with gm.graph.inserting_before(node):
                     grid_values = grid.emit(gm.graph)
+            site_grid = _site_grid(site.kind, grid_values)
             layout = call_op(
                 gm, node, torch.ops.qsparse.video_block_layout.default,
-                (q, *grid_values, site.video_start, pattern, density, block_q, block_kv),
+                (q, *site_grid, site.video_start, pattern, density, block_q, block_kv),
                 node,
             )
             seq_len = fake_value(q).shape[2]
-            if all(isinstance(v, int) for v in (*grid_values, seq_len)):
-                ctx.layout_slots.append(LayoutSlot(seq_len, fake_value(q).device, tuple(grid_values),
+            if all(isinstance(v, int) for v in (*site_grid, seq_len)):
+                ctx.layout_slots.append(LayoutSlot(seq_len, fake_value(q).device, tuple(site_grid),
                                                    site.video_start, pattern, density, block_q, block_kv))
             kv_num_blocks = call_op(gm, node, operator.getitem, (layout, 0), node)
             kv_indices = call_op(gm, node, operator.getitem, (layout, 1), node)
@@ -119,7 +131,9 @@ class SparsifyAttention:
             ctx.report.add(
                 site.fqn, site.kind, "sparse_attention",
                 f"{pattern} @ density {density:g} of the video x video tiles"
-                + ("; text rows/cols dense" if site.kind == "joint_attention" else "") + heads_note + precision_note,
+                + ("; text rows/cols dense" if site.kind == "joint_attention" else "")
+                + (f"; {_FACTORIZED[site.kind]}, grid {'x'.join(map(str, site.grid))} per batch entry"
+                   if site.kind in _FACTORIZED else "") + heads_note + precision_note,
                 seq_len=str(site.seq_len), video_start=str(site.video_start), precision=precision,
             )
             count_rewrite(ctx, "sparse_attention")
@@ -163,6 +177,17 @@ class SparsifyAttention:
         if isinstance(seq_len, int) and seq_len <= block_q:
             return f"S={seq_len} fits in one query block (block_q={block_q}): nothing to skip"
         return ""
+
+
+def _site_grid(kind: str, grid_values: tuple) -> tuple:
+    """The grid one batch entry of the attention sees, from the graph's (frames, height, width) values: one frame
+    (1, h, w) for attention within each frame, one position (f, 1, 1) for attention across frames."""
+    frames, height, width = grid_values
+    if kind == "spatial_attention":
+        return 1, height, width
+    if kind == "temporal_attention":
+        return frames, 1, 1
+    return grid_values
 
 
 def _site_precision(requested: str, q, block_q: int, block_kv: int) -> tuple[str, str]:
