@@ -18,8 +18,8 @@ it (ops/context.py): the share it sparsifies then is reported next to the plain 
 It reports the share of block linears quantized (W4A8), the share of *video attentions* (self or joint attention
 over video tokens; ``attention`` sites in a graph without a token grid count too: they are video attentions the
 backend could not place; so does a block's self-attention module that put no SDPA in any graph - Sana's linear
-attention, an attention run eagerly) sparsified, a reason for every block linear and video attention kept, and two SQNRs:
-compiled vs the same rewrite on the references (the compiler's error: should be fp32 noise) and that rewrite vs
+attention, an attention run eagerly) sparsified, a reason for every block linear and video attention kept, and two
+SQNRs: compiled vs the same rewrite on the references (the compiler's error: should be fp32 noise) and that rewrite vs
 eager (the quantization's and sparsity's error). Nothing raises: an exception is the row's ``error``.
 """
 

@@ -1,6 +1,7 @@
-"""Structural discovery (compiler/passes/discovery.py): the token grid from forward arguments, the rejection of a grid that
-fits no attention, factorized attention's per-frame / per-position grids, and block names across a graph break. Toy models run through
-the backend with the rewrite on the op references (no Inductor): a second or two each."""
+"""Structural discovery (compiler/passes/discovery.py): the token grid from forward arguments, the rejection of a
+grid that fits no attention, factorized attention's per-frame / per-position grids, and block names across a graph
+break. Toy models run through the backend with the rewrite on the op references (no Inductor): a second or two
+each."""
 
 import functools
 
@@ -116,7 +117,8 @@ class FactorizedDiT(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList([FactorizedBlock()])
 
-    def forward(self, hidden_states, num_frames: int, height: int, width: int, attention=F.scaled_dot_product_attention):
+    def forward(self, hidden_states, num_frames: int, height: int, width: int,
+                attention=F.scaled_dot_product_attention):
         return self.blocks[0](hidden_states, num_frames, attention)
 
 

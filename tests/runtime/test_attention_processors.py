@@ -49,3 +49,13 @@ def test_mochi_masked_processor_equals_the_per_sample_loop():
     restore_attention(tiny.model)
     assert all(type(b.attn1.processor) is MochiAttnProcessor2_0 for b in tiny.model.transformer_blocks)
     assert use_compile_friendly_attention(torch.nn.Linear(4, 4)) == []
+
+
+def test_optimize_swaps_the_processor_and_restore_puts_it_back():
+    import qsparse_compiler as qs
+
+    tiny = tiny_mochi(num_layers=1)
+    qs.optimize(tiny.model)
+    assert isinstance(tiny.model.transformer_blocks[0].attn1.processor, MochiMaskedAttnProcessor)
+    qs.restore(tiny.model)
+    assert type(tiny.model.transformer_blocks[0].attn1.processor) is MochiAttnProcessor2_0

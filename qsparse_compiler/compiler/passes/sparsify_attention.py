@@ -6,12 +6,12 @@
 
 Only sites that ``find_sites`` classified as ``self_attention``, ``joint_attention`` or one axis group of a factorized
 attention are candidates: ``spatial_attention`` (within each frame) gets the layout of a one-frame grid (1, h, w),
-``temporal_attention`` (across frames) that of (f, 1, 1) - the grid each batch entry of it holds. Checks, each
-reported when it fails: sparsity enabled, no autograd, no dropout, not causal, no GQA, the mask (if any) is a boolean
-key-padding mask (B|1, 1, 1, S) or the pair mask p_i & p_j of one (``_pair_padding``: the op takes p, and the rows of
-padded queries are zeroed, as SDPA leaves an all-masked row), float dtype, the sequence spans more than one query block, and the pattern spec has
-one entry or one per head. ``sparsity.attention_precision="int8_fp8"`` becomes the op's precision where the 8-bit
-kernel can run the site; elsewhere the site stays bf16 with the reason in its report row (counter
+``temporal_attention`` (across frames) that of (f, 1, 1) - the grid each batch entry of it holds. Checks, each reported
+when it fails: sparsity enabled, no autograd, no dropout, not causal, no GQA, the mask (if any) is a boolean key-padding
+mask (B|1, 1, 1, S) or the pair mask p_i & p_j of one (``_pair_padding``: the op takes p, and the rows of padded queries
+are zeroed, as SDPA leaves an all-masked row), float dtype, the sequence spans more than one query block, and the
+pattern spec has one entry or one per head. ``sparsity.attention_precision="int8_fp8"`` becomes the op's precision where
+the 8-bit kernel can run the site; elsewhere the site stays bf16 with the reason in its report row (counter
 ``attention_int8_fp8`` / ``attention_int8_fp8_kept_bf16``).
 
 Context parallelism (``ctx.config.parallel``, diffusers' Ulysses): the attention of rank r of a Ulysses group of W
