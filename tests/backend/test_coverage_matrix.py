@@ -77,5 +77,5 @@ def test_coverage_on_the_op_references(name):
 def test_compiled_output_matches_the_same_rewrite_on_the_references(name):
     row = measure_coverage(tiny_video_dit(name), COVERAGE_OPTIONS)
     assert row.error is None, row.error
-    # Inductor vs the plain-torch run of the same rewrite: fp32 accumulation order only (measured 63-134 dB).
+    # Inductor vs the plain-torch run of the same rewrite: fp32 accumulation order only (measured 63-135 dB).
     assert row.sqnr_vs_reference_db >= 60, row.sqnr_vs_reference_db
