@@ -384,6 +384,13 @@ def quantsparse(
     input_fakes = [fake_value(n) for n in gm.graph.nodes if n.op == "placeholder"][: len(example_inputs)]
     compile_inputs = [*example_inputs, *ctx.inputs.examples]
     if compile_graph is None:
+        # The added inputs go to Inductor as their placeholders' fake values (static shapes, or the graph's own
+        # symbols): a real tensor Dynamo never saw would be fakeified with fresh symbols that have no source, and
+        # a guard on one that does not reduce to a constant (a 3-head unflatten of a packed linear's output:
+        # N % 3 == 0) fails when Dynamo builds its guards.
+        # GraphInputs.add appends every added input through add_placeholder, in the order of ctx.inputs.examples.
+        compile_inputs = [*example_inputs, *(n.meta["example_value"] for n in gm.graph.nodes
+                                             if n.op == "placeholder" and n.meta.get("qsparse_extra"))]
         compiled = compile_fx(
             gm, compile_inputs, config_patches=_inductor_patches(mode or config.mode, config.inductor)
         )

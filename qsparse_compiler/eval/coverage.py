@@ -6,13 +6,20 @@ For one model and one input, ``measure_coverage`` runs
    blocks (``QuantConfig.site_pattern``) that ran on tokens (input of 3 or more dims); the linears an adaptive norm
    runs on one row per sample are conditioning linears and do not count;
 2. ``torch.compile(backend=quantsparse)`` without ``fullgraph``, as a user would: every graph Dynamo hands over is
-   rewritten and reported; Dynamo's graph-break reasons are collected;
+   rewritten and reported; Dynamo's graph-break reasons are collected. Before it, attention processors that break
+   the graph are swapped for their compile-friendly equivalents (``runtime/attention_processors.py``, what
+   ``qs.optimize`` does and README tells a ``torch.compile`` user to call); step 1 ran the model's own;
 3. the same compile with the rewritten graphs run on the ops' plain-torch references instead of Inductor.
+
+Where a graph without a token grid held a video attention (a block compiled on its own after the model's forward
+broke the graph), step 3 runs again with each forward's grid in the runtime context, as ``qs.optimize``'s hook sets
+it (ops/context.py): the share it sparsifies then is reported next to the plain one.
 
 It reports the share of block linears quantized (W4A8), the share of *video attentions* (self or joint attention
 over video tokens; ``attention`` sites in a graph without a token grid count too: they are video attentions the
-backend could not place) sparsified, a reason for every block linear and video attention kept, and two SQNRs:
-compiled vs the same rewrite on the references (the compiler's error: should be fp32 noise) and that rewrite vs
+backend could not place; so does a block's self-attention module that put no SDPA in any graph - Sana's linear
+attention, an attention run eagerly) sparsified, a reason for every block linear and video attention kept, and two
+SQNRs: compiled vs the same rewrite on the references (the compiler's error: should be fp32 noise) and that rewrite vs
 eager (the quantization's and sparsity's error). Nothing raises: an exception is the row's ``error``.
 """
 
@@ -31,8 +38,10 @@ from .models import TinyModel
 
 __all__ = ["KeptSite", "Coverage", "measure_coverage", "coverage_markdown", "VIDEO_ATTENTION_KINDS"]
 
-VIDEO_ATTENTION_KINDS = ("self_attention", "joint_attention", "attention", "factorized_attention")
+VIDEO_ATTENTION_KINDS = ("self_attention", "joint_attention", "attention", "spatial_attention", "temporal_attention")
 _NOT_TOKEN_BEARING = ("int4_weight_only",)
+_ATTENTION_SITE_KINDS = VIDEO_ATTENTION_KINDS + ("cross_attention", "text_attention", "fused_attention")
+_NO_GRID = "no video token grid in this graph"  # find_sites' reason for an attention in a graph without a grid
 
 
 @dataclass
@@ -54,6 +63,10 @@ class Coverage:
     sparsified: int = 0
     kept: list[KeptSite] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # the reports' notes (grid source, regional graphs, ...)
+    # Where a graph without a grid held a video attention: the sparse count with each forward's grid in the runtime
+    # context, as qs.optimize's step-clock hook sets it (None: not needed), and that run vs eager.
+    sparsified_with_forward_grid: int | None = None
+    sqnr_with_forward_grid_db: float | None = None
     sqnr_vs_reference_db: float | None = None  # compiled vs the same rewrite on the op references
     sqnr_vs_eager_db: float | None = None  # the rewrite on the op references vs eager
     error: str | None = None
@@ -80,17 +93,29 @@ def _first_tensor(output: Any) -> torch.Tensor:
     return output
 
 
-def _token_linears(model: torch.nn.Module, inputs: dict[str, Any], site_pattern: str) -> tuple[set[str], Any]:
-    """(FQNs of the block linears that ran on tokens, eager output)."""
+def _eager_run(model: torch.nn.Module, inputs: dict[str, Any],
+               site_pattern: str) -> tuple[set[str], dict[str, str], Any]:
+    """(FQNs of the block linears that ran on tokens, {FQN: processor class} of the block attention modules that ran
+    as self-attention on tokens - no encoder states -, eager output)."""
     in_blocks = re.compile(site_pattern)
     seen: set[str] = set()
+    attentions: dict[str, str] = {}
     handles = []
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and in_blocks.search(name):
+        if not in_blocks.search(name):
+            continue
+        if isinstance(module, torch.nn.Linear):
             def hook(_module, args, _name=name):
                 if args and isinstance(args[0], torch.Tensor) and args[0].ndim >= 3:
                     seen.add(_name)
             handles.append(module.register_forward_pre_hook(hook))
+        elif getattr(module, "processor", None) is not None:
+            def attention_hook(_module, args, kwargs, _name=name):
+                tokens = args[0] if args else kwargs.get("hidden_states")
+                if (isinstance(tokens, torch.Tensor) and tokens.ndim == 3
+                        and (args[1:2] or (kwargs.get("encoder_hidden_states"),))[0] is None):
+                    attentions[_name] = type(_module.processor).__name__
+            handles.append(module.register_forward_pre_hook(attention_hook, with_kwargs=True))
     try:
         with torch.no_grad():
             torch.manual_seed(0)
@@ -98,7 +123,7 @@ def _token_linears(model: torch.nn.Module, inputs: dict[str, Any], site_pattern:
     finally:
         for handle in handles:
             handle.remove()
-    return seen, out
+    return seen, attentions, out
 
 
 def _compile_and_run(model: torch.nn.Module, inputs: dict[str, Any], options: dict[str, Any], backend: Any):
@@ -126,12 +151,20 @@ def measure_coverage(tiny: TinyModel, options: dict[str, Any], compile_with_indu
     ``compile_with_inductor=False`` skips step 2 (the counts come from the reference run; no compiled SQNR)."""
     from ..compiler.backend import quantsparse
     from ..config import QuantSparseConfig
+    from ..ops.context import latent_grid, video_grid
+    from ..runtime.attention_processors import restore_attention, use_compile_friendly_attention
 
     model, inputs = tiny.model, tiny.make_inputs()
     row = Coverage(tiny.name, type(model).__name__)
     try:
         site_pattern = QuantSparseConfig.from_options(options).quant.site_pattern
-        token_linears, eager = _token_linears(model, inputs, site_pattern)
+        token_linears, self_attentions, eager = _eager_run(model, inputs, site_pattern)
+        # As README tells a torch.compile user (and qs.optimize does): processors that break the graph are swapped
+        # for their compile-friendly equivalents; eager above ran the model's own, so "rewrite vs eager" covers it.
+        swapped = use_compile_friendly_attention(model)
+        if swapped:
+            row.notes.append(f"compile-friendly attention processor on {len(swapped)} module(s) "
+                             f"({type(model.get_submodule(swapped[0]).processor).__name__})")
         reference_backend = functools.partial(quantsparse, compile_graph=_graph_itself)
         reference, reports, breaks = _compile_and_run(model, inputs, options, reference_backend)
         row.sqnr_vs_eager_db = sqnr_db(reference, eager)
@@ -140,9 +173,18 @@ def measure_coverage(tiny: TinyModel, options: dict[str, Any], compile_with_indu
             row.sqnr_vs_reference_db = sqnr_db(compiled, reference)
         row.graphs, row.graph_breaks = len(reports), breaks
         _count(row, reports, token_linears)
+        _count_unseen_attentions(row, reports, self_attentions)
+        if any(site.reason == _NO_GRID for site in row.kept):
+            with video_grid(latent_grid(model, inputs["hidden_states"])):
+                with_grid, grid_reports, _ = _compile_and_run(model, inputs, options, reference_backend)
+            row.sparsified_with_forward_grid = sum(site.action == "sparse_attention" for report in grid_reports
+                                                   for site in report.sites if site.kind in VIDEO_ATTENTION_KINDS)
+            row.sqnr_with_forward_grid_db = sqnr_db(with_grid, eager)
     except Exception as error:  # the matrix reports a failure, it does not stop at it
         row.error = f"{type(error).__name__}: {error}".splitlines()[0][:300]
         row.notes.append(traceback.format_exc(limit=3))
+    finally:
+        restore_attention(model)
     return row
 
 
@@ -181,6 +223,22 @@ def _count(row: Coverage, reports: list[Any], token_linears: set[str]) -> None:
             row.kept.append(KeptSite(fqn, "linear", site.reason))
 
 
+def _count_unseen_attentions(row: Coverage, reports: list[Any], self_attentions: dict[str, str]) -> None:
+    """A block's self-attention module that put no attention site in any graph: a video attention the backend never
+    saw - its processor computes attention without SDPA (Sana's linear attention), or it ran eagerly."""
+    sites = {site.fqn for report in reports for site in report.sites if site.kind in _ATTENTION_SITE_KINDS}
+    for fqn, processor in sorted(self_attentions.items()):
+        if fqn in sites or any(fqn.endswith("." + site) for site in sites):
+            continue
+        row.video_attentions += 1
+        if "Linear" in processor:
+            reason = (f"{processor}: linear attention (ReLU feature maps, K^T V first: O(N), no N x N scores, no "
+                      "SDPA): nothing to skip")
+        else:
+            reason = f"{processor}: no scaled_dot_product_attention of it reached the backend (ran eagerly)"
+        row.kept.append(KeptSite(fqn, "attention", reason))
+
+
 def _grid_source(row: Coverage) -> str:
     for note in row.notes:
         if note.startswith("video token grid"):
@@ -200,10 +258,13 @@ def coverage_markdown(rows: list[Coverage]) -> str:
             lines.append(f"| {row.model_class} | - | - | - | - | error: {row.error} | - |")
             continue
         ref = "-" if row.sqnr_vs_reference_db is None else f"{row.sqnr_vs_reference_db:.0f}"
+        sparse = f"{row.sparsified}/{row.video_attentions} ({row.attention_share:.0%})"
+        if row.sparsified_with_forward_grid is not None:
+            sparse += (f"; {row.sparsified_with_forward_grid}/{row.video_attentions} with the forward's grid "
+                       f"(qs.optimize: {row.sqnr_with_forward_grid_db:.1f} dB vs eager)")
         lines.append(
             f"| {row.model_class} | {row.graphs} | {row.quantized}/{row.block_linears} ({row.linear_share:.0%}) "
-            f"| {row.sparsified}/{row.video_attentions} ({row.attention_share:.0%}) | {_grid_source(row)} | {ref} "
-            f"| {row.sqnr_vs_eager_db:.1f} |"
+            f"| {sparse} | {_grid_source(row)} | {ref} | {row.sqnr_vs_eager_db:.1f} |"
         )
     kept = [(row.model_class, site) for row in rows for site in row.kept]
     if kept or any(row.graph_breaks for row in rows):

@@ -23,6 +23,7 @@ __all__ = ["COVERAGE_OPTIONS", "VIDEO_DITS", "tiny_video_dit"]
 HEADS, HEAD_DIM = 2, 64
 WIDTH = HEADS * HEAD_DIM
 ALLEGRO_HEAD_DIM = 96
+MOCHI_HEADS = 3
 TEXT, TEXT_DIM = 8, 64
 
 # group 64 divides every K of these models (128, 256, ...); 64-token tiles: the 128 video tokens are 2 x 2 tiles.
@@ -65,11 +66,13 @@ def tiny_ltx_video(num_layers: int = 1) -> TinyModel:
 
 
 def tiny_mochi(num_layers: int = 1) -> TinyModel:
-    """Mochi: conv-free patchify (a Conv2d per frame), joint text+video attention computed per sample."""
+    """Mochi: patchify by a Conv2d per frame, joint video + text attention (per sample in diffusers' processor; the
+    coverage bench swaps it for the masked one, runtime/attention_processors.py). 3 heads: its feed-forward is
+    8/3 of the width (Mochi's 3072 -> 8192), a multiple of the group 64 only for a width that is a multiple of 24."""
     from diffusers import MochiTransformer3DModel
 
     model = MochiTransformer3DModel(
-        patch_size=2, num_attention_heads=HEADS, attention_head_dim=HEAD_DIM, num_layers=num_layers,
+        patch_size=2, num_attention_heads=MOCHI_HEADS, attention_head_dim=HEAD_DIM, num_layers=num_layers,
         pooled_projection_dim=TEXT_DIM, in_channels=4, text_embed_dim=TEXT_DIM, time_embed_dim=32,
         max_sequence_length=TEXT,
     ).eval()
@@ -231,7 +234,8 @@ def tiny_cosmos(num_layers: int = 1) -> TinyModel:
 
 
 def tiny_latte(num_layers: int = 1) -> TinyModel:
-    """Latte: alternating spatial (per frame) and temporal (per position) attention blocks."""
+    """Latte: alternating spatial (per frame) and temporal (per position) attention blocks. Frames of 16 x 8 tokens
+    (a 2 x 16 x 8 grid): its spatial attention spans two 64-token query blocks, as the others' full attention does."""
     from diffusers import LatteTransformer3DModel
 
     model = LatteTransformer3DModel(
@@ -240,7 +244,7 @@ def tiny_latte(num_layers: int = 1) -> TinyModel:
         num_embeds_ada_norm=1000, caption_channels=TEXT_DIM, video_length=2,
     ).eval()
 
-    def make_inputs(frames: int = 2, batch: int = 1, height: int = 16, width: int = 16) -> dict[str, Any]:
+    def make_inputs(frames: int = 2, batch: int = 1, height: int = 32, width: int = 16) -> dict[str, Any]:
         return {
             "hidden_states": torch.randn(batch, 4, frames, height, width),
             "timestep": _timestep(batch),

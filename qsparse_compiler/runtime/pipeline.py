@@ -9,7 +9,9 @@ serves all blocks of a structure, so compiling takes seconds instead of minutes;
 the name of each block reach the shared graph through ops/context.py. Everything ``optimize`` puts on the model
 is a named diffusers hook (runtime/hooks.py): the compiled forwards, and the hook that reads the denoising step from
 the pipeline's ``cache_context`` or scheduler (nothing is patched) and names the CFG branch after the cache context.
-``restore`` removes them: the model runs eagerly again, as before ``optimize``.
+One exception: an attention processor that breaks Dynamo's graph (Mochi's per-sample loop) is swapped for its
+compile-friendly equivalent (runtime/attention_processors.py: same function, one graph). ``restore`` removes the
+hooks and puts the model's own processors back: the model runs eagerly again, as before ``optimize``.
 
 Step caches: ``pipe.transformer.enable_cache(FirstBlockCacheConfig(...))`` (or MagCache, SeaCache, TaylorSeer's lite
 mode) after ``optimize`` wraps the compiled blocks; a skipped step is a gap in the residual cache's clock (a refresh
@@ -31,6 +33,7 @@ from diffusers.hooks import HookRegistry
 
 from ..config import QuantSparseConfig
 from ..ops.context import register_parameters
+from .attention_processors import restore_attention, use_compile_friendly_attention
 from .hooks import COMPILED_HOOK, RUNTIME_HOOK, CompiledForwardHook, StepClockHook
 from .parallel import prepare_context_parallel
 from .residual_cache import ResidualCacheRuntime
@@ -269,6 +272,7 @@ def optimize(
     if shard is not None:
         backend_options["parallel"] = shard
     compile_kwargs = dict(backend="quantsparse", options=_with_mode(backend_options, mode), fullgraph=fullgraph)
+    use_compile_friendly_attention(transformer)
     if regional:
         if not blocks:
             raise ValueError(
@@ -319,6 +323,7 @@ def restore(pipe_or_model: Any) -> Any:
     registry.remove_hook(RUNTIME_HOOK, recurse=False)
     registry.remove_hook(COMPILED_HOOK, recurse=True)
     _invalidate_child_registries(registry)
+    restore_attention(transformer)
     runtime.clear()
     for owner in (transformer, pipe_or_model):
         if getattr(owner, _RUNTIME_ATTR, None) is runtime:

@@ -1,6 +1,7 @@
-"""Structural discovery (compiler/passes/discovery.py): the token grid from forward arguments, the rejection of a grid that
-fits no attention, factorized attention's reasons, and block names across a graph break. Toy models run through
-the backend with the rewrite on the op references (no Inductor): a second or two each."""
+"""Structural discovery (compiler/passes/discovery.py): the token grid from forward arguments, the rejection of a
+grid that fits no attention, factorized attention's per-frame / per-position grids, and block names across a graph
+break. Toy models run through the backend with the rewrite on the op references (no Inductor): a second or two
+each."""
 
 import functools
 
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qsparse_compiler.compiler.backend import clear_reports, quantsparse, reports
-from qsparse_compiler.compiler.passes.discovery import factorized_attention_reason
+from qsparse_compiler.compiler.passes.discovery import factorized_grid
 from qsparse_compiler.eval.metrics import sqnr_db
 
 OPTIONS = {"quant": {"group_size": 64}, "sparsity": {"density": 0.5, "block_q": 64, "block_kv": 64}}
@@ -82,11 +83,73 @@ def test_block_frames_after_a_graph_break_keep_their_block_names():
     assert 15 < sqnr_db(out, expected) < 80
 
 
-def test_factorized_attention_reasons():
-    assert "spatial attention within each frame (S = h*w = 64" in factorized_attention_reason(64, 2, 8, 8)
-    assert "temporal attention across frames (S = f = 2" in factorized_attention_reason(2, 2, 8, 8)
-    assert factorized_attention_reason(128, 2, 8, 8) == ""
-    assert factorized_attention_reason(64, 1, 8, 8) == ""  # one frame: the whole grid, not a factorization
+def test_factorized_grid_of_spatial_and_temporal_attention():
+    assert factorized_grid(128, 2, 16, 8) == ("spatial", (1, 16, 8))
+    assert factorized_grid(2, 2, 16, 8) == ("temporal", (2, 1, 1))
+    assert factorized_grid(256, 2, 16, 8) is None  # the whole grid: self-attention, not a factorization
+    assert factorized_grid(128, 1, 16, 8) is None  # one frame: the whole grid too
+
+
+class FactorizedBlock(nn.Module):
+    """Latte's layout: attention within each frame (frames in the batch), then across frames (positions in it)."""
+
+    def __init__(self, dim=128, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.spatial = nn.ModuleList([nn.Linear(dim, dim) for _ in range(3)])
+        self.temporal = nn.ModuleList([nn.Linear(dim, dim) for _ in range(3)])
+
+    def attend(self, projections, x, attention):
+        q, k, v = (proj(x).unflatten(-1, (self.heads, -1)).transpose(1, 2) for proj in projections)
+        return x + attention(q, k, v).transpose(1, 2).flatten(2)
+
+    def forward(self, x, frames, attention=F.scaled_dot_product_attention):
+        batch, tokens, dim = x.shape
+        per_frame = x.reshape(batch * frames, tokens // frames, dim)
+        x = self.attend(self.spatial, per_frame, attention).reshape(batch, tokens, dim)
+        per_position = x.reshape(batch, frames, tokens // frames, dim).transpose(1, 2).flatten(0, 1)
+        x = self.attend(self.temporal, per_position, F.scaled_dot_product_attention)
+        return x.unflatten(0, (batch, tokens // frames)).transpose(1, 2).flatten(1, 2)
+
+
+class FactorizedDiT(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([FactorizedBlock()])
+
+    def forward(self, hidden_states, num_frames: int, height: int, width: int,
+                attention=F.scaled_dot_product_attention):
+        return self.blocks[0](hidden_states, num_frames, attention)
+
+
+def test_spatial_attention_gets_the_layout_of_one_frame():
+    """Frames of 16 x 8 tokens: the spatial attention (128 tokens, two query blocks) is sparse with the layout of a
+    1 x 16 x 8 grid - exactly what qsparse::sparse_attention computes with that layout; the temporal one (2 tokens)
+    fits in one query block and stays dense, saying so."""
+    torch.manual_seed(0)
+    model, x = FactorizedDiT().eval(), torch.randn(1, 256, 128)
+    options = {**OPTIONS, "quant": {"enabled": False}}
+    torch._dynamo.reset()
+    clear_reports()
+    backend = functools.partial(quantsparse, compile_graph=lambda gm, _: gm)
+    with torch.no_grad():
+        out = torch.compile(model, backend=backend, options=options)(x, num_frames=2, height=16, width=8)
+    (report,) = reports()
+    sites = {site.kind: site for site in report.sites}
+    assert sites["spatial_attention"].action == "sparse_attention", sites
+    assert "within each frame, grid 1x16x8 per batch entry" in sites["spatial_attention"].reason
+    assert sites["temporal_attention"].action == "kept"
+    assert sites["temporal_attention"].reason == "S=2 fits in one query block (block_q=64): nothing to skip"
+
+    def one_frame_sparse(q, k, v):
+        n, idx = torch.ops.qsparse.video_block_layout(q, 1, 16, 8, 0, "local3d", 0.5, 64, 64)
+        return torch.ops.qsparse.sparse_attention(q, k, v, n, idx, 64, 64, q.shape[-1] ** -0.5, None, "bf16")[0]
+
+    with torch.no_grad():
+        expected = model(x, num_frames=2, height=16, width=8, attention=one_frame_sparse)
+        dense = model(x, num_frames=2, height=16, width=8)
+    torch.testing.assert_close(out, expected)
+    assert sqnr_db(out, dense) < 60  # half the tiles skipped: not the dense output
 
 
 def test_a_wrapper_holding_the_model_registers_the_models_own_names():

@@ -2,7 +2,8 @@
 what the graph and the frame Dynamo compiled show - never from the model's class name.
 
 The token grid (frames, height, width) of a graph, in this order (the first that gives a grid whose f * h * w tokens
-are the sequence of an attention or a token tensor of the graph wins; the report names the source):
+- or one frame's h * w, for factorized attention - are the sequence of an attention of the graph wins; the report
+names the source):
 1. ``conv patch embedding``: a Conv3d on (B, C, F, H, W) latents, or a Conv2d on frames folded into the batch
    (``find_sites._find_grid``; Wan, HunyuanVideo, CogVideoX, Allegro, EasyAnimate, ...);
 2. ``runtime context``: the grid ``qs.optimize``'s step-clock hook (runtime/hooks.py) sets for each forward, read by
@@ -33,9 +34,9 @@ from typing import Any, Mapping
 import torch
 import torch.fx as fx
 
-from .graph_utils import SDPA_TARGETS, fake_value, is_diffusers_model, node_arg
+from .graph_utils import SDPA_TARGETS, fake_value, is_diffusers_model, node_arg, same_size
 
-__all__ = ["GridCandidate", "factorized_attention_reason", "frame_locals", "register_frame_names", "discover_grid",
+__all__ = ["GridCandidate", "factorized_grid", "frame_locals", "register_frame_names", "discover_grid",
            "forward_grid", "GRID_SOURCES"]
 
 GRID_SOURCES = ("conv patch embedding", "runtime context", "forward arguments", "rotary position ids",
@@ -171,7 +172,8 @@ def _token_lengths(gm: fx.GraphModule) -> tuple[set[int], bool]:
 
 def discover_grid(gm: fx.GraphModule, locals_: Mapping[str, Any]) -> tuple[GridCandidate | None, list[str]]:
     """Sources 3-5 of the module docstring: the first grid whose token count is an attention's sequence, or the
-    video part of one (a joint text + video sequence is longer); and a note per source that gave a grid that did
+    video part of one (a joint text + video sequence is longer), or whose frame (h*w tokens, f > 1) is (attention
+    within each frame of a factorized model); and a note per source that gave a grid that did
     not fit (why it was not used)."""
     kwargs = locals_.get("kwargs")
     if isinstance(kwargs, Mapping):  # a decorator's wrapper frame: forward(*args, **kwargs)
@@ -189,6 +191,8 @@ def discover_grid(gm: fx.GraphModule, locals_: Mapping[str, Any]) -> tuple[GridC
     for candidate in filter(None, candidates):
         if candidate.video_len > 0 and any(candidate.video_len <= s < 2 * candidate.video_len for s in lengths):
             return candidate, rejected
+        if candidate.frames > 1 and candidate.height * candidate.width in lengths:
+            return candidate, rejected  # attention within each frame (factorized, Latte): h*w tokens
         rejected.append(f"{candidate.source} gives grid {candidate.frames}x{candidate.height}x{candidate.width}, "
                         f"no attention of this graph has its {candidate.video_len} tokens (static sequences: "
                         f"{sorted(lengths)}{detail})")
@@ -206,15 +210,14 @@ def forward_grid(locals_: Mapping[str, Any]) -> GridCandidate | None:
     return _from_arguments(locals_, patch) or next(iter(_from_latents(locals_, config, patch)), None)
 
 
-def factorized_attention_reason(seq_len: Any, frames: Any, height: Any, width: Any) -> str:
-    """Why a self-attention over part of the grid stays dense (factorized space/time attention), or "" if it is not
-    one: the layout op describes the whole (f, h, w) sequence of each batch entry, not one frame or one position."""
-    if not all(isinstance(v, int) for v in (seq_len, frames, height, width)):
-        return ""
-    if frames > 1 and seq_len == height * width:
-        return (f"spatial attention within each frame (S = h*w = {seq_len}, frames in the batch): a per-frame "
-                "layout is not built, kept dense")
-    if seq_len == frames and height * width > 1:
-        return (f"temporal attention across frames (S = f = {seq_len}, positions in the batch): a few tokens, kept "
-                "dense")
-    return ""
+def factorized_grid(seq_len: Any, frames: Any, height: Any, width: Any) -> tuple[str, tuple[Any, Any, Any]] | None:
+    """A self-attention over one axis group of the grid (factorized space/time attention, Latte's blocks): ("spatial",
+    (1, h, w)) within each frame (S = h*w, the frames folded into the batch), ("temporal", (f, 1, 1)) across frames
+    (S = f, the positions in the batch), else None. The grid returned is the one a batch entry of that attention
+    sees, so the video layout of it is a 2-D window per frame or a 1-D window over time. Symbolic sizes count only
+    when provably equal; were f = h*w, the sequence would not tell the two apart and spatial is assumed."""
+    if same_size(seq_len, height * width) and not (isinstance(frames, int) and frames == 1):
+        return "spatial", (1, height, width)
+    if same_size(seq_len, frames) and not (isinstance(height * width, int) and height * width == 1):
+        return "temporal", (frames, 1, 1)
+    return None

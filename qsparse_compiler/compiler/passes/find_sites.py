@@ -14,8 +14,11 @@ Attention kinds (``AttentionSite.kind``):
                        tile touching a text token stays dense (text is short and carries the conditioning)
 - ``cross_attention``  keys from another sequence (text, image) -> dense
 - ``text_attention``   self-attention without video tokens (HunyuanVideo's token refiner) -> dense
-- ``factorized_attention`` self-attention over one axis group of the grid: within each frame (S = h*w, Latte's
-                       spatial blocks) or across frames (S = f, its temporal blocks) -> dense, the reason says which
+- ``spatial_attention`` self-attention within each frame (S = h*w, frames in the batch: Latte's spatial blocks)
+                       -> sparsified with the layout of a one-frame grid (1, h, w): a 2-D window per frame
+- ``temporal_attention`` self-attention across frames (S = f, positions in the batch: Latte's temporal blocks) ->
+                       sparsified with the layout of a grid (f, 1, 1) where S spans several query blocks; the few
+                       frames of a real model fit in one, so it stays dense with that reason
 - ``attention``        self-attention in a graph without a video grid (a ViT, a block compiled on its own) -> dense
 - ``fused_attention``  nn.MultiheadAttention / nn.TransformerEncoderLayer in one call (projections inside) -> kept
 """
@@ -42,7 +45,7 @@ from .graph_utils import (
     source_fqn,
     walk_inputs,
 )
-from .discovery import discover_grid, factorized_attention_reason, frame_locals, register_frame_names
+from .discovery import discover_grid, factorized_grid, frame_locals, register_frame_names
 from .pass_manager import PassContext, count_rewrite
 
 __all__ = ["FindSites", "VideoGrid", "AttentionSite", "LinearSite"]
@@ -103,6 +106,8 @@ class AttentionSite:
     seq_len: Any
     video_start: Any = None  # joint/self: index of the first video token
     why: str = ""
+    # spatial/temporal attention: the grid one batch entry sees, (1, h, w) or (f, 1, 1), in place of the graph's
+    grid: tuple[Any, Any, Any] | None = None
 
 
 @dataclass
@@ -295,9 +300,10 @@ class FindSites:
         if same_size(seq_len, grid.video_len):
             return AttentionSite(node, fqn, "self_attention", seq_len, video_start=0)
         start = _video_start(q, seq_len, grid.video_len, scope)
-        factorized = factorized_attention_reason(seq_len, grid.frames, grid.height, grid.width)
-        if start is None and factorized:
-            return AttentionSite(node, fqn, "factorized_attention", seq_len, why=factorized)
+        factorized = factorized_grid(seq_len, grid.frames, grid.height, grid.width) if start is None else None
+        if factorized is not None:
+            axis, site_grid = factorized
+            return AttentionSite(node, fqn, f"{axis}_attention", seq_len, video_start=0, grid=site_grid)
         if start is None:
             return AttentionSite(
                 node, fqn, "text_attention", seq_len,

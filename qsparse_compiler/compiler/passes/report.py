@@ -67,11 +67,12 @@ class RewriteReport:
         return "\n".join(lines)
 
     def shortfalls(self) -> list[str]:
-        """Warning lines when this graph rewrote less than it should - a video self/joint attention left dense, a
-        block compiled without its video grid, or a graph with repeated blocks that rewrote nothing - one line per
-        reason with its count and an example site; [] when the graph did its job."""
+        """Warning lines when this graph rewrote less than it should - a video self/joint/per-frame attention left
+        dense, a block compiled without its video grid, or a graph with repeated blocks that rewrote nothing - one
+        line per reason with its count and an example site; [] when the graph did its job."""
         video = [site for site in self.sites
-                 if site.kind in ("self_attention", "joint_attention") or "compiled on its own" in site.reason]
+                 if site.kind in ("self_attention", "joint_attention", "spatial_attention")
+                 or "compiled on its own" in site.reason]
         dense = [site for site in video if site.action == "kept" and not site.reason.startswith(_CHOSEN)]
         nothing = self.sites and all(site.action == "kept" for site in self.sites)
         shown = dense

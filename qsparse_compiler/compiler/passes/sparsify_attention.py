@@ -4,10 +4,13 @@
     replacement:  n, idx = qsparse.video_block_layout(q, frames, height, width, video_start, pattern, density, BQ, BKV)
                   o, lse = qsparse.sparse_attention(q, k, v, n, idx, BQ, BKV, s, attn_mask, precision)
 
-Only sites that ``find_sites`` classified as ``self_attention`` or ``joint_attention`` are candidates. Checks, each
-reported when it fails: sparsity enabled, no autograd, no dropout, not causal, no GQA, the mask (if any) is a boolean
-key-padding mask (B|1, 1, 1, S), float dtype, the sequence spans more than one query block, and the pattern spec has
-one entry or one per head.
+Only sites that ``find_sites`` classified as ``self_attention``, ``joint_attention`` or one axis group of a factorized
+attention are candidates: ``spatial_attention`` (within each frame) gets the layout of a one-frame grid (1, h, w),
+``temporal_attention`` (across frames) that of (f, 1, 1) - the grid each batch entry of it holds. Checks, each reported
+when it fails: sparsity enabled, no autograd, no dropout, not causal, no GQA, the mask (if any) is a boolean key-padding
+mask (B|1, 1, 1, S) or the pair mask p_i & p_j of one (``_pair_padding``: the op takes p, and the rows of padded queries
+are zeroed, as SDPA leaves an all-masked row), float dtype, the sequence spans more than one query block, and the
+pattern spec has one entry or one per head.
 
 Precision: a plan's per-site ``AttentionPlan.precision`` (calibration's attention_precision stage) where it sets one,
 else ``sparsity.attention_precision``. "int8_fp8" becomes the op's precision (and so the residual cache's refresh's,
@@ -28,6 +31,7 @@ import math
 import operator
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -36,7 +40,7 @@ from ...config import ParallelConfig
 from ...ops.attention_int8_fp8_cuda import static_unsupported_reason as int8_fp8_unsupported_reason
 from ...ops.sparse_attention_cuda import static_unsupported_reason
 from .find_sites import AttentionSite
-from .graph_utils import fake_value, node_arg
+from .graph_utils import fake_value, node_arg, same_size
 from .pass_manager import PassContext, count_rewrite
 from .rewrite_utils import autograd_reason, call_op
 
@@ -57,7 +61,8 @@ class LayoutSlot:
     block_q: int
     block_kv: int
 
-_SPARSIFIABLE = ("self_attention", "joint_attention")
+_SPARSIFIABLE = ("self_attention", "joint_attention", "spatial_attention", "temporal_attention")
+_FACTORIZED = {"spatial_attention": "within each frame", "temporal_attention": "across frames"}
 
 
 def _is_key_padding_mask(mask, batch) -> bool:
@@ -103,18 +108,27 @@ class SparsifyAttention:
                 ctx.report.add(site.fqn, site.kind, "kept", heads_note)
                 count_rewrite(ctx, "kept_attention")
                 continue
+            if site.kind in _FACTORIZED and grid.source == "runtime context":
+                # The layout op reads the whole video's grid of the current forward; one frame's or one position's
+                # is not in the context.
+                ctx.report.add(site.fqn, site.kind, "kept", f"attention {_FACTORIZED[site.kind]} in a block compiled "
+                               "on its own: the runtime grid is the whole video's, its per-frame or per-position "
+                               "layout is built only where the graph holds the grid (compile the whole model)")
+                count_rewrite(ctx, "kept_attention")
+                continue
             if grid_values is None:
                 # Emitted once, before the first attention, and shared by every site.
                 with gm.graph.inserting_before(node):
                     grid_values = grid.emit(gm.graph)
+            site_grid = _site_grid(site.kind, grid_values)
             layout = call_op(
                 gm, node, torch.ops.qsparse.video_block_layout.default,
-                (q, *grid_values, site.video_start, pattern, density, block_q, block_kv),
+                (q, *site_grid, site.video_start, pattern, density, block_q, block_kv),
                 node,
             )
             seq_len = fake_value(q).shape[2]
-            if all(isinstance(v, int) for v in (*grid_values, seq_len)):
-                ctx.layout_slots.append(LayoutSlot(seq_len, fake_value(q).device, tuple(grid_values),
+            if all(isinstance(v, int) for v in (*site_grid, seq_len)):
+                ctx.layout_slots.append(LayoutSlot(seq_len, fake_value(q).device, tuple(site_grid),
                                                    site.video_start, pattern, density, block_q, block_kv))
             kv_num_blocks = call_op(gm, node, operator.getitem, (layout, 0), node)
             kv_indices = call_op(gm, node, operator.getitem, (layout, 1), node)
@@ -128,17 +142,26 @@ class SparsifyAttention:
                     warnings.warn(f"qsparse_compiler: the plan asks for attention_precision {requested!r} at "
                                   f"{site.fqn}, but its 8-bit kernel cannot run there ({why_not}); it runs in bf16",
                                   stacklevel=2)
+            padding = _pair_padding(mask) if mask is not None else None
             result = call_op(
                 gm, node, torch.ops.qsparse.sparse_attention.default,
-                (q, k, v, kv_num_blocks, kv_indices, block_q, block_kv, scale, mask, precision), node,
+                (q, k, v, kv_num_blocks, kv_indices, block_q, block_kv, scale,
+                 mask if padding is None else padding, precision), node,
             )
             out = call_op(gm, node, operator.getitem, (result, 0), node)
+            if padding is not None:
+                # The rows of padded queries attend nothing under the pair mask: zero, as SDPA returns them.
+                rows = call_op(gm, node, torch.ops.aten.transpose.int, (padding, -1, -2), node)
+                out = call_op(gm, node, torch.ops.aten.masked_fill.Scalar,
+                              (out, call_op(gm, node, torch.ops.aten.logical_not.default, (rows,), node), 0.0), node)
             node.replace_all_uses_with(out)
             gm.graph.erase_node(node)
             ctx.report.add(
                 site.fqn, site.kind, "sparse_attention",
                 f"{pattern} @ density {density:g} of the video x video tiles"
-                + ("; text rows/cols dense" if site.kind == "joint_attention" else "") + heads_note + precision_note,
+                + ("; text rows/cols dense" if site.kind == "joint_attention" else "")
+                + (f"; {_FACTORIZED[site.kind]}, grid {'x'.join(map(str, site.grid))} per batch entry"
+                   if site.kind in _FACTORIZED else "") + heads_note + precision_note,
                 seq_len=str(site.seq_len), video_start=str(site.video_start), precision=precision,
                 precision_from=precision_from,
             )
@@ -168,8 +191,9 @@ class SparsifyAttention:
             return f"grouped-query attention (q heads {q.shape[1]}, kv heads {k.shape[1]})"
         if q.ndim != 4:
             return f"q has shape {tuple(q.shape)}, expected (B, H, S, D)"
-        mask = fake_value(node_arg(node, 3, "attn_mask"))
-        if mask is not None and not _is_key_padding_mask(mask, q.shape[0]):
+        mask_node = node_arg(node, 3, "attn_mask")
+        mask = fake_value(mask_node)
+        if mask is not None and not _is_key_padding_mask(mask, q.shape[0]) and _pair_padding(mask_node) is None:
             return f"attention mask {tuple(mask.shape)} {mask.dtype} is not a boolean key-padding mask (B, 1, 1, S)"
         if q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
             return f"dtype {q.dtype} not supported"
@@ -183,6 +207,45 @@ class SparsifyAttention:
         if isinstance(seq_len, int) and seq_len <= block_q:
             return f"S={seq_len} fits in one query block (block_q={block_q}): nothing to skip"
         return ""
+
+
+def _pair_padding(mask: Any) -> fx.Node | None:
+    """The (B|1, 1, 1, S) boolean key-padding mask p of an attention mask built as m[i, j] = p[j] & p[i] - a padded
+    token neither attends nor is attended to (HunyuanVideo 1.5's processor: ``m1 = p.repeat(1, 1, S, 1);
+    m1 & m1.transpose(2, 3)``) - or None. Under it a valid query sees exactly the keys p lets through, and a padded
+    query's row is all-masked (SDPA returns zeros there): the sparse op with p as key-padding mask, its padded rows
+    zeroed, computes the same."""
+    node = mask
+    while isinstance(node, fx.Node) and node.op == "call_method" and node.target == "bool":
+        node = node.args[0]
+    if not (isinstance(node, fx.Node) and node.op == "call_function"
+            and node.target in (operator.and_, torch.logical_and, torch.bitwise_and) and len(node.args) == 2):
+        return None
+    for rows, cols in (node.args, node.args[::-1]):
+        if not (isinstance(cols, fx.Node) and cols.op == "call_method" and cols.target == "transpose"
+                and cols.args[0] is rows and {int(d) % 4 for d in cols.args[1:3]} == {2, 3}):
+            continue
+        source = rows
+        # Rows of p broadcast over the query axis: repeat / expand of a (B|1, 1, 1, S) tensor.
+        while isinstance(source, fx.Node) and source.op == "call_method" and source.target in ("repeat", "expand"):
+            source = source.args[0]
+        value, full = fake_value(source), fake_value(rows)
+        if (isinstance(value, torch.Tensor) and value.dtype == torch.bool and value.ndim == 4
+                and value.shape[1] == 1 and value.shape[2] == 1 and isinstance(full, torch.Tensor)
+                and full.ndim == 4 and same_size(full.shape[-1], value.shape[-1])):
+            return source
+    return None
+
+
+def _site_grid(kind: str, grid_values: tuple) -> tuple:
+    """The grid one batch entry of the attention sees, from the graph's (frames, height, width) values: one frame
+    (1, h, w) for attention within each frame, one position (f, 1, 1) for attention across frames."""
+    frames, height, width = grid_values
+    if kind == "spatial_attention":
+        return 1, height, width
+    if kind == "temporal_attention":
+        return frames, 1, 1
+    return grid_values
 
 
 def _site_precision(requested: str, q, block_q: int, block_kv: int) -> tuple[str, str]:
