@@ -28,6 +28,13 @@
 #                                                # (not yet run; budget 170 s bench + 240 s tests)
 #   bash benchmarks/device_suite.sh membound     # issue #19's fused norm/rope/quant kernels vs Inductor at workload W
 #                                                # (bench_membound.py, < 2 min) and their @gpu tests (not yet run)
+#   bash benchmarks/device_suite.sh calib        # issue #22: calibrate() on workload W (random bf16 weights),
+#                                                # seconds and peak GPU memory per stage (bench_calibration.py), JSON
+#                                                # after every stage: CALIB_PARTS="h100 24gib" (default both, one
+#                                                # command): the h100 setting (6 candidates, 2 kept, msad_steps 4;
+#                                                # estimate ~330 s, limit 360 s) then the 24 GiB setting (capped at
+#                                                # 24 GiB, 1 sample, 4 M-element attention chunks, MSAD on 3 blocks;
+#                                                # estimate ~90 s, limit 180 s). Not yet run.
 # Results land in $OUT; partial results survive a time limit (JSON after every row, test lines as they come).
 # The not-yet-run parts' times are estimates from the 480p run (BENCHMARKS.md), not measurements.
 set -u
@@ -82,6 +89,20 @@ case "${1:-e2e}" in
       python3 -m qsparse_compiler.cli eval --pareto "$OUT/generation.json" --fidelity-json "$OUT/fidelity.json" \
           --out "$OUT" 2>&1 | grep -v Warning | tail -20
     fi ;;
+  calib)
+    # A part past its limit keeps the stages it finished (the JSON is rewritten after every stage; MSAD's per-block
+    # fit extrapolates to all 30 blocks); STAGES picks a subset of selection,statistics,search,ssar,msad.
+    for part in ${CALIB_PARTS-h100 24gib}; do
+      case $part in
+        h100) limit=${CALIB_LIMIT:-360} ;;
+        24gib) limit=${CALIB24_LIMIT:-180} ;;
+        *) echo "calib: unknown part $part; use h100 or 24gib" >&2; exit 2 ;;
+      esac
+      timeout "$limit" python3 benchmarks/bench_calibration.py --setting "$part" \
+          --stages "${STAGES:-selection,statistics,search,ssar,msad}" --out "$OUT/calibration_$part.json" 2>&1 \
+          | grep -v Warning | tail -45
+      echo "calib part $part: exit ${PIPESTATUS[0]}"
+    done ;;
   membound)
     timeout 240 python3 benchmarks/bench_membound.py --out "$OUT/membound.json" 2>&1 | grep -v Warning | tail -30
     timeout 300 python3 -m pytest -q -m gpu tests/kernels/test_qk_norm_rope.py tests/kernels/test_ln_modulate_quant.py \
@@ -102,7 +123,8 @@ case "${1:-e2e}" in
     timeout 300 python3 -m pytest -q -m gpu tests/kernels/test_attention_int8_fp8.py \
         tests/kernels/test_attention_merge.py tests/ops/test_attention_int8_fp8_cuda.py --tb=short -rA -p no:cacheprovider 2>&1 | tail -40 \
         | tee "$OUT/attn8_tests.txt" ;;
-  *) echo "device_suite.sh: unknown part ${1}; use e2e, e2e2, e2e720, e2e720flex, hunyuan, hunyuanflex, cachemem, attn8, bytes, generation, membound" \
+  *) echo "device_suite.sh: unknown part ${1}; use e2e, e2e2, e2e720, e2e720flex, hunyuan, hunyuanflex, cachemem," \
+          "attn8, bytes, generation, membound, calib" \
           "or tests" >&2
      exit 2 ;;
 esac

@@ -311,8 +311,8 @@ _MEMORY_SETTINGS = {
     "statistics": "attention_chunk_elements={attention_chunk_elements} (the attention scores held at once while "
                   "pooling; halve it) or shorter videos",
     "search": "fewer candidate_patterns / candidate_densities (tile bitmaps scored per head)",
-    "ssar": "ssar_max_tokens={ssar_max_tokens} (tokens of each measured residual kept per step) or "
-            "attention_chunk_elements={attention_chunk_elements}",
+    "ssar": "attention_chunk_elements={attention_chunk_elements} (the fp32 score chunks of the measured sparse "
+            "output; halve it) or shorter videos (ssar_max_tokens bounds host memory only)",
     "msad": "num_samples={num_samples} (the block inputs of every kept sample are held), "
             "attention_chunk_elements={attention_chunk_elements} (the student's sparse attention chunks), "
             "lora_rank={lora_rank}, or shorter videos",

@@ -402,7 +402,7 @@ def test_progress_prints_a_line_per_stage_computed_or_resumed(calibrated, capsys
 
 @pytest.mark.parametrize("stage, module, function, setting", [
     ("statistics", driver, "collect_statistics", "attention_chunk_elements=16777216"),
-    ("ssar", driver, "measure_residuals", "ssar_max_tokens=1024"),
+    ("ssar", driver, "measure_residuals", "attention_chunk_elements=16777216"),
     ("msad/blocks.1", driver, "distill_block", "num_samples=2"),
 ])
 def test_out_of_gpu_memory_names_the_stage_and_its_settings_and_keeps_earlier_checkpoints(
