@@ -35,6 +35,19 @@
 #                                                # estimate ~330 s, limit 360 s) then the 24 GiB setting (capped at
 #                                                # 24 GiB, 1 sample, 4 M-element attention chunks, MSAD on 3 blocks;
 #                                                # estimate ~90 s, limit 180 s). Not yet run.
+#   bash benchmarks/device_suite.sh ablation-calib  # issue #22: the ablation's two plans on the reference DiT at
+#                                                # 16 x 64 x 64 (qsparse calibrate reference, held-out seeds 4, 5):
+#                                                # plan/ and plan_talora/ into $PLANS (default /tmp/qsparse-ablation,
+#                                                # so later ablation parts on the same warm machine find them; plan.json
+#                                                # copies come back in $OUT). Estimate ~200 s, limit 560 s. Not yet run.
+#   bash benchmarks/device_suite.sh ablation     # FIDELITY.md's ablation at the trained size (bench_ablation.py: 4
+#                                                # seeds, 50 steps, guidance 1 and 5, PSNR / SSIM / block SQNR and the
+#                                                # share of dense layer-steps per row), rows appended to one
+#                                                # ablation.json; ABL_PARTS="1 2 3" (default all; run each as its own
+#                                                # device command): 1 w4a8, sparse (= static local window), naive,
+#                                                # msad, ssar1 ~150 s; 2 ssar2, lowrank, talora, plan ~130 s; 3 peers
+#                                                # flex-fp8 + topk ~180 s (Flex's compile). Each reruns dense (~10 s).
+#                                                # Parts 1 (msad, ssar1) and 2 need ablation-calib's plans. Not yet run.
 # Results land in $OUT; partial results survive a time limit (JSON after every row, test lines as they come).
 # The not-yet-run parts' times are estimates from the 480p run (BENCHMARKS.md), not measurements.
 set -u
@@ -103,6 +116,28 @@ case "${1:-e2e}" in
           | grep -v Warning | tail -45
       echo "calib part $part: exit ${PIPESTATUS[0]}"
     done ;;
+  ablation-calib)
+    plans=${PLANS:-/tmp/qsparse-ablation}
+    timeout "${PART_LIMIT:-560}" python3 benchmarks/bench_ablation.py --calibrate --plans "$plans" \
+        --out "$OUT/ablation_calibration.json" 2>&1 | grep -v Warning | tail -20
+    echo "ablation-calib: exit ${PIPESTATUS[0]}"
+    for name in plan plan_talora; do
+      [ -f "$plans/$name/plan.json" ] && cp "$plans/$name/plan.json" "$OUT/ablation_${name}.json"
+    done ;;
+  ablation)
+    # One row's failure is recorded in the JSON and the next row runs; a part past its limit keeps the rows it
+    # finished (the JSON and ablation.md are rewritten after every row and guidance setting).
+    for part in ${ABL_PARTS-1 2 3}; do
+      case $part in
+        1) rows=w4a8,sparse,naive,msad,ssar1 ;;
+        2) rows=ssar2,lowrank,talora,plan ;;
+        3) rows=flex-fp8,topk ;;
+        *) echo "ablation: unknown part $part; use 1, 2 or 3" >&2; exit 2 ;;
+      esac
+      timeout "${PART_LIMIT:-560}" python3 benchmarks/bench_ablation.py --rows "$rows" --append \
+          --plans "${PLANS:-/tmp/qsparse-ablation}" --out "$OUT/ablation.json" 2>&1 | grep -v Warning | tail -30
+      echo "ablation part $part: exit ${PIPESTATUS[0]}"
+    done ;;
   membound)
     timeout 240 python3 benchmarks/bench_membound.py --out "$OUT/membound.json" 2>&1 | grep -v Warning | tail -30
     timeout 300 python3 -m pytest -q -m gpu tests/kernels/test_qk_norm_rope.py tests/kernels/test_ln_modulate_quant.py \
@@ -124,7 +159,7 @@ case "${1:-e2e}" in
         tests/kernels/test_attention_merge.py tests/ops/test_attention_int8_fp8_cuda.py --tb=short -rA -p no:cacheprovider 2>&1 | tail -40 \
         | tee "$OUT/attn8_tests.txt" ;;
   *) echo "device_suite.sh: unknown part ${1}; use e2e, e2e2, e2e720, e2e720flex, hunyuan, hunyuanflex, cachemem," \
-          "attn8, bytes, generation, membound, calib" \
+          "attn8, bytes, generation, membound, calib, ablation-calib, ablation" \
           "or tests" >&2
      exit 2 ;;
 esac
