@@ -13,8 +13,8 @@ grows with the block index (block b's inputs come from a dense forward cut at b)
 a + c * b of the finished blocks' seconds and its sum over all blocks, so a run cut short still says what the whole
 MSAD stage costs.
 
-    python benchmarks/bench_calibration.py --setting h100 --out calibration.json          # ~330 s estimate, H100
-    python benchmarks/bench_calibration.py --setting 24gib --out calibration_24gib.json   # ~90 s, capped at 24 GiB
+    python benchmarks/bench_calibration.py --setting h100 --out calibration.json          # ~340 s estimate, H100
+    python benchmarks/bench_calibration.py --setting 24gib --out calibration_24gib.json   # ~80 s, capped at 24 GiB
     python benchmarks/bench_calibration.py --setting h100 --stages statistics,ssar --out c.json
     python benchmarks/bench_calibration.py --workload reference --device cpu --setting smoke --out c.json  # CPU smoke
 
@@ -26,8 +26,8 @@ same settings resumes what finished (on the device machine, while it stays warm)
 Settings, and what each costs. Estimates for an H100 from the eager bf16 forward of workload W (627 ms,
 BENCHMARKS.md) and the stages' work, not measurements - this benchmark is what measures them:
 
-    h100   6 candidates, salient selection of 2, msad_steps 4, ssar 1 trajectory x 4 steps.
-           selection   3 forwards per candidate (dense, dense at t - dt, round-to-nearest W4A8): ~2.5 s each, ~15 s
+    h100   4 candidates, salient selection of 2, msad_steps 4, ssar 1 trajectory x 4 steps; ~340 s in all.
+           selection   3 forwards per candidate (dense, dense at t - dt, round-to-nearest W4A8): ~2.5 s each, ~10 s
            statistics  1 forward per kept sample + the block-pooled attention maps in fp32 chunks (30 layers x
                        32,760^2 x 12 heads of scores): ~5 s per sample, ~10 s
            search      per-head candidate layouts scored on the pooled maps (360 heads): ~10 s
@@ -43,7 +43,7 @@ BENCHMARKS.md) and the stages' work, not measurements - this benchmark is what m
            1 kept sample (MSAD holds every kept sample's block inputs: 32,760 x 1,536 per tensor), attention
            chunks of 4 M score elements instead of 16 M (4x more, smaller matmuls: the statistics / ssar / MSAD
            attention reference slows by an estimated 10-20%), ssar 1 x 3 steps, msad_steps 2 on the first 3 blocks
-           (every block has the same shapes, so 3 show the stage's peak). ~90 s.
+           (every block has the same shapes, so 3 show the stage's peak). ~80 s.
     smoke  the tiny CPU config of bench_e2e.py (``--workload reference``): 2 layers, 1,280 tokens; seconds only.
 """
 
@@ -63,7 +63,7 @@ import bench_e2e  # noqa: E402  (the workloads and the model builder)
 
 STAGES = ("selection", "statistics", "search", "ssar", "msad")
 SETTINGS: dict[str, dict[str, Any]] = {
-    "h100": dict(candidates=6, config=dict(selection="salient", num_samples=2, msad_steps=4, ssar_samples=1,
+    "h100": dict(candidates=4, config=dict(selection="salient", num_samples=2, msad_steps=4, ssar_samples=1,
                                            ssar_steps=4)),
     "24gib": dict(candidates=2, memory_gib=24.0, msad_blocks=3,
                   config=dict(selection="uniform", num_samples=1, msad_steps=2, ssar_samples=1, ssar_steps=3,

@@ -31,10 +31,10 @@
 #   bash benchmarks/device_suite.sh calib        # issue #22: calibrate() on workload W (random bf16 weights),
 #                                                # seconds and peak GPU memory per stage (bench_calibration.py), JSON
 #                                                # after every stage: CALIB_PARTS="h100 24gib" (default both, one
-#                                                # command): the h100 setting (6 candidates, 2 kept, msad_steps 4;
-#                                                # estimate ~330 s, limit 360 s) then the 24 GiB setting (capped at
+#                                                # command): the h100 setting (4 candidates, 2 kept, msad_steps 4;
+#                                                # estimate ~340 s, limit 380 s) then the 24 GiB setting (capped at
 #                                                # 24 GiB, 1 sample, 4 M-element attention chunks, MSAD on 3 blocks;
-#                                                # estimate ~90 s, limit 180 s). Not yet run.
+#                                                # estimate ~80 s, limit 170 s). Not yet run.
 #   bash benchmarks/device_suite.sh ablation-calib  # issue #22: the ablation's two plans on the reference DiT at
 #                                                # 16 x 64 x 64 (qsparse calibrate reference, held-out seeds 4, 5):
 #                                                # plan/ and plan_talora/ into $PLANS (default /tmp/qsparse-ablation,
@@ -107,8 +107,8 @@ case "${1:-e2e}" in
     # fit extrapolates to all 30 blocks); STAGES picks a subset of selection,statistics,search,ssar,msad.
     for part in ${CALIB_PARTS-h100 24gib}; do
       case $part in
-        h100) limit=${CALIB_LIMIT:-360} ;;
-        24gib) limit=${CALIB24_LIMIT:-180} ;;
+        h100) limit=${CALIB_LIMIT:-380} ;;
+        24gib) limit=${CALIB24_LIMIT:-170} ;;
         *) echo "calib: unknown part $part; use h100 or 24gib" >&2; exit 2 ;;
       esac
       timeout "$limit" python3 benchmarks/bench_calibration.py --setting "$part" \
