@@ -37,8 +37,9 @@ guidance setting (or plan), so a time limit keeps what finished; ``--append`` ad
 
 Time estimates for an H100 (from the reference DiT's GPU runs: 1.67 s for a 30-step dense run of 4 videos, 10.8 s
 for a compiled sparse row including its compile; docs/reference_model/): dense ~8 s per part (both guidance
-settings), a qsparse row ~20-30 s (its compile ~10 s, 150 transformer calls of batch 4), flex-fp8 ~100-160 s (Flex's
-compile), topk ~15 s; calibration ~100 s for plan/ (MSAD: 8 blocks x 100 steps) and ~100 s for plan_talora/.
+settings), a qsparse row ~20-30 s (its compile ~10 s, 150 transformer calls of batch 4; the first row of a process
+~60 s: Triton's compiles and autotuning), flex-fp8 ~100-160 s (Flex's compile), topk ~15 s; calibration (float32,
+batch 2) ~130 s for plan/ (MSAD: 8 blocks x 100 steps of ~0.1 s) and ~170 s for plan_talora/ (MSAD + 50 LoRA steps).
 """
 
 from __future__ import annotations
@@ -148,8 +149,9 @@ def _topk_context(model: torch.nn.Module, density: float, block: int) -> Callabl
 
     def attend(call) -> torch.Tensor:
         kv_num_blocks, kv_indices = dynamic_topk_blocks(call.q, call.k, block, block, density, scale=call.scale)
-        return torch.ops.qsparse.sparse_attention(call.q, call.k, call.v, kv_num_blocks, kv_indices, block, block,
-                                                  call.scale, None)
+        out, _lse = torch.ops.qsparse.sparse_attention(call.q, call.k, call.v, kv_num_blocks, kv_indices, block,
+                                                       block, call.scale, call.key_padding_mask)
+        return out
 
     return lambda: AttentionInterceptor(model, attend)
 
@@ -187,8 +189,10 @@ def make_row(name: str, setup: Setup, plans: Path, density: float) -> Row:
         bench_e2e.install_flex_attention(model, setup.workload,
                                          bench_e2e.flex_block_masks(setup.workload, mask_inputs, density))
         if setup.device == "cuda":
-            for block in model.blocks:  # regional compile (one graph for the 8 identical blocks): Flex's kernel
-                block.compile()
+            # Flex's kernel needs a compile: each block's forward, one graph for the 8 identical blocks (Dynamo
+            # guards on their structure, not identity), as bench_generation.py's Flex rows
+            for block in model.blocks:
+                block.forward = torch.compile(block.forward, fullgraph=True)
         return Row(model, dense_share=0.0, note=note)
     return Row(model, _topk_context(model, density, 128), dense_share=0.0)  # topk
 
@@ -228,6 +232,7 @@ class Results:
         old = json.loads(out.read_text()) if append and out.is_file() else {}
         self.rows: list[dict[str, Any]] = old.get("rows", [])
         self.runs: list[dict[str, Any]] = [*old.get("runs", []), meta]
+        self.write()
 
     def add(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
@@ -250,7 +255,10 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
     for r in rows:
         if r.get("error"):
-            lines.append(f"| {r['row']} | {r.get('guidance', '-')} | error: {r['error'][:80]} | | | | | |")
+            lines.append(f"| {r['row']} | {r.get('guidance', '-')} | error: {str(r['error'])[:80]} | | | | | |")
+            continue
+        if "psnr_mean" not in r:  # a calibration: its density and time
+            lines.append(f"| {r['row']} | - | density {f(r.get('density'), '.3f')} | | | | | {r['seconds']:.1f} |")
             continue
         lines.append(f"| {r['row']} | {r['guidance']:g} | {f(r['psnr_mean'], '.2f')} / {f(r['psnr_min'], '.2f')} | "
                      f"{f(r['ssim_mean'], '.4f')} | {f(r.get('output_sqnr_db'), '.2f')} | "
@@ -333,7 +341,8 @@ def calibrate_plans(args: argparse.Namespace, results: Results) -> None:
                    "--every", str(args.every), "--device", args.device]
         if name == "plan_talora":
             # same samples and settings up to MSAD: its stage checkpoints resume, only MSAD (+ LoRA) runs again
-            shutil.copytree(plans / "plan" / "calibration", out / "calibration", dirs_exist_ok=True)
+            shutil.copytree(plans / "plan" / "calibration", out / "calibration", dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns("msad"))
             command += ["--samples", str(plans / "plan" / "samples.safetensors")]
         else:
             command += ["--seeds", args.calibration_seeds]

@@ -38,14 +38,14 @@
 #   bash benchmarks/device_suite.sh ablation-calib  # issue #22: the ablation's two plans on the reference DiT at
 #                                                # 16 x 64 x 64 (qsparse calibrate reference, held-out seeds 4, 5):
 #                                                # plan/ and plan_talora/ into $PLANS (default /tmp/qsparse-ablation,
-#                                                # so later ablation parts on the same warm machine find them; plan.json
-#                                                # copies come back in $OUT). Estimate ~200 s, limit 560 s. Not yet run.
+#                                                # so later ablation parts on the same warm machine find them; copies
+#                                                # come back in $OUT/plan*/). Estimate ~320 s, limit 560 s. Not yet run.
 #   bash benchmarks/device_suite.sh ablation     # FIDELITY.md's ablation at the trained size (bench_ablation.py: 4
 #                                                # seeds, 50 steps, guidance 1 and 5, PSNR / SSIM / block SQNR and the
 #                                                # share of dense layer-steps per row), rows appended to one
 #                                                # ablation.json; ABL_PARTS="1 2 3" (default all; run each as its own
 #                                                # device command): 1 w4a8, sparse (= static local window), naive,
-#                                                # msad, ssar1 ~150 s; 2 ssar2, lowrank, talora, plan ~130 s; 3 peers
+#                                                # msad, ssar1 ~215 s; 2 ssar2, lowrank, talora, plan ~200 s; 3 peers
 #                                                # flex-fp8 + topk ~180 s (Flex's compile). Each reruns dense (~10 s).
 #                                                # Parts 1 (msad, ssar1) and 2 need ablation-calib's plans. Not yet run.
 # Results land in $OUT; partial results survive a time limit (JSON after every row, test lines as they come).
@@ -121,8 +121,10 @@ case "${1:-e2e}" in
     timeout "${PART_LIMIT:-560}" python3 benchmarks/bench_ablation.py --calibrate --plans "$plans" \
         --out "$OUT/ablation_calibration.json" 2>&1 | grep -v Warning | tail -20
     echo "ablation-calib: exit ${PIPESTATUS[0]}"
-    for name in plan plan_talora; do
-      [ -f "$plans/$name/plan.json" ] && cp "$plans/$name/plan.json" "$OUT/ablation_${name}.json"
+    for name in plan plan_talora; do  # the plans come back too (4 files, < 16 MiB each): carry them as PLANS if
+      if [ -f "$plans/$name/plan.json" ]; then  # the machine went cold before the ablation parts
+        mkdir -p "$OUT/$name" && cp "$plans/$name/plan.json" "$plans/$name/plan.safetensors" "$OUT/$name/"
+      fi
     done ;;
   ablation)
     # One row's failure is recorded in the JSON and the next row runs; a part past its limit keeps the rows it
