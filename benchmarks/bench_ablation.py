@@ -22,7 +22,7 @@ Rows (the table's order; eval/ablation.py makes the qsparse rows through the rea
     plan      the full plan: the TALoRA plan with its own per-layer SSAR settings (refresh_budget 0.22, the fixed
               schedule's share of refresh steps at 50 steps, so it is compared at equal dense share)
     flex-fp8  peer: FlexAttention, random 15% of 128x128 tiles + diagonal, torchao fp8 rowwise linears (on the CPU:
-              bf16 linears, as torchao's fp8 needs CUDA compute capability >= 8.9), blocks compiled on CUDA
+              bf16 linears, as torchao's fp8 needs CUDA compute capability >= 8.9), blocks compiled
     topk      peer: dynamic top-k, per head and query block the 15% key blocks of highest pooled q.k scores
               (ops/dynamic_layout.py), computed at every call, through qsparse::sparse_attention, bf16 linears
 
@@ -188,11 +188,11 @@ def make_row(name: str, setup: Setup, plans: Path, density: float) -> Row:
         mask_inputs = {"hidden_states": torch.zeros(setup.workload["latents"], device=setup.device, dtype=setup.dtype)}
         bench_e2e.install_flex_attention(model, setup.workload,
                                          bench_e2e.flex_block_masks(setup.workload, mask_inputs, density))
-        if setup.device == "cuda":
-            # Flex's kernel needs a compile: each block's forward, one graph for the 8 identical blocks (Dynamo
-            # guards on their structure, not identity), as bench_generation.py's Flex rows
-            for block in model.blocks:
-                block.forward = torch.compile(block.forward, fullgraph=True)
+        # Compiled on every device: eager flex_attention evaluates only the mask_mod, and this block mask has none
+        # (its block tables are the mask), so eager it would compute dense attention. Each block's forward, one
+        # graph for the 8 identical blocks (Dynamo guards on their structure, not identity), as bench_generation.py.
+        for block in model.blocks:
+            block.forward = torch.compile(block.forward, fullgraph=True)
         return Row(model, dense_share=0.0, note=note)
     return Row(model, _topk_context(model, density, 128), dense_share=0.0)  # topk
 

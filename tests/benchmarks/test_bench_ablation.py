@@ -45,6 +45,8 @@ def test_cpu_smoke_calibrates_both_plans_and_records_every_row(tmp_path):
     for r in recorded[2:]:
         assert r["finite"] and math.isfinite(r["psnr_mean"]) and 0 < r["ssim_mean"] <= 1, r["row"]
         assert r["dense_share"] is not None and 0 <= r["dense_share"] <= 1, r["row"]
+    # every compressed row differs from dense (a sparse row at dense-level PSNR would mean its layout was not used)
+    assert all(r["psnr_mean"] < 60 for r in recorded[2:]), [(r["row"], r["psnr_mean"]) for r in recorded]
     share = {r["row"]: r["dense_share"] for r in recorded}
     assert share["w4a8"] == 1.0 and share["naive"] == 0.0 and share["topk"] == 0.0
     # steps 0, 1 refresh of 3 (the fixed schedule: first 2, then every 5th)
