@@ -152,7 +152,8 @@ class Recorder:
         blocks = [(int(s["stage"].rsplit(".", 1)[1]), s["seconds"]) for s in self.stages
                   if s["stage"].startswith("msad/") and s["status"] == "computed"]
         return {"seconds": totals, "peak_allocated_gib": peaks,
-                "max_peak_allocated_gib": max(peaks.values(), default=None), "msad_fit": msad_fit(blocks, self.total_blocks)}
+                "max_peak_allocated_gib": max(peaks.values(), default=None),
+                "msad_fit": msad_fit(blocks, self.total_blocks)}
 
     def write(self) -> None:
         record = {**self.meta, "stages": self.stages, "summary": self.summary(), "finished": self.finished,
