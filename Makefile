@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.qsparse-installed
 
-.PHONY: demo test test-gpu bench-kernels clean
+.PHONY: demo test test-extended test-gpu bench-kernels clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,8 +16,12 @@ demo: $(STAMP)
 	$(PY) examples/demo.py
 
 # pytest exits 5 when it collects nothing; make treats that as failure, as it should.
+# Tests marked extended (exhaustive variants, e.g. a whole benchmark's CPU smoke run) run with `make test-extended`.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not extended" tests
+
+test-extended: $(STAMP)
+	$(PY) -m pytest -q -m extended tests
 
 test-gpu: $(STAMP)
 	$(PY) -m pytest -q -m gpu tests

@@ -38,6 +38,26 @@
 #                                                # estimate < 300 s + < 240 s
 #   bash benchmarks/device_suite.sh membound     # issue #19's fused norm/rope/quant kernels vs Inductor at workload W
 #                                                # (bench_membound.py, < 2 min) and their @gpu tests (not yet run)
+#   bash benchmarks/device_suite.sh calib        # issue #22: calibrate() on workload W (random bf16 weights),
+#                                                # seconds and peak GPU memory per stage (bench_calibration.py), JSON
+#                                                # after every stage: CALIB_PARTS="h100 24gib" (default both, one
+#                                                # command): the h100 setting (4 candidates, 2 kept, msad_steps 4;
+#                                                # estimate ~340 s, limit 380 s) then the 24 GiB setting (capped at
+#                                                # 24 GiB, 1 sample, 4 M-element attention chunks, MSAD on 3 blocks;
+#                                                # estimate ~80 s, limit 170 s). Not yet run.
+#   bash benchmarks/device_suite.sh ablation-calib  # issue #22: the ablation's two plans on the reference DiT at
+#                                                # 16 x 64 x 64 (qsparse calibrate reference, held-out seeds 4, 5):
+#                                                # plan/ and plan_talora/ into $PLANS (default /tmp/qsparse-ablation,
+#                                                # so later ablation parts on the same warm machine find them; copies
+#                                                # come back in $OUT/plan*/). Estimate ~320 s, limit 560 s. Not yet run.
+#   bash benchmarks/device_suite.sh ablation     # FIDELITY.md's ablation at the trained size (bench_ablation.py: 4
+#                                                # seeds, 50 steps, guidance 1 and 5, PSNR / SSIM / block SQNR and the
+#                                                # share of dense layer-steps per row), rows appended to one
+#                                                # ablation.json; ABL_PARTS="1 2 3" (default all; run each as its own
+#                                                # device command): 1 w4a8, sparse (= static local window), naive,
+#                                                # msad, ssar1 ~215 s; 2 ssar2, lowrank, talora, plan ~200 s; 3 peers
+#                                                # flex-fp8 + topk ~180 s (Flex's compile). Each reruns dense (~10 s).
+#                                                # Parts 1 (msad, ssar1) and 2 need ablation-calib's plans. Not yet run.
 # Results land in $OUT; partial results survive a time limit (JSON after every row, test lines as they come).
 # The not-yet-run parts' times are estimates from the 480p run (BENCHMARKS.md), not measurements.
 set -u
@@ -104,6 +124,44 @@ case "${1:-e2e}" in
     timeout 240 python3 -m qsparse_compiler.cli calibrate reference --out /tmp/attn8_plan --device cuda --steps 16 \
         --seeds 0,1 --config /tmp/attn8_config.json 2>&1 | grep -v Warning | tail -20
     cp /tmp/attn8_plan/plan.json "$OUT/attn8_plan.json" ;;
+  calib)
+    # A part past its limit keeps the stages it finished (the JSON is rewritten after every stage; MSAD's per-block
+    # fit extrapolates to all 30 blocks); STAGES picks a subset of selection,statistics,search,ssar,msad.
+    for part in ${CALIB_PARTS-h100 24gib}; do
+      case $part in
+        h100) limit=${CALIB_LIMIT:-380} ;;
+        24gib) limit=${CALIB24_LIMIT:-170} ;;
+        *) echo "calib: unknown part $part; use h100 or 24gib" >&2; exit 2 ;;
+      esac
+      timeout "$limit" python3 benchmarks/bench_calibration.py --setting "$part" \
+          --stages "${STAGES:-selection,statistics,search,ssar,msad}" --out "$OUT/calibration_$part.json" 2>&1 \
+          | grep -v Warning | tail -45
+      echo "calib part $part: exit ${PIPESTATUS[0]}"
+    done ;;
+  ablation-calib)
+    plans=${PLANS:-/tmp/qsparse-ablation}
+    timeout "${PART_LIMIT:-560}" python3 benchmarks/bench_ablation.py --calibrate --plans "$plans" \
+        --out "$OUT/ablation_calibration.json" 2>&1 | grep -v Warning | tail -20
+    echo "ablation-calib: exit ${PIPESTATUS[0]}"
+    for name in plan plan_talora; do  # the plans come back too (4 files, < 16 MiB each): carry them as PLANS if
+      if [ -f "$plans/$name/plan.json" ]; then  # the machine went cold before the ablation parts
+        mkdir -p "$OUT/$name" && cp "$plans/$name/plan.json" "$plans/$name/plan.safetensors" "$OUT/$name/"
+      fi
+    done ;;
+  ablation)
+    # One row's failure is recorded in the JSON and the next row runs; a part past its limit keeps the rows it
+    # finished (the JSON and ablation.md are rewritten after every row and guidance setting).
+    for part in ${ABL_PARTS-1 2 3}; do
+      case $part in
+        1) rows=w4a8,sparse,naive,msad,ssar1 ;;
+        2) rows=ssar2,lowrank,talora,plan ;;
+        3) rows=flex-fp8,topk ;;
+        *) echo "ablation: unknown part $part; use 1, 2 or 3" >&2; exit 2 ;;
+      esac
+      timeout "${PART_LIMIT:-560}" python3 benchmarks/bench_ablation.py --rows "$rows" --append \
+          --plans "${PLANS:-/tmp/qsparse-ablation}" --out "$OUT/ablation.json" 2>&1 | grep -v Warning | tail -30
+      echo "ablation part $part: exit ${PIPESTATUS[0]}"
+    done ;;
   membound)
     timeout 240 python3 benchmarks/bench_membound.py --out "$OUT/membound.json" 2>&1 | grep -v Warning | tail -30
     timeout 300 python3 -m pytest -q -m gpu tests/kernels/test_qk_norm_rope.py tests/kernels/test_ln_modulate_quant.py \
@@ -131,8 +189,8 @@ case "${1:-e2e}" in
     timeout 300 python3 -m pytest -q -m gpu tests/kernels/test_attention_merge.py \
         tests/kernels/test_residual_cache_step.py tests/ops/test_attention_int8_fp8_cuda.py --tb=short -rA \
         -p no:cacheprovider 2>&1 | tail -40 | tee "$OUT/refresh_tests.txt" ;;
-  *) echo "device_suite.sh: unknown part ${1}; use e2e, e2e2, e2e720, e2e720flex, hunyuan, hunyuanflex, cachemem, attn8, bytes," \
-          "attn8fid, generation, membound, refresh" \
+  *) echo "device_suite.sh: unknown part ${1}; use e2e, e2e2, e2e720, e2e720flex, hunyuan, hunyuanflex, cachemem," \
+          "attn8, attn8fid, bytes, generation, membound, refresh, calib, ablation-calib, ablation" \
           "or tests" >&2
      exit 2 ;;
 esac

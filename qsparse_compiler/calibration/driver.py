@@ -143,6 +143,7 @@ def calibrate(
     out: str | Path | None = None,
     resume: bool = True,
     pipeline_kwargs: Mapping[str, Any] | None = None,
+    on_stage: Callable[[str, str, float], None] | None = None,
 ) -> Plan:
     """Calibrate a plan for a diffusers video transformer (or a pipeline's ``.transformer``).
 
@@ -152,7 +153,10 @@ def calibrate(
     ``every``: record every n-th step, default 5) and its transformer's inputs are recorded (pipeline.py).
     ``out``: the plan directory (also holds the stage checkpoints); None keeps everything in memory.
     ``resume``: reuse finished stages from ``out``.
-    Returns the Plan, saved to ``out`` when given. Raises CalibrationError naming the module and sample on NaN/inf.
+    ``on_stage(name, status, seconds)``: called after every stage (each MSAD block is one), computed or resumed, once
+    its checkpoint is saved - for monitoring (benchmarks/bench_calibration.py records memory per stage with it).
+    Returns the Plan, saved to ``out`` when given. Raises CalibrationError naming the module and sample on NaN/inf,
+    and naming the stage, the peak memory and the settings that lower it when a stage runs out of GPU memory.
     """
     config = config if isinstance(config, CalibrationConfig) else CalibrationConfig.from_dict(config)
     model = _transformer(model_or_pipeline)
@@ -171,7 +175,8 @@ def calibrate(
     device = next(model.parameters()).device
     candidates = _to_device(candidates, device)
     folder = Path(out) if out is not None else None
-    run = _StageRunner(StageStore(folder / CHECKPOINT_DIR if folder is not None else None, resume), config.progress)
+    run = _StageRunner(StageStore(folder / CHECKPOINT_DIR if folder is not None else None, resume), config, device,
+                       on_stage)
     fingerprint = ModelFingerprint.of(model)
     base_key = stage_key(asdict(fingerprint), samples_digest(candidates))
     was_training = model.training
@@ -276,11 +281,16 @@ class Stage:
 
 class _StageRunner:
     """The one checkpoint path: a stage resumes from ``store`` when its key matches, else it computes and saves;
-    ``status`` and ``seconds`` record what each stage did and how long it took, for the plan's metadata."""
+    ``status`` and ``seconds`` record what each stage did and how long it took, for the plan's metadata.
+    A stage that runs out of GPU memory saves nothing (its checkpoint is written only after it finished), so the
+    checkpoints of the stages before it stay valid; the error names the stage, the peak and what lowers it."""
 
-    def __init__(self, store: StageStore, progress: bool = False) -> None:
+    def __init__(self, store: StageStore, config: CalibrationConfig, device: torch.device | None = None,
+                 on_stage: Callable[[str, str, float], None] | None = None) -> None:
         self.store = store
-        self.progress = progress
+        self.config = config
+        self.device = device
+        self.on_stage = on_stage
         self.status: dict[str, str] = {}
         self.seconds: dict[str, float] = {}
 
@@ -288,7 +298,11 @@ class _StageRunner:
         start = time.perf_counter()
         record = self.store.load(stage.name, stage.key)
         if record is None:
-            result = stage.compute()
+            try:
+                result = stage.compute()
+            except torch.OutOfMemoryError as err:  # torch.cuda.OutOfMemoryError is the same class
+                raise CalibrationError(out_of_memory_message(stage.name, self.config, self.device,
+                                                             self.store.folder)) from err
             self.store.save(stage.name, stage.key, *stage.encode(result))
             self.status[stage.name] = "computed"
         else:
@@ -297,8 +311,40 @@ class _StageRunner:
         label = timed_as or stage.name
         elapsed = time.perf_counter() - start
         self.seconds[label] = self.seconds.get(label, 0.0) + elapsed
-        stage_done(stage.name, self.status[stage.name], elapsed, self.progress)
+        stage_done(stage.name, self.status[stage.name], elapsed, self.config.progress)
+        if self.on_stage is not None:
+            self.on_stage(stage.name, self.status[stage.name], elapsed)
         return result
+
+
+# What each stage holds on the GPU beyond the model, and the settings that shrink it (CalibrationConfig's fields).
+_MEMORY_SETTINGS = {
+    "selection": "selection='uniform' (no model runs) or fewer / shorter candidate samples (each is scored alone: "
+                 "three forwards, one with round-to-nearest W4A8 weights swapped in)",
+    "statistics": "attention_chunk_elements={attention_chunk_elements} (the attention scores held at once while "
+                  "pooling; halve it) or shorter videos",
+    "search": "fewer candidate_patterns / candidate_densities (tile bitmaps scored per head)",
+    "ssar": "attention_chunk_elements={attention_chunk_elements} (the fp32 score chunks of the measured sparse "
+            "output; halve it) or shorter videos (ssar_max_tokens bounds host memory only)",
+    "msad": "num_samples={num_samples} (the block inputs of every kept sample are held), "
+            "attention_chunk_elements={attention_chunk_elements} (the student's sparse attention chunks), "
+            "lora_rank={lora_rank}, or shorter videos",
+}
+
+
+def out_of_memory_message(stage: str, config: CalibrationConfig, device: torch.device | None,
+                          folder: Path | None) -> str:
+    """The CalibrationError text for a stage that ran out of GPU memory: the stage, the peak, what to change."""
+    settings = _MEMORY_SETTINGS[stage.split("/")[0]].format(**config.to_json())
+    if device is not None and device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory / 2**30
+        peak = f"peak {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated of {total:.1f} GiB"
+    else:
+        peak = "peak not measured off CUDA"
+    kept = (f"the checkpoints of the stages before it in {folder} stay valid and resume" if folder is not None
+            else "pass out=DIR to keep finished stages across runs")
+    return (f"qsparse_compiler.calibration: stage {stage} ran out of GPU memory ({peak}); nothing of this stage was "
+            f"saved and {kept}. To lower its memory change {settings}")
 
 
 def _ssar(model, candidates, ids, specs, config: CalibrationConfig) -> dict[str, Any]:

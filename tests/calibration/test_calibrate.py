@@ -398,3 +398,36 @@ def test_progress_prints_a_line_per_stage_computed_or_resumed(calibrated, capsys
     assert len(lines) == len([s for s in stages.values() if not s.startswith("skipped")])
     assert all(" resumed in " in line and line.endswith(" s") for line in lines)
     assert {line.split()[1] for line in lines} == {name for name, s in stages.items() if not s.startswith("skipped")}
+
+
+@pytest.mark.parametrize("stage, module, function, setting", [
+    ("statistics", driver, "collect_statistics", "attention_chunk_elements=16777216"),
+    ("ssar", driver, "measure_residuals", "attention_chunk_elements=16777216"),
+    ("msad/blocks.1", driver, "distill_block", "num_samples=2"),
+])
+def test_out_of_gpu_memory_names_the_stage_and_its_settings_and_keeps_earlier_checkpoints(
+        calibrated, tmp_path, monkeypatch, stage, module, function, setting):
+    """A stage that runs out of GPU memory (simulated: the exception CUDA raises) fails with a CalibrationError that
+    names the stage and the settings lowering its memory; the stages before it stay resumable, it saved nothing."""
+    tiny, samples, reference_out, plan = calibrated
+    original = getattr(module, function)
+
+    def out_of_memory(*args, **kwargs):
+        if function == "distill_block" and args[1] != "blocks.1":
+            return original(*args, **kwargs)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(module, function, out_of_memory)
+    with pytest.raises(CalibrationError, match=rf"stage {stage} ran out of GPU memory \(peak not measured off CUDA\); "
+                                               rf"nothing of this stage was saved .*stay valid.* change .*{setting}"):
+        calibrate(tiny.model, samples, tiny_config(), out=tmp_path)
+    saved = _stage_names(tmp_path)
+    assert stage not in saved and "selection" in saved
+    assert not list((tmp_path / driver.CHECKPOINT_DIR).rglob("*.tmp"))
+    monkeypatch.setattr(module, function, original)
+    seen = []
+    resumed = calibrate(tiny.model, samples, tiny_config(), out=tmp_path, on_stage=lambda *a: seen.append(a[:2]))
+    status = resumed.metadata["calibration"]["stages"]
+    assert all(status[name] == "resumed" for name in saved) and status[stage] == "computed"
+    assert [name for name, _ in seen] == [name for name, s in status.items() if not s.startswith("skipped")]
+    assert resumed.attentions == plan.attentions and resumed.linears == plan.linears
