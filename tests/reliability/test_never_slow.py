@@ -188,7 +188,7 @@ def test_compile_repeated_blocks_runs_the_sparse_rewrite_at_every_resolution(cap
     references, and warns about nothing."""
     tiny = tiny_wan(num_layers=2)
     # CFG at 3x16x16, 2x16x24 (another grid of the same 192 tokens: another layout) and 3x24x16 (288 tokens)
-    requests = [request for i, request in enumerate(_serving_requests(tiny)) if i in (0, 1, 4, 5, 8, 9)]
+    requests = [request for i, request in enumerate(_serving_requests(tiny, SHAPES)) if i in (0, 1, 4, 5, 8, 9)]
     references = _references(tiny, requests)
     torch._dynamo.reset()
     clear_reports()
