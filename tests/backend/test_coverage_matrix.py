@@ -40,11 +40,15 @@ KEPT = {
 }
 
 
-# The fast path (CI without -m slow) keeps one class of each kind of problem: a grid only in forward arguments, a
-# per-sample loop that breaks the graph (swapped for the compile-friendly processor), a patchify by reshape + linear,
-# a grid from rotary positions. Factorized attention and the pair mask have toy-model tests (tests/passes).
+# One class of each kind of problem: a grid only in forward arguments, a per-sample loop that breaks the graph
+# (swapped for the compile-friendly processor), a patchify by reshape + linear, a grid from rotary positions.
+# Factorized attention and the pair mask have toy-model tests (tests/passes). Every class's coverage is pinned on the
+# op references in the default run; the Inductor compile of the other classes (the same passes, more compile time)
+# is `extended`.
 FAST = ("ltx_video", "mochi", "cosmos", "kandinsky5")
 CLASSES = [name if name in FAST else pytest.param(name, marks=pytest.mark.slow) for name in sorted(VIDEO_DITS)]
+COMPILED_CLASSES = [name if name in FAST else pytest.param(name, marks=pytest.mark.extended)
+                    for name in sorted(VIDEO_DITS)]
 
 
 def test_the_matrix_lists_every_bench_model():
@@ -73,7 +77,7 @@ def test_coverage_on_the_op_references(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(VIDEO_DITS))
+@pytest.mark.parametrize("name", COMPILED_CLASSES)
 def test_compiled_output_matches_the_same_rewrite_on_the_references(name):
     row = measure_coverage(tiny_video_dit(name), COVERAGE_OPTIONS)
     assert row.error is None, row.error

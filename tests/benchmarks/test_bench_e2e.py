@@ -55,7 +55,11 @@ def test_reference_workload_rows_and_chart(tmp_path):
     assert out.with_suffix(".png").stat().st_size > 1000
 
 
+# `extended`: the costliest test of the default run (~85 CPU-s: three compiles of HunyuanVideo in a subprocess). The
+# default run keeps the bench's end-to-end run (test_reference_workload_rows_and_chart) and HunyuanVideo's regional
+# qsparse compile (tests/backend/test_compile_conditioning_linears.py, test_compile_models.py).
 @pytest.mark.slow
+@pytest.mark.extended
 def test_hunyuan_reference_workload_rows(tmp_path):
     """HunyuanVideo's dual- and single-stream blocks, token refiner and text key-padding mask through eager, Inductor
     (compile_repeated_blocks) and qsparse (regional: one graph per block class)."""

@@ -22,12 +22,18 @@ SPARSE_ONLY = {**EXACT_OPTIONS, "sparsity": {**EXACT_OPTIONS["sparsity"], "densi
 # 3 resolutions (two of them with the same token count but another grid, hence another layout) x 2 batch sizes.
 SHAPES = [(frames, height, width, batch) for frames, height, width in ((3, 16, 16), (2, 16, 24), (3, 24, 16))
           for batch in (1, 2)]
+# The default run's server: a first shape, a new resolution (the same token count on another grid: Dynamo recompiles
+# with symbolic sizes and the layout must follow the grid, not the length), then a new batch size (another
+# recompile). The whole matrix is `extended`: its other shapes repeat these two kinds of change.
+REPRESENTATIVE = [(3, 16, 16, 1), (2, 16, 24, 1), (2, 16, 24, 2)]
+SHAPE_SETS = [pytest.param(REPRESENTATIVE, id="resolution-and-batch-change"),
+              pytest.param(SHAPES, id="3-resolutions-x-2-batches", marks=pytest.mark.extended)]
 
 
-def _serving_requests(tiny):
+def _serving_requests(tiny, shapes):
     """Per shape, the conditional and the unconditional call of a CFG step (same latents, other text)."""
     requests = []
-    for frames, height, width, batch in SHAPES:
+    for frames, height, width, batch in shapes:
         inputs = tiny.make_inputs(frames=frames, batch=batch, height=height, width=width)
         uncond = {**inputs, "encoder_hidden_states": torch.zeros_like(inputs["encoder_hidden_states"])}
         requests += [inputs, uncond]
@@ -46,15 +52,26 @@ def _references(tiny, requests):
     return references
 
 
+@pytest.fixture(scope="module")
+def serving(request):
+    """A tiny Wan's weights, the CFG requests of a list of shapes and their references, built once for both ways of
+    compiling (each test compiles a fresh model loaded with these weights: qs.optimize changes the one it gets)."""
+    torch.manual_seed(0)
+    tiny = tiny_wan(num_layers=1)
+    requests = _serving_requests(tiny, request.param)
+    return tiny.model.state_dict(), requests, _references(tiny, requests)
+
+
+@pytest.mark.parametrize("serving", SHAPE_SETS, indirect=True)
 @pytest.mark.parametrize("how", ["qs.optimize", "torch.compile"])
-def test_serving_loop_stays_sparse_at_every_shape(how):
-    """Scenario 1: a server over 3 resolutions x 2 batch sizes x CFG. A second shape makes Dynamo recompile with a
+def test_serving_loop_stays_sparse_at_every_shape(how, serving):
+    """Scenario 1: a server over new resolutions and batch sizes x CFG. A second shape makes Dynamo recompile with a
     symbolic sequence length; the regional graph (qs.optimize) then kept its video self-attention dense ("S=s2 is not
     the video grid") and later calls silently ran dense. Every call must equal the sparse, quantized rewrite on the
     op references (which differs from the dense model), and every graph compiled must hold the sparse attention."""
+    weights, requests, references = serving
     tiny = tiny_wan(num_layers=1)
-    requests = _serving_requests(tiny)
-    references = _references(tiny, requests)
+    tiny.model.load_state_dict(weights)
     torch._dynamo.reset()
     clear_reports()
     if how == "qs.optimize":
@@ -72,7 +89,8 @@ def test_serving_loop_stays_sparse_at_every_shape(how):
         assert report.counters.get("sparse_attention") == tiny.video_attentions, report.summary()
 
 
-def test_regional_quantization_and_residual_cache_survive_new_shapes():
+@pytest.mark.parametrize("shapes", SHAPE_SETS)
+def test_regional_quantization_and_residual_cache_survive_new_shapes(shapes):
     """Scenario 1, the other rewrites: through qs.optimize with the default residual cache, every graph Dynamo
     compiles for a new resolution or batch size keeps its quantized linears and its cached sparse attention, and
     the cache refreshes then reuses at every shape."""
@@ -82,7 +100,7 @@ def test_regional_quantization_and_residual_cache_survive_new_shapes():
     model = qs.optimize(tiny.model, options=TEST_OPTIONS, cache={"refresh_first": 1, "refresh_every": 0, "order": 1})
     runtime = qs.runtime_of(model)
     with torch.no_grad():
-        for frames, height, width, batch in SHAPES:
+        for frames, height, width, batch in shapes:
             inputs = tiny.make_inputs(frames=frames, batch=batch, height=height, width=width)
             with runtime.generation():
                 for step in range(2):
@@ -94,7 +112,7 @@ def test_regional_quantization_and_residual_cache_survive_new_shapes():
         assert report.counters.get("sparse_attention") == tiny.video_attentions, report.summary()
         assert report.counters.get("residual_attention") == tiny.video_attentions, report.summary()
     sites = runtime.memory_report()
-    assert sites["blocks.0.attn1"]["refreshes"] == len(SHAPES) and sites["blocks.0.attn1"]["reuses"] == len(SHAPES)
+    assert sites["blocks.0.attn1"]["refreshes"] == len(shapes) and sites["blocks.0.attn1"]["reuses"] == len(shapes)
 
 
 def _rewrites(compile_and_call):
@@ -170,7 +188,7 @@ def test_compile_repeated_blocks_runs_the_sparse_rewrite_at_every_resolution(cap
     references, and warns about nothing."""
     tiny = tiny_wan(num_layers=2)
     # CFG at 3x16x16, 2x16x24 (another grid of the same 192 tokens: another layout) and 3x24x16 (288 tokens)
-    requests = [request for i, request in enumerate(_serving_requests(tiny)) if i in (0, 1, 4, 5, 8, 9)]
+    requests = [request for i, request in enumerate(_serving_requests(tiny, SHAPES)) if i in (0, 1, 4, 5, 8, 9)]
     references = _references(tiny, requests)
     torch._dynamo.reset()
     clear_reports()
