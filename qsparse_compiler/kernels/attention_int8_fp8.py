@@ -77,7 +77,6 @@ def _attend_key_tile(
     QUANT_BLOCK: tl.constexpr,
     HAS_MASK: tl.constexpr,
     EVEN_KV: tl.constexpr,
-    PV_IN_MMA: tl.constexpr,
     INTERPRETED: tl.constexpr,
 ):
     """One key tile of the online softmax: returns the updated (acc, m_i, l_i)."""
@@ -107,15 +106,10 @@ def _attend_key_tile(
     p_scaled = p * _P_SCALE_JIT
     if INTERPRETED:
         p_codes = round_to_e4m3_grid(p_scaled).to(tl.float8e4nv)
-        if PV_IN_MMA:
-            acc = tl.dot(p_codes.to(tl.float32), tl.trans(v.to(tl.float32)), acc * alpha[:, None])
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p_codes.to(tl.float32), tl.trans(v.to(tl.float32)))
-    elif PV_IN_MMA:
-        acc = tl.dot(p_scaled.to(tl.float8e4nv), tl.trans(v), acc * alpha[:, None])
+        pv = tl.dot(p_codes.to(tl.float32), tl.trans(v.to(tl.float32)))
     else:
-        # a fresh fp8 dot per tile, accumulated in fp32 (see the module docstring)
-        acc = acc * alpha[:, None] + tl.dot(p_scaled.to(tl.float8e4nv), tl.trans(v))
+        pv = tl.dot(p_scaled.to(tl.float8e4nv), tl.trans(v))
+    acc = acc * alpha[:, None] + pv  # fresh fp8 dot per tile, accumulated in fp32 (see the module docstring)
     return acc, m_new, l_i
 
 
@@ -154,7 +148,6 @@ def _attention_int8_fp8_fwd(
     EVEN_KV: tl.constexpr,  # no key tile the kernel visits reaches past SEQ_KV
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    PV_IN_MMA: tl.constexpr = False,  # P.V accumulated in the MMA's accumulator instead of a fresh dot per tile
     INTERPRETED: tl.constexpr = False,
 ):
     tl.static_assert(LAYOUT_BLOCK_Q % BLOCK_M == 0, "a kernel query tile must lie inside one layout query block")
@@ -190,12 +183,12 @@ def _attention_int8_fp8_fwd(
             start_n = tl.load(idx_row + j // SUB) * LAYOUT_BLOCK_KV + (j % SUB) * BLOCK_N
             acc, m_i, l_i = _attend_key_tile(
                 acc, m_i, l_i, q, q_scale_log2, k_base, v_base, k_scale_base, mask_base, start_n, offs_n, offs_d,
-                stride_kn, stride_vd, stride_mn, SEQ_KV, QUANT_BLOCK, HAS_MASK, EVEN_KV, PV_IN_MMA, INTERPRETED)
+                stride_kn, stride_vd, stride_mn, SEQ_KV, QUANT_BLOCK, HAS_MASK, EVEN_KV, INTERPRETED)
     else:
         for start_n in tl.range(0, SEQ_KV, BLOCK_N):
             acc, m_i, l_i = _attend_key_tile(
                 acc, m_i, l_i, q, q_scale_log2, k_base, v_base, k_scale_base, mask_base, start_n, offs_n, offs_d,
-                stride_kn, stride_vd, stride_mn, SEQ_KV, QUANT_BLOCK, HAS_MASK, EVEN_KV, PV_IN_MMA, INTERPRETED)
+                stride_kn, stride_vd, stride_mn, SEQ_KV, QUANT_BLOCK, HAS_MASK, EVEN_KV, INTERPRETED)
 
     v_scale = tl.load(VScale + bh * HEAD_DIM + offs_d)
     lse_shift = tl.load(LseShift + bh * SEQ_Q + offs_m, mask=row_ok, other=0.0)
@@ -207,26 +200,23 @@ def _attention_int8_fp8_fwd(
 # ---- tuning data --------------------------------------------------------------------------------------------------
 
 
-def _config(bm: int, bn: int, warps: int, stages: int, pv_in_mma: bool = False) -> triton.Config:
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "PV_IN_MMA": pv_in_mma}, num_warps=warps, num_stages=stages)
+def _config(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
 
 
-# Candidates, not yet measured on a GPU (benchmarks/bench_attention.py --int8-sweep measures each; the list is then
-# cut to the winners with the numbers, as kernels/block_sparse_attention.py's is). 8-bit operands halve the bytes per
-# tile, so larger key tiles than the bf16 kernel's (128x64) fit the same registers and shared memory.
+# Measured on an H100 at workload W's 1x12x32,760x128 (bench_attention.py --int8-sweep, 2026-12-07, with V rows
+# 16-byte aligned; BENCHMARKS.md): dense / 15% ms - 128x128 4 warps 3 stages 23.8 / 3.91, 128x128 8 warps 2 stages
+# 25.8 / 3.95, 64x128 4 warps 25.9 / 4.09, 128x128 8 warps 3 stages 27.6 / 4.20, 128x64 4 warps 36.5 / 5.04, 64x64
+# 44.1 / 6.53. Accumulating P.V inside the MMA instead (one fp32 tile less in registers) was no faster (26.8-30.1 /
+# 3.85-4.64) and is not kept. The four best stay candidates for the autotuner; 64x64 serves 64-token layout blocks
+# (keep_config), 32x32 tiny ones (tests, interpreter).
 CONFIGS: list[triton.Config] = [
-    _config(128, 128, 8, 3),
-    _config(128, 128, 8, 2),
-    _config(128, 64, 4, 3),
     _config(128, 128, 4, 3),
+    _config(128, 128, 8, 2),
     _config(64, 128, 4, 3),
+    _config(128, 128, 8, 3),
     _config(64, 64, 4, 3),
-    _config(32, 32, 4, 2),  # tiny layout blocks (tests, interpreter)
-    # P.V accumulated inside the MMA (one accumulator tile less in registers; fewer accumulator bits)
-    _config(128, 128, 4, 3, True),
-    _config(128, 64, 4, 3, True),
-    _config(128, 128, 8, 3, True),
-    _config(64, 128, 4, 3, True),
+    _config(32, 32, 4, 2),
 ]
 
 
@@ -382,8 +372,7 @@ def _launch(q_codes, q_scale, k_codes, k_scale, v_codes, v_scale, lse_shift, sca
     bn = config["BLOCK_N"]
     _attention_int8_fp8_fwd[grid(config)](
         *args, EVEN_KV=skv % max(bn, block_kv if layout is not None else bn) == 0,
-        BLOCK_M=config["BLOCK_M"], BLOCK_N=bn, PV_IN_MMA=config.get("PV_IN_MMA", False),
-        num_warps=config.get("num_warps", 4),
+        BLOCK_M=config["BLOCK_M"], BLOCK_N=bn, num_warps=config.get("num_warps", 4),
         num_stages=config.get("num_stages", 2), INTERPRETED=not q_codes.is_cuda, **meta,
     )
     return out, lse
@@ -397,7 +386,7 @@ def block_sparse_attention_int8_fp8(
     out_dtype: torch.dtype = torch.bfloat16, *, config: Optional[dict] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """8-bit attention restricted to the layout's tiles; returns (out, lse). See the module docstring.
-    ``config``: pin ``{"BLOCK_M", "BLOCK_N", "PV_IN_MMA", "num_warps", "num_stages"}`` instead of autotuning."""
+    ``config``: pin ``{"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}`` instead of autotuning."""
     reason = unsupported_reason(q_codes, q_scale, k_codes, k_scale, v_codes, v_scale, lse_shift, quant_block,
                                 kv_num_blocks, kv_indices, block_q, block_kv, key_padding_mask, out_dtype)
     if reason is not None:

@@ -110,14 +110,12 @@ def test_key_padding_mask_and_broadcast_layout():
     run_and_check(q, k, v, 0.1, None, key_padding_mask)  # the dense entry point with the same mask
 
 
-@pytest.mark.parametrize("pv_in_mma", [False, True])
-def test_head_dim_128_key_tiles_smaller_than_layout_blocks(pv_in_mma):
+def test_head_dim_128_key_tiles_smaller_than_layout_blocks():
     b, h, s, d = 1, 1, 100, 128
     q, k, v = _qkv(b, h, s, s, d)
     layout = _random_layout(b, h, s, s, 32, 64, density=0.6)
     # BLOCK_N=32 inside 64-token key blocks: each listed block is two kernel tiles, the tail block's second past Skv.
-    # Both ways of accumulating P.V (a fresh dot per tile added in fp32, or inside the MMA's accumulator).
-    run_and_check(q, k, v, 1 / math.sqrt(d), layout, config={"BLOCK_M": 32, "BLOCK_N": 32, "PV_IN_MMA": pv_in_mma})
+    run_and_check(q, k, v, 1 / math.sqrt(d), layout, config={"BLOCK_M": 32, "BLOCK_N": 32})
 
 
 def test_quant_block_independent_of_kernel_tiles():
