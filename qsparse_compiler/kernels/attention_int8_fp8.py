@@ -10,9 +10,10 @@ Inputs are the output of ``ops.attention_quantization.quantize_attention_inputs`
 reference live there): q_codes (B, H, Sq, D) int8 with one fp32 scale per (batch, head, ``quant_block`` tokens);
 k_codes (B, H, Skv, D) int8 of the mean-smoothed keys, scales likewise; v_codes (B, H, D, Skv) float8_e4m3fn,
 channel-major, with one fp32 scale per (batch, head, channel); lse_shift (B, H, Sq) fp32 = q . mean(k). All with a
-unit stride in the last dim. Speed needs every row stride divisible by 16 bytes: compiled Triton proves alignment only
-from arguments divisible by 16 and otherwise loads a tile byte by byte, unpipelined (V's rows are Skv bytes: 32,760 at
-Wan 480p; ``quantize_attention_inputs`` pads them). D in {32, 64, 128}. The sparse entry point takes the layout contract of
+unit stride in the last dim. Speed needs every row stride divisible by 16 bytes and V's tail tiles unmasked: compiled
+Triton proves alignment only from arguments divisible by 16 and otherwise loads a tile byte by byte, unpipelined (V's
+rows are Skv bytes: 32,760 at Wan 480p). ``quantize_attention_inputs`` pads V's rows with zero codes to 128 tokens,
+and where a row has that room (``v_padded``) its tail tile loads unmasked. D in {32, 64, 128}. The sparse entry point takes the layout contract of
 ``qsparse::sparse_attention`` (kernels/block_sparse_attention.py): ``kv_num_blocks`` [B|1, H|1, QB], ``kv_indices``
 [B|1, H|1, QB, KVB] (per-head layouts, all heads in one launch), layout blocks of 32..256 tokens, an optional bool
 key-padding mask (B|1, 1, 1, Skv), tails. Rows that attend to nothing: out = 0, lse = -inf.
@@ -77,6 +78,7 @@ def _attend_key_tile(
     QUANT_BLOCK: tl.constexpr,
     HAS_MASK: tl.constexpr,
     EVEN_KV: tl.constexpr,
+    V_PADDED: tl.constexpr,
     INTERPRETED: tl.constexpr,
 ):
     """One key tile of the online softmax: returns the updated (acc, m_i, l_i)."""
@@ -89,7 +91,10 @@ def _attend_key_tile(
         k_scale = tl.load(k_scale_base + cols // QUANT_BLOCK)
     else:
         k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=in_bounds[None, :], other=0)
-        v = tl.load(v_base + offs_d[:, None] * stride_vd + cols[None, :], mask=in_bounds[None, :], other=0.0)
+        if V_PADDED:  # zero codes up to the next 128 tokens: an unmasked load stays vectorized (see _v_padded)
+            v = tl.load(v_base + offs_d[:, None] * stride_vd + cols[None, :])
+        else:
+            v = tl.load(v_base + offs_d[:, None] * stride_vd + cols[None, :], mask=in_bounds[None, :], other=0.0)
         k_scale = tl.load(k_scale_base + cols // QUANT_BLOCK, mask=in_bounds, other=0.0)
     s = tl.dot(q, k, out_dtype=tl.int32).to(tl.float32) * q_scale_log2[:, None] * k_scale[None, :]
     if HAS_MASK:
@@ -146,6 +151,7 @@ def _attention_int8_fp8_fwd(
     LAYOUT_BLOCK_KV: tl.constexpr,
     HAS_MASK: tl.constexpr,
     EVEN_KV: tl.constexpr,  # no key tile the kernel visits reaches past SEQ_KV
+    V_PADDED: tl.constexpr,  # V rows hold zero codes up to the next multiple of 128 tokens (_v_padded)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     INTERPRETED: tl.constexpr = False,
@@ -183,12 +189,12 @@ def _attention_int8_fp8_fwd(
             start_n = tl.load(idx_row + j // SUB) * LAYOUT_BLOCK_KV + (j % SUB) * BLOCK_N
             acc, m_i, l_i = _attend_key_tile(
                 acc, m_i, l_i, q, q_scale_log2, k_base, v_base, k_scale_base, mask_base, start_n, offs_n, offs_d,
-                stride_kn, stride_vd, stride_mn, SEQ_KV, QUANT_BLOCK, HAS_MASK, EVEN_KV, INTERPRETED)
+                stride_kn, stride_vd, stride_mn, SEQ_KV, QUANT_BLOCK, HAS_MASK, EVEN_KV, V_PADDED, INTERPRETED)
     else:
         for start_n in tl.range(0, SEQ_KV, BLOCK_N):
             acc, m_i, l_i = _attend_key_tile(
                 acc, m_i, l_i, q, q_scale_log2, k_base, v_base, k_scale_base, mask_base, start_n, offs_n, offs_d,
-                stride_kn, stride_vd, stride_mn, SEQ_KV, QUANT_BLOCK, HAS_MASK, EVEN_KV, INTERPRETED)
+                stride_kn, stride_vd, stride_mn, SEQ_KV, QUANT_BLOCK, HAS_MASK, EVEN_KV, V_PADDED, INTERPRETED)
 
     v_scale = tl.load(VScale + bh * HEAD_DIM + offs_d)
     lse_shift = tl.load(LseShift + bh * SEQ_Q + offs_m, mask=row_ok, other=0.0)
@@ -237,7 +243,7 @@ def _prune(configs, named_args, **kwargs):
 
 _autotuned = triton.autotune(
     configs=CONFIGS,
-    key=["HEAD_DIM", "SPARSE", "LAYOUT_BLOCK_Q", "LAYOUT_BLOCK_KV", "HAS_MASK", "EVEN_KV", "QUANT_BLOCK"],
+    key=["HEAD_DIM", "SPARSE", "LAYOUT_BLOCK_Q", "LAYOUT_BLOCK_KV", "HAS_MASK", "EVEN_KV", "V_PADDED", "QUANT_BLOCK"],
     prune_configs_by={"early_config_prune": _prune},
 )(_attention_int8_fp8_fwd)
 
@@ -251,6 +257,23 @@ def default_config(head_dim: int, block_q: int, block_kv: int) -> dict:
 
 
 # ---- launchers ----------------------------------------------------------------------------------------------------
+
+
+V_PAD_TOKENS = 128  # the largest key tile (BLOCK_N) of CONFIGS: a tail tile of a padded V row stays in the padding
+
+
+def v_padded(v_codes: torch.Tensor) -> bool:
+    """Whether each V row (B, H, D, Skv) may be read up to the next multiple of ``V_PAD_TOKENS`` tokens: its row stride
+    leaves room and the storage holds the last row's padding. Such rows must hold finite codes there (ops'
+    ``quantize_v_per_channel`` writes zeros); the tail tile then loads without a mask, which compiled Triton keeps
+    vectorized and pipelined - a mask over a row whose length is not a multiple of 16 is not (BENCHMARKS.md)."""
+    b, h, d, skv = v_codes.shape
+    padded = -(-skv // V_PAD_TOKENS) * V_PAD_TOKENS
+    if v_codes.numel() == 0 or v_codes.stride(2) < padded or v_codes.stride(3) != 1:
+        return False
+    last_row_end = v_codes.storage_offset() + sum((n - 1) * st for n, st in zip(v_codes.shape[:3],
+                                                                             v_codes.stride()[:3]))
+    return last_row_end + padded <= v_codes.untyped_storage().nbytes() // v_codes.element_size()
 
 
 def unsupported_reason(
@@ -357,7 +380,7 @@ def _launch(q_codes, q_scale, k_codes, k_scale, v_codes, v_scale, lse_shift, sca
         h, sq, skv, -(-sq // quant_block), -(-skv // quant_block),
     )
     meta = dict(HEAD_DIM=d, QUANT_BLOCK=quant_block, SPARSE=layout is not None, LAYOUT_BLOCK_Q=block_q,
-                LAYOUT_BLOCK_KV=block_kv, HAS_MASK=key_padding_mask is not None)
+                LAYOUT_BLOCK_KV=block_kv, HAS_MASK=key_padding_mask is not None, V_PADDED=v_padded(v_codes))
 
     def grid(m):
         return (triton.cdiv(sq, m["BLOCK_M"]), b * h)

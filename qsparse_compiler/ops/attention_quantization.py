@@ -53,7 +53,7 @@ QUANT_BLOCK = 64  # tokens per Q / K int8 scale (kernel tiles are independent of
 P_SCALE = 448.0  # e4m3's largest finite value: P in [0, 1] is scaled onto the whole e4m3 range
 INT8_MAX = 127.0
 FP8_E4M3_MAX = 448.0
-V_ROW_ALIGN = 16  # tokens (= bytes of e4m3) a V-codes row stride is a multiple of (quantize_v_per_channel)
+V_ROW_ALIGN = 128  # tokens (= bytes of e4m3) a V-codes row is padded to (quantize_v_per_channel)
 _AMAX_EPS = 1e-12  # ops/quantization.py's: an all-zero tile gets a tiny scale, not a division by zero
 
 
@@ -65,7 +65,7 @@ class QuantizedAttentionInputs:
     k_codes (B, H, Skv, D) int8 of the smoothed keys, k_scale (B, H, ceil(Skv / quant_block))
     lse_shift (B, H, Sq) q . mean_t(k) in fp32, what smoothing removed from every score of the row (without the
         softmax scale): the kernels add ``scale * lse_shift`` to the lse
-    v_codes (B, H, D, Skv) float8_e4m3fn (channel-major; rows padded to 16-byte strides: quantize_v_per_channel),
+    v_codes (B, H, D, Skv) float8_e4m3fn (channel-major; a view of rows zero-padded to 128 tokens),
         v_scale (B, H, D)
     """
 
@@ -103,10 +103,11 @@ def smooth_keys(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def quantize_v_per_channel(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, H, Skv, D) -> e4m3 codes (B, H, D, Skv) channel-major and fp32 scales (B, H, D).
 
-    Each channel's row of codes starts on a 16-byte boundary: the codes are a view of a buffer whose rows are padded
-    to a multiple of ``V_ROW_ALIGN`` tokens. Compiled Triton vectorizes (and pipelines) a tile load only when it can
-    prove the row stride divisible by 16; with Wan's 32,760 tokens an unpadded stride is not, and the 8-bit kernel
-    then read V one byte at a time (2.2x slower on an H100, BENCHMARKS.md)."""
+    The codes are a view of a buffer whose rows are padded with zero codes to a multiple of ``V_ROW_ALIGN`` tokens.
+    Compiled Triton vectorizes (and pipelines) a tile load only when it can prove the row stride divisible by 16 and
+    the tile unmasked; with Wan's 32,760 tokens neither held, and the 8-bit kernel read V one byte at a time. With the
+    padding the rows are aligned and the kernel's tail tiles read zeros instead of masking
+    (kernels/attention_int8_fp8.py ``v_padded``)."""
     vf = v.to(torch.float32).transpose(-1, -2)
     scale = vf.abs().amax(dim=-1).clamp_min(_AMAX_EPS) / FP8_E4M3_MAX
     codes = (vf / scale[..., None]).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)

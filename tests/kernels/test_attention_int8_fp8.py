@@ -92,6 +92,18 @@ def test_dense_matches_recipe_with_tails():
     run_and_check(q, k, v, 1 / math.sqrt(d))
 
 
+def test_unpadded_v_rows_take_the_masked_tail_path():
+    """V codes without the quantizer's zero padding (a contiguous copy): the tail tile is masked instead, same result."""
+    b, h, s, d = 1, 2, 77, 32
+    q, k, v = _qkv(b, h, s, s, d)
+    x = quantize_attention_inputs(q, k, v, 32)
+    padded = (x.q_codes, x.q_scale, x.k_codes, x.k_scale, x.v_codes, x.v_scale, x.lse_shift)
+    unpadded = (*padded[:4], x.v_codes.contiguous(), *padded[5:])
+    out_padded, lse_padded = dense_attention_int8_fp8(*padded, 0.2, None, 32)
+    out_unpadded, lse_unpadded = dense_attention_int8_fp8(*unpadded, 0.2, None, 32)
+    assert torch.equal(out_padded, out_unpadded) and torch.equal(lse_padded, lse_unpadded)
+
+
 def test_sparse_per_head_layouts_tails_and_empty_rows():
     b, h, s, d = 2, 3, 77, 32
     q, k, v = _qkv(b, h, s, s, d)

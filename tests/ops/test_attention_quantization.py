@@ -38,8 +38,13 @@ def test_v_channel_major_fp8():
     assert codes.shape == (1, 2, 16, 50) and codes.dtype == torch.float8_e4m3fn and scale.shape == (1, 2, 16)
     assert codes.float().abs().amax(-1).eq(448).all()
     assert sqnr_db(codes.float().transpose(-1, -2) * scale[..., None, :], v) > 28  # e4m3: 3 mantissa bits
-    # Rows start 16-byte aligned (compiled Triton vectorizes V tile loads only then); the last dim stays unit-stride.
-    assert codes.stride() == (2 * 16 * 64, 16 * 64, 64, 1) and codes.data_ptr() % 16 == 0
+    # Rows zero-padded to 128 tokens (compiled Triton vectorizes V tile loads only with aligned, unmasked rows); the
+    # last dim stays unit-stride, and the kernel sees the room.
+    from qsparse_compiler.kernels.attention_int8_fp8 import v_padded
+
+    assert codes.stride() == (2 * 16 * 128, 16 * 128, 128, 1) and codes.data_ptr() % 16 == 0
+    assert torch.all(codes.as_strided((1, 2, 16, 128), codes.stride()).float()[..., 50:] == 0)
+    assert v_padded(codes) and not v_padded(codes.contiguous())
 
 
 def test_key_smoothing_leaves_attention_unchanged():
