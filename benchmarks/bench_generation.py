@@ -36,8 +36,9 @@ Rows: ``BASE[+STEP_CACHE]`` or ``cache-dit``.
   block's computation is the compiled graph. A host-side counter between the two counts executed blocks.
 - ``qsparse[KEY=VALUE,...]``: the qsparse row with its residual-cache schedule or attention precision changed:
   ``first`` / ``every`` (refresh the first k steps, then every n-th: CacheConfig.refresh_first / refresh_every; the
-  default row's 2 / 5 refreshes 11 of 50 steps, ``first=1,every=10`` 5 of 50: 0, 10, .., 40), ``order`` (1 or 2), ``attn``
-  (``sparsity.attention_precision``: bf16 or int8_fp8, the 8-bit kernels for the sparse and the refresh attention).
+  default row's 2 / 5 refreshes 11 of 50 steps, ``first=1,every=10`` 5 of 50: 0, 10, .., 40), ``order`` (1 or 2),
+  ``attn`` (``sparsity.attention_precision``: bf16 or int8_fp8, the 8-bit kernels for the sparse and the refresh
+  attention).
 - STEP_CACHE (diffusers 0.42 ``transformer.enable_cache``): ``fbc`` FirstBlockCacheConfig, ``mag`` MagCacheConfig
   (calibrated first: one full video with ``calibrate=True`` records each CFG branch's residual magnitude ratio per
   step; the warm video runs with their mean as ``mag_ratios``), ``taylorseer`` TaylorSeerCacheConfig in lite mode

@@ -10,12 +10,13 @@ Inputs are the output of ``ops.attention_quantization.quantize_attention_inputs`
 reference live there): q_codes (B, H, Sq, D) int8 with one fp32 scale per (batch, head, ``quant_block`` tokens);
 k_codes (B, H, Skv, D) int8 of the mean-smoothed keys, scales likewise; v_codes (B, H, D, Skv) float8_e4m3fn,
 channel-major, with one fp32 scale per (batch, head, channel); lse_shift (B, H, Sq) fp32 = q . mean(k). All with a
-unit stride in the last dim. Speed needs every row stride divisible by 16 bytes and V's tail tiles unmasked: compiled
-Triton proves alignment only from arguments divisible by 16 and otherwise loads a tile byte by byte, unpipelined (V's
-rows are Skv bytes: 32,760 at Wan 480p). ``quantize_attention_inputs`` pads V's rows with zero codes to 128 tokens,
-and where a row has that room (``v_padded``) its tail tile loads unmasked. D in {32, 64, 128}. The sparse entry point takes the layout contract of
-``qsparse::sparse_attention`` (kernels/block_sparse_attention.py): ``kv_num_blocks`` [B|1, H|1, QB], ``kv_indices``
-[B|1, H|1, QB, KVB] (per-head layouts, all heads in one launch), layout blocks of 32..256 tokens, an optional bool
+unit stride in the last dim. Speed needs every row stride divisible by 16 bytes and V's tail tiles unmasked:
+compiled Triton proves alignment only from arguments divisible by 16 and otherwise loads a tile byte by byte,
+unpipelined (V's rows are Skv bytes: 32,760 at Wan 480p). ``quantize_attention_inputs`` pads V's rows with zero
+codes to 128 tokens, and where a row has that room (``v_padded``) its tail tile loads unmasked. D in {32, 64, 128}.
+The sparse entry point takes the layout contract of ``qsparse::sparse_attention``
+(kernels/block_sparse_attention.py): ``kv_num_blocks`` [B|1, H|1, QB], ``kv_indices`` [B|1, H|1, QB, KVB] (per-head
+layouts, all heads in one launch), layout blocks of 32..256 tokens, an optional bool
 key-padding mask (B|1, 1, 1, Skv), tails. Rows that attend to nothing: out = 0, lse = -inf.
 
 Numerics: the int8 dot is exact in int32; scores are dequantized in fp32 with the row's Q scale, the key's K scale

@@ -1,11 +1,12 @@
 """The 8-bit attention kernel as the GPU build sees it, checked on the CPU.
 
-Triton compiles a kernel for a CUDA target without a GPU (the front end and the sm_90 passes run on the host), so the
-TTGIR shows what a launch would get. The property checked: with the inputs ``quantize_attention_inputs`` produces at
-workload W's length (32,760 tokens, not a multiple of 16: the last key tile is a tail), every K and V tile load of the key loop is an asynchronous,
-vectorized copy into shared memory (pipelined), not a per-byte load. Compiled Triton proves alignment only from
-arguments divisible by 16 (its launch-time specialization, emulated here from the real tensors); V's rows once had a
-32,760-byte stride, and a tail tile masked along them, and were read byte by byte (BENCHMARKS.md, 2026-12-07).
+Triton compiles a kernel for a CUDA target without a GPU (the front end and the sm_90 passes run on the host), so
+the TTGIR shows what a launch would get. The property checked: with the inputs ``quantize_attention_inputs``
+produces at workload W's length (32,760 tokens, not a multiple of 16: the last key tile is a tail), every K and V
+tile load of the key loop is an asynchronous, vectorized copy into shared memory (pipelined), not a per-byte load.
+Compiled Triton proves alignment only from arguments divisible by 16 (its launch-time specialization, emulated here
+from the real tensors); V's rows once had a 32,760-byte stride, and a tail tile masked along them, and were read
+byte by byte (BENCHMARKS.md, 2026-12-07).
 """
 
 import json
@@ -66,7 +67,8 @@ def _async_copies() -> list[str]:
                 stride_im=0, stride_mb=0, stride_mn=0)
     from qsparse_compiler.kernels.attention_int8_fp8 import v_padded
 
-    constexprs = dict(V_PADDED=v_padded(x.v_codes), HEAD_DIM=d, QUANT_BLOCK=64, SPARSE=False, LAYOUT_BLOCK_Q=128, LAYOUT_BLOCK_KV=128,
+    constexprs = dict(V_PADDED=v_padded(x.v_codes), HEAD_DIM=d, QUANT_BLOCK=64, SPARSE=False, LAYOUT_BLOCK_Q=128,
+                      LAYOUT_BLOCK_KV=128,
                       HAS_MASK=False, EVEN_KV=s % 128 == 0, BLOCK_M=128, BLOCK_N=128, INTERPRETED=False)
     signature, attrs = _signature_and_attrs(kernel, args, constexprs)
     source = ASTSource(fn=kernel, signature=signature, attrs=attrs,
