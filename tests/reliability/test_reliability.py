@@ -85,7 +85,9 @@ def fresh_compiles():
     return tiny, inputs, outputs
 
 
-@pytest.mark.parametrize("dynamic", [None, True], ids=["automatic-dynamic", "dynamic=True"])
+# dynamic=True is also covered by test_dynamic_true_and_batch_change; its full shape sweep is an extended variant.
+@pytest.mark.parametrize("dynamic", [None, pytest.param(True, marks=pytest.mark.extended)],
+                         ids=["automatic-dynamic", "dynamic=True"])
 def test_shape_changes_recompile_boundedly_and_match_a_fresh_compile(fresh_compiles, dynamic):
     """Frame count, resolution and batch size change with W4A8 and 50% tiles: each output equals a fresh compile for
     that shape (the layout follows the grid, the packed weights are reused), the graphs stay few, and going back to
@@ -104,7 +106,10 @@ def test_shape_changes_recompile_boundedly_and_match_a_fresh_compile(fresh_compi
     assert all(r.counters["sparse_attention"] == 1 and r.counters["w4a8_linear"] == 10 for r in reports())
 
 
-@pytest.mark.parametrize("factory", [lambda: tiny_cogvideox(num_layers=1), tiny_hunyuan], ids=["cogvideox", "hunyuan"])
+# CogVideoX keeps the joint-attention scenario in the default run; HunyuanVideo's (dual + single stream) is extended.
+@pytest.mark.parametrize("factory", [lambda: tiny_cogvideox(num_layers=1),
+                                     pytest.param(tiny_hunyuan, marks=pytest.mark.extended)],
+                         ids=["cogvideox", "hunyuan"])
 def test_joint_attention_models_follow_frame_and_resolution_changes(factory):
     """Text + video in one attention; CogVideoX recomputes its positional embedding (an in-place copy) for any size
     but its config's. With every tile and no quantization the compiled model must equal eager at each size."""

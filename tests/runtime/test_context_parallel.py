@@ -71,7 +71,9 @@ def _worker(rank: int, tmp: str, regional: bool, layers: int) -> None:
 # Whole model (one block, to keep the compile short): one graph from the split to the output gather; the workers call
 # enable_parallelism themselves and qs.optimize(parallel=None) finds it.
 @pytest.mark.slow
-@pytest.mark.parametrize("regional, layers", [(True, 2), (False, 1)], ids=["regional", "whole_model"])
+# Regional (qs.optimize's default) keeps the two-process scenario in the default run; the whole-model graph is extended.
+@pytest.mark.parametrize("regional, layers", [(True, 2), pytest.param(False, 1, marks=pytest.mark.extended)],
+                         ids=["regional", "whole_model"])
 def test_ulysses_two_processes_equal_one_process(tmp_path, regional, layers):
     tiny = tiny_wan(num_layers=layers, heads=HEADS)
     linears = {name for name, module in tiny.model.blocks.named_modules(prefix="blocks")
