@@ -106,10 +106,14 @@ case "${1:-e2e}" in
     done
     # The reference DiT (16 x 64 x 64, 16,384 tokens), 4 seeds, the same steps and rows; each part reruns the dense
     # eager reference its PSNR / SSIM are measured against.
-    for part in ${FID_PARTS-1 2}; do
+    for part in ${FID_PARTS-1 2 3 4}; do
       case $part in
         1) gen fid1 inductor,flex-fp8,flex-fp8+fbc,flex-fp8+mag --fidelity --out "$OUT/fidelity.json" ;;
         2) gen fid2 flex-fp8+taylorseer,cache-dit,qsparse,qsparse+fbc --fidelity --out "$OUT/fidelity.json" ;;
+        # generation part 4's rows (each part reruns the eager reference)
+        3) gen fid3 "flex-fp8,qsparse[first=1,every=10],qsparse,qsparse[first=1,every=10,attn=int8_fp8]" --fidelity \
+               --out "$OUT/fidelity.json" ;;
+        4) gen fid4 "flex-fp8+mag,qsparse[first=1,every=10]+mag,inductor" --fidelity --out "$OUT/fidelity.json" ;;
       esac
     done
     if [ -f "$OUT/generation.json" ] && [ -f "$OUT/fidelity.json" ]; then
