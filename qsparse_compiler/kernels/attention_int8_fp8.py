@@ -19,14 +19,18 @@ The sparse entry point takes the layout contract of ``qsparse::sparse_attention`
 layouts, all heads in one launch), layout blocks of 32..256 tokens, an optional bool
 key-padding mask (B|1, 1, 1, Skv), tails. Rows that attend to nothing: out = 0, lse = -inf.
 
-Numerics: the int8 dot is exact in int32; scores are dequantized in fp32 with the row's Q scale, the key's K scale
-and ``scale * log2(e)`` folded together, so the softmax runs in the exp2 domain. The tile's p = exp2(s - m) in
-[0, 1] is scaled by 448 and rounded to e4m3 (``P_SCALE``); the row sum l accumulates the fp32 p. Each key tile's
-P.V product is a fresh fp8 dot whose fp32 result is added to the running accumulator: Hopper's fp8 MMA keeps fewer
-accumulator bits than fp32 (SageAttention2 and DeepGEMM promote the same way), and a sum carried through thousands
-of keys in the MMA would lose them. At the end out = acc * v_scale / (448 * l) and lse = (m + log2 l) * ln 2 +
-scale * lse_shift (the smoothing's shift: lse keeps ``qsparse::sparse_attention``'s meaning, so partial results
-merge through it). Tokens past Sq/Skv in tail tiles read as zero codes and are masked with -inf.
+Numerics: the int8 dot is exact in int32; scores are dequantized in fp32, s = dot * k_scale * scale * log2(e) *
+q_scale, so the softmax runs in the exp2 domain. The row's Q scale (> 0, as ``quantize_attention_inputs`` makes
+it) is applied last: the running max is q_scale * max_j(u_j) of u = dot * k_scale * scale * log2(e) (exact:
+rounding is monotonic) and the exponent is one fused multiply-add, u * q_scale - m. The tile's p = exp2(s - m) in
+[0, 1] is scaled by 448 and rounded to e4m3 (``P_SCALE``); the scaling is folded into the exponent, 448 p =
+exp2(s - m + log2 448), and the row sum l accumulates that fp32 448 p (448 times the fp32 sum of p, up to fp32
+rounding). Each key tile's P.V product is a fresh fp8 dot whose fp32 result is added to the running accumulator:
+Hopper's fp8 MMA keeps fewer accumulator bits than fp32 (SageAttention2 and DeepGEMM promote the same way), and a
+sum carried through thousands of keys in the MMA would lose them. At the end out = acc * v_scale / l and lse =
+(m + log2 l - log2 448) * ln 2 + scale * lse_shift (the smoothing's shift: lse keeps ``qsparse::sparse_attention``'s
+meaning, so partial results merge through it). Tokens past Sq/Skv in tail tiles read as zero codes and are masked
+with -inf; the dense kernel runs its full key tiles without bounds and the tail tile once after them.
 
 One jit function, ``_attend_key_tile``, is the inner loop of both kernels (one key tile: load, int8 dot, mask, online
 softmax update, e4m3 P, fp8 dot); the sparse kernel walks the listed key blocks, the dense kernel every key tile.
@@ -67,49 +71,55 @@ _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _LOG2E = 1.4426950408889634
 P_SCALE = 448.0  # ops/attention_quantization.P_SCALE: p in [0, 1] onto e4m3's whole range
 _P_SCALE_JIT = tl.constexpr(P_SCALE)  # compiled kernels read only constexpr globals (the interpreter reads any)
+_LOG2_P_SCALE_JIT = tl.constexpr(math.log2(P_SCALE))
 
 
 @triton.jit
 def _attend_key_tile(
-    acc, m_i, l_i, q, q_scale_log2,
+    acc, m_i, l_i, q, q_scale,
     k_base, v_base, k_scale_base, mask_base,
     start_n, offs_n, offs_d,
     stride_kn, stride_vd, stride_mn,
-    SEQ_KV,
+    SEQ_KV, qk_scale_log2,
     QUANT_BLOCK: tl.constexpr,
     HAS_MASK: tl.constexpr,
-    EVEN_KV: tl.constexpr,
+    MASK_TAIL: tl.constexpr,  # this tile may reach past SEQ_KV: masked loads and -inf scores there
     V_PADDED: tl.constexpr,
     INTERPRETED: tl.constexpr,
 ):
-    """One key tile of the online softmax: returns the updated (acc, m_i, l_i)."""
+    """One key tile of the online softmax: returns the updated (acc, m_i, l_i). m_i is in log2 units; l_i and p are
+    448 times those of exp2 (P_SCALE folded into the exponent, see the module docstring)."""
     cols = start_n + offs_n
     in_bounds = cols < SEQ_KV
     # K codes read transposed ([D, BLOCK_N]; D contiguous in memory = K-major for the MMA); V^T codes [D, BLOCK_N].
-    if EVEN_KV:
-        k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None])
-        v = tl.load(v_base + offs_d[:, None] * stride_vd + cols[None, :])
-        k_scale = tl.load(k_scale_base + cols // QUANT_BLOCK)
-    else:
+    if MASK_TAIL:
         k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=in_bounds[None, :], other=0)
         if V_PADDED:  # zero codes up to the next 128 tokens: an unmasked load stays vectorized (see _v_padded)
             v = tl.load(v_base + offs_d[:, None] * stride_vd + cols[None, :])
         else:
             v = tl.load(v_base + offs_d[:, None] * stride_vd + cols[None, :], mask=in_bounds[None, :], other=0.0)
         k_scale = tl.load(k_scale_base + cols // QUANT_BLOCK, mask=in_bounds, other=0.0)
-    s = tl.dot(q, k, out_dtype=tl.int32).to(tl.float32) * q_scale_log2[:, None] * k_scale[None, :]
+    else:
+        k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None])
+        v = tl.load(v_base + offs_d[:, None] * stride_vd + cols[None, :])
+        k_scale = tl.load(k_scale_base + cols // QUANT_BLOCK)
+    # u = scores / q_scale (log2 units): the row's Q scale (> 0) stays out of the [BLOCK_M, BLOCK_N] products and
+    # enters once per score in the exponent's fused multiply-add below; a mask enters as the column's additive bias.
+    k_factor = k_scale * qk_scale_log2
+    u = tl.dot(q, k, out_dtype=tl.int32).to(tl.float32) * k_factor[None, :]
     if HAS_MASK:
         attend = tl.load(mask_base + cols * stride_mn, mask=in_bounds, other=0) != 0
-        s += tl.where(attend, 0.0, float("-inf"))[None, :]
-    elif not EVEN_KV:
-        s += tl.where(in_bounds, 0.0, float("-inf"))[None, :]
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+        u += tl.where(attend, 0.0, float("-inf"))[None, :]
+    elif MASK_TAIL:
+        u += tl.where(in_bounds, 0.0, float("-inf"))[None, :]
+    # q_scale > 0 and rounding is monotonic, so max_j(q u_j) = q max_j(u_j) exactly.
+    m_new = tl.maximum(m_i, tl.max(u, 1) * q_scale)
     # A row that has seen only masked keys keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
     m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_sub[:, None])
+    # 448 p = exp2(s - m + log2 448): P_SCALE folded into the subtrahend, one fused multiply-add per score.
+    p_scaled = tl.math.exp2(u * q_scale[:, None] - (m_sub - _LOG2_P_SCALE_JIT)[:, None])
     alpha = tl.math.exp2(m_i - m_sub)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    p_scaled = p * _P_SCALE_JIT
+    l_i = l_i * alpha + tl.sum(p_scaled, 1)
     if INTERPRETED:
         p_codes = round_to_e4m3_grid(p_scaled).to(tl.float8e4nv)
         pv = tl.dot(p_codes.to(tl.float32), tl.trans(v.to(tl.float32)))
@@ -121,15 +131,16 @@ def _attend_key_tile(
 
 @triton.jit
 def _finish(acc, m_i, l_i, lse_shift, v_scale, Out, Lse, o_ptrs, lse_ptrs, row_ok, qk_scale, INTERPRETED: tl.constexpr):
-    """out = acc * v_scale / (448 l) (0 for rows that attended nothing), lse in natural log with the shift."""
+    """out = acc * v_scale / l (l = 448 sum p; 0 for rows that attended nothing), lse in natural log with the
+    shift."""
     attended = l_i > 0.0
-    denom = tl.where(attended, l_i, 1.0) * _P_SCALE_JIT
+    denom = tl.where(attended, l_i, 1.0)
     out = acc * (v_scale[None, :] / denom[:, None])
     if INTERPRETED:
         if Out.dtype.element_ty == tl.bfloat16:
             out = round_to_bf16_grid(out)
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
-    lse = (m_i + tl.math.log2(tl.where(attended, l_i, 1.0))) * 0.6931471805599453 + qk_scale * lse_shift
+    lse = (m_i + tl.math.log2(denom) - _LOG2_P_SCALE_JIT) * 0.6931471805599453 + qk_scale * lse_shift
     tl.store(lse_ptrs, tl.where(attended, lse, float("-inf")), mask=row_ok)
 
 
@@ -171,15 +182,15 @@ def _attention_int8_fp8_fwd(
     row_ok = offs_m < SEQ_Q
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
                 mask=row_ok[:, None], other=0)
-    q_scale_log2 = tl.load(QScale + bh * Q_TILES + offs_m // QUANT_BLOCK, mask=row_ok, other=0.0) * (
-        qk_scale * 1.4426950408889634)
+    q_scale = tl.load(QScale + bh * Q_TILES + offs_m // QUANT_BLOCK, mask=row_ok, other=1.0)
+    qk_scale_log2 = qk_scale * 1.4426950408889634
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     k_scale_base = KScale + bh * K_TILES
     mask_base = Mask + b * stride_mb
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max, log2 units
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(s - m_i), fp32 p
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of 448 exp2(s - m_i), fp32
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     if SPARSE:
         SUB: tl.constexpr = LAYOUT_BLOCK_KV // BLOCK_N
@@ -189,13 +200,23 @@ def _attention_int8_fp8_fwd(
         for j in tl.range(0, num_listed * SUB):
             start_n = tl.load(idx_row + j // SUB) * LAYOUT_BLOCK_KV + (j % SUB) * BLOCK_N
             acc, m_i, l_i = _attend_key_tile(
-                acc, m_i, l_i, q, q_scale_log2, k_base, v_base, k_scale_base, mask_base, start_n, offs_n, offs_d,
-                stride_kn, stride_vd, stride_mn, SEQ_KV, QUANT_BLOCK, HAS_MASK, EVEN_KV, V_PADDED, INTERPRETED)
+                acc, m_i, l_i, q, q_scale, k_base, v_base, k_scale_base, mask_base, start_n, offs_n, offs_d,
+                stride_kn, stride_vd, stride_mn, SEQ_KV, qk_scale_log2, QUANT_BLOCK, HAS_MASK, not EVEN_KV, V_PADDED,
+                INTERPRETED)
     else:
-        for start_n in tl.range(0, SEQ_KV, BLOCK_N):
+        # Full key tiles need no bounds: the loop runs them unmasked and the tail tile, if any, runs once after it.
+        full_end = (SEQ_KV // BLOCK_N) * BLOCK_N
+        for start_n in tl.range(0, full_end, BLOCK_N):
             acc, m_i, l_i = _attend_key_tile(
-                acc, m_i, l_i, q, q_scale_log2, k_base, v_base, k_scale_base, mask_base, start_n, offs_n, offs_d,
-                stride_kn, stride_vd, stride_mn, SEQ_KV, QUANT_BLOCK, HAS_MASK, EVEN_KV, V_PADDED, INTERPRETED)
+                acc, m_i, l_i, q, q_scale, k_base, v_base, k_scale_base, mask_base, start_n, offs_n, offs_d,
+                stride_kn, stride_vd, stride_mn, SEQ_KV, qk_scale_log2, QUANT_BLOCK, HAS_MASK, False, V_PADDED,
+                INTERPRETED)
+        if not EVEN_KV:
+            if full_end < SEQ_KV:
+                acc, m_i, l_i = _attend_key_tile(
+                    acc, m_i, l_i, q, q_scale, k_base, v_base, k_scale_base, mask_base, full_end, offs_n, offs_d,
+                    stride_kn, stride_vd, stride_mn, SEQ_KV, qk_scale_log2, QUANT_BLOCK, HAS_MASK, True, V_PADDED,
+                    INTERPRETED)
 
     v_scale = tl.load(VScale + bh * HEAD_DIM + offs_d)
     lse_shift = tl.load(LseShift + bh * SEQ_Q + offs_m, mask=row_ok, other=0.0)
