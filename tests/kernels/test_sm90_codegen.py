@@ -7,12 +7,19 @@ tile load of the key loop is an asynchronous, vectorized copy into shared memory
 Compiled Triton proves alignment only from arguments divisible by 16 (its launch-time specialization, emulated here
 from the real tensors); V's rows once had a 32,760-byte stride, and a tail tile masked along them, and were read
 byte by byte (BENCHMARKS.md, 2026-12-07).
+
+Second property, on the SASS of the dense kernel's steady-state key loop (tools/sm90_attention_report.py reads it):
+at 64x128 tiles with 4 warps (no spills there), per score the loop holds one int->float convert, one exp2, no bounds
+select (the tail tile is peeled off the loop) and at most 5 fp32 FMUL/FFMA/FADD (6.1 before the Q scale moved into
+the exponent's FMA and 448 into exp2), and no local-memory traffic.
 """
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,5 +94,33 @@ def test_key_loop_loads_are_pipelined_at_wan_length():
     assert any("f8E4M3FN" in line for line in copies), "V tiles are not copied asynchronously (unaligned rows?)"
 
 
+def _dense_loop_mix() -> dict:
+    """The tool's analysis of the dense kernel at 64x128, 4 warps, 3 stages (run without TRITON_INTERPRET)."""
+    spec = importlib.util.spec_from_file_location(
+        "sm90_attention_report", Path(__file__).resolve().parents[2] / "tools" / "sm90_attention_report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    for name, thunk in report.int8_variants(heads=2, seq=32760, sparse=False):
+        if name.startswith("int8_fp8 64x128 w4 s3"):
+            r = report.analyse(thunk())
+            return {"regs": r["regs"], "stl": r["stl"], "ldl": r["ldl"], "mix": dict(r["mix"])}
+    raise AssertionError("64x128 w4 s3 is not in attention_int8_fp8.CONFIGS")
+
+
+@pytest.mark.skipif("nvidia" not in getattr(triton.backends, "backends", {}), reason="Triton without its CUDA backend")
+def test_dense_key_loop_instruction_mix():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, __file__, "mix"], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    r = json.loads(result.stdout.strip().splitlines()[-1])
+    mix = r["mix"]
+    scores = 64 * 128 // 128  # per thread per key tile
+    assert r["stl"] == 0 and r["ldl"] == 0, f"spills: {r}"
+    assert mix.get("I2FP.F32.S32", 0) == scores, mix
+    assert scores <= mix.get("MUFU.EX2", 0) <= scores + 2, mix
+    assert mix.get("FSEL", 0) <= 4, f"a per-score select in the dense loop (tail mask?): {mix}"
+    assert mix.get("FMUL", 0) + mix.get("FFMA", 0) + mix.get("FADD", 0) <= 5 * scores, mix
+
+
 if __name__ == "__main__":
-    print(json.dumps(_async_copies()))
+    print(json.dumps(_dense_loop_mix() if sys.argv[1:] == ["mix"] else _async_copies()))
