@@ -415,10 +415,12 @@ def _launch(q_codes, q_scale, k_codes, k_scale, v_codes, v_scale, lse_shift, sca
     if config is None:
         config = default_config(d, block_q if layout is not None else 32, block_kv if layout is not None else 32)
     bn = config["BLOCK_N"]
+    # A register cap (ptxas .maxnreg) trades spills for more resident blocks per SM; only pinned configs carry one.
+    cap = {"maxnreg": config["maxnreg"]} if config.get("maxnreg") and q_codes.is_cuda else {}
     _attention_int8_fp8_fwd[grid(config)](
         *args, EVEN_KV=skv % max(bn, block_kv if layout is not None else bn) == 0,
         BLOCK_M=config["BLOCK_M"], BLOCK_N=bn, num_warps=config.get("num_warps", 4),
-        num_stages=config.get("num_stages", 2), INTERPRETED=not q_codes.is_cuda, **meta,
+        num_stages=config.get("num_stages", 2), INTERPRETED=not q_codes.is_cuda, **cap, **meta,
     )
     return out, lse
 
