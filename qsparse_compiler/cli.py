@@ -243,16 +243,27 @@ def eval_command(
     frames: Optional[int] = typer.Option(None, help="video frames (default: the reference model's 16)"),
     pareto: Optional[Path] = typer.Option(None, help="instead: draw seconds per video vs PSNR from this speed JSON of "
                                                      "bench_generation.py and --fidelity-json, into --out/pareto.png"),
-    fidelity_json: Optional[Path] = typer.Option(None, help="with --pareto: bench_generation.py --fidelity's JSON"),
+    fidelity_json: Optional[list[Path]] = typer.Option(None, help="with --pareto: bench_generation.py --fidelity's "
+                                                                  "JSON (repeat to join runs of the same settings)"),
+    stand_in: Optional[list[str]] = typer.Option(None, help="with --pareto: SPEED_ROW=FIDELITY_ROW, a row measured "
+                                                            "for speed only that takes another row's PSNR (e.g. "
+                                                            "flex-fp8=flex from a CPU fidelity run); repeatable"),
 ) -> None:
     """Dense vs compressed variants of the reference video DiT over whole sampling runs: PSNR, SSIM, layer SQNR.
     FIDELITY.md's CPU run (2 frames, 16 steps, 2 seeds, 8 variants) took 14 min on 2 cores."""
     if pareto is not None:
         from .eval.pareto import pareto_plot
 
-        if fidelity_json is None:
+        if not fidelity_json:
             raise typer.BadParameter("--pareto needs --fidelity-json (bench_generation.py --fidelity --out FILE)")
-        path, summary = pareto_plot(pareto, fidelity_json, out / "pareto.png")
+        pairs = [item.partition("=") for item in stand_in or []]
+        if any(not speed_row or not sep or not fid_row for speed_row, sep, fid_row in pairs):
+            raise typer.BadParameter(f"--stand-in {stand_in}: write SPEED_ROW=FIDELITY_ROW, e.g. flex-fp8=flex")
+        try:
+            path, summary = pareto_plot(pareto, list(fidelity_json), out / "pareto.png",
+                                        {speed_row: fid_row for speed_row, _, fid_row in pairs})
+        except ValueError as error:
+            raise typer.BadParameter(str(error)) from None
         for point in summary["points"]:
             front = "front" if point["system"] in summary["front"] else ""
             console.print(f"{point['system']}: {point['seconds']:.2f} s per video, {point['psnr_db']:.2f} dB {front}")

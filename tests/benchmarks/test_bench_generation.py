@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "benchmarks" / "bench_generation.py"
@@ -91,6 +92,44 @@ def test_pareto_front_and_join(tmp_path):
     assert path.stat().st_size > 1000
     with pytest.raises(ValueError, match="expected a 'fidelity' run"):
         pareto_plot(tmp_path / "gen.json", tmp_path / "gen.json", tmp_path / "x.png")
+
+
+def test_pareto_joins_fidelity_runs_and_takes_named_stand_ins(tmp_path):
+    """A CPU fidelity run has ``flex`` (bf16 linears) where the GPU speed run has ``flex-fp8``: the point takes
+    flex's PSNR only when asked, and says so; runs of other settings are refused, naming what differs."""
+    from qsparse_compiler.cli import app
+    from qsparse_compiler.eval.pareto import pareto_points
+
+    meta = {"mode": "fidelity", "steps": 50, "seeds": "0,1", "latents": [1, 3, 2, 64, 64], "workload": "reference DiT"}
+    speed = {"meta": {"mode": "speed", "workload": "wan-1.3b-480p", "device": "H100"}, "rows": [
+        {"system": "flex-fp8", "seconds_per_video": 21.0}, {"system": "qsparse", "seconds_per_video": 20.0},
+        {"system": "qsparse+mag", "seconds_per_video": 12.0}]}
+    first = {"meta": meta, "rows": [{"system": "qsparse", "psnr_mean": 21.0, "ssim_mean": 0.9},
+                                    {"system": "qsparse+mag", "psnr_mean": 1.0, "ssim_mean": 0.1}]}
+    second = {"meta": meta, "rows": [{"system": "flex", "psnr_mean": 8.0, "ssim_mean": 0.2},
+                                     {"system": "qsparse+mag", "psnr_mean": 19.0, "ssim_mean": 0.8}]}
+    for name, data in (("gen", speed), ("a", first), ("b", second)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(data))
+    files = [tmp_path / "a.json", tmp_path / "b.json"]
+    points, skipped = pareto_points(tmp_path / "gen.json", files)
+    assert [p.system for p in points] == ["qsparse", "qsparse+mag"] and points[1].psnr_db == 19.0  # later file wins
+    assert skipped == ["flex-fp8: not in the fidelity run"]
+    points, skipped = pareto_points(tmp_path / "gen.json", files, {"flex-fp8": "flex"})
+    assert (points[0].system, points[0].psnr_db) == ("flex-fp8 [PSNR of flex]", 8.0) and not skipped
+    with pytest.raises(ValueError, match="'flexx' is not a row of the fidelity run"):
+        pareto_points(tmp_path / "gen.json", files, {"flex-fp8": "flexx"})
+    (tmp_path / "c.json").write_text(json.dumps({**second, "meta": {**meta, "steps": 16}}))
+    with pytest.raises(ValueError, match=r"other settings .*'steps': \(50, 16\)"):
+        pareto_points(tmp_path / "gen.json", [tmp_path / "a.json", tmp_path / "c.json"])
+    result = CliRunner().invoke(app, ["eval", "--pareto", str(tmp_path / "gen.json"), "--fidelity-json",
+                                      str(files[0]), "--fidelity-json", str(files[1]), "--stand-in",
+                                      "flex-fp8=flex", "--out", str(tmp_path / "plot")])
+    assert result.exit_code == 0, result.output
+    assert "flex-fp8 [PSNR of flex]: 21.00 s per video, 8.00 dB" in result.output
+    assert (tmp_path / "plot" / "pareto.png").stat().st_size > 1000
+    result = CliRunner().invoke(app, ["eval", "--pareto", str(tmp_path / "gen.json"), "--fidelity-json",
+                                      str(files[0]), "--stand-in", "flex-fp8", "--out", str(tmp_path / "plot")])
+    assert result.exit_code != 0 and "SPEED_ROW=FIDELITY_ROW" in result.output
 
 
 @pytest.mark.slow
