@@ -349,7 +349,12 @@ def run_int8_sweep(rec: Recorder):
     capped = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, maxnreg=cap)
               for bm, bn, w, st, cap in ((64, 64, 4, 2, 168), (64, 128, 4, 2, 200), (64, 128, 4, 2, 168),
                                          (128, 64, 8, 2, 128))]
-    variants = [dict(v.kwargs, num_warps=v.num_warps, num_stages=v.num_stages) for v in INT8_CONFIGS] + capped
+    # and the two best of CONFIGS with the scores' int32 -> fp32 as a conversion instruction (MAGIC_I2F=False, the
+    # kernel before the exact add-and-subtract form): the A/B of that change.
+    converted = [dict(BLOCK_M=128, BLOCK_N=128, num_warps=w, num_stages=st, MAGIC_I2F=False)
+                 for w, st in ((4, 3), (8, 2))]
+    variants = [dict(v.kwargs, num_warps=v.num_warps, num_stages=v.num_stages) for v in INT8_CONFIGS]
+    variants += capped + converted
     for c in variants:
         if SMOKE and c["BLOCK_M"] > 32:
             continue  # keep the interpreter quick
@@ -448,10 +453,11 @@ def write_markdown(data: dict, path: Path) -> None:
         lines.append("")
     if data["int8_sweep"]:
         lines += ["## 8-bit launch-config sweep (1x12x32,760x128)", "",
-                  "| density | BLOCK_M | BLOCK_N | warps | stages | register cap | ms | SQNR dB vs bf16 |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| density | BLOCK_M | BLOCK_N | warps | stages | register cap | exact add I2F | ms | SQNR dB vs bf16 "
+                  "|",
+                  "|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['density']} | {r['BLOCK_M']} | {r['BLOCK_N']} | "
-                  f"{r['num_warps']} | {r['num_stages']} | {r.get('maxnreg') or '-'} | "
+                  f"{r['num_warps']} | {r['num_stages']} | {r.get('maxnreg') or '-'} | {r.get('MAGIC_I2F', True)} | "
                   f"{r.get('ms', float('nan')):.3f} | "
                   f"{r.get('sqnr_db', float('nan')):.1f} |" for r in data["int8_sweep"]]
         lines.append("")

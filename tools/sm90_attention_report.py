@@ -30,6 +30,7 @@ MMAs) that explains a measured gap, and before/after changes to a kernel; only a
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import re
 import subprocess
@@ -60,10 +61,12 @@ def compile_kernel(kernel, args: dict, constexprs: dict, num_warps: int, num_sta
     ``kernel`` with ``args`` (name -> value) would give (Triton's specializer: 16-divisible pointers and ints get
     ``tt.divisibility``, ints equal to 1 become constants)."""
     signature, attrs, consts = {}, {}, {}
+    defaults = {name: p.default for name, p in inspect.signature(kernel.fn).parameters.items()
+                if p.default is not inspect.Parameter.empty}
     for index, name in enumerate(kernel.arg_names):
-        if name in constexprs:
+        if name in constexprs or (name not in args and name in defaults):  # a launch leaves defaults as they are
             signature[name] = "constexpr"
-            consts[(index,)] = constexprs[name]
+            consts[(index,)] = constexprs.get(name, defaults.get(name))
             continue
         param = kernel.params[index]
         kind, key = native_specialize_impl(BaseBackend, args[name], param.is_const, not param.do_not_specialize,

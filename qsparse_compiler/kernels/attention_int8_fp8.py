@@ -19,7 +19,8 @@ The sparse entry point takes the layout contract of ``qsparse::sparse_attention`
 layouts, all heads in one launch), layout blocks of 32..256 tokens, an optional bool
 key-padding mask (B|1, 1, 1, Skv), tails. Rows that attend to nothing: out = 0, lse = -inf.
 
-Numerics: the int8 dot is exact in int32; scores are dequantized in fp32, s = dot * k_scale * scale * log2(e) *
+Numerics: the int8 dot is exact in int32 and converted to fp32 exactly (``MAGIC_I2F``: an integer add that folds
+into the MMA's accumulator and an fp32 subtract, instead of a conversion instruction); scores are dequantized in fp32, s = dot * k_scale * scale * log2(e) *
 q_scale, so the softmax runs in the exp2 domain. The row's Q scale (> 0, as ``quantize_attention_inputs`` makes
 it) is applied last: the running max is q_scale * max_j(u_j) of u = dot * k_scale * scale * log2(e) (exact:
 rounding is monotonic) and the exponent is one fused multiply-add, u * q_scale - m. The tile's p = exp2(s - m) in
@@ -72,6 +73,8 @@ _LOG2E = 1.4426950408889634
 P_SCALE = 448.0  # ops/attention_quantization.P_SCALE: p in [0, 1] onto e4m3's whole range
 _P_SCALE_JIT = tl.constexpr(P_SCALE)  # compiled kernels read only constexpr globals (the interpreter reads any)
 _LOG2_P_SCALE_JIT = tl.constexpr(math.log2(P_SCALE))
+_MAGIC_I2F_FLOAT = tl.constexpr(12582912.0)  # 1.5 * 2**23
+_MAGIC_I2F_BITS = tl.constexpr(0x4B400000)  # its fp32 bit pattern
 
 
 @triton.jit
@@ -85,6 +88,7 @@ def _attend_key_tile(
     HAS_MASK: tl.constexpr,
     MASK_TAIL: tl.constexpr,  # this tile may reach past SEQ_KV: masked loads and -inf scores there
     V_PADDED: tl.constexpr,
+    MAGIC_I2F: tl.constexpr,
     INTERPRETED: tl.constexpr,
 ):
     """One key tile of the online softmax: returns the updated (acc, m_i, l_i). m_i is in log2 units; l_i and p are
@@ -106,7 +110,16 @@ def _attend_key_tile(
     # u = scores / q_scale (log2 units): the row's Q scale (> 0) stays out of the [BLOCK_M, BLOCK_N] products and
     # enters once per score in the exponent's fused multiply-add below; a mask enters as the column's additive bias.
     k_factor = k_scale * qk_scale_log2
-    u = tl.dot(q, k, out_dtype=tl.int32).to(tl.float32) * k_factor[None, :]
+    dot = tl.dot(q, k, out_dtype=tl.int32)
+    if MAGIC_I2F:
+        # int32 -> fp32 without a conversion instruction (sm_90 converts at the rate of exp2, which the softmax
+        # already saturates; not yet measured): |dot| <= D * 128 * 128 <= 2**21 (D <= 128), so the integer sum
+        # dot + bits(1.5 * 2**23) is the bit pattern of the fp32 1.5 * 2**23 + dot (unit spacing there), and
+        # subtracting 1.5 * 2**23 in fp32 is exact. One integer and one fp32 add.
+        dot_f = (dot + _MAGIC_I2F_BITS).to(tl.float32, bitcast=True) - _MAGIC_I2F_FLOAT
+    else:
+        dot_f = dot.to(tl.float32)
+    u = dot_f * k_factor[None, :]
     if HAS_MASK:
         attend = tl.load(mask_base + cols * stride_mn, mask=in_bounds, other=0) != 0
         u += tl.where(attend, 0.0, float("-inf"))[None, :]
@@ -166,6 +179,7 @@ def _attention_int8_fp8_fwd(
     V_PADDED: tl.constexpr,  # V rows hold zero codes up to the next multiple of 128 tokens (_v_padded)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    MAGIC_I2F: tl.constexpr = True,  # the scores' int32 -> fp32 by integer add + fp32 subtract (_attend_key_tile)
     INTERPRETED: tl.constexpr = False,
 ):
     tl.static_assert(LAYOUT_BLOCK_Q % BLOCK_M == 0, "a kernel query tile must lie inside one layout query block")
@@ -202,7 +216,7 @@ def _attention_int8_fp8_fwd(
             acc, m_i, l_i = _attend_key_tile(
                 acc, m_i, l_i, q, q_scale, k_base, v_base, k_scale_base, mask_base, start_n, offs_n, offs_d,
                 stride_kn, stride_vd, stride_mn, SEQ_KV, qk_scale_log2, QUANT_BLOCK, HAS_MASK, not EVEN_KV, V_PADDED,
-                INTERPRETED)
+                MAGIC_I2F, INTERPRETED)
     else:
         # Full key tiles need no bounds: the loop runs them unmasked and the tail tile, if any, runs once after it.
         full_end = (SEQ_KV // BLOCK_N) * BLOCK_N
@@ -210,13 +224,13 @@ def _attention_int8_fp8_fwd(
             acc, m_i, l_i = _attend_key_tile(
                 acc, m_i, l_i, q, q_scale, k_base, v_base, k_scale_base, mask_base, start_n, offs_n, offs_d,
                 stride_kn, stride_vd, stride_mn, SEQ_KV, qk_scale_log2, QUANT_BLOCK, HAS_MASK, False, V_PADDED,
-                INTERPRETED)
+                MAGIC_I2F, INTERPRETED)
         if not EVEN_KV:
             if full_end < SEQ_KV:
                 acc, m_i, l_i = _attend_key_tile(
                     acc, m_i, l_i, q, q_scale, k_base, v_base, k_scale_base, mask_base, full_end, offs_n, offs_d,
                     stride_kn, stride_vd, stride_mn, SEQ_KV, qk_scale_log2, QUANT_BLOCK, HAS_MASK, True, V_PADDED,
-                    INTERPRETED)
+                    MAGIC_I2F, INTERPRETED)
 
     v_scale = tl.load(VScale + bh * HEAD_DIM + offs_d)
     lse_shift = tl.load(LseShift + bh * SEQ_Q + offs_m, mask=row_ok, other=0.0)
@@ -419,7 +433,8 @@ def _launch(q_codes, q_scale, k_codes, k_scale, v_codes, v_scale, lse_shift, sca
     cap = {"maxnreg": config["maxnreg"]} if config.get("maxnreg") and q_codes.is_cuda else {}
     _attention_int8_fp8_fwd[grid(config)](
         *args, EVEN_KV=skv % max(bn, block_kv if layout is not None else bn) == 0,
-        BLOCK_M=config["BLOCK_M"], BLOCK_N=bn, num_warps=config.get("num_warps", 4),
+        BLOCK_M=config["BLOCK_M"], BLOCK_N=bn, MAGIC_I2F=config.get("MAGIC_I2F", True),
+        num_warps=config.get("num_warps", 4),
         num_stages=config.get("num_stages", 2), INTERPRETED=not q_codes.is_cuda, **cap, **meta,
     )
     return out, lse

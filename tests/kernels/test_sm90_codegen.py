@@ -74,9 +74,9 @@ def _async_copies() -> list[str]:
                 stride_im=0, stride_mb=0, stride_mn=0)
     from qsparse_compiler.kernels.attention_int8_fp8 import v_padded
 
-    constexprs = dict(V_PADDED=v_padded(x.v_codes), HEAD_DIM=d, QUANT_BLOCK=64, SPARSE=False, LAYOUT_BLOCK_Q=128,
-                      LAYOUT_BLOCK_KV=128,
-                      HAS_MASK=False, EVEN_KV=s % 128 == 0, BLOCK_M=128, BLOCK_N=128, INTERPRETED=False)
+    constexprs = dict(V_PADDED=v_padded(x.v_codes), MAGIC_I2F=True, HEAD_DIM=d, QUANT_BLOCK=64, SPARSE=False,
+                      LAYOUT_BLOCK_Q=128, LAYOUT_BLOCK_KV=128, HAS_MASK=False, EVEN_KV=s % 128 == 0, BLOCK_M=128,
+                      BLOCK_N=128, INTERPRETED=False)
     signature, attrs = _signature_and_attrs(kernel, args, constexprs)
     source = ASTSource(fn=kernel, signature=signature, attrs=attrs,
                        constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
@@ -116,10 +116,12 @@ def test_dense_key_loop_instruction_mix():
     mix = r["mix"]
     scores = 64 * 128 // 128  # per thread per key tile
     assert r["stl"] == 0 and r["ldl"] == 0, f"spills: {r}"
-    assert mix.get("I2FP.F32.S32", 0) == scores, mix
+    # The scores' int32 -> fp32 is an fp32 subtract (MAGIC_I2F: the integer add folds into the MMA's accumulator),
+    # not a conversion instruction (those issue at exp2's rate).
+    assert not any(op.startswith("I2F") for op in mix), mix
     assert scores <= mix.get("MUFU.EX2", 0) <= scores + 2, mix
     assert mix.get("FSEL", 0) <= 4, f"a per-score select in the dense loop (tail mask?): {mix}"
-    assert mix.get("FMUL", 0) + mix.get("FFMA", 0) + mix.get("FADD", 0) <= 5 * scores, mix
+    assert mix.get("FMUL", 0) + mix.get("FFMA", 0) + mix.get("FADD", 0) <= 6 * scores, mix
 
 
 if __name__ == "__main__":
