@@ -20,8 +20,8 @@ layouts, all heads in one launch), layout blocks of 32..256 tokens, an optional 
 key-padding mask (B|1, 1, 1, Skv), tails. Rows that attend to nothing: out = 0, lse = -inf.
 
 Numerics: the int8 dot is exact in int32 and converted to fp32 exactly (``MAGIC_I2F``: an integer add that folds
-into the MMA's accumulator and an fp32 subtract, instead of a conversion instruction); scores are dequantized in fp32, s = dot * k_scale * scale * log2(e) *
-q_scale, so the softmax runs in the exp2 domain. The row's Q scale (> 0, as ``quantize_attention_inputs`` makes
+into the MMA's accumulator and an fp32 subtract, instead of a conversion instruction); scores are dequantized in
+fp32, s = dot * k_scale * scale * log2(e) * q_scale, so the softmax runs in the exp2 domain. The row's Q scale (> 0, as ``quantize_attention_inputs`` makes
 it) is applied last: the running max is q_scale * max_j(u_j) of u = dot * k_scale * scale * log2(e) (exact:
 rounding is monotonic) and the exponent is one fused multiply-add, u * q_scale - m. The tile's p = exp2(s - m) in
 [0, 1] is scaled by 448 and rounded to e4m3 (``P_SCALE``); the scaling is folded into the exponent, 448 p =
