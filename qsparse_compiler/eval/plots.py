@@ -56,7 +56,7 @@ def line_plot(
     from PIL import Image, ImageDraw
 
     w, h = size
-    left, right, top, bottom = 70, 20, 30, 50
+    left, right, top, bottom = 70, 20, 44, 50  # top: the title, then the y label, above the frame
     img = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(img)
     font = _font()
@@ -75,6 +75,8 @@ def line_plot(
         y_hi = y_lo + 1
     pad = 0.05 * (y_hi - y_lo)
     y_lo, y_hi = y_lo - pad, y_hi + pad
+    pad = 0.03 * (x_hi - x_lo)  # a point at an extreme stays inside the frame
+    x_lo, x_hi = x_lo - pad, x_hi + pad
 
     def px(x: float, y: float) -> tuple[float, float]:
         return (left + (x - x_lo) / (x_hi - x_lo) * (w - left - right), top + (y_hi - y) / (y_hi - y_lo) * (h - top - bottom))
@@ -96,12 +98,16 @@ def line_plot(
             draw.line(line, fill=colour, width=2)
         elif line:
             x0, y0 = line[0]
-            draw.ellipse([x0 - 2, y0 - 2, x0 + 2, y0 + 2], fill=colour)
-        draw.line([w - right - 150, top + 10 + 14 * i, w - right - 130, top + 10 + 14 * i], fill=colour, width=3)
-        draw.text((w - right - 125, top + 4 + 14 * i), name, fill="black", font=font)
-    draw.text((left, 8), title, fill="black", font=font)
+            draw.ellipse([x0 - 4, y0 - 4, x0 + 4, y0 + 4], fill=colour)
+    # The legend's width follows its longest name, so no name runs past the image's edge.
+    legend_x = w - right - 35 - max(draw.textlength(name, font=font) for name in series)
+    for i, name in enumerate(series):
+        colour = _PALETTE[i % len(_PALETTE)]
+        draw.line([legend_x, top + 10 + 14 * i, legend_x + 20, top + 10 + 14 * i], fill=colour, width=3)
+        draw.text((legend_x + 25, top + 4 + 14 * i), name, fill="black", font=font)
+    draw.text((left, 6), title, fill="black", font=font)
     draw.text(((w - len(xlabel) * 6) / 2, h - 18), xlabel, fill="black", font=font)
-    draw.text((4, top - 22), ylabel + (" (log)" if log_y else ""), fill="black", font=font)
+    draw.text((4, top - 18), ylabel + (" (log)" if log_y else ""), fill="black", font=font)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
@@ -137,7 +143,7 @@ def bar_plot(values: dict[str, float], path: str | Path, *, title: str = "", yla
         draw.rectangle([x0, min(y0, y_base), x1, max(y0, y_base)], fill=_PALETTE[i % len(_PALETTE)])
         draw.text((x0, min(y0, y_base) - 12), "inf" if not math.isfinite(v) else _fmt(v), fill="black", font=font)
         draw.text((x0, h - bottom + 6), name[: max(4, int(slot / 6))], fill="black", font=font)
-    draw.text((left, 8), title, fill="black", font=font)
+    draw.text((left, 6), title, fill="black", font=font)
     draw.text((4, top - 22), ylabel, fill="black", font=font)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
