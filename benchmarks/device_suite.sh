@@ -21,7 +21,11 @@
 #                                                # plot when both JSONs are there. Estimates from the per-forward
 #                                                # numbers (not yet run): part 1 Inductor + Flex+fp8 ~350 s, part 2
 #                                                # Flex+fp8 with FBC / MagCache / TaylorSeer ~400 s, part 3 cache-dit +
-#                                                # qsparse + qsparse with FBC ~450 s; fidelity parts ~300 s each.
+#                                                # qsparse + qsparse with FBC ~450 s, part 4 (issue #16's rows with fewer
+#                                                # refreshes, MagCache and 8-bit attention) ~440-535 s (Flex + fp8's
+#                                                # cold compile took 104-200 s); fidelity parts ~300 s each (3 and 4:
+#                                                # part 4's rows). Parts 1 and 4 overlap in Flex + fp8 (a baseline
+#                                                # reruns in every process that compares with it).
 #   bash benchmarks/device_suite.sh tests        # every @gpu test, JOBS files at a time, FILE_LIMIT s each
 #   bash benchmarks/device_suite.sh attn8        # 8-bit attention: bench rows beside SDPA and Flex at 15% and dense,
 #                                                # the refresh rows, the 8-bit config sweep, then its @gpu tests
