@@ -90,8 +90,8 @@ def _int8_inputs(heads: int, seq: int, dim: int, quant_block: int = 64):
 
 def int8_variants(heads: int, seq: int, sparse: bool):
     """(name, compile thunk) per config of attention_int8_fp8.CONFIGS with a query tile of >= 64 at D=128 and 128x128
-    layout blocks (those measured on the H100; ``keep_config`` leaves the autotuner only BLOCK_M=128 here, so
-    64-row configs are marked "pinned")."""
+    layout blocks (those measured on the H100); configs ``keep_config`` leaves out of the autotuner's candidates
+    there are marked "pinned"."""
     from qsparse_compiler.kernels import attention_int8_fp8 as mod
 
     dim, qb = 128, 64

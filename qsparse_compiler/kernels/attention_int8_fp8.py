@@ -264,9 +264,11 @@ CONFIGS: list[triton.Config] = [
 
 def keep_config(config: triton.Config, head_dim: int, block_q: int, block_kv: int) -> bool:
     """A config fits when its tiles nest inside the layout's blocks (the dense entry point passes its own tiling);
-    prefer the largest query tile that does."""
+    the autotuner gets the largest query tile that does and 64-row tiles (half the registers per warpgroup: the
+    64x128 configs compile without spills for sm_90, tools/sm90_attention_report.py; a 64-row tile of a 128-row
+    layout block walks its key list twice, so only a measurement can choose)."""
     bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
-    if block_q % bm or block_kv % bn or bm != min(block_q, 128):
+    if block_q % bm or block_kv % bn or bm not in (min(block_q, 128), 64):
         return False
     return head_dim in SUPPORTED_HEAD_DIMS
 
