@@ -161,42 +161,6 @@ def refresh_dense(q, k, v, key_padding_mask, scale, precision: str, o_sparse, ls
                              key_padding_mask, precision, complement)[0]
 
 
-@torch.library.custom_op("qsparse::residual_attention", mutates_args=("state",))
-def residual_attention(
-    o_sparse: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_padding_mask: Optional[torch.Tensor],
-    scale: float,
-    state: list[torch.Tensor],
-    refresh: Optional[torch.Tensor],
-    cache_mode: int,
-    order: int,
-    attention_precision: str = "bf16",
-    delta_rank: int = 0,
-    lse_sparse: Optional[torch.Tensor] = None,
-    kv_num_blocks: Optional[torch.Tensor] = None,
-    kv_indices: Optional[torch.Tensor] = None,
-    block_q: int = 0,
-    block_kv: int = 0,
-    complement_num_blocks: Optional[torch.Tensor] = None,
-    complement_indices: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    return residual_attention_reference(o_sparse, q, k, v, key_padding_mask, scale, state, refresh, cache_mode, order,
-                                        attention_precision, delta_rank, lse_sparse, kv_num_blocks, kv_indices,
-                                        block_q, block_kv, complement_num_blocks, complement_indices)
-
-
-@residual_attention.register_fake
-def _(o_sparse, q, k, v, key_padding_mask, scale, state, refresh, cache_mode, order, attention_precision="bf16",
-      delta_rank=0, lse_sparse=None, kv_num_blocks=None, kv_indices=None, block_q=0, block_kv=0,
-      complement_num_blocks=None, complement_indices=None):
-    check_refresh_layout(lse_sparse, kv_num_blocks, kv_indices, block_q, block_kv, complement_num_blocks,
-                         complement_indices)
-    return o_sparse.new_empty(o_sparse.shape)
-
-
 def residual_attention_reference(
     o_sparse: torch.Tensor,
     q: torch.Tensor,
@@ -248,3 +212,18 @@ def residual_attention_reference(
     residual, delta = _expand(state)
     estimate = residual + steps * delta if order == 2 else residual
     return (o_sparse.to(torch.float32) + estimate).to(o_sparse.dtype)
+
+
+# The op's body is the reference itself (one signature, not a copy that forwards to it); CUDA gets the fused step
+# (residual_attention_cuda.py).
+residual_attention = torch.library.custom_op("qsparse::residual_attention", mutates_args=("state",))(
+    residual_attention_reference)
+
+
+@residual_attention.register_fake
+def _(o_sparse, q, k, v, key_padding_mask, scale, state, refresh, cache_mode, order, attention_precision="bf16",
+      delta_rank=0, lse_sparse=None, kv_num_blocks=None, kv_indices=None, block_q=0, block_kv=0,
+      complement_num_blocks=None, complement_indices=None):
+    check_refresh_layout(lse_sparse, kv_num_blocks, kv_indices, block_q, block_kv, complement_num_blocks,
+                         complement_indices)
+    return o_sparse.new_empty(o_sparse.shape)
