@@ -108,17 +108,23 @@ def test_compiled_lora_matches_the_eager_math_per_sample_without_recompiling(tmp
                for note in report.notes)
 
 
+def _two_blocks_block0_without_to_q_lora(tmp_path):
+    """A 2-block tiny Wan, its eager copy, and a plan saved to tmp_path whose block 0 has no LoRA on to_q (calibration
+    keeps a block's LoRA only where it helped); batch-2 inputs; Dynamo reset."""
+    tiny = tiny_wan(num_layers=2)
+    eager = copy.deepcopy(tiny.model)
+    plan = lora_plan(tiny.model, skip={"blocks.0.attn1.to_q"})
+    save_plan(plan, tmp_path)
+    torch._dynamo.reset()
+    return tiny, eager, plan, tiny.make_inputs(batch=2)
+
+
 @pytest.mark.slow
 def test_regional_graph_takes_each_blocks_lora_and_the_forwards_timesteps(tmp_path):
     """qs.optimize compiles one graph for both blocks, for block 0, which has no LoRA on to_q (calibration keeps a
     block's LoRA only where it helped) while block 1 has: the graph has the site, block 0 gets zeros, and both blocks
     follow the plan."""
-    tiny = tiny_wan(num_layers=2)
-    eager = copy.deepcopy(tiny.model)
-    plan = lora_plan(tiny.model, skip={"blocks.0.attn1.to_q"})
-    save_plan(plan, tmp_path)
-    inputs = tiny.make_inputs(batch=2)
-    torch._dynamo.reset()
+    tiny, eager, plan, inputs = _two_blocks_block0_without_to_q_lora(tmp_path)
     counters.clear()
     clear_reports()
     model = qs.optimize(tiny.model, plan=str(tmp_path), options=NO_SPARSITY, cache=False, regional=True)
@@ -146,12 +152,7 @@ def test_compile_repeated_blocks_takes_each_blocks_plan_and_the_forwards_timeste
     blocks, each call with its block's calibrated weights and LoRA (zeros for block 0's to_q) and the forward's
     per-sample timesteps - from the transformer's frame in the forward that compiled the blocks (qsparse's hook was
     not on the model yet), from the hook afterwards."""
-    tiny = tiny_wan(num_layers=2)
-    eager = copy.deepcopy(tiny.model)
-    plan = lora_plan(tiny.model, skip={"blocks.0.attn1.to_q"})
-    save_plan(plan, tmp_path)
-    inputs = tiny.make_inputs(batch=2)
-    torch._dynamo.reset()
+    tiny, eager, plan, inputs = _two_blocks_block0_without_to_q_lora(tmp_path)
     clear_reports()
     tiny.model.compile_repeated_blocks(backend="quantsparse", options={"plan": str(tmp_path), **NO_SPARSITY})
     for steps in (STEPS[2], STEPS[1]):
