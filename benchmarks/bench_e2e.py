@@ -225,12 +225,34 @@ def video_tokens(workload: dict[str, Any]) -> int:
     return math.prod(patchified_grid(workload["config"], workload["latents"]))
 
 
-def flex_block_masks(workload: dict[str, Any], inputs: dict[str, Any], density: float):
-    """FlexAttention BlockMask of the workload's video attention, random 128x128 blocks at ``density`` (+ diagonal).
+FLEX_PATTERNS = ("random", "local3d")
 
-    Wan (self-attention over the video): the random bitmap over the video tokens, as in BASELINES.md.
+
+def _flex_tile_bitmap(workload: dict[str, Any], tokens: int, density: float, pattern: str) -> torch.Tensor:
+    """(1, 1, blocks, blocks) bool: the 128x128 tiles Flex keeps over the attention's ``tokens`` (video first).
+    ``random``: random tiles at ``density`` + the diagonal (BASELINES.md's Flex row). ``local3d``: qsparse's own static
+    pattern (``formats.patterns.local_3d``, the default ``SparsityConfig.pattern``: per query tile the ``density``
+    share of video key tiles nearest in (frame, row, col), + the diagonal; tiles touching text dense), so a Flex row
+    can be compared with qsparse on quality with the same tiles kept rather than random ones."""
+    blocks = math.ceil(tokens / FLEX_BLOCK)
+    if pattern == "random":
+        return _random_block_bitmap(blocks, density)
+    if pattern != "local3d":
+        raise ValueError(f"Flex pattern {pattern!r}: choose one of {FLEX_PATTERNS}")
+    from qsparse_compiler.formats.patterns import TokenGrid, local_3d
+    from qsparse_compiler.ops.context import patchified_grid
+
+    frames, height, width = patchified_grid(workload["config"], workload["latents"])
+    return local_3d(TokenGrid(frames, height, width, seq_len=tokens), FLEX_BLOCK, FLEX_BLOCK, density)[None, None]
+
+
+def flex_block_masks(workload: dict[str, Any], inputs: dict[str, Any], density: float, pattern: str = "random"):
+    """FlexAttention BlockMask of the workload's video attention: 128x128 tiles at ``density`` chosen by ``pattern``
+    (``_flex_tile_bitmap``: random + diagonal by default, or qsparse's local3d).
+
+    Wan (self-attention over the video): the bitmap over the video tokens (random: as in BASELINES.md).
     HunyuanVideo (joint attention over [video, text], video first, padded text masked): the video x video tiles are
-    the random bitmap; every tile that touches a text token, as query or key, is kept (qsparse keeps those dense
+    the pattern's; every tile that touches a text token, as query or key, is kept (qsparse keeps those dense
     too); the padded text keys are masked - a tile whose keys are all padding is dropped, a tile with some padding
     is a partial block (the kernel evaluates mask_mod in it), every other kept tile is a full block (no mask_mod).
     The mask is per sample (the valid text length differs per sample). Its mask_mod states the whole mask (kept tile
@@ -242,8 +264,7 @@ def flex_block_masks(workload: dict[str, Any], inputs: dict[str, Any], density: 
     device = inputs["hidden_states"].device
     video = video_tokens(workload)
     if workload["model"] == "wan":
-        blocks = math.ceil(video / FLEX_BLOCK)
-        counts, indices = _kv_blocks(_random_block_bitmap(blocks, density))
+        counts, indices = _kv_blocks(_flex_tile_bitmap(workload, video, density, pattern))
         return BlockMask.from_kv_blocks(counts.to(device), indices.to(device), BLOCK_SIZE=FLEX_BLOCK,
                                         seq_lengths=(video, video))
     mask = inputs["encoder_attention_mask"]
@@ -252,7 +273,7 @@ def flex_block_masks(workload: dict[str, Any], inputs: dict[str, Any], density: 
     starts = torch.arange(blocks) * FLEX_BLOCK
     ends = torch.clamp(starts + FLEX_BLOCK, max=tokens)  # the last block stops at the sequence's end
     touches_text = ends > video
-    kept = _random_block_bitmap(blocks, density) | touches_text[:, None] | touches_text[None, :]
+    kept = _flex_tile_bitmap(workload, tokens, density, pattern) | touches_text[:, None] | touches_text[None, :]
     valid_keys = video + mask.to(torch.int64).sum(dim=1).cpu()  # (B,): keys [0, valid_keys) take part
     all_valid = (ends[None, :] <= valid_keys[:, None])[:, None, None, :]  # (B, 1, 1, KV blocks)
     none_valid = (starts[None, :] >= valid_keys[:, None])[:, None, None, :]

@@ -43,7 +43,11 @@ Rows: ``BASE[+STEP_CACHE]`` or ``cache-dit``.
   (calibrated first: one full video with ``calibrate=True`` records each CFG branch's residual magnitude ratio per
   step; the warm video runs with their mean as ``mag_ratios``), ``taylorseer`` TaylorSeerCacheConfig in lite mode
   (its default mode hooks the attention modules inside each block, where regional compilation traces its host-side
-  step counter; lite mode skips whole blocks and predicts ``proj_out``).
+  step counter; lite mode skips whole blocks and predicts ``proj_out``). Each may carry settings over diffusers'
+  defaults, to trace a step cache's speed / quality curve: ``fbc[threshold=T]``, ``mag[threshold=T,max_skip=N,
+  retention=R]``, ``taylorseer[interval=N,warmup=N]``.
+- ``flex[pattern=local3d]`` / ``flex-fp8[pattern=local3d]``: the Flex row keeping qsparse's own static tiles
+  (``local3d`` at the same density) instead of random ones - the same cost, and a fair quality baseline for qsparse.
 - ``cache-dit``: cache-dit's one-line default (``DBCacheConfig()``: DBCache F8B0, 8 warmup steps) through its Wan
   block adapter (Pattern_2, separate CFG) with its compile settings (``set_compile_configs``) and
   ``compile_repeated_blocks``, bf16 weights. Its global Dynamo / Inductor settings are restored after the row.
@@ -177,62 +181,107 @@ def generate(transformer: torch.nn.Module, scheduler: Any, latents: torch.Tensor
 # qsparse[KEY=VALUE,...]: the qsparse row with another residual-cache schedule or attention precision.
 QSPARSE_KEYS = {"first": ("cache", "refresh_first", int), "every": ("cache", "refresh_every", int),
                 "order": ("cache", "order", int), "attn": ("sparsity", "attention_precision", str)}
+# A step cache's settings in a row (``+mag[threshold=0.12,max_skip=5]``): KEY -> (its diffusers config field, type).
+STEP_CACHE_KEYS = {"fbc": {"threshold": ("threshold", float)},
+                   "mag": {"threshold": ("threshold", float), "max_skip": ("max_skip_steps", int),
+                           "retention": ("retention_ratio", float)},
+                   "taylorseer": {"interval": ("cache_interval", int), "warmup": ("disable_cache_before_step", int)}}
+ROW_KEYS = {"qsparse": QSPARSE_KEYS, "flex": {"pattern": None}, "flex-fp8": {"pattern": None}, **STEP_CACHE_KEYS}
 
 
 def parse_row(spec: str) -> tuple[str, str | None]:
-    """``BASE[+CACHE]`` -> (BASE, CACHE or None); a qsparse BASE may carry settings: ``qsparse[every=10,attn=int8_fp8]``
-    (qsparse_settings)."""
+    """``BASE[+CACHE]`` -> (BASE, CACHE or None); a qsparse or Flex BASE may carry settings:
+    ``qsparse[every=10,attn=int8_fp8]`` (qsparse_settings), ``flex-fp8[pattern=local3d]`` (flex_pattern)."""
     if spec == "cache-dit":
         return spec, None
     base, plus, cache = spec.partition("+")
-    name = base.partition("[")[0] if base.startswith("qsparse[") else base
-    if name not in BASES or (plus and cache not in STEP_CACHES):
+    name, cache_name = base.partition("[")[0], cache.partition("[")[0]
+    if name not in BASES or (plus and cache_name not in STEP_CACHES) or (name != base and name not in ROW_KEYS):
         raise ValueError(f"row {spec!r}: rows are BASE[+CACHE] with BASE in {BASES} (qsparse may be qsparse[KEY=VALUE,"
-                         f"...] with KEY in {sorted(QSPARSE_KEYS)}) and CACHE in {STEP_CACHES}, or cache-dit")
-    if name != base:
-        qsparse_settings(base)  # its errors name the bad key or value
+                         f"...] with KEY in {sorted(QSPARSE_KEYS)}, flex / flex-fp8 may be flex[pattern=P] with P in "
+                         f"{bench_e2e.FLEX_PATTERNS}) and CACHE in {STEP_CACHES} (may be CACHE[KEY=VALUE,...]: "
+                         f"{ {k: sorted(v) for k, v in STEP_CACHE_KEYS.items()} }), or cache-dit")
+    # the settings' own errors name the bad key or value
+    if name == "qsparse":
+        qsparse_settings(base)
+    elif name in ROW_KEYS:
+        flex_pattern(base)
+    if plus:
+        step_cache_settings(cache)
     return base, cache or None
 
 
 def split_rows(rows: str) -> list[str]:
-    """--rows: comma-separated row specs; commas inside a ``qsparse[...]`` belong to the row."""
+    """--rows: comma-separated row specs; commas inside a ``BASE[...]`` belong to the row."""
     return [spec for spec in re.split(r",(?![^\[]*\])", rows) if spec]
+
+
+def _row_items(base: str) -> tuple[str, list[tuple[str, str]]]:
+    """``NAME[KEY=VALUE,...]`` -> (NAME, [(KEY, VALUE), ...]) with each KEY checked against ROW_KEYS[NAME]."""
+    name = base.partition("[")[0]
+    keys = ROW_KEYS.get(name, {})
+    inner = base[len(name) + 1:-1] if base.startswith(name + "[") and base.endswith("]") else None
+    if inner is None:
+        if base != name:
+            raise ValueError(f"row base {base!r}: write {name}[KEY=VALUE,...]")
+        return name, []
+    items = []
+    for item in filter(None, inner.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or key not in keys:
+            raise ValueError(f"row base {base!r}: {item!r} is not KEY=VALUE with KEY in {sorted(keys)}")
+        items.append((key, value))
+    return name, items
 
 
 def qsparse_settings(base: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(sparsity options, residual-cache settings) that a ``qsparse[...]`` row changes from the default row's."""
     sparsity: dict[str, Any] = {}
     cache: dict[str, Any] = {}
-    inner = base[len("qsparse["):-1] if base.startswith("qsparse[") and base.endswith("]") else None
-    if inner is None:
-        if base != "qsparse":
-            raise ValueError(f"row base {base!r}: write qsparse[KEY=VALUE,...]")
-        return sparsity, cache
-    for item in filter(None, inner.split(",")):
-        key, eq, value = item.partition("=")
-        if not eq or key not in QSPARSE_KEYS:
-            raise ValueError(f"row base {base!r}: {item!r} is not KEY=VALUE with KEY in {sorted(QSPARSE_KEYS)}")
+    for key, value in _row_items(base)[1]:
         where, field_name, kind = QSPARSE_KEYS[key]
-        try:
-            parsed = kind(value)
-        except ValueError:
-            raise ValueError(f"row base {base!r}: {key}={value!r} must be {kind.__name__}") from None
-        (cache if where == "cache" else sparsity)[field_name] = parsed
+        (cache if where == "cache" else sparsity)[field_name] = _typed(base, key, value, kind)
     return sparsity, cache
 
 
-def step_cache_config(name: str, steps: int, mag_ratios: list[float] | None = None):
+def step_cache_settings(spec: str) -> tuple[str, dict[str, Any]]:
+    """``mag[threshold=0.12,max_skip=5]`` -> ("mag", {"threshold": 0.12, "max_skip_steps": 5}): the diffusers config
+    fields a row's step cache changes from diffusers' defaults."""
+    name, items = _row_items(spec)
+    fields = STEP_CACHE_KEYS[name]
+    return name, {fields[key][0]: _typed(spec, key, value, fields[key][1]) for key, value in items}
+
+
+def _typed(base: str, key: str, value: str, kind: type) -> Any:
+    try:
+        return kind(value)
+    except ValueError:
+        raise ValueError(f"row base {base!r}: {key}={value!r} must be {kind.__name__}") from None
+
+
+def flex_pattern(base: str) -> str:
+    """The tile pattern of a ``flex[...]`` / ``flex-fp8[...]`` row (bench_e2e.FLEX_PATTERNS; default random)."""
+    pattern = dict(_row_items(base)[1]).get("pattern", "random")
+    if pattern not in bench_e2e.FLEX_PATTERNS:
+        raise ValueError(f"row base {base!r}: pattern={pattern!r} must be one of {bench_e2e.FLEX_PATTERNS}")
+    return pattern
+
+
+def step_cache_config(spec: str, steps: int, mag_ratios: list[float] | None = None):
+    """The diffusers config of a row's step cache: diffusers' defaults (FirstBlockCache threshold 0.05; MagCache
+    threshold 0.06, at most 3 skipped steps in a row, first 20% computed; TaylorSeer lite: interval 5, 3 warm-up steps,
+    order 1) with the row's settings (``step_cache_settings``) over them."""
     from diffusers import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
 
+    name, settings = step_cache_settings(spec)
     if name == "fbc":
-        return FirstBlockCacheConfig()  # threshold 0.05, diffusers' default
-    if name == "mag":  # diffusers' defaults: threshold 0.06, at most 3 skipped steps in a row, first 20% computed
+        return FirstBlockCacheConfig(**settings)
+    if name == "mag":  # calibrated first (prepare_row): then its ratios
         if mag_ratios is None:
-            return MagCacheConfig(calibrate=True, num_inference_steps=steps)
-        return MagCacheConfig(mag_ratios=mag_ratios, num_inference_steps=steps)
-    if name == "taylorseer":
-        return TaylorSeerCacheConfig(use_lite_mode=True)  # cache_interval 5, 3 warmup steps, order 1
-    raise ValueError(name)
+            return MagCacheConfig(calibrate=True, num_inference_steps=steps, **settings)
+        return MagCacheConfig(mag_ratios=mag_ratios, num_inference_steps=steps, **settings)
+    # lite mode: its default mode hooks the attention modules inside each block (module docstring)
+    return TaylorSeerCacheConfig(use_lite_mode=True, **settings)
 
 
 def _count_compiled_blocks(model: torch.nn.Module, compile_blocks: bool) -> Callable[[], int]:
@@ -315,27 +364,32 @@ def prepare_row(spec: str, model: torch.nn.Module, workload: dict[str, Any], mas
                             residual_cache=residual_cache,
                             note=f"qs.optimize regional, options {json.dumps(options)}, cache {json.dumps(schedule)}")
     else:
-        if base == "flex-fp8":
+        name = base.partition("[")[0]
+        if name == "flex-fp8":
             from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
             quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
                       filter_fn=bench_e2e.block_linear_filter(workload, model))
-        if base in ("flex", "flex-fp8"):
-            bench_e2e.install_flex_attention(model, workload, bench_e2e.flex_block_masks(workload, mask_inputs, density))
-        counter = _count_compiled_blocks(model, compile_blocks=base != "eager")
+        tiles = ""
+        if name in ("flex", "flex-fp8"):
+            pattern = flex_pattern(base)
+            bench_e2e.install_flex_attention(model, workload,
+                                             bench_e2e.flex_block_masks(workload, mask_inputs, density, pattern))
+            tiles = (f"random {density:.0%} 128x128 tiles + diagonal" if pattern == "random"
+                     else f"qsparse's local3d {density:.0%} of 128x128 tiles + diagonal")
+        counter = _count_compiled_blocks(model, compile_blocks=name != "eager")
         notes = {"eager": "eager", "inductor": "Inductor bf16, blocks compiled",
-                 "flex": f"FlexAttention random {density:.0%} 128x128 tiles + diagonal, bf16 linears",
-                 "flex-fp8": f"FlexAttention random {density:.0%} 128x128 tiles + diagonal, torchao fp8 rowwise"}
-        prepared = Prepared(model, blocks, counter, note=notes[base])
+                 "flex": f"FlexAttention {tiles}, bf16 linears", "flex-fp8": f"FlexAttention {tiles}, torchao fp8 rowwise"}
+        prepared = Prepared(model, blocks, counter, note=notes[name])
     if cache is not None:
         transformer = prepared.model
         transformer.enable_cache(step_cache_config(cache, steps))
         prepared.note += f"; + {type(transformer._cache_config).__name__}"
-        if cache == "mag":
+        if cache.startswith("mag"):
             def calibrate(run_video: Callable[[], torch.Tensor]) -> dict[str, Any]:
                 ratios = _capture_mag_ratios(run_video)
                 transformer.disable_cache()
-                transformer.enable_cache(step_cache_config("mag", steps, ratios["mag_ratios"]))
+                transformer.enable_cache(step_cache_config(cache, steps, ratios["mag_ratios"]))
                 return ratios
 
             prepared.calibrate = calibrate

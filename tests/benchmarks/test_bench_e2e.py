@@ -131,6 +131,25 @@ def test_hunyuan_flex_block_mask_matches_its_token_mask_and_sdpa(bench):
     assert torch.allclose(flex_attention(*qkv, block_mask=mask), expected, atol=1e-5)
 
 
+def test_wan_flex_local3d_mask_keeps_qsparse_tiles(bench):
+    """pattern="local3d": Flex keeps exactly the tiles of qsparse's static pattern at the same density (so a Flex row
+    can be compared with qsparse on quality), not random ones; an unknown pattern is refused by name."""
+    from qsparse_compiler.formats.patterns import TokenGrid, local_3d
+    from qsparse_compiler.ops.context import patchified_grid
+
+    workload = bench.WORKLOADS["reference"]  # 5 x 16 x 16 video tokens = 1280 = 10 tiles of 128
+    inputs = bench.make_inputs(workload, "cpu", torch.float32, torch.Generator().manual_seed(0))
+    grid = patchified_grid(workload["config"], workload["latents"])
+    expected = local_3d(TokenGrid(*grid, seq_len=1280), 128, 128, 0.3)
+    mask = bench.flex_block_masks(workload, inputs, density=0.3, pattern="local3d")
+    kept = _tiles(mask.kv_num_blocks, mask.kv_indices, 10)[0, 0]
+    assert torch.equal(kept, expected) and 0.3 <= kept.float().mean() < 0.5  # ceil(0.3 x 10) = 3 + diagonal
+    random = _tiles(*(lambda m: (m.kv_num_blocks, m.kv_indices))(bench.flex_block_masks(workload, inputs, 0.3)), 10)
+    assert not torch.equal(random[0, 0], kept)
+    with pytest.raises(ValueError, match="pattern 'radial'"):
+        bench.flex_block_masks(workload, inputs, 0.3, pattern="radial")
+
+
 def test_hunyuan_flex_processors_at_full_density_equal_the_model(bench):
     """Both block classes' joint attention through the flex processors, at density 1 (dense tiles, padded text keys
     masked by the block mask instead of the model's key-padding mask): the model's own output."""

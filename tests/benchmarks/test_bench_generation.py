@@ -66,6 +66,37 @@ def test_qsparse_row_settings(bench):
             bench.parse_row(bad)
 
 
+def test_flex_row_pattern(bench):
+    assert bench.parse_row("flex-fp8[pattern=local3d]+mag") == ("flex-fp8[pattern=local3d]", "mag")
+    assert bench.flex_pattern("flex[pattern=local3d]") == "local3d" and bench.flex_pattern("flex-fp8") == "random"
+    assert bench.split_rows("flex[pattern=local3d],qsparse[first=1,every=10]") == [
+        "flex[pattern=local3d]", "qsparse[first=1,every=10]"]
+    for bad, match in (("flex[pattern=radial]", "pattern='radial' must be one of"), ("flex[every=10]", "KEY=VALUE"),
+                       ("inductor[pattern=local3d]", "BASE\\[\\+CACHE\\]")):
+        with pytest.raises(ValueError, match=match):
+            bench.parse_row(bad)
+
+
+def test_step_cache_settings(bench):
+    pytest.importorskip("diffusers")
+    assert bench.parse_row("qsparse[every=10]+mag[threshold=0.12,max_skip=5]") == (
+        "qsparse[every=10]", "mag[threshold=0.12,max_skip=5]")
+    assert bench.split_rows("flex+mag[threshold=0.2,retention=0.1],qsparse+fbc[threshold=0.1]") == [
+        "flex+mag[threshold=0.2,retention=0.1]", "qsparse+fbc[threshold=0.1]"]
+    mag = bench.step_cache_config("mag[threshold=0.12,max_skip=5,retention=0.1]", steps=50, mag_ratios=[1.0] * 50)
+    assert (mag.threshold, mag.max_skip_steps, mag.retention_ratio, mag.num_inference_steps) == (0.12, 5, 0.1, 50)
+    assert bench.step_cache_config("mag", steps=50).calibrate  # no ratios yet: the calibration video's config
+    assert bench.step_cache_config("mag", steps=50, mag_ratios=[1.0] * 50).threshold == 0.06  # diffusers' default
+    assert bench.step_cache_config("fbc[threshold=0.1]", steps=50).threshold == 0.1
+    taylor = bench.step_cache_config("taylorseer[interval=3,warmup=5]", steps=50)
+    assert (taylor.cache_interval, taylor.disable_cache_before_step, taylor.use_lite_mode) == (3, 5, True)
+    for bad, match in (("qsparse+mag[skips=3]", "KEY=VALUE with KEY in \\['max_skip', 'retention', 'threshold'\\]"),
+                       ("flex+fbc[threshold=high]", "threshold='high' must be float"),
+                       ("flex+teacache[threshold=0.1]", "BASE\\[\\+CACHE\\]")):
+        with pytest.raises(ValueError, match=match):
+            bench.parse_row(bad)
+
+
 def test_pareto_front_and_join(tmp_path):
     from qsparse_compiler.eval.pareto import pareto_plot
 
