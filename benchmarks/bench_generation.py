@@ -41,7 +41,8 @@ Rows: ``BASE[+STEP_CACHE]`` or ``cache-dit``.
   attention).
 - STEP_CACHE (diffusers 0.42 ``transformer.enable_cache``): ``fbc`` FirstBlockCacheConfig, ``mag`` MagCacheConfig
   (calibrated first: one full video with ``calibrate=True`` records each CFG branch's residual magnitude ratio per
-  step; the warm video runs with their mean as ``mag_ratios``), ``taylorseer`` TaylorSeerCacheConfig in lite mode
+  step; the warm video runs with their mean as ``mag_ratios``; ``--mag-ratios FIDELITY_JSON`` takes the ratios of
+  the same row of a ``--fidelity`` run instead, so a speed row skips exactly the steps whose PSNR was measured), ``taylorseer`` TaylorSeerCacheConfig in lite mode
   (its default mode hooks the attention modules inside each block, where regional compilation traces its host-side
   step counter; lite mode skips whole blocks and predicts ``proj_out``). Each may carry settings over diffusers'
   defaults, to trace a step cache's speed / quality curve: ``fbc[threshold=T]``, ``mag[threshold=T,max_skip=N,
@@ -338,9 +339,28 @@ class _Pipe:
         self.transformer, self.scheduler = transformer, scheduler
 
 
+def mag_ratios_of(spec: str, fidelity_jsons: list[Path]) -> tuple[list[float], str]:
+    """(mag_ratios, "FILE: row" they come from) for a MagCache row, from ``--fidelity`` runs' JSONs (the first file
+    that has it): the row of the same spec, else (an fp8 row: torchao's fp8 needs a GPU, so the CPU fidelity runs measure its bf16 form) the spec with
+    ``flex-fp8`` read as ``flex``. MagCache decides every skip from its ratios and settings alone (diffusers
+    hooks/mag_cache.py: accumulated |1 - prod(ratios)| against the threshold), so a run with these ratios skips the
+    same steps as the fidelity row whose PSNR it is plotted with - random weights have no trajectory worth
+    calibrating on."""
+    sources = list(dict.fromkeys((spec, spec.replace("flex-fp8", "flex", 1))))
+    for path in fidelity_jsons:
+        rows = {r["system"]: r for r in json.loads(path.read_text())["rows"]}
+        for source in sources:
+            ratios = ((rows.get(source) or {}).get("calibration") or {}).get("mag_ratios")
+            if ratios:
+                return [float(x) for x in ratios], f"{path.name}: {source}"
+    raise ValueError(f"row {spec!r}: --mag-ratios {', '.join(str(p) for p in fidelity_jsons)} hold no MagCache "
+                     f"calibration for it (looked for rows {sources}); run that row with --fidelity first")
+
+
 def prepare_row(spec: str, model: torch.nn.Module, workload: dict[str, Any], mask_inputs: dict[str, Any],
-                scheduler: Any, steps: int, density: float) -> Prepared:
-    """Turn a fresh dense model into the row's configuration (in place)."""
+                scheduler: Any, steps: int, density: float, mag_ratios: list[float] | None = None) -> Prepared:
+    """Turn a fresh dense model into the row's configuration (in place). ``mag_ratios``: a MagCache row runs with
+    these instead of calibrating its own."""
     base, cache = parse_row(spec)
     blocks = len(model.blocks)
     if spec == "cache-dit":
@@ -383,9 +403,12 @@ def prepare_row(spec: str, model: torch.nn.Module, workload: dict[str, Any], mas
         prepared = Prepared(model, blocks, counter, note=notes[name])
     if cache is not None:
         transformer = prepared.model
-        transformer.enable_cache(step_cache_config(cache, steps))
+        given = mag_ratios if cache.startswith("mag") else None
+        if given is not None and len(given) != steps:
+            raise ValueError(f"row {spec!r}: {len(given)} MagCache ratios for a {steps}-step video")
+        transformer.enable_cache(step_cache_config(cache, steps, given))
         prepared.note += f"; + {type(transformer._cache_config).__name__}"
-        if cache.startswith("mag"):
+        if cache.startswith("mag") and given is None:
             def calibrate(run_video: Callable[[], torch.Tensor]) -> dict[str, Any]:
                 ratios = _capture_mag_ratios(run_video)
                 transformer.disable_cache()
@@ -500,8 +523,14 @@ def run_row(spec: str, build: Callable[[], torch.nn.Module], videos: Callable[[]
     settings = _restored_compile_settings() if spec == "cache-dit" else contextlib.nullcontext()
     output = None
     with settings:
-        prepared = prepare_row(spec, model, workload, mask_inputs, scheduler, args.steps, args.density)
+        mag_ratios = None
+        if args.mag_ratios is not None and "+mag" in spec:
+            mag_ratios, source = mag_ratios_of(spec, args.mag_ratios)
+            row.calibration = {"mag_ratios": mag_ratios, "from": source}
+        prepared = prepare_row(spec, model, workload, mask_inputs, scheduler, args.steps, args.density, mag_ratios)
         row.note = prepared.note
+        if mag_ratios is not None:
+            row.note += f"; MagCache ratios of {source} (its skipped steps)"
         calls = [0]
         first_call: list[float] = []
         start = time.perf_counter()
@@ -686,6 +715,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--frames", type=int, default=None, help="--fidelity: video frames (default: the reference's)")
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--mag-ratios", type=Path, action="append", default=None,
+                        help="a --fidelity run's JSON (repeatable): MagCache rows take the ratios its same row "
+                             "calibrated (so they skip the steps whose PSNR it measured) instead of calibrating on "
+                             "this run's model")
     args = parser.parse_args(argv)
     specs = split_rows(args.rows)
     for spec in specs:
@@ -697,6 +730,13 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--steps {args.steps}: must be >= 1")
     if args.shift is None:
         args.shift = FLOW_SHIFT.get(args.workload, 3.0)
+    if args.mag_ratios is not None:
+        for spec in specs:
+            if "+mag" in spec:
+                try:
+                    mag_ratios_of(spec, args.mag_ratios)
+                except (OSError, ValueError, KeyError) as exc:
+                    parser.error(f"--mag-ratios: {exc}")
     if args.fidelity:
         workload, build, videos, mask_inputs = _fidelity_setup(args)
         specs = ["eager"] + [s for s in specs if s != "eager"]  # the dense reference run first

@@ -97,6 +97,10 @@ case "${1:-e2e}" in
           --row-budget "${ROW_BUDGET:-420}" --warmup-steps "${WARMUP_STEPS:-12}" "${@:3}" 2>&1 | grep -v Warning | grep -E "^\||^- |^[a-z].*: " | tail -40
       echo "generation part $1: exit ${PIPESTATUS[0]}"
     }
+    MAG_RATIOS=""
+    for f in ${MAG_RATIO_FILES-docs/fidelity/generation_cpu/fidelity_part4_50steps.json docs/fidelity/generation_cpu/fidelity_flex_local3d_50steps.json docs/fidelity/generation_cpu/fidelity_mag_sweep_50steps.json}; do
+      MAG_RATIOS="$MAG_RATIOS --mag-ratios $f"
+    done
     for part in ${GEN_PARTS-1 2 3 4}; do
       case $part in
         1) gen 1 inductor,flex-fp8 --out "$OUT/generation.json" ;;
@@ -104,9 +108,10 @@ case "${1:-e2e}" in
         3) gen 3 cache-dit,qsparse,qsparse+fbc --out "$OUT/generation.json" ;;
         # qsparse with fewer refreshes (5 of 50 steps), with MagCache and with 8-bit attention (sparse and refresh),
         # beside the Flex + fp8 baselines rerun in the same process; the order is the rows' priority (a cut part
-        # loses the last): MagCache over qsparse kept 19.2 of 19.5 dB executing 96 of 200 forwards on the CPU
-        4) gen 4 "flex-fp8,qsparse[first=1,every=10]+mag,qsparse[first=1,every=10],flex-fp8+mag,qsparse[first=1,every=10,attn=int8_fp8],qsparse" \
-               --out "$OUT/generation.json" ;;
+        # loses the last): MagCache over qsparse kept 19.2 of 19.5 dB executing 96 of 200 forwards on the CPU.
+        # MagCache rows skip the steps of their CPU fidelity rows (--mag-ratios: no calibration video here).
+        4) gen 4 "${GEN4_ROWS:-flex-fp8,qsparse[first=1,every=10]+mag,flex-fp8+mag,qsparse[first=1,every=10],flex-fp8[pattern=local3d]+mag[threshold=0.5,max_skip=10,retention=0.1],qsparse,qsparse[first=1,every=10,attn=int8_fp8]}" \
+               $MAG_RATIOS --out "$OUT/generation.json" ;;
       esac
     done
     # The reference DiT (16 x 64 x 64, 16,384 tokens), 4 seeds, the same steps and rows; each part reruns the dense

@@ -196,3 +196,27 @@ def test_reference_workload_video_rows(tmp_path):
     assert 0 < mag["block_calls"] <= 12 and mag["forwards_executed"] == mag["block_calls"] / 2
     assert out.with_suffix(".md").read_text().count("\n| ") == 3
     assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_mag_ratios_from_a_fidelity_run_fix_the_skipped_steps(bench, tmp_path):
+    """--mag-ratios: a MagCache row takes the ratios of its row in a fidelity JSON (an fp8 row those of its bf16 form)
+    instead of calibrating, so it skips the steps whose PSNR was measured. Ratios of 1.0 with no retention and at
+    most one skip in a row: each CFG branch computes steps 0 and 2 of 4 and skips 1 and 3."""
+    fidelity = tmp_path / "fid.json"
+    ratios = [1.0, 1.0, 1.0, 1.0]
+    fidelity.write_text(json.dumps({"meta": {}, "rows": [
+        {"system": "eager+mag[max_skip=1,retention=0]", "calibration": {"mag_ratios": ratios}},
+        {"system": "flex+mag", "calibration": {"mag_ratios": [0.5] * 4}}]}))
+    assert bench.mag_ratios_of("flex-fp8+mag", [fidelity]) == ([0.5] * 4, "fid.json: flex+mag")
+    with pytest.raises(ValueError, match="no MagCache calibration for it .*'qsparse\\+mag'"):
+        bench.mag_ratios_of("qsparse+mag", [fidelity])
+    out = tmp_path / "gen.json"
+    bench.main(["--workload", "reference", "--device", "cpu", "--steps", "4", "--rows",
+                "eager+mag[max_skip=1,retention=0]", "--mag-ratios", str(fidelity), "--out", str(out)])
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["error"] is None, row["error"]
+    assert row["calibration"] == {"mag_ratios": ratios, "from": "fid.json: eager+mag[max_skip=1,retention=0]"}
+    assert row["transformer_calls"] == 8 and row["block_calls"] == 2 * 2 * 2  # 2 steps x 2 branches x 2 blocks
+    with pytest.raises(SystemExit):  # a MagCache row missing from the file is refused before any row runs
+        bench.main(["--workload", "reference", "--device", "cpu", "--steps", "4", "--rows", "eager+mag",
+                    "--mag-ratios", str(fidelity), "--out", str(out)])
