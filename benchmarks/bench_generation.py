@@ -341,12 +341,14 @@ class _Pipe:
 
 def mag_ratios_of(spec: str, fidelity_jsons: list[Path]) -> tuple[list[float], str]:
     """(mag_ratios, "FILE: row" they come from) for a MagCache row, from ``--fidelity`` runs' JSONs (the first file
-    that has it): the row of the same spec, else (an fp8 row: torchao's fp8 needs a GPU, so the CPU fidelity runs measure its bf16 form) the spec with
-    ``flex-fp8`` read as ``flex``. MagCache decides every skip from its ratios and settings alone (diffusers
-    hooks/mag_cache.py: accumulated |1 - prod(ratios)| against the threshold), so a run with these ratios skips the
-    same steps as the fidelity row whose PSNR it is plotted with - random weights have no trajectory worth
-    calibrating on."""
-    sources = list(dict.fromkeys((spec, spec.replace("flex-fp8", "flex", 1))))
+    that has it): the row of the same spec, else the spec with ``flex-fp8`` read as ``flex`` (torchao's fp8 needs a
+    GPU, so the CPU fidelity runs measure its bf16 form), else either with MagCache's settings dropped
+    (``+mag[threshold=0.5]`` -> ``+mag``: calibration never skips, so its ratios do not depend on them). MagCache
+    decides every skip from its ratios and settings alone (diffusers hooks/mag_cache.py: accumulated
+    |1 - prod(ratios)| against the threshold), so a run with these ratios skips the same steps as the fidelity row
+    whose PSNR it is plotted with - random weights have no trajectory worth calibrating on."""
+    forms = (spec, spec.replace("flex-fp8", "flex", 1))
+    sources = list(dict.fromkeys([*forms, *(re.sub(r"\+mag\[[^\]]*\]", "+mag", form) for form in forms)]))
     for path in fidelity_jsons:
         rows = {r["system"]: r for r in json.loads(path.read_text())["rows"]}
         for source in sources:

@@ -208,6 +208,8 @@ def test_mag_ratios_from_a_fidelity_run_fix_the_skipped_steps(bench, tmp_path):
         {"system": "eager+mag[max_skip=1,retention=0]", "calibration": {"mag_ratios": ratios}},
         {"system": "flex+mag", "calibration": {"mag_ratios": [0.5] * 4}}]}))
     assert bench.mag_ratios_of("flex-fp8+mag", [fidelity]) == ([0.5] * 4, "fid.json: flex+mag")
+    # calibration never skips: a row with other MagCache settings takes the ratios of the same model's row
+    assert bench.mag_ratios_of("flex+mag[threshold=0.5]", [fidelity]) == ([0.5] * 4, "fid.json: flex+mag")
     with pytest.raises(ValueError, match="no MagCache calibration for it .*'qsparse\\+mag'"):
         bench.mag_ratios_of("qsparse+mag", [fidelity])
     out = tmp_path / "gen.json"
