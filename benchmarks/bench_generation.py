@@ -38,7 +38,8 @@ Rows: ``BASE[+STEP_CACHE]`` or ``cache-dit``.
   ``first`` / ``every`` (refresh the first k steps, then every n-th: CacheConfig.refresh_first / refresh_every; the
   default row's 2 / 5 refreshes 11 of 50 steps, ``first=1,every=10`` 5 of 50: 0, 10, .., 40), ``order`` (1 or 2),
   ``attn`` (``sparsity.attention_precision``: bf16 or int8_fp8, the 8-bit kernels for the sparse and the refresh
-  attention).
+  attention), ``graphs=1`` (``qs.optimize(cuda_graphs=True)``, still regional: each block replays a captured refresh
+  or reuse CUDA graph - no Python op wrappers or kernel launches on the host per call).
 - STEP_CACHE (diffusers 0.42 ``transformer.enable_cache``): ``fbc`` FirstBlockCacheConfig, ``mag`` MagCacheConfig
   (calibrated first: one full video with ``calibrate=True`` records each CFG branch's residual magnitude ratio per
   step; the warm video runs with their mean as ``mag_ratios``; ``--mag-ratios FIDELITY_JSON`` takes the ratios of
@@ -180,7 +181,15 @@ def generate(transformer: torch.nn.Module, scheduler: Any, latents: torch.Tensor
 
 # ---------------------------------------------------------------------------------------------- rows
 # qsparse[KEY=VALUE,...]: the qsparse row with another residual-cache schedule or attention precision.
+def _flag(value: str) -> bool:
+    if value not in ("0", "1"):
+        raise ValueError(value)
+    return value == "1"
+
+
+_flag.__name__ = "0 or 1"  # named in the row error
 QSPARSE_KEYS = {"first": ("cache", "refresh_first", int), "every": ("cache", "refresh_every", int),
+                "graphs": ("optimize", "cuda_graphs", _flag),
                 "order": ("cache", "order", int), "attn": ("sparsity", "attention_precision", str)}
 # A step cache's settings in a row (``+mag[threshold=0.12,max_skip=5]``): KEY -> (its diffusers config field, type).
 STEP_CACHE_KEYS = {"fbc": {"threshold": ("threshold", float)},
@@ -235,14 +244,14 @@ def _row_items(base: str) -> tuple[str, list[tuple[str, str]]]:
     return name, items
 
 
-def qsparse_settings(base: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(sparsity options, residual-cache settings) that a ``qsparse[...]`` row changes from the default row's."""
-    sparsity: dict[str, Any] = {}
-    cache: dict[str, Any] = {}
+def qsparse_settings(base: str) -> dict[str, dict[str, Any]]:
+    """What a ``qsparse[...]`` row changes from the default row's: {"sparsity": SparsityConfig options, "cache":
+    residual-cache settings, "optimize": qs.optimize arguments}."""
+    settings: dict[str, dict[str, Any]] = {"sparsity": {}, "cache": {}, "optimize": {}}
     for key, value in _row_items(base)[1]:
         where, field_name, kind = QSPARSE_KEYS[key]
-        (cache if where == "cache" else sparsity)[field_name] = _typed(base, key, value, kind)
-    return sparsity, cache
+        settings[where][field_name] = _typed(base, key, value, kind)
+    return settings
 
 
 def step_cache_settings(spec: str) -> tuple[str, dict[str, Any]]:
@@ -370,12 +379,15 @@ def prepare_row(spec: str, model: torch.nn.Module, workload: dict[str, Any], mas
     if base.startswith("qsparse"):
         import qsparse_compiler as qs
 
-        sparsity, cache_settings = qsparse_settings(base)
+        settings = qsparse_settings(base)
         options = {**bench_e2e.QSPARSE_OPTIONS, "sparsity": {**bench_e2e.QSPARSE_OPTIONS.get("sparsity", {}),
-                                                             "density": density, **sparsity}}
-        schedule = {**QSPARSE_CACHE, **cache_settings}
-        pipe = qs.optimize(_Pipe(model, scheduler), options=options, cache=schedule)
+                                                             "density": density, **settings["sparsity"]}}
+        schedule = {**QSPARSE_CACHE, **settings["cache"]}
+        # regional even with CUDA graphs: each block captures its own refresh and reuse graph (qs.optimize)
+        pipe_kwargs = settings["optimize"]
+        pipe = qs.optimize(_Pipe(model, scheduler), options=options, cache=schedule, regional=True, **pipe_kwargs)
         runtime = qs.runtime_of(pipe)
+        graphs = ", CUDA graphs (a refresh and a reuse graph per block)" if pipe_kwargs.get("cuda_graphs") else ""
 
         def residual_cache() -> dict[str, int]:
             total = runtime.memory_report()["total"]
@@ -384,7 +396,8 @@ def prepare_row(spec: str, model: torch.nn.Module, workload: dict[str, Any], mas
 
         prepared = Prepared(pipe.transformer, blocks, lambda: sum(residual_cache()[k] for k in ("refreshes", "reuses")),
                             residual_cache=residual_cache,
-                            note=f"qs.optimize regional, options {json.dumps(options)}, cache {json.dumps(schedule)}")
+                            note=f"qs.optimize regional{graphs}, options {json.dumps(options)}, cache "
+                                 f"{json.dumps(schedule)}")
     else:
         name = base.partition("[")[0]
         if name == "flex-fp8":

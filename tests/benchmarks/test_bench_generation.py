@@ -55,13 +55,15 @@ def test_row_names_are_checked(bench):
 
 def test_qsparse_row_settings(bench):
     assert bench.parse_row("qsparse[every=10,attn=int8_fp8]+fbc") == ("qsparse[every=10,attn=int8_fp8]", "fbc")
-    assert bench.qsparse_settings("qsparse[first=1,every=10,order=1,attn=int8_fp8]") == (
-        {"attention_precision": "int8_fp8"}, {"refresh_first": 1, "refresh_every": 10, "order": 1})
-    assert bench.qsparse_settings("qsparse") == ({}, {})
+    assert bench.qsparse_settings("qsparse[first=1,every=10,order=1,attn=int8_fp8,graphs=1]") == {
+        "sparsity": {"attention_precision": "int8_fp8"}, "cache": {"refresh_first": 1, "refresh_every": 10, "order": 1},
+        "optimize": {"cuda_graphs": True}}
+    assert bench.qsparse_settings("qsparse") == {"sparsity": {}, "cache": {}, "optimize": {}}
     assert bench.split_rows("inductor,qsparse[first=1,every=10]+mag,,qsparse") == [
         "inductor", "qsparse[first=1,every=10]+mag", "qsparse"]
     for bad, match in (("qsparse[rank=4]", "KEY=VALUE"), ("qsparse[every=ten]", "every='ten' must be int"),
-                       ("qsparse[every=10", "write qsparse\\[")):
+                       ("qsparse[every=10", "write qsparse\\["),
+                       ("qsparse[graphs=yes]", "graphs='yes' must be 0 or 1")):
         with pytest.raises(ValueError, match=match):
             bench.parse_row(bad)
 
