@@ -349,8 +349,8 @@ class _Pipe:
 
 
 def mag_ratios_of(spec: str, fidelity_jsons: list[Path]) -> tuple[list[float], str]:
-    """(mag_ratios, "FILE: row" they come from) for a MagCache row, from ``--fidelity`` runs' JSONs (the first file
-    that has it): the row of the same spec, else the spec with ``flex-fp8`` read as ``flex`` (torchao's fp8 needs a
+    """(mag_ratios, "FILE: row" they come from) for a MagCache row, from ``--fidelity`` runs' JSONs: the row of the
+    same spec in any of them, else the spec with ``flex-fp8`` read as ``flex`` (torchao's fp8 needs a
     GPU, so the CPU fidelity runs measure its bf16 form), else either with MagCache's settings dropped
     (``+mag[threshold=0.5]`` -> ``+mag``: calibration never skips, so its ratios do not depend on them). MagCache
     decides every skip from its ratios and settings alone (diffusers hooks/mag_cache.py: accumulated
@@ -358,9 +358,9 @@ def mag_ratios_of(spec: str, fidelity_jsons: list[Path]) -> tuple[list[float], s
     whose PSNR it is plotted with - random weights have no trajectory worth calibrating on."""
     forms = (spec, spec.replace("flex-fp8", "flex", 1))
     sources = list(dict.fromkeys([*forms, *(re.sub(r"\+mag\[[^\]]*\]", "+mag", form) for form in forms)]))
-    for path in fidelity_jsons:
-        rows = {r["system"]: r for r in json.loads(path.read_text())["rows"]}
-        for source in sources:
+    tables = [(path, {r["system"]: r for r in json.loads(path.read_text())["rows"]}) for path in fidelity_jsons]
+    for source in sources:  # the closest form first, in any of the files
+        for path, rows in tables:
             ratios = ((rows.get(source) or {}).get("calibration") or {}).get("mag_ratios")
             if ratios:
                 return [float(x) for x in ratios], f"{path.name}: {source}"
