@@ -39,7 +39,8 @@ Rows: ``BASE[+STEP_CACHE]`` or ``cache-dit``.
   default row's 2 / 5 refreshes 11 of 50 steps, ``first=1,every=10`` 5 of 50: 0, 10, .., 40), ``order`` (1 or 2),
   ``attn`` (``sparsity.attention_precision``: bf16 or int8_fp8, the 8-bit kernels for the sparse and the refresh
   attention), ``graphs=1`` (``qs.optimize(cuda_graphs=True)``, still regional: each block replays a captured refresh
-  or reuse CUDA graph - no Python op wrappers or kernel launches on the host per call).
+  or reuse CUDA graph - no Python op wrappers or kernel launches on the host per call), ``density`` (the row's
+  attention density instead of ``--density``: what the residual cache's quality margin can buy in speed).
 - STEP_CACHE (diffusers 0.42 ``transformer.enable_cache``): ``fbc`` FirstBlockCacheConfig, ``mag`` MagCacheConfig
   (calibrated first: one full video with ``calibrate=True`` records each CFG branch's residual magnitude ratio per
   step; the warm video runs with their mean as ``mag_ratios``; ``--mag-ratios FIDELITY_JSON`` takes the ratios of
@@ -189,7 +190,7 @@ def _flag(value: str) -> bool:
 
 _flag.__name__ = "0 or 1"  # named in the row error
 QSPARSE_KEYS = {"first": ("cache", "refresh_first", int), "every": ("cache", "refresh_every", int),
-                "graphs": ("optimize", "cuda_graphs", _flag),
+                "graphs": ("optimize", "cuda_graphs", _flag), "density": ("sparsity", "density", float),
                 "order": ("cache", "order", int), "attn": ("sparsity", "attention_precision", str)}
 # A step cache's settings in a row (``+mag[threshold=0.12,max_skip=5]``): KEY -> (its diffusers config field, type).
 STEP_CACHE_KEYS = {"fbc": {"threshold": ("threshold", float)},

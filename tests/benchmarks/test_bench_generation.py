@@ -59,6 +59,7 @@ def test_qsparse_row_settings(bench):
         "sparsity": {"attention_precision": "int8_fp8"}, "cache": {"refresh_first": 1, "refresh_every": 10, "order": 1},
         "optimize": {"cuda_graphs": True}}
     assert bench.qsparse_settings("qsparse") == {"sparsity": {}, "cache": {}, "optimize": {}}
+    assert bench.qsparse_settings("qsparse[density=0.08]")["sparsity"] == {"density": 0.08}
     assert bench.split_rows("inductor,qsparse[first=1,every=10]+mag,,qsparse") == [
         "inductor", "qsparse[first=1,every=10]+mag", "qsparse"]
     for bad, match in (("qsparse[rank=4]", "KEY=VALUE"), ("qsparse[every=ten]", "every='ten' must be int"),
