@@ -50,7 +50,8 @@ Rows: ``BASE[+STEP_CACHE]`` or ``cache-dit``.
   defaults, to trace a step cache's speed / quality curve: ``fbc[threshold=T]``, ``mag[threshold=T,max_skip=N,
   retention=R]``, ``taylorseer[interval=N,warmup=N]``.
 - ``flex[pattern=local3d]`` / ``flex-fp8[pattern=local3d]``: the Flex row keeping qsparse's own static tiles
-  (``local3d`` at the same density) instead of random ones - the same cost, and a fair quality baseline for qsparse.
+  (``local3d`` at the same density) instead of random ones - the same cost, and a fair quality baseline for qsparse;
+  ``density=D`` sets the row's density (Flex at the density where its quality meets qsparse's).
 - ``cache-dit``: cache-dit's one-line default (``DBCacheConfig()``: DBCache F8B0, 8 warmup steps) through its Wan
   block adapter (Pattern_2, separate CFG) with its compile settings (``set_compile_configs``) and
   ``compile_repeated_blocks``, bf16 weights. Its global Dynamo / Inductor settings are restored after the row.
@@ -197,12 +198,13 @@ STEP_CACHE_KEYS = {"fbc": {"threshold": ("threshold", float)},
                    "mag": {"threshold": ("threshold", float), "max_skip": ("max_skip_steps", int),
                            "retention": ("retention_ratio", float)},
                    "taylorseer": {"interval": ("cache_interval", int), "warmup": ("disable_cache_before_step", int)}}
-ROW_KEYS = {"qsparse": QSPARSE_KEYS, "flex": {"pattern": None}, "flex-fp8": {"pattern": None}, **STEP_CACHE_KEYS}
+FLEX_KEYS = {"pattern": None, "density": None}
+ROW_KEYS = {"qsparse": QSPARSE_KEYS, "flex": FLEX_KEYS, "flex-fp8": FLEX_KEYS, **STEP_CACHE_KEYS}
 
 
 def parse_row(spec: str) -> tuple[str, str | None]:
     """``BASE[+CACHE]`` -> (BASE, CACHE or None); a qsparse or Flex BASE may carry settings:
-    ``qsparse[every=10,attn=int8_fp8]`` (qsparse_settings), ``flex-fp8[pattern=local3d]`` (flex_pattern)."""
+    ``qsparse[every=10,attn=int8_fp8]`` (qsparse_settings), ``flex-fp8[pattern=local3d]`` (flex_settings)."""
     if spec == "cache-dit":
         return spec, None
     base, plus, cache = spec.partition("+")
@@ -216,7 +218,7 @@ def parse_row(spec: str) -> tuple[str, str | None]:
     if name == "qsparse":
         qsparse_settings(base)
     elif name in ROW_KEYS:
-        flex_pattern(base)
+        flex_settings(base)
     if plus:
         step_cache_settings(cache)
     return base, cache or None
@@ -270,12 +272,17 @@ def _typed(base: str, key: str, value: str, kind: type) -> Any:
         raise ValueError(f"row base {base!r}: {key}={value!r} must be {kind.__name__}") from None
 
 
-def flex_pattern(base: str) -> str:
-    """The tile pattern of a ``flex[...]`` / ``flex-fp8[...]`` row (bench_e2e.FLEX_PATTERNS; default random)."""
-    pattern = dict(_row_items(base)[1]).get("pattern", "random")
+def flex_settings(base: str) -> tuple[str, float | None]:
+    """(tile pattern, density or None for ``--density``) of a ``flex[...]`` / ``flex-fp8[...]`` row (patterns:
+    bench_e2e.FLEX_PATTERNS, default random)."""
+    items = dict(_row_items(base)[1])
+    pattern = items.get("pattern", "random")
     if pattern not in bench_e2e.FLEX_PATTERNS:
         raise ValueError(f"row base {base!r}: pattern={pattern!r} must be one of {bench_e2e.FLEX_PATTERNS}")
-    return pattern
+    density = _typed(base, "density", items["density"], float) if "density" in items else None
+    if density is not None and not 0.0 < density <= 1.0:
+        raise ValueError(f"row base {base!r}: density={density} must be in (0, 1]")
+    return pattern, density
 
 
 def step_cache_config(spec: str, steps: int, mag_ratios: list[float] | None = None):
@@ -408,7 +415,8 @@ def prepare_row(spec: str, model: torch.nn.Module, workload: dict[str, Any], mas
                       filter_fn=bench_e2e.block_linear_filter(workload, model))
         tiles = ""
         if name in ("flex", "flex-fp8"):
-            pattern = flex_pattern(base)
+            pattern, row_density = flex_settings(base)
+            density = density if row_density is None else row_density
             bench_e2e.install_flex_attention(model, workload,
                                              bench_e2e.flex_block_masks(workload, mask_inputs, density, pattern))
             tiles = (f"random {density:.0%} 128x128 tiles + diagonal" if pattern == "random"

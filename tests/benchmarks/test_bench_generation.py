@@ -71,10 +71,13 @@ def test_qsparse_row_settings(bench):
 
 def test_flex_row_pattern(bench):
     assert bench.parse_row("flex-fp8[pattern=local3d]+mag") == ("flex-fp8[pattern=local3d]", "mag")
-    assert bench.flex_pattern("flex[pattern=local3d]") == "local3d" and bench.flex_pattern("flex-fp8") == "random"
+    assert bench.flex_settings("flex[pattern=local3d]") == ("local3d", None)
+    assert bench.flex_settings("flex-fp8") == ("random", None)
+    assert bench.flex_settings("flex[density=0.5,pattern=local3d]") == ("local3d", 0.5)
     assert bench.split_rows("flex[pattern=local3d],qsparse[first=1,every=10]") == [
         "flex[pattern=local3d]", "qsparse[first=1,every=10]"]
     for bad, match in (("flex[pattern=radial]", "pattern='radial' must be one of"), ("flex[every=10]", "KEY=VALUE"),
+                       ("flex[density=2]", "density=2.0 must be in \\(0, 1\\]"),
                        ("inductor[pattern=local3d]", "BASE\\[\\+CACHE\\]")):
         with pytest.raises(ValueError, match=match):
             bench.parse_row(bad)
