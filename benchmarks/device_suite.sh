@@ -99,7 +99,7 @@ case "${1:-e2e}" in
       echo "generation part $1: exit ${PIPESTATUS[0]}"
     }
     MAG_RATIOS=""
-    for f in ${MAG_RATIO_FILES-docs/fidelity/generation_cpu/fidelity_part4_50steps.json docs/fidelity/generation_cpu/fidelity_flex_local3d_50steps.json docs/fidelity/generation_cpu/fidelity_mag_sweep_50steps.json docs/fidelity/generation_cpu/fidelity_mag_sweep2_50steps.json docs/fidelity/generation_cpu/fidelity_mag_sweep3_50steps.json}; do
+    for f in ${MAG_RATIO_FILES-docs/fidelity/generation_cpu/fidelity_part4_50steps.json docs/fidelity/generation_cpu/fidelity_flex_local3d_50steps.json docs/fidelity/generation_cpu/fidelity_mag_sweep_50steps.json docs/fidelity/generation_cpu/fidelity_mag_sweep2_50steps.json docs/fidelity/generation_cpu/fidelity_mag_sweep3_50steps.json docs/fidelity/generation_cpu/fidelity_flex_density_mag_50steps.json}; do
       MAG_RATIOS="$MAG_RATIOS --mag-ratios $f"
     done
     for part in ${GEN_PARTS-1 2 3 4}; do
@@ -112,7 +112,8 @@ case "${1:-e2e}" in
         # loses the last): MagCache over qsparse kept 19.2 of 19.5 dB executing 96 of 200 forwards on the CPU; the
         # fastest settings of each on the CPU's curve (FIDELITY.md: Flex ~10 dB, qsparse 14.8 dB at 24 of 200); the
         # CUDA-graph row. MagCache rows skip the steps of their CPU fidelity rows (--mag-ratios: no calibration video).
-        4) gen 4 "${GEN4_ROWS:-flex-fp8,qsparse[first=1,every=10]+mag,flex-fp8+mag,flex-fp8[pattern=local3d]+mag[threshold=1.0,max_skip=20,retention=0.05],qsparse[first=1,every=50]+mag[threshold=1.0,max_skip=20,retention=0.05],qsparse[first=1,every=10],qsparse[first=1,every=10,graphs=1],qsparse[first=1,every=25]+mag[threshold=0.5,max_skip=10,retention=0.1],qsparse,qsparse[first=1,every=10,attn=int8_fp8]}" \
+        # Rows 2-3 are the equal-PSNR pair: Flex at 75% 15.3 dB, qsparse at 15% 15.9 dB, 12 forwards per video each.
+        4) gen 4 "${GEN4_ROWS:-flex-fp8,flex-fp8[pattern=local3d,density=0.75]+mag[threshold=1.0,max_skip=20,retention=0.05],qsparse[first=1,every=10]+mag[threshold=1.0,max_skip=20,retention=0.05],qsparse[first=1,every=10]+mag,flex-fp8+mag,qsparse[first=1,every=50]+mag[threshold=1.0,max_skip=20,retention=0.05],qsparse[first=1,every=10],qsparse[first=1,every=10,graphs=1],flex-fp8[pattern=local3d]+mag[threshold=1.0,max_skip=20,retention=0.05],qsparse[first=1,every=25]+mag[threshold=0.5,max_skip=10,retention=0.1],qsparse,qsparse[first=1,every=10,attn=int8_fp8]}" \
                $MAG_RATIOS --out "$OUT/generation.json" ;;
       esac
     done
