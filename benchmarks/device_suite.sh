@@ -15,15 +15,17 @@
 #   bash benchmarks/device_suite.sh bytes        # byte accounting of the reuse step's kernels (two qsparse compiles)
 #   bash benchmarks/device_suite.sh generation   # whole 50-step CFG videos at workload W (bench_generation.py), in
 #                                                # parts that each stay under 580 s, rows appended to one
-#                                                # generation.json (GEN_PARTS="1 2 3 4" picks parts; default all four:
+#                                                # generation.json (GEN_PARTS="1 2 3 4 5" picks parts; default all five:
 #                                                # run each as its own device command), then fidelity of the same rows
 #                                                # on the reference DiT (FID_PARTS) into fidelity.json, then the Pareto
 #                                                # plot when both JSONs are there. Estimates from the per-forward
 #                                                # numbers (not yet run): part 1 Inductor + Flex+fp8 ~350 s, part 2
 #                                                # Flex+fp8 with FBC / MagCache / TaylorSeer ~400 s, part 3 cache-dit +
 #                                                # qsparse + qsparse with FBC ~450 s, part 4 (issue #16's rows with fewer
-#                                                # refreshes, MagCache and 8-bit attention) ~440-535 s (Flex + fp8's
-#                                                # cold compile took 104-200 s); fidelity parts ~300 s each (3 and 4:
+#                                                # refreshes, MagCache and 8-bit attention) ~500-580 s (Flex + fp8's
+#                                                # cold compile took 104-200 s), part 5 (the equal-PSNR pair: Flex at 75%
+#                                                # vs qsparse at 15%, same MagCache skips) ~250 s + ~190 s for its last
+#                                                # row (each Flex mask compiles anew); fidelity parts ~300 s each (3, 4:
 #                                                # part 4's rows). Parts 1 and 4 overlap in Flex + fp8 (a baseline
 #                                                # reruns in every process that compares with it).
 #   bash benchmarks/device_suite.sh tests        # every @gpu test, JOBS files at a time, FILE_LIMIT s each
@@ -102,18 +104,22 @@ case "${1:-e2e}" in
     for f in ${MAG_RATIO_FILES-docs/fidelity/generation_cpu/fidelity_part4_50steps.json docs/fidelity/generation_cpu/fidelity_flex_local3d_50steps.json docs/fidelity/generation_cpu/fidelity_mag_sweep_50steps.json docs/fidelity/generation_cpu/fidelity_mag_sweep2_50steps.json docs/fidelity/generation_cpu/fidelity_mag_sweep3_50steps.json docs/fidelity/generation_cpu/fidelity_flex_density_mag_50steps.json}; do
       MAG_RATIOS="$MAG_RATIOS --mag-ratios $f"
     done
-    for part in ${GEN_PARTS-1 2 3 4}; do
+    for part in ${GEN_PARTS-1 2 3 4 5}; do
       case $part in
         1) gen 1 inductor,flex-fp8 --out "$OUT/generation.json" ;;
         2) gen 2 flex-fp8+fbc,flex-fp8+mag,flex-fp8+taylorseer --out "$OUT/generation.json" ;;
         3) gen 3 cache-dit,qsparse,qsparse+fbc --out "$OUT/generation.json" ;;
-        # qsparse with fewer refreshes (5 of 50 steps), with MagCache and with 8-bit attention (sparse and refresh),
-        # beside the Flex + fp8 baselines rerun in the same process; the order is the rows' priority (a cut part
-        # loses the last): MagCache over qsparse kept 19.2 of 19.5 dB executing 96 of 200 forwards on the CPU; the
-        # fastest settings of each on the CPU's curve (FIDELITY.md: Flex ~10 dB, qsparse 14.8 dB at 24 of 200); the
-        # CUDA-graph row. MagCache rows skip the steps of their CPU fidelity rows (--mag-ratios: no calibration video).
-        # Rows 2-3 are the equal-PSNR pair: Flex at 75% 15.3 dB, qsparse at 15% 15.9 dB, 12 forwards per video each.
-        4) gen 4 "${GEN4_ROWS:-flex-fp8,flex-fp8[pattern=local3d,density=0.75]+mag[threshold=1.0,max_skip=20,retention=0.05],qsparse[first=1,every=10]+mag[threshold=1.0,max_skip=20,retention=0.05],qsparse[first=1,every=10]+mag,flex-fp8+mag,qsparse[first=1,every=50]+mag[threshold=1.0,max_skip=20,retention=0.05],qsparse[first=1,every=10],qsparse[first=1,every=10,graphs=1],flex-fp8[pattern=local3d]+mag[threshold=1.0,max_skip=20,retention=0.05],qsparse[first=1,every=25]+mag[threshold=0.5,max_skip=10,retention=0.1],qsparse,qsparse[first=1,every=10,attn=int8_fp8]}" \
+        # Part 4: qsparse's whole-video rows beside Flex + fp8 at 15% (one Flex compile, ~190 s cold; its MagCache row
+        # reuses it): fewer refreshes, MagCache at diffusers' defaults and at the CPU curve's fastest settings
+        # (FIDELITY.md), regional CUDA graphs, 8-bit attention; the order is the rows' priority (a cut part loses
+        # the last). MagCache rows skip the steps of their CPU fidelity rows (--mag-ratios: no calibration video).
+        4) gen 4 "${GEN4_ROWS:-flex-fp8,qsparse[first=1,every=10]+mag[threshold=1.0,max_skip=20,retention=0.05],qsparse[first=1,every=10]+mag,flex-fp8+mag,qsparse[first=1,every=50]+mag[threshold=1.0,max_skip=20,retention=0.05],qsparse[first=1,every=10],qsparse[first=1,every=10,graphs=1],qsparse[first=1,every=25]+mag[threshold=0.5,max_skip=10,retention=0.1],qsparse,qsparse[first=1,every=10,attn=int8_fp8]}" \
+               $MAG_RATIOS --out "$OUT/generation.json" ;;
+        # Part 5: the equal-PSNR comparison in one process - Flex + fp8 at 75% of qsparse's tiles (15.3 dB on the CPU:
+        # Flex at 15% never passes ~10 dB) against qsparse at 15% (15.9 / 15.3 dB), all with the same MagCache skips
+        # (12 forwards per video); then Flex at 15% local3d with them. FlexAttention compiles anew for each mask's
+        # tile counts (130-190 s on the H100), so each Flex row here costs a cold compile.
+        5) gen 5 "${GEN5_ROWS:-flex-fp8[pattern=local3d,density=0.75]+mag[threshold=1.0,max_skip=20,retention=0.05],qsparse[first=1,every=10]+mag[threshold=1.0,max_skip=20,retention=0.05],qsparse[first=1,every=25]+mag[threshold=1.0,max_skip=20,retention=0.05],flex-fp8[pattern=local3d]+mag[threshold=1.0,max_skip=20,retention=0.05]}" \
                $MAG_RATIOS --out "$OUT/generation.json" ;;
       esac
     done
