@@ -171,16 +171,17 @@ def test_pareto_joins_fidelity_runs_and_takes_named_stand_ins(tmp_path):
 
 @pytest.mark.slow
 def test_reference_workload_video_rows(tmp_path):
-    """Two rows through whole 3-step videos on the tiny workload: a calibrated MagCache on eager blocks and qsparse
-    (compiled regionally, its step clock on the loop's scheduler)."""
+    """Three rows through whole 3-step videos on the tiny workload: a calibrated MagCache on eager blocks, qsparse
+    (compiled regionally, its step clock on the loop's scheduler) and qsparse through its two-graph CUDA-graph path
+    (each block picks its refresh or reuse graph; on the CPU Inductor runs them without capturing)."""
     out = tmp_path / "gen.json"
     command = [sys.executable, str(BENCH), "--workload", "reference", "--device", "cpu", "--steps", "3",
-               "--rows", "eager+mag,qsparse", "--out", str(out)]
+               "--rows", "eager+mag,qsparse,qsparse[graphs=1]", "--out", str(out)]
     subprocess.run(command, check=True, cwd=ROOT, capture_output=True, timeout=600)
     data = json.loads(out.read_text())
     assert data["meta"]["mode"] == "speed" and data["meta"]["steps"] == 3
     rows = {row["system"]: row for row in data["rows"]}
-    assert list(rows) == ["eager+mag", "qsparse"]
+    assert list(rows) == ["eager+mag", "qsparse", "qsparse[graphs=1]"]
     for row in rows.values():
         assert row["error"] is None, row["error"]
         assert row["finite"] is True and row["seconds_per_video"] > 0 and row["first_video_s"] > 0
@@ -190,6 +191,9 @@ def test_reference_workload_video_rows(tmp_path):
     qsparse = rows["qsparse"]
     assert qsparse["block_calls"] == 12 and qsparse["forwards_executed"] == 6.0
     assert qsparse["residual_cache"]["refreshes"] == 8 and qsparse["residual_cache"]["reuses"] == 4
+    # The CUDA-graph path follows the same schedule through its refresh and reuse graphs.
+    graphs = rows["qsparse[graphs=1]"]
+    assert graphs["residual_cache"] == qsparse["residual_cache"] and "CUDA graphs" in graphs["note"]
     # The per-step profile classes the same steps: two refresh steps, one reuse step, summing to the video.
     profile = qsparse["step_profile"]
     assert profile["refresh"]["steps"] == 2 and profile["reuse"]["steps"] == 1
@@ -200,7 +204,7 @@ def test_reference_workload_video_rows(tmp_path):
     assert len(mag["calibration"]["cond"]) == 3 and len(mag["calibration"]["uncond"]) == 3
     assert mag["calibration"]["cond"][0] == 1.0  # the first step has no previous residual
     assert 0 < mag["block_calls"] <= 12 and mag["forwards_executed"] == mag["block_calls"] / 2
-    assert out.with_suffix(".md").read_text().count("\n| ") == 3
+    assert out.with_suffix(".md").read_text().count("\n| ") == 4  # the separator and three rows
     assert out.with_suffix(".png").stat().st_size > 1000
 
 
