@@ -95,9 +95,12 @@ case "${1:-e2e}" in
   generation)
     # One row's failure is recorded in the JSON and the next row runs; a part past its limit keeps the rows it
     # finished (the JSON is rewritten after every row). cache-dit comes from its carried wheel (.whl/, installed above).
-    gen() {  # gen PART ROWS [MORE ARGS]
+    gen() {  # gen PART ROWS [MORE ARGS]; GEN_LOG=1 keeps the whole log in $OUT (8 files at most come back)
+      local log=/dev/null
+      [ -n "${GEN_LOG:-}" ] && log="$OUT/gen_$1.log"
       timeout "${PART_LIMIT:-580}" python3 benchmarks/bench_generation.py --rows "$2" --append \
-          --row-budget "${ROW_BUDGET:-420}" --warmup-steps "${WARMUP_STEPS:-12}" "${@:3}" 2>&1 | grep -v Warning | grep -E "^\||^- |^[a-z].*: " | tail -40
+          --row-budget "${ROW_BUDGET:-420}" --warmup-steps "${WARMUP_STEPS:-12}" "${@:3}" 2>&1 | tee "$log" \
+          | grep -v Warning | grep -E "^\||^- |^[a-z].*: " | tail -40
       echo "generation part $1: exit ${PIPESTATUS[0]}"
     }
     MAG_RATIOS=""
@@ -117,9 +120,10 @@ case "${1:-e2e}" in
                $MAG_RATIOS --out "$OUT/generation.json" ;;
         # Part 5: the equal-PSNR comparison in one process - Flex + fp8 at 75% of qsparse's tiles (15.3 dB on the CPU:
         # Flex at 15% never passes ~10 dB) against qsparse at 15% (15.9 / 15.3 dB), all with the same MagCache skips
-        # (12 forwards per video); then Flex at 15% local3d with them. FlexAttention compiles anew for each mask's
-        # tile counts (130-190 s on the H100), so each Flex row here costs a cold compile.
-        5) gen 5 "${GEN5_ROWS:-flex-fp8[pattern=local3d,density=0.75]+mag[threshold=1.0,max_skip=20,retention=0.05],qsparse[first=1,every=10]+mag[threshold=1.0,max_skip=20,retention=0.05],qsparse[first=1,every=25]+mag[threshold=1.0,max_skip=20,retention=0.05],flex-fp8[pattern=local3d]+mag[threshold=1.0,max_skip=20,retention=0.05]}" \
+        # (12 forwards per video); then Flex at 15% local3d with them. FlexAttention recompiled for a second mask on
+        # the H100 (130 s; the guard was not logged), so each Flex row here may cost a cold compile; TORCH_LOGS=
+        # recompiles (the full log is $OUT/gen_5.log) says why.
+        5) TORCH_LOGS=recompiles GEN_LOG=1 gen 5 "${GEN5_ROWS:-flex-fp8[pattern=local3d,density=0.75]+mag[threshold=1.0,max_skip=20,retention=0.05],qsparse[first=1,every=10]+mag[threshold=1.0,max_skip=20,retention=0.05],qsparse[first=1,every=25]+mag[threshold=1.0,max_skip=20,retention=0.05],flex-fp8[pattern=local3d]+mag[threshold=1.0,max_skip=20,retention=0.05]}" \
                $MAG_RATIOS --out "$OUT/generation.json" ;;
       esac
     done
