@@ -44,9 +44,10 @@ Rows: ``BASE[+STEP_CACHE]`` or ``cache-dit``.
 - STEP_CACHE (diffusers 0.42 ``transformer.enable_cache``): ``fbc`` FirstBlockCacheConfig, ``mag`` MagCacheConfig
   (calibrated first: one full video with ``calibrate=True`` records each CFG branch's residual magnitude ratio per
   step; the warm video runs with their mean as ``mag_ratios``; ``--mag-ratios FIDELITY_JSON`` takes the ratios of
-  the same row of a ``--fidelity`` run instead, so a speed row skips exactly the steps whose PSNR was measured), ``taylorseer`` TaylorSeerCacheConfig in lite mode
-  (its default mode hooks the attention modules inside each block, where regional compilation traces its host-side
-  step counter; lite mode skips whole blocks and predicts ``proj_out``). Each may carry settings over diffusers'
+  the same row of a ``--fidelity`` run instead, so a speed row skips exactly the steps whose PSNR was measured),
+  ``taylorseer`` TaylorSeerCacheConfig in lite mode (its default mode hooks the attention modules inside each
+  block, where regional compilation traces its host-side step counter; lite mode skips whole blocks and predicts
+  ``proj_out``). Each may carry settings over diffusers'
   defaults, to trace a step cache's speed / quality curve: ``fbc[threshold=T]``, ``mag[threshold=T,max_skip=N,
   retention=R]``, ``taylorseer[interval=N,warmup=N]``.
 - ``flex[pattern=local3d]`` / ``flex-fp8[pattern=local3d]``: the Flex row keeping qsparse's own static tiles
@@ -287,8 +288,8 @@ def flex_settings(base: str) -> tuple[str, float | None]:
 
 def step_cache_config(spec: str, steps: int, mag_ratios: list[float] | None = None):
     """The diffusers config of a row's step cache: diffusers' defaults (FirstBlockCache threshold 0.05; MagCache
-    threshold 0.06, at most 3 skipped steps in a row, first 20% computed; TaylorSeer lite: interval 5, 3 warm-up steps,
-    order 1) with the row's settings (``step_cache_settings``) over them."""
+    threshold 0.06, at most 3 skipped steps in a row, first 20% computed; TaylorSeer lite: interval 5, 3 warm-up
+    steps, order 1) with the row's settings (``step_cache_settings``) over them."""
     from diffusers import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
 
     name, settings = step_cache_settings(spec)
@@ -423,7 +424,8 @@ def prepare_row(spec: str, model: torch.nn.Module, workload: dict[str, Any], mas
                      else f"qsparse's local3d {density:.0%} of 128x128 tiles + diagonal")
         counter = _count_compiled_blocks(model, compile_blocks=name != "eager")
         notes = {"eager": "eager", "inductor": "Inductor bf16, blocks compiled",
-                 "flex": f"FlexAttention {tiles}, bf16 linears", "flex-fp8": f"FlexAttention {tiles}, torchao fp8 rowwise"}
+                 "flex": f"FlexAttention {tiles}, bf16 linears",
+                 "flex-fp8": f"FlexAttention {tiles}, torchao fp8 rowwise"}
         prepared = Prepared(model, blocks, counter, note=notes[name])
     if cache is not None:
         transformer = prepared.model
@@ -536,9 +538,11 @@ class StepProfile:
 
 
 def run_row(spec: str, build: Callable[[], torch.nn.Module], videos: Callable[[], list[tuple]], workload: dict,
-            mask_inputs: dict, args: argparse.Namespace, keep_output: bool = False) -> tuple[GenRow, torch.Tensor | None]:
+            mask_inputs: dict, args: argparse.Namespace, keep_output: bool = False,
+            mag_ratios: tuple[list[float], str] | None = None) -> tuple[GenRow, torch.Tensor | None]:
     """Cold video, then (budget permitting) the warm video that is measured. ``videos`` gives the (latents, cond,
-    uncond) of each video of a run (one for speed; one per seed for fidelity). Returns the row and, with
+    uncond) of each video of a run (one for speed; one per seed for fidelity). ``mag_ratios``: (ratios, where from)
+    for a MagCache row that replays a fidelity row's skips (``mag_ratios_of``). Returns the row and, with
     ``keep_output``, the warm run's final latents."""
     row = GenRow(spec, steps=args.steps)
     deadline = time.perf_counter() + args.row_budget
@@ -547,13 +551,12 @@ def run_row(spec: str, build: Callable[[], torch.nn.Module], videos: Callable[[]
     settings = _restored_compile_settings() if spec == "cache-dit" else contextlib.nullcontext()
     output = None
     with settings:
-        mag_ratios = None
-        if args.mag_ratios is not None and "+mag" in spec:
-            mag_ratios, source = mag_ratios_of(spec, args.mag_ratios)
-            row.calibration = {"mag_ratios": mag_ratios, "from": source}
-        prepared = prepare_row(spec, model, workload, mask_inputs, scheduler, args.steps, args.density, mag_ratios)
+        ratios, source = mag_ratios or (None, None)
+        if ratios is not None:
+            row.calibration = {"mag_ratios": ratios, "from": source}
+        prepared = prepare_row(spec, model, workload, mask_inputs, scheduler, args.steps, args.density, ratios)
         row.note = prepared.note
-        if mag_ratios is not None:
+        if ratios is not None:
             row.note += f"; MagCache ratios of {source} (its skipped steps)"
         calls = [0]
         first_call: list[float] = []
@@ -754,13 +757,14 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--steps {args.steps}: must be >= 1")
     if args.shift is None:
         args.shift = FLOW_SHIFT.get(args.workload, 3.0)
-    if args.mag_ratios is not None:
-        for spec in specs:
-            if "+mag" in spec:
-                try:
-                    mag_ratios_of(spec, args.mag_ratios)
-                except (OSError, ValueError, KeyError) as exc:
-                    parser.error(f"--mag-ratios: {exc}")
+    # Resolved once, before any row runs: a MagCache row missing from the files stops the run here.
+    replayed: dict[str, tuple[list[float], str]] = {}
+    for spec in specs if args.mag_ratios is not None else ():
+        if (parse_row(spec)[1] or "").startswith("mag"):
+            try:
+                replayed[spec] = mag_ratios_of(spec, args.mag_ratios)
+            except (OSError, ValueError, KeyError) as exc:
+                parser.error(f"--mag-ratios: {exc}")
     if args.fidelity:
         workload, build, videos, mask_inputs = _fidelity_setup(args)
         specs = ["eager"] + [s for s in specs if s != "eager"]  # the dense reference run first
@@ -783,7 +787,8 @@ def main(argv: list[str] | None = None) -> None:
     dense: torch.Tensor | None = None
     for spec in specs:
         try:
-            row, output = run_row(spec, build, videos, workload, mask_inputs, args, keep_output=args.fidelity)
+            row, output = run_row(spec, build, videos, workload, mask_inputs, args, keep_output=args.fidelity,
+                                  mag_ratios=replayed.get(spec))
         except Exception as exc:  # a failing row is recorded, not hidden, and the next one runs
             error = f"{type(exc).__name__}: {exc}"
             if spec.startswith("qsparse") and "+" in spec:
