@@ -21,17 +21,18 @@ key-padding mask (B|1, 1, 1, Skv), tails. Rows that attend to nothing: out = 0, 
 
 Numerics: the int8 dot is exact in int32 and converted to fp32 exactly (``MAGIC_I2F``: an integer add that folds
 into the MMA's accumulator and an fp32 subtract, instead of a conversion instruction); scores are dequantized in
-fp32, s = dot * k_scale * scale * log2(e) * q_scale, so the softmax runs in the exp2 domain. The row's Q scale (> 0, as ``quantize_attention_inputs`` makes
-it) is applied last: the running max is q_scale * max_j(u_j) of u = dot * k_scale * scale * log2(e) (exact:
-rounding is monotonic) and the exponent is one fused multiply-add, u * q_scale - m. The tile's p = exp2(s - m) in
-[0, 1] is scaled by 448 and rounded to e4m3 (``P_SCALE``); the scaling is folded into the exponent, 448 p =
-exp2(s - m + log2 448), and the row sum l accumulates that fp32 448 p (448 times the fp32 sum of p, up to fp32
-rounding). Each key tile's P.V product is a fresh fp8 dot whose fp32 result is added to the running accumulator:
-Hopper's fp8 MMA keeps fewer accumulator bits than fp32 (SageAttention2 and DeepGEMM promote the same way), and a
-sum carried through thousands of keys in the MMA would lose them. At the end out = acc * v_scale / l and lse =
-(m + log2 l - log2 448) * ln 2 + scale * lse_shift (the smoothing's shift: lse keeps ``qsparse::sparse_attention``'s
-meaning, so partial results merge through it). Tokens past Sq/Skv in tail tiles read as zero codes and are masked
-with -inf; the dense kernel runs its full key tiles without bounds and the tail tile once after them.
+fp32, s = dot * k_scale * scale * log2(e) * q_scale, so the softmax runs in the exp2 domain. The row's Q scale (> 0,
+as ``quantize_attention_inputs`` makes it) is applied last: the running max is q_scale * max_j(u_j) of u = dot *
+k_scale * scale * log2(e) (exact: rounding is monotonic) and the exponent is one fused multiply-add, u * q_scale -
+m. The tile's p = exp2(s - m) in [0, 1] is scaled by 448 and rounded to e4m3 (``P_SCALE``); the scaling is folded
+into the exponent, 448 p = exp2(s - m + log2 448), and the row sum l accumulates that fp32 448 p (448 times the fp32
+sum of p, up to fp32 rounding). Each key tile's P.V product is a fresh fp8 dot whose fp32 result is added to the
+running accumulator: Hopper's fp8 MMA keeps fewer accumulator bits than fp32 (SageAttention2 and DeepGEMM promote
+the same way), and a sum carried through thousands of keys in the MMA would lose them. At the end out = acc *
+v_scale / l and lse = (m + log2 l - log2 448) * ln 2 + scale * lse_shift (the smoothing's shift: lse keeps
+``qsparse::sparse_attention``'s meaning, so partial results merge through it). Tokens past Sq/Skv in tail tiles read
+as zero codes and are masked with -inf; the dense kernel runs its full key tiles without bounds and the tail tile
+once after them.
 
 One jit function, ``_attend_key_tile``, is the inner loop of both kernels (one key tile: load, int8 dot, mask, online
 softmax update, e4m3 P, fp8 dot); the sparse kernel walks the listed key blocks, the dense kernel every key tile.
