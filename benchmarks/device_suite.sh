@@ -21,13 +21,14 @@
 #                                                # plot when both JSONs are there. Estimates from the per-forward
 #                                                # numbers (not yet run): part 1 Inductor + Flex+fp8 ~350 s, part 2
 #                                                # Flex+fp8 with FBC / MagCache / TaylorSeer ~400 s, part 3 cache-dit +
-#                                                # qsparse + qsparse with FBC ~450 s, part 4 (issue #16's rows with fewer
-#                                                # refreshes, MagCache and 8-bit attention) ~500-580 s (Flex + fp8's
-#                                                # cold compile took 104-200 s), part 5 (the equal-PSNR pair: Flex at 75%
-#                                                # vs qsparse at 15%, same MagCache skips) ~250 s + ~190 s for its last
-#                                                # row (each Flex mask compiles anew); fidelity parts ~300 s each (3, 4:
-#                                                # part 4's rows). Parts 1 and 4 overlap in Flex + fp8 (a baseline
-#                                                # reruns in every process that compares with it).
+#                                                # qsparse + qsparse with FBC ~450 s, part 4 (issue #16's rows with
+#                                                # fewer refreshes, MagCache and 8-bit attention) ~500-580 s (Flex +
+#                                                # fp8's cold compile took 104-200 s), part 5 (the equal-PSNR pair: Flex
+#                                                # at 75% vs qsparse at 15%, same MagCache skips) ~250 s + ~190 s for
+#                                                # its last row (Flex recompiled for a second mask on the H100);
+#                                                # fidelity parts ~300 s each (3, 4: part 4's rows). Parts 1 and 4
+#                                                # overlap in Flex + fp8 (a baseline reruns in every process that
+#                                                # compares with it).
 #   bash benchmarks/device_suite.sh tests        # every @gpu test, JOBS files at a time, FILE_LIMIT s each
 #   bash benchmarks/device_suite.sh attn8        # 8-bit attention: bench rows beside SDPA and Flex at 15% and dense,
 #                                                # the refresh rows, the 8-bit config sweep, then its @gpu tests
@@ -103,10 +104,21 @@ case "${1:-e2e}" in
           | grep -v Warning | grep -E "^\||^- |^[a-z].*: " | tail -40
       echo "generation part $1: exit ${PIPESTATUS[0]}"
     }
+    # The CPU fidelity runs whose MagCache calibrations the MagCache rows of parts 4-5 replay (--mag-ratios).
+    CPU_FID=docs/fidelity/generation_cpu
     MAG_RATIOS=""
-    for f in ${MAG_RATIO_FILES-docs/fidelity/generation_cpu/fidelity_part4_50steps.json docs/fidelity/generation_cpu/fidelity_flex_local3d_50steps.json docs/fidelity/generation_cpu/fidelity_mag_sweep_50steps.json docs/fidelity/generation_cpu/fidelity_mag_sweep2_50steps.json docs/fidelity/generation_cpu/fidelity_mag_sweep3_50steps.json docs/fidelity/generation_cpu/fidelity_flex_density_mag_50steps.json}; do
+    for f in ${MAG_RATIO_FILES-$CPU_FID/fidelity_part4_50steps.json $CPU_FID/fidelity_flex_local3d_50steps.json
+               $CPU_FID/fidelity_mag_sweep_50steps.json $CPU_FID/fidelity_mag_sweep2_50steps.json
+               $CPU_FID/fidelity_mag_sweep3_50steps.json $CPU_FID/fidelity_flex_density_mag_50steps.json}; do
       MAG_RATIOS="$MAG_RATIOS --mag-ratios $f"
     done
+    FAST_MAG="+mag[threshold=1.0,max_skip=20,retention=0.05]"  # the CPU curve's fastest MagCache settings
+    PART4="flex-fp8,qsparse[first=1,every=10]$FAST_MAG,qsparse[first=1,every=10]+mag,flex-fp8+mag"
+    PART4="$PART4,qsparse[first=1,every=50]$FAST_MAG,qsparse[first=1,every=10],qsparse[first=1,every=10,graphs=1]"
+    PART4="$PART4,qsparse[first=1,every=25]+mag[threshold=0.5,max_skip=10,retention=0.1],qsparse"
+    PART4="$PART4,qsparse[first=1,every=10,attn=int8_fp8]"
+    PART5="flex-fp8[pattern=local3d,density=0.75]$FAST_MAG,qsparse[first=1,every=10]$FAST_MAG"
+    PART5="$PART5,qsparse[first=1,every=25]$FAST_MAG,flex-fp8[pattern=local3d]$FAST_MAG"
     for part in ${GEN_PARTS-1 2 3 4 5}; do
       case $part in
         1) gen 1 inductor,flex-fp8 --out "$OUT/generation.json" ;;
@@ -116,14 +128,14 @@ case "${1:-e2e}" in
         # reuses it): fewer refreshes, MagCache at diffusers' defaults and at the CPU curve's fastest settings
         # (FIDELITY.md), regional CUDA graphs, 8-bit attention; the order is the rows' priority (a cut part loses
         # the last). MagCache rows skip the steps of their CPU fidelity rows (--mag-ratios: no calibration video).
-        4) gen 4 "${GEN4_ROWS:-flex-fp8,qsparse[first=1,every=10]+mag[threshold=1.0,max_skip=20,retention=0.05],qsparse[first=1,every=10]+mag,flex-fp8+mag,qsparse[first=1,every=50]+mag[threshold=1.0,max_skip=20,retention=0.05],qsparse[first=1,every=10],qsparse[first=1,every=10,graphs=1],qsparse[first=1,every=25]+mag[threshold=0.5,max_skip=10,retention=0.1],qsparse,qsparse[first=1,every=10,attn=int8_fp8]}" \
+        4) gen 4 "${GEN4_ROWS:-$PART4}" \
                $MAG_RATIOS --out "$OUT/generation.json" ;;
         # Part 5: the equal-PSNR comparison in one process - Flex + fp8 at 75% of qsparse's tiles (15.3 dB on the CPU:
         # Flex at 15% never passes ~10 dB) against qsparse at 15% (15.9 / 15.3 dB), all with the same MagCache skips
         # (12 forwards per video); then Flex at 15% local3d with them. FlexAttention recompiled for a second mask on
         # the H100 (130 s; the guard was not logged), so each Flex row here may cost a cold compile; TORCH_LOGS=
         # recompiles (the full log is $OUT/gen_5.log) says why.
-        5) TORCH_LOGS=recompiles GEN_LOG=1 gen 5 "${GEN5_ROWS:-flex-fp8[pattern=local3d,density=0.75]+mag[threshold=1.0,max_skip=20,retention=0.05],qsparse[first=1,every=10]+mag[threshold=1.0,max_skip=20,retention=0.05],qsparse[first=1,every=25]+mag[threshold=1.0,max_skip=20,retention=0.05],flex-fp8[pattern=local3d]+mag[threshold=1.0,max_skip=20,retention=0.05]}" \
+        5) TORCH_LOGS=recompiles GEN_LOG=1 gen 5 "${GEN5_ROWS:-$PART5}" \
                $MAG_RATIOS --out "$OUT/generation.json" ;;
       esac
     done
