@@ -357,6 +357,14 @@ class _Pipe:
         self.transformer, self.scheduler = transformer, scheduler
 
 
+def _without_graphs(spec: str) -> str:
+    """``qsparse[every=10,graphs=1]+mag`` -> ``qsparse[every=10]+mag`` (any other row unchanged)."""
+    base, cache = parse_row(spec)
+    name, items = _row_items(base)
+    kept = [f"{key}={value}" for key, value in items if key != "graphs"]
+    return name + (f"[{','.join(kept)}]" if kept else "") + (f"+{cache}" if cache else "")
+
+
 def mag_ratios_of(spec: str, fidelity_jsons: list[Path]) -> tuple[list[float], str]:
     """(mag_ratios, "FILE: row" they come from) for a MagCache row, from ``--fidelity`` runs' JSONs: the row of the
     same spec in any of them, else the spec with ``flex-fp8`` read as ``flex`` (torchao's fp8 needs a
@@ -364,8 +372,10 @@ def mag_ratios_of(spec: str, fidelity_jsons: list[Path]) -> tuple[list[float], s
     (``+mag[threshold=0.5]`` -> ``+mag``: calibration never skips, so its ratios do not depend on them). MagCache
     decides every skip from its ratios and settings alone (diffusers hooks/mag_cache.py: accumulated
     |1 - prod(ratios)| against the threshold), so a run with these ratios skips the same steps as the fidelity row
-    whose PSNR it is plotted with - random weights have no trajectory worth calibrating on."""
-    forms = (spec, spec.replace("flex-fp8", "flex", 1))
+    whose PSNR it is plotted with - random weights have no trajectory worth calibrating on. A qsparse row's
+    ``graphs=`` setting is left out of the lookup: CUDA graphs replay the same kernels (and a CPU fidelity run
+    cannot capture them)."""
+    forms = (spec, spec.replace("flex-fp8", "flex", 1), _without_graphs(spec))
     sources = list(dict.fromkeys([*forms, *(re.sub(r"\+mag\[[^\]]*\]", "+mag", form) for form in forms)]))
     tables = [(path, {r["system"]: r for r in json.loads(path.read_text())["rows"]}) for path in fidelity_jsons]
     for source in sources:  # the closest form first, in any of the files

@@ -219,6 +219,12 @@ def test_mag_ratios_from_a_fidelity_run_fix_the_skipped_steps(bench, tmp_path):
     assert bench.mag_ratios_of("flex+mag[threshold=0.5]", [fidelity]) == ([0.5] * 4, "fid.json: flex+mag")
     with pytest.raises(ValueError, match="no MagCache calibration for it .*'qsparse\\+mag'"):
         bench.mag_ratios_of("qsparse+mag", [fidelity])
+    # CUDA graphs replay the same kernels: a graphs=1 row takes the ratios of its row without them
+    fidelity_qsparse = tmp_path / "fid_qsparse.json"
+    fidelity_qsparse.write_text(json.dumps({"meta": {}, "rows": [
+        {"system": "qsparse[every=25,order=1]+mag", "calibration": {"mag_ratios": [0.25] * 4}}]}))
+    assert bench.mag_ratios_of("qsparse[every=25,graphs=1,order=1]+mag[threshold=1.0]", [fidelity_qsparse]) == (
+        [0.25] * 4, "fid_qsparse.json: qsparse[every=25,order=1]+mag")
     out = tmp_path / "gen.json"
     bench.main(["--workload", "reference", "--device", "cpu", "--steps", "4", "--rows",
                 "eager+mag[max_skip=1,retention=0]", "--mag-ratios", str(fidelity), "--out", str(out)])
