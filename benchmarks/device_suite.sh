@@ -114,10 +114,9 @@ case "${1:-e2e}" in
       MAG_RATIOS="$MAG_RATIOS --mag-ratios $f"
     done
     FAST_MAG="+mag[threshold=1.0,max_skip=20,retention=0.05]"  # the CPU curve's fastest MagCache settings
-    PART4="flex-fp8,qsparse[first=1,every=10]$FAST_MAG,qsparse[first=1,every=10]+mag,flex-fp8+mag"
-    PART4="$PART4,qsparse[first=1,every=50]$FAST_MAG,qsparse[first=1,every=10],qsparse[first=1,every=10,graphs=1]"
-    PART4="$PART4,qsparse[first=1,every=25]+mag[threshold=0.5,max_skip=10,retention=0.1],qsparse"
-    PART4="$PART4,qsparse[first=1,every=10,attn=int8_fp8]"
+    PART4="flex-fp8,qsparse[first=1,every=10],qsparse[first=1,every=10,graphs=1],qsparse[first=1,every=10]+mag"
+    PART4="$PART4,flex-fp8+mag,qsparse,qsparse[first=1,every=10,attn=int8_fp8]"
+    PART4="$PART4,qsparse[first=1,every=25]+mag[threshold=0.5,max_skip=10,retention=0.1]"
     PART5="qsparse[first=1,every=25,order=1]$FAST_MAG,flex-fp8[pattern=local3d,density=0.75]$FAST_MAG"
     PART5="$PART5,qsparse[first=1,every=10]$FAST_MAG,qsparse[first=1,every=25,order=1,graphs=1]$FAST_MAG"
     PART5="$PART5,qsparse[first=1,every=50,order=1]$FAST_MAG,flex-fp8[pattern=local3d]$FAST_MAG"
@@ -127,9 +126,9 @@ case "${1:-e2e}" in
         2) gen 2 flex-fp8+fbc,flex-fp8+mag,flex-fp8+taylorseer --out "$OUT/generation.json" ;;
         3) gen 3 cache-dit,qsparse,qsparse+fbc --out "$OUT/generation.json" ;;
         # Part 4: qsparse's whole-video rows beside Flex + fp8 at 15% (one Flex compile, ~190 s cold; its MagCache row
-        # reuses it): fewer refreshes, MagCache at diffusers' defaults and at the CPU curve's fastest settings
-        # (FIDELITY.md), regional CUDA graphs, 8-bit attention; the order is the rows' priority (a cut part loses
-        # the last). MagCache rows skip the steps of their CPU fidelity rows (--mag-ratios: no calibration video).
+        # reuses it): fewer refreshes without a step cache (issue #16's second goal), with regional CUDA graphs,
+        # MagCache at diffusers' defaults, the default schedule, 8-bit attention; the order is the rows' priority (a
+        # cut part loses the last; MagCache's fastest settings are part 5's). MagCache rows skip the steps of their CPU fidelity rows (--mag-ratios: no calibration video).
         4) gen 4 "${GEN4_ROWS:-$PART4}" \
                $MAG_RATIOS --out "$OUT/generation.json" ;;
         # Part 5: the equal-PSNR comparison in one process - Flex + fp8 at 75% of qsparse's tiles (15.3 dB on the CPU:
