@@ -36,7 +36,8 @@ Rows: ``BASE[+STEP_CACHE]`` or ``cache-dit``.
   block's computation is the compiled graph. A host-side counter between the two counts executed blocks.
 - ``qsparse[KEY=VALUE,...]``: the qsparse row with its residual-cache schedule or attention precision changed:
   ``first`` / ``every`` (refresh the first k steps, then every n-th: CacheConfig.refresh_first / refresh_every; the
-  default row's 2 / 5 refreshes 11 of 50 steps, ``first=1,every=10`` 5 of 50: 0, 10, .., 40), ``order`` (1 or 2),
+  default row's 2 / 5 refreshes 11 of 50 steps, ``first=1,every=10`` 5 of 50: 0, 10, .., 40), ``steps=0:11:32``
+  (exactly these steps refresh: CacheConfig.refresh_steps - e.g. steps a step cache is known to run), ``order`` (1 or 2),
   ``attn`` (``sparsity.attention_precision``: bf16 or int8_fp8, the 8-bit kernels for the sparse and the refresh
   attention), ``graphs=1`` (``qs.optimize(cuda_graphs=True)``, still regional: each block replays a captured refresh
   or reuse CUDA graph - no Python op wrappers or kernel launches on the host per call), ``density`` (the row's
@@ -191,7 +192,15 @@ def _flag(value: str) -> bool:
 
 
 _flag.__name__ = "0 or 1"  # named in the row error
+
+
+def _step_list(value: str) -> tuple[int, ...]:
+    return tuple(int(step) for step in value.split(":"))
+
+
+_step_list.__name__ = "steps joined by ':'"
 QSPARSE_KEYS = {"first": ("cache", "refresh_first", int), "every": ("cache", "refresh_every", int),
+                "steps": ("cache", "refresh_steps", _step_list),
                 "graphs": ("optimize", "cuda_graphs", _flag), "density": ("sparsity", "density", float),
                 "order": ("cache", "order", int), "attn": ("sparsity", "attention_precision", str)}
 # A step cache's settings in a row (``+mag[threshold=0.12,max_skip=5]``): KEY -> (its diffusers config field, type).
@@ -402,6 +411,8 @@ def prepare_row(spec: str, model: torch.nn.Module, workload: dict[str, Any], mas
         options = {**bench_e2e.QSPARSE_OPTIONS, "sparsity": {**bench_e2e.QSPARSE_OPTIONS.get("sparsity", {}),
                                                              "density": density, **settings["sparsity"]}}
         schedule = {**QSPARSE_CACHE, **settings["cache"]}
+        if "refresh_steps" in schedule:  # an explicit schedule is made for this many steps
+            schedule["num_steps"] = steps
         # regional even with CUDA graphs: each block captures its own refresh and reuse graph (qs.optimize)
         pipe_kwargs = settings["optimize"]
         pipe = qs.optimize(_Pipe(model, scheduler), options=options, cache=schedule, regional=True, **pipe_kwargs)

@@ -54,6 +54,7 @@ def test_row_names_are_checked(bench):
     ("flex-fp8+teacache", "BASE\\[\\+CACHE\\]"), ("tensorrt", "BASE\\[\\+CACHE\\]"), ("qsparse+", "BASE\\[\\+CACHE\\]"),
     ("qsparse[rank=4]", "KEY=VALUE"), ("qsparse[every=ten]", "every='ten' must be int"),
     ("qsparse[every=10", "write qsparse\\["), ("qsparse[graphs=yes]", "graphs='yes' must be 0 or 1"),
+    ("qsparse[steps=0,11]", "KEY=VALUE"), ("qsparse[steps=0:x]", "steps='0:x' must be steps joined by ':'"),
     ("flex[pattern=radial]", "pattern='radial' must be one of"), ("flex[every=10]", "KEY=VALUE"),
     ("flex[density=2]", "density=2.0 must be in \\(0, 1\\]"), ("inductor[pattern=local3d]", "BASE\\[\\+CACHE\\]"),
     ("qsparse+mag[skips=3]", "KEY=VALUE with KEY in \\['max_skip', 'retention', 'threshold'\\]"),
@@ -72,6 +73,8 @@ def test_qsparse_row_settings(bench):
         "optimize": {"cuda_graphs": True}}
     assert bench.qsparse_settings("qsparse") == {"sparsity": {}, "cache": {}, "optimize": {}}
     assert bench.qsparse_settings("qsparse[density=0.08]")["sparsity"] == {"density": 0.08}
+    assert bench.qsparse_settings("qsparse[steps=0:11:32,order=1]")["cache"] == {"refresh_steps": (0, 11, 32),
+                                                                               "order": 1}
     assert bench.split_rows("inductor,qsparse[first=1,every=10]+mag,,qsparse") == [
         "inductor", "qsparse[first=1,every=10]+mag", "qsparse"]
 
@@ -235,3 +238,15 @@ def test_mag_ratios_from_a_fidelity_run_fix_the_skipped_steps(bench, tmp_path):
     with pytest.raises(SystemExit):  # a MagCache row missing from the file is refused before any row runs
         bench.main(["--workload", "reference", "--device", "cpu", "--steps", "4", "--rows", "eager+mag",
                     "--mag-ratios", str(fidelity), "--out", str(out)])
+
+
+def test_explicit_refresh_steps_row(bench, tmp_path):
+    """qsparse[steps=0:2]: exactly steps 0 and 2 of 4 refresh (CacheConfig.refresh_steps, made for the run's 4 steps),
+    per CFG branch and block of the reference workload's two."""
+    out = tmp_path / "gen.json"
+    bench.main(["--workload", "reference", "--device", "cpu", "--steps", "4", "--rows", "qsparse[steps=0:2]",
+                "--out", str(out)])
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["error"] is None, row["error"]
+    assert row["residual_cache"]["refreshes"] == 2 * 2 * 2 and row["residual_cache"]["reuses"] == 2 * 2 * 2
+    assert row["step_profile"]["refresh"]["steps"] == 2 and row["step_profile"]["reuse"]["steps"] == 2
