@@ -110,7 +110,7 @@ case "${1:-e2e}" in
     for f in ${MAG_RATIO_FILES-$CPU_FID/fidelity_part4_50steps.json $CPU_FID/fidelity_flex_local3d_50steps.json
                $CPU_FID/fidelity_mag_sweep_50steps.json $CPU_FID/fidelity_mag_sweep2_50steps.json
                $CPU_FID/fidelity_mag_sweep3_50steps.json $CPU_FID/fidelity_flex_density_mag_50steps.json
-               $CPU_FID/fidelity_order1_50steps.json}; do
+               $CPU_FID/fidelity_order1_50steps.json $CPU_FID/fidelity_refresh_steps_50steps.json}; do
       MAG_RATIOS="$MAG_RATIOS --mag-ratios $f"
     done
     FAST_MAG="+mag[threshold=1.0,max_skip=20,retention=0.05]"  # the CPU curve's fastest MagCache settings
@@ -118,7 +118,8 @@ case "${1:-e2e}" in
     PART4="$PART4,flex-fp8+mag,qsparse,qsparse[first=1,every=10,attn=int8_fp8]"
     PART4="$PART4,qsparse[first=1,every=25]+mag[threshold=0.5,max_skip=10,retention=0.1]"
     PART5="qsparse[first=1,every=25,order=1]$FAST_MAG,flex-fp8[pattern=local3d,density=0.75]$FAST_MAG"
-    PART5="$PART5,qsparse[first=1,every=10]$FAST_MAG,qsparse[first=1,every=25,order=1,graphs=1]$FAST_MAG"
+    PART5="$PART5,qsparse[steps=0:11:32,order=1]$FAST_MAG,qsparse[first=1,every=10]$FAST_MAG"
+    PART5="$PART5,qsparse[first=1,every=25,order=1,graphs=1]$FAST_MAG"
     PART5="$PART5,qsparse[first=1,every=50,order=1]$FAST_MAG,flex-fp8[pattern=local3d]$FAST_MAG"
     for part in ${GEN_PARTS-1 2 3 4 5}; do
       case $part in
@@ -132,9 +133,9 @@ case "${1:-e2e}" in
         4) gen 4 "${GEN4_ROWS:-$PART4}" \
                $MAG_RATIOS --out "$OUT/generation.json" ;;
         # Part 5: the equal-PSNR comparison in one process - Flex + fp8 at 75% of qsparse's tiles (15.3 dB on the CPU:
-        # Flex at 15% never passes ~10 dB) against qsparse at 15% (15.35 dB refreshing at steps 0 and 25 with order-1
-        # extrapolation, 15.9 at 0, 10, .., 40), all with the same MagCache settings (12 forwards per video); then
-        # the first with regional CUDA graphs, qsparse's one-refresh point and Flex at 15% local3d. qsparse's likeliest winner comes first (Flex
+        # Flex at 15% never passes ~10 dB; 17.46 dB over seeds 0-3) against qsparse at 15% refreshing at 2, 3 or 4 of
+        # the 6 steps each CFG branch runs (17.40, 18.44, 18.73 dB), all with the same MagCache settings (12 forwards
+        # per video); then the first with regional CUDA graphs, qsparse's one-refresh point, Flex at 15% local3d. qsparse's likeliest winner comes first (Flex
         # at 75% was measured alone in session 9), since a cut part loses its last rows. FlexAttention recompiled for a second mask on
         # the H100 (130 s; the guard was not logged), so each Flex row here may cost a cold compile; TORCH_LOGS=
         # recompiles (the full log is $OUT/gen_5.log) says why.
