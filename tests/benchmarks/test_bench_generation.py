@@ -242,11 +242,13 @@ def test_mag_ratios_from_a_fidelity_run_fix_the_skipped_steps(bench, tmp_path):
 
 def test_explicit_refresh_steps_row(bench, tmp_path):
     """qsparse[steps=0:2]: exactly steps 0 and 2 of 4 refresh (CacheConfig.refresh_steps, made for the run's 4 steps),
-    per CFG branch and block of the reference workload's two."""
+    per CFG branch and block of the reference workload's two. Such a schedule refuses a video of another length, so
+    its cold run is the whole video, not --warmup-steps."""
     out = tmp_path / "gen.json"
-    bench.main(["--workload", "reference", "--device", "cpu", "--steps", "4", "--rows", "qsparse[steps=0:2]",
-                "--out", str(out)])
+    bench.main(["--workload", "reference", "--device", "cpu", "--steps", "4", "--warmup-steps", "2", "--rows",
+                "qsparse[steps=0:2]", "--out", str(out)])
     row = json.loads(out.read_text())["rows"][0]
     assert row["error"] is None, row["error"]
+    assert "cold run: the whole 4-step video" in row["note"]
     assert row["residual_cache"]["refreshes"] == 2 * 2 * 2 and row["residual_cache"]["reuses"] == 2 * 2 * 2
     assert row["step_profile"]["refresh"]["steps"] == 2 and row["step_profile"]["reuse"]["steps"] == 2
