@@ -37,8 +37,8 @@ Rows: ``BASE[+STEP_CACHE]`` or ``cache-dit``.
 - ``qsparse[KEY=VALUE,...]``: the qsparse row with its residual-cache schedule or attention precision changed:
   ``first`` / ``every`` (refresh the first k steps, then every n-th: CacheConfig.refresh_first / refresh_every; the
   default row's 2 / 5 refreshes 11 of 50 steps, ``first=1,every=10`` 5 of 50: 0, 10, .., 40), ``steps=0:11:32``
-  (exactly these steps refresh: CacheConfig.refresh_steps - e.g. steps a step cache is known to run), ``order`` (1 or 2),
-  ``attn`` (``sparsity.attention_precision``: bf16 or int8_fp8, the 8-bit kernels for the sparse and the refresh
+  (exactly these steps refresh: CacheConfig.refresh_steps - e.g. steps a step cache is known to run), ``order``
+  (1 or 2), ``attn`` (``sparsity.attention_precision``: bf16 or int8_fp8, the 8-bit kernels for the sparse and the refresh
   attention), ``graphs=1`` (``qs.optimize(cuda_graphs=True)``, still regional: each block replays a captured refresh
   or reuse CUDA graph - no Python op wrappers or kernel launches on the host per call), ``density`` (the row's
   attention density instead of ``--density``: what the residual cache's quality margin can buy in speed).
@@ -136,6 +136,7 @@ class Prepared:
     residual_cache: Callable[[], dict[str, int]] | None = None
     note: str = ""
     calibrate: Callable[[Callable[[], torch.Tensor]], dict[str, Any]] | None = None
+    fixed_steps: bool = False  # its schedule is made for the run's step count and refuses a shorter video
 
 
 # ---------------------------------------------------------------------------------------------- the sampling loop
@@ -425,7 +426,7 @@ def prepare_row(spec: str, model: torch.nn.Module, workload: dict[str, Any], mas
                     "bytes": total["bytes"]}
 
         prepared = Prepared(pipe.transformer, blocks, lambda: sum(residual_cache()[k] for k in ("refreshes", "reuses")),
-                            residual_cache=residual_cache,
+                            residual_cache=residual_cache, fixed_steps="refresh_steps" in schedule,
                             note=f"qs.optimize regional{graphs}, options {json.dumps(options)}, cache "
                                  f"{json.dumps(schedule)}")
     else:
@@ -603,9 +604,7 @@ def run_row(spec: str, build: Callable[[], torch.nn.Module], videos: Callable[[]
         if prepared.calibrate is not None:
             row.calibration = prepared.calibrate(run_video)  # also the cold video
         elif not cold_only:
-            # a schedule of explicit refresh steps is made for the run's length and refuses a shorter video
-            explicit = spec.startswith("qsparse") and "refresh_steps" in qsparse_settings(parse_row(spec)[0])["cache"]
-            warmup_steps = 0 if explicit else args.warmup_steps
+            warmup_steps = 0 if prepared.fixed_steps else args.warmup_steps
             run_video(warmup_steps or args.steps)
             if warmup_steps:
                 row.note += f"; cold run: a {warmup_steps}-step video"

@@ -24,8 +24,9 @@
 #                                                # qsparse + qsparse with FBC ~450 s, part 4 (issue #16's rows with
 #                                                # fewer refreshes, MagCache and 8-bit attention) ~500-580 s (Flex +
 #                                                # fp8's cold compile took 104-200 s), part 5 (the equal-PSNR pair: Flex
-#                                                # at 75% vs qsparse at 15%, same MagCache skips) ~250 s + ~190 s for
-#                                                # its last row (Flex recompiled for a second mask on the H100);
+#                                                # at 75% vs qsparse at 15%, same MagCache skips; seven rows, in
+#                                                # priority order) ~560 s with each Flex mask's cold compile (~130-190
+#                                                # s: Flex recompiled for a second mask on the H100);
 #                                                # fidelity parts ~300 s each (3, 4: part 4's rows). Parts 1 and 4
 #                                                # overlap in Flex + fp8 (a baseline reruns in every process that
 #                                                # compares with it).
@@ -129,16 +130,17 @@ case "${1:-e2e}" in
         # Part 4: qsparse's whole-video rows beside Flex + fp8 at 15% (one Flex compile, ~190 s cold; its MagCache row
         # reuses it): fewer refreshes without a step cache (issue #16's second goal), with regional CUDA graphs,
         # MagCache at diffusers' defaults, the default schedule, 8-bit attention; the order is the rows' priority (a
-        # cut part loses the last; MagCache's fastest settings are part 5's). MagCache rows skip the steps of their CPU fidelity rows (--mag-ratios: no calibration video).
+        # cut part loses the last; MagCache's fastest settings are part 5's). MagCache rows skip the steps of their
+        # CPU fidelity rows (--mag-ratios: no calibration video).
         4) gen 4 "${GEN4_ROWS:-$PART4}" \
                $MAG_RATIOS --out "$OUT/generation.json" ;;
-        # Part 5: the equal-PSNR comparison in one process - Flex + fp8 at 75% of qsparse's tiles (15.3 dB on the CPU:
-        # Flex at 15% never passes ~10 dB; 17.46 dB over seeds 0-3) against qsparse at 15% refreshing at 2, 3 or 4 of
-        # the 6 steps each CFG branch runs (17.40, 18.44, 18.73 dB), all with the same MagCache settings (12 forwards
-        # per video); then the first with regional CUDA graphs, qsparse's one-refresh point, Flex at 15% local3d. qsparse's likeliest winner comes first (Flex
-        # at 75% was measured alone in session 9), since a cut part loses its last rows. FlexAttention recompiled for a second mask on
-        # the H100 (130 s; the guard was not logged), so each Flex row here may cost a cold compile; TORCH_LOGS=
-        # recompiles (the full log is $OUT/gen_5.log) says why.
+        # Part 5: the equal-PSNR comparison in one process - Flex + fp8 at 75% of qsparse's tiles (17.46 dB over CPU
+        # seeds 0-3; Flex at 15% stays near 12) against qsparse at 15% refreshing at 2, 3 or 4 of the 6 steps each CFG
+        # branch runs (17.40, 18.44, 18.73 dB), all with the same MagCache settings (12 forwards per video); then the
+        # first with regional CUDA graphs, qsparse's one-refresh point, Flex at 15% local3d. qsparse's likeliest
+        # winner comes first (Flex at 75% was measured alone in session 9), since a cut part loses its last rows.
+        # FlexAttention recompiled for a second mask on the H100 (130 s; the guard was not logged), so each Flex row
+        # here may cost a cold compile; TORCH_LOGS=recompiles (the full log is $OUT/gen_5.log) says why.
         5) TORCH_LOGS=recompiles GEN_LOG=1 gen 5 "${GEN5_ROWS:-$PART5}" \
                $MAG_RATIOS --out "$OUT/generation.json" ;;
       esac
