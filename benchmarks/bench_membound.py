@@ -8,6 +8,9 @@ Rows, each at Wan-1.3B 480p's workload W (B=1, S=32,760 tokens, D=1,536 = 12 hea
   qk_norm_rope      q/k RMS-norm across heads (with weights) + Wan's interleaved rope, both q and k
   ln_mod_quant      norm1/norm3 form: LayerNorm without affine, x (1 + scale) + shift, type_as, per-token fp8
                     (and int8) quantization;  norm2 form: affine LayerNorm, no modulation, fp8
+  gelu_act_quant    the FFN down-projection's input: GELU(tanh) of the up-projection's bf16 output (8,960
+                    features) and its per-token fp8 quantization (kernels/act_quant.py with the GELU prologue; the
+                    ``ours_op`` row is the kernel's launcher, which ``qsparse::w4a8_linear`` calls)
 For each: ``inductor`` = torch.compile(fullgraph=True, dynamic=False) of the unfused subgraph written as diffusers
 writes it (the ops of the Dynamo graph); ``ours_op`` = the ``qsparse::`` op through the dispatcher (what a compiled
 graph calls); ``ours_kernel[cfg]`` = the Triton launcher directly with each launch config of the kernel's table (the
@@ -52,8 +55,10 @@ from qsparse_compiler.eval.metrics import relative_error  # noqa: E402
 
 TOKENS, HEADS, HEAD_DIM, EPS = 32760, 12, 128, 1e-6
 LN_FORMS = (("norm1: modulated", "fp8_e4m3"), ("norm2: affine", "fp8_e4m3"), ("norm1: modulated", "int8"))
+FFN_FEATURES = 8960
 SHORT = {"qk_norm_rope (across heads, wan)": "qk", "ln_mod_quant (norm1: modulated, fp8_e4m3)": "ln1 fp8",
-         "ln_mod_quant (norm2: affine, fp8_e4m3)": "ln2 fp8", "ln_mod_quant (norm1: modulated, int8)": "ln1 int8"}
+         "ln_mod_quant (norm2: affine, fp8_e4m3)": "ln2 fp8", "ln_mod_quant (norm1: modulated, int8)": "ln1 int8",
+         "gelu_act_quant (ffn down, fp8_e4m3)": "gelu fp8"}
 
 
 def bench_ms(fn, device: str, cpu_repeats: int) -> float:
@@ -90,6 +95,11 @@ def unfused_ln_mod_quant(h, weight, bias, scale, shift, act_format):
     if scale is not None:
         y = y * (1 + scale) + shift
     return quantize_activation_symmetric(y.type_as(h), act_format)
+
+
+def unfused_gelu_act_quant(h, act_format):
+    """The FFN down-projection's input as the unrewritten graph computes it, quantized per token."""
+    return quantize_activation_symmetric(F.gelu(h, approximate="tanh"), act_format)
 
 
 def _env(device: str) -> str:
@@ -154,7 +164,8 @@ def run_qk_norm_rope(results, tokens, device, cpu_repeats):
 
 
 def _code_agreement(codes, ref_codes, scale, ref_scale) -> dict:
-    same = float((codes.reshape(-1).view(torch.uint8) == ref_codes.reshape(-1).view(torch.uint8)).float().mean())
+    # Compared as values: a negative input that rounds to zero is -0 in torch's cast and +0 under the interpreter.
+    same = float((codes.reshape(-1).float() == ref_codes.reshape(-1).float()).float().mean())
     scale_diff = float(((scale.reshape(-1) - ref_scale.reshape(-1)).abs() / ref_scale.reshape(-1)).max())
     return {"codes_equal": round(same, 6), "max_scale_rel_diff": float(f"{scale_diff:.3g}")}
 
@@ -196,6 +207,28 @@ def run_ln_mod_quant(results, tokens, device, cpu_repeats, form, act_format, swe
             _row(results, fusion, name, bench_ms(run, device, cpu_repeats), gbytes)
         except Exception:
             _error_row(results, fusion, name, traceback.format_exc())
+
+
+def run_gelu_act_quant(results, tokens, device, cpu_repeats, act_format="fp8_e4m3"):
+    from qsparse_compiler.kernels.act_quant import act_quant
+
+    fusion = f"gelu_act_quant (ffn down, {act_format})"
+    gen = torch.Generator(device="cpu").manual_seed(2)
+    h = (torch.randn(tokens, FFN_FEATURES, generator=gen) * 2).to(device, torch.bfloat16)
+    # h read once (bf16); 1-byte codes and one fp32 scale per token written once.
+    gbytes = (tokens * FFN_FEATURES * (2 + 1) + tokens * 4) / 1e9
+    compiled = torch.compile(unfused_gelu_act_quant, fullgraph=True, dynamic=False)
+    start = time.perf_counter()
+    ref_codes, ref_scale = compiled(h, act_format)
+    compile_s = time.perf_counter() - start
+    _row(results, fusion, "inductor", bench_ms(lambda: compiled(h, act_format), device, cpu_repeats), gbytes,
+         compile_s=round(compile_s, 1))
+    eager_codes, eager_scale = unfused_gelu_act_quant(h.float(), act_format)
+    codes, scale = act_quant(h, act_format, activation="gelu_tanh")
+    _row(results, fusion, "ours_op", bench_ms(lambda: act_quant(h, act_format, activation="gelu_tanh"), device,
+                                             cpu_repeats), gbytes,
+         vs_eager_fp32=_code_agreement(codes, eager_codes, scale, eager_scale),
+         vs_inductor=_code_agreement(codes, ref_codes, scale, ref_scale))
 
 
 def write_markdown(results, path: Path) -> None:
@@ -240,6 +273,7 @@ def main() -> None:
     for index, (form, act_format) in enumerate(LN_FORMS):  # the launch sweep on the first form only (time)
         parts.append(lambda form=form, act_format=act_format, sweep=index == 0: run_ln_mod_quant(
             results, args.tokens, args.device, args.cpu_repeats, form, act_format, sweep))
+    parts.append(lambda: run_gelu_act_quant(results, args.tokens, args.device, args.cpu_repeats))
     for part in parts:
         try:
             part()

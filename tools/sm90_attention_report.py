@@ -243,12 +243,12 @@ def analyse(compiled) -> dict:
         else:
             order.append([tag, 1])
     whole = Counter(op.split(".")[0] for _, op, _ in instrs)
-    return dict(regs=_regs(compiled.asm["cubin"]), stl=whole["STL"],
+    return dict(regs=registers(compiled.asm["cubin"]), stl=whole["STL"],
                 ldl=whole["LDL"], smem=compiled.metadata.shared, loop_len=len(loop), mix=mix,
                 order=" ".join(f"{t}x{n}" if n > 1 else t for t, n in order))
 
 
-def _regs(cubin: bytes) -> int:
+def registers(cubin: bytes) -> int:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()

@@ -11,23 +11,31 @@ Formats (the math of ``qsparse_compiler.formats.quantization.quantize_activation
 ``activation="gelu_tanh"`` applies GELU (tanh form) to x in fp32 right after the load, so a linear fed by a GELU
 (a DiT's FFN down-projection) quantizes the GEMM's pre-activation output directly: the GELU costs no pass of its own.
 
-One program owns ROWS rows. Up to K = 4096 a row is loaded into registers once, reduced to its amax and written back
-as codes, so the activation is read exactly once and the codes written once (the memory-bound floor: 3 bytes moved
-per element for a bf16 input); the tile is BLOCK_K = next_pow2(K) wide (masked past K). Longer rows (a DiT FFN's
-8,960 or 13,824 features) go in TILE_K-column tiles, twice: statistics first, then codes (the second read mostly
-hits L2) - a whole 16K-wide row per program spilled registers and ran at a third of the memory bandwidth.
+One program owns ROWS whole rows (one row from 8,192 features on) and holds each in registers as up to four
+power-of-two pieces (``row_pieces``: 8,960 = 8,192 + 512 + 256, 1,536 = 1,024 + 512; only a last piece may reach past
+K, masked), so every element is loaded once, activated once, reduced to the row's amax and quantized from registers:
+3 bytes moved per element for a bf16 input, the memory-bound floor. Why pieces: a single power-of-two tile wastes up
+to half its lanes (8,960 in 16,384: the GELU then ran on 45% padding), and the earlier alternative for long rows -
+1,024-column tiles read twice, statistics then codes - computed the GELU twice and reduced every tile across the
+program. On sm_90 (tools/sm90_membound_report.py, SASS compiled on the CPU) that form executed 56 thread-instructions
+per element at K = 8,960 with the GELU, about twice what the H100 can issue while HBM delivers 3 bytes: the kernel
+was issue-bound (0.60 ms on the H200 against 0.18 ms for its bytes, BENCHMARKS.md).
 
-Rounding: fp8 codes are rounded to the e4m3 grid in fp32 before the (then exact) cast, see
-``rounding.round_to_e4m3_grid``. Each element is multiplied by the reciprocal of its row's scale (one IEEE division per row,
-not per element: at DiT sizes the kernel is ALU-bound, not memory-bound, once a GELU runs in it), so v may be one
-fp32 ulp off the reference's x / scale and a code a step away where v sits on a rounding boundary. int8 rounds half to even with the
-"add and subtract 1.5 * 2**23" trick: exact for |v| < 2**22 (|v| <= 127 here), needs no libdevice (which the
-interpreter cannot run) and compiles to two FADDs (Triton does not reassociate floating-point adds).
+Rounding: compiled for the GPU, fp8 codes come from one saturating round-to-nearest-even conversion
+(cvt.rn.satfinite); under the interpreter (``INTERPRETED``), whose fp32 -> fp8 cast truncates, v is clamped and
+rounded onto the e4m3 grid in fp32 first (``rounding.round_to_e4m3_grid``), so both give the same codes. Each element
+is multiplied by the reciprocal of its row's scale (one IEEE division per row, not per element), so v may be one fp32
+ulp off the reference's x / scale and a code a step away where v sits on a rounding boundary. int8 rounds half to
+even with the "add and subtract 1.5 * 2**23" trick: exact for |v| < 2**22 (|v| <= 127 here), needs no libdevice
+(which the interpreter cannot run) and compiles to two FADDs (Triton does not reassociate floating-point adds). The
+GELU's ex2 and reciprocal are the flush-to-zero approximations when compiled (``_gelu_tanh``).
 
 This module imports nothing from qsparse_compiler outside kernels/ (kernels/ rule).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -45,46 +53,113 @@ ACTIVATIONS = ("none", "gelu_tanh")  # applied to x before quantization (the ker
 MAX_K = 32768  # whole row in registers; beyond this the tile would spill (no DiT has K > 13,824)
 
 
-@triton.jit
-def _gelu_tanh(x):
-    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), with tanh(u) = 2 sigmoid(2u) - 1 (no libdevice)."""
-    u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-    return tl.fdiv(x, 1.0 + tl.exp(-2.0 * u), ieee_rounding=False)  # approximate division: the GELU's own error is larger
+# GELU(tanh) = x * sigmoid(2u) = x / (1 + 2**(x * (A + B x^2))), u = sqrt(2/pi) (x + 0.044715 x^3): the constants
+# folded so the compiled form is three fp32 ops, ex2, one add, rcp, one multiply.
+_GELU_A = tl.constexpr(-2.0 * 0.7978845608028654 * 1.4426950408889634)
+_GELU_B = tl.constexpr(-2.0 * 0.7978845608028654 * 1.4426950408889634 * 0.044715)
 
 
 @triton.jit
-def _load_tile(x_ptr, rows, row_ok, cols, K, stride_xm, PRE_GELU: tl.constexpr):
-    mask = row_ok[:, None] & (cols < K)[None, :]
-    # 64-bit row offsets: M * K exceeds 2**31 at 10^5 tokens x 13,824 features.
-    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
-    x = x.to(tl.float32)
-    if PRE_GELU:
-        x = _gelu_tanh(x)  # gelu(0) = 0: masked lanes stay neutral for the max / min below
-    return x, mask
+def _gelu_tanh(x, INTERPRETED: tl.constexpr):
+    """GELU (tanh form) in fp32. Compiled: ex2 and rcp as the flush-to-zero approximations (one MUFU instruction
+    each, relative errors ~2**-22; the plain forms add a denormal range fix-up of three instructions apiece). Large
+    |x| saturates exactly: 2**z overflows to inf and 1/inf = 0 (x -> -0), or underflows to 0 (x -> x)."""
+    z = x * (_GELU_A + _GELU_B * (x * x))
+    if INTERPRETED:
+        return x / (1.0 + tl.exp2(z))
+    else:
+        e = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [z], dtype=tl.float32, is_pure=True,
+                                      pack=1)
+        r = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [1.0 + e], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+        return x * r
 
 
 @triton.jit
-def _store_codes(q_ptr, rows, cols, mask, stride_qm, x, low, inv_scale, QMAX: tl.constexpr, IS_FP8: tl.constexpr,
-                 ASYM: tl.constexpr, CHUNK: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+def _store_codes(q_ptr, rows64, cols, mask, stride_qm, x, low, inv_scale, QMAX: tl.constexpr, IS_FP8: tl.constexpr,
+                 ASYM: tl.constexpr, CHUNK: tl.constexpr, ROWS: tl.constexpr, WIDTH: tl.constexpr,
+                 MASKED: tl.constexpr, INTERPRETED: tl.constexpr):
+    """Quantize x ([ROWS, WIDTH] fp32 of rows ``rows64``, columns ``cols``) with the rows' 1 / scale and store the
+    codes (``mask`` is used only if MASKED: otherwise every element is in bounds and the store is unmasked)."""
     if ASYM:
         v = (x - low[:, None]) * inv_scale[:, None]
         v = (v + 12582912.0) - 12582912.0
         v = tl.minimum(tl.maximum(v, 0.0), QMAX)
         codes = v.to(tl.uint8)
     elif IS_FP8:
-        v = tl.minimum(tl.maximum(x * inv_scale[:, None], -QMAX), QMAX)
-        codes = round_to_e4m3_grid(v).to(tl.float8e4nv)  # exact cast: v is on the e4m3 grid already
+        v = x * inv_scale[:, None]
+        if INTERPRETED:
+            v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
+            codes = round_to_e4m3_grid(v).to(tl.float8e4nv)  # exact cast: v is on the e4m3 grid already
+        else:
+            # cvt.rn.satfinite: round to nearest even and saturate at +-448, one instruction per two values (|v|
+            # exceeds 448 by at most an fp32 ulp here: the same codes as clamping first).
+            codes = v.to(tl.float8e4nv)
     else:
         v = (x * inv_scale[:, None] + 12582912.0) - 12582912.0  # round half to even (see module docstring)
         v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
         codes = v.to(tl.int8)
     if CHUNK > 0:
         # [even k | odd k] within each CHUNK of columns: the layout w4a8_gemm's A_SPLIT path reads (K % CHUNK == 0,
-        # so the masked tail is whole chunks and the mask needs no permutation).
-        tl.static_assert(BLOCK_K % CHUNK == 0, "act_quant: BLOCK_K must be a multiple of CHUNK")
-        codes = codes.reshape(ROWS, BLOCK_K // CHUNK, CHUNK // 2, 2)
-        codes = tl.permute(codes, (0, 1, 3, 2)).reshape(ROWS, BLOCK_K)
-    tl.store(q_ptr + rows.to(tl.int64)[:, None] * stride_qm + cols[None, :], codes, mask=mask)
+        # so a masked piece ends in whole chunks and the mask needs no permutation).
+        tl.static_assert(WIDTH % CHUNK == 0, "act_quant: a row piece must be a multiple of CHUNK")
+        codes = codes.reshape(ROWS, WIDTH // CHUNK, CHUNK // 2, 2)
+        codes = tl.permute(codes, (0, 1, 3, 2)).reshape(ROWS, WIDTH)
+    if MASKED:
+        tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], codes, mask=mask)
+    else:
+        tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], codes)
+
+
+@triton.jit
+def _piece_mask(rows64, row_ok, cols, K, COL_MASK: tl.constexpr, ROW_MASK: tl.constexpr):
+    """[ROWS, WIDTH] in-bounds mask of a piece (used only where COL_MASK or ROW_MASK)."""
+    if COL_MASK and ROW_MASK:
+        return row_ok[:, None] & (cols < K)[None, :]
+    elif COL_MASK:
+        return (rows64 >= 0)[:, None] & (cols < K)[None, :]
+    else:
+        return row_ok[:, None] & (cols >= 0)[None, :]
+
+
+@triton.jit
+def _load_piece(x_ptr, rows64, row_ok, K, stride_xm, OFF: tl.constexpr, WIDTH: tl.constexpr, COL_MASK: tl.constexpr,
+                ROW_MASK: tl.constexpr, PRE_GELU: tl.constexpr, INTERPRETED: tl.constexpr):
+    """Columns [OFF, OFF + WIDTH) of the program's rows as fp32 (GELU applied) and their column indices; the load is
+    unmasked (vectorized) where the piece lies inside K and every row exists."""
+    cols = OFF + tl.arange(0, WIDTH)
+    ptrs = x_ptr + rows64[:, None] * stride_xm + cols[None, :]
+    if COL_MASK or ROW_MASK:
+        x = tl.load(ptrs, mask=_piece_mask(rows64, row_ok, cols, K, COL_MASK, ROW_MASK), other=0.0).to(tl.float32)
+    else:
+        x = tl.load(ptrs).to(tl.float32)
+    if PRE_GELU:
+        x = _gelu_tanh(x, INTERPRETED)  # gelu(0) = 0: masked lanes stay neutral for the amax
+    return x, cols
+
+
+@triton.jit
+def _store_piece(q_ptr, rows64, row_ok, cols, K, stride_qm, x, low, inv_scale, QMAX: tl.constexpr,
+                 IS_FP8: tl.constexpr, ASYM: tl.constexpr, CHUNK: tl.constexpr, ROWS: tl.constexpr,
+                 WIDTH: tl.constexpr, COL_MASK: tl.constexpr, ROW_MASK: tl.constexpr, INTERPRETED: tl.constexpr):
+    if COL_MASK or ROW_MASK:
+        mask = _piece_mask(rows64, row_ok, cols, K, COL_MASK, ROW_MASK)
+    else:
+        mask = row_ok  # not read: the store is unmasked
+    _store_codes(q_ptr, rows64, cols, mask, stride_qm, x, low, inv_scale, QMAX, IS_FP8, ASYM, CHUNK, ROWS, WIDTH,
+                 COL_MASK or ROW_MASK, INTERPRETED)
+
+
+@triton.jit
+def _piece_range(x, cols, K, COL_MASK: tl.constexpr, ASYM: tl.constexpr):
+    """Per row: (max, min) of the piece for ASYM, else (max |x|, the same)."""
+    if ASYM:
+        if COL_MASK:
+            valid = (cols < K)[None, :]
+            return tl.max(tl.where(valid, x, float("-inf")), axis=1), tl.min(tl.where(valid, x, float("inf")), axis=1)
+        return tl.max(x, axis=1), tl.min(x, axis=1)
+    amax = tl.max(tl.abs(x), axis=1)
+    return amax, amax
 
 
 @triton.jit
@@ -103,62 +178,121 @@ def _act_quant_kernel(
     CHUNK: tl.constexpr,
     EPS: tl.constexpr,
     ROWS: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    TILES: tl.constexpr = 1,
-    PRE_GELU: tl.constexpr = False,
+    ROW_MASK: tl.constexpr,
+    P0: tl.constexpr,
+    P1: tl.constexpr,
+    P2: tl.constexpr,
+    P3: tl.constexpr,
+    LAST_MASKED: tl.constexpr,
+    PRE_GELU: tl.constexpr,
+    INTERPRETED: tl.constexpr,
 ):
-    tl.static_assert(BLOCK_K >= 16, "act_quant: BLOCK_K must be >= 16")
-    tl.static_assert((BLOCK_K & (BLOCK_K - 1)) == 0, "act_quant: BLOCK_K must be a power of two")
-    pid = tl.program_id(0)
-    rows = pid * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK_K)
+    """ROWS whole rows per program, each held in registers as up to four power-of-two pieces P0..P3 (0 = absent;
+    only the last piece may reach past K: LAST_MASKED): loaded once, activated once, reduced to the row's range and
+    quantized from registers."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < M
-    # Row statistics: TILES == 1 keeps the whole row in registers; longer rows take TILES tiles of BLOCK_K columns
-    # twice (statistics, then codes; the second read comes from L2), which keeps registers low enough that several
-    # programs share an SM instead of one spilling one.
-    if TILES == 1:
-        x, mask = _load_tile(x_ptr, rows, row_ok, cols, K, stride_xm, PRE_GELU)
-        high = tl.max(tl.where(mask, x, float("-inf")), axis=1)
-        low = tl.min(tl.where(mask, x, float("inf")), axis=1)
-    else:
-        high = tl.full((ROWS,), float("-inf"), tl.float32)
-        low = tl.full((ROWS,), float("inf"), tl.float32)
-        for t in range(TILES):
-            x_t, mask_t = _load_tile(x_ptr, rows, row_ok, t * BLOCK_K + cols, K, stride_xm, PRE_GELU)
-            high = tl.maximum(high, tl.max(tl.where(mask_t, x_t, float("-inf")), axis=1))
-            low = tl.minimum(low, tl.min(tl.where(mask_t, x_t, float("inf")), axis=1))
+    rows64 = rows.to(tl.int64)  # 64-bit row offsets: M * K exceeds 2**31 at 10^5 tokens x 13,824 features
+    N_PIECES: tl.constexpr = 1 + (P1 > 0) + (P2 > 0) + (P3 > 0)
+    LAST0: tl.constexpr = LAST_MASKED and N_PIECES == 1  # piece i reaches past K
+    LAST1: tl.constexpr = LAST_MASKED and N_PIECES == 2
+    LAST2: tl.constexpr = LAST_MASKED and N_PIECES == 3
+    LAST3: tl.constexpr = LAST_MASKED and N_PIECES == 4
+    x0, c0 = _load_piece(x_ptr, rows64, row_ok, K, stride_xm, 0, P0, LAST0, ROW_MASK, PRE_GELU, INTERPRETED)
+    high, low = _piece_range(x0, c0, K, LAST0, ASYM)
+    if P1 > 0:
+        x1, c1 = _load_piece(x_ptr, rows64, row_ok, K, stride_xm, P0, P1, LAST1, ROW_MASK, PRE_GELU, INTERPRETED)
+        h1, l1 = _piece_range(x1, c1, K, LAST1, ASYM)
+        high, low = tl.maximum(high, h1), tl.minimum(low, l1)
+    if P2 > 0:
+        x2, c2 = _load_piece(x_ptr, rows64, row_ok, K, stride_xm, P0 + P1, P2, LAST2, ROW_MASK, PRE_GELU,
+                             INTERPRETED)
+        h2, l2 = _piece_range(x2, c2, K, LAST2, ASYM)
+        high, low = tl.maximum(high, h2), tl.minimum(low, l2)
+    if P3 > 0:
+        x3, c3 = _load_piece(x_ptr, rows64, row_ok, K, stride_xm, P0 + P1 + P2, P3, LAST3, ROW_MASK, PRE_GELU,
+                             INTERPRETED)
+        h3, l3 = _piece_range(x3, c3, K, LAST3, ASYM)
+        high, low = tl.maximum(high, h3), tl.minimum(low, l3)
     if ASYM:
         # MSFP: codes 0..QMAX span [row min, row max].
         scale = tl.maximum(high - low, EPS) / QMAX
         tl.store(z_ptr + rows, low, mask=row_ok)
     else:
-        scale = tl.maximum(tl.maximum(high, -low), EPS) / QMAX
+        scale = tl.maximum(high, EPS) / QMAX
     inv_scale = 1.0 / scale
-    if TILES == 1:
-        _store_codes(q_ptr, rows, cols, mask, stride_qm, x, low, inv_scale, QMAX, IS_FP8, ASYM, CHUNK, ROWS, BLOCK_K)
-    else:
-        for t in range(TILES):
-            x_t, mask_t = _load_tile(x_ptr, rows, row_ok, t * BLOCK_K + cols, K, stride_xm, PRE_GELU)
-            _store_codes(q_ptr, rows, t * BLOCK_K + cols, mask_t, stride_qm, x_t, low, inv_scale, QMAX, IS_FP8, ASYM,
-                         CHUNK, ROWS, BLOCK_K)
+    _store_piece(q_ptr, rows64, row_ok, c0, K, stride_qm, x0, low, inv_scale, QMAX, IS_FP8, ASYM, CHUNK, ROWS,
+                 P0, LAST0, ROW_MASK, INTERPRETED)
+    if P1 > 0:
+        _store_piece(q_ptr, rows64, row_ok, c1, K, stride_qm, x1, low, inv_scale, QMAX, IS_FP8, ASYM, CHUNK, ROWS,
+                     P1, LAST1, ROW_MASK, INTERPRETED)
+    if P2 > 0:
+        _store_piece(q_ptr, rows64, row_ok, c2, K, stride_qm, x2, low, inv_scale, QMAX, IS_FP8, ASYM, CHUNK, ROWS,
+                     P2, LAST2, ROW_MASK, INTERPRETED)
+    if P3 > 0:
+        _store_piece(q_ptr, rows64, row_ok, c3, K, stride_qm, x3, low, inv_scale, QMAX, IS_FP8, ASYM, CHUNK, ROWS,
+                     P3, LAST3, ROW_MASK, INTERPRETED)
     tl.store(s_ptr + rows, scale, mask=row_ok)
 
 
-# Rows longer than this are quantized in tiles of TILE_K columns (two passes over the row) instead of whole.
-WHOLE_ROW_MAX_K = 4096
-TILE_K = 1024
+MAX_PIECES = 4
+MIN_PIECE = 16  # 16 bf16 values: one 32-byte sector per row
+ELEMENTS_PER_PROGRAM = 8192  # short rows: whole rows per program up to about this many elements
+MAX_VALUES_PER_THREAD = 32  # fp32 values a thread holds: warps are added until a program fits (up to 16)
 
 
-def _launch_shape(k: int) -> tuple[int, int, int, int]:
-    """(BLOCK_K, ROWS, num_warps, TILES): about 4-8K elements per program and <= 32-64 values per thread (no spills),
-    loads 16 bytes wide. Measured on the H100 (2026-11-25): the whole-row form at K=8,960 (BLOCK_K=16,384, one row,
-    16 warps) took 0.79 ms with the GELU prologue."""
-    if k > WHOLE_ROW_MAX_K:
-        return TILE_K, 4, 8, triton.cdiv(k, TILE_K)
-    block_k = max(16, triton.next_power_of_2(k))
-    rows = max(1, min(64, 8192 // block_k))
-    num_warps = 4 if block_k * rows <= 4096 else 8
-    return block_k, rows, num_warps, 1
+def row_pieces(k: int) -> tuple[tuple[int, ...], bool]:
+    """K as at most MAX_PIECES powers of two, largest first, and whether the last one reaches past K (masked): the
+    greedy binary decomposition, its last piece rounded up to a power of two >= MIN_PIECE. K = 8,960 -> 8,192 + 512
+    + 256; 1,536 -> 1,024 + 512; 13,824 -> 8,192 + 4,096 + 1,024 + 512; 200 -> 128 + 64 + 16 (masked)."""
+    pieces: list[int] = []
+    rest = k
+    while rest and len(pieces) < MAX_PIECES - 1:
+        piece = 1 << (rest.bit_length() - 1)
+        if piece < MIN_PIECE:
+            break
+        pieces.append(piece)
+        rest -= piece
+    last_masked = False
+    if rest:
+        piece = max(MIN_PIECE, triton.next_power_of_2(rest))
+        pieces.append(piece)
+        last_masked = piece != rest
+    return tuple(pieces), last_masked
+
+
+@dataclass(frozen=True)
+class RowLaunch:
+    """How ``_act_quant_kernel`` covers an (M, K) input: ``rows`` whole rows per program with ``num_warps`` warps,
+    each row split into ``pieces`` (the last masked past K if ``last_masked``); ``row_mask`` when M is not a
+    multiple of ``rows``."""
+
+    rows: int
+    num_warps: int
+    pieces: tuple[int, ...]
+    last_masked: bool
+    row_mask: bool
+
+    def constexprs(self) -> dict[str, object]:
+        padded = (*self.pieces, 0, 0, 0)[:MAX_PIECES]
+        return dict(ROWS=self.rows, ROW_MASK=self.row_mask, P0=padded[0], P1=padded[1], P2=padded[2], P3=padded[3],
+                    LAST_MASKED=self.last_masked)
+
+    def describe(self) -> str:
+        pieces = " + ".join(map(str, self.pieces)) + (" masked" if self.last_masked else "")
+        return f"{self.rows} row(s) of {pieces}, {self.num_warps} warps"
+
+
+def launch_shape(k: int, m: int) -> RowLaunch:
+    """Whole rows per program, about ELEMENTS_PER_PROGRAM elements (one row from 8,192 features on); the fewest of 4,
+    8, 16 warps that keep a thread at <= MAX_VALUES_PER_THREAD fp32 values (K = 32,768 on 16 warps holds 64)."""
+    pieces, last_masked = row_pieces(k)
+    width = sum(pieces)
+    rows = max(1, min(64, ELEMENTS_PER_PROGRAM // triton.next_power_of_2(width)))
+    num_warps = 4
+    while num_warps < 16 and rows * width > num_warps * 32 * MAX_VALUES_PER_THREAD:
+        num_warps *= 2
+    return RowLaunch(rows, num_warps, pieces, last_masked, m % rows != 0)
 
 
 def act_quant(
@@ -200,27 +334,13 @@ def act_quant(
     scale = scale_out if scale_out is not None else torch.empty((m,), device=x.device, dtype=torch.float32)
     if m == 0:
         return codes, scale
-    block_k, rows, num_warps, tiles = _launch_shape(k)
-    grid = (triton.cdiv(m, rows),)
-    _act_quant_kernel[grid](
-        x,
-        codes,
-        scale,
-        scale,  # no zero point in symmetric formats
-        m,
-        k,
-        x.stride(0),
-        codes.stride(0),
-        QMAX=_QMAX[act_format],
-        IS_FP8=act_format == "fp8_e4m3",
-        ASYM=False,
-        CHUNK=chunk,
-        EPS=_AMAX_EPS,
-        ROWS=rows,
-        BLOCK_K=block_k,
-        TILES=tiles,
-        PRE_GELU=activation == "gelu_tanh",
-        num_warps=num_warps,
+    launch = launch_shape(k, m)
+    _act_quant_kernel[(triton.cdiv(m, launch.rows),)](
+        x, codes, scale, scale,  # no zero point in symmetric formats
+        m, k, x.stride(0), codes.stride(0),
+        QMAX=_QMAX[act_format], IS_FP8=act_format == "fp8_e4m3", ASYM=False, CHUNK=chunk, EPS=_AMAX_EPS,
+        PRE_GELU=activation == "gelu_tanh", INTERPRETED=not x.is_cuda, num_warps=launch.num_warps,
+        **launch.constexprs(),
     )
     return codes, scale
 
@@ -247,10 +367,10 @@ def act_quant_asym(x: torch.Tensor, activation: str = "none") -> tuple[torch.Ten
     zero = torch.empty((m,), device=x.device, dtype=torch.float32)
     if m == 0:
         return codes, scale, zero
-    block_k, rows, num_warps, tiles = _launch_shape(k)
-    _act_quant_kernel[(triton.cdiv(m, rows),)](
+    launch = launch_shape(k, m)
+    _act_quant_kernel[(triton.cdiv(m, launch.rows),)](
         x, codes, scale, zero, m, k, x.stride(0), codes.stride(0),
-        QMAX=255.0, IS_FP8=False, ASYM=True, CHUNK=0, EPS=_AMAX_EPS, ROWS=rows, BLOCK_K=block_k, TILES=tiles,
-        PRE_GELU=activation == "gelu_tanh", num_warps=num_warps,
+        QMAX=255.0, IS_FP8=False, ASYM=True, CHUNK=0, EPS=_AMAX_EPS, PRE_GELU=activation == "gelu_tanh",
+        INTERPRETED=not x.is_cuda, num_warps=launch.num_warps, **launch.constexprs(),
     )
     return codes, scale, zero

@@ -85,6 +85,7 @@ def _ln_modulate_quant_kernel(
     eps,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, MODULATE: tl.constexpr, ROUND_TO: tl.constexpr,
     QMAX: tl.constexpr, IS_FP8: tl.constexpr, EPS_AMAX: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
+    INTERPRETED: tl.constexpr,
 ):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_K)
@@ -110,12 +111,13 @@ def _ln_modulate_quant_kernel(
                         other=0.0).to(tl.float32)
         y = y * (1.0 + scale) + shift
     if ROUND_TO == 1:
-        y = round_to_bf16_grid(y)
+        y = round_to_bf16_grid(y) if INTERPRETED else y.to(tl.bfloat16).to(tl.float32)
     elif ROUND_TO == 2:
         y = y.to(tl.float16).to(tl.float32)
     y = tl.where(mask, y, 0.0)
     act_scale = tl.maximum(tl.max(tl.abs(y), axis=1), EPS_AMAX) / QMAX
-    _store_codes(q_ptr, rows, cols, mask, K, y, act_scale, 1.0 / act_scale, QMAX, IS_FP8, False, 0, ROWS, BLOCK_K)
+    _store_codes(q_ptr, rows.to(tl.int64), cols, mask, K, y, act_scale, 1.0 / act_scale, QMAX, IS_FP8, False, 0,
+                 ROWS, BLOCK_K, True, INTERPRETED)
     tl.store(s_ptr + rows, act_scale, mask=row_ok)
 
 
@@ -180,6 +182,6 @@ def ln_modulate_quant(
         float(eps),
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, MODULATE=modulate, ROUND_TO=_ROUND_TO[x.dtype],
         QMAX=_QMAX[act_format], IS_FP8=act_format == "fp8_e4m3", EPS_AMAX=_AMAX_EPS,
-        ROWS=launch.rows, BLOCK_K=triton.next_power_of_2(k), num_warps=launch.num_warps,
+        ROWS=launch.rows, BLOCK_K=triton.next_power_of_2(k), INTERPRETED=not x.is_cuda, num_warps=launch.num_warps,
     )
     return codes, act_scale

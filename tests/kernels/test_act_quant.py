@@ -158,21 +158,53 @@ def test_gelu_prologue_long_rows_gpu(fmt, m, k):
     _check_gelu((torch.randn(m, k, device="cuda") * 2).to(torch.bfloat16), fmt)
 
 
+@pytest.mark.parametrize("k,pieces,masked", [
+    (8960, (8192, 512, 256), False), (1536, (1024, 512), False), (13824, (8192, 4096, 1024, 512), False),
+    (200, (128, 64, 16), True), (96, (64, 32), False), (7, (16,), True), (1000, (512, 256, 128, 128), True),
+    (32768, (32768,), False),
+])
+def test_row_pieces(k, pieces, masked):
+    from qsparse_compiler.kernels.act_quant import MAX_PIECES, row_pieces
+
+    got, last_masked = row_pieces(k)
+    assert (got, last_masked) == (pieces, masked)
+    assert len(got) <= MAX_PIECES and sum(got[:-1]) < k <= sum(got)
+    assert all(p & (p - 1) == 0 for p in got)
+
+
+# The interpreter evaluates the GELU's 2**z in numpy, which warns where z overflows (x = -40: 2**z = inf, gelu -> -0,
+# the intended saturation); the compiled ex2 returns inf silently.
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
 @pytest.mark.parametrize("fmt", [*FORMATS, "uint8_msfp"])
 @pytest.mark.parametrize("activation", ["none", "gelu_tanh"])
-def test_tiled_long_rows_equal_whole_rows_cpu(monkeypatch, fmt, activation):
-    """Rows longer than WHOLE_ROW_MAX_K go in TILE_K-wide tiles (two passes); same codes as one whole-row pass."""
+@pytest.mark.parametrize("m,k", [(3, 448), (5, 200), (2, 1000)])
+def test_pieces_cover_the_row_cpu(fmt, activation, m, k):
+    """Rows held as several pieces (448 = 256 + 128 + 64; 200 with a masked last piece; 1000 in four pieces, the last
+    masked), with a partial last group of rows (m not a multiple of rows per program): the reference's codes, and the
+    row's amax found in whichever piece holds it."""
     from qsparse_compiler.kernels import act_quant as module
 
-    x = torch.randn(9, 320) * 2
-    x[3, 300] = 40.0  # the amax in the last tile
-    quantize = (lambda t: module.act_quant_asym(t, activation)) if fmt == "uint8_msfp" else (
-        lambda t: module.act_quant(t, fmt, activation=activation, chunk=64 if fmt == "int8" else 0))
-    whole = quantize(x)
-    monkeypatch.setattr(module, "WHOLE_ROW_MAX_K", 64)
-    monkeypatch.setattr(module, "TILE_K", 128)  # 320 = 2.5 tiles: a masked tail tile
-    assert module._launch_shape(320)[3] == 3
-    tiled = quantize(x)
-    for a, b in zip(whole, tiled):
-        assert torch.equal(a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a,
-                           b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b)
+    x = torch.randn(m, k) * 2
+    x[0, k - 1] = 40.0  # the amax in the last piece
+    x[-1, 0] = -40.0  # and in the first
+    assert module.launch_shape(k, m).row_mask
+    if fmt == "uint8_msfp":
+        codes, scale, zero = module.act_quant_asym(x, activation)
+        ref_codes, ref_scale, ref_zero = quantize_activation(_activated(x, activation), "uint8_msfp")
+        exact = 0 if activation == "none" else 1e-5  # the kernel's GELU is a few fp32 ulps from torch's
+        torch.testing.assert_close(zero, ref_zero[:, 0], rtol=exact, atol=exact)
+        torch.testing.assert_close(scale, ref_scale[:, 0], rtol=exact, atol=0)
+        assert int(_code_steps(codes, ref_codes).max()) <= 1
+    elif activation == "gelu_tanh":
+        _check_gelu(x, fmt)
+    else:
+        _check(x, fmt)
+    if fmt == "int8" and k % 64 == 0:
+        codes, _ = act_quant(x, fmt, activation=activation)
+        split, _ = act_quant(x, fmt, activation=activation, chunk=64)
+        perm = torch.arange(k).reshape(k // 64, 32, 2).transpose(1, 2).reshape(k)
+        assert torch.equal(split, codes[:, perm])
+
+
+def _activated(x: torch.Tensor, activation: str) -> torch.Tensor:
+    return x if activation == "none" else apply_activation(x.float(), activation)
