@@ -42,7 +42,6 @@ if os.environ.get("TRITON_INTERPRET"):
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
-import triton  # noqa: E402
 
 from sm90_attention_report import compile_kernel, registers, sass_lines  # noqa: E402
 
@@ -82,8 +81,8 @@ def ln_modulate_quant_variant(tokens: int, k: int, fmt: str):
                 M=tokens, S=tokens, K=k, stride_xb=x.stride(0), stride_xs=x.stride(1), stride_mb=0,
                 stride_ms=0, stride_hb=0, stride_hs=0, eps=1e-6)
     constexprs = dict(HAS_WEIGHT=False, HAS_BIAS=False, MODULATE=True, ROUND_TO=1, QMAX=mod._QMAX[fmt],
-                      IS_FP8=fmt == "fp8_e4m3", EPS_AMAX=mod._AMAX_EPS, ROWS=launch.rows,
-                      BLOCK_K=triton.next_power_of_2(k), INTERPRETED=False)
+                      IS_FP8=fmt == "fp8_e4m3", EPS_AMAX=mod._AMAX_EPS, INTERPRETED=False,
+                      **mod.block_constexprs(tokens, k, launch))
     name = f"ln_modulate_quant {fmt} K={k} ({launch.rows} rows, {launch.num_warps} warps)"
     return (name, lambda: compile_kernel(mod._ln_modulate_quant_kernel, args, constexprs, launch.num_warps, 3),
             launch.rows * k, launch.num_warps * 32, 1, 2 + 1 + 4 / k)

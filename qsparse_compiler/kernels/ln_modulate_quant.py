@@ -16,19 +16,24 @@ Math per token row, the unfused graph's (``block.norm1(h.float()) * (1 + scale) 
     y = round(y) to x's dtype                                  the graph's ``type_as``: kept, so the codes are those
                                                                of the bf16 activation the unfused graph quantizes
     act_scale = max(amax |y|, 1e-12) / QMAX; codes = q(y / act_scale)      (QMAX 448 for fp8_e4m3, 127 for int8)
-Codes are stored by ``act_quant._store_codes``: the same rounding (fp8: onto the e4m3 grid in fp32, then an exact
-cast; int8: round half to even) and the same reciprocal-of-scale multiply as the standalone quantization kernel.
+Codes are stored by ``act_quant._store_codes``: the same rounding (fp8: the hardware's saturating round-to-nearest-even
+conversion when compiled, the e4m3 grid in fp32 under the interpreter; int8: round half to even) and the same
+reciprocal-of-scale multiply as the standalone quantization kernel. The bf16 rounding is a cast round trip when
+compiled and ``rounding.round_to_bf16_grid`` under the interpreter (whose casts truncate): the same values.
 
 Why: Inductor fuses this subgraph into one reduction kernel per norm (the three
 ``triton_red_fused__to_copy_abs_add_amax_clamp_..._native_layer_norm_...`` kernels of the H200 profile of the Wan-1.3B
 reuse step, ~150 MB moved per call at a fraction of the bandwidth). Here one program holds ROWS whole rows in
-registers (K <= 8192): x is read once, codes (1 byte) and one scale per row written once - 3 bytes per element for a
-bf16 input, the floor. The bf16 rounding costs a few integer ops (``rounding.round_to_bf16_grid``, exact on the GPU
-and in the CPU interpreter alike).
+registers (K <= 8192), each as up to four power-of-two pieces (``act_quant.row_pieces``: 1,536 = 1,024 + 512, so no
+lane is padding and no load is masked): x is read once, codes (1 byte) and one scale per row written once - 3 bytes
+per element for a bf16 input, the floor. The earlier form (one next_pow2(K)-wide tile, software fp8 and bf16
+rounding) executed 54 sm_90 instructions per element at K = 1,536, issue-bound (0.124 ms on the H100 for 0.151 GB;
+its int8 variant, 46 instructions, took 0.105 ms); this one executes 29 (tools/sm90_membound_report.py).
 
 Launch configurations (``LAUNCH_CONFIGS``) are data, by padded row width. ``benchmarks/bench_membound.py`` times
-them at workload W: the 2048-wide default (Wan-1.3B's 1,536 features) is its measured best on an H100 (BENCHMARKS.md,
-"memory-bound fusions"); the other widths' defaults are not measured yet.
+them at workload W: the 2048-wide default (Wan-1.3B's 1,536 features) was the earlier form's measured best on an H100
+(BENCHMARKS.md, "memory-bound fusions") and is the candidate with the fewest registers in this one (64 per thread,
+8 programs per SM); the pieces are not yet timed, nor are the other widths' defaults.
 
 This module imports nothing from qsparse_compiler outside kernels/ (kernels/ rule).
 """
@@ -42,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .act_quant import _store_codes
+from .act_quant import _piece_mask, _store_piece, row_pieces
 from .rounding import round_to_bf16_grid
 
 __all__ = ["ln_modulate_quant", "unsupported_reason", "LnLaunch", "LAUNCH_CONFIGS", "launch_config", "MAX_K"]
@@ -78,47 +83,145 @@ def launch_config(k: int) -> tuple[LnLaunch, ...]:
 
 
 @triton.jit
-def _ln_modulate_quant_kernel(
-    x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, q_ptr, s_ptr,
-    M, S, K,
-    stride_xb, stride_xs, stride_mb, stride_ms, stride_hb, stride_hs,
-    eps,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, MODULATE: tl.constexpr, ROUND_TO: tl.constexpr,
-    QMAX: tl.constexpr, IS_FP8: tl.constexpr, EPS_AMAX: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
-    INTERPRETED: tl.constexpr,
-):
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK_K)
-    row_ok = rows < M
-    col_ok = cols < K
-    mask = row_ok[:, None] & col_ok[None, :]
-    batch = (rows // S).to(tl.int64)  # 64-bit offsets: M * K passes 2**31 at 10^5 tokens x 5,120 features
-    token = (rows % S).to(tl.int64)
-    x = tl.load(x_ptr + (batch * stride_xb + token * stride_xs)[:, None] + cols[None, :], mask=mask,
-                other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=1) / K
-    centered = tl.where(mask, x - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / K + eps)
+def _ln_load_piece(x_ptr, row_offsets, row_ok, K, OFF: tl.constexpr, WIDTH: tl.constexpr, COL_MASK: tl.constexpr,
+                   ROW_MASK: tl.constexpr):
+    """Columns [OFF, OFF + WIDTH) of the program's rows as fp32 (0 past K) and their column indices."""
+    cols = OFF + tl.arange(0, WIDTH)
+    ptrs = x_ptr + row_offsets[:, None] + cols[None, :]
+    if COL_MASK or ROW_MASK:
+        x = tl.load(ptrs, mask=_piece_mask(row_offsets, row_ok, cols, K, COL_MASK, ROW_MASK), other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x.to(tl.float32), cols
+
+
+@triton.jit
+def _ln_centered(x, cols, K, mean, COL_MASK: tl.constexpr):
+    centered = x - mean[:, None]
+    if COL_MASK:
+        centered = tl.where((cols < K)[None, :], centered, 0.0)  # padding adds nothing to the variance
+    return centered
+
+
+@triton.jit
+def _ln_modulate(centered, cols, K, rstd, w_ptr, b_ptr, scale_ptr, shift_ptr, scale_rows, shift_rows, row_ok,
+                 HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, MODULATE: tl.constexpr, ROUND_TO: tl.constexpr,
+                 COL_MASK: tl.constexpr, ROW_MASK: tl.constexpr, INTERPRETED: tl.constexpr):
+    """One piece of y = round(((x - mean) rstd weight + bias) (1 + scale) + shift) to x's dtype (fp32 values)."""
     y = centered * rstd[:, None]
+    col_ok = cols < K
     if HAS_WEIGHT:
         y = y * tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         y = y + tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if MODULATE:
-        scale = tl.load(scale_ptr + (batch * stride_mb + token * stride_ms)[:, None] + cols[None, :], mask=mask,
-                        other=0.0).to(tl.float32)
-        shift = tl.load(shift_ptr + (batch * stride_hb + token * stride_hs)[:, None] + cols[None, :], mask=mask,
-                        other=0.0).to(tl.float32)
+        # Loaded per element even when every row shares one modulation row (Wan 2.1: stride 0 over tokens; the
+        # loads then hit L1): a vector broadcast over the rows measured more registers and instructions on sm_90
+        # (122 vs 64 registers per thread at 2 rows x 4 warps, tools/sm90_membound_report.py).
+        mask = _piece_mask(scale_rows, row_ok, cols, K, True, ROW_MASK)
+        scale = tl.load(scale_ptr + scale_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        shift = tl.load(shift_ptr + shift_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         y = y * (1.0 + scale) + shift
     if ROUND_TO == 1:
-        y = round_to_bf16_grid(y) if INTERPRETED else y.to(tl.bfloat16).to(tl.float32)
+        if INTERPRETED:  # the interpreter's cast truncates
+            y = round_to_bf16_grid(y)
+        else:
+            y = y.to(tl.bfloat16).to(tl.float32)
     elif ROUND_TO == 2:
         y = y.to(tl.float16).to(tl.float32)
-    y = tl.where(mask, y, 0.0)
-    act_scale = tl.maximum(tl.max(tl.abs(y), axis=1), EPS_AMAX) / QMAX
-    _store_codes(q_ptr, rows.to(tl.int64), cols, mask, K, y, act_scale, 1.0 / act_scale, QMAX, IS_FP8, False, 0,
-                 ROWS, BLOCK_K, True, INTERPRETED)
+    if COL_MASK:
+        y = tl.where(col_ok[None, :], y, 0.0)
+    return y
+
+
+@triton.jit
+def _ln_modulate_quant_kernel(
+    x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, q_ptr, s_ptr,
+    M, S, K,
+    stride_xb, stride_xs, stride_mb, stride_ms, stride_hb, stride_hs,
+    eps,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, MODULATE: tl.constexpr, ROUND_TO: tl.constexpr, QMAX: tl.constexpr, IS_FP8: tl.constexpr, EPS_AMAX: tl.constexpr, ROWS: tl.constexpr,
+    ROW_MASK: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr,
+    LAST_MASKED: tl.constexpr, INTERPRETED: tl.constexpr,
+):
+    """ROWS whole rows per program, each held in registers as up to four power-of-two pieces (``act_quant.row_pieces``:
+    1,536 = 1,024 + 512, no lane past K): loaded once, normalized, modulated, rounded, reduced to the row's amax and
+    quantized from registers."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < M
+    batch = (rows // S).to(tl.int64)  # 64-bit offsets: M * K passes 2**31 at 10^5 tokens x 5,120 features
+    token = (rows % S).to(tl.int64)
+    x_rows = batch * stride_xb + token * stride_xs
+    scale_rows = batch * stride_mb + token * stride_ms
+    shift_rows = batch * stride_hb + token * stride_hs
+    N_PIECES: tl.constexpr = 1 + (P1 > 0) + (P2 > 0) + (P3 > 0)
+    LAST0: tl.constexpr = LAST_MASKED and N_PIECES == 1  # piece i reaches past K
+    LAST1: tl.constexpr = LAST_MASKED and N_PIECES == 2
+    LAST2: tl.constexpr = LAST_MASKED and N_PIECES == 3
+    LAST3: tl.constexpr = LAST_MASKED and N_PIECES == 4
+    x0, c0 = _ln_load_piece(x_ptr, x_rows, row_ok, K, 0, P0, LAST0, ROW_MASK)
+    total = tl.sum(x0, axis=1)
+    if P1 > 0:
+        x1, c1 = _ln_load_piece(x_ptr, x_rows, row_ok, K, P0, P1, LAST1, ROW_MASK)
+        total += tl.sum(x1, axis=1)
+    if P2 > 0:
+        x2, c2 = _ln_load_piece(x_ptr, x_rows, row_ok, K, P0 + P1, P2, LAST2, ROW_MASK)
+        total += tl.sum(x2, axis=1)
+    if P3 > 0:
+        x3, c3 = _ln_load_piece(x_ptr, x_rows, row_ok, K, P0 + P1 + P2, P3, LAST3, ROW_MASK)
+        total += tl.sum(x3, axis=1)
+    mean = total / K
+    x0 = _ln_centered(x0, c0, K, mean, LAST0)
+    squares = tl.sum(x0 * x0, axis=1)
+    if P1 > 0:
+        x1 = _ln_centered(x1, c1, K, mean, LAST1)
+        squares += tl.sum(x1 * x1, axis=1)
+    if P2 > 0:
+        x2 = _ln_centered(x2, c2, K, mean, LAST2)
+        squares += tl.sum(x2 * x2, axis=1)
+    if P3 > 0:
+        x3 = _ln_centered(x3, c3, K, mean, LAST3)
+        squares += tl.sum(x3 * x3, axis=1)
+    rstd = 1.0 / tl.sqrt(squares / K + eps)
+    x0 = _ln_modulate(x0, c0, K, rstd, w_ptr, b_ptr, scale_ptr, shift_ptr, scale_rows, shift_rows, row_ok,
+                      HAS_WEIGHT, HAS_BIAS, MODULATE, ROUND_TO, LAST0, ROW_MASK, INTERPRETED)
+    amax = tl.max(tl.abs(x0), axis=1)
+    if P1 > 0:
+        x1 = _ln_modulate(x1, c1, K, rstd, w_ptr, b_ptr, scale_ptr, shift_ptr, scale_rows, shift_rows, row_ok,
+                          HAS_WEIGHT, HAS_BIAS, MODULATE, ROUND_TO, LAST1, ROW_MASK, INTERPRETED)
+        amax = tl.maximum(amax, tl.max(tl.abs(x1), axis=1))
+    if P2 > 0:
+        x2 = _ln_modulate(x2, c2, K, rstd, w_ptr, b_ptr, scale_ptr, shift_ptr, scale_rows, shift_rows, row_ok,
+                          HAS_WEIGHT, HAS_BIAS, MODULATE, ROUND_TO, LAST2, ROW_MASK, INTERPRETED)
+        amax = tl.maximum(amax, tl.max(tl.abs(x2), axis=1))
+    if P3 > 0:
+        x3 = _ln_modulate(x3, c3, K, rstd, w_ptr, b_ptr, scale_ptr, shift_ptr, scale_rows, shift_rows, row_ok,
+                          HAS_WEIGHT, HAS_BIAS, MODULATE, ROUND_TO, LAST3, ROW_MASK, INTERPRETED)
+        amax = tl.maximum(amax, tl.max(tl.abs(x3), axis=1))
+    act_scale = tl.maximum(amax, EPS_AMAX) / QMAX
+    inv_scale = 1.0 / act_scale
+    code_rows = rows.to(tl.int64)
+    _store_piece(q_ptr, code_rows, row_ok, c0, K, K, x0, amax, inv_scale, QMAX, IS_FP8, False, 0, ROWS, P0, LAST0,
+                 ROW_MASK, INTERPRETED)
+    if P1 > 0:
+        _store_piece(q_ptr, code_rows, row_ok, c1, K, K, x1, amax, inv_scale, QMAX, IS_FP8, False, 0, ROWS, P1, LAST1,
+                     ROW_MASK, INTERPRETED)
+    if P2 > 0:
+        _store_piece(q_ptr, code_rows, row_ok, c2, K, K, x2, amax, inv_scale, QMAX, IS_FP8, False, 0, ROWS, P2, LAST2,
+                     ROW_MASK, INTERPRETED)
+    if P3 > 0:
+        _store_piece(q_ptr, code_rows, row_ok, c3, K, K, x3, amax, inv_scale, QMAX, IS_FP8, False, 0, ROWS, P3, LAST3,
+                     ROW_MASK, INTERPRETED)
     tl.store(s_ptr + rows, act_scale, mask=row_ok)
+
+
+def block_constexprs(m: int, k: int, launch: LnLaunch) -> dict[str, object]:
+    """The kernel's tiling of m rows of k features: rows per program, the row's pieces (``act_quant.row_pieces``)
+    and which masks the loads and stores need."""
+    pieces, last_masked = row_pieces(k)
+    padded = (*pieces, 0, 0, 0)[:4]
+    return dict(ROWS=launch.rows, ROW_MASK=m % launch.rows != 0, P0=padded[0], P1=padded[1], P2=padded[2],
+                P3=padded[3], LAST_MASKED=last_masked)
 
 
 def _broadcast_strides(t: torch.Tensor, batch: int, seq_len: int, k: int) -> Optional[tuple[int, int]]:
@@ -181,7 +284,7 @@ def ln_modulate_quant(
         x.stride(0), x.stride(1), *stride_m, *stride_h,
         float(eps),
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, MODULATE=modulate, ROUND_TO=_ROUND_TO[x.dtype],
-        QMAX=_QMAX[act_format], IS_FP8=act_format == "fp8_e4m3", EPS_AMAX=_AMAX_EPS,
-        ROWS=launch.rows, BLOCK_K=triton.next_power_of_2(k), INTERPRETED=not x.is_cuda, num_warps=launch.num_warps,
+        QMAX=_QMAX[act_format], IS_FP8=act_format == "fp8_e4m3", EPS_AMAX=_AMAX_EPS, INTERPRETED=not x.is_cuda,
+        num_warps=launch.num_warps, **block_constexprs(m, k, launch),
     )
     return codes, act_scale

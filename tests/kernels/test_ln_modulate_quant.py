@@ -125,6 +125,19 @@ def test_constant_row_gives_zero_codes():
     assert torch.all(codes == 0) and torch.all(act_scale == torch.tensor(1e-12 / 127.0))
 
 
+@pytest.mark.parametrize("k", [240, 1000, 1536])
+@pytest.mark.parametrize("per_token", [False, True])
+def test_row_pieces_and_partial_programs(k, per_token):
+    """Rows held as several pieces (240 = 128 + 64 + 32 + 16; 1,000 with a masked fourth piece; Wan's 1,536 =
+    1,024 + 512) and 7 rows, not a multiple of the rows per program: the unfused graph's codes and scales."""
+    from qsparse_compiler.kernels.ln_modulate_quant import block_constexprs, launch_config
+
+    assert block_constexprs(7, k, launch_config(k)[0])["ROW_MASK"]
+    gen = torch.Generator().manual_seed(k)
+    h, norm, scale, shift = _case(1, 7, k, torch.bfloat16, True, True, per_token=per_token, gen=gen)
+    _check_kernel(h, norm, scale, shift, "fp8_e4m3")
+
+
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     batch=st.integers(1, 2),
