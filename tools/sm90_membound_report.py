@@ -1,10 +1,11 @@
 """What an H100 would execute for the activation-quantization kernels, read on a CPU: instructions per element.
 
-    python tools/sm90_membound_report.py [--kernel act_quant|ln_modulate_quant|all] [--tokens 32760] [--json F]
+    python tools/sm90_membound_report.py [--kernel act_quant|ln_modulate_quant|qk_norm_rope|all] [--tokens 32760]
+                                         [--json F]
 
 The kernels between the GEMMs of a reuse step (per-token 8-bit quantization, with a GELU in front for the FFN
-down-projection, or LayerNorm + adaLN modulation in front for q/k/v and the FFN up-projection) move 3-5 bytes per
-element. They run at the memory's speed only if the SMs issue the kernel's instructions faster than the memory
+down-projection, or LayerNorm + adaLN modulation in front for q/k/v and the FFN up-projection; q/k RMS norm + rope)
+move 3-5 bytes per element. They run at the memory's speed only if the SMs issue the kernel's instructions faster than the memory
 delivers the bytes. On an H100 SXM (132 SMs, 4 schedulers each issuing one warp instruction per cycle, 1.98 GHz
 boost, 3.35 TB/s HBM3) that is 132 x 128 x 1.98e9 = 33.5e12 thread-instructions per second against 3.35e12 bytes:
 **about 10 thread-instructions per byte** before a kernel is issue-bound (fewer in practice: loads, stores and
@@ -88,6 +89,30 @@ def ln_modulate_quant_variant(tokens: int, k: int, fmt: str):
             launch.rows * k, launch.num_warps * 32, 1, 2 + 1 + 4 / k)
 
 
+def qk_norm_rope_variant(tokens: int, heads: int, head_dim: int):
+    """The same for kernels/qk_norm_rope.py (Wan's q/k RMS norm across heads with weights, then its rotary embedding;
+    one program normalizes q or k rows: grid axis 1). Bytes per element: bf16 in and out, plus the fp32 cos and sin
+    of each pair (read once per token and per tensor, shared by the heads)."""
+    from qsparse_compiler.kernels import qk_norm_rope as mod
+
+    features = heads * head_dim
+    q, k = (torch.empty(1, tokens, features, dtype=torch.bfloat16) for _ in range(2))
+    out = torch.empty(1, tokens, heads, head_dim, dtype=torch.bfloat16)
+    weight = torch.empty(features, dtype=torch.bfloat16)
+    table = torch.empty(1, tokens, 1, head_dim // 2)
+    block_h, block_half, _ = mod._row_tile(heads, head_dim)
+    launch = mod.launch_config(heads, head_dim)[0]
+    args = dict(q_ptr=q, k_ptr=k, q_out_ptr=out, k_out_ptr=out, q_w_ptr=weight, k_w_ptr=weight, cos_ptr=table,
+                sin_ptr=table, M=tokens, S=tokens, stride_qb=q.stride(0), stride_qs=q.stride(1),
+                stride_kb=k.stride(0), stride_ks=k.stride(1), stride_cb=0, stride_cs=table.stride(1), stride_ci=1,
+                stride_sb=0, stride_ss=table.stride(1), stride_si=1, eps=1e-6)
+    constexprs = dict(HEADS=heads, HEAD_DIM=head_dim, ACROSS_HEADS=True, HAS_WEIGHT=True, W_HEAD_STRIDE=head_dim,
+                      ROWS=launch.rows, BLOCK_H=block_h, BLOCK_HALF=block_half, ROUND_BF16=False)
+    name = f"qk_norm_rope K={features} ({launch.rows} rows, {launch.num_warps} warps)"
+    return (name, lambda: compile_kernel(mod._qk_norm_rope_kernel, args, constexprs, launch.num_warps, 3),
+            launch.rows * features, launch.num_warps * 32, 1, 2 + 2 + 2 * 4 * (head_dim // 2) / features)
+
+
 def loops(instrs) -> list[tuple[int, int]]:
     """[start, end) instruction ranges of the backward branches' bodies."""
     index = {addr: i for i, (addr, _, _) in enumerate(instrs)}
@@ -127,12 +152,14 @@ def variants(kernel: str, tokens: int):
                 act_quant_variant(tokens, 8960, "int8", "gelu_tanh")]
     if kernel in ("ln_modulate_quant", "all"):
         out += [ln_modulate_quant_variant(tokens, 1536, "fp8_e4m3")]
+    if kernel in ("qk_norm_rope", "all"):
+        out += [qk_norm_rope_variant(tokens, 12, 128)]
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--kernel", choices=("act_quant", "ln_modulate_quant", "all"), default="all")
+    parser.add_argument("--kernel", choices=("act_quant", "ln_modulate_quant", "qk_norm_rope", "all"), default="all")
     parser.add_argument("--tokens", type=int, default=32760)
     parser.add_argument("--json", type=Path, help="write the rows here")
     a = parser.parse_args()
