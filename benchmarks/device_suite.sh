@@ -45,8 +45,11 @@
 #                                                # 4 seeds, 16 steps, then calibration's attention_precision stage
 #                                                # (per-layer, per-third SQNR; plan.json to $OUT). Not yet run;
 #                                                # estimate < 300 s + < 240 s
-#   bash benchmarks/device_suite.sh membound     # issue #19's fused norm/rope/quant kernels vs Inductor at workload W
-#                                                # (bench_membound.py, < 2 min) and their @gpu tests (not yet run)
+#   bash benchmarks/device_suite.sh membound     # issue #19's fused norm/rope/quant kernels and the FFN-down GELU +
+#                                                # fp8 quantization vs Inductor at workload W (bench_membound.py, < 2
+#                                                # min) and their @gpu tests (act_quant and ln_modulate_quant were
+#                                                # rewritten on 2026-12-08 and are not yet run on a GPU: run this
+#                                                # before timing anything that uses them)
 #   bash benchmarks/device_suite.sh calib        # issue #22: calibrate() on workload W (random bf16 weights),
 #                                                # seconds and peak GPU memory per stage (bench_calibration.py), JSON
 #                                                # after every stage: CALIB_PARTS="h100 24gib" (default both, one
@@ -210,7 +213,8 @@ case "${1:-e2e}" in
   membound)
     timeout 240 python3 benchmarks/bench_membound.py --out "$OUT/membound.json" 2>&1 | grep -v Warning | tail -30
     timeout 300 python3 -m pytest -q -m gpu tests/kernels/test_qk_norm_rope.py tests/kernels/test_ln_modulate_quant.py \
-        --tb=short -rA -p no:cacheprovider 2>&1 | tee "$OUT/membound_gpu_tests.txt" | tail -15 ;;
+        tests/kernels/test_act_quant.py --tb=short -rA -p no:cacheprovider 2>&1 | tee "$OUT/membound_gpu_tests.txt" \
+        | tail -15 ;;
   tests)
     # Files run side by side (Triton's compiles are CPU-bound; the tests are not timed), each under its own limit;
     # the per-file logs are joined into one file at the end ($OUT returns at most 8 files).
