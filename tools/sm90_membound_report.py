@@ -14,6 +14,7 @@ reductions stall). The special-function unit (MUFU: ex2, rcp, tanh) issues 16 pe
 Per variant (workload W: 32,760 tokens; Wan2.1-1.3B's 1,536 features, FFN 8,960), compiled for sm_90 with the
 specialization a real launch gets (tools/sm90_attention_report.compile_kernel), from the cubin's SASS:
     regs / spill    registers per thread, local-memory stores / loads in the kernel (spills)
+    global accesses the kernel's global load / store instructions by bytes per thread (16: vectorized)
     instr/elem      thread-instructions executed per element: every instruction of the program once, plus each
                     loop body (a backward branch) once more per extra trip (the launcher's tile count), over the
                     program's elements per thread. Static: branches taken or not are both counted
@@ -124,6 +125,14 @@ def loops(instrs) -> list[tuple[int, int]]:
     return found
 
 
+def _access_bytes(op: str) -> int:
+    """Bytes per thread of a global load / store (LDG.E.128 -> 16; no size suffix: 4)."""
+    for suffix, size in ((".128", 16), (".64", 8), (".U16", 2), (".S16", 2), (".U8", 1), (".S8", 1)):
+        if suffix in op:
+            return size
+    return 4
+
+
 def analyse(compiled, elements: int, threads: int, trips: int) -> dict:
     """Registers, spills and the executed-instruction counts per element (see the module docstring)."""
     cubin = compiled.asm["cubin"]
@@ -139,7 +148,9 @@ def analyse(compiled, elements: int, threads: int, trips: int) -> dict:
     top = Counter()
     for op, n in executed.items():
         top[op.split(".")[0] if not op.startswith("MUFU") else op] += n
+    widths = Counter(_access_bytes(op) for _, op, _ in instrs if op.split(".")[0] in ("LDG", "STG"))
     return dict(regs=registers(cubin), stl=whole["STL"], ldl=whole["LDL"], loops=len(loops(instrs)),
+                global_access_bytes=dict(sorted(widths.items())),
                 instr_per_elem=total / per_thread, mufu_per_elem=mufu / per_thread,
                 mix={op: round(n / per_thread, 2) for op, n in top.most_common(12)})
 
@@ -176,7 +187,8 @@ def main() -> None:
         rows.append(r)
         print(f"{name}\n    regs {r['regs']} spill STL {r['stl']} LDL {r['ldl']}  instr/elem {r['instr_per_elem']}  "
               f"mufu/elem {r['mufu_per_elem']}  bytes/elem {r['bytes_per_elem']}  instr/byte {r['instr_per_byte']}  "
-              f"H100 issue {r['issue_us']} us / memory {r['memory_us']} us\n    {r['mix']}")
+              f"H100 issue {r['issue_us']} us / memory {r['memory_us']} us\n    global accesses by bytes per thread "
+              f"{r['global_access_bytes']}\n    {r['mix']}")
     if a.json:
         a.json.write_text(json.dumps(rows, indent=1))
 

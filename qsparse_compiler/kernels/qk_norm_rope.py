@@ -30,9 +30,12 @@ the bf16 grid (``rounding.round_to_bf16_grid``, interpreter only).
 
 Why: Inductor's fused kernel for this subgraph (``triton_red_fused__fused_rms_norm_add_copy_mul_slice_sub_unbind_view``
 in the H200 profile of the Wan-1.3B reuse step) moves the minimum bytes but runs ~15x below the bandwidth limit; here
-one program owns ROWS whole token rows (all heads), loads each element once as (row, head, pair, 2), reduces the
-squares in registers, applies weight and rotation, and stores each element once: 2 x (read + write) of q and k plus
-the D/2-entry tables per token. q and k are the two halves of one launch (grid axis 1).
+one program owns ROWS whole token rows (all heads), loads each element once as (row, head, feature) with 16-byte
+accesses, views it as (row, head, pair, 2) in registers, reduces the squares, applies weight and rotation, and stores
+each element once: 2 x (read + write) of q and k plus the D/2-entry tables per token. q and k are the two halves of
+one launch (grid axis 1). (Until 2026-12-08 the (row, head, pair, 2) tile was loaded directly: 4-byte accesses and a
+layout change through shared memory on sm_90, 28.8 instead of 26.1 instructions per element; the H100's 0.355 ms
+were measured with that form.)
 
 Where an 8-bit attention would hook in: the rotated tile of one head is in registers when it is stored, so a
 per-(token, head) amax and an int8 / fp8 code store are a reduction and a store added at ``_store_rotated`` (codes plus
@@ -97,8 +100,11 @@ def launch_config(heads: int, head_dim: int) -> tuple[QkLaunch, ...]:
 
 
 @triton.jit
-def _store_rotated(out_ptr, offsets, mask, o1, o2, ROUND_BF16: tl.constexpr):
-    out = tl.join(o1, o2)  # (ROWS, BLOCK_H, BLOCK_HALF, 2): pair i back at columns 2i, 2i+1
+def _store_rotated(out_ptr, offsets, mask, o1, o2, ROUND_BF16: tl.constexpr, ROWS: tl.constexpr,
+                   BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    # (ROWS, BLOCK_H, BLOCK_HALF, 2) -> (ROWS, BLOCK_H, 2 * BLOCK_HALF): pair i back at columns 2i, 2i+1, each
+    # thread's values contiguous again (16-byte stores).
+    out = tl.reshape(tl.join(o1, o2), (ROWS, BLOCK_H, 2 * BLOCK_HALF))
     if ROUND_BF16:
         out = round_to_bf16_grid(out)  # CPU interpreter only: its bf16 cast truncates (kernels/rounding.py)
     tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
@@ -125,17 +131,20 @@ def _qk_norm_rope_kernel(
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     heads = tl.arange(0, BLOCK_H)
     pairs = tl.arange(0, BLOCK_HALF)
-    halves = tl.arange(0, 2)
+    dims = tl.arange(0, 2 * BLOCK_HALF)
     row_ok = rows < M
     batch = (rows // S).to(tl.int64)  # 64-bit: B * S * H * D passes 2**31 at 10^5 tokens x 5,120 features
     token = (rows % S).to(tl.int64)
-    # Column of (head, pair, half) inside a token row, as a (1, BLOCK_H, BLOCK_HALF, 2) tile.
-    cols = heads[:, None, None] * HEAD_DIM + pairs[None, :, None] * 2 + halves[None, None, :]
-    col_ok = (heads < HEADS)[:, None, None] & (pairs < HALF)[None, :, None] & (halves < 2)[None, None, :]
-    mask = row_ok[:, None, None, None] & col_ok[None, :, :, :]
-    x = tl.load(x_ptr + (batch * stride_b + token * stride_s)[:, None, None, None] + cols[None, :, :, :],
+    # Column of (head, feature) inside a token row, as a (BLOCK_H, 2 * BLOCK_HALF) tile: loaded with the features
+    # contiguous (16-byte loads), then viewed as (head, pair, 2) and split in registers. Loading the (head, pair, 2)
+    # tile directly gave 4-byte accesses and a shared-memory layout change on sm_90 (tools/sm90_membound_report.py).
+    cols = heads[:, None] * HEAD_DIM + dims[None, :]
+    col_ok = (heads < HEADS)[:, None] & (dims < HEAD_DIM)[None, :]
+    mask = row_ok[:, None, None] & col_ok[None, :, :]
+    x = tl.load(x_ptr + (batch * stride_b + token * stride_s)[:, None, None] + cols[None, :, :],
                 mask=mask, other=0.0).to(tl.float32)
-    x1, x2 = tl.split(x)  # (ROWS, BLOCK_H, BLOCK_HALF): even and odd features of each pair
+    # (ROWS, BLOCK_H, BLOCK_HALF) each: even and odd features of each pair
+    x1, x2 = tl.split(tl.reshape(x, (ROWS, BLOCK_H, BLOCK_HALF, 2)))
 
     squares = tl.sum(x1 * x1 + x2 * x2, axis=2)  # (ROWS, BLOCK_H); padded lanes hold zeros
     if ACROSS_HEADS:
@@ -146,8 +155,8 @@ def _qk_norm_rope_kernel(
         y1, y2 = x1 * rstd[:, :, None], x2 * rstd[:, :, None]
     if HAS_WEIGHT:
         # (H*D,) across heads (W_HEAD_STRIDE = D); (D,) per head, the same D weights for every head (stride 0).
-        w_cols = heads[:, None, None] * W_HEAD_STRIDE + pairs[None, :, None] * 2 + halves[None, None, :]
-        w1, w2 = tl.split(tl.load(w_ptr + w_cols, mask=col_ok, other=0.0).to(tl.float32))
+        w = tl.load(w_ptr + heads[:, None] * W_HEAD_STRIDE + dims[None, :], mask=col_ok, other=0.0).to(tl.float32)
+        w1, w2 = tl.split(tl.reshape(w, (BLOCK_H, BLOCK_HALF, 2)))
         y1, y2 = y1 * w1[None, :, :], y2 * w2[None, :, :]
 
     table_mask = row_ok[:, None] & (pairs < HALF)[None, :]
@@ -155,8 +164,9 @@ def _qk_norm_rope_kernel(
                   mask=table_mask, other=0.0).to(tl.float32)[:, None, :]
     sin = tl.load(sin_ptr + (batch * stride_sb + token * stride_ss)[:, None] + pairs[None, :] * stride_si,
                   mask=table_mask, other=0.0).to(tl.float32)[:, None, :]
-    out_offsets = rows.to(tl.int64)[:, None, None, None] * (HEADS * HEAD_DIM) + cols[None, :, :, :]
-    _store_rotated(out_ptr, out_offsets, mask, y1 * cos - y2 * sin, y1 * sin + y2 * cos, ROUND_BF16)
+    out_offsets = rows.to(tl.int64)[:, None, None] * (HEADS * HEAD_DIM) + cols[None, :, :]
+    _store_rotated(out_ptr, out_offsets, mask, y1 * cos - y2 * sin, y1 * sin + y2 * cos, ROUND_BF16, ROWS, BLOCK_H,
+                   BLOCK_HALF)
 
 
 def _table_strides(table: torch.Tensor, batch: int, seq_len: int, half: int) -> Optional[tuple[int, int, int]]:

@@ -4,8 +4,9 @@ Per element, at workload W's shapes, compiled for sm_90 with a real launch's spe
 enough thread-instructions that the H100 can issue them about as fast as HBM3 moves the 3 bytes the element costs
 (about 10 per byte, the report's docstring). Measured 2026-12-08 (SASS), now (before): act_quant with the GELU
 prologue at K = 8,960 20.6 instructions and 2.1 MUFU per element (56.1 and 4.1); without it at K = 1,536 9.7 (30.8);
-LayerNorm + modulation + fp8 quant at K = 1,536 28.9 (54.1). The bounds leave room for compiler drift, not for a
-second GELU, software fp8 rounding, padded lanes or per-tile reductions.
+LayerNorm + modulation + fp8 quant at K = 1,536 28.9 (54.1); q/k norm + rope 26.1 (28.8) with 16-byte accesses (4).
+The bounds leave room for compiler drift, not for a second GELU, software fp8 rounding, padded lanes, per-tile
+reductions or narrow accesses.
 """
 
 import json
@@ -37,3 +38,6 @@ def test_quantization_kernels_instruction_budget_on_sm90(tmp_path):
     # 64 registers: 8 programs of 4 warps per SM; the earlier kernel's 8-row launch (128 registers, 2 programs)
     # measured 1.6x slower than its 2-row one at the same instruction count (BENCHMARKS.md, 2026-12-07).
     assert norm["instr_per_elem"] <= 32 and norm["regs"] <= 80, norm
+    rope = rows["qk_norm_rope K=1536"]
+    # Every global access 16 bytes wide (the (head, pair, 2) tile loaded directly gave 4-byte ones; JSON keys).
+    assert set(rope["global_access_bytes"]) == {"16"} and rope["instr_per_elem"] <= 28, rope
