@@ -1,7 +1,7 @@
 """What an H100 would execute for the activation-quantization kernels, read on a CPU: instructions per element.
 
-    python tools/sm90_membound_report.py [--kernel act_quant|ln_modulate_quant|qk_norm_rope|all] [--tokens 32760]
-                                         [--json F]
+    python tools/sm90_membound_report.py [--kernel act_quant|ln_modulate_quant|qk_norm_rope|residual_cache_step|all]
+                                         [--tokens 32760] [--json F]
 
 The kernels between the GEMMs of a reuse step (per-token 8-bit quantization, with a GELU in front for the FFN
 down-projection, or LayerNorm + adaLN modulation in front for q/k/v and the FFN up-projection; q/k RMS norm + rope)
@@ -114,6 +114,26 @@ def qk_norm_rope_variant(tokens: int, heads: int, head_dim: int):
             launch.rows * features, launch.num_warps * 32, 1, 2 + 2 + 2 * 4 * (head_dim // 2) / features)
 
 
+def residual_cache_step_variant(tokens: int, heads: int, head_dim: int, order: int):
+    """The same for kernels/residual_cache_step.py on a reuse step (O = O_sparse + R [+ steps dR], bf16 cache): the
+    attention's (B, H, S, D) output in, the step's output out. Bytes per element: 2 per tensor read or written."""
+    from qsparse_compiler.kernels import residual_cache_step as mod
+
+    o_sparse = torch.empty(1, heads, tokens, head_dim, dtype=torch.bfloat16)
+    residual, delta, out = (torch.empty(1, heads, tokens, head_dim, dtype=torch.bfloat16) for _ in range(3))
+    steps, scale = torch.empty(()), torch.empty(1)
+    rows = heads * tokens
+    block_d, block_r = mod.block_shape(head_dim)
+    args = dict(o_ptr=o_sparse, dense_ptr=o_sparse, r_ptr=residual, dr_ptr=delta, r_scale_ptr=scale,
+                dr_scale_ptr=scale, out_ptr=out, steps_ptr=steps, ROWS=rows, H=heads, S=tokens, D=head_dim,
+                stride_ob=o_sparse.stride(0), stride_oh=o_sparse.stride(1), stride_os=o_sparse.stride(2),
+                stride_db=o_sparse.stride(0), stride_dh=o_sparse.stride(1), stride_ds=o_sparse.stride(2))
+    constexprs = dict(REFRESH=False, ORDER2=order == 2, FP8=False, BLOCK_R=block_r, BLOCK_D=block_d)
+    name = f"residual_cache_step reuse order {order} K={heads * head_dim} ({heads} heads; {block_r} rows, 4 warps)"
+    return (name, lambda: compile_kernel(mod._residual_cache_step_kernel, args, constexprs, 4, 3),
+            block_r * head_dim, 4 * 32, 1, 2 * (3 + (order == 2)))
+
+
 def loops(instrs) -> list[tuple[int, int]]:
     """[start, end) instruction ranges of the backward branches' bodies."""
     index = {addr: i for i, (addr, _, _) in enumerate(instrs)}
@@ -165,12 +185,15 @@ def variants(kernel: str, tokens: int):
         out += [ln_modulate_quant_variant(tokens, 1536, "fp8_e4m3")]
     if kernel in ("qk_norm_rope", "all"):
         out += [qk_norm_rope_variant(tokens, 12, 128)]
+    if kernel in ("residual_cache_step", "all"):
+        out += [residual_cache_step_variant(tokens, 12, 128, order) for order in (1, 2)]
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--kernel", choices=("act_quant", "ln_modulate_quant", "qk_norm_rope", "all"), default="all")
+    parser.add_argument("--kernel", choices=("act_quant", "ln_modulate_quant", "qk_norm_rope", "residual_cache_step",
+                                             "all"), default="all")
     parser.add_argument("--tokens", type=int, default=32760)
     parser.add_argument("--json", type=Path, help="write the rows here")
     a = parser.parse_args()

@@ -111,6 +111,13 @@ def _residual_cache_step_kernel(
     tl.store(out_ptr + flat, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def block_shape(head_dim: int) -> tuple[int, int]:
+    """(BLOCK_D, BLOCK_R): a padded head row, and rows for ~4K elements per program (enough bytes in flight, no
+    spills)."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    return block_d, max(1, 4096 // block_d)
+
+
 def _delta_shapes(shape: tuple[int, ...], order: int) -> tuple[tuple[int, ...], ...]:
     """Accepted shapes of dR (or of its scales) for an R of ``shape``: order 1 may hold none (no tokens)."""
     return (shape,) if order == 2 else (shape, shape[:2] + (0,) + shape[3:])
@@ -172,8 +179,7 @@ def residual_cache_step(
     rows = b * h * s
     if rows == 0:
         return out
-    block_d = max(16, triton.next_power_of_2(d))
-    block_r = max(1, 4096 // block_d)  # ~4K elements per program: enough bytes in flight, no spills
+    block_d, block_r = block_shape(d)
     source = dense if dense is not None else o_sparse  # dense's pointer is unused on a reuse step
     # Without fp8 the scale pointers are unused (FP8=False): any tensor of the right device fills the slots.
     residual_scale = residual_scale if fp8 else steps
