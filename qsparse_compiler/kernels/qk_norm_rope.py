@@ -43,8 +43,8 @@ one fp32 scale per token and head) - no extra pass over q or k.
 
 Launch configurations (``LAUNCH_CONFIGS``) are data: rows per program and warps by the padded row width. They keep
 <= 64 fp32 values per thread. ``benchmarks/bench_membound.py`` times each candidate at workload W; the 2048-wide
-default (Wan-1.3B) is its measured best on an H100 (BENCHMARKS.md, "memory-bound fusions"); the other widths'
-defaults are not measured yet.
+default (Wan-1.3B) was its measured best on an H100 with the earlier (head, pair, 2) loads (BENCHMARKS.md,
+"memory-bound fusions"); the 16-byte form is not yet timed, nor are the other widths' defaults.
 
 This module imports nothing from qsparse_compiler outside kernels/ (kernels/ rule).
 """
