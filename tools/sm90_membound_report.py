@@ -4,9 +4,9 @@
                                          [--tokens 32760] [--json F]
 
 The kernels between the GEMMs of a reuse step (per-token 8-bit quantization, with a GELU in front for the FFN
-down-projection, or LayerNorm + adaLN modulation in front for q/k/v and the FFN up-projection; q/k RMS norm + rope)
-move 3-5 bytes per element. They run at the memory's speed only if the SMs issue the kernel's instructions faster than the memory
-delivers the bytes. On an H100 SXM (132 SMs, 4 schedulers each issuing one warp instruction per cycle, 1.98 GHz
+down-projection, or LayerNorm + adaLN modulation in front for q/k/v and the FFN up-projection; q/k RMS norm + rope;
+the residual cache's step) move 3-8 bytes per element. They run at the memory's speed only if the SMs issue the
+kernel's instructions faster than the memory delivers the bytes. On an H100 SXM (132 SMs, 4 schedulers each issuing one warp instruction per cycle, 1.98 GHz
 boost, 3.35 TB/s HBM3) that is 132 x 128 x 1.98e9 = 33.5e12 thread-instructions per second against 3.35e12 bytes:
 **about 10 thread-instructions per byte** before a kernel is issue-bound (fewer in practice: loads, stores and
 reductions stall). The special-function unit (MUFU: ex2, rcp, tanh) issues 16 per SM per cycle: 1.25 per byte.

@@ -140,7 +140,8 @@ def _ln_modulate_quant_kernel(
     M, S, K,
     stride_xb, stride_xs, stride_mb, stride_ms, stride_hb, stride_hs,
     eps,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, MODULATE: tl.constexpr, ROUND_TO: tl.constexpr, QMAX: tl.constexpr, IS_FP8: tl.constexpr, EPS_AMAX: tl.constexpr, ROWS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, MODULATE: tl.constexpr, ROUND_TO: tl.constexpr,
+    QMAX: tl.constexpr, IS_FP8: tl.constexpr, EPS_AMAX: tl.constexpr, ROWS: tl.constexpr,
     ROW_MASK: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr,
     LAST_MASKED: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
