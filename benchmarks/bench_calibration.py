@@ -43,7 +43,9 @@ BENCHMARKS.md) and the stages' work, not measurements - this benchmark is what m
            1 kept sample (MSAD holds every kept sample's block inputs: 32,760 x 1,536 per tensor), attention
            chunks of 4 M score elements instead of 16 M (4x more, smaller matmuls: the statistics / ssar / MSAD
            attention reference slows by an estimated 10-20%), ssar 1 x 3 steps, msad_steps 2 on the first 3 blocks
-           (every block has the same shapes, so 3 show the stage's peak). ~80 s.
+           (every block has the same shapes, so 3 show the stage's peak). ~80 s. Its quality cost against the h100
+           setting, measured on the reference DiT at the same refresh budget: none consistent over two held-out
+           videos (27.6 vs 28.3 dB, per video -2.2 / +0.8; FIDELITY.md "Calibration settings").
     smoke  the tiny CPU config of bench_e2e.py (``--workload reference``): 2 layers, 1,280 tokens; seconds only.
 """
 
