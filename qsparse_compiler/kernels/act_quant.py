@@ -142,6 +142,7 @@ def _load_piece(x_ptr, rows64, row_ok, K, stride_xm, OFF: tl.constexpr, WIDTH: t
 def _store_piece(q_ptr, rows64, row_ok, cols, K, stride_qm, x, low, inv_scale, QMAX: tl.constexpr,
                  IS_FP8: tl.constexpr, ASYM: tl.constexpr, CHUNK: tl.constexpr, ROWS: tl.constexpr,
                  WIDTH: tl.constexpr, COL_MASK: tl.constexpr, ROW_MASK: tl.constexpr, INTERPRETED: tl.constexpr):
+    """Quantize and store one piece (``_store_codes``), masked only where the piece needs it."""
     if COL_MASK or ROW_MASK:
         mask = _piece_mask(rows64, row_ok, cols, K, COL_MASK, ROW_MASK)
     else:
