@@ -186,18 +186,24 @@ def sass_lines(cubin: bytes) -> list[tuple[int, str, str]]:
     return instrs
 
 
-def key_loop(instrs) -> tuple[int, int]:
-    """[start, end) indices of the backward-branch body holding the most warpgroup MMAs (the pipelined key loop)."""
+def loop_bodies(instrs) -> list[tuple[int, int]]:
+    """[start, end) indices of every backward branch's body (a loop)."""
     index = {addr: i for i, (addr, _, _) in enumerate(instrs)}
-    best, best_count = (0, 0), -1
+    bodies = []
     for i, (addr, op, body) in enumerate(instrs):
         target = re.search(r"0x([0-9a-f]+)", body) if op.startswith("BRA") else None
-        if not target or int(target.group(1), 16) >= addr or int(target.group(1), 16) not in index:
-            continue
-        start = index[int(target.group(1), 16)]
-        count = sum(op2.split(".")[0].endswith("GMMA") for _, op2, _ in instrs[start:i + 1])
+        if target and int(target.group(1), 16) < addr and int(target.group(1), 16) in index:
+            bodies.append((index[int(target.group(1), 16)], i + 1))
+    return bodies
+
+
+def key_loop(instrs) -> tuple[int, int]:
+    """[start, end) indices of the backward-branch body holding the most warpgroup MMAs (the pipelined key loop)."""
+    best, best_count = (0, 0), -1
+    for start, end in loop_bodies(instrs):
+        count = sum(op.split(".")[0].endswith("GMMA") for _, op, _ in instrs[start:end])
         if count > best_count:
-            best, best_count = (start, i + 1), count
+            best, best_count = (start, end), count
     return best
 
 

@@ -6,8 +6,8 @@
 The kernels between the GEMMs of a reuse step (per-token 8-bit quantization, with a GELU in front for the FFN
 down-projection, or LayerNorm + adaLN modulation in front for q/k/v and the FFN up-projection; q/k RMS norm + rope;
 the residual cache's step) move 3-8 bytes per element. They run at the memory's speed only if the SMs issue the
-kernel's instructions faster than the memory delivers the bytes. On an H100 SXM (132 SMs, 4 schedulers each issuing one warp instruction per cycle, 1.98 GHz
-boost, 3.35 TB/s HBM3) that is 132 x 128 x 1.98e9 = 33.5e12 thread-instructions per second against 3.35e12 bytes:
+kernel's instructions faster than the memory delivers the bytes. On an H100 SXM (132 SMs, 4 schedulers each issuing
+one warp instruction per cycle, 1.98 GHz boost, 3.35 TB/s HBM3) that is 132 x 128 x 1.98e9 = 33.5e12 thread-instructions per second against 3.35e12 bytes:
 **about 10 thread-instructions per byte** before a kernel is issue-bound (fewer in practice: loads, stores and
 reductions stall). The special-function unit (MUFU: ex2, rcp, tanh) issues 16 per SM per cycle: 1.25 per byte.
 
@@ -15,9 +15,10 @@ Per variant (workload W: 32,760 tokens; Wan2.1-1.3B's 1,536 features, FFN 8,960)
 specialization a real launch gets (tools/sm90_attention_report.compile_kernel), from the cubin's SASS:
     regs / spill    registers per thread, local-memory stores / loads in the kernel (spills)
     global accesses the kernel's global load / store instructions by bytes per thread (16: vectorized)
-    instr/elem      thread-instructions executed per element: every instruction of the program once, plus each
-                    loop body (a backward branch) once more per extra trip (the launcher's tile count), over the
-                    program's elements per thread. Static: branches taken or not are both counted
+    instr/elem      thread-instructions per element: every instruction of the program once, over the program's
+                    elements per thread. Static: branches taken or not are both counted, a loop body (``loops``
+                    counts backward branches; none of these kernels has one) or a called subroutine (the residual
+                    step's 64-bit division) only once
     mufu/elem       the same for MUFU instructions
     instr/byte      instr/elem over the bytes the kernel must move per element (bf16 in, 8-bit codes out, plus
                     modulation inputs where read)
@@ -45,14 +46,14 @@ if os.environ.get("TRITON_INTERPRET"):
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
-from sm90_attention_report import compile_kernel, registers, sass_lines  # noqa: E402
+from sm90_attention_report import compile_kernel, loop_bodies, registers, sass_lines  # noqa: E402
 
 H100_ISSUE_PER_S = 132 * 128 * 1.98e9  # thread-instructions per second (see the module docstring)
 H100_BYTES_PER_S = 3.35e12
 
 
 def act_quant_variant(tokens: int, k: int, fmt: str, activation: str):
-    """(name, compile thunk, elements per program, threads per program, loop trips, bytes per element) of
+    """(name, compile thunk, elements per program, threads per program, bytes per element) of
     kernels/act_quant.py as ``act_quant`` launches it for a (tokens, k) bf16 input."""
     from qsparse_compiler.kernels import act_quant as mod
 
@@ -66,7 +67,7 @@ def act_quant_variant(tokens: int, k: int, fmt: str, activation: str):
                       PRE_GELU=activation == "gelu_tanh", INTERPRETED=False, **launch.constexprs())
     name = f"act_quant {fmt} K={k} {activation} ({launch.describe()})"
     return (name, lambda: compile_kernel(mod._act_quant_kernel, args, constexprs, launch.num_warps, 3),
-            launch.rows * k, launch.num_warps * 32, 1, 2 + 1 + 4 / k)
+            launch.rows * k, launch.num_warps * 32, 2 + 1 + 4 / k)
 
 
 def ln_modulate_quant_variant(tokens: int, k: int, fmt: str):
@@ -87,7 +88,7 @@ def ln_modulate_quant_variant(tokens: int, k: int, fmt: str):
                       **mod.block_constexprs(tokens, k, launch))
     name = f"ln_modulate_quant {fmt} K={k} ({launch.rows} rows, {launch.num_warps} warps)"
     return (name, lambda: compile_kernel(mod._ln_modulate_quant_kernel, args, constexprs, launch.num_warps, 3),
-            launch.rows * k, launch.num_warps * 32, 1, 2 + 1 + 4 / k)
+            launch.rows * k, launch.num_warps * 32, 2 + 1 + 4 / k)
 
 
 def qk_norm_rope_variant(tokens: int, heads: int, head_dim: int):
@@ -111,7 +112,7 @@ def qk_norm_rope_variant(tokens: int, heads: int, head_dim: int):
                       ROWS=launch.rows, BLOCK_H=block_h, BLOCK_HALF=block_half, ROUND_BF16=False)
     name = f"qk_norm_rope K={features} ({launch.rows} rows, {launch.num_warps} warps)"
     return (name, lambda: compile_kernel(mod._qk_norm_rope_kernel, args, constexprs, launch.num_warps, 3),
-            launch.rows * features, launch.num_warps * 32, 1, 2 + 2 + 2 * 4 * (head_dim // 2) / features)
+            launch.rows * features, launch.num_warps * 32, 2 + 2 + 2 * 4 * (head_dim // 2) / features)
 
 
 def residual_cache_step_variant(tokens: int, heads: int, head_dim: int, order: int):
@@ -131,18 +132,7 @@ def residual_cache_step_variant(tokens: int, heads: int, head_dim: int, order: i
     constexprs = dict(REFRESH=False, ORDER2=order == 2, FP8=False, BLOCK_R=block_r, BLOCK_D=block_d)
     name = f"residual_cache_step reuse order {order} K={heads * head_dim} ({heads} heads; {block_r} rows, 4 warps)"
     return (name, lambda: compile_kernel(mod._residual_cache_step_kernel, args, constexprs, 4, 3),
-            block_r * head_dim, 4 * 32, 1, 2 * (3 + (order == 2)))
-
-
-def loops(instrs) -> list[tuple[int, int]]:
-    """[start, end) instruction ranges of the backward branches' bodies."""
-    index = {addr: i for i, (addr, _, _) in enumerate(instrs)}
-    found = []
-    for i, (addr, op, body) in enumerate(instrs):
-        target = re.search(r"0x([0-9a-f]+)", body) if op.startswith("BRA") else None
-        if target and int(target.group(1), 16) < addr and int(target.group(1), 16) in index:
-            found.append((index[int(target.group(1), 16)], i + 1))
-    return found
+            block_r * head_dim, 4 * 32, 2 * (3 + (order == 2)))
 
 
 def _access_bytes(op: str) -> int:
@@ -153,26 +143,18 @@ def _access_bytes(op: str) -> int:
     return 4
 
 
-def analyse(compiled, elements: int, threads: int, trips: int) -> dict:
-    """Registers, spills and the executed-instruction counts per element (see the module docstring)."""
+def analyse(compiled, elements: int, threads: int) -> dict:
+    """Registers, spills and the instruction counts per element (see the module docstring)."""
     cubin = compiled.asm["cubin"]
     instrs = [(a, op, b) for a, op, b in sass_lines(cubin) if op != "NOP"]
-    executed = Counter(op for _, op, _ in instrs)
-    for start, end in loops(instrs):
-        for _, op, _ in instrs[start:end]:
-            executed[op] += trips - 1
     per_thread = elements / threads
-    total = sum(executed.values())
-    mufu = sum(n for op, n in executed.items() if op.startswith("MUFU"))
-    whole = Counter(op.split(".")[0] for _, op, _ in instrs)
-    top = Counter()
-    for op, n in executed.items():
-        top[op.split(".")[0] if not op.startswith("MUFU") else op] += n
+    by_base = Counter(op if op.startswith("MUFU") else op.split(".")[0] for _, op, _ in instrs)
+    mufu = sum(n for op, n in by_base.items() if op.startswith("MUFU"))
     widths = Counter(_access_bytes(op) for _, op, _ in instrs if op.split(".")[0] in ("LDG", "STG"))
-    return dict(regs=registers(cubin), stl=whole["STL"], ldl=whole["LDL"], loops=len(loops(instrs)),
+    return dict(regs=registers(cubin), stl=by_base["STL"], ldl=by_base["LDL"], loops=len(loop_bodies(instrs)),
                 global_access_bytes=dict(sorted(widths.items())),
-                instr_per_elem=total / per_thread, mufu_per_elem=mufu / per_thread,
-                mix={op: round(n / per_thread, 2) for op, n in top.most_common(12)})
+                instr_per_elem=len(instrs) / per_thread, mufu_per_elem=mufu / per_thread,
+                mix={op: round(n / per_thread, 2) for op, n in by_base.most_common(12)})
 
 
 def variants(kernel: str, tokens: int):
@@ -198,8 +180,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the rows here")
     a = parser.parse_args()
     rows = []
-    for name, thunk, elements, threads, trips, bytes_per_elem in variants(a.kernel, a.tokens):
-        r = analyse(thunk(), elements, threads, trips)
+    for name, thunk, elements, threads, bytes_per_elem in variants(a.kernel, a.tokens):
+        r = analyse(thunk(), elements, threads)
         k = int(re.search(r"K=(\d+)", name).group(1))
         n = a.tokens * k
         r.update(name=name, bytes_per_elem=round(bytes_per_elem, 3),
