@@ -7,9 +7,10 @@ The kernels between the GEMMs of a reuse step (per-token 8-bit quantization, wit
 down-projection, or LayerNorm + adaLN modulation in front for q/k/v and the FFN up-projection; q/k RMS norm + rope;
 the residual cache's step) move 3-8 bytes per element. They run at the memory's speed only if the SMs issue the
 kernel's instructions faster than the memory delivers the bytes. On an H100 SXM (132 SMs, 4 schedulers each issuing
-one warp instruction per cycle, 1.98 GHz boost, 3.35 TB/s HBM3) that is 132 x 128 x 1.98e9 = 33.5e12 thread-instructions per second against 3.35e12 bytes:
-**about 10 thread-instructions per byte** before a kernel is issue-bound (fewer in practice: loads, stores and
-reductions stall). The special-function unit (MUFU: ex2, rcp, tanh) issues 16 per SM per cycle: 1.25 per byte.
+one warp instruction per cycle, 1.98 GHz boost, 3.35 TB/s HBM3) that is 132 x 128 x 1.98e9 = 33.5e12
+thread-instructions per second against 3.35e12 bytes: **about 10 thread-instructions per byte** before a kernel is
+issue-bound (fewer in practice: loads, stores and reductions stall). The special-function unit (MUFU: ex2, rcp,
+tanh) issues 16 per SM per cycle: 1.25 per byte.
 
 Per variant (workload W: 32,760 tokens; Wan2.1-1.3B's 1,536 features, FFN 8,960), compiled for sm_90 with the
 specialization a real launch gets (tools/sm90_attention_report.compile_kernel), from the cubin's SASS:

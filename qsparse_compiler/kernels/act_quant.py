@@ -112,25 +112,27 @@ def _store_codes(q_ptr, rows64, cols, mask, stride_qm, x, low, inv_scale, QMAX: 
 
 
 @triton.jit
-def _piece_mask(rows64, row_ok, cols, K, COL_MASK: tl.constexpr, ROW_MASK: tl.constexpr):
-    """[ROWS, WIDTH] in-bounds mask of a piece (used only where COL_MASK or ROW_MASK)."""
+def _piece_mask(row_offsets, row_ok, cols, K, COL_MASK: tl.constexpr, ROW_MASK: tl.constexpr):
+    """[ROWS, WIDTH] in-bounds mask of a piece (used only where COL_MASK or ROW_MASK; ``row_offsets``, any
+    non-negative per-row values, give the rows' shape where only columns are masked)."""
     if COL_MASK and ROW_MASK:
         return row_ok[:, None] & (cols < K)[None, :]
     elif COL_MASK:
-        return (rows64 >= 0)[:, None] & (cols < K)[None, :]
+        return (row_offsets >= 0)[:, None] & (cols < K)[None, :]
     else:
         return row_ok[:, None] & (cols >= 0)[None, :]
 
 
 @triton.jit
-def _load_piece(x_ptr, rows64, row_ok, K, stride_xm, OFF: tl.constexpr, WIDTH: tl.constexpr, COL_MASK: tl.constexpr,
+def _load_piece(x_ptr, row_offsets, row_ok, K, OFF: tl.constexpr, WIDTH: tl.constexpr, COL_MASK: tl.constexpr,
                 ROW_MASK: tl.constexpr, PRE_GELU: tl.constexpr, INTERPRETED: tl.constexpr):
-    """Columns [OFF, OFF + WIDTH) of the program's rows as fp32 (GELU applied) and their column indices; the load is
-    unmasked (vectorized) where the piece lies inside K and every row exists."""
+    """Columns [OFF, OFF + WIDTH) of the program's rows (``row_offsets``: each row's first element, in elements) as
+    fp32 (GELU applied) and their column indices; the load is unmasked (vectorized) where the piece lies inside K and
+    every row exists."""
     cols = OFF + tl.arange(0, WIDTH)
-    ptrs = x_ptr + rows64[:, None] * stride_xm + cols[None, :]
+    ptrs = x_ptr + row_offsets[:, None] + cols[None, :]
     if COL_MASK or ROW_MASK:
-        x = tl.load(ptrs, mask=_piece_mask(rows64, row_ok, cols, K, COL_MASK, ROW_MASK), other=0.0).to(tl.float32)
+        x = tl.load(ptrs, mask=_piece_mask(row_offsets, row_ok, cols, K, COL_MASK, ROW_MASK), other=0.0).to(tl.float32)
     else:
         x = tl.load(ptrs).to(tl.float32)
     if PRE_GELU:
@@ -194,25 +196,24 @@ def _act_quant_kernel(
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < M
     rows64 = rows.to(tl.int64)  # 64-bit row offsets: M * K exceeds 2**31 at 10^5 tokens x 13,824 features
+    x_rows = rows64 * stride_xm
     N_PIECES: tl.constexpr = 1 + (P1 > 0) + (P2 > 0) + (P3 > 0)
     LAST0: tl.constexpr = LAST_MASKED and N_PIECES == 1  # piece i reaches past K
     LAST1: tl.constexpr = LAST_MASKED and N_PIECES == 2
     LAST2: tl.constexpr = LAST_MASKED and N_PIECES == 3
     LAST3: tl.constexpr = LAST_MASKED and N_PIECES == 4
-    x0, c0 = _load_piece(x_ptr, rows64, row_ok, K, stride_xm, 0, P0, LAST0, ROW_MASK, PRE_GELU, INTERPRETED)
+    x0, c0 = _load_piece(x_ptr, x_rows, row_ok, K, 0, P0, LAST0, ROW_MASK, PRE_GELU, INTERPRETED)
     high, low = _piece_range(x0, c0, K, LAST0, ASYM)
     if P1 > 0:
-        x1, c1 = _load_piece(x_ptr, rows64, row_ok, K, stride_xm, P0, P1, LAST1, ROW_MASK, PRE_GELU, INTERPRETED)
+        x1, c1 = _load_piece(x_ptr, x_rows, row_ok, K, P0, P1, LAST1, ROW_MASK, PRE_GELU, INTERPRETED)
         h1, l1 = _piece_range(x1, c1, K, LAST1, ASYM)
         high, low = tl.maximum(high, h1), tl.minimum(low, l1)
     if P2 > 0:
-        x2, c2 = _load_piece(x_ptr, rows64, row_ok, K, stride_xm, P0 + P1, P2, LAST2, ROW_MASK, PRE_GELU,
-                             INTERPRETED)
+        x2, c2 = _load_piece(x_ptr, x_rows, row_ok, K, P0 + P1, P2, LAST2, ROW_MASK, PRE_GELU, INTERPRETED)
         h2, l2 = _piece_range(x2, c2, K, LAST2, ASYM)
         high, low = tl.maximum(high, h2), tl.minimum(low, l2)
     if P3 > 0:
-        x3, c3 = _load_piece(x_ptr, rows64, row_ok, K, stride_xm, P0 + P1 + P2, P3, LAST3, ROW_MASK, PRE_GELU,
-                             INTERPRETED)
+        x3, c3 = _load_piece(x_ptr, x_rows, row_ok, K, P0 + P1 + P2, P3, LAST3, ROW_MASK, PRE_GELU, INTERPRETED)
         h3, l3 = _piece_range(x3, c3, K, LAST3, ASYM)
         high, low = tl.maximum(high, h3), tl.minimum(low, l3)
     if ASYM:
@@ -262,6 +263,12 @@ def row_pieces(k: int) -> tuple[tuple[int, ...], bool]:
     return tuple(pieces), last_masked
 
 
+def piece_constexprs(pieces: tuple[int, ...], last_masked: bool) -> dict[str, object]:
+    """The kernels' P0..P3 (``row_pieces``' pieces, 0 = absent) and LAST_MASKED."""
+    padded = (*pieces, *(0,) * (MAX_PIECES - len(pieces)))
+    return dict(P0=padded[0], P1=padded[1], P2=padded[2], P3=padded[3], LAST_MASKED=last_masked)
+
+
 @dataclass(frozen=True)
 class RowLaunch:
     """How ``_act_quant_kernel`` covers an (M, K) input: ``rows`` whole rows per program with ``num_warps`` warps,
@@ -275,9 +282,7 @@ class RowLaunch:
     row_mask: bool
 
     def constexprs(self) -> dict[str, object]:
-        padded = (*self.pieces, 0, 0, 0)[:MAX_PIECES]
-        return dict(ROWS=self.rows, ROW_MASK=self.row_mask, P0=padded[0], P1=padded[1], P2=padded[2], P3=padded[3],
-                    LAST_MASKED=self.last_masked)
+        return dict(ROWS=self.rows, ROW_MASK=self.row_mask, **piece_constexprs(self.pieces, self.last_masked))
 
     def describe(self) -> str:
         pieces = " + ".join(map(str, self.pieces)) + (" masked" if self.last_masked else "")

@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .act_quant import _piece_mask, _store_piece, row_pieces
+from .act_quant import _load_piece, _piece_mask, _store_piece, piece_constexprs, row_pieces
 from .rounding import round_to_bf16_grid
 
 __all__ = ["ln_modulate_quant", "unsupported_reason", "LnLaunch", "LAUNCH_CONFIGS", "launch_config", "MAX_K"]
@@ -80,19 +80,6 @@ MAX_K = max(LAUNCH_CONFIGS)
 
 def launch_config(k: int) -> tuple[LnLaunch, ...]:
     return LAUNCH_CONFIGS[max(min(LAUNCH_CONFIGS), triton.next_power_of_2(k))]
-
-
-@triton.jit
-def _ln_load_piece(x_ptr, row_offsets, row_ok, K, OFF: tl.constexpr, WIDTH: tl.constexpr, COL_MASK: tl.constexpr,
-                   ROW_MASK: tl.constexpr):
-    """Columns [OFF, OFF + WIDTH) of the program's rows as fp32 (0 past K) and their column indices."""
-    cols = OFF + tl.arange(0, WIDTH)
-    ptrs = x_ptr + row_offsets[:, None] + cols[None, :]
-    if COL_MASK or ROW_MASK:
-        x = tl.load(ptrs, mask=_piece_mask(row_offsets, row_ok, cols, K, COL_MASK, ROW_MASK), other=0.0)
-    else:
-        x = tl.load(ptrs)
-    return x.to(tl.float32), cols
 
 
 @triton.jit
@@ -160,16 +147,16 @@ def _ln_modulate_quant_kernel(
     LAST1: tl.constexpr = LAST_MASKED and N_PIECES == 2
     LAST2: tl.constexpr = LAST_MASKED and N_PIECES == 3
     LAST3: tl.constexpr = LAST_MASKED and N_PIECES == 4
-    x0, c0 = _ln_load_piece(x_ptr, x_rows, row_ok, K, 0, P0, LAST0, ROW_MASK)
+    x0, c0 = _load_piece(x_ptr, x_rows, row_ok, K, 0, P0, LAST0, ROW_MASK, False, INTERPRETED)
     total = tl.sum(x0, axis=1)
     if P1 > 0:
-        x1, c1 = _ln_load_piece(x_ptr, x_rows, row_ok, K, P0, P1, LAST1, ROW_MASK)
+        x1, c1 = _load_piece(x_ptr, x_rows, row_ok, K, P0, P1, LAST1, ROW_MASK, False, INTERPRETED)
         total += tl.sum(x1, axis=1)
     if P2 > 0:
-        x2, c2 = _ln_load_piece(x_ptr, x_rows, row_ok, K, P0 + P1, P2, LAST2, ROW_MASK)
+        x2, c2 = _load_piece(x_ptr, x_rows, row_ok, K, P0 + P1, P2, LAST2, ROW_MASK, False, INTERPRETED)
         total += tl.sum(x2, axis=1)
     if P3 > 0:
-        x3, c3 = _ln_load_piece(x_ptr, x_rows, row_ok, K, P0 + P1 + P2, P3, LAST3, ROW_MASK)
+        x3, c3 = _load_piece(x_ptr, x_rows, row_ok, K, P0 + P1 + P2, P3, LAST3, ROW_MASK, False, INTERPRETED)
         total += tl.sum(x3, axis=1)
     mean = total / K
     x0 = _ln_centered(x0, c0, K, mean, LAST0)
@@ -219,10 +206,7 @@ def _ln_modulate_quant_kernel(
 def block_constexprs(m: int, k: int, launch: LnLaunch) -> dict[str, object]:
     """The kernel's tiling of m rows of k features: rows per program, the row's pieces (``act_quant.row_pieces``)
     and which masks the loads and stores need."""
-    pieces, last_masked = row_pieces(k)
-    padded = (*pieces, 0, 0, 0)[:4]
-    return dict(ROWS=launch.rows, ROW_MASK=m % launch.rows != 0, P0=padded[0], P1=padded[1], P2=padded[2],
-                P3=padded[3], LAST_MASKED=last_masked)
+    return dict(ROWS=launch.rows, ROW_MASK=m % launch.rows != 0, **piece_constexprs(*row_pieces(k)))
 
 
 def _broadcast_strides(t: torch.Tensor, batch: int, seq_len: int, k: int) -> Optional[tuple[int, int]]:
