@@ -38,8 +38,8 @@ Rows: ``BASE[+STEP_CACHE]`` or ``cache-dit``.
   ``first`` / ``every`` (refresh the first k steps, then every n-th: CacheConfig.refresh_first / refresh_every; the
   default row's 2 / 5 refreshes 11 of 50 steps, ``first=1,every=10`` 5 of 50: 0, 10, .., 40), ``steps=0:11:32``
   (exactly these steps refresh: CacheConfig.refresh_steps - e.g. steps a step cache is known to run), ``order``
-  (1 or 2), ``attn`` (``sparsity.attention_precision``: bf16 or int8_fp8, the 8-bit kernels for the sparse and the refresh
-  attention), ``graphs=1`` (``qs.optimize(cuda_graphs=True)``, still regional: each block replays a captured refresh
+  (1 or 2), ``attn`` (``sparsity.attention_precision``: bf16 or int8_fp8, the 8-bit kernels for the sparse and the
+  refresh attention), ``graphs=1`` (``qs.optimize(cuda_graphs=True)``, still regional: each block replays a captured refresh
   or reuse CUDA graph - no Python op wrappers or kernel launches on the host per call), ``density`` (the row's
   attention density instead of ``--density``: what the residual cache's quality margin can buy in speed).
 - STEP_CACHE (diffusers 0.42 ``transformer.enable_cache``): ``fbc`` FirstBlockCacheConfig, ``mag`` MagCacheConfig
