@@ -186,35 +186,33 @@ def _act_quant_kernel(
     P1: tl.constexpr,
     P2: tl.constexpr,
     P3: tl.constexpr,
-    LAST_MASKED: tl.constexpr,
+    MASK0: tl.constexpr,
+    MASK1: tl.constexpr,
+    MASK2: tl.constexpr,
+    MASK3: tl.constexpr,
     PRE_GELU: tl.constexpr,
     INTERPRETED: tl.constexpr,
 ):
     """ROWS whole rows per program, each held in registers as up to four power-of-two pieces P0..P3 (0 = absent;
-    only the last piece may reach past K: LAST_MASKED): loaded once, activated once, reduced to the row's range and
+    MASKi: piece i reaches past K, only ever the last): loaded once, activated once, reduced to the row's range and
     quantized from registers."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < M
     rows64 = rows.to(tl.int64)  # 64-bit row offsets: M * K exceeds 2**31 at 10^5 tokens x 13,824 features
     x_rows = rows64 * stride_xm
-    N_PIECES: tl.constexpr = 1 + (P1 > 0) + (P2 > 0) + (P3 > 0)
-    LAST0: tl.constexpr = LAST_MASKED and N_PIECES == 1  # piece i reaches past K
-    LAST1: tl.constexpr = LAST_MASKED and N_PIECES == 2
-    LAST2: tl.constexpr = LAST_MASKED and N_PIECES == 3
-    LAST3: tl.constexpr = LAST_MASKED and N_PIECES == 4
-    x0, c0 = _load_piece(x_ptr, x_rows, row_ok, K, 0, P0, LAST0, ROW_MASK, PRE_GELU, INTERPRETED)
-    high, low = _piece_range(x0, c0, K, LAST0, ASYM)
+    x0, c0 = _load_piece(x_ptr, x_rows, row_ok, K, 0, P0, MASK0, ROW_MASK, PRE_GELU, INTERPRETED)
+    high, low = _piece_range(x0, c0, K, MASK0, ASYM)
     if P1 > 0:
-        x1, c1 = _load_piece(x_ptr, x_rows, row_ok, K, P0, P1, LAST1, ROW_MASK, PRE_GELU, INTERPRETED)
-        h1, l1 = _piece_range(x1, c1, K, LAST1, ASYM)
+        x1, c1 = _load_piece(x_ptr, x_rows, row_ok, K, P0, P1, MASK1, ROW_MASK, PRE_GELU, INTERPRETED)
+        h1, l1 = _piece_range(x1, c1, K, MASK1, ASYM)
         high, low = tl.maximum(high, h1), tl.minimum(low, l1)
     if P2 > 0:
-        x2, c2 = _load_piece(x_ptr, x_rows, row_ok, K, P0 + P1, P2, LAST2, ROW_MASK, PRE_GELU, INTERPRETED)
-        h2, l2 = _piece_range(x2, c2, K, LAST2, ASYM)
+        x2, c2 = _load_piece(x_ptr, x_rows, row_ok, K, P0 + P1, P2, MASK2, ROW_MASK, PRE_GELU, INTERPRETED)
+        h2, l2 = _piece_range(x2, c2, K, MASK2, ASYM)
         high, low = tl.maximum(high, h2), tl.minimum(low, l2)
     if P3 > 0:
-        x3, c3 = _load_piece(x_ptr, x_rows, row_ok, K, P0 + P1 + P2, P3, LAST3, ROW_MASK, PRE_GELU, INTERPRETED)
-        h3, l3 = _piece_range(x3, c3, K, LAST3, ASYM)
+        x3, c3 = _load_piece(x_ptr, x_rows, row_ok, K, P0 + P1 + P2, P3, MASK3, ROW_MASK, PRE_GELU, INTERPRETED)
+        h3, l3 = _piece_range(x3, c3, K, MASK3, ASYM)
         high, low = tl.maximum(high, h3), tl.minimum(low, l3)
     if ASYM:
         # MSFP: codes 0..QMAX span [row min, row max].
@@ -224,16 +222,16 @@ def _act_quant_kernel(
         scale = tl.maximum(high, EPS) / QMAX
     inv_scale = 1.0 / scale
     _store_piece(q_ptr, rows64, row_ok, c0, K, stride_qm, x0, low, inv_scale, QMAX, IS_FP8, ASYM, CHUNK, ROWS,
-                 P0, LAST0, ROW_MASK, INTERPRETED)
+                 P0, MASK0, ROW_MASK, INTERPRETED)
     if P1 > 0:
         _store_piece(q_ptr, rows64, row_ok, c1, K, stride_qm, x1, low, inv_scale, QMAX, IS_FP8, ASYM, CHUNK, ROWS,
-                     P1, LAST1, ROW_MASK, INTERPRETED)
+                     P1, MASK1, ROW_MASK, INTERPRETED)
     if P2 > 0:
         _store_piece(q_ptr, rows64, row_ok, c2, K, stride_qm, x2, low, inv_scale, QMAX, IS_FP8, ASYM, CHUNK, ROWS,
-                     P2, LAST2, ROW_MASK, INTERPRETED)
+                     P2, MASK2, ROW_MASK, INTERPRETED)
     if P3 > 0:
         _store_piece(q_ptr, rows64, row_ok, c3, K, stride_qm, x3, low, inv_scale, QMAX, IS_FP8, ASYM, CHUNK, ROWS,
-                     P3, LAST3, ROW_MASK, INTERPRETED)
+                     P3, MASK3, ROW_MASK, INTERPRETED)
     tl.store(s_ptr + rows, scale, mask=row_ok)
 
 
@@ -264,9 +262,11 @@ def row_pieces(k: int) -> tuple[tuple[int, ...], bool]:
 
 
 def piece_constexprs(pieces: tuple[int, ...], last_masked: bool) -> dict[str, object]:
-    """The kernels' P0..P3 (``row_pieces``' pieces, 0 = absent) and LAST_MASKED."""
+    """The kernels' P0..P3 (``row_pieces``' pieces, 0 = absent) and MASK0..MASK3 (piece i reaches past K: only the
+    last piece, if ``last_masked``)."""
     padded = (*pieces, *(0,) * (MAX_PIECES - len(pieces)))
-    return dict(P0=padded[0], P1=padded[1], P2=padded[2], P3=padded[3], LAST_MASKED=last_masked)
+    masks = [last_masked and i == len(pieces) - 1 for i in range(MAX_PIECES)]
+    return {**{f"P{i}": padded[i] for i in range(MAX_PIECES)}, **{f"MASK{i}": masks[i] for i in range(MAX_PIECES)}}
 
 
 @dataclass(frozen=True)

@@ -130,7 +130,7 @@ def _ln_modulate_quant_kernel(
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, MODULATE: tl.constexpr, ROUND_TO: tl.constexpr,
     QMAX: tl.constexpr, IS_FP8: tl.constexpr, EPS_AMAX: tl.constexpr, ROWS: tl.constexpr,
     ROW_MASK: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr,
-    LAST_MASKED: tl.constexpr, INTERPRETED: tl.constexpr,
+    MASK0: tl.constexpr, MASK1: tl.constexpr, MASK2: tl.constexpr, MASK3: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     """ROWS whole rows per program, each held in registers as up to four power-of-two pieces (``act_quant.row_pieces``:
     1,536 = 1,024 + 512, no lane past K): loaded once, normalized, modulated, rounded, reduced to the row's amax and
@@ -142,63 +142,58 @@ def _ln_modulate_quant_kernel(
     x_rows = batch * stride_xb + token * stride_xs
     scale_rows = batch * stride_mb + token * stride_ms
     shift_rows = batch * stride_hb + token * stride_hs
-    N_PIECES: tl.constexpr = 1 + (P1 > 0) + (P2 > 0) + (P3 > 0)
-    LAST0: tl.constexpr = LAST_MASKED and N_PIECES == 1  # piece i reaches past K
-    LAST1: tl.constexpr = LAST_MASKED and N_PIECES == 2
-    LAST2: tl.constexpr = LAST_MASKED and N_PIECES == 3
-    LAST3: tl.constexpr = LAST_MASKED and N_PIECES == 4
-    x0, c0 = _load_piece(x_ptr, x_rows, row_ok, K, 0, P0, LAST0, ROW_MASK, False, INTERPRETED)
+    x0, c0 = _load_piece(x_ptr, x_rows, row_ok, K, 0, P0, MASK0, ROW_MASK, False, INTERPRETED)
     total = tl.sum(x0, axis=1)
     if P1 > 0:
-        x1, c1 = _load_piece(x_ptr, x_rows, row_ok, K, P0, P1, LAST1, ROW_MASK, False, INTERPRETED)
+        x1, c1 = _load_piece(x_ptr, x_rows, row_ok, K, P0, P1, MASK1, ROW_MASK, False, INTERPRETED)
         total += tl.sum(x1, axis=1)
     if P2 > 0:
-        x2, c2 = _load_piece(x_ptr, x_rows, row_ok, K, P0 + P1, P2, LAST2, ROW_MASK, False, INTERPRETED)
+        x2, c2 = _load_piece(x_ptr, x_rows, row_ok, K, P0 + P1, P2, MASK2, ROW_MASK, False, INTERPRETED)
         total += tl.sum(x2, axis=1)
     if P3 > 0:
-        x3, c3 = _load_piece(x_ptr, x_rows, row_ok, K, P0 + P1 + P2, P3, LAST3, ROW_MASK, False, INTERPRETED)
+        x3, c3 = _load_piece(x_ptr, x_rows, row_ok, K, P0 + P1 + P2, P3, MASK3, ROW_MASK, False, INTERPRETED)
         total += tl.sum(x3, axis=1)
     mean = total / K
-    x0 = _ln_centered(x0, c0, K, mean, LAST0)
+    x0 = _ln_centered(x0, c0, K, mean, MASK0)
     squares = tl.sum(x0 * x0, axis=1)
     if P1 > 0:
-        x1 = _ln_centered(x1, c1, K, mean, LAST1)
+        x1 = _ln_centered(x1, c1, K, mean, MASK1)
         squares += tl.sum(x1 * x1, axis=1)
     if P2 > 0:
-        x2 = _ln_centered(x2, c2, K, mean, LAST2)
+        x2 = _ln_centered(x2, c2, K, mean, MASK2)
         squares += tl.sum(x2 * x2, axis=1)
     if P3 > 0:
-        x3 = _ln_centered(x3, c3, K, mean, LAST3)
+        x3 = _ln_centered(x3, c3, K, mean, MASK3)
         squares += tl.sum(x3 * x3, axis=1)
     rstd = 1.0 / tl.sqrt(squares / K + eps)
     x0 = _ln_modulate(x0, c0, K, rstd, w_ptr, b_ptr, scale_ptr, shift_ptr, scale_rows, shift_rows, row_ok,
-                      HAS_WEIGHT, HAS_BIAS, MODULATE, ROUND_TO, LAST0, ROW_MASK, INTERPRETED)
+                      HAS_WEIGHT, HAS_BIAS, MODULATE, ROUND_TO, MASK0, ROW_MASK, INTERPRETED)
     amax = tl.max(tl.abs(x0), axis=1)
     if P1 > 0:
         x1 = _ln_modulate(x1, c1, K, rstd, w_ptr, b_ptr, scale_ptr, shift_ptr, scale_rows, shift_rows, row_ok,
-                          HAS_WEIGHT, HAS_BIAS, MODULATE, ROUND_TO, LAST1, ROW_MASK, INTERPRETED)
+                          HAS_WEIGHT, HAS_BIAS, MODULATE, ROUND_TO, MASK1, ROW_MASK, INTERPRETED)
         amax = tl.maximum(amax, tl.max(tl.abs(x1), axis=1))
     if P2 > 0:
         x2 = _ln_modulate(x2, c2, K, rstd, w_ptr, b_ptr, scale_ptr, shift_ptr, scale_rows, shift_rows, row_ok,
-                          HAS_WEIGHT, HAS_BIAS, MODULATE, ROUND_TO, LAST2, ROW_MASK, INTERPRETED)
+                          HAS_WEIGHT, HAS_BIAS, MODULATE, ROUND_TO, MASK2, ROW_MASK, INTERPRETED)
         amax = tl.maximum(amax, tl.max(tl.abs(x2), axis=1))
     if P3 > 0:
         x3 = _ln_modulate(x3, c3, K, rstd, w_ptr, b_ptr, scale_ptr, shift_ptr, scale_rows, shift_rows, row_ok,
-                          HAS_WEIGHT, HAS_BIAS, MODULATE, ROUND_TO, LAST3, ROW_MASK, INTERPRETED)
+                          HAS_WEIGHT, HAS_BIAS, MODULATE, ROUND_TO, MASK3, ROW_MASK, INTERPRETED)
         amax = tl.maximum(amax, tl.max(tl.abs(x3), axis=1))
     act_scale = tl.maximum(amax, EPS_AMAX) / QMAX
     inv_scale = 1.0 / act_scale
     code_rows = rows.to(tl.int64)
-    _store_piece(q_ptr, code_rows, row_ok, c0, K, K, x0, amax, inv_scale, QMAX, IS_FP8, False, 0, ROWS, P0, LAST0,
+    _store_piece(q_ptr, code_rows, row_ok, c0, K, K, x0, amax, inv_scale, QMAX, IS_FP8, False, 0, ROWS, P0, MASK0,
                  ROW_MASK, INTERPRETED)
     if P1 > 0:
-        _store_piece(q_ptr, code_rows, row_ok, c1, K, K, x1, amax, inv_scale, QMAX, IS_FP8, False, 0, ROWS, P1, LAST1,
+        _store_piece(q_ptr, code_rows, row_ok, c1, K, K, x1, amax, inv_scale, QMAX, IS_FP8, False, 0, ROWS, P1, MASK1,
                      ROW_MASK, INTERPRETED)
     if P2 > 0:
-        _store_piece(q_ptr, code_rows, row_ok, c2, K, K, x2, amax, inv_scale, QMAX, IS_FP8, False, 0, ROWS, P2, LAST2,
+        _store_piece(q_ptr, code_rows, row_ok, c2, K, K, x2, amax, inv_scale, QMAX, IS_FP8, False, 0, ROWS, P2, MASK2,
                      ROW_MASK, INTERPRETED)
     if P3 > 0:
-        _store_piece(q_ptr, code_rows, row_ok, c3, K, K, x3, amax, inv_scale, QMAX, IS_FP8, False, 0, ROWS, P3, LAST3,
+        _store_piece(q_ptr, code_rows, row_ok, c3, K, K, x3, amax, inv_scale, QMAX, IS_FP8, False, 0, ROWS, P3, MASK3,
                      ROW_MASK, INTERPRETED)
     tl.store(s_ptr + rows, act_scale, mask=row_ok)
 
